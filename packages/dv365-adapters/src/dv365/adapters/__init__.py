@@ -1,0 +1,7 @@
+"""dv365.adapters: NOT IMPLEMENTED YET.
+
+This package is a placeholder so the workspace installs; its issue is open. Nothing here works yet.
+"""
+from dv365.adapters.__about__ import __version__
+
+__all__ = ["__version__"]

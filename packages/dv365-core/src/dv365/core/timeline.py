@@ -1,0 +1,589 @@
+"""UniTi timelines (paper §2.1): Arrow schemas, the in-memory columnar form, and the Parquet dataset.
+
+On disk a UniTi dataset is a directory (any fsspec URL: a local path, ``memory://``, ``s3://``...)::
+
+    <root>/_dataset.json                      # format, vocabulary, labels (simulated?), stats
+    <root>/explicit/bucket=00007/part-*.parquet  # explicit events of the users hashed to bucket 7
+    <root>/implicit/bucket=00007/part-*.parquet
+    <root>/requests/bucket=00007/part-*.parquet  # optional: training requests with label_* columns
+
+Users are hash-partitioned into buckets so one user's events live in one bucket; inside a part file
+rows are sorted by (user_id, ts). ``_dataset.json`` is written last: a dataset without it is incomplete.
+
+In memory, :class:`EventTable` holds one kind of event for many users in CSR form (``offsets``),
+categoricals as int16 codes of a :class:`~dv365.core.vocab.Vocabulary`. :class:`Timelines` pairs the
+explicit and implicit tables of the same users (aligned rows), which is what the slicer consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dv365.core.errors import DatasetError
+from dv365.core.validation import (
+    Kind,
+    ValidationPolicy,
+    ValidationReport,
+    check_timeline_lengths,
+    validate_table,
+)
+from dv365.core.vocab import Vocabulary
+
+FORMAT = "dv365.uniti"
+FORMAT_VERSION = 1
+EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
+
+_MEDIA_FIELDS = [
+    pa.field("user_id", pa.int64(), nullable=False),
+    pa.field("ts", pa.int64(), nullable=False),  # unix seconds, UTC
+    pa.field("media_id", pa.int64(), nullable=False),
+    pa.field("author_id", pa.int64()),  # null: unknown author
+    pa.field("topic_ids", pa.list_(pa.int64())),
+    pa.field("media_type", pa.string()),
+]
+EXPLICIT_SCHEMA = pa.schema(
+    _MEDIA_FIELDS
+    + [
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("surface", pa.string()),
+        pa.field("value", pa.float32()),  # optional action value (a MovieLens rating); null if none
+    ]
+)
+IMPLICIT_SCHEMA = pa.schema(
+    _MEDIA_FIELDS
+    + [
+        pa.field("surface", pa.string()),
+        pa.field("video_duration", pa.float32()),  # seconds; null: not a video
+        pa.field("dwell_time", pa.float32(), nullable=False),  # seconds
+    ]
+)
+# Training requests: the target item at request time ``ts`` plus any number of float ``label_*`` columns.
+REQUEST_SCHEMA = pa.schema(_MEDIA_FIELDS + [pa.field("surface", pa.string()), pa.field("video_duration", pa.float32())])
+
+
+def schema_for(kind: str) -> pa.Schema:
+    """The Arrow schema of ``"explicit"``, ``"implicit"`` or ``"requests"`` tables."""
+    try:
+        return {"explicit": EXPLICIT_SCHEMA, "implicit": IMPLICIT_SCHEMA, "requests": REQUEST_SCHEMA}[kind]
+    except KeyError:
+        raise ValueError(f"unknown table kind {kind!r}; expected explicit, implicit or requests") from None
+
+
+def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Bucket of each user id: a 64-bit mix (splitmix64 finaliser) modulo ``num_buckets``."""
+    x = np.asarray(user_ids, dtype=np.uint64).copy()
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x % np.uint64(num_buckets)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------------
+# In-memory columnar timelines
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class EventTable:
+    """One kind of event for many users, time-sorted per user, CSR by user.
+
+    Row ``i`` of ``user_ids`` owns events ``offsets[i]:offsets[i+1]``. Topic ids are CSR by event
+    (``topic_offsets`` [n+1], ``topic_values``). ``author_id`` is -1 when unknown; ``video_duration`` is
+    NaN for non-videos. Explicit tables carry ``action``/``value``; implicit ones ``video_duration``/``dwell_time``.
+    """
+
+    kind: str
+    user_ids: np.ndarray  # [U] int64
+    offsets: np.ndarray  # [U+1] int64
+    ts: np.ndarray  # [n] int64
+    media_id: np.ndarray  # [n] int64
+    author_id: np.ndarray  # [n] int64
+    topic_offsets: np.ndarray  # [n+1] int64
+    topic_values: np.ndarray  # [T] int64
+    media_type: np.ndarray  # [n] int16 codes
+    surface: np.ndarray  # [n] int16 codes
+    action: np.ndarray | None = None  # [n] int16 codes (explicit)
+    value: np.ndarray | None = None  # [n] float32 (explicit; NaN = none)
+    video_duration: np.ndarray | None = None  # [n] float32 (implicit; NaN = not a video)
+    dwell_time: np.ndarray | None = None  # [n] float32 (implicit)
+
+    @property
+    def num_events(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def empty(cls, kind: str, user_ids: np.ndarray | None = None) -> "EventTable":
+        u = np.zeros(0, np.int64) if user_ids is None else np.asarray(user_ids, np.int64)
+        z64, z16, zf = np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0, np.float32)
+        explicit = kind == "explicit"
+        return cls(
+            kind, u, np.zeros(len(u) + 1, np.int64), z64, z64, z64, np.zeros(1, np.int64), z64, z16, z16,
+            action=z16 if explicit else None, value=zf if explicit else None,
+            video_duration=None if explicit else zf, dwell_time=None if explicit else zf,
+        )
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, kind: str, vocab: Vocabulary, user_ids: np.ndarray | None = None) -> "EventTable":
+        """Builds from a *validated* table (any row order). ``user_ids`` fixes the row order and may
+        include users without events here (empty ranges); by default, the users present, ascending."""
+        uid = table.column("user_id").to_numpy().astype(np.int64, copy=False)
+        ts = table.column("ts").to_numpy().astype(np.int64, copy=False)
+        order = np.lexsort((ts, uid))
+        uid = uid[order]
+        if user_ids is None:
+            user_ids = np.unique(uid)
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        pos = np.searchsorted(uid, user_ids, side="left")
+        end = np.searchsorted(uid, user_ids, side="right")
+        counts = end - pos
+        # gather rows per requested user in the requested order
+        idx = np.concatenate([order[p:e] for p, e in zip(pos, end)]) if len(user_ids) else np.zeros(0, np.int64)
+        if len(idx) != len(uid) and user_ids is not None:
+            pass  # users not requested are left out on purpose
+        t = table.take(pa.array(idx, type=pa.int64()))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        topics = t.column("topic_ids").combine_chunks()
+        if topics.null_count:
+            topics = topics.fill_null(pa.scalar([], topics.type))
+        toff = topics.offsets.to_numpy().astype(np.int64)
+        tvals = topics.flatten().to_numpy().astype(np.int64, copy=False)
+        toff = toff - toff[0]
+
+        def codes(name: str, vk: str) -> np.ndarray:
+            c = t.column(name)
+            vals = c.to_numpy(zero_copy_only=False)
+            return vocab.codes(vk, vals) if len(vals) else np.zeros(0, np.int16)
+
+        def f32(name: str) -> np.ndarray:
+            return t.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+
+        author = t.column("author_id").fill_null(-1).to_numpy().astype(np.int64, copy=False)
+        out = cls(
+            kind=kind, user_ids=user_ids, offsets=offsets,
+            ts=t.column("ts").to_numpy().astype(np.int64, copy=False),
+            media_id=t.column("media_id").to_numpy().astype(np.int64, copy=False),
+            author_id=author, topic_offsets=toff, topic_values=tvals,
+            media_type=codes("media_type", "media_types"), surface=codes("surface", "surfaces"),
+        )
+        if kind == "explicit":
+            out.action = codes("action", "actions")
+            out.value = f32("value")
+        else:
+            out.video_duration = f32("video_duration")
+            out.dwell_time = f32("dwell_time")
+        return out
+
+    def to_arrow(self, vocab: Vocabulary) -> pa.Table:
+        """Back to the UniTi Arrow schema (one row per event)."""
+        uid = np.repeat(self.user_ids, self.lengths)
+        topics = pa.ListArray.from_arrays(pa.array(self.topic_offsets.astype(np.int32)), pa.array(self.topic_values, pa.int64()))
+        cols: dict[str, Any] = {
+            "user_id": pa.array(uid, pa.int64()),
+            "ts": pa.array(self.ts, pa.int64()),
+            "media_id": pa.array(self.media_id, pa.int64()),
+            "author_id": pa.array(self.author_id, pa.int64(), mask=self.author_id < 0),
+            "topic_ids": topics,
+            "media_type": pa.array(np.asarray(vocab.media_types, dtype=object)[self.media_type], pa.string()),
+            "surface": pa.array(np.asarray(vocab.surfaces, dtype=object)[self.surface], pa.string()),
+        }
+        if self.kind == "explicit":
+            assert self.action is not None and self.value is not None
+            cols["action"] = pa.array(np.asarray(vocab.actions, dtype=object)[self.action], pa.string())
+            cols["value"] = pa.array(self.value, pa.float32(), mask=np.isnan(self.value))
+        else:
+            assert self.video_duration is not None and self.dwell_time is not None
+            cols["video_duration"] = pa.array(self.video_duration, pa.float32(), mask=np.isnan(self.video_duration))
+            cols["dwell_time"] = pa.array(self.dwell_time, pa.float32())
+        schema = schema_for(self.kind)
+        return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+    def user_slice(self, row: int) -> slice:
+        return slice(int(self.offsets[row]), int(self.offsets[row + 1]))
+
+
+@dataclass
+class Timelines:
+    """Explicit and implicit timelines of the same users, row-aligned (row i = ``user_ids[i]``)."""
+
+    user_ids: np.ndarray
+    explicit: EventTable
+    implicit: EventTable
+    vocab: Vocabulary = field(default_factory=Vocabulary)
+
+    def __post_init__(self) -> None:
+        for t in (self.explicit, self.implicit):
+            if not np.array_equal(t.user_ids, self.user_ids):
+                raise ValueError(f"{t.kind} table rows are not aligned with Timelines.user_ids")
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_events(self) -> int:
+        return self.explicit.num_events + self.implicit.num_events
+
+    def lengths(self) -> np.ndarray:
+        """Events per user, both kinds together."""
+        return self.explicit.lengths + self.implicit.lengths
+
+    @classmethod
+    def from_arrow(
+        cls,
+        explicit: pa.Table | None,
+        implicit: pa.Table | None,
+        vocab: Vocabulary | None = None,
+        user_ids: Sequence[int] | np.ndarray | None = None,
+        *,
+        validate: bool = True,
+        policy: ValidationPolicy = ValidationPolicy(),
+    ) -> "Timelines":
+        """Builds aligned timelines from (optionally unvalidated) Arrow tables of events."""
+        vocab = vocab or Vocabulary()
+        tables: dict[str, pa.Table] = {}
+        for kind, t in (("explicit", explicit), ("implicit", implicit)):
+            if t is None:
+                t = schema_for(kind).empty_table()
+            tables[kind] = validate_table(t, kind, vocab, policy) if validate else t  # type: ignore[arg-type]
+        if user_ids is None:
+            ids = np.unique(np.concatenate([tables[k].column("user_id").to_numpy() for k in EVENT_KINDS]).astype(np.int64))
+        else:
+            ids = np.asarray(user_ids, dtype=np.int64)
+        ex = EventTable.from_arrow(tables["explicit"], "explicit", vocab, ids)
+        im = EventTable.from_arrow(tables["implicit"], "implicit", vocab, ids)
+        tl = cls(ids, ex, im, vocab)
+        check_timeline_lengths(ids, tl.lengths(), policy, allow_empty=True)
+        return tl
+
+
+# ------------------------------------------------------------------------------------------------------
+# Dataset on disk (fsspec)
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetMeta:
+    """Contents of ``_dataset.json``."""
+
+    num_buckets: int
+    vocab: Vocabulary
+    source: str = ""
+    simulated: bool = False
+    created_at: float = field(default_factory=time.time)
+    stats: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": self.format, "version": self.version, "num_buckets": self.num_buckets,
+                "vocab": self.vocab.to_dict(), "source": self.source, "simulated": self.simulated,
+                "created_at": self.created_at, "stats": self.stats, "extra": self.extra,
+            },
+            indent=2, sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "DatasetMeta":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: _dataset.json is not valid JSON: {e}") from e
+        if d.get("format") != FORMAT:
+            raise DatasetError(f"{where}: not a UniTi dataset (format={d.get('format')!r}, expected {FORMAT!r})")
+        if int(d.get("version", -1)) > FORMAT_VERSION:
+            raise DatasetError(f"{where}: dataset format version {d['version']} is newer than this dv365 ({FORMAT_VERSION})")
+        return cls(
+            num_buckets=int(d["num_buckets"]), vocab=Vocabulary.from_dict(d["vocab"]), source=d.get("source", ""),
+            simulated=bool(d.get("simulated", False)), created_at=float(d.get("created_at", 0.0)),
+            stats=d.get("stats", {}), extra=d.get("extra", {}), format=d["format"], version=int(d["version"]),
+        )
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/") or "/"
+
+
+class DatasetWriter:
+    """Writes a UniTi dataset: validates, hash-partitions by user, sorts, writes Parquet parts.
+
+    Buffered: call :meth:`add` any number of times (e.g. one chunk of users at a time); rows are
+    flushed per bucket when ``flush_rows`` accumulate, and :meth:`close` writes ``_dataset.json``.
+    Re-opening a finished dataset for appending is ``mode="append"`` (new parts; meta stats updated).
+
+    Example::
+
+        with DatasetWriter("memory://ds", source="example") as w:
+            w.add(explicit=explicit_table, implicit=implicit_table)
+        ds = TimelineDataset("memory://ds")
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        vocab: Vocabulary | None = None,
+        num_buckets: int = 16,
+        source: str = "",
+        simulated: bool = False,
+        policy: ValidationPolicy = ValidationPolicy(),
+        flush_rows: int = 2_000_000,
+        mode: str = "create",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.fs, self.root = _fs(url)
+        meta_path = posixpath.join(self.root, "_dataset.json")
+        if mode == "append":
+            if not self.fs.exists(meta_path):
+                raise DatasetError(f"{url}: cannot append, no complete dataset here (no _dataset.json)")
+            self.meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
+        elif mode == "create":
+            if self.fs.exists(meta_path):
+                raise DatasetError(f"{url}: a dataset already exists here; remove it or use mode='append'")
+            if self.fs.exists(self.root) and self.fs.ls(self.root):
+                self.fs.rm(self.root, recursive=True)  # leftovers of an interrupted write (no _dataset.json)
+            self.meta = DatasetMeta(num_buckets=num_buckets, vocab=vocab or Vocabulary(), source=source,
+                                    simulated=simulated, extra=dict(extra or {}))
+        else:
+            raise ValueError(f"mode must be 'create' or 'append', got {mode!r}")
+        self.policy = policy
+        self.flush_rows = flush_rows
+        self.report: dict[str, ValidationReport] = {k: ValidationReport() for k in ("explicit", "implicit", "requests")}
+        self._buf: dict[tuple[str, int], list[pa.Table]] = {}
+        self._buf_rows = 0
+        self._run = uuid.uuid4().hex[:8]
+        self._part = 0
+        self._closed = False
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+
+    def add(self, explicit: pa.Table | None = None, implicit: pa.Table | None = None, requests: pa.Table | None = None,
+            *, source: str | None = None) -> None:
+        """Validates and buffers tables of events (any order, any users)."""
+        for kind, t in (("explicit", explicit), ("implicit", implicit), ("requests", requests)):
+            if t is None or t.num_rows == 0:
+                continue
+            clean = validate_table(t, kind, self.meta.vocab, self.policy, source=source or kind,  # type: ignore[arg-type]
+                                   report=self.report[kind])
+            buckets = user_bucket(clean.column("user_id").to_numpy(), self.meta.num_buckets)
+            order = np.argsort(buckets, kind="stable")
+            sb = buckets[order]
+            bounds = np.flatnonzero(np.diff(sb)) + 1
+            for part in np.split(order, bounds):
+                if len(part):
+                    key = (kind, int(buckets[part[0]]))
+                    self._buf.setdefault(key, []).append(clean.take(pa.array(part)))
+            self._buf_rows += clean.num_rows
+        if self._buf_rows >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        for (kind, bucket), parts in sorted(self._buf.items()):
+            t = pa.concat_tables(parts)
+            t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
+            d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
+            self.fs.makedirs(d, exist_ok=True)
+            path = posixpath.join(d, f"part-{self._run}-{self._part:05d}.parquet")
+            tmp = path + ".tmp"
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(t, f, compression="zstd", row_group_size=256_000)
+            self.fs.mv(tmp, path)
+        self._part += 1
+        self._buf.clear()
+        self._buf_rows = 0
+
+    def close(self) -> DatasetMeta:
+        """Flushes, checks timeline lengths, writes ``_dataset.json`` (the dataset becomes complete)."""
+        if self._closed:
+            return self.meta
+        self.flush()
+        ds = TimelineDataset(self.url, _meta=self.meta)
+        lengths = ds.compute_stats()
+        check_timeline_lengths(lengths.keys(), lengths.values(), self.policy)
+        self.meta.stats.update(ds.stats_from_lengths(lengths))
+        self.meta.stats["validation"] = {k: r.summary() for k, r in self.report.items() if r.records_in}
+        with self.fs.open(posixpath.join(self.root, "_dataset.json"), "w") as f:
+            f.write(self.meta.to_json())
+        self._closed = True
+        return self.meta
+
+
+class TimelineDataset:
+    """Reads a UniTi dataset written by :class:`DatasetWriter` (local path or fsspec URL).
+
+    Example::
+
+        ds = TimelineDataset("data/movielens")
+        for tl in ds.iter_timelines(batch_users=256):   # Timelines of 256 users at a time
+            ...
+        one = ds.read_users([42])
+    """
+
+    def __init__(self, url: str, *, _meta: DatasetMeta | None = None) -> None:
+        self.url = url
+        self.fs, self.root = _fs(url)
+        if _meta is None:
+            meta_path = posixpath.join(self.root, "_dataset.json")
+            if not self.fs.exists(meta_path):
+                hint = " (an interrupted write leaves no _dataset.json)" if self.fs.exists(self.root) else ""
+                raise DatasetError(f"{url}: no UniTi dataset here: _dataset.json not found{hint}")
+            _meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
+        self.meta = _meta
+        self.vocab = _meta.vocab
+
+    # --- raw tables ----------------------------------------------------------------------------------
+    def _bucket_files(self, kind: str, bucket: int) -> list[str]:
+        d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
+        if not self.fs.exists(d):
+            return []
+        return sorted(p for p in self.fs.ls(d, detail=False) if p.endswith(".parquet"))
+
+    def read_bucket(self, kind: str, bucket: int, user_ids: np.ndarray | None = None) -> pa.Table:
+        """All rows of ``kind`` in one bucket (optionally only ``user_ids``), sorted by (user_id, ts)."""
+        files = self._bucket_files(kind, bucket)
+        if not files:
+            schema = schema_for(kind)
+            return schema.empty_table()
+        filt = None
+        if user_ids is not None:
+            import pyarrow.compute as pc
+
+            filt = pc.field("user_id").isin(pa.array(np.asarray(user_ids, np.int64)))
+        tables = []
+        for p in files:
+            with self.fs.open(p, "rb") as f:
+                t = pq.read_table(f, filters=filt) if filt is not None else pq.read_table(f)
+            tables.append(t)
+        t = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+        if len(tables) > 1:
+            t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
+        return t
+
+    def read_table(self, kind: str, user_ids: Sequence[int] | np.ndarray | None = None) -> pa.Table:
+        """Rows of ``kind`` (``explicit``/``implicit``/``requests``) for all users or the given ones."""
+        if user_ids is None:
+            parts = [self.read_bucket(kind, b) for b in range(self.meta.num_buckets)]
+        else:
+            ids = np.asarray(user_ids, dtype=np.int64)
+            buckets = user_bucket(ids, self.meta.num_buckets)
+            parts = [self.read_bucket(kind, int(b), ids[buckets == b]) for b in np.unique(buckets)]
+        parts = [p for p in parts if p.num_rows] or [schema_for(kind).empty_table()]
+        return pa.concat_tables(parts, promote_options="default")
+
+    def requests(self, user_ids: Sequence[int] | np.ndarray | None = None) -> pa.Table:
+        return self.read_table("requests", user_ids)
+
+    # --- timelines -----------------------------------------------------------------------------------
+    def user_ids(self) -> np.ndarray:
+        """Every user with at least one event, ascending."""
+        ids = [self.read_bucket(k, b).column("user_id").to_numpy() for k in EVENT_KINDS for b in range(self.meta.num_buckets)]
+        return np.unique(np.concatenate(ids + [np.zeros(0, np.int64)]).astype(np.int64))
+
+    def read_users(self, user_ids: Sequence[int] | np.ndarray) -> Timelines:
+        """Timelines of the given users, in the given order (users without events get empty rows)."""
+        ids = np.asarray(user_ids, dtype=np.int64)
+        ex = self.read_table("explicit", ids)
+        im = self.read_table("implicit", ids)
+        return Timelines(ids, EventTable.from_arrow(ex, "explicit", self.vocab, ids),
+                         EventTable.from_arrow(im, "implicit", self.vocab, ids), self.vocab)
+
+    def iter_timelines(self, batch_users: int = 256) -> Iterator[Timelines]:
+        """Every user's timelines, one bucket at a time, ``batch_users`` users per :class:`Timelines`."""
+        for b in range(self.meta.num_buckets):
+            ex = self.read_bucket("explicit", b)
+            im = self.read_bucket("implicit", b)
+            ids = np.unique(np.concatenate([ex.column("user_id").to_numpy(), im.column("user_id").to_numpy()]).astype(np.int64))
+            if not len(ids):
+                continue
+            ext = EventTable.from_arrow(ex, "explicit", self.vocab, ids)
+            imt = EventTable.from_arrow(im, "implicit", self.vocab, ids)
+            for s in range(0, len(ids), batch_users):
+                rows = np.arange(s, min(s + batch_users, len(ids)))
+                yield Timelines(ids[rows], take_rows(ext, rows), take_rows(imt, rows), self.vocab)
+
+    # --- stats ---------------------------------------------------------------------------------------
+    def compute_stats(self) -> dict[int, int]:
+        """Events per user (both kinds)."""
+        counts: dict[int, int] = {}
+        for k in EVENT_KINDS:
+            for b in range(self.meta.num_buckets):
+                for f in self._bucket_files(k, b):
+                    with self.fs.open(f, "rb") as fh:
+                        u = pq.read_table(fh, columns=["user_id"]).column("user_id").to_numpy()
+                    ids, c = np.unique(u, return_counts=True)
+                    for i, n in zip(ids.tolist(), c.tolist()):
+                        counts[i] = counts.get(i, 0) + n
+        return counts
+
+    def stats_from_lengths(self, lengths: dict[int, int]) -> dict[str, Any]:
+        n = np.array(list(lengths.values()), dtype=np.int64)
+        stats: dict[str, Any] = {"users": int(len(n)), "events": int(n.sum()) if len(n) else 0}
+        if len(n):
+            stats.update(mean_events=float(n.mean()), median_events=float(np.median(n)), max_events=int(n.max()),
+                         p99_events=float(np.percentile(n, 99)))
+        span = []
+        for k in EVENT_KINDS:
+            rows = 0
+            for b in range(self.meta.num_buckets):
+                for f in self._bucket_files(k, b):
+                    with self.fs.open(f, "rb") as fh:
+                        ts = pq.read_table(fh, columns=["ts"]).column("ts").to_numpy()
+                    rows += len(ts)
+                    if len(ts):
+                        span.extend([int(ts.min()), int(ts.max())])
+            stats[f"{k}_events"] = rows
+        if span:
+            stats["first_ts"], stats["last_ts"] = min(span), max(span)
+            stats["span_days"] = (max(span) - min(span)) / 86400.0
+        return stats
+
+
+def take_rows(t: EventTable, rows: np.ndarray) -> EventTable:
+    """Sub-table with the given user rows (in that order)."""
+    starts, ends = t.offsets[rows], t.offsets[rows + 1]
+    counts = ends - starts
+    idx = _ranges(starts, counts)
+    tstart, tend = t.topic_offsets[idx], t.topic_offsets[idx + 1]
+    tidx = _ranges(tstart, tend - tstart)
+    out = EventTable(
+        t.kind, t.user_ids[rows], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        t.ts[idx], t.media_id[idx], t.author_id[idx],
+        np.concatenate([[0], np.cumsum(tend - tstart)]).astype(np.int64), t.topic_values[tidx],
+        t.media_type[idx], t.surface[idx],
+    )
+    for name in ("action", "value", "video_duration", "dwell_time"):
+        v = getattr(t, name)
+        setattr(out, name, None if v is None else v[idx])
+    return out
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s+c)`` for each (s, c), vectorised."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(counts)
+    rep_start = np.repeat(np.asarray(starts, np.int64) - (ends - counts), counts)
+    return np.arange(total, dtype=np.int64) + rep_start

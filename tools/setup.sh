@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv at the repo root with the verified CPU stack and every workspace package
+# editable. Idempotent: re-running only installs what is missing.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+stamp=".venv/.dv365-stack"
+want="$(cat tools/requirements-cpu.txt tools/setup.sh | sha1sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "[setup] installing torch 2.13.0 (CPU), torchrec 1.8.0 + fbgemm-gpu-cpu 1.8.0 (--no-deps), pinned deps"
+  "${pip[@]}" install torch==2.13.0
+  "${pip[@]}" install --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0
+  "${pip[@]}" install -r tools/requirements-cpu.txt
+  echo "$want" > "$stamp"
+fi
+# Workspace packages, editable, without letting the resolver touch torch/torchrec (see README).
+pkgs=()
+for p in packages/*/; do pkgs+=(-e "$p"); done
+"${pip[@]}" install --no-deps --no-build-isolation "${pkgs[@]}"
+.venv/bin/python tools/check_env.py
+echo "[setup] ready: .venv/bin/dv365 --help"
