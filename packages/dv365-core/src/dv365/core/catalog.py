@@ -1,0 +1,97 @@
+"""Item catalogs and where the shipped data lives.
+
+:func:`load_kuairand_catalog` reads the REAL KuaiRand-Pure item catalog (``video_features_basic_pure.csv``):
+7,583 videos with authors, types, durations and tags. The long-history generator draws its item universe
+from it and the KuaiRand log importer joins logs with it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from dv365.core.errors import DatasetError
+
+KUAIRAND_VIDEO_FILE = "video_features_basic_pure.csv"
+
+
+def default_data_dir() -> Path:
+    """The shipped data folder: ``$DV365_DATA_DIR``, else the first ``shared/data`` found next to or
+    above the current directory (the project layout puts it beside the repository)."""
+    env = os.environ.get("DV365_DATA_DIR")
+    if env:
+        return Path(env)
+    here = Path.cwd().resolve()
+    for d in [here, *here.parents]:
+        for cand in (d / "shared" / "data", d.parent / "shared" / "data"):
+            if (cand / "README.md").exists():
+                return cand
+    raise DatasetError("shipped data folder not found: set DV365_DATA_DIR or pass the path explicitly")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Item attributes, one row per item (``video_id`` ascending).
+
+    ``tag_offsets``/``tag_values`` are CSR topic ids per item; ``duration_s`` is NaN where missing;
+    ``video_type`` is the catalog's string type (``NORMAL``, ``AD``...).
+    """
+
+    video_id: np.ndarray  # [I] int64
+    author_id: np.ndarray  # [I] int64
+    video_type: np.ndarray  # [I] object (str)
+    duration_s: np.ndarray  # [I] float32, NaN = missing
+    tag_offsets: np.ndarray  # [I+1] int64
+    tag_values: np.ndarray  # [T] int64
+
+    def __len__(self) -> int:
+        return len(self.video_id)
+
+    def index_of(self, video_ids: np.ndarray) -> np.ndarray:
+        """Row of each video id; -1 where the id is not in the catalog."""
+        ids = np.asarray(video_ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.video_id, ids), 0, max(len(self.video_id) - 1, 0))
+        found = (len(self.video_id) > 0) & (self.video_id[pos] == ids)
+        return np.where(found, pos, -1)
+
+    def topic_lists(self, rows: np.ndarray) -> pa.ListArray:
+        """Topic-id lists of the given catalog rows, as an Arrow list array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.tag_offsets[rows], self.tag_offsets[rows + 1]
+        lens = ends - starts
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        total = int(lens.sum())
+        idx = np.arange(total, dtype=np.int64) + np.repeat(starts - (offsets[1:] - lens), lens) if total else np.zeros(0, np.int64)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(self.tag_values[idx], pa.int64()))
+
+
+def load_kuairand_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
+    """Loads ``video_features_basic_pure.csv`` from a folder (default: the shipped KuaiRand-Pure catalog)."""
+    folder = Path(path) if path is not None else default_data_dir() / "kuairand-pure-catalog"
+    f = folder / KUAIRAND_VIDEO_FILE if folder.is_dir() else folder
+    if not f.exists():
+        raise DatasetError(f"KuaiRand catalog not found: {f}")
+    t = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={"tag": pa.string(), "video_type": pa.string()}))
+    need = {"video_id", "author_id", "video_type", "video_duration", "tag"}
+    missing = need - set(t.column_names)
+    if missing:
+        raise DatasetError(f"{f}: not a KuaiRand video catalog, missing columns {sorted(missing)}")
+    order = np.argsort(t.column("video_id").to_numpy())
+    t = t.take(pa.array(order))
+    tags_raw = t.column("tag").to_pylist()
+    lists = [[int(x) for x in s.split(",") if x.strip().lstrip("-").isdigit()] if s else [] for s in tags_raw]
+    lens = np.array([len(x) for x in lists], dtype=np.int64)
+    dur = t.column("video_duration").to_numpy(zero_copy_only=False).astype(np.float64) / 1000.0  # ms -> s
+    return Catalog(
+        video_id=t.column("video_id").to_numpy().astype(np.int64),
+        author_id=t.column("author_id").to_numpy().astype(np.int64),
+        video_type=np.asarray(t.column("video_type").to_pylist(), dtype=object),
+        duration_s=dur.astype(np.float32),
+        tag_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+        tag_values=np.array([x for xs in lists for x in xs], dtype=np.int64),
+    )
