@@ -6,7 +6,6 @@ It grows as the other packages land (train -> export -> publish -> serve, see th
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -31,10 +30,8 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ds = out / "movielens"
     t0 = time.perf_counter()
-    if ds.exists():
-        shutil.rmtree(ds)
     steps = [
-        ("1/3 import MovieLens (real data)", ["import", "movielens", str(src), "--out", str(ds)]),
+        ("1/3 import MovieLens (real data)", ["import", "movielens", str(src), "--out", str(ds), "--overwrite"]),
         ("2/3 slice every user (movielens spec, 24 h gap)", ["slice", str(ds), "--all"]),
         (f"3/3 per-feature counts of user {args.user}", ["slice", str(ds), "--user", str(args.user)]),
     ]

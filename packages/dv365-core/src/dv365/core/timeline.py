@@ -305,13 +305,18 @@ class DatasetMeta:
             raise DatasetError(f"{where}: _dataset.json is not valid JSON: {e}") from e
         if d.get("format") != FORMAT:
             raise DatasetError(f"{where}: not a UniTi dataset (format={d.get('format')!r}, expected {FORMAT!r})")
-        if int(d.get("version", -1)) > FORMAT_VERSION:
+        if not isinstance(d.get("version"), int):
+            raise DatasetError(f"{where}: _dataset.json has no integer 'version'")
+        if int(d["version"]) > FORMAT_VERSION:
             raise DatasetError(f"{where}: dataset format version {d['version']} is newer than this dv365 ({FORMAT_VERSION})")
-        return cls(
-            num_buckets=int(d["num_buckets"]), vocab=Vocabulary.from_dict(d["vocab"]), source=d.get("source", ""),
-            simulated=bool(d.get("simulated", False)), created_at=float(d.get("created_at", 0.0)),
-            stats=d.get("stats", {}), extra=d.get("extra", {}), format=d["format"], version=int(d["version"]),
-        )
+        try:
+            return cls(
+                num_buckets=int(d["num_buckets"]), vocab=Vocabulary.from_dict(d["vocab"]), source=d.get("source", ""),
+                simulated=bool(d.get("simulated", False)), created_at=float(d.get("created_at", 0.0)),
+                stats=d.get("stats", {}), extra=d.get("extra", {}), format=d["format"], version=int(d["version"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{where}: _dataset.json is incomplete or malformed: {type(e).__name__}: {e}") from e
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -324,7 +329,8 @@ class DatasetWriter:
 
     Buffered: call :meth:`add` any number of times (e.g. one chunk of users at a time); rows are
     flushed per bucket when ``flush_rows`` accumulate, and :meth:`close` writes ``_dataset.json``.
-    Re-opening a finished dataset for appending is ``mode="append"`` (new parts; meta stats updated).
+    ``mode="create"`` refuses an existing dataset, ``mode="overwrite"`` replaces it, ``mode="append"`` adds
+    new parts to a finished one (meta stats updated).
 
     Example::
 
@@ -353,15 +359,18 @@ class DatasetWriter:
             if not self.fs.exists(meta_path):
                 raise DatasetError(f"{url}: cannot append, no complete dataset here (no _dataset.json)")
             self.meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
-        elif mode == "create":
+        elif mode in ("create", "overwrite"):
             if self.fs.exists(meta_path):
-                raise DatasetError(f"{url}: a dataset already exists here; remove it or use mode='append'")
-            if self.fs.exists(self.root) and self.fs.ls(self.root):
-                self.fs.rm(self.root, recursive=True)  # leftovers of an interrupted write (no _dataset.json)
+                if mode == "create":
+                    raise DatasetError(f"{url}: a dataset already exists here; choose another output, or overwrite "
+                                       "it (--overwrite on the command line, mode='overwrite' in Python)")
+                self.fs.rm(meta_path)  # first: an interrupted overwrite leaves an incomplete (invisible) dataset
+            self._remove_leftovers(url)
             self.meta = DatasetMeta(num_buckets=num_buckets, vocab=vocab or Vocabulary(), source=source,
                                     simulated=simulated, extra=dict(extra or {}))
         else:
-            raise ValueError(f"mode must be 'create' or 'append', got {mode!r}")
+            raise ValueError(f"mode must be 'create', 'overwrite' or 'append', got {mode!r}")
+        self._append = mode == "append"
         self.policy = policy
         self.flush_rows = flush_rows
         self.report: dict[str, ValidationReport] = {k: ValidationReport() for k in ("explicit", "implicit", "requests")}
@@ -370,6 +379,19 @@ class DatasetWriter:
         self._run = uuid.uuid4().hex[:8]
         self._part = 0
         self._closed = False
+
+    def _remove_leftovers(self, url: str) -> None:
+        """An interrupted write leaves kind folders without ``_dataset.json``: remove those, and refuse to
+        write into a folder that holds anything else (never delete files dv365 did not write)."""
+        if not self.fs.exists(self.root):
+            return
+        entries = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        foreign = sorted(set(entries) - {"explicit", "implicit", "requests"})
+        if foreign:
+            raise DatasetError(f"{url}: folder is not empty and is not a dv365 dataset (found {foreign[:5]}); "
+                               "choose an empty or new folder")
+        for e in entries:
+            self.fs.rm(posixpath.join(self.root, e), recursive=True)
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -400,7 +422,7 @@ class DatasetWriter:
 
     def flush(self) -> None:
         for (kind, bucket), parts in sorted(self._buf.items()):
-            t = pa.concat_tables(parts)
+            t = pa.concat_tables(parts, promote_options="default")
             t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
             d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
             self.fs.makedirs(d, exist_ok=True)
@@ -422,7 +444,12 @@ class DatasetWriter:
         lengths = ds.compute_stats()
         check_timeline_lengths(lengths.keys(), lengths.values(), self.policy)
         self.meta.stats.update(ds.stats_from_lengths(lengths))
-        self.meta.stats["validation"] = {k: r.summary() for k, r in self.report.items() if r.records_in}
+        validation = dict(self.meta.stats.get("validation", {})) if self._append else {}
+        for k, r in self.report.items():
+            if r.records_in:
+                validation[k] = r.summary() if k not in validation else f"{validation[k]} | appended: {r.summary()}"
+        self.meta.stats["validation"] = validation
+        self.fs.makedirs(self.root, exist_ok=True)
         with self.fs.open(posixpath.join(self.root, "_dataset.json"), "w") as f:
             f.write(self.meta.to_json())
         self._closed = True
@@ -557,6 +584,24 @@ class TimelineDataset:
             stats["first_ts"], stats["last_ts"] = min(span), max(span)
             stats["span_days"] = (max(span) - min(span)) / 86400.0
         return stats
+
+
+def remove_dataset(url: str) -> bool:
+    """Deletes the dv365 dataset at ``url`` (``_dataset.json`` first, then its kind folders); returns
+    whether there was one. Refuses (DatasetError) if the folder holds files dv365 did not write."""
+    fs, root = _fs(url)
+    if not fs.exists(root):
+        return False
+    entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
+    foreign = sorted(set(entries) - {"_dataset.json", "explicit", "implicit", "requests"})
+    if foreign:
+        raise DatasetError(f"{url}: not removed: the folder holds files that are not part of a dv365 dataset {foreign[:5]}")
+    if "_dataset.json" in entries:
+        fs.rm(posixpath.join(root, "_dataset.json"))
+    for e in entries:
+        if e != "_dataset.json":
+            fs.rm(posixpath.join(root, e), recursive=True)
+    return bool(entries)
 
 
 def take_rows(t: EventTable, rows: np.ndarray) -> EventTable:

@@ -2,27 +2,38 @@
 
 Every record goes through :func:`validate_table` before it is written or sliced. Checks are vectorised
 (numpy over Arrow columns). In ``on_error="raise"`` mode (the default) the *first* bad record (lowest row
-index; for that record, the first failing field in :data:`FIELD_ORDER`) raises :class:`TimelineError`
-naming record, user, field and value. In ``on_error="drop"`` mode bad records are dropped and counted
-in a :class:`ValidationReport` (with a few examples), and nothing else changes.
+index; for that record, the first failing field in :data:`FIELD_ORDER`, then ``label_*`` columns in table
+order) raises :class:`TimelineError` naming record, user, field and value. In ``on_error="drop"`` mode bad
+records are dropped and counted in a :class:`ValidationReport` (each dropped record once, under the
+``field:reason`` that raise mode would have reported), and nothing else changes: kept records keep their
+input order and are canonicalised exactly as in raise mode.
 
-Rejected (per record): missing required field; id that is not a non-negative integer; timestamp that is
-not a non-negative integer or is after ``as_of`` (the request time / data cut-off); unknown action;
-NaN, infinite or negative ``dwell_time`` / ``video_duration``.
+Missing means an Arrow null (or an absent optional column). NaN is a value, not a marker for "missing".
+Integers may arrive as integer, integral float or decimal-digit string columns; numbers as numeric or
+numeric-string columns.
+
+Rejected (per record): missing required field; id that is not an integer (in int64) or is negative;
+timestamp that is not an integer, is negative or is after ``as_of`` (the request time / data cut-off);
+``topic_ids`` that is not a list of non-negative integers; unknown action; non-numeric, NaN, infinite or
+negative ``dwell_time`` / ``video_duration``; non-numeric, infinite or out-of-float32-range ``value`` /
+``label_*``.
 Clamped (record kept, value changed, counted): ``dwell_time`` above ``max_dwell_s``; ``video_duration``
 above ``max_duration_s``; more than ``max_topics`` topic ids (first ones kept); unknown media type or
-surface (mapped to ``"other"``); NaN ``value`` (becomes null).
+surface (mapped to ``"other"``); NaN ``value`` / ``label_*`` (becomes null).
+Canonicalised silently: missing ``topic_ids`` -> ``[]``; missing media type / surface -> ``"other"``.
 Per timeline: a timeline with more than ``max_events`` events is rejected (``absurd_length``); an empty
-timeline is rejected where a timeline is required (:func:`check_timeline_lengths`).
+timeline is rejected where a timeline is required (:func:`check_timeline_lengths`). These always raise.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dv365.core.errors import TimelineError
 from dv365.core.vocab import Vocabulary
@@ -43,7 +54,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "implicit": ("user_id", "ts", "media_id", "dwell_time"),
     "requests": ("user_id", "ts", "media_id"),
 }
+LABEL_PREFIX = "label_"
 MAX_ID = np.iinfo(np.int64).max
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_MAX_EXAMPLES = 10
 
 
 @dataclass(frozen=True)
@@ -66,10 +81,19 @@ class ValidationPolicy:
     max_topics: int = 16
     max_events: int = 10_000_000
 
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "drop"):
+            raise ValueError(f"ValidationPolicy.on_error must be 'raise' or 'drop', got {self.on_error!r}")
+
 
 @dataclass
 class ValidationReport:
-    """What validation did: counts of dropped records by (field, reason), clamped values, examples."""
+    """What validation did.
+
+    ``dropped`` counts dropped records by ``"field:reason"`` (each record once, under its first failure, so
+    ``sum(dropped.values()) == records_in - records_out``); ``clamped`` counts *kept* records whose field was
+    changed, by ``"field:what"``; ``examples`` holds a few error messages (the first of each dropped kind).
+    """
 
     records_in: int = 0
     records_out: int = 0
@@ -83,7 +107,7 @@ class ValidationReport:
         for src, dst in ((other.dropped, self.dropped), (other.clamped, self.clamped)):
             for k, v in src.items():
                 dst[k] = dst.get(k, 0) + v
-        self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
+        self.examples.extend(other.examples[: max(0, _MAX_EXAMPLES - len(self.examples))])
 
     def summary(self) -> str:
         parts = [f"{self.records_out:,}/{self.records_in:,} records kept"]
@@ -95,43 +119,95 @@ class ValidationReport:
 
 
 # --------------------------------------------------------------------------------------------------
-# column coercion: each returns (clean values, bad mask, reason per bad) without raising
+# column coercion: each returns clean values and masks of bad values, without raising
 # --------------------------------------------------------------------------------------------------
-def _to_numpy(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Values as numpy (object for non-numeric) and the null mask."""
+def _combined(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    nulls = col.is_null().to_numpy(zero_copy_only=False)
+        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return col
+
+
+def _to_numpy(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Values as numpy (1-D object array for non-numeric types) and the null mask."""
+    nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
         if col.null_count:
-            fill = pa.scalar(0, col.type) if not pa.types.is_boolean(col.type) else pa.scalar(False)
+            fill = pa.scalar(False) if pa.types.is_boolean(col.type) else pa.scalar(0, col.type)
             col = col.fill_null(fill)
-        return col.to_numpy(zero_copy_only=False), nulls
+        return np.asarray(col.to_numpy(zero_copy_only=False)), nulls
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
-    return np.asarray(col.to_pylist(), dtype=object), nulls
+    out = np.empty(len(col), dtype=object)
+    for i, v in enumerate(col.to_pylist()):  # element-wise: lists must stay list objects, not a 2-D array
+        out[i] = v
+    return out, nulls
+
+
+def _py_int(v: Any) -> int | None:
+    """``v`` as an int64 if it is an integer (int, integral float, decimal-digit text), else ``None``."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (int, np.integer)):
+        iv = int(v)
+    elif isinstance(v, (float, np.floating)):
+        if not np.isfinite(v) or float(v) != np.floor(v):
+            return None
+        iv = int(v)
+    elif isinstance(v, (str, bytes)):
+        try:
+            s = (v.decode("ascii") if isinstance(v, bytes) else v).strip()
+        except UnicodeDecodeError:
+            return None
+        if not _INT_TEXT.fullmatch(s) or len(s.lstrip("+-").lstrip("0")) > 19:  # > 19 digits: beyond int64
+            return None
+        iv = int(s)
+    else:
+        return None
+    return iv if -MAX_ID - 1 <= iv <= MAX_ID else None
+
+
+def _py_float(v: Any) -> float | None:
+    """``v`` as a float if it is a number (int, float, numeric ASCII text incl. "nan"/"inf"), else ``None``."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        try:
+            return float(v)
+        except OverflowError:  # a Python int beyond float range
+            return float("inf") if v > 0 else float("-inf")
+    if isinstance(v, (str, bytes)):
+        try:
+            s = (v.decode("ascii") if isinstance(v, bytes) else v).strip()
+        except UnicodeDecodeError:
+            return None
+        if not s.isascii() or "_" in s:
+            return None
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    return None
 
 
 def _int_column(vals: np.ndarray, nulls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int64 values, mask of non-integers, mask of negatives. Strings of digits are accepted."""
+    """int64 values, mask of non-integers, mask of negatives (both exclude nulls)."""
     n = len(vals)
     out = np.zeros(n, dtype=np.int64)
     nonint = np.zeros(n, dtype=bool)
-    if vals.dtype.kind in "iu":
-        if vals.dtype.kind == "u":
-            too_big = vals > MAX_ID
-            nonint |= too_big
-            out[~too_big] = vals[~too_big].astype(np.int64)
-        else:
-            out[:] = vals
+    if vals.dtype.kind == "u":
+        too_big = vals > MAX_ID
+        nonint |= too_big
+        out[~too_big] = vals[~too_big].astype(np.int64)
+    elif vals.dtype.kind == "i":
+        out[:] = vals
     elif vals.dtype.kind == "f":
         with np.errstate(invalid="ignore"):
-            ok = np.isfinite(vals) & (np.floor(vals) == vals) & (np.abs(vals) < 2.0**63)
+            ok = np.isfinite(vals) & (np.floor(vals) == vals) & (vals >= -(2.0**63)) & (vals < 2.0**63)
         nonint |= ~ok
         out[ok] = vals[ok].astype(np.int64)
     elif vals.dtype.kind == "b":
         nonint[:] = True
-    else:  # object: python ints, strings, floats, anything
+    else:  # object: strings and anything else
         for i, v in enumerate(vals):
             if nulls[i]:
                 continue
@@ -141,34 +217,13 @@ def _int_column(vals: np.ndarray, nulls: np.ndarray) -> tuple[np.ndarray, np.nda
             else:
                 out[i] = iv
     nonint &= ~nulls
+    out[nulls | nonint] = 0
     neg = (out < 0) & ~nonint & ~nulls
     return out, nonint, neg
 
 
-def _py_int(v: Any) -> int | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, np.integer)):
-        iv = int(v)
-    elif isinstance(v, (float, np.floating)):
-        if not np.isfinite(v) or float(v) != np.floor(v):
-            return None
-        iv = int(v)
-    elif isinstance(v, (str, bytes)):
-        s = v.decode() if isinstance(v, bytes) else v
-        s = s.strip()
-        if not s or not (s.isdigit() or (s[0] in "+-" and s[1:].isdigit())):
-            return None
-        iv = int(s)
-    else:
-        return None
-    if not (-MAX_ID - 1 <= iv <= MAX_ID):
-        return None
-    return iv
-
-
 def _float_column(vals: np.ndarray, nulls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 values (NaN where null) and the mask of values that are not numbers at all."""
+    """float64 values (NaN where null or not a number) and the mask of values that are not numbers."""
     n = len(vals)
     notnum = np.zeros(n, dtype=bool)
     if vals.dtype.kind in "iuf":
@@ -181,55 +236,132 @@ def _float_column(vals: np.ndarray, nulls: np.ndarray) -> tuple[np.ndarray, np.n
         for i, v in enumerate(vals):
             if nulls[i]:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating, str)):
+            f = _py_float(v)
+            if f is None:
                 notnum[i] = True
-                continue
-            try:
-                out[i] = float(v)
-            except ValueError:
-                notnum[i] = True
-    out[nulls] = np.nan
+            else:
+                out[i] = f
     notnum &= ~nulls
+    out[nulls | notnum] = np.nan
     return out, notnum
 
 
+# --------------------------------------------------------------------------------------------------
+# per-table checks and bookkeeping
+# --------------------------------------------------------------------------------------------------
 class _Checker:
-    """Accumulates per-field bad masks for one table; resolves them into an error or a keep-mask."""
+    """Checks the columns of one table: accumulates per-field bad masks and clamp masks, and the clean columns.
 
-    def __init__(self, kind: str, n: int, user_ids: np.ndarray, source: str | None) -> None:
-        self.kind, self.n, self.user_ids, self.source = kind, n, user_ids, source
-        self.bad: dict[str, list[tuple[np.ndarray, str, Any]]] = {}
+    ``bad[field]`` lists ``(rows, reason, column as read)`` in the order the reasons are tried;
+    :meth:`first_failures` and :meth:`error_at` resolve them in ``order`` (the documented field order).
+    """
 
-    def add(self, name: str, mask: np.ndarray, reason: str, values: Any) -> None:
+    def __init__(self, table: pa.Table, names: Sequence[str], order: Sequence[str], source: str | None) -> None:
+        self.n, self.order, self.source = table.num_rows, tuple(order), source
+        self.raw = {c: _combined(table.column(c)) for c in names if c in table.column_names}
+        self.bad: dict[str, list[tuple[np.ndarray, str, pa.Array | None]]] = {}
+        self.clamps: dict[str, np.ndarray] = {}
+        self.out: dict[str, pa.Array] = {}
+        self.user_ids = np.full(self.n, None, dtype=object)  # for messages; set by the user_id check
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray, pa.Array | None]:
+        """Values, null mask and Arrow column of ``name`` (all-null if the column is absent)."""
+        if name in self.raw:
+            return (*_to_numpy(self.raw[name]), self.raw[name])
+        return np.zeros(self.n, dtype=np.int64), np.ones(self.n, dtype=bool), None
+
+    def add(self, name: str, mask: np.ndarray, reason: str, raw: pa.Array | None) -> None:
+        """Records that rows ``mask`` of column ``name`` (as read: ``raw``) fail with ``reason``."""
         if mask.any():
-            self.bad.setdefault(name, []).append((mask, reason, values))
+            self.bad.setdefault(name, []).append((mask, reason, raw))
 
-    def any_bad(self) -> np.ndarray:
-        out = np.zeros(self.n, dtype=bool)
-        for entries in self.bad.values():
-            for mask, _, _ in entries:
-                out |= mask
-        return out
+    def clamp(self, key: str, mask: np.ndarray) -> None:
+        """Records that rows ``mask`` had a value changed (``key`` = ``"field:what"``)."""
+        if mask.any():
+            self.clamps[key] = self.clamps.get(key, np.zeros(self.n, dtype=bool)) | mask
 
-    def first_error(self) -> TimelineError | None:
-        if not self.bad:
-            return None
-        bad = self.any_bad()
-        row = int(np.flatnonzero(bad)[0])
-        for name in FIELD_ORDER[self.kind]:
-            for mask, reason, values in self.bad.get(name, []):
+    # --- the column checks --------------------------------------------------------------------------
+    def ints(self, name: str, required: bool, neg_reason: str) -> tuple[np.ndarray, np.ndarray]:
+        """An integer column: values and the mask of usable integers (not null, in int64)."""
+        vals_raw, nulls, raw = self.column(name)
+        vals, nonint, neg = _int_column(vals_raw, nulls)
+        if required:
+            self.add(name, nulls, "missing", raw)
+        self.add(name, nonint, "not_an_integer", raw)
+        self.add(name, neg, neg_reason, raw)
+        self.out[name] = pa.array(vals, type=pa.int64(), mask=None if required else nulls)
+        return vals, ~(nulls | nonint)
+
+    def durations(self, name: str, required: bool, cap: float) -> None:
+        """``dwell_time`` / ``video_duration``: NaN, infinite, negative rejected; above ``cap`` clamped."""
+        vals_raw, nulls, raw = self.column(name)
+        vals, notnum = _float_column(vals_raw, nulls)
+        if required:
+            self.add(name, nulls, "missing", raw)
+        self.add(name, notnum, "not_a_number", raw)
+        with np.errstate(invalid="ignore"):
+            self.add(name, np.isnan(vals) & ~nulls & ~notnum, "nan", raw)
+            self.add(name, np.isinf(vals), "infinite", raw)
+            self.add(name, vals < 0, "negative", raw)
+            over = (vals > cap) & np.isfinite(vals)
+        self.clamp(f"{name}:max", over)
+        vals = np.where(over, cap, vals)
+        with np.errstate(over="ignore"):  # huge negatives are rejected anyway
+            self.out[name] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=None if required else nulls)
+
+    def floats(self, name: str) -> None:
+        """``value`` / ``label_*``: optional float32; NaN -> null (clamped); infinite or beyond float32 rejected."""
+        vals_raw, nulls, raw = self.column(name)
+        vals, notnum = _float_column(vals_raw, nulls)
+        self.add(name, notnum, "not_a_number", raw)
+        with np.errstate(invalid="ignore"):
+            nan = np.isnan(vals) & ~nulls & ~notnum
+            self.add(name, np.isinf(vals), "infinite", raw)
+            self.add(name, np.isfinite(vals) & (np.abs(vals) > FLOAT32_MAX), "out_of_range", raw)
+            vals = np.where(np.abs(vals) <= FLOAT32_MAX, vals, 0.0)
+        self.clamp(f"{name}:null", nan)
+        self.out[name] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=nulls | notnum | nan)
+
+    # --- resolution ---------------------------------------------------------------------------------
+    def first_failures(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Mask of bad rows, and for each ``"field:reason"`` the rows whose *first* failure it is."""
+        assigned = np.zeros(self.n, dtype=bool)
+        firsts: dict[str, np.ndarray] = {}
+        for name in self.order:
+            for mask, reason, _ in self.bad.get(name, []):
+                new = mask & ~assigned
+                if new.any():
+                    key = f"{name}:{reason}"
+                    firsts[key] = firsts.get(key, np.zeros(self.n, dtype=bool)) | new
+                    assigned |= new
+        return assigned, firsts
+
+    def error_at(self, row: int) -> TimelineError:
+        """The error of ``row``'s first failing field (the row must be bad)."""
+        for name in self.order:
+            for mask, reason, raw in self.bad.get(name, []):
                 if mask[row]:
-                    return self._error(name, reason, values, row)
-        raise AssertionError("unreachable: a bad row without a bad field")  # pragma: no cover
+                    value = raw[row].as_py() if raw is not None else None
+                    user = None if name == "user_id" else self.user_ids[row]
+                    return TimelineError(name, value, reason, user_id=user, record=row, source=self.source)
+        raise AssertionError(f"unreachable: row {row} has no failing field")  # pragma: no cover
 
-    def _error(self, name: str, reason: str, values: Any, row: int) -> TimelineError:
-        user = self.user_ids[row] if name != "user_id" else None
-        value = values[row] if values is not None else None
-        if isinstance(value, np.generic):
-            value = value.item()
-        return TimelineError(name, value, reason, user_id=user, record=row, source=self.source)
+    def report(self, bad: np.ndarray, firsts: dict[str, np.ndarray]) -> ValidationReport:
+        """Drop counts (first failures), clamp counts of kept rows, one example per dropped kind."""
+        rep = ValidationReport(records_in=self.n, records_out=self.n - int(bad.sum()))
+        for row, key in sorted((int(np.flatnonzero(mask)[0]), key) for key, mask in firsts.items()):
+            rep.dropped[key] = int(firsts[key].sum())
+            if len(rep.examples) < _MAX_EXAMPLES:
+                rep.examples.append(str(self.error_at(row)))
+        for key, mask in self.clamps.items():
+            if (mask & ~bad).any():
+                rep.clamped[key] = int((mask & ~bad).sum())
+        return rep
 
 
+# --------------------------------------------------------------------------------------------------
+# validate_table
+# --------------------------------------------------------------------------------------------------
 def validate_table(
     table: pa.Table,
     kind: Kind,
@@ -241,185 +373,138 @@ def validate_table(
 ) -> pa.Table:
     """Checks and canonicalises a table of ``kind`` events; returns it in the UniTi schema.
 
+    Columns not in the schema are ignored, except ``label_*`` columns of ``requests`` tables, which are kept
+    as float32 (after the schema's columns, in input order). See docs/validation.md for every rule.
+
+    Args:
+        table: events as an importer hands them over (typed Arrow columns, any row order).
+        kind: ``"explicit"``, ``"implicit"`` or ``"requests"``.
+        vocab: the dataset's vocabulary (actions, media types, surfaces).
+        policy: limits and the error mode.
+        source: named in error messages (e.g. the input file).
+        report: if given, this call's :class:`ValidationReport` is merged into it.
+
     Raises:
-        TimelineError: in ``raise`` mode, for the first bad record; in any mode for a missing column.
+        TimelineError: in ``raise`` mode, for the first bad record; in any mode for a missing required column.
     """
     from dv365.core.timeline import schema_for  # local: timeline imports this module
 
     schema = schema_for(kind)
-    n = table.num_rows
-    rep = ValidationReport(records_in=n)
     for name in REQUIRED[kind]:
         if name not in table.column_names:
             raise TimelineError(name, None, "missing_column", source=source,
                                 detail=f"columns present: {table.column_names}")
+    labels = [c for c in table.column_names
+              if kind == "requests" and c.startswith(LABEL_PREFIX) and c not in schema.names]
+    chk = _Checker(table, schema.names + labels, FIELD_ORDER[kind] + tuple(labels), source)
 
-    def col(name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name in table.column_names:
-            return _to_numpy(table.column(name))
-        return np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
-
-    raw_user, null_user = col("user_id")
-    users, nonint_u, neg_u = _int_column(raw_user, null_user)
-    user_display = np.where(null_user | nonint_u, None, users.astype(object))
-    chk = _Checker(kind, n, user_display, source)
-    out: dict[str, pa.Array] = {}
-
-    def id_col(name: str, required: bool) -> np.ndarray:
-        raw, nulls = col(name)
-        vals, nonint, neg = _int_column(raw, nulls)
-        if required:
-            chk.add(name, nulls, "missing", raw)
-        chk.add(name, nonint, "not_an_integer", raw)
-        chk.add(name, neg, "negative_id", raw)
-        out[name] = pa.array(vals, type=pa.int64(), mask=nulls if not required else None)
-        return vals
-
-    id_col("user_id", True)
-    raw_ts, null_ts = col("ts")
-    ts, nonint_ts, neg_ts = _int_column(raw_ts, null_ts)
-    chk.add("ts", null_ts, "missing", raw_ts)
-    chk.add("ts", nonint_ts, "not_an_integer", raw_ts)
-    chk.add("ts", neg_ts, "negative_timestamp", raw_ts)
+    users, user_ok = chk.ints("user_id", True, "negative_id")
+    chk.user_ids = np.where(user_ok, users.astype(object), None)
+    ts, ts_ok = chk.ints("ts", True, "negative_timestamp")
     if policy.as_of is not None:
-        chk.add("ts", (ts > policy.as_of) & ~null_ts & ~nonint_ts, "after_request_time", raw_ts)
-    out["ts"] = pa.array(ts, type=pa.int64())
-    id_col("media_id", True)
-    id_col("author_id", False)
-    out["topic_ids"] = _topics(table, chk, policy, rep)
-
-    def cat_col(name: str, vocab_kind: str) -> None:
-        raw, nulls = col(name)
-        if name == "action":
-            chk.add(name, nulls, "missing", raw)
-            known = set(vocab.actions)
-            unknown = np.array([(not nulls[i]) and (raw[i] not in known) for i in range(n)], dtype=bool)
-            chk.add(name, unknown, "unknown_action", raw)
-            out[name] = pa.array(np.where(nulls | unknown, vocab.actions[0], raw).astype(str), type=pa.string())
-            return
-        known_vals = getattr(vocab, vocab_kind)
-        strs = np.where(nulls, "other", raw).astype(object)
-        bad_type = np.array([not isinstance(v, str) for v in strs], dtype=bool)
-        strs = np.where(bad_type, "other", strs)
-        unknown = ~np.isin(strs.astype(str), np.asarray(known_vals))
-        clamp = (unknown | bad_type) & ~nulls
-        if clamp.any():
-            rep.clamped[f"{name}:other"] = int(clamp.sum())
-        out[name] = pa.array(np.where(unknown, "other", strs).astype(str), type=pa.string())
-
+        chk.add("ts", (ts > policy.as_of) & ts_ok, "after_request_time", chk.raw.get("ts"))
+    chk.ints("media_id", True, "negative_id")
+    chk.ints("author_id", False, "negative_id")
+    chk.out["topic_ids"] = _topics(chk.raw.get("topic_ids"), chk, policy.max_topics)
     if kind == "explicit":
-        cat_col("action", "actions")
-    cat_col("media_type", "media_types")
-    cat_col("surface", "surfaces")
-
-    def duration_col(name: str, required: bool, cap: float) -> None:
-        raw, nulls = col(name)
-        vals, notnum = _float_column(raw, nulls)
-        if required:
-            chk.add(name, nulls, "missing", raw)
-        chk.add(name, notnum, "not_a_number", raw)
-        with np.errstate(invalid="ignore"):
-            chk.add(name, np.isnan(vals) & ~nulls & ~notnum, "nan", raw)
-            chk.add(name, np.isinf(vals), "infinite", raw)
-            chk.add(name, vals < 0, "negative", raw)
-            over = (vals > cap) & np.isfinite(vals)
-        if over.any():
-            rep.clamped[f"{name}:max"] = int(over.sum())
-            vals = np.where(over, cap, vals)
-        out[name] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=nulls | notnum)
-
+        chk.out["action"] = _action(chk.raw["action"], chk, vocab)
+    chk.out["media_type"] = _open_categorical("media_type", chk.raw.get("media_type"), chk, vocab.media_types)
+    chk.out["surface"] = _open_categorical("surface", chk.raw.get("surface"), chk, vocab.surfaces)
     if kind in ("implicit", "requests"):
-        duration_col("video_duration", False, policy.max_duration_s)
+        chk.durations("video_duration", False, policy.max_duration_s)
     if kind == "implicit":
-        duration_col("dwell_time", True, policy.max_dwell_s)
+        chk.durations("dwell_time", True, policy.max_dwell_s)
     if kind == "explicit":
-        raw, nulls = col("value")
-        vals, notnum = _float_column(raw, nulls)
-        chk.add("value", notnum, "not_a_number", raw)
-        nan = np.isnan(vals) & ~nulls & ~notnum
-        if nan.any():
-            rep.clamped["value:null"] = int(nan.sum())
-        out["value"] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=nulls | notnum | nan)
+        chk.floats("value")
+    for name in labels:
+        chk.floats(name)
 
-    if policy.on_error == "raise":
-        err = chk.first_error()
-        if err is not None:
-            raise err
-        keep = None
-    else:
-        bad = chk.any_bad()
-        keep = ~bad if bad.any() else None
-        for name, entries in chk.bad.items():
-            for mask, reason, _ in entries:
-                rep.dropped[f"{name}:{reason}"] = rep.dropped.get(f"{name}:{reason}", 0) + int(mask.sum())
-        if keep is not None:
-            err = chk.first_error()
-            if err is not None:
-                rep.examples.append(str(err))
-
-    extra = [c for c in table.column_names if c not in schema.names and c.startswith("label_")] if kind == "requests" else []
-    arrays = [out[f.name] for f in schema] + [_label(table, c, chk) for c in extra]
-    names = schema.names + extra
-    result = pa.Table.from_arrays(arrays, names=names)
-    if keep is not None:
-        result = result.filter(pa.array(keep))
-    rep.records_out = result.num_rows
+    bad, firsts = chk.first_failures()
+    if policy.on_error == "raise" and bad.any():
+        raise chk.error_at(int(np.flatnonzero(bad)[0]))
+    full_schema = pa.schema(list(schema) + [pa.field(c, pa.float32()) for c in labels])
+    result = pa.Table.from_arrays([chk.out[f.name] for f in full_schema], schema=full_schema)
+    if bad.any():
+        result = result.filter(pa.array(~bad))
     if report is not None:
-        report.merge(rep)
+        report.merge(chk.report(bad, firsts))
     return result
 
 
-def _label(table: pa.Table, name: str, chk: _Checker) -> pa.Array:
-    raw, nulls = _to_numpy(table.column(name))
-    vals, notnum = _float_column(raw, nulls)
-    chk.add(name, notnum, "not_a_number", raw)
-    return pa.array(vals.astype(np.float32), type=pa.float32(), mask=nulls | notnum)
-
-
-def _topics(table: pa.Table, chk: _Checker, policy: ValidationPolicy, rep: ValidationReport) -> pa.Array:
-    n = table.num_rows
-    if "topic_ids" not in table.column_names:
+def _topics(col: pa.Array | None, chk: _Checker, max_topics: int) -> pa.Array:
+    """``topic_ids`` as list<int64>: null -> [], more than ``max_topics`` -> the first ones (clamped)."""
+    n = chk.n
+    if col is None:
         return pa.array([[]] * n, type=pa.list_(pa.int64()))
-    col = table.column("topic_ids")
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_fixed_size_list(col.type):
+        col = col.cast(pa.list_(col.type.value_type))
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
-        chk.add("topic_ids", ~col.is_null().to_numpy(zero_copy_only=False), "not_a_list", np.asarray(col.to_pylist(), dtype=object))
+        chk.add("topic_ids", ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool), "not_a_list", col)
         return pa.array([[]] * n, type=pa.list_(pa.int64()))
-    nulls = col.is_null().to_numpy(zero_copy_only=False)
-    col = col.fill_null(pa.scalar([], col.type)) if col.null_count else col
-    offsets = col.offsets.to_numpy().astype(np.int64) - int(col.offsets[0].as_py())
-    flat = col.flatten()
-    fvals, fnulls = _to_numpy(flat)
-    ids, nonint, neg = _int_column(fvals, fnulls)
-    elem_bad = nonint | neg | fnulls
-    per_row_bad = np.zeros(n, dtype=bool)
-    if elem_bad.any():
-        rows = np.searchsorted(offsets, np.flatnonzero(elem_bad), side="right") - 1
-        per_row_bad[rows] = True
-        raw_rows = np.asarray(col.to_pylist(), dtype=object)
-        chk.add("topic_ids", per_row_bad, "not_a_non_negative_integer_list", raw_rows)
-    lengths = np.diff(offsets)
-    over = lengths > policy.max_topics
-    if over.any():
-        rep.clamped["topic_ids:max_topics"] = int(over.sum())
-        keep_len = np.minimum(lengths, policy.max_topics)
-        starts = offsets[:-1]
-        idx = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, keep_len)]) if n else np.zeros(0, np.int64)
-        ids = ids[idx.astype(np.int64)]
-        offsets = np.concatenate([[0], np.cumsum(keep_len)])
-    ids = np.where(ids < 0, 0, ids)
-    arr = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, type=pa.int64()))
-    del nulls
-    return arr
+    filled = col.fill_null(pa.scalar([], col.type)) if col.null_count else col
+    offsets = np.asarray(filled.offsets.to_numpy(), dtype=np.int64)
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)  # [n]
+    elem_vals, elem_nulls = _to_numpy(filled.flatten())  # [T]
+    ids, nonint, neg = _int_column(elem_vals, elem_nulls)
+    elem_row = np.repeat(np.arange(n), lengths)  # [T] row of each topic id
+    row_bad = np.zeros(n, dtype=bool)
+    row_bad[elem_row[nonint | neg | elem_nulls]] = True
+    chk.add("topic_ids", row_bad, "not_a_non_negative_integer_list", col)
+    over = lengths > max_topics
+    chk.clamp("topic_ids:max_topics", over & ~row_bad)
+    keep_elem = (np.arange(len(ids)) - np.repeat(offsets[:-1], lengths)) < max_topics
+    new_offsets = np.concatenate([[0], np.cumsum(np.minimum(lengths, max_topics))]).astype(np.int64)
+    return pa.ListArray.from_arrays(pa.array(new_offsets.astype(np.int32)), pa.array(ids[keep_elem], type=pa.int64()))
+
+
+def _known_strings(col: pa.Array, known_values: Sequence[str]) -> tuple[pa.Array, np.ndarray]:
+    """``col`` as strings and the mask of values in ``known_values`` (exact match; non-string types never match)."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return pa.nulls(len(col), pa.string()), np.zeros(len(col), dtype=bool)
+    strs = col.cast(pa.string())
+    known = pc.is_in(strs, value_set=pa.array(known_values, pa.string()))  # null -> false
+    return strs, np.asarray(known.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _action(col: pa.Array, chk: _Checker, vocab: Vocabulary) -> pa.Array:
+    """The required closed categorical: unknown (or non-string) actions are rejected."""
+    nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    strs, known = _known_strings(col, vocab.actions)
+    chk.add("action", nulls, "missing", col)
+    chk.add("action", ~known & ~nulls, "unknown_action", col)
+    return pc.if_else(pa.array(known), strs, pa.scalar(vocab.actions[0], pa.string()))  # rejected rows: a filler
+
+
+def _open_categorical(name: str, col: pa.Array | None, chk: _Checker, known_values: Sequence[str]) -> pa.Array:
+    """Media type / surface: unknown (or non-string) values map to ``"other"`` (counted); null -> ``"other"``."""
+    if col is None:
+        return pa.array([known_values[0]] * chk.n, type=pa.string())
+    nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    strs, known = _known_strings(col, known_values)
+    chk.clamp(f"{name}:other", ~known & ~nulls)
+    return pc.if_else(pa.array(known), strs, pa.scalar(known_values[0], pa.string()))
 
 
 def check_timeline_lengths(
-    user_ids: Iterable[Any], lengths: Iterable[int], policy: ValidationPolicy = ValidationPolicy(), *, allow_empty: bool = False
+    user_ids: Iterable[Any],
+    lengths: Iterable[int],
+    policy: ValidationPolicy = ValidationPolicy(),
+    *,
+    allow_empty: bool = False,
 ) -> None:
-    """Rejects empty (unless ``allow_empty``) and absurdly long (> ``policy.max_events``) timelines."""
+    """Rejects empty (unless ``allow_empty``) and absurdly long (> ``policy.max_events``) timelines.
+
+    Raises:
+        TimelineError: field ``"<timeline>"``, reason ``"empty_timeline"`` or ``"absurd_length"`` (in any mode).
+    """
     for uid, n in zip(user_ids, lengths):
+        n = int(n)
+        uid = uid.item() if isinstance(uid, np.generic) else uid  # message shows 9, not np.int64(9)
         if n > policy.max_events:
-            raise TimelineError("<timeline>", int(n), "absurd_length", user_id=uid,
+            raise TimelineError("<timeline>", n, "absurd_length", user_id=uid,
                                 detail=f"more than max_events={policy.max_events:,} events")
         if n == 0 and not allow_empty:
             raise TimelineError("<timeline>", 0, "empty_timeline", user_id=uid)
