@@ -69,6 +69,11 @@ def test_batched_shapes_and_user_layout() -> None:
     assert torch.equal(q.reshape(-1, 132), _fb_q(x.reshape(-1, 256), 4))
 
 
+def test_empty_batches() -> None:
+    assert quantize_rows(torch.zeros(0, 58, 256)).shape == (0, 58, 132)
+    assert dequantize_rows(torch.zeros(0, 58, 132, dtype=torch.uint8)).shape == (0, 58, 256)
+
+
 def test_bad_input_is_a_clear_error() -> None:
     x = torch.zeros(4, 8)
     x[2, 3] = float("nan")

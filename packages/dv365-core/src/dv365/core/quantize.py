@@ -155,6 +155,6 @@ def dequantize_rows(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     packed = rows[:, :nbytes]
-    codes = torch.stack([(packed >> (k * bits)) & mask for k in range(per_byte)], dim=2).reshape(rows.shape[0], -1)
+    codes = torch.stack([(packed >> (k * bits)) & mask for k in range(per_byte)], dim=2).reshape(rows.shape[0], nbytes * per_byte)
     out = codes.to(torch.float32) * scale + bias
     return out.reshape(*q.shape[:-1], out.shape[-1])
