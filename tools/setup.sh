@@ -11,12 +11,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 stamp=".venv/.dv365-stack"
-want="$(cat tools/requirements-cpu.txt tools/setup.sh | sha1sum | cut -c1-16)"
+want="$(cat tools/requirements-cpu.txt tools/requirements-store.txt tools/setup.sh | sha1sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "[setup] installing torch 2.13.0 (CPU), torchrec 1.8.0 + fbgemm-gpu-cpu 1.8.0 (--no-deps), pinned deps"
+  echo "[setup] installing torch 2.13.0 (CPU), torchrec 1.8.0 + fbgemm-gpu-cpu 1.8.0 (--no-deps), pinned deps (core, store)"
   "${pip[@]}" install torch==2.13.0
   "${pip[@]}" install --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0
   "${pip[@]}" install -r tools/requirements-cpu.txt
+  "${pip[@]}" install -r tools/requirements-store.txt
   echo "$want" > "$stamp"
 fi
 # Workspace packages, editable, without letting the resolver touch torch/torchrec (see README).

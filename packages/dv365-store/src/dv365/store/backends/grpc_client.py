@@ -1,0 +1,149 @@
+"""Client of a ``dv365 serve`` service (``grpc://host:port``; ``grpcs://host:port?ca=ca.pem`` for TLS).
+
+The token is sent as ``authorization: Bearer <token>``; give it as ``token=`` (or ``token_file=``), or set
+``DV365_STORE_TOKEN``. Every payload row is checked against the checksum the service sent with it.
+Publishing sends the snapshot URL: the *server* reads the snapshot, so it must be a path or URL it can reach.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+from dv365.store.api import DEFAULT_KEEP, EmbeddingStore, Progress, RawLookup, VersionInfo
+from dv365.store.errors import StoreError, StoreUnavailableError
+from dv365.store.factory import reject_unknown
+from google.protobuf.message import DecodeError
+
+from dv365.store.grpc_common import (
+    CHANNEL_OPTIONS,
+    ERROR_KEY,
+    SERVICE,
+    decode_get_response,
+    error_class,
+    version_from_pb,
+)
+from dv365.store.proto import store_pb2 as pb
+from dv365.store.proto import store_pb2_grpc as pb_grpc
+from dv365.store.records import verify_payloads
+
+
+class GrpcStore(EmbeddingStore):
+    """A remote store.
+
+    Args:
+        target: ``host:port``.
+        tls: use TLS (``grpcs://``).
+        ca: PEM file of the CA that signed the server certificate (default: the system roots).
+        token: bearer token (reader or writer); default ``$DV365_STORE_TOKEN``.
+        server_name: TLS name to check instead of the host (e.g. when connecting by IP).
+        timeout: seconds per read call (publish has none).
+
+    Example::
+
+        store = GrpcStore("emb.internal:7365", tls=True, ca="/etc/dv365/ca.pem", token=token)
+        store.get([1, 2, 3]).present
+    """
+
+    OPTIONS = {"keep", "ca", "token", "token_file", "server_name", "timeout"}
+
+    def __init__(self, target: str, *, tls: bool = False, ca: str | None = None, token: str | None = None,
+                 server_name: str | None = None, timeout: float = 30.0, keep: int = DEFAULT_KEEP) -> None:
+        super().__init__(f"{'grpcs' if tls else 'grpc'}://{target}", keep)
+        options = list(CHANNEL_OPTIONS)
+        if tls:
+            root = None
+            if ca:
+                with open(ca, "rb") as f:
+                    root = f.read()
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.stub = pb_grpc.EmbeddingStoreStub(self.channel)
+        # Get without the generated deserializer: the big fields are read in place (grpc_common.decode_get_response)
+        self._get_raw = self.channel.unary_unary(f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
+                                                 response_deserializer=None)
+        token = token if token is not None else os.environ.get("DV365_STORE_TOKEN")
+        self._md = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = float(timeout)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "GrpcStore":
+        reject_unknown(options, url, cls.OPTIONS)
+        scheme, _, rest = url.partition("://")
+        target = rest.rstrip("/")
+        if not target or "/" in target:
+            raise StoreError(f"{url}: expected {scheme}://host:port")
+        token = options.get("token")
+        if options.get("token_file"):
+            with open(options["token_file"], encoding="utf-8") as f:
+                token = f.read().strip()
+        return cls(target, tls=scheme == "grpcs", ca=options.get("ca"), token=token,
+                   server_name=options.get("server_name"), timeout=float(options.get("timeout", 30.0)),
+                   keep=int(options.get("keep", DEFAULT_KEEP)))
+
+    def _call(self, what: str, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, metadata=self._md, timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+            trailing = dict(e.trailing_metadata() or ())  # type: ignore[attr-defined]
+            cls = error_class(trailing.get(ERROR_KEY), code)
+            detail = e.details()  # type: ignore[attr-defined]
+            if cls is StoreUnavailableError or ERROR_KEY not in trailing:
+                detail = f"{self.url}: {what}: {code.name}: {detail}"
+            raise cls(detail) from None
+
+    # ---- reads -------------------------------------------------------------------------------------
+    def lookup(self, ids: np.ndarray) -> RawLookup:
+        data = self._call(f"get {len(ids)} users", self._get_raw, pb.GetRequest(user_ids=ids.tolist()), self.timeout)
+        try:
+            pay, pres, sums, resp = decode_get_response(data)
+        except (ValueError, IndexError, DecodeError) as e:
+            raise StoreError(f"{self.url}: malformed answer for {len(ids)} users: {e}") from e
+        info = version_from_pb(resp.version)
+        fmt = info.row_format
+        B = len(ids)
+        if pay.nbytes != B * fmt.user_bytes or pres.nbytes != B or sums.nbytes != 8 * B:
+            raise StoreError(f"{self.url}: malformed answer for {B} users from version {info.version!r}")
+        payload = np.frombuffer(bytearray(pay), dtype=np.uint8).reshape(B, fmt.user_bytes)  # one copy, writable
+        present = np.frombuffer(pres, dtype=bool).copy()
+        checksums = np.frombuffer(sums, dtype="<u8").astype(np.uint64)
+        errors = {int(k): v for k, v in resp.errors.items()}
+        for i in verify_payloads(payload, ids, checksums, present).tolist():
+            errors[i] = f"{self.url} version {info.version!r}: user {int(ids[i])}: payload fails its checksum after transfer"
+            present[i] = False
+            payload[i] = 0
+        return RawLookup(payload, present, checksums, errors, info)
+
+    # ---- versions ----------------------------------------------------------------------------------
+    def versions(self) -> list[VersionInfo]:
+        resp = self._call("list versions", self.stub.Versions, pb.VersionsRequest(), self.timeout)
+        return [version_from_pb(v) for v in resp.versions]
+
+    def activate(self, version: str) -> VersionInfo:
+        return version_from_pb(self._call(f"activate {version!r}", self.stub.Activate,
+                                          pb.ActivateRequest(version=version), self.timeout))
+
+    def rollback(self) -> VersionInfo:
+        return version_from_pb(self._call("rollback", self.stub.Rollback, pb.RollbackRequest(), self.timeout))
+
+    def delete_version(self, version: str) -> None:
+        self._call(f"delete {version!r}", self.stub.Delete, pb.DeleteRequest(version=version), self.timeout)
+
+    def prune(self, keep: int | None = None) -> list[str]:
+        """Prunes on the server (``keep=None``: the server's own retention)."""
+        return list(self._call("prune", self.stub.Prune, pb.PruneRequest(keep=keep or 0), self.timeout).deleted)
+
+    def publish(self, snapshot_url: str, *, activate: bool = True, progress: Progress | None = None) -> VersionInfo:
+        """Asks the server to publish ``snapshot_url`` (a path/URL the server can read); retention is the server's."""
+        return version_from_pb(self._call(f"publish {snapshot_url}", self.stub.Publish,
+                                          pb.PublishRequest(snapshot_url=snapshot_url, no_activate=not activate), None))
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,281 @@
+"""Embedded store: one LMDB environment (a directory), memory-mapped, no server.
+
+Layout (two named databases)::
+
+    meta  b"active"             -> version name of the active version
+          b"version:" + name    -> {"info": VersionInfo, "seq": n} (JSON)
+          b"seq"                -> last sequence number handed out (8 bytes, big endian)
+    data  seq (4 B BE) + user id (8 B BE, sign bit flipped so order = numeric order)
+                                -> record (payload || xxh3-64, see dv365.store.records)
+
+Why it is crash-safe and atomic: every change is one LMDB write transaction (copy-on-write B+tree, fsync on
+commit), so a crash leaves the last committed state. ``get`` reads the active pointer and every user of the
+batch inside one read transaction, i.e. from one MVCC snapshot: a concurrent publish/activate/prune is seen
+entirely or not at all. Values are read zero-copy from the map (``buffers=True``) and copied once into the
+answer. Versions are key ranges, so deleting one never invalidates a handle another thread is using.
+One publisher at a time per directory (an ``flock`` on ``publish.lock``); any number of reader processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from dataclasses import replace
+from typing import Any, Iterator
+
+import lmdb
+import numpy as np
+
+from dv365.store.api import DEFAULT_KEEP, EmbeddingStore, Progress, RawLookup, VersionInfo, check_version_name, no_active
+from dv365.store.errors import PublishError, StoreAuthError, StoreError, VersionNotFoundError
+from dv365.store.factory import parse_bool, reject_unknown
+from dv365.store.records import assemble
+
+_KEY = np.dtype([("seq", ">u4"), ("uid", ">u8")])
+_SIGN = np.uint64(1 << 63)
+_ACTIVE = b"active"
+_SEQ = b"seq"
+_VPREFIX = b"version:"
+
+
+def record_keys(seq: int, ids: np.ndarray) -> list[bytes]:
+    """LMDB keys of ``ids`` (int64) in the version with sequence number ``seq``."""
+    k = np.empty(len(ids), dtype=_KEY)
+    k["seq"] = seq
+    k["uid"] = ids.astype(np.int64).view(np.uint64) ^ _SIGN
+    raw = k.tobytes()
+    return [raw[i:i + 12] for i in range(0, len(raw), 12)]
+
+
+class LmdbStore(EmbeddingStore):
+    """The embedded default backend (``lmdb:///path``).
+
+    Args:
+        path: the store directory (created unless ``mode="ro"``).
+        keep: versions retained after a publish.
+        mode: ``"rw"`` (default) or ``"ro"``: a reader that cannot publish/activate/delete.
+        map_size_gb: the map's maximum size (virtual; the file grows as needed). Every process opening the
+            directory should use the same value (the default, 1024 GiB, fits 140M users x 4 versions).
+
+    Example::
+
+        store = LmdbStore("/srv/dv365", keep=3)
+        store.publish("/data/snap-2026-11-22")
+        store.get([1, 2, 3]).payload.shape       # (3, 58, 132)
+    """
+
+    OPTIONS = {"keep", "mode", "map_size_gb", "readonly"}
+
+    def __init__(self, path: str, *, keep: int = DEFAULT_KEEP, mode: str = "rw", map_size_gb: float = 1024) -> None:
+        path = os.path.abspath(path)
+        super().__init__(f"lmdb://{path}", keep)
+        if mode not in ("rw", "ro"):
+            raise StoreError(f"{self.url}: mode must be 'rw' or 'ro', got {mode!r}")
+        self.path = path
+        self.readonly = mode == "ro"
+        if self.readonly and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise StoreError(f"{self.url}: no dv365 store here (data.mdb not found); open it read-write once or publish")
+        self._shared = _open_env(path, self.readonly, int(map_size_gb * (1 << 30)), self.url)
+        self.env, self.meta, self.data = self._shared.env, self._shared.meta, self._shared.data
+        self._lock = self._shared.lock
+        self._entries: dict[bytes, tuple[VersionInfo, int]] = {}
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "LmdbStore":
+        reject_unknown(options, url, cls.OPTIONS)
+        path = url[len("lmdb://"):] if url.startswith("lmdb://") else url  # lmdb:///abs/path, lmdb://rel/path
+        if not path:
+            raise StoreError(f"{url}: no directory in the URL (lmdb:///absolute/path)")
+        mode = str(options.get("mode", "rw"))
+        if "readonly" in options and parse_bool(options["readonly"], "readonly", url):
+            mode = "ro"
+        return cls(path, keep=int(options.get("keep", DEFAULT_KEEP)), mode=mode,
+                   map_size_gb=float(options.get("map_size_gb", 1024)))
+
+    # ---- reads -------------------------------------------------------------------------------------
+    def _entry(self, raw: bytes, name: bytes) -> tuple[VersionInfo, int]:
+        hit = self._entries.get(raw)
+        if hit is None:
+            d = json.loads(raw)
+            hit = (VersionInfo.from_json(json.dumps(d["info"]), f"{self.url} version {name.decode()!r}"), int(d["seq"]))
+            if len(self._entries) > 64:
+                self._entries.clear()
+            self._entries[raw] = hit
+        return hit
+
+    def lookup(self, ids: np.ndarray) -> RawLookup:
+        try:
+            with self.env.begin(buffers=True) as txn:  # one MVCC snapshot for the pointer and the whole batch
+                name = txn.get(_ACTIVE, db=self.meta)
+                if name is None:
+                    raise no_active(self.url)
+                name = bytes(name)
+                raw = txn.get(_VPREFIX + name, db=self.meta)
+                if raw is None:
+                    raise StoreError(f"{self.url}: active version {name.decode()!r} has no version record")
+                info, seq = self._entry(bytes(raw), name)
+                get, db = txn.get, self.data
+                values = (get(key, None, db) for key in record_keys(seq, ids))  # zero-copy views into the map
+                payload, present, checksums, errors = assemble(values, ids, info.row_format,
+                                                               f"{self.url} version {info.version!r}")
+        except lmdb.Error as e:
+            raise StoreError(f"{self.url}: read failed: {e}") from e
+        return RawLookup(payload, present, checksums, errors, replace(info, active=True))
+
+    # ---- versions ----------------------------------------------------------------------------------
+    def _records(self, txn: lmdb.Transaction) -> Iterator[tuple[VersionInfo, int]]:
+        cur = txn.cursor(db=self.meta)
+        if not cur.set_range(_VPREFIX):
+            return
+        for key, raw in cur:
+            key = bytes(key)
+            if not key.startswith(_VPREFIX):
+                break
+            yield self._entry(bytes(raw), key[len(_VPREFIX):])
+
+    def versions(self) -> list[VersionInfo]:
+        with self.env.begin() as txn:
+            active = txn.get(_ACTIVE, db=self.meta)
+            out = [replace(info, active=active is not None and info.version == active.decode())
+                   for info, _ in self._records(txn)]
+        return sorted(out, key=lambda v: v.published_at)
+
+    def _writable(self, what: str) -> None:
+        if self.readonly:
+            raise StoreAuthError(f"{self.url}: opened read-only (mode=ro, a reader): cannot {what}")
+
+    def _get_record(self, txn: lmdb.Transaction, version: str) -> tuple[VersionInfo, int]:
+        raw = txn.get(_VPREFIX + version.encode(), db=self.meta)
+        if raw is None:
+            names = [i.version for i, _ in self._records(txn)]
+            raise VersionNotFoundError(f"{self.url}: no version {version!r} (have: {names})")
+        return self._entry(bytes(raw), version.encode())
+
+    def activate(self, version: str) -> VersionInfo:
+        self._writable(f"activate {version!r}")
+        check_version_name(version, self.url)
+        with self.env.begin(write=True) as txn:
+            info, _ = self._get_record(txn, version)
+            if info.state != "ready":
+                raise StoreError(f"{self.url}: version {version!r} is {info.state}, not ready: cannot activate it")
+            txn.put(_ACTIVE, version.encode(), db=self.meta)
+        return replace(info, active=True)
+
+    def delete_version(self, version: str) -> None:
+        self._writable(f"delete {version!r}")
+        check_version_name(version, self.url)
+        with self.env.begin(write=True) as txn:
+            active = txn.get(_ACTIVE, db=self.meta)
+            if active is not None and active.decode() == version:
+                raise StoreError(f"{self.url}: version {version!r} is active; activate another one before deleting it")
+            _, seq = self._get_record(txn, version)
+            txn.delete(_VPREFIX + version.encode(), db=self.meta)
+            prefix = int(seq).to_bytes(4, "big")
+            cur = txn.cursor(db=self.data)
+            if cur.set_range(prefix):
+                while cur.key()[:4] == prefix and cur.delete():
+                    pass
+
+    # ---- publish -----------------------------------------------------------------------------------
+    def publish(self, snapshot_url: str, *, activate: bool = True, progress: Progress | None = None) -> VersionInfo:
+        self._writable(f"publish {snapshot_url}")
+        os.makedirs(self.path, exist_ok=True)
+        with self._lock, open(os.path.join(self.path, "publish.lock"), "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PublishError(f"{self.url}: another process is publishing into this store; try again later") from None
+            try:
+                return super().publish(snapshot_url, activate=activate, progress=progress)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _begin_version(self, info: VersionInfo) -> None:
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_SEQ, db=self.meta)
+            seq = (int.from_bytes(raw, "big") if raw else 0) + 1
+            if seq >= 1 << 32:
+                raise PublishError(f"{self.url}: version sequence exhausted")
+            txn.put(_SEQ, seq.to_bytes(8, "big"), db=self.meta)
+            self._put_info(txn, info, seq)
+        self._seq, self._last_key = seq, b""
+
+    def _put_info(self, txn: lmdb.Transaction, info: VersionInfo, seq: int) -> None:
+        rec = json.dumps({"info": json.loads(info.to_json()), "seq": seq}, sort_keys=True).encode()
+        txn.put(_VPREFIX + info.version.encode(), rec, db=self.meta)
+
+    def _write_records(self, info: VersionInfo, ids: np.ndarray, records: list[bytes]) -> None:
+        keys = record_keys(self._seq, ids)
+        append = keys[0] > self._last_key and all(a < b for a, b in zip(keys, keys[1:]))
+        try:
+            with self.env.begin(write=True) as txn:
+                _, added = txn.cursor(db=self.data).putmulti(zip(keys, records), overwrite=False, append=append)
+                if added != len(keys):
+                    txn.abort()
+                    raise PublishError(f"{self.url}: version {info.version!r}: user {self._duplicate(ids, keys)} "
+                                       "appears more than once in the snapshot (in two shards?)")
+        except lmdb.MapFullError as e:
+            raise PublishError(f"{self.url}: version {info.version!r}: the LMDB map is full: open the store with a "
+                               f"larger map_size_gb ({e})") from e
+        self._last_key = max(self._last_key, keys[-1])
+
+    def _duplicate(self, ids: np.ndarray, keys: list[bytes]) -> int:
+        with self.env.begin() as txn:
+            return next((int(u) for u, k in zip(ids, keys) if txn.get(k, db=self.data) is not None), int(ids[0]))
+
+    def _commit_version(self, info: VersionInfo) -> None:
+        with self.env.begin(write=True) as txn:
+            self._put_info(txn, info, self._seq)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _release_env(self.path)
+
+
+class _SharedEnv:
+    """LMDB allows one open environment per directory per process: clients of one directory share it."""
+
+    def __init__(self, path: str, readonly: bool, map_size: int, url: str) -> None:
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
+        # a reader still opens the map read-write when it may (the role is enforced by the client), so that a
+        # writer of the same directory in the same process can share the environment
+        self.readonly = readonly and not os.access(path, os.W_OK)
+        try:
+            self.env = lmdb.open(path, map_size=map_size, max_dbs=4, max_readers=1024, readonly=self.readonly,
+                                 readahead=False, meminit=False, lock=True, subdir=True)
+            self.meta = self.env.open_db(b"meta", create=not self.readonly)
+            self.data = self.env.open_db(b"data", create=not self.readonly)
+        except lmdb.Error as e:
+            raise StoreError(f"{url}: cannot open the LMDB store: {e}") from e
+        self.lock = threading.Lock()
+        self.refs = 0
+
+
+_ENVS: dict[str, _SharedEnv] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(path: str, readonly: bool, map_size: int, url: str) -> _SharedEnv:
+    with _ENVS_LOCK:
+        shared = _ENVS.get(path)
+        if shared is None:
+            shared = _ENVS[path] = _SharedEnv(path, readonly, map_size, url)
+        elif shared.readonly and not readonly:
+            raise StoreError(f"{url}: already open read-only in this process (the directory is not writable)")
+        shared.refs += 1
+        return shared
+
+
+def _release_env(path: str) -> None:
+    with _ENVS_LOCK:
+        shared = _ENVS.get(path)
+        if shared is not None:
+            shared.refs -= 1
+            if shared.refs <= 0:
+                shared.env.close()
+                del _ENVS[path]

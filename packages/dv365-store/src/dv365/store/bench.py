@@ -1,0 +1,416 @@
+"""``dv365 bench store`` (load test) and ``dv365 bench store-kv`` (the embedded-KV choice: LMDB vs SQLite).
+
+store: publishes a SIMULATED snapshot of ``--users`` users (default 1M; ``--quick``: 20K) into the embedded
+LMDB store, a throwaway redis-server and a ``dv365 serve`` process (gRPC over that LMDB store, reader token,
+plaintext on 127.0.0.1), then runs batch gets of ``--batch-users`` (default 1,000) random users with 1 and 16
+concurrent client *processes* for each backend, raw redis-py ``MGET`` of the same keys as the Redis reference,
+and ``grpc-raw``: a bare grpcio call answering the same number of bytes (the transport floor of gRPC).
+Reported per backend and concurrency: p50/p99 latency (ms), gets/s, users/s and errors (exceptions, integrity
+errors or missing users: must be 0). Environment knobs: ``DV365_BENCH_DIR`` (work dir, default a temp dir that
+is removed), ``DV365_BENCH_SECONDS`` (measured seconds per run), ``DV365_BENCH_STORE_BACKENDS``
+(comma list of embedded, redis, grpc, redis-mget, grpc-raw), ``DV365_BENCH_CLIENTS`` (e.g. ``1,16``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from dv365.core.quantize import RowFormat
+
+TOKEN = "bench-reader-token-0123456789"
+ALL_BACKENDS = ("embedded", "redis", "grpc", "redis-mget", "grpc-raw")
+RAW_METHOD = "/dv365.bench.Raw/Get"
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [x.strip() for x in os.environ.get(name, default).split(",") if x.strip()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- client processes --------------------------------------------------------------------------------
+def _make_get(kind: str, url: str) -> Callable[[np.ndarray], int]:
+    """A function doing one batch get and returning its error count (exceptions are counted by the caller)."""
+    if kind == "grpc-raw":  # the transport floor: a bare grpcio unary call answering as many bytes as a Get
+        import grpc
+
+        from dv365.store.grpc_common import CHANNEL_OPTIONS
+
+        call = grpc.insecure_channel(url, CHANNEL_OPTIONS).unary_unary(RAW_METHOD)
+
+        def raw(ids: np.ndarray) -> int:
+            return int(len(call(ids.tobytes())) != len(ids) * (RowFormat().user_bytes + 9))
+        return raw
+    if kind == "redis-mget":
+        import redis
+
+        base, _, prefix = url.partition("#")
+        r = redis.Redis.from_url(base)
+        version = r.get(f"{prefix}:active").decode()
+        pre = f"{prefix}:v:{version}:".encode()
+
+        def mget(ids: np.ndarray) -> int:
+            values = r.mget([pre + b"%d" % u for u in ids.tolist()])
+            return sum(v is None for v in values)
+        return mget
+    from dv365.store.factory import open_store
+
+    store = open_store(url, **({"token": TOKEN} if kind == "grpc" else {}))
+
+    def get(ids: np.ndarray) -> int:
+        res = store.get(ids)
+        return len(res.errors) + int((~res.present).sum())
+    return get
+
+
+def _client(kind: str, url: str, users: int, batch: int, seconds: float, seed: int, start: Any, out: Any) -> None:
+    lat: list[float] = []
+    errors = 0
+    try:
+        get = _make_get(kind, url)
+        rng = np.random.default_rng(seed)
+        for _ in range(3):  # warm-up: connections, maps
+            get(rng.integers(0, users, batch))
+        start.wait()
+        deadline = time.perf_counter() + seconds
+        while True:
+            ids = rng.integers(0, users, batch)
+            t0 = time.perf_counter()
+            try:
+                errors += get(ids)
+            except Exception:  # noqa: BLE001 - counted, the run must report 0
+                errors += 1
+            t1 = time.perf_counter()
+            lat.append(t1 - t0)
+            if t1 > deadline:
+                break
+    except Exception as e:  # noqa: BLE001
+        out.put({"lat": lat, "errors": errors + 1, "failure": f"{type(e).__name__}: {e}"})
+        return
+    out.put({"lat": lat, "errors": errors})
+
+
+def _load(kind: str, url: str, users: int, batch: int, clients: int, seconds: float, seed: int) -> dict[str, Any]:
+    # forkserver: clients fork from a clean process (no gRPC/LMDB state inherited), with dv365 imported once
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["dv365.store.bench", "dv365.store.factory", "numpy"])
+    start, out = ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(kind, url, users, batch, seconds, seed * 1000 + k, start, out))
+             for k in range(clients)]
+    for p in procs:
+        p.start()
+    try:
+        start.wait(timeout=120)
+    except Exception:  # noqa: BLE001 - a client died before the start
+        pass
+    t0 = time.perf_counter()
+    results = [out.get(timeout=seconds + 180) for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join(30)
+    lat = np.array([x for r in results for x in r["lat"]]) * 1e3
+    failures = [r["failure"] for r in results if "failure" in r]
+    res = {"clients": clients, "requests": int(len(lat)), "errors": int(sum(r["errors"] for r in results)),
+           "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
+           "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
+           "gets_per_s": round(len(lat) / wall, 1), "users_per_s": round(len(lat) * batch / wall)}
+    if failures:
+        res["failures"] = failures[:3]
+    return res
+
+
+# ---- set-up ------------------------------------------------------------------------------------------
+def _start_redis(root: str) -> tuple[subprocess.Popen[bytes], int]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FileNotFoundError("redis-server")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", root, "--save", "",
+                             "--appendonly", "no", "--protected-mode", "yes"], stdout=subprocess.DEVNULL)
+    import redis
+
+    r = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            r.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.05)
+    r.close()
+    return proc, port
+
+
+def _start_grpc(backend: str, root: str) -> tuple[subprocess.Popen[str], int]:
+    tok = os.path.join(root, "reader.tokens")
+    with open(tok, "w") as f:
+        f.write(TOKEN + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "dv365.core.cli", "serve", "--backend", backend, "--port", "0",
+                             "--reader-token-file", tok, "--workers", "16"], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"dv365 serve did not start: {line!r}")
+    port = int(line.split("listening on ")[1].split(" ")[0].rsplit(":", 1)[1])
+    return proc, port
+
+
+def _raw_grpc_server() -> int:
+    """``python -m dv365.store.bench --raw-grpc-server``: answers RAW_METHOD with (user_bytes + 9) bytes per
+    requested id (payload + checksum + present, as a Get would), from one pre-built buffer."""
+    from concurrent import futures
+
+    import grpc
+
+    from dv365.store.grpc_common import CHANNEL_OPTIONS
+
+    per_user = RowFormat().user_bytes + 9
+    blob = np.random.default_rng(0).integers(0, 256, 10_000 * per_user, dtype=np.uint8).tobytes()
+
+    def get(request: bytes, context: Any) -> bytes:
+        return blob[: len(request) // 8 * per_user]
+
+    server = grpc.server(futures.ThreadPoolExecutor(16), options=CHANNEL_OPTIONS)
+    handler = grpc.unary_unary_rpc_method_handler(get)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("dv365.bench.Raw", {"Get": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"raw grpc listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from dv365.store.factory import open_store
+    from dv365.store.synthetic import write_synthetic_snapshot
+
+    users = args.users or (20_000 if args.quick else 1_000_000)
+    batch = args.batch_users or 1000
+    seconds = float(os.environ.get("DV365_BENCH_SECONDS", 1.5 if args.quick else 6))
+    backends = [b for b in _env_list("DV365_BENCH_STORE_BACKENDS", ",".join(ALL_BACKENDS)) if b in ALL_BACKENDS]
+    clients = [int(c) for c in _env_list("DV365_BENCH_CLIENTS", "1,16")]
+    keep_dir = "DV365_BENCH_DIR" in os.environ
+    root = os.environ.get("DV365_BENCH_DIR") or tempfile.mkdtemp(prefix="dv365-bench-store-")
+    os.makedirs(root, exist_ok=True)
+    fmt = RowFormat()
+    result: dict[str, Any] = {"users": users, "batch_users": batch, "seconds_per_run": seconds,
+                              "bytes_per_user": fmt.user_bytes, "snapshot_gb": round(users * fmt.user_bytes / 1e9, 2),
+                              "simulated": True}
+    procs: list[subprocess.Popen[Any]] = []
+    try:
+        snap = os.path.join(root, "snapshot")
+        t = time.perf_counter()
+        write_synthetic_snapshot(snap, "bench", np.arange(users), fmt=fmt, seed=args.seed)
+        result["snapshot_write_s"] = round(time.perf_counter() - t, 1)
+        lmdb_url = f"lmdb://{os.path.join(root, 'lmdb')}"
+        runs: dict[str, dict[str, Any]] = {}
+
+        def measure(kinds: list[str], urls: dict[str, str]) -> None:
+            for c in clients:  # backend pairs that are compared run back to back, per concurrency
+                for b in kinds:
+                    if b in backends:
+                        runs[f"{b}_c{c}"] = _load(b, urls[b], users, batch, c, seconds, args.seed)
+
+        # phase 1: the embedded store, gRPC over it, and the bare-grpcio floor
+        if {"embedded", "grpc", "grpc-raw"} & set(backends):
+            urls: dict[str, str] = {"embedded": lmdb_url}
+            with open_store(lmdb_url) as s:
+                t = time.perf_counter()
+                s.publish(snap)
+                result["publish_embedded_s"] = round(time.perf_counter() - t, 1)
+            _drop_cache(snap)  # the map, not the snapshot files, should hold the page cache
+            result["lmdb_file_gb"], result["lmdb_warm_s"] = _warm(os.path.join(root, "lmdb", "data.mdb"))
+            result["mem_available_gb"] = _mem_available_gb()
+            phase: list[subprocess.Popen[Any]] = []
+            if "grpc" in backends:
+                gproc, gport = _start_grpc(lmdb_url, root)
+                phase.append(gproc)
+                urls["grpc"] = f"grpc://127.0.0.1:{gport}"
+            if "grpc-raw" in backends:
+                raw = subprocess.Popen([sys.executable, "-m", "dv365.store.bench", "--raw-grpc-server"],
+                                       stdout=subprocess.PIPE, text=True)
+                phase.append(raw)
+                line = raw.stdout.readline() if raw.stdout else ""
+                urls["grpc-raw"] = line.strip().rsplit(" ", 1)[-1]
+            procs.extend(phase)
+            measure(["embedded", "grpc", "grpc-raw"], urls)
+            _stop(phase)
+        # phase 2: Redis (its own memory; the LMDB pages may be evicted meanwhile) and raw MGET of the same keys
+        if {"redis", "redis-mget"} & set(backends):
+            try:
+                rproc, rport = _start_redis(root)
+            except FileNotFoundError:
+                result["redis_skipped"] = "redis-server not installed"
+            else:
+                procs.append(rproc)
+                rurl = f"redis://127.0.0.1:{rport}/0"
+                with open_store(rurl + "?prefix=bench&persist=none") as s:
+                    t = time.perf_counter()
+                    s.publish(snap)
+                    result["publish_redis_s"] = round(time.perf_counter() - t, 1)
+                _drop_cache(snap)
+                measure(["redis", "redis-mget"], {"redis": rurl + "?prefix=bench", "redis-mget": rurl + "#bench"})
+        result["runs"] = runs
+        result["total_errors"] = sum(r["errors"] for r in runs.values())
+        result["targets"] = _targets(runs, clients)
+    finally:
+        _stop(procs)
+        if not keep_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def _stop(procs: list[subprocess.Popen[Any]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _drop_cache(folder: str) -> None:
+    """Asks the kernel to drop the page cache of a folder's files (they were just written/read once)."""
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _warm(path: str) -> tuple[float, float]:
+    """Reads a file once, sequentially, so a memory-mapped store starts from the page cache as in steady
+    state; returns (size GB, seconds)."""
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(16 << 20)
+        while f.readinto(buf):
+            pass
+    return round(os.path.getsize(path) / 1e9, 2), round(time.perf_counter() - t, 1)
+
+
+def _mem_available_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return round(int(line.split()[1]) / 1e6, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _targets(runs: dict[str, dict[str, Any]], clients: list[int]) -> dict[str, Any]:
+    t: dict[str, Any] = {}
+    emb, g = runs.get("embedded_c1"), runs.get("grpc_c1")
+    if emb and emb["p99_ms"] is not None:
+        t["embedded_p99_ms"] = emb["p99_ms"]
+        t["embedded_p99_le_5ms"] = emb["p99_ms"] <= 5.0
+        if g and g["p99_ms"] is not None:
+            t["grpc_over_embedded_p99"] = round(g["p99_ms"] / emb["p99_ms"], 2)
+            t["grpc_p99_le_2x_embedded"] = g["p99_ms"] <= 2 * emb["p99_ms"]
+        raw = runs.get("grpc-raw_c1")
+        if g and raw and raw["p99_ms"]:
+            t["grpc_raw_floor_p50_ms"] = raw["p50_ms"]
+            t["grpc_over_raw_grpcio_p50"] = round(g["p50_ms"] / raw["p50_ms"], 2)
+    for c in clients:
+        r, m = runs.get(f"redis_c{c}"), runs.get(f"redis-mget_c{c}")
+        if r and m and m["gets_per_s"]:
+            t[f"redis_over_mget_throughput_c{c}"] = round(r["gets_per_s"] / m["gets_per_s"], 2)
+            t[f"redis_ge_50pct_mget_c{c}"] = r["gets_per_s"] >= 0.5 * m["gets_per_s"]
+    return t
+
+
+# ---- LMDB vs SQLite ------------------------------------------------------------------------------------
+def run_kv_choice(args: argparse.Namespace) -> dict[str, Any]:
+    """Same records, same checksum verification (records.assemble), one client: LMDB vs SQLite (WAL,
+    synchronous=FULL, mmap) for the embedded default."""
+    import lmdb
+
+    from dv365.store.backends.lmdb_store import record_keys
+    from dv365.store.records import assemble, encode_records
+    from dv365.store.synthetic import synthetic_payload
+
+    users = args.users or (20_000 if args.quick else 100_000)
+    batch = args.batch_users or 1000
+    reps = 200 if args.quick else 1000
+    fmt = RowFormat()
+    rng = np.random.default_rng(args.seed)
+    root = tempfile.mkdtemp(prefix="dv365-bench-kv-")
+    out: dict[str, Any] = {"users": users, "batch_users": batch, "gets": reps}
+    try:
+        chunks = []
+        for s in range(0, users, 10_000):
+            ids = np.arange(s, min(users, s + 10_000), dtype=np.int64)
+            chunks.append((ids, encode_records(ids, synthetic_payload(len(ids), fmt, rng))))
+        # LMDB
+        env = lmdb.open(os.path.join(root, "lmdb"), map_size=1 << 40, max_dbs=2, readahead=False)
+        db = env.open_db(b"data")
+        t = time.perf_counter()
+        for ids, recs in chunks:
+            with env.begin(write=True) as txn:
+                txn.cursor(db=db).putmulti(zip(record_keys(1, ids), recs), append=True)
+        lmdb_write = time.perf_counter() - t
+
+        def lmdb_get(ids: np.ndarray) -> np.ndarray:
+            with env.begin(buffers=True) as txn:
+                g = txn.get
+                return assemble((g(k, None, db) for k in record_keys(1, ids)), ids, fmt, "lmdb")[1]
+        # SQLite
+        con = sqlite3.connect(os.path.join(root, "emb.sqlite"), check_same_thread=False)
+        con.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA mmap_size=68719476736;"
+                          "CREATE TABLE emb (uid INTEGER PRIMARY KEY, rec BLOB NOT NULL);")
+        t = time.perf_counter()
+        for ids, recs in chunks:
+            with con:
+                con.executemany("INSERT INTO emb VALUES (?, ?)", zip(ids.tolist(), recs))
+        sqlite_write = time.perf_counter() - t
+        q = f"SELECT uid, rec FROM emb WHERE uid IN ({','.join('?' * batch)})"
+
+        def sqlite_get(ids: np.ndarray) -> np.ndarray:
+            found = dict(con.execute(q, ids.tolist()).fetchall())
+            return assemble((found.get(u) for u in ids.tolist()), ids, fmt, "sqlite")[1]
+
+        for name, fn, wr, path in (("lmdb", lmdb_get, lmdb_write, "lmdb/data.mdb"),
+                                   ("sqlite", sqlite_get, sqlite_write, "emb.sqlite")):
+            for _ in range(20):
+                fn(rng.integers(0, users, batch))
+            lat = []
+            for _ in range(reps):
+                ids = rng.integers(0, users, batch)
+                t0 = time.perf_counter()
+                present = fn(ids)
+                lat.append(time.perf_counter() - t0)
+                assert present.all()
+            a = np.array(lat) * 1e3
+            out[name] = {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
+                         "write_users_per_s": round(users / wr), "file_mb": round(os.path.getsize(os.path.join(root, path)) / 1e6, 1)}
+        out["lmdb_over_sqlite_p50"] = round(out["lmdb"]["p50_ms"] / out["sqlite"]["p50_ms"], 2)
+        con.close()
+        env.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--raw-grpc-server"]:
+        raise SystemExit(_raw_grpc_server())
+    raise SystemExit("usage: dv365 bench store [--json] (this module runs as a script only for --raw-grpc-server)")

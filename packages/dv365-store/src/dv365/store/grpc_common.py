@@ -1,0 +1,125 @@
+"""What the gRPC service and its client share: message conversions, error <-> status mapping, channel options."""
+
+from __future__ import annotations
+
+import grpc
+
+from dv365.core.quantize import RowFormat
+from dv365.store import errors as E
+from dv365.store.api import VersionInfo
+from dv365.store.proto import store_pb2 as pb
+
+SERVICE = "dv365.store.v1.EmbeddingStore"
+WRITER_METHODS = frozenset({"Publish", "Activate", "Rollback", "Delete", "Prune"})
+READER_METHODS = frozenset({"Get", "Versions"})
+MAX_MESSAGE = 128 << 20  # a 10,000-user answer is 77 MB
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+ERROR_KEY = "dv365-error"  # trailing metadata: the StoreError subclass name
+
+_CODES: list[tuple[type[E.StoreError], grpc.StatusCode]] = [
+    (E.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.VersionNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (E.NoActiveVersionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.StoreAuthError, grpc.StatusCode.PERMISSION_DENIED),
+    (E.StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (E.PublishError, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.StoreError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def status_of(e: E.StoreError) -> grpc.StatusCode:
+    return next(code for cls, code in _CODES if isinstance(e, cls))
+
+
+def error_class(name: str | None, code: grpc.StatusCode) -> type[E.StoreError]:
+    cls = getattr(E, name or "", None)
+    if isinstance(cls, type) and issubclass(cls, E.StoreError):
+        return cls
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return E.StoreAuthError
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return E.StoreUnavailableError
+    return E.StoreError
+
+
+def version_to_pb(v: VersionInfo) -> pb.VersionInfo:
+    f = v.row_format
+    return pb.VersionInfo(version=v.version, model_version=v.model_version, data_cutoff_ts=v.data_cutoff_ts,
+                          user_count=v.user_count, published_at=v.published_at, source=v.source, state=v.state,
+                          active=v.active, simulated=v.simulated,
+                          row_format=pb.RowFormat(dim=f.dim, bits=f.bits, rows_per_user=f.rows_per_user))
+
+
+def version_from_pb(m: pb.VersionInfo) -> VersionInfo:
+    f = m.row_format
+    return VersionInfo(version=m.version, model_version=m.model_version, data_cutoff_ts=m.data_cutoff_ts,
+                       user_count=m.user_count, row_format=RowFormat(f.dim, f.bits, f.rows_per_user),
+                       published_at=m.published_at, source=m.source, state=m.state, active=m.active,
+                       simulated=m.simulated)
+
+
+# ---- GetResponse on the wire without extra copies -------------------------------------------------------
+# GetResponse's three big fields are written/read directly (protobuf wire format: the message is the
+# concatenation of its fields, in any order); the small ones (version, errors) go through the generated
+# class. The bytes are exactly a serialized GetResponse, so clients built from store.proto read them as usual.
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def encode_get_response(payload: memoryview, present: memoryview, checksums: memoryview, small: bytes) -> bytes:
+    """A serialized GetResponse: fields 1-3 from buffers (one copy), then ``small`` (fields 4-5, serialized)."""
+    parts: list[bytes | memoryview] = []
+    for tag, buf in ((0x0A, payload), (0x12, present), (0x1A, checksums)):
+        if buf.nbytes:
+            parts += [bytes([tag]) + _varint(buf.nbytes), buf]
+    parts.append(small)
+    return b"".join(parts)
+
+
+def decode_get_response(data: bytes) -> tuple[memoryview, memoryview, memoryview, pb.GetResponse]:
+    """(payload, present, checksums) as zero-copy views into ``data``, and the other fields parsed."""
+    mv = memoryview(data)
+    big: dict[int, memoryview] = {1: mv[:0], 2: mv[:0], 3: mv[:0]}
+    rest = bytearray()
+    i, n = 0, len(mv)
+    while i < n:
+        start = i
+        key, i = _read_varint(mv, i)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            length, i = _read_varint(mv, i)
+            end = i + length
+        elif wire == 0:
+            _, end = _read_varint(mv, i)
+        elif wire == 1:
+            end = i + 8
+        elif wire == 5:
+            end = i + 4
+        else:
+            raise ValueError(f"unexpected wire type {wire} in GetResponse")
+        if field in big and wire == 2:
+            big[field] = mv[i:end]
+        else:
+            rest += mv[start:end]
+        i = end
+    return big[1], big[2], big[3], pb.GetResponse.FromString(bytes(rest))
+
+
+def _read_varint(mv: memoryview, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = mv[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7

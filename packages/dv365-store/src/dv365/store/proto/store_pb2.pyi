@@ -1,0 +1,118 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RowFormat(_message.Message):
+    __slots__ = ("dim", "bits", "rows_per_user")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_USER_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    bits: int
+    rows_per_user: int
+    def __init__(self, dim: _Optional[int] = ..., bits: _Optional[int] = ..., rows_per_user: _Optional[int] = ...) -> None: ...
+
+class VersionInfo(_message.Message):
+    __slots__ = ("version", "model_version", "data_cutoff_ts", "user_count", "row_format", "published_at", "source", "state", "active", "simulated")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_CUTOFF_TS_FIELD_NUMBER: _ClassVar[int]
+    USER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ROW_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    model_version: str
+    data_cutoff_ts: int
+    user_count: int
+    row_format: RowFormat
+    published_at: float
+    source: str
+    state: str
+    active: bool
+    simulated: bool
+    def __init__(self, version: _Optional[str] = ..., model_version: _Optional[str] = ..., data_cutoff_ts: _Optional[int] = ..., user_count: _Optional[int] = ..., row_format: _Optional[_Union[RowFormat, _Mapping]] = ..., published_at: _Optional[float] = ..., source: _Optional[str] = ..., state: _Optional[str] = ..., active: _Optional[bool] = ..., simulated: _Optional[bool] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("user_ids",)
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, user_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("payload", "present", "checksums", "version", "errors")
+    class ErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    present: bytes
+    checksums: bytes
+    version: VersionInfo
+    errors: _containers.ScalarMap[int, str]
+    def __init__(self, payload: _Optional[bytes] = ..., present: _Optional[bytes] = ..., checksums: _Optional[bytes] = ..., version: _Optional[_Union[VersionInfo, _Mapping]] = ..., errors: _Optional[_Mapping[int, str]] = ...) -> None: ...
+
+class VersionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VersionsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
+    def __init__(self, versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("snapshot_url", "no_activate")
+    SNAPSHOT_URL_FIELD_NUMBER: _ClassVar[int]
+    NO_ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    snapshot_url: str
+    no_activate: bool
+    def __init__(self, snapshot_url: _Optional[str] = ..., no_activate: _Optional[bool] = ...) -> None: ...
+
+class ActivateRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class PruneRequest(_message.Message):
+    __slots__ = ("keep",)
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    keep: int
+    def __init__(self, keep: _Optional[int] = ...) -> None: ...
+
+class PruneResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,107 @@
+"""The stored value of one user: ``payload || xxh3_64(payload, seed=user_id)`` (8 bytes, little endian).
+
+Every backend stores this record (LMDB value, Redis string; the gRPC service forwards payloads and checksums
+so its client checks them again). Seeding the checksum with the user id also catches a value stored under
+the wrong user. The snapshot's per-user crc32 is verified when a snapshot is published; xxh3-64 is used at
+read time because it is ~8x faster than zlib.crc32 on 7.6 KB values (0.5 ms vs 4 ms per 1,000 users).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import xxhash
+
+from dv365.core.quantize import RowFormat
+
+CHECKSUM_BYTES = 8
+_U64 = (1 << 64) - 1
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def checksum(payload: bytes | memoryview, user_id: int) -> int:
+    """xxh3-64 of one user's payload, seeded with the user id (two's complement for negative ids)."""
+    return _xxh3(payload, seed=user_id & _U64)
+
+
+def encode_records(user_ids: np.ndarray, payload: np.ndarray) -> list[bytes]:
+    """One stored record per user: ``[U]`` int64 ids and ``[U, user_bytes]`` uint8 -> U byte strings."""
+    out = []
+    for uid, row in zip(user_ids.tolist(), payload):
+        raw = row.tobytes()
+        out.append(raw + checksum(raw, uid).to_bytes(CHECKSUM_BYTES, "little"))
+    return out
+
+
+def verify_payloads(payload: np.ndarray, user_ids: np.ndarray, checksums: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Positions (among ``present``) whose ``[B, user_bytes]`` payload row does not match its checksum
+    (used by the gRPC client to check what crossed the wire)."""
+    idx = np.flatnonzero(present)
+    if not len(idx):
+        return idx
+    data = np.ascontiguousarray(payload).reshape(len(user_ids), -1)
+    mv = memoryview(data.reshape(-1))
+    n = data.shape[1]
+    got = np.array([_xxh3(mv[i * n:(i + 1) * n], int(user_ids[i]) & _U64) for i in idx.tolist()], dtype=np.uint64)
+    return idx[got != checksums[idx]]
+
+
+def assemble(values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, fmt: RowFormat,
+             where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    """Verifies stored records and assembles one batch answer, copying each payload once.
+
+    Args:
+        values: the stored record of each user, in batch order (bytes, or a memoryview into an LMDB map; None
+            when absent). Pass a generator: no per-user object outlives its iteration, which keeps Python's
+            cyclic GC (whose full passes take ~100 ms in a torch process) from being triggered by reads.
+        user_ids: ``[B]`` int64, the users ``values`` belong to (checksum seeds).
+        fmt: the version's row format.
+        where: names the store and version in error messages.
+
+    Returns:
+        ``payload [B, user_bytes]`` uint8 (zero rows for missing or corrupted users), ``present [B]`` bool,
+        ``checksums [B]`` uint64 (the stored xxh3 of each present user, 0 elsewhere) and ``errors``
+        ``{batch position: message}`` for users whose stored value fails its check.
+
+    Example::
+
+        payload, present, checksums, errors = assemble(iter([rec, None]), np.array([7, 8]), RowFormat(), "lmdb:///x v1")
+    """
+    n = fmt.user_bytes
+    size = n + CHECKSUM_BYTES
+    B = len(user_ids)
+    payload = np.empty((B, n), dtype=np.uint8)
+    stored = np.zeros(B, dtype="<u8")
+    computed = [0] * B
+    found = bytearray(B)
+    out = memoryview(payload.reshape(-1))  # 1-D views: a [0, n] shape cannot be cast
+    tails = memoryview(stored.view(np.uint8))
+    h = _xxh3
+    errors: dict[int, str] = {}
+    i = -1
+    for i, (v, uid) in enumerate(zip(values, user_ids.tolist())):
+        if v is None:
+            continue
+        if len(v) != size:
+            errors[i] = (f"{where}: user {uid}: stored value is {len(v)} bytes, a record of this format is {size}: "
+                         "corrupted, not returned")
+            continue
+        mv = v if type(v) is memoryview else memoryview(v)  # slicing bytes would copy
+        body = mv[:n]
+        out[i * n:i * n + n] = body
+        tails[i * 8:i * 8 + 8] = mv[n:]
+        computed[i] = h(body, uid & _U64)
+        found[i] = 1
+    if i != B - 1:
+        raise ValueError(f"{where}: {i + 1} values for {B} users")
+    present = np.frombuffer(found, dtype=bool)
+    payload[~present] = 0
+    bad = np.flatnonzero(present & (stored != np.array(computed, dtype=np.uint64)))
+    for k in bad.tolist():
+        errors[k] = f"{where}: user {int(user_ids[k])}: stored value fails its checksum: corrupted, not returned"
+    if len(bad):
+        present[bad] = False
+        payload[bad] = 0
+    stored[~present] = 0
+    return payload, present, stored.astype(np.uint64), errors

@@ -1,0 +1,269 @@
+"""``dv365 serve``: a gRPC service in front of any store backend.
+
+* batched ``Get`` (payloads + checksums, so the client checks what crossed the wire), ``Versions``, and the
+  writer methods ``Publish``/``Activate``/``Rollback``/``Delete``/``Prune``;
+* bearer tokens (``authorization: Bearer <token>``) with separate reader and writer sets: a reader token cannot
+  publish (PERMISSION_DENIED), no/unknown token is UNAUTHENTICATED; the standard health service
+  (``grpc.health.v1``) needs no token; reflection is opt-in and needs a reader token;
+* TLS with a certificate/key pair (PEM);
+* SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, calls in flight get ``grace`` seconds to
+  finish, then the backend is closed and the process exits 0. Everything published was committed by the
+  backend before ``Publish`` returned, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dv365.store.api import EmbeddingStore, as_user_ids
+from dv365.store.errors import StoreError
+from dv365.store.factory import open_store
+from dv365.store.grpc_common import (
+    CHANNEL_OPTIONS,
+    ERROR_KEY,
+    READER_METHODS,
+    SERVICE,
+    WRITER_METHODS,
+    encode_get_response,
+    status_of,
+    version_from_pb,  # noqa: F401  (re-exported for symmetry)
+    version_to_pb,
+)
+from dv365.store.proto import store_pb2 as pb
+from dv365.store.proto import store_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``dv365 serve`` needs.
+
+    Args:
+        backend: the store URL served (``lmdb:///srv/dv365``, ``redis://…``).
+        host / port: where to listen (port 0 = any free port; the bound one is reported).
+        tls_cert / tls_key: PEM files; both or neither.
+        reader_tokens / writer_tokens: accepted bearer tokens (writers may also read).
+        allow_anonymous: serve without tokens (everyone is a writer; development only).
+        reflection: register gRPC server reflection.
+        workers: request threads.
+        grace_s: seconds in-flight calls get on shutdown.
+    """
+
+    backend: str
+    host: str = "127.0.0.1"
+    port: int = 7365
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    reader_tokens: frozenset[str] = field(default_factory=frozenset)
+    writer_tokens: frozenset[str] = field(default_factory=frozenset)
+    allow_anonymous: bool = False
+    reflection: bool = False
+    workers: int = 16
+    grace_s: float = 10.0
+
+    def check(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise StoreError("dv365 serve: --tls-cert and --tls-key go together")
+        if not (self.reader_tokens or self.writer_tokens or self.allow_anonymous):
+            raise StoreError("dv365 serve: no tokens configured: give --reader-token-file/--writer-token-file (or "
+                             "DV365_STORE_READER_TOKENS/DV365_STORE_WRITER_TOKENS), or --allow-anonymous for development")
+        if any(len(t) < 16 for t in self.reader_tokens | self.writer_tokens):
+            raise StoreError("dv365 serve: every token must be at least 16 characters")
+
+
+def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, msg: str) -> grpc.RpcMethodHandler:
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, msg)
+
+    if handler is not None and handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    if handler is not None and handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    if handler is not None and handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny)
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Bearer-token check: health needs none, the store's writer methods need a writer token, the rest a
+    reader (or writer) token. Tokens are compared in constant time."""
+
+    def __init__(self, readers: frozenset[str], writers: frozenset[str], anonymous: bool) -> None:
+        self.readers = [t.encode() for t in readers]
+        self.writers = [t.encode() for t in writers]
+        self.anonymous = anonymous
+
+    def _role(self, token: bytes) -> str | None:
+        role = None
+        for t in self.readers:
+            if hmac.compare_digest(t, token):
+                role = "reader"
+        for t in self.writers:
+            if hmac.compare_digest(t, token):
+                role = "writer"
+        return role
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        service, _, method = details.method.rpartition("/")
+        if service == "/grpc.health.v1.Health":
+            return continuation(details)
+        header = dict(details.invocation_metadata or ()).get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        role = self._role(token.encode()) if token else None
+        if role is None and self.anonymous and not token:
+            role = "writer"
+        if role is None:
+            return _abort_handler(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
+                                  "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        if service == f"/{SERVICE}" and method in WRITER_METHODS and role != "writer":
+            return _abort_handler(continuation(details), grpc.StatusCode.PERMISSION_DENIED,
+                                  f"{method} needs a writer token; this is a reader token")
+        return continuation(details)
+
+
+class StoreServicer(pb_grpc.EmbeddingStoreServicer):
+    """The EmbeddingStore service over one backend store."""
+
+    def __init__(self, store: EmbeddingStore) -> None:
+        self.store = store
+        self.calls = 0
+        self._count = threading.Lock()
+
+    def _run(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+        with self._count:
+            self.calls += 1
+        try:
+            return fn()
+        except StoreError as e:
+            context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
+            context.abort(status_of(e), str(e))
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> bytes:
+        """Returns the serialized GetResponse (see grpc_common.encode_get_response: one copy of the payload)."""
+        def get() -> bytes:
+            ids = as_user_ids(np.fromiter(request.user_ids, dtype=np.int64, count=len(request.user_ids)),
+                              self.store.url)
+            raw = self.store.lookup(ids)
+            small = pb.GetResponse(version=version_to_pb(raw.info),
+                                   errors={int(k): v for k, v in raw.errors.items()}).SerializeToString()
+            return encode_get_response(memoryview(np.ascontiguousarray(raw.payload).reshape(-1)),
+                                       memoryview(raw.present.view(np.uint8)),
+                                       memoryview(raw.checksums.astype("<u8").view(np.uint8)), small)
+        return self._run(context, get)  # type: ignore[no-any-return]
+
+    def Versions(self, request: pb.VersionsRequest, context: grpc.ServicerContext) -> pb.VersionsResponse:
+        return self._run(context, lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()]))
+
+    def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
+        return self._run(context, lambda: version_to_pb(
+            self.store.publish(request.snapshot_url, activate=not request.no_activate)))
+
+    def Activate(self, request: pb.ActivateRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
+        return self._run(context, lambda: version_to_pb(self.store.activate(request.version)))
+
+    def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
+        return self._run(context, lambda: version_to_pb(self.store.rollback()))
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.Empty:
+        return self._run(context, lambda: (self.store.delete_version(request.version), pb.Empty())[1])
+
+    def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
+        return self._run(context, lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
+
+
+def _method_handlers(servicer: StoreServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """Every method of store.proto's service (from its descriptor); Get returns pre-serialized bytes."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods:
+        req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name), request_deserializer=req.FromString,
+            response_serializer=None if m.name == "Get" else resp.SerializeToString)
+    return handlers
+
+
+class RunningServer:
+    """A started service: ``.port`` is the bound port; ``.stop()`` shuts it down gracefully."""
+
+    def __init__(self, config: ServeConfig, store: EmbeddingStore) -> None:
+        config.check()
+        self.config, self.store = config, store
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dv365-serve"),
+                                  interceptors=[TokenAuth(config.reader_tokens, config.writer_tokens, config.allow_anonymous)],
+                                  options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=config.workers * 8)
+        self.servicer = StoreServicer(store)
+        self.server.add_registered_method_handlers(SERVICE, _method_handlers(self.servicer))
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if config.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            names = (pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name,
+                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:  # type: ignore[arg-type]
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise StoreError(f"dv365 serve: cannot listen on {address}")
+        self.stopped = threading.Event()
+
+    def start(self) -> "RunningServer":
+        self.server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish (``grace`` s), close the backend."""
+        if self.stopped.is_set():
+            return
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        self.store.close()
+        self.stopped.set()
+
+
+def start_server(config: ServeConfig, store: EmbeddingStore | None = None) -> RunningServer:
+    """Opens the backend (unless given) and starts serving; returns at once."""
+    return RunningServer(config, store or open_store(config.backend)).start()
+
+
+def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
+    """``dv365 serve``: runs until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code."""
+    running = start_server(config)
+    cause: list[str] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        cause.append(signal.Signals(signum).name)
+        threading.Thread(target=running.stop, name="dv365-serve-stop", daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    active = running.store.active()
+    tls = "TLS" if config.tls_cert else "plaintext"
+    auth = ("anonymous allowed" if config.allow_anonymous else
+            f"{len(config.reader_tokens)} reader / {len(config.writer_tokens)} writer tokens")
+    print(f"dv365 serve: listening on {config.host}:{running.port} ({tls}, {auth}, pid {os.getpid()}), backend "
+          f"{running.store.url}, active version {active.version if active else None!r}", file=out, flush=True)
+    t0 = time.time()
+    while not running.stopped.wait(0.5):
+        pass
+    print(f"dv365 serve: stopped on {cause[0] if cause else 'request'} after {time.time() - t0:.0f} s and "
+          f"{running.servicer.calls} calls (grace {config.grace_s:g} s)", file=out, flush=True)
+    return 0

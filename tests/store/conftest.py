@@ -1,0 +1,247 @@
+"""Fixtures of the store tests: snapshots, a real redis-server (with reader/writer ACL users), TLS material,
+and one *harness* per backend so the contract suite runs the same tests against every backend."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+
+from dv365.core.quantize import RowFormat
+from dv365.store import EmbeddingStore, open_store
+from dv365.store.synthetic import write_synthetic_snapshot
+
+FMT = RowFormat()  # the paper's format: 58 rows x 132 B = 7,656 B per user
+USERS = np.arange(1000, 1300, dtype=np.int64)  # 300 users
+READER_TOKEN = "reader-token-0123456789"
+WRITER_TOKEN = "writer-token-0123456789"
+REDIS_PASS = {"writer": "writer-pass-0123456789", "reader": "reader-pass-0123456789"}
+REDIS = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """``snapshots("v1", fill=1)`` -> path of a complete SIMULATED snapshot (cached per arguments).
+    With ``fill`` every packed byte of every user is ``fill`` (so a reader can tell versions apart)."""
+    root = tmp_path_factory.mktemp("snapshots")
+    made: dict[tuple[Any, ...], str] = {}
+
+    def make(snapshot_id: str, fill: int | None = None, users: np.ndarray = USERS, seed: int = 0,
+             shard_users: int = 128) -> str:
+        key = (snapshot_id, fill, tuple(users.tolist()), seed, shard_users)
+        if key not in made:
+            path = str(root / f"{snapshot_id}-{len(made)}")
+            write_synthetic_snapshot(path, snapshot_id, users, fmt=FMT, seed=seed, fill=fill, shard_users=shard_users)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+class RedisServer:
+    """A real redis-server on a free 127.0.0.1 port in a tmp dir, with ACL users ``writer`` and ``reader``
+    (the default user is off: unauthenticated clients are refused) and no automatic persistence, so only
+    what the store's publish saves survives a kill -9."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        (root / "redis.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {root}\ndbfilename dump.rdb\nsave \"\"\nappendonly no\n"
+            "protected-mode yes\nuser default off\n"
+            f"user writer on >{REDIS_PASS['writer']} ~* &* +@all\n"
+            f"user reader on >{REDIS_PASS['reader']} ~* resetchannels -@all +@read +@connection +multi +exec "
+            "+discard +ping +info\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([REDIS or "redis-server", str(self.root / "redis.conf")],
+                                     stdout=open(self.root / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    reply = s.recv(64)
+                    if reply.startswith((b"+PONG", b"-NOAUTH")):  # -LOADING: still reading its dump
+                        return
+                    time.sleep(0.05)
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start: {(self.root / 'redis.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def url(self, user: str | None, prefix: str) -> str:
+        cred = f"{user}:{REDIS_PASS[user]}@" if user else ""
+        return f"redis://{cred}127.0.0.1:{self.port}/0?prefix={prefix}"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); CI installs it")
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield srv
+    srv.kill()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A self-signed certificate for localhost/127.0.0.1 made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not found: cannot make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "server.pem", d / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return {"cert": str(cert), "key": str(key)}
+
+
+@dataclass
+class Harness:
+    """One backend under test. ``writer()``/``reader()``/``anonymous()`` open clients (``anonymous`` is None
+    where the backend has no network clients); ``corrupt(version, uid)`` flips a stored byte behind the
+    client's back; ``restart()`` restarts the server (or re-opens the embedded store)."""
+
+    kind: str
+    writer: Callable[[], EmbeddingStore]
+    reader: Callable[[], EmbeddingStore]
+    anonymous: Callable[[], EmbeddingStore] | None
+    corrupt: Callable[[str, int], None]
+    restart: Callable[[], None]
+    opened: list[EmbeddingStore] = field(default_factory=list)
+
+    def close_all(self) -> None:
+        for s in self.opened:
+            try:
+                s.close()
+            except Exception:
+                pass
+        self.opened.clear()
+
+
+def _tracked(h: Harness, fn: Callable[[], EmbeddingStore]) -> Callable[[], EmbeddingStore]:
+    def open_() -> EmbeddingStore:
+        s = fn()
+        h.opened.append(s)
+        return s
+    return open_
+
+
+def lmdb_harness(root: Path) -> Harness:
+    url = f"lmdb://{root / 'store'}?keep=2"
+    h = Harness("lmdb", writer=lambda: open_store(url), reader=lambda: open_store(url + "&mode=ro"), anonymous=None,
+                corrupt=lambda v, u: None, restart=lambda: None)
+
+    def corrupt(version: str, uid: int) -> None:
+        from dv365.store.backends.lmdb_store import LmdbStore, record_keys
+
+        store = next((s for s in h.opened if isinstance(s, LmdbStore) and not s.readonly), None) or h.writer()
+        flip_lmdb(store, version, uid)
+
+    def restart() -> None:
+        h.close_all()
+
+    h.writer, h.reader = _tracked(h, h.writer), _tracked(h, h.reader)
+    h.corrupt, h.restart = corrupt, restart
+    return h
+
+
+def flip_lmdb(store: Any, version: str, uid: int) -> None:
+    """Flips one payload byte of ``uid`` in ``version`` inside an LMDB store (a disk/bit-rot fault)."""
+    import json
+
+    from dv365.store.backends.lmdb_store import record_keys
+
+    with store.env.begin(write=True) as txn:
+        seq = json.loads(txn.get(b"version:" + version.encode(), db=store.meta))["seq"]
+        key = record_keys(seq, np.array([uid]))[0]
+        value = bytearray(txn.get(key, db=store.data))
+        value[100] ^= 0x01
+        txn.put(key, bytes(value), db=store.data)
+
+
+def redis_harness(srv: RedisServer, prefix: str) -> Harness:
+    import redis
+
+    h = Harness("redis", writer=lambda: open_store(srv.url("writer", prefix) + "&keep=2"),
+                reader=lambda: open_store(srv.url("reader", prefix)), anonymous=lambda: open_store(srv.url(None, prefix)),
+                corrupt=lambda v, u: None, restart=lambda: None)
+
+    def corrupt(version: str, uid: int) -> None:
+        r = redis.Redis(port=srv.port, username="writer", password=REDIS_PASS["writer"])
+        key = f"{prefix}:v:{version}:{uid}"
+        b = r.getrange(key, 100, 100)
+        r.setrange(key, 100, bytes([b[0] ^ 0x01]))
+        r.close()
+
+    def restart() -> None:
+        h.close_all()
+        srv.kill()
+        srv.start()
+
+    h.writer, h.reader, h.anonymous = _tracked(h, h.writer), _tracked(h, h.reader), _tracked(h, h.anonymous)  # type: ignore[arg-type]
+    h.corrupt, h.restart = corrupt, restart
+    return h
+
+
+def grpc_harness(root: Path, tls: dict[str, str]) -> Harness:
+    from dv365.store.server import ServeConfig, start_server
+
+    cfg = ServeConfig(backend=f"lmdb://{root / 'store'}?keep=2", port=0, tls_cert=tls["cert"], tls_key=tls["key"],
+                      reader_tokens=frozenset({READER_TOKEN}), writer_tokens=frozenset({WRITER_TOKEN}), grace_s=2)
+    state = {"server": start_server(cfg)}
+
+    def client(token: str | None) -> Callable[[], EmbeddingStore]:
+        return lambda: open_store(f"grpcs://localhost:{state['server'].port}?ca={tls['cert']}",
+                                  **({"token": token} if token else {}))
+
+    h = Harness("grpc", writer=client(WRITER_TOKEN), reader=client(READER_TOKEN), anonymous=client(None),
+                corrupt=lambda v, u: flip_lmdb(state["server"].store, v, u), restart=lambda: None)
+
+    def restart() -> None:
+        h.close_all()
+        state["server"].stop(2)
+        state["server"] = start_server(cfg)
+
+    h.writer, h.reader, h.anonymous = _tracked(h, h.writer), _tracked(h, h.reader), _tracked(h, h.anonymous)  # type: ignore[arg-type]
+    h.restart = restart
+    h.stop = lambda: state["server"].stop(0)  # type: ignore[attr-defined]
+    return h
+
+
+@pytest.fixture(params=["lmdb", "redis", "grpc"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """The backend under test (the contract suite is parametrised by it)."""
+    kind = request.param
+    if kind == "lmdb":
+        h = lmdb_harness(tmp_path)
+    elif kind == "redis":
+        h = redis_harness(request.getfixturevalue("redis_server"), f"t{os.getpid()}x{id(request)}")
+    else:
+        h = grpc_harness(tmp_path, request.getfixturevalue("tls_files"))
+    yield h
+    h.close_all()
+    if kind == "grpc":
+        h.stop()  # type: ignore[attr-defined]

@@ -1,0 +1,50 @@
+"""`dv365 store …`, `dv365 serve --help` and a tiny `dv365 bench store` / `store-kv` run (smoke, 0 errors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dv365.core.cli import main
+
+
+def test_store_commands(tmp_path, snapshots, capsys) -> None:  # type: ignore[no-untyped-def]
+    url = f"lmdb://{tmp_path}/s"
+    assert main(["store", "--store", url, "publish", snapshots("a", fill=1)]) == 0
+    assert main(["store", "--store", url, "publish", snapshots("b", fill=2), "--no-activate"]) == 0
+    assert "a (300 users)" in capsys.readouterr().out
+    assert main(["store", "--store", url, "versions"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(r["version"], r["active"]) for r in rows] == [("a", True), ("b", False)]
+    assert main(["store", "--store", url, "activate", "b"]) == 0
+    assert main(["store", "--store", url, "rollback"]) == 0
+    assert "a is active" in capsys.readouterr().out
+    assert main(["store", "--store", url, "get", "1000", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "1/2 present, version a" in out
+    assert main(["store", "--store", url, "activate", "nope"]) == 1  # a clear error, not a traceback
+    assert "no version 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "SIGTERM" in capsys.readouterr().out
+
+
+def test_bench_store_smoke(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("DV365_BENCH_SECONDS", "0.3")
+    monkeypatch.setenv("DV365_BENCH_CLIENTS", "1,2")
+    assert main(["bench", "store", "--quick", "--users", "3000", "--batch-users", "200", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["benchmark"] == "store" and res["users"] == 3000 and res["total_errors"] == 0
+    kinds = {"embedded", "grpc", "grpc-raw"} | ({"redis", "redis-mget"} if "redis_skipped" not in res else set())
+    assert {k.rsplit("_c", 1)[0] for k in res["runs"]} == kinds
+    for r in res["runs"].values():
+        assert r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert "embedded_p99_le_5ms" in res["targets"] and "grpc_p99_le_2x_embedded" in res["targets"]
+    assert "grpc_over_raw_grpcio_p50" in res["targets"]
+
+
+def test_bench_kv_choice_smoke(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "store-kv", "--quick", "--users", "2000", "--batch-users", "100", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["lmdb"]["p50_ms"] > 0 and res["sqlite"]["p50_ms"] > 0
