@@ -1,0 +1,1030 @@
+# mypy: disable-error-code="no-any-return"
+# (kernels index untyped ndarrays: their scalars are Any to mypy)
+"""Numba kernels of the fused slicer backend (``Slicer(..., backend="numba")``); see ``slicing.py``.
+
+Imported lazily by :mod:`dv365.core.slicing` only when the numba backend is used: numba is an optional
+dependency (``pip install 'dv365-core[fast]'``). The kernels follow exactly the semantics of the numpy
+backend (``docs/slicing.md``); only the order of ids inside a dedup'd bag differs: here unique ids come
+in order of their most recent occurrence, newest first (ties inside one event: reverse topic-list order).
+
+Single-threaded, row by row, with small scratch arrays (sizes for the 40K-event profile):
+
+1. kept range ``[lo, hi)`` and each window's first event: binary searches (windows are suffixes of the
+   kept range because events are time-sorted);
+2. hashed ids factorised into dense per-row codes ``0..nu-1`` (items ~5K, topics ~50) through a
+   direct-mapped ``int32[hash_size]`` scratch reset through the row's unique ids, or an open-addressing
+   table for hash sizes above :data:`DIRECT_MAX`. When every event of an item has the item's author and
+   topic list (true whenever they are attributes of the item; checked exactly per row,
+   :func:`_same_as_first`), only the item's first event is factorised for author / topics: ``amap``
+   (item -> author code) and ``smap`` (item -> topic-list signature, :func:`_pack_topics`);
+3. per event a bit mask of the feature groups (one group = one distinct filter) it passes
+   (:func:`_word_mask`), from categorical LUTs (action / media type / surface) and one *bin* per
+   continuous quantity (:func:`_event_bins`: dwell, watch ratio per beta, debiased score per gamma) =
+   how many of the spec's thresholds the value reaches, so every band test of every group is one table
+   look-up. ``duration**beta`` and ``log1p(gamma * duration)`` are computed once per item (and cached
+   across batches by duration); ``log1p(dwell)`` uses :func:`_log1p_fast` and the score is recomputed
+   with ``math.log1p`` within 1e-12 of a threshold, so the threshold decisions are numpy's;
+4. per group its passing events ``P`` (:func:`_passing`), then one pass from the newest event backwards
+   counting item codes (``cnt[code]`` + a ``touched`` list: no sort, no scan of the code space); windows
+   are nested suffixes, so a window's bag is emitted when the pass crosses its start
+   (:func:`_media_bags`). Author and topic bags are derived from the item bag (``count(author) =
+   sum of count(item)`` over its items: one step per unique item instead of one per occurrence), or, in
+   rows where items are not consistent, counted from their own occurrences (:func:`_direct_bags`).
+
+Bags are written row-major into growable buffers with a (feature, row) segment table; :func:`assemble`
+copies them into the KJT key-major layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+from numba import njit
+
+#: hash sizes up to this use a direct-mapped ``int32[hash_size]`` scratch per id type (reset per row
+#: through the row's unique ids); larger ones an open-addressing table sized by the row.
+DIRECT_MAX = 1 << 24
+#: relative distance of the fast debiased score to a threshold under which it is recomputed exactly
+#: (the fast score's error is ~2e-16 relative)
+_EXACT_TOL = 1e-12
+
+_NJIT_OPTS: dict[str, Any] = dict(nogil=True, error_model="numpy", boundscheck=False)
+#: False when numba found no writable cache directory (then kernels compile once per process)
+CACHE_ENABLED = True
+
+MEDIA, AUTHOR, TOPIC = 0, 1, 2
+
+
+def _inline(fn: Callable[..., Any]) -> Any:
+    """A small helper inlined into its callers at numba-IR level (no separate compilation)."""
+    return njit(inline="always", **_NJIT_OPTS)(fn)
+
+
+def _jit(fn: Callable[..., Any]) -> Any:
+    """``njit(cache=True)``: compiled once per machine, then loaded from numba's on-disk cache.
+
+    numba looks for a writable cache directory (``NUMBA_CACHE_DIR``, else ``__pycache__`` beside this
+    file, else the user cache directory) when a function is decorated, and raises ``RuntimeError`` if it
+    finds none (e.g. a read-only site-packages with a read-only home). Then the cache goes to a per-user
+    directory under the system temp dir; if even that fails, the kernels compile in every process (with
+    a warning: the first slice then takes tens of seconds).
+    """
+    global CACHE_ENABLED
+    if CACHE_ENABLED:
+        try:
+            return njit(cache=True, **_NJIT_OPTS)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+            if _fallback_cache_dir():
+                try:
+                    return njit(cache=True, **_NJIT_OPTS)(fn)
+                except RuntimeError:
+                    pass
+            CACHE_ENABLED = False
+            warnings.warn("dv365 slicing: numba found no writable cache directory (set NUMBA_CACHE_DIR); the numba "
+                          "kernels will be compiled in every process", RuntimeWarning, stacklevel=2)
+    return njit(cache=False, **_NJIT_OPTS)(fn)
+
+
+def _fallback_cache_dir() -> bool:
+    """Points numba's cache at ``<tmp>/dv365-numba-cache-<uid>`` unless the user chose a directory."""
+    from numba.core import config
+
+    if getattr(config, "CACHE_DIR", ""):
+        return False
+    path = os.path.join(tempfile.gettempdir(), f"dv365-numba-cache-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    setattr(config, "CACHE_DIR", path)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-row factorisation of hashed ids into dense local codes
+# ------------------------------------------------------------------------------------------------------
+@_inline
+def _search(ts: np.ndarray, a: int, z: int, x: int, right: bool) -> int:
+    """``a + searchsorted(ts[a:z], x, side)``."""
+    lo, hi = a, z
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        v = ts[mid]
+        if v < x or (right and v == x):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@_jit
+def _codes_of(hid: np.ndarray, m: int, direct: bool, cmap: np.ndarray, keys: np.ndarray, kval: np.ndarray,
+              slots: np.ndarray, uniq: np.ndarray, codes: np.ndarray, first: np.ndarray) -> int:
+    """``codes[j]`` = dense code of hashed id ``hid[j]`` (-1 stays -1), in first-seen order; returns #unique.
+    ``uniq[c]`` is code c's id and ``first[c]`` its first position; ``uniq`` may be ``hid`` (in place)."""
+    nu = 0
+    if direct:
+        for j in range(m):
+            h = hid[j]
+            if h < 0:
+                codes[j] = -1
+                continue
+            c = cmap[h]
+            if c < 0:
+                c = nu
+                cmap[h] = c
+                uniq[nu] = h
+                first[nu] = j
+                nu += 1
+            codes[j] = c
+    else:
+        mask = keys.size - 1
+        for j in range(m):
+            h = hid[j]
+            if h < 0:
+                codes[j] = -1
+                continue
+            s = np.int64((np.uint64(h) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask
+            while True:
+                k = keys[s]
+                if k == h:
+                    codes[j] = kval[s]
+                    break
+                if k < 0:
+                    keys[s] = h
+                    kval[s] = nu
+                    slots[nu] = s
+                    uniq[nu] = h
+                    first[nu] = j
+                    codes[j] = nu
+                    nu += 1
+                    break
+                s = (s + 1) & mask
+    return nu
+
+
+@_inline
+def _uncode(nu: int, direct: bool, cmap: np.ndarray, keys: np.ndarray, slots: np.ndarray, uniq: np.ndarray) -> None:
+    """Resets only the scratch entries the row touched."""
+    if direct:
+        for u in range(nu):
+            cmap[uniq[u]] = -1
+    else:
+        for u in range(nu):
+            keys[slots[u]] = -1
+
+
+@_inline
+def _hash_flat(ids: np.ndarray, lo: int, hi: int, hs: int, hid: np.ndarray) -> None:
+    """``hid[p] = ids[lo + p] % hs``, -1 for invalid (negative) ids such as unknown authors."""
+    for p in range(hi - lo):
+        x = ids[lo + p]
+        hid[p] = -1 if x < 0 else (x if x < hs else x % hs)
+
+
+@_jit
+def _hash_csr(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, eoff: np.ndarray,
+              hid: np.ndarray) -> int:
+    """Valid hashed topic ids of events ``lo..hi`` as CSR (``eoff`` relative); returns #entries."""
+    base = toff[lo]
+    ne = toff[hi] - base
+    bad = 0
+    for e in range(ne):  # one flat loop over the entries (no per-event inner loop)
+        x = tval[base + e]
+        hid[e] = x if x < hs else x % hs
+        bad += x < 0
+    for p in range(hi - lo + 1):
+        eoff[p] = toff[lo + p] - base
+    if bad == 0:
+        return ne
+    o = 0  # rare: drop invalid (negative) ids
+    for p in range(hi - lo):
+        a, z = eoff[p], eoff[p + 1]
+        eoff[p] = o
+        for e in range(a, z):
+            if tval[base + e] >= 0:
+                hid[o] = hid[e]
+                o += 1
+    eoff[hi - lo] = o
+    return o
+
+
+@_inline
+def _same_as_first(n: int, mcode: np.ndarray, first: np.ndarray, arr: np.ndarray, off: int) -> bool:
+    """Whether every event p of the row has ``arr[off + p]`` equal to that of the first event of its media
+    code (author ids, packed topic lists): then author / topic bags can be derived from media bags."""
+    ok = True
+    for p in range(n):
+        m = mcode[p]
+        if m < 0:
+            return False
+        ok &= arr[off + p] == arr[off + first[m]]
+    return ok
+
+
+@_jit
+def _pack_topics(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, tkey: np.ndarray) -> int:
+    """``tkey[p]``: the hashed topic list of event ``lo + p`` packed as ``kt`` fields of ``bits`` bits
+    (hashed id + 1; 0 = none or invalid). Returns the layout ``bits * 64 + kt``, or -1 when the lists do
+    not fit in 63 bits (then no derivation)."""
+    kt = 1
+    for i in range(lo, hi):
+        kt = max(kt, toff[i + 1] - toff[i])
+    mn, mx = 0, 0
+    for e in range(toff[lo], toff[hi]):
+        mn = min(mn, tval[e])
+        mx = max(mx, tval[e])
+    last = max(tval.size - 1, 0)
+    if kt <= 3 and mn >= 0 and mx < hs and hs < (1 << 20):  # common case: unrolled, no modulo
+        for p in range(hi - lo):
+            a = toff[lo + p]
+            ln = toff[lo + p + 1] - a
+            k = (tval[min(a, last)] + 1) if ln > 0 else 0
+            k |= ((tval[min(a + 1, last)] + 1) if ln > 1 else 0) << 21
+            k |= ((tval[min(a + 2, last)] + 1) if ln > 2 else 0) << 42
+            tkey[p] = k
+        return 21 * 64 + 3
+    bits = 63 // kt
+    if bits < 1 or hs + 1 >= (1 << bits):
+        return -1
+    for p in range(hi - lo):  # fixed-width loop: no data-dependent trip count
+        a = toff[lo + p]
+        ln = toff[lo + p + 1] - a
+        key = np.int64(0)
+        for j in range(kt):
+            x = tval[min(a + j, last)]
+            v = (x if x < hs else x % hs) + 1
+            key |= (v if (j < ln and x >= 0) else 0) << (bits * j)
+        tkey[p] = key
+    return bits * 64 + kt
+
+
+@_jit
+def _expand_sigs(st: np.ndarray, ns: int, scnt: np.ndarray, sacc: np.ndarray, weighted: bool,
+                 sig_codes: np.ndarray, kt: int, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray) -> int:
+    """A topic bag from a bag of topic-list signatures: each signature's count (and weight) goes to each
+    of its topics (``sig_codes[s * kt + j]``, -1 = none), read in reverse list order."""
+    nt = 0
+    for t in range(ns):
+        s_ = st[t]
+        for j in range(kt - 1, -1, -1):
+            c = sig_codes[s_ * kt + j]
+            if c < 0:
+                continue
+            v = cnt[c]
+            touched[nt] = c
+            nt += v == 0
+            cnt[c] = v + scnt[s_]
+            if weighted:
+                acc[c] += sacc[s_]
+    return nt
+
+
+@_jit
+def _author_codes(author: np.ndarray, lo: int, hi: int, hs: int, direct: bool, cmap: np.ndarray, keys: np.ndarray,
+                  kval: np.ndarray, slots: np.ndarray, uniq: np.ndarray, nus: np.ndarray, may_derive: bool,
+                  cev: np.ndarray, nu_m: int, first: np.ndarray, hid: np.ndarray, amap: np.ndarray,
+                  fdummy: np.ndarray) -> bool:
+    """Author codes of the row: per media code (``amap``, returns True) when every event of an item has
+    the item's author, else per event (``cev[AUTHOR]``)."""
+    n = hi - lo
+    if may_derive and _same_as_first(n, cev[MEDIA], first, author, lo):
+        for m in range(nu_m):
+            x = author[lo + first[m]]
+            hid[m] = -1 if x < 0 else (x if x < hs else x % hs)
+        nus[AUTHOR] = _codes_of(hid, nu_m, direct, cmap, keys, kval, slots, uniq, amap, fdummy)
+        for m in range(nu_m):
+            if amap[m] < 0:  # unknown author: a sink slot that never enters a bag
+                amap[m] = nus[AUTHOR]
+        return True
+    _hash_flat(author, lo, hi, hs, hid)
+    nus[AUTHOR] = _codes_of(hid, n, direct, cmap, keys, kval, slots, uniq, cev[AUTHOR], fdummy)
+    return False
+
+
+@_jit
+def _topic_codes(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, direct: bool, cmap: np.ndarray,
+                 keys: np.ndarray, kval: np.ndarray, slots: np.ndarray, uniq: np.ndarray, nus: np.ndarray,
+                 may_derive: bool, mcode: np.ndarray, nu_m: int, first: np.ndarray, tkey: np.ndarray,
+                 skeys: np.ndarray, skval: np.ndarray, sslots: np.ndarray, sig_key: np.ndarray, smap: np.ndarray,
+                 sig_codes: np.ndarray, sig_hid: np.ndarray, teoff: np.ndarray, tcodes: np.ndarray,
+                 hid: np.ndarray, fdummy: np.ndarray) -> tuple[bool, int, np.ndarray, np.ndarray]:
+    """Topic codes of the row. When every event of an item has the item's topic list: per media code its
+    topic-list *signature* (``smap``), and per signature its topic codes (``sig_codes[s * kt + j]``, -1 =
+    none); returns ``(True, kt, sig_codes, sig_hid)`` (the last two possibly reallocated). Else per event,
+    CSR ``teoff`` / ``tcodes``."""
+    n = hi - lo
+    layout = _pack_topics(toff, tval, lo, hi, hs, tkey) if may_derive else -1
+    if layout >= 0 and _same_as_first(n, mcode, first, tkey, np.int64(0)):
+        for m in range(nu_m):
+            sig_hid[m] = tkey[first[m]]
+        no_map = np.empty(0, np.int32)  # signatures: always the open-addressing table ("direct and False",
+        ns = _codes_of(sig_hid, nu_m, direct and False, no_map, skeys, skval, sslots, sig_key, smap, fdummy)
+        # not a literal False, so that _codes_of is compiled once)
+        for s_ in range(ns):
+            skeys[sslots[s_]] = -1
+        bits, kt = layout // 64, layout % 64
+        if ns * kt > sig_codes.size:
+            sig_codes = np.empty(2 * ns * kt, np.int32)
+            sig_hid = np.empty(2 * ns * kt, np.int64)
+        fmask = (1 << bits) - 1
+        for s_ in range(ns):  # the topics of each signature, factorised
+            for j in range(kt):
+                sig_hid[s_ * kt + j] = ((sig_key[s_] >> (bits * j)) & fmask) - 1
+        nus[TOPIC] = _codes_of(sig_hid, ns * kt, direct, cmap, keys, kval, slots, uniq, sig_codes, fdummy)
+        return True, kt, sig_codes, sig_hid
+    ne = _hash_csr(toff, tval, lo, hi, hs, teoff, hid)
+    nus[TOPIC] = _codes_of(hid, ne, direct, cmap, keys, kval, slots, uniq, tcodes, fdummy)
+    return False, 0, sig_codes, sig_hid
+
+
+# ------------------------------------------------------------------------------------------------------
+# Masks: one bit per feature group
+# ------------------------------------------------------------------------------------------------------
+@_jit
+def _bins_le(n: int, thr: np.ndarray, j: int, m: int, x: np.ndarray, out: np.ndarray, o: int) -> None:
+    """``out[j, o + p]`` = #thresholds ``thr[j, :m]`` with ``thr <= x[p]`` (NaN reaches none)."""
+    for p in range(n):
+        xp = x[p]
+        k = 0
+        for t in range(m):
+            k += thr[j, t] <= xp
+        out[j, o + p] = k
+
+
+@_jit
+def _bins_lt(n: int, thr: np.ndarray, j: int, m: int, x: np.ndarray, out: np.ndarray, o: int) -> None:
+    """As :func:`_bins_le` with ``thr < x[p]`` (the strict ``score > s0``)."""
+    for p in range(n):
+        xp = x[p]
+        k = 0
+        for t in range(m):
+            k += thr[j, t] < xp
+        out[j, o + p] = k
+
+
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01, 2.222219843214978396e-01,
+       1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01)
+
+
+@_jit
+def _log1p_fast(x: np.ndarray, n: int, u: np.ndarray, mb: np.ndarray, kf: np.ndarray, out: np.ndarray) -> None:
+    """``out[p] = log1p(x[p])`` within ~1 ulp (measured <= 2.3e-16 relative): fdlibm's ``log`` kernel on
+    ``u = 1 + x`` written as branch-free array passes (so they vectorise), plus the correction
+    ``-((u - 1) - x) / u`` for the rounding of ``u``. Values outside ``[0, 1e300)`` use ``math.log1p``."""
+    for p in range(n):
+        u[p] = 1.0 + x[p]
+    ui = u.view(np.int64)
+    mi = mb.view(np.int64)
+    for p in range(n):  # u = 2**k * m with m in [sqrt(2)/2, sqrt(2))
+        bits = ui[p]
+        man = bits & 0x000FFFFFFFFFFFFF
+        big = man > 0x6A09E667F3BCC
+        mi[p] = man | (np.int64(0x3FE0000000000000) if big else np.int64(0x3FF0000000000000))
+        kf[p] = np.float64((bits >> 52) - 1023 + big)
+    for p in range(n):
+        f = mb[p] - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        r = z * (_LG[0] + w * (_LG[2] + w * (_LG[4] + w * _LG[6]))) + w * (_LG[1] + w * (_LG[3] + w * _LG[5]))
+        hfsq = 0.5 * f * f
+        k = kf[p]
+        out[p] = k * _LN2_HI - ((hfsq - (s * (hfsq + r) + k * _LN2_LO)) - f) - ((u[p] - 1.0) - x[p]) / u[p]
+    for p in range(n):
+        if not (x[p] >= 0.0 and x[p] < 1e300):
+            out[p] = math.log1p(x[p])
+
+
+@_inline
+def _duration_slot(dd: float, bits: int, betas: np.ndarray, gammas: np.ndarray, dcache: np.ndarray) -> int:
+    """The row of ``dcache`` holding ``(duration, duration**beta_j..., log1p(gamma_k * duration)...)`` for
+    a video's duration: a direct-mapped cache hashed by the duration's bits, kept across batches
+    (durations repeat, as items do); a miss computes the terms exactly as numpy would. The last row is
+    reserved (NaNs, for non-videos)."""
+    J, K = betas.size, gammas.size
+    d = np.float64(dd)
+    slot = np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & (dcache.shape[0] - 2)
+    if dcache[slot, 0] != d:
+        dcache[slot, 0] = d
+        for j in range(J):
+            dcache[slot, 1 + j] = d ** betas[j]
+        for k in range(K):
+            dcache[slot, 1 + J + k] = math.log1p(gammas[k] * d)
+    return slot
+
+
+@_inline
+def _duration_terms(dd: float, bits: int, betas: np.ndarray, gammas: np.ndarray, dcache: np.ndarray,
+                    pw: np.ndarray, lgw: np.ndarray, p: int) -> None:
+    """``pw[j, p] = duration**beta_j``, ``lgw[k, p] = log1p(gamma_k * duration)``; NaN for non-videos."""
+    slot = _duration_slot(dd, bits, betas, gammas, dcache) if dd > 0 else dcache.shape[0] - 1
+    for j in range(betas.size):
+        pw[j, p] = dcache[slot, 1 + j]
+    for k in range(gammas.size):
+        lgw[k, p] = dcache[slot, 1 + betas.size + k]
+
+
+#: events per block of :func:`_event_bins` (its scratch columns stay in L1/L2)
+BLOCK = 1024
+
+
+@_jit
+def _event_bins(lo: int, hi: int, dwell: np.ndarray, dur: np.ndarray, d_thr: np.ndarray, betas: np.ndarray,
+                r_thr: np.ndarray, gammas: np.ndarray, s_thr: np.ndarray, dcache: np.ndarray,
+                mcode: np.ndarray, nu_m: int, first: np.ndarray, m_dur: np.ndarray, mslot: np.ndarray,
+                m_pow: np.ndarray, m_lg: np.ndarray, xs: np.ndarray, vs: np.ndarray, pw: np.ndarray, lgw: np.ndarray, tmp: np.ndarray,
+                dbins: np.ndarray, rbins: np.ndarray, sbins: np.ndarray, score: np.ndarray) -> None:
+    """Bins of events ``lo..hi``: dwell ``dbins[0, p]``, watch ratio per beta ``rbins[j, p]``, debiased
+    score per gamma ``sbins[k, p]`` (0 = below every lower bound, NaN, or not a video), and the scores
+    ``score[k, p]`` (NaN where none). Values are computed as numpy does (``dwell / duration**beta``,
+    ``log1p(dwell) / log1p(gamma * duration)`` in float64). ``duration**beta`` and ``log1p(gamma *
+    duration)`` are computed once per media code of the row (``nu_m`` codes, ``first[m]`` its first
+    event; ``m_dur`` the duration's bits) and gathered per event, with a fix-up for events whose duration
+    differs from their item's first event; values come from :func:`_duration_terms`. The score uses
+    :func:`_log1p_fast` and is recomputed with
+    ``math.log1p`` within ``_EXACT_TOL`` of a threshold, so every bin is exact. Works in blocks of
+    :data:`BLOCK` events (scratch ``xs``, ``vs``, ``pw``, ``lgw``, ``tmp`` of that size)."""
+    md, J, K = d_thr.shape[1], betas.size, gammas.size
+    if md == 0 and J == 0 and K == 0:
+        return
+    dbits = dur.view(np.int32)
+    ms = s_thr.shape[1]
+    if J > 0 or K > 0:  # once per item of the row (the j / k loops outermost: no tiny inner loops)
+        nan_slot = dcache.shape[0] - 1  # the last row holds NaNs (non-videos)
+        for m in range(nu_m):
+            i = lo + first[m]
+            m_dur[m] = dbits[i]
+            mslot[m] = _duration_slot(dur[i], dbits[i], betas, gammas, dcache) if dur[i] > 0 else nan_slot
+        for j in range(J):
+            for m in range(nu_m):
+                m_pow[j, m] = dcache[mslot[m], 1 + j]
+        for k in range(K):
+            for m in range(nu_m):
+                m_lg[k, m] = dcache[mslot[m], 1 + J + k]
+        for m in range(nu_m):  # a later item of the row may have evicted an earlier one's slot
+            d = np.float64(dur[lo + first[m]])
+            if mslot[m] != nan_slot and dcache[mslot[m], 0] != d:
+                for j in range(J):
+                    m_pow[j, m] = d ** betas[j]
+                for k in range(K):
+                    m_lg[k, m] = math.log1p(gammas[k] * d)
+    for b0 in range(lo, hi, BLOCK):
+        n = min(BLOCK, hi - b0)
+        o = b0 - lo
+        for p in range(n):
+            xs[p] = dwell[b0 + p]
+        if md > 0:
+            _bins_le(n, d_thr, np.int64(0), md, xs, dbins, o)
+        if J == 0 and K == 0:
+            continue
+        bad = n if nu_m == 0 else 0
+        if nu_m > 0:  # denominators: the item's, gathered (simple loops, no branches)
+            for j in range(J):
+                for p in range(n):
+                    pw[j, p] = m_pow[j, max(mcode[o + p], 0)]
+            for k in range(K):
+                for p in range(n):
+                    lgw[k, p] = m_lg[k, max(mcode[o + p], 0)]
+            for p in range(n):
+                c = mcode[o + p]
+                bad += (c < 0) | (m_dur[max(c, 0)] != dbits[b0 + p])
+        if bad > 0:  # events whose duration is not their item's first one (or without media code)
+            for p in range(n):
+                c = mcode[o + p] if nu_m > 0 else -1
+                if c < 0 or m_dur[c] != dbits[b0 + p]:
+                    _duration_terms(dur[b0 + p], dbits[b0 + p], betas, gammas, dcache, pw, lgw, p)
+        for j in range(J):
+            for p in range(n):
+                v = xs[p] / pw[j, p]  # = dwell / duration**beta, as numpy
+                vs[p] = v if v - v == 0.0 else math.nan  # inf -> NaN (fails every band, as numpy)
+            _bins_le(n, r_thr, j, r_thr.shape[1], vs, rbins, o)
+        if K == 0:
+            continue
+        _log1p_fast(xs, n, tmp[0], tmp[1], tmp[2], vs)
+        for k in range(K):
+            near = 0
+            for p in range(n):
+                s = vs[p] / lgw[k, p]
+                s = s if s - s == 0.0 else math.nan
+                tmp[0, p] = s
+                for t in range(ms):
+                    near += abs(s - s_thr[k, t]) <= _EXACT_TOL * abs(s_thr[k, t]) + 1e-300
+            if near > 0:  # rare: the exact numpy score decides near a threshold
+                for p in range(n):
+                    s = tmp[0, p]
+                    for t in range(ms):
+                        if abs(s - s_thr[k, t]) <= _EXACT_TOL * abs(s_thr[k, t]) + 1e-300:
+                            s = math.log1p(xs[p]) / lgw[k, p]
+                            tmp[0, p] = s if s - s == 0.0 else math.nan
+                            break
+            for p in range(n):
+                score[k, o + p] = tmp[0, p]
+            _bins_lt(n, s_thr, k, ms, tmp[0], sbins, o)
+
+
+@_jit
+def _word_mask(w: int, lo: int, hi: int, act: np.ndarray, mtype: np.ndarray, surf: np.ndarray,
+               act_m: np.ndarray, mt_m: np.ndarray, sf_m: np.ndarray, d_m: np.ndarray, r_m: np.ndarray,
+               s_m: np.ndarray, dbins: np.ndarray, rbins: np.ndarray, sbins: np.ndarray, emask: np.ndarray) -> None:
+    """``emask[p]`` = bits of groups ``64w .. 64w + 63`` passed by event ``lo + p`` (from the LUTs and bins)."""
+    n = hi - lo
+    if act_m.shape[0] > 0:
+        for p in range(n):
+            emask[p] = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w] & act_m[act[lo + p], w]
+    else:
+        for p in range(n):
+            emask[p] = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w]
+    if d_m.shape[1] > 1:  # some dwell band (else one all-pass bin)
+        for p in range(n):
+            emask[p] &= d_m[0, dbins[0, p], w]
+    for j in range(r_m.shape[0]):
+        for p in range(n):
+            emask[p] &= r_m[j, rbins[j, p], w]
+    for k in range(s_m.shape[0]):
+        for p in range(n):
+            emask[p] &= s_m[k, sbins[k, p], w]
+
+
+@_jit
+def _passing(emask: np.ndarray, g: int, n: int, wstart: np.ndarray, lo: int, L: int, P: np.ndarray,
+             cuts: np.ndarray) -> None:
+    """``P[:cuts[0]]``: the row's events passing group g (ascending; ``emask`` is g's 64-group word);
+    ``cuts[lvl + 1]``: first one inside window lvl (so window lvl holds ``P[cuts[lvl + 1]:cuts[0]]``)."""
+    bit = np.uint64(1) << np.uint64(g & 63)
+    npos = 0
+    for p in range(n):
+        P[npos] = p
+        npos += (emask[p] & bit) != 0
+    cuts[0] = npos
+    for lvl in range(L):
+        x = wstart[lvl] - lo
+        l2, h2 = 0, npos
+        while l2 < h2:
+            mid = (l2 + h2) >> 1
+            if P[mid] < x:
+                l2 = mid + 1
+            else:
+                h2 = mid
+        cuts[lvl + 1] = l2
+
+
+# ------------------------------------------------------------------------------------------------------
+# Accumulation (newest first) and emission of dedup'd bags
+# ------------------------------------------------------------------------------------------------------
+@_jit
+def _acc_flat(P: np.ndarray, q_hi: int, q_lo: int, cev: np.ndarray, weighted: bool, sc: np.ndarray,
+              cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray, nt: int) -> int:
+    """Counts the one-id-per-event codes ``cev`` of ``P[q_lo:q_hi]``, newest first; returns the new #touched."""
+    q = q_hi
+    if weighted:
+        while q > q_lo:
+            q -= 1
+            p = P[q]
+            c = cev[p]
+            if c >= 0:
+                v = cnt[c]
+                touched[nt] = c
+                nt += v == 0
+                cnt[c] = v + 1
+                acc[c] += sc[p]
+    else:
+        while q > q_lo:
+            q -= 1
+            c = cev[P[q]]
+            if c >= 0:
+                v = cnt[c]
+                touched[nt] = c
+                nt += v == 0
+                cnt[c] = v + 1
+    return nt
+
+
+@_jit
+def _acc_csr(P: np.ndarray, q_hi: int, q_lo: int, eoff: np.ndarray, codes: np.ndarray, weighted: bool,
+             sc: np.ndarray, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray, nt: int) -> int:
+    """As :func:`_acc_flat` for several ids per event (topics), each event's list read backwards."""
+    q = q_hi
+    while q > q_lo:
+        q -= 1
+        p = P[q]
+        a = eoff[p]
+        e = eoff[p + 1]
+        s = sc[p] if weighted else 0.0
+        while e > a:
+            e -= 1
+            c = codes[e]
+            v = cnt[c]
+            touched[nt] = c
+            nt += v == 0
+            cnt[c] = v + 1
+            acc[c] += s
+    return nt
+
+
+@_jit
+def _derive(mt: np.ndarray, nt_m: int, mcnt: np.ndarray, macc: np.ndarray, weighted: bool, xmap: np.ndarray,
+            sink: int, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray) -> int:
+    """A bag of codes ``xmap[m]`` (authors, or topic-list signatures) from a media bag: each media's count
+    (and weight) goes to its code; one step per unique media instead of one per occurrence."""
+    nt = 0
+    for t in range(nt_m):
+        m = mt[t]
+        c = xmap[m]
+        v = cnt[c]
+        touched[nt] = c
+        nt += (v == 0) & (c != sink)  # the sink (unknown author) never enters the bag
+        cnt[c] = v + mcnt[m]
+        if weighted:
+            acc[c] += macc[m]
+    cnt[sink] = 0
+    acc[sink] = 0.0
+    return nt
+
+
+@_jit
+def _derive2(mt: np.ndarray, nt_m: int, mcnt: np.ndarray, macc: np.ndarray, weighted: bool, amap: np.ndarray,
+             a_sink: int, acnt: np.ndarray, aacc: np.ndarray, atouched: np.ndarray, smap: np.ndarray, s_sink: int,
+             scnt: np.ndarray, sacc: np.ndarray, stouched: np.ndarray) -> tuple[int, int]:
+    """:func:`_derive` for authors and topic-list signatures in one pass over the media bag."""
+    na = 0
+    ns = 0
+    for t in range(nt_m):
+        m = mt[t]
+        cm = mcnt[m]
+        a = amap[m]
+        v = acnt[a]
+        atouched[na] = a
+        na += (v == 0) & (a != a_sink)
+        acnt[a] = v + cm
+        g = smap[m]
+        v2 = scnt[g]
+        stouched[ns] = g
+        ns += v2 == 0
+        scnt[g] = v2 + cm
+        if weighted:
+            aacc[a] += macc[m]
+            sacc[g] += macc[m]
+    acnt[a_sink] = 0
+    aacc[a_sink] = 0.0
+    return na, ns
+
+
+@_inline
+def _grow(vals: np.ndarray, wts: np.ndarray, used: int, need: int) -> tuple[np.ndarray, np.ndarray]:
+    if used + need <= vals.size:
+        return vals, wts
+    cap = max(2 * vals.size, used + need, 1024)
+    v2 = np.empty(cap, np.int64)
+    w2 = np.empty(cap, np.float32)
+    for t in range(used):  # element loops, not slice assignment: much cheaper to compile
+        v2[t] = vals[t]
+        w2[t] = wts[t]
+    return v2, w2
+
+
+@_jit
+def _emit(touched: np.ndarray, nt: int, cnt: np.ndarray, acc: np.ndarray, weighted: bool, uniq: np.ndarray,
+          k: int, b: int, seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
+          vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Writes one bag: ids ``uniq[touched]``, weights ``count / occurrences`` or ``sum(s) / sum(s)``."""
+    vals, wts = _grow(vals, wts, used, nt)
+    nocc = 0
+    if weighted:
+        tot = 0.0
+        for t in range(nt):
+            c = touched[t]
+            nocc += cnt[c]
+            tot += acc[c]
+        for t in range(nt):
+            c = touched[t]
+            vals[used + t] = uniq[c]
+            wts[used + t] = np.float32(acc[c] / tot)
+    else:  # one gather pass (counts are exact in float32 below 2**24), then a sequential scaling pass
+        for t in range(nt):
+            c = touched[t]
+            vals[used + t] = uniq[c]
+            wts[used + t] = cnt[c]
+            nocc += cnt[c]
+        inv = 1.0 / nocc if nt > 0 else 0.0
+        for t in range(used, used + nt):
+            wts[t] = np.float32(np.float64(wts[t]) * inv)
+    seg_start[k, b] = used
+    seg_len[k, b] = nt
+    seg_raw[k, b] = nocc
+    return vals, wts, used + nt
+
+
+@_inline
+def _reset(touched: np.ndarray, nt: int, cnt: np.ndarray, acc: np.ndarray, weighted: bool) -> None:
+    """Zeroes the scratch entries of a bag's codes (``acc`` is only written for weighted bags)."""
+    for t in range(nt):
+        cnt[touched[t]] = 0
+    if weighted:
+        for t in range(nt):
+            acc[touched[t]] = 0.0
+
+
+@_jit
+def _bags_plain(P: np.ndarray, cuts: np.ndarray, feat_row: np.ndarray, flat: bool, cev: np.ndarray,
+                eoff: np.ndarray, codes: np.ndarray, uniq: np.ndarray, weighted: bool, sc: np.ndarray, b: int,
+                seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
+                vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """No dedup: every occurrence, in time order, one bag per window that has a feature."""
+    for lvl in range(feat_row.size):
+        k = feat_row[lvl]
+        if k < 0:
+            continue
+        n_occ = 0
+        tot = 0.0
+        for q in range(cuts[lvl + 1], cuts[0]):
+            p = P[q]
+            ne = (cev[p] >= 0) if flat else eoff[p + 1] - eoff[p]
+            n_occ += ne
+            tot += (sc[p] if weighted else 1.0) * ne
+        vals, wts = _grow(vals, wts, used, n_occ)
+        o = used
+        for q in range(cuts[lvl + 1], cuts[0]):
+            p = P[q]
+            wt = np.float32((sc[p] if weighted else 1.0) / tot)
+            if flat:
+                if cev[p] >= 0:
+                    vals[o] = uniq[cev[p]]
+                    wts[o] = wt
+                    o += 1
+            else:
+                for e in range(eoff[p], eoff[p + 1]):
+                    vals[o] = uniq[codes[e]]
+                    wts[o] = wt
+                    o += 1
+        seg_start[k, b] = used
+        seg_len[k, b] = n_occ
+        seg_raw[k, b] = n_occ
+        used = o
+    return vals, wts, used
+
+
+@_jit
+def _media_bags(P: np.ndarray, cuts: np.ndarray, fr: np.ndarray, dedup: np.ndarray, der_a: bool, der_t: bool,
+                weighted: bool, sc: np.ndarray, mcode: np.ndarray, cnt: np.ndarray, acc: np.ndarray,
+                touched: np.ndarray, uniqs: np.ndarray, amap: np.ndarray, a_sink: int, smap: np.ndarray,
+                s_sink: int, scnt: np.ndarray, sacc: np.ndarray, stouched: np.ndarray, sig_codes: np.ndarray,
+                kt: int, b: int, seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
+                vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One group's media pass (newest first); at each window start its media bag, and the author / topic
+    bags derived from it (``der_a`` / ``der_t``). ``fr[id_type, lvl]``: the group's features."""
+    nlev = 0
+    for lvl in range(fr.shape[1]):
+        if ((fr[MEDIA, lvl] >= 0 and dedup[MEDIA]) or (der_a and fr[AUTHOR, lvl] >= 0)
+                or (der_t and fr[TOPIC, lvl] >= 0)):
+            nlev = lvl + 1
+    nt = np.int64(0)
+    for lvl in range(nlev):
+        nt = _acc_flat(P, cuts[0] if lvl == 0 else cuts[lvl], cuts[lvl + 1], mcode, weighted, sc,
+                       cnt[MEDIA], acc[MEDIA], touched[MEDIA], nt)
+        if fr[MEDIA, lvl] >= 0 and dedup[MEDIA]:
+            vals, wts, used = _emit(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, uniqs[MEDIA],
+                                    fr[MEDIA, lvl], b, seg_start, seg_len, seg_raw, vals, wts, used)
+        da = der_a and fr[AUTHOR, lvl] >= 0
+        dt = der_t and fr[TOPIC, lvl] >= 0
+        na = nsb = np.int64(0)
+        if da and dt:  # one pass over the media bag for both
+            na, nsb = _derive2(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, amap, a_sink,
+                               cnt[AUTHOR], acc[AUTHOR], touched[AUTHOR], smap, s_sink, scnt, sacc, stouched)
+        elif da:
+            na = _derive(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, amap, a_sink,
+                         cnt[AUTHOR], acc[AUTHOR], touched[AUTHOR])
+        elif dt:
+            nsb = _derive(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, smap, s_sink, scnt, sacc, stouched)
+        if da:
+            vals, wts, used = _emit(touched[AUTHOR], na, cnt[AUTHOR], acc[AUTHOR], weighted, uniqs[AUTHOR],
+                                    fr[AUTHOR, lvl], b, seg_start, seg_len, seg_raw, vals, wts, used)
+            _reset(touched[AUTHOR], na, cnt[AUTHOR], acc[AUTHOR], weighted)
+        if dt:  # media -> signatures -> topics
+            nx = _expand_sigs(stouched, nsb, scnt, sacc, weighted, sig_codes, kt, cnt[TOPIC], acc[TOPIC],
+                              touched[TOPIC])
+            _reset(stouched, nsb, scnt, sacc, weighted)
+            vals, wts, used = _emit(touched[TOPIC], nx, cnt[TOPIC], acc[TOPIC], weighted, uniqs[TOPIC],
+                                    fr[TOPIC, lvl], b, seg_start, seg_len, seg_raw, vals, wts, used)
+            _reset(touched[TOPIC], nx, cnt[TOPIC], acc[TOPIC], weighted)
+    _reset(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted)
+    return vals, wts, used
+
+
+@_jit
+def _direct_bags(P: np.ndarray, cuts: np.ndarray, fr: np.ndarray, dedup: np.ndarray, need_m: bool, der_a: bool,
+                 der_t: bool, weighted: bool, sc: np.ndarray, cev: np.ndarray, teoff: np.ndarray,
+                 tcodes: np.ndarray, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray, uniqs: np.ndarray,
+                 b: int, seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
+                 vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One group's bags of the id types not covered by :func:`_media_bags`: each from its own pass over
+    the occurrences (no-dedup tables: every occurrence in time order)."""
+    L = fr.shape[1]
+    for it in range(3):
+        if it == MEDIA and not need_m:
+            continue
+        if (it == AUTHOR and der_a) or (it == TOPIC and der_t) or (it == MEDIA and dedup[MEDIA]):
+            continue
+        if not dedup[it]:
+            vals, wts, used = _bags_plain(P, cuts, fr[it], it != TOPIC, cev[min(it, 1)], teoff, tcodes,
+                                          uniqs[it], weighted, sc, b, seg_start, seg_len, seg_raw, vals, wts, used)
+            continue
+        nt = np.int64(0)
+        for lvl in range(L):
+            if fr[it, lvl] < 0:
+                continue
+            q_hi = cuts[0]
+            for prev in range(lvl - 1, -1, -1):  # continue from the last window emitted
+                if fr[it, prev] >= 0:
+                    q_hi = cuts[prev + 1]
+                    break
+            if it == TOPIC:
+                nt = _acc_csr(P, q_hi, cuts[lvl + 1], teoff, tcodes, weighted, sc, cnt[it], acc[it], touched[it], nt)
+            else:
+                nt = _acc_flat(P, q_hi, cuts[lvl + 1], cev[it], weighted, sc, cnt[it], acc[it], touched[it], nt)
+            vals, wts, used = _emit(touched[it], nt, cnt[it], acc[it], weighted, uniqs[it], fr[it, lvl], b,
+                                    seg_start, seg_len, seg_raw, vals, wts, used)
+        _reset(touched[it], nt, cnt[it], acc[it], weighted)
+    return vals, wts, used
+
+
+# ------------------------------------------------------------------------------------------------------
+# One source (explicit or implicit) of a batch
+# ------------------------------------------------------------------------------------------------------
+@_jit
+def slice_source(ts: np.ndarray, offsets: np.ndarray, media: np.ndarray, author: np.ndarray,
+                 toff: np.ndarray, tval: np.ndarray, act: np.ndarray, mtype: np.ndarray, surf: np.ndarray,
+                 dwell: np.ndarray, dur: np.ndarray, request: np.ndarray, gap: int, cap: int,
+                 horizons: np.ndarray, act_m: np.ndarray, mt_m: np.ndarray, sf_m: np.ndarray,
+                 d_thr: np.ndarray, d_m: np.ndarray, betas: np.ndarray, r_thr: np.ndarray, r_m: np.ndarray,
+                 gammas: np.ndarray, s_thr: np.ndarray, s_m: np.ndarray, g_gamma: np.ndarray,
+                 feat: np.ndarray, hash_size: np.ndarray, dedup: np.ndarray, direct: np.ndarray, cmaps: Any,
+                 allow_derive: bool, dcache: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray,
+                 seg_raw: np.ndarray,
+                 vals: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bags of every feature of one source for every row; fills ``seg_*[k, b]`` for this source's features.
+
+    ``feat[g, lvl, id_type]`` is the feature of group g, window level lvl and id type (-1: none);
+    ``dcache``: the duration cache of :func:`_duration_slot` (``[2**k + 1, 1 + #betas + #gammas]``: -1 =
+    empty, last row NaN).
+    Returns ``(vals, wts, used)``: the (possibly reallocated) row-major buffers and their fill.
+    """
+    B = request.size
+    G, L, _ = feat.shape
+    # (np.int64(0), not 0: a literal 0 would compile the callees it reaches a second time)
+    n_max = np.int64(0)
+    t_max = np.int64(0)
+    for b in range(B):  # scratch sized by the largest row (before the gap / cap cut)
+        n_max = max(n_max, offsets[b + 1] - offsets[b])
+        t_max = max(t_max, toff[offsets[b + 1]] - toff[offsets[b]])
+    e_max = max(n_max, t_max)
+    has = np.zeros(3, np.bool_)
+    for g in range(G):
+        for lvl in range(L):
+            for it in range(3):
+                has[it] |= feat[g, lvl, it] >= 0
+    # media codes are also needed to derive author / topic bags from media bags
+    want_derive = allow_derive and hash_size[MEDIA] > 0
+    need_m = has[MEDIA] or (want_derive and ((has[AUTHOR] and dedup[AUTHOR]) or (has[TOPIC] and dedup[TOPIC])))
+    need_m = need_m and hash_size[MEDIA] > 0
+    need = (need_m, has[AUTHOR], has[TOPIC])
+    tab_cap = 1
+    while tab_cap < 2 * e_max + 2:
+        tab_cap *= 2
+    tsz = 1  # open-addressing tables only for id types whose hash size is above DIRECT_MAX
+    for it in range(3):
+        if need[it] and not direct[it]:
+            tsz = tab_cap
+    # per-id-type scratch as rows of 2-d arrays (not tuples of arrays: much less code to compile)
+    keys = np.full((3, tsz), -1, np.int64)
+    kval = np.empty((3, tsz), np.int32)
+    slots = np.empty((3, e_max), np.int64)
+    hid = np.empty(e_max, np.int64)
+    cev = np.empty((2, n_max), np.int32)  # media / author code per event (-1: none)
+    teoff = np.empty(n_max + 1, np.int64)
+    tcodes = np.empty(t_max, np.int32)
+    uniqs = np.empty((3, e_max), np.int64)
+    nus = np.zeros(3, np.int64)
+    first = np.empty(e_max + 1, np.int64)  # first position of each code (media: first event of the item)
+    fdummy = np.empty(e_max + 1, np.int64)
+    amap = np.empty(n_max, np.int32)  # media code -> author code (derived mode)
+    smap = np.empty(n_max, np.int32)  # media code -> topic-list signature (derived mode)
+    tkey = np.empty(n_max, np.int64)  # packed hashed topic list per event
+    sig_key = np.empty(n_max, np.int64)
+    sig_codes = np.empty(n_max, np.int32)
+    sig_hid = np.empty(n_max, np.int64)
+    skeys = np.full(tab_cap, -1, np.int64)
+    skval = np.empty(tab_cap, np.int32)
+    sslots = np.empty(n_max, np.int64)
+    scnt = np.zeros(n_max + 1, np.int32)
+    sacc = np.zeros(n_max + 1, np.float64)
+    stouched = np.empty(n_max + 1, np.int32)
+    # counts per code, plus sink slots for unknown authors / topic-list padding
+    cnt = np.zeros((3, e_max + 1), np.int32)
+    acc = np.zeros((3, e_max + 1), np.float64)
+    touched = np.empty((3, e_max + 1), np.int32)
+    emask = np.empty(n_max, np.uint64)
+    K = gammas.size
+    score = np.zeros((max(K, 1), n_max), np.float64)
+    m_dur = np.empty(n_max, np.int32)  # per media code: duration bits, duration**beta, log1p(gamma * duration)
+    mslot = np.empty(n_max, np.int64)
+    m_pow = np.empty((betas.size, n_max), np.float64)
+    m_lg = np.empty((K, n_max), np.float64)
+    xs = np.empty(BLOCK, np.float64)
+    vs = np.empty(BLOCK, np.float64)
+    pw = np.empty((betas.size, BLOCK), np.float64)
+    lgw = np.empty((K, BLOCK), np.float64)
+    tmp = np.empty((3, BLOCK), np.float64)
+    dbins = np.empty((1, n_max), np.int32)
+    rbins = np.empty((betas.size, n_max), np.int32)
+    sbins = np.empty((K, n_max), np.int32)
+    P = np.empty(n_max, np.int64)
+    cuts = np.empty(L + 1, np.int64)
+    wstart = np.empty(L, np.int64)
+    fr = np.empty((3, L), np.int64)
+    used = np.int64(0)
+    zero = np.int64(0)
+    for b in range(B):
+        a0, z0 = offsets[b], offsets[b + 1]
+        r = request[b]
+        hi = _search(ts, a0, z0, r - gap, True)
+        lo = max(a0, hi - cap)
+        n = hi - lo
+        for lvl in range(L):
+            h = horizons[lvl]
+            wstart[lvl] = lo if h < 0 else max(lo, _search(ts, a0, z0, r - h, False))
+        nu_m = zero
+        if need_m:
+            _hash_flat(media, lo, hi, hash_size[MEDIA], hid)
+            nu_m = _codes_of(hid, n, direct[MEDIA], cmaps[MEDIA], keys[MEDIA], kval[MEDIA], slots[MEDIA],
+                             uniqs[MEDIA], cev[MEDIA], first)
+            nus[MEDIA] = nu_m
+        # author / topic bags derivable from media bags in this row? (then only the first event of each
+        # media code needs its author / topics factorised)
+        der_a = False
+        if has[AUTHOR]:
+            der_a = _author_codes(author, lo, hi, hash_size[AUTHOR], direct[AUTHOR], cmaps[AUTHOR], keys[AUTHOR],
+                                  kval[AUTHOR], slots[AUTHOR], uniqs[AUTHOR], nus, need_m and want_derive and
+                                  dedup[AUTHOR], cev, nu_m, first, hid, amap, fdummy)
+        der_t = False
+        kt = zero
+        if has[TOPIC]:
+            der_t, kt, sig_codes, sig_hid = _topic_codes(
+                toff, tval, lo, hi, hash_size[TOPIC], direct[TOPIC], cmaps[TOPIC], keys[TOPIC], kval[TOPIC],
+                slots[TOPIC], uniqs[TOPIC], nus, need_m and want_derive and dedup[TOPIC], cev[MEDIA], nu_m, first,
+                tkey, skeys, skval, sslots, sig_key, smap, sig_codes, sig_hid, teoff, tcodes, hid, fdummy)
+        _event_bins(lo, hi, dwell, dur, d_thr, betas, r_thr, gammas, s_thr, dcache, cev[MEDIA], nu_m, first,
+                    m_dur, mslot, m_pow, m_lg, xs, vs, pw, lgw, tmp, dbins, rbins, sbins, score)
+        for g in range(G):
+            if g & 63 == 0:
+                _word_mask(g >> 6, lo, hi, act, mtype, surf, act_m, mt_m, sf_m, d_m, r_m, s_m, dbins, rbins, sbins,
+                           emask)
+            for it in range(3):
+                for lvl in range(L):
+                    fr[it, lvl] = feat[g, lvl, it]
+            kw = g_gamma[g]
+            weighted = kw >= 0
+            sc = score[max(kw, 0)]
+            _passing(emask, g, n, wstart, lo, L, P, cuts)
+            vals, wts, used = _media_bags(P, cuts, fr, dedup, der_a, der_t, weighted, sc, cev[MEDIA], cnt, acc,
+                                          touched, uniqs, amap, nus[AUTHOR], smap, n_max, scnt, sacc, stouched,
+                                          sig_codes, kt, b, seg_start, seg_len, seg_raw, vals, wts, used)
+            vals, wts, used = _direct_bags(P, cuts, fr, dedup, need_m, der_a, der_t, weighted, sc, cev, teoff, tcodes,
+                                           cnt, acc, touched, uniqs, b, seg_start, seg_len, seg_raw, vals, wts, used)
+        if need[MEDIA]:
+            _uncode(nus[MEDIA], direct[MEDIA], cmaps[MEDIA], keys[MEDIA], slots[MEDIA], uniqs[MEDIA])
+        if need[AUTHOR]:
+            _uncode(nus[AUTHOR], direct[AUTHOR], cmaps[AUTHOR], keys[AUTHOR], slots[AUTHOR], uniqs[AUTHOR])
+        if need[TOPIC]:
+            _uncode(nus[TOPIC], direct[TOPIC], cmaps[TOPIC], keys[TOPIC], slots[TOPIC], uniqs[TOPIC])
+    return vals, wts, int(used)
+
+
+@_jit
+def assemble(seg_src: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray,
+             vals0: np.ndarray, wts0: np.ndarray, vals1: np.ndarray, wts1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Key-major (KJT) values/weights from the two sources' row-major buffers."""
+    N, B = seg_len.shape
+    total = 0
+    for k in range(N):
+        for b in range(B):
+            total += seg_len[k, b]
+    values = np.empty(total, np.int64)
+    weights = np.empty(total, np.float32)
+    o = 0
+    for k in range(N):
+        src_v = vals0 if seg_src[k] == 0 else vals1
+        src_w = wts0 if seg_src[k] == 0 else wts1
+        for b in range(B):
+            s = seg_start[k, b]
+            for t in range(seg_len[k, b]):
+                values[o + t] = src_v[s + t]
+                weights[o + t] = src_w[s + t]
+            o += seg_len[k, b]
+    return values, weights
