@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batches.append((Timelines(tl.user_ids[rows], take_rows(tl.explicit, rows), take_rows(tl.implicit, rows), tl.vocab),
                         request[rows]))
 
-    backend = resolve_backend("auto")
+    backend = "numpy"  # the default; numba is measured too when installed (EXPERIMENTAL: open bug, see slicing.py)
+    numba_ok = resolve_backend("auto") == "numba"
     jit: dict[str, Any] = {"jit_compile_seconds": None, "jit_cache_hit": None}
-    if backend == "numba":
+    if numba_ok:
         jit["jit_compile_seconds"], jit["jit_cache_hit"] = _first_call(Slicer(spec, tl.vocab, backend="numba"), batches[0])
 
     def timed(sp: SliceSpec, be: str) -> tuple[float, list[Any]]:
@@ -82,13 +83,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     events = tl.num_events
     per_backend: dict[str, float] = {}
     outs: dict[str, list[Any]] = {}
-    for be in (["numpy", "numba"] if backend == "numba" else ["numpy"]):
+    for be in (["numpy", "numba"] if numba_ok else ["numpy"]):
         secs, outs[be] = timed(spec, be)
         per_backend[be] = events / secs
     secs_nd, _ = timed(nodedup, backend)
     out = outs[backend]
-    agree = all(np.array_equal(a.lengths, b.lengths) and np.array_equal(a.raw_counts, b.raw_counts)
-                for a, b in zip(outs["numpy"], out))
+    agree = (all(np.array_equal(a.lengths, b.lengths) and np.array_equal(a.raw_counts, b.raw_counts)
+                 and np.array_equal(np.sort(a.values), np.sort(b.values)) for a, b in zip(outs["numpy"], outs["numba"]))
+             if "numba" in outs else None)
     ids = sum(int(o.lengths.sum()) for o in out)
     occ = sum(int(o.raw_counts.sum()) for o in out)
     per_id: dict[str, list[int]] = {}
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "numba_events_per_s_per_core": per_backend.get("numba"),
         "numba_speedup": per_backend["numba"] / per_backend["numpy"] if "numba" in per_backend else None,
         **jit,
-        "backends_agree_on_lengths": agree,
+        "numba_agrees_with_numpy": agree,
         "timing": f"CPU seconds (time.process_time), best of {repeats} passes, single-threaded",
         "kjt_ids_per_user": ids / len(tl),
         "occurrences_per_user": occ / len(tl),

@@ -1,0 +1,308 @@
+"""Training configuration: frozen dataclasses, loaded from YAML (``dv365 train --config run.yaml``).
+
+The YAML mirrors the dataclasses section by section::
+
+    data:       {url, spec, hash_sizes, eval_fraction, train_range}          -> DataConfig
+    tasks:      [{label, kind, weight, transform}, ...]                       -> TaskSpec (losses.py)
+    model:      {kind, tower: {dim, n_out, encoder, funnel}, backbone: {...}} -> ModelConfig
+    optim:      {dense, lr, sparse, sparse_lr, grad_clip}                     -> OptimConfig
+    run:        {steps, batch_size, seed, device, ...}                        -> RunConfig
+    checkpoint: {dir, every, keep, warm_start, warm_start_modules}            -> CheckpointConfig
+
+Unknown keys are errors that name the key and the section (:class:`TrainConfigError`).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from dv365.train.backbone import BackboneConfig
+from dv365.train.errors import TrainConfigError
+from dv365.train.fsa import EncoderConfig, FunnelConfig, TowerConfig
+from dv365.train.losses import TaskSpec
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from.
+
+    Args:
+        url: a UniTi dataset with requests (``dv365 synth`` or ``dv365 import``); local path or fsspec URL.
+        spec: slice spec name (``kuairand``, ``movielens``) or YAML path.
+        hash_sizes: per id type, overrides the spec's ``hash_size`` (table rows), e.g. ``{media: 20011}``:
+            the shipped kuairand spec has 1M-row media tables, too big for quick CPU runs.
+        eval_fraction: the latest fraction of requests (by request time) is held out for evaluation.
+        train_range: ``[lo, hi)`` fractions of the remaining (time-sorted) requests used for training;
+            a newer model version warm-started from an older one trains on a later range.
+        slicer: the ``Slicer`` backend: ``auto`` (the core default), ``numpy`` or ``numba``.
+    """
+
+    url: str = ""
+    spec: str = "kuairand"
+    hash_sizes: Mapping[str, int] = field(default_factory=dict)
+    eval_fraction: float = 0.2
+    train_range: tuple[float, float] = (0.0, 1.0)
+    slicer: str = "auto"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model: a user tower variant (Table 1) inside the multi-task DLRM backbone.
+
+    Args:
+        kind: ``fsa`` (default), ``pass_thru``, ``lce``, ``mlp_d``, ``mlp_t``, ``tl_d``, ``tl_t``, or
+            ``baseline`` (no DV365 tower: the backbone alone, the timelines are not read).
+        tower: the tower's sizes; ``num_tokens`` is filled from the slice spec.
+        backbone: the DLRM backbone.
+    """
+
+    kind: str = "fsa"
+    tower: TowerConfig = TowerConfig()
+    backbone: BackboneConfig = BackboneConfig()
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Two optimizers, as torchrec splits them: sparse embedding tables vs dense parameters.
+
+    Args:
+        dense: ``adam``, ``adamw`` or ``sgd`` for every non-embedding parameter.
+        lr: dense learning rate.
+        sparse: ``adagrad``, ``sparse_adam`` or ``sgd`` for the embedding tables (sparse gradients:
+            only the rows a batch reads are touched).
+        sparse_lr: embedding learning rate.
+        grad_clip: max global norm of the dense gradients (0: off).
+    """
+
+    dense: str = "adam"
+    lr: float = 1e-3
+    sparse: str = "adagrad"
+    sparse_lr: float = 0.05
+    grad_clip: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long and where to train.
+
+    Args:
+        steps: total optimizer steps (a resumed run continues up to this number).
+        batch_size: training examples per step (the last partial batch of an epoch is dropped).
+        seed: seeds parameter init, dropout and the data order (a pure function of seed, epoch, step).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
+        deterministic: ``torch.use_deterministic_algorithms`` during training (bit-exact resume).
+        eval_batch_size: examples per evaluation batch.
+        eval_every: steps between evaluations during training (0: only at the end); each one appends
+            a line to ``eval_log.jsonl`` in the checkpoint folder.
+        log_every: steps between progress-bar / ``train_log.jsonl`` updates of the running loss and NE.
+        num_workers: DataLoader worker processes slicing batches ahead (0: in the training process).
+        threads: CPU intra-op threads (``torch.set_num_threads``; 0: torch's default). On a small shared
+            machine 1 thread can be several times faster than 2 that fight for the cores.
+        progress: show tqdm bars.
+    """
+
+    steps: int = 100
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = True
+    eval_batch_size: int = 1024
+    eval_every: int = 0
+    log_every: int = 10
+    num_workers: int = 0
+    threads: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints (model + optimizers + RNG states + data position) and warm start.
+
+    Args:
+        dir: checkpoint folder (also gets ``metrics.json`` and ``train_log.jsonl``); a run resumes from
+            the latest checkpoint found here.
+        every: steps between checkpoints (0: only at the end).
+        keep: how many step checkpoints to keep (older ones are deleted).
+        warm_start: a checkpoint of a previous model version: when this run starts fresh, its
+            ``warm_start_modules`` weights are loaded (then training continues on this run's data).
+        warm_start_modules: ``user_tower`` (tower + sliced-feature embeddings), ``backbone``.
+    """
+
+    dir: str = "out/train"
+    every: int = 0
+    keep: int = 2
+    warm_start: str | None = None
+    warm_start_modules: tuple[str, ...] = ("user_tower",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run. Build with :meth:`from_dict` / :meth:`load` (YAML).
+
+    Example::
+
+        cfg = TrainConfig.load("packages/dv365-train/configs/synth-quick.yaml")
+        cfg = TrainConfig.from_dict({"data": {"url": "data/synth"}, "run": {"steps": 50}})
+        cfg.model.tower.n_out     # 58
+    """
+
+    data: DataConfig = DataConfig()
+    tasks: tuple[TaskSpec, ...] = ()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        cfg = _build(cls, d, "config")
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
+        """Reads a YAML file; ``overrides`` maps dotted keys (``run.steps``) to values."""
+        p = Path(path)
+        if not p.exists():
+            raise TrainConfigError(f"config file not found: {p}")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, Mapping):
+            raise TrainConfigError(f"{p}: a training config must be a mapping, got {type(d).__name__}")
+        return cls.from_dict(apply_overrides(d, overrides or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)  # type: ignore[no-any-return]
+
+    def validate(self) -> None:
+        r, d = self.run, self.data
+        _need(r.steps >= 0, "run.steps", r.steps, "must be >= 0")
+        _need(r.batch_size >= 1, "run.batch_size", r.batch_size, "must be >= 1")
+        _need(r.eval_batch_size >= 1, "run.eval_batch_size", r.eval_batch_size, "must be >= 1")
+        _need(r.log_every >= 1, "run.log_every", r.log_every, "must be >= 1")
+        _need(r.eval_every >= 0, "run.eval_every", r.eval_every, "must be >= 0")
+        _need(r.threads >= 0 and r.num_workers >= 0, "run.threads / run.num_workers", (r.threads, r.num_workers),
+              "must be >= 0")
+        _need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+        _need(d.slicer in ("auto", "numpy", "numba"), "data.slicer", d.slicer, "use auto, numpy or numba")
+        lo, hi = d.train_range
+        _need(0.0 <= lo < hi <= 1.0, "data.train_range", d.train_range, "must be [lo, hi) with 0 <= lo < hi <= 1")
+        _need(self.optim.lr > 0 and self.optim.sparse_lr > 0, "optim.lr", self.optim.lr, "learning rates must be > 0")
+        _need(self.optim.dense in ("adam", "adamw", "sgd"), "optim.dense", self.optim.dense, "use adam, adamw or sgd")
+        _need(self.optim.sparse in ("adagrad", "sparse_adam", "sgd"), "optim.sparse", self.optim.sparse,
+              "use adagrad, sparse_adam or sgd")
+        for m in self.checkpoint.warm_start_modules:
+            _need(m in ("user_tower", "backbone"), "checkpoint.warm_start_modules", m, "use user_tower and/or backbone")
+        labels = [t.label for t in self.tasks]
+        _need(len(set(labels)) == len(labels), "tasks", labels, "labels must be unique")
+
+
+def _need(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise TrainConfigError(f"{key} = {value!r}: {why}")
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``d`` with dotted keys set: ``{"model.kind": "lce"}`` sets ``d["model"]["kind"]``."""
+    out: dict[str, Any] = _deepcopy(d)
+    for key, value in overrides.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise TrainConfigError(f"override {key!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, Mapping):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+# ------------------------------------------------------------------------------------------------------
+# dict <-> dataclass (strict: unknown keys and wrong types name the key)
+# ------------------------------------------------------------------------------------------------------
+def _build(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, Mapping):
+            raise TrainConfigError(f"{where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise TrainConfigError(f"{where}: unknown keys {unknown}; allowed {sorted(names)}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, TrainConfigError):
+                raise
+            raise TrainConfigError(f"{where}: {e}") from None
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise TrainConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise TrainConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (dict, collections.abc.Mapping) or tp in (dict, Mapping):
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise TrainConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (str, Any)
+        return {_build(kt, k, f"{where}.{k}"): _build(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TrainConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
+            raise TrainConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TrainConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _plain(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+__all__ = [
+    "CheckpointConfig", "DataConfig", "EncoderConfig", "FunnelConfig", "ModelConfig", "OptimConfig", "RunConfig",
+    "TaskSpec", "TowerConfig", "TrainConfig", "TrainConfigError", "apply_overrides",
+]

@@ -1,0 +1,124 @@
+"""Sparse lookup + (weighted) mean pooling of the sliced features (paper §2.2): KJT -> ``[B, N, D]`` tokens.
+
+The slicer (``dv365.core.slicing``) already put per-sample weights on every bag (``count/len`` for mean
+pooling, ``s / sum(s)`` for the Eq. 5 weighted feature), so a weighted torchrec ``EmbeddingBagCollection``
+with SUM pooling over the shared tables of ``embedding_bag_configs(spec, D)`` computes the paper's pooling.
+The EBC returns features grouped by table; :class:`SlicedPooling` reorders them to the spec's feature order,
+which is the token order the user tower sees (and the exported embedding keeps).
+
+Two forward paths give the same numbers (tested):
+
+* ``grouped=True`` (default): per *table*, over all the features sharing it (the KJT is permuted so each
+  table's features are contiguous): the batch's unique ids are read once (:func:`unique_ids` +
+  ``F.embedding``), then one ``embedding_bag`` pools every bag of those features from the ``[U, D]``
+  rows. With ~200 features in ~18 tables that is ~11x fewer calls, and each table's (sparse) gradient
+  has one row per *unique id of the batch* instead of one per lookup (a 64-request batch of synth users
+  with ~4K events made 1.24M lookups into tables whose distinct rows are bounded by the 7,583-item
+  catalog) -- what fbgemm's TBE does for sharded tables, in plain PyTorch.
+* ``grouped=False``: torchrec's ``EmbeddingBagCollection.forward`` (one call per feature), the reference,
+  and the path a torchrec sharding plan (DMP) replaces with its sharded EBC.
+
+Both use the parameters of the same torchrec EBC (``ebc.embedding_bags.<table>.weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dv365.core.kjt import embedding_bag_configs
+from dv365.core.slicing import SliceSpec
+
+
+class SlicedPooling(nn.Module):
+    """Weighted ``EmbeddingBagCollection`` over the sliced KJT, output ``[B, N, D]`` in spec feature order.
+
+    Args:
+        spec: the slice spec (``N = len(spec.features)`` features in its shared tables).
+        dim: ``D``, the embedding dim of every table.
+        device: where the tables are allocated (``"meta"`` for a sharded plan later).
+        grouped: one lookup per table (default) or torchrec's per-feature EBC forward (see the module doc).
+
+    Example::
+
+        pooling = SlicedPooling(SliceSpec.load_default("kuairand"), dim=256)
+        kjt = Slicer(spec, vocab).slice(timelines, request_ts).to_kjt()   # one key per feature, B bags each
+        pooling(kjt).shape                                                 # [B, 201, 256]
+    """
+
+    def __init__(self, spec: SliceSpec, dim: int, device: torch.device | str | None = None, grouped: bool = True) -> None:
+        super().__init__()
+        from torchrec import EmbeddingBagCollection
+
+        self.feature_names: list[str] = spec.feature_names
+        self.num_tokens, self.dim = len(self.feature_names), dim
+        tables = embedding_bag_configs(spec, dim)
+        self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=True,
+                                          device=torch.device(device) if device is not None else None)
+        ebc_order = {name: i for i, name in enumerate(n for t in tables for n in t.feature_names)}
+        perm = torch.tensor([ebc_order[name] for name in self.feature_names], dtype=torch.long)
+        self.register_buffer("perm", perm, persistent=False)  # EBC (table-grouped) position of each token
+        self.grouped = grouped
+        self._ebc_features = [list(t.feature_names) for t in tables]
+        self._kjt_keys: list[str] | None = None
+        self._kjt_perm: list[int] = []
+
+    def forward(self, kjt: Any) -> torch.Tensor:
+        if not self.grouped:
+            pooled = self.ebc(kjt).values()  # [B, N*D], features grouped by table
+            B = pooled.shape[0]
+            return pooled.view(B, self.num_tokens, self.dim).index_select(1, self.perm)  # [B, N, D] in spec order
+        return self._grouped_forward(kjt)
+
+    def _grouped_forward(self, kjt: Any) -> torch.Tensor:
+        keys = kjt.keys()
+        if keys != self._kjt_keys:
+            pos = {k: i for i, k in enumerate(keys)}
+            self._kjt_perm = [pos[f] for names in self._ebc_features for f in names]
+            self._kjt_keys = list(keys)
+        g = kjt.permute(self._kjt_perm)  # each table's features now contiguous, in EBC order
+        B = g.stride()
+        values, weights, lengths, opk = g.values(), g.weights(), g.lengths(), g.offset_per_key()
+        outs, f0 = [], 0
+        for bag, names in zip(self.ebc.embedding_bags.values(), self._ebc_features):
+            f1 = f0 + len(names)
+            offsets = F.pad(lengths[f0 * B:f1 * B].long().cumsum(0), (1, 0))  # [nf*B + 1]
+            ids, inverse = unique_ids(values[opk[f0]:opk[f1]], bag.num_embeddings)  # [U], [L]
+            rows = F.embedding(ids, bag.weight, sparse=bag.sparse)  # [U, D]: each row read once per batch
+            outs.append(F.embedding_bag(inverse, rows, offsets, mode="sum", per_sample_weights=weights[opk[f0]:opk[f1]],
+                                        include_last_offset=True))  # [nf*B, D]
+            f0 = f1
+        pooled = torch.cat(outs).view(self.num_tokens, B, self.dim)  # [N, B, D], EBC order
+        return pooled.transpose(0, 1).index_select(1, self.perm)  # [B, N, D] in spec order
+
+
+def unique_ids(values: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(values, return_inverse=True)`` for ids in ``[0, num_rows)``, without a sort: a presence
+    mask over the table's rows (O(L + rows)); ids come out ascending, like ``torch.unique``'s."""
+    present = torch.zeros(num_rows, dtype=torch.bool, device=values.device)
+    present[values] = True
+    ids = present.nonzero().squeeze(1)  # [U] ascending
+    remap = torch.empty(num_rows, dtype=torch.long, device=values.device)
+    remap[ids] = torch.arange(len(ids), device=values.device)
+    return ids, remap[values]  # [U], [L]
+
+
+def embedding_bags(module: nn.Module) -> Iterator[nn.EmbeddingBag]:
+    """Every ``nn.EmbeddingBag`` inside ``module`` (the tables of unsharded torchrec EBCs)."""
+    for m in module.modules():
+        if isinstance(m, nn.EmbeddingBag):
+            yield m
+
+
+def use_sparse_gradients(module: nn.Module, enabled: bool = True) -> None:
+    """Makes every embedding table of ``module`` produce sparse gradients (only the rows a batch read).
+
+    Unsharded torchrec EBCs hold plain ``nn.EmbeddingBag`` tables whose forward passes ``self.sparse`` to
+    ``F.embedding_bag``; a sparse-aware optimizer (Adagrad, SparseAdam, SGD) then touches those rows only.
+    Sharded training (DMP) replaces this with fbgemm's fused optimizers.
+    """
+    for bag in embedding_bags(module):
+        bag.sparse = enabled

@@ -1,0 +1,76 @@
+"""Eq. 7-8 loss and Eq. 12 normalized entropy on hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dv365.train.errors import TrainConfigError
+from dv365.train.losses import MultiTaskLoss, TaskSpec, bce
+from dv365.train.metrics import MultiTaskMeter, binary_entropy, normalized_entropy
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_eq7_bce_on_probabilities() -> None:
+    # -(1/2) [1*ln 0.9 + 1*ln(1 - 0.2)]
+    got = bce(torch.tensor([0.9, 0.2], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert got.item() == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2, rel=1e-12)
+    assert got.item() == pytest.approx(0.16425203348, rel=1e-9)
+
+
+def test_eq8_total_is_sum_of_bce_plus_a_times_mse() -> None:
+    tasks = [TaskSpec("label_like"), TaskSpec("label_follow"),
+             TaskSpec("label_watch_time", "regression", weight=0.5, transform="log1p")]
+    loss_fn = MultiTaskLoss(tasks)
+    out = torch.tensor([[logit(0.9), logit(0.5), 1.0],
+                        [logit(0.2), logit(0.25), 2.0]], dtype=torch.float64)
+    labels = torch.tensor([[1.0, 0.0, math.e - 1],   # log1p(e - 1) = 1: squared error 0
+                           [0.0, 1.0, math.e ** 3 - 1]], dtype=torch.float64)  # log1p -> 3: squared error 1
+    total, per_task = loss_fn(out, labels)
+    like = -(math.log(0.9) + math.log(0.8)) / 2
+    follow = -(math.log(0.5) + math.log(0.25)) / 2
+    mse = (0.0 + 1.0) / 2
+    assert per_task.tolist() == pytest.approx([like, follow, mse], rel=1e-9)
+    assert total.item() == pytest.approx(like + follow + 0.5 * mse, rel=1e-9)
+
+
+def test_eq12_ne_is_one_for_the_base_rate_predictor_and_hand_value_otherwise() -> None:
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert binary_entropy(0.25) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert normalized_entropy(torch.full((4,), logit(0.25)), labels) == pytest.approx(1.0, rel=1e-9)
+    probs = [0.8, 0.1, 0.2, 0.1]
+    bce_ = -(math.log(0.8) + math.log(0.9) + math.log(0.8) + math.log(0.9)) / 4
+    ne = normalized_entropy(torch.tensor([logit(p) for p in probs], dtype=torch.float64), labels)
+    assert ne == pytest.approx(bce_ / binary_entropy(0.25), rel=1e-9)
+    assert ne == pytest.approx(0.29209, abs=1e-5)  # 0.164252 / 0.562335
+    assert math.isnan(normalized_entropy(torch.zeros(3), torch.zeros(3)))  # no positives: undefined
+
+
+def test_meter_streams_batches_and_uses_the_evaluated_base_rate() -> None:
+    tasks = [TaskSpec("label_like"), TaskSpec("label_watch_time", "regression", transform="log1p")]
+    torch.manual_seed(0)
+    out = torch.randn(10, 2)
+    labels = torch.stack([(torch.rand(10) < 0.3).float(), torch.rand(10) * 60], dim=1)
+    labels[0, 0] = 1.0
+    meter = MultiTaskMeter(tasks)
+    meter.update(out[:4], labels[:4])
+    meter.update(out[4:], labels[4:])
+    res = meter.compute()
+    assert res["like"]["ne"] == pytest.approx(normalized_entropy(out[:, 0], labels[:, 0]), rel=1e-9)
+    assert res["like"]["base_rate"] == pytest.approx(labels[:, 0].mean().item())
+    expect_mse = ((out[:, 1].double() - torch.log1p(labels[:, 1].double())) ** 2).mean().item()
+    assert res["watch_time"]["mse"] == pytest.approx(expect_mse, rel=1e-9)
+    assert meter.mean_ne() == pytest.approx(res["like"]["ne"])
+
+
+def test_task_spec_validation() -> None:
+    with pytest.raises(TrainConfigError, match="kind"):
+        TaskSpec("label_x", kind="ranking")
+    with pytest.raises(TrainConfigError, match="binary tasks take no transform"):
+        TaskSpec("label_x", transform="log1p")
+    assert TaskSpec("label_watch_time").name == "watch_time"
