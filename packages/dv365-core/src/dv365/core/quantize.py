@@ -16,6 +16,8 @@ round-half-to-even. Decoding: ``x_hat = code * scale + bias`` in fp32.
 
 :func:`quantize_rows` / :func:`dequantize_rows` are pure PyTorch (no fbgemm: downstream teams must not
 need it) and match fbgemm bit for bit; ``tests/core/test_quantize.py`` checks that against the fbgemm ops.
+One known difference: when a row's minimum is a zero, fbgemm's vectorised min and ``torch.amin`` may
+disagree on its sign (+0.0 vs -0.0), so the bias's sign bit can differ; the decoded values are identical.
 """
 
 from __future__ import annotations
