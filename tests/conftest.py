@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+import os
+
 import pyarrow as pa
 import pytest
+from hypothesis import settings
+
+# CI (CI=true) runs hypothesis derandomized: the same examples every run, so a landing never depends on
+# luck; local runs keep exploring new examples (and the .hypothesis database replays any failure found).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from dv365.core.timeline import schema_for
 from dv365.core.vocab import Vocabulary
