@@ -65,8 +65,9 @@ class Catalog:
         starts, ends = self.tag_offsets[rows], self.tag_offsets[rows + 1]
         lens = ends - starts
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-        total = int(lens.sum())
-        idx = np.arange(total, dtype=np.int64) + np.repeat(starts - (offsets[1:] - lens), lens) if total else np.zeros(0, np.int64)
+        from dv365.core.timeline import _ranges
+
+        idx = _ranges(starts, lens)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(self.tag_values[idx], pa.int64()))
 
 
