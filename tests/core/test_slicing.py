@@ -340,8 +340,11 @@ def _random_timelines(seed: int, users: int = 300) -> tuple[Timelines, np.ndarra
 def _variants() -> list[SliceSpec]:
     kuai = SliceSpec.load_default("kuairand")
     huge = {k: {**v, "hash_size": 2**40 + 15} for k, v in kuai.raw["id_types"].items()}  # hash-table path
+    # media and author with one hash size (as dv365-train's configs set them): each id type must still get
+    # its own direct-mapped code table (a shared one mixed media and author codes: out-of-range ids)
+    same = {k: {**v, "hash_size": 20011 if k in ("media", "author") else 1009} for k, v in kuai.raw["id_types"].items()}
     return [kuai, SliceSpec.from_dict({**kuai.raw, "cap": 300, "id_types": huge}), SliceSpec.load_default("movielens"),
-            SliceSpec.from_dict(SMALL_SPEC), _no_dedup(kuai)]
+            SliceSpec.from_dict(SMALL_SPEC), _no_dedup(kuai), SliceSpec.from_dict({**kuai.raw, "id_types": same})]
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -400,7 +403,7 @@ def test_debiased_score_on_its_threshold_decides_like_numpy() -> None:
 def test_backend_choice_and_missing_numba(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = SliceSpec.load_default("movielens")
     assert Slicer(spec, Vocabulary(), backend="numpy").backend == "numpy"
-    assert Slicer(spec, Vocabulary()).backend == "numpy"  # default while the numba backend is experimental
+    assert Slicer(spec, Vocabulary()).backend == ("numba" if HAS_NUMBA else "numpy")  # default: auto
     assert Slicer(spec, Vocabulary(), backend="auto").backend == ("numba" if HAS_NUMBA else "numpy")
     with pytest.raises(ValueError, match="backend must be one of"):
         Slicer(spec, Vocabulary(), backend="cuda")

@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     for ref in CORE_COMMANDS:
         _load(ref)(sub)
     for ep in sorted(entry_points(group="dv365.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            register = ep.load()
+        except Exception as e:  # a broken plug-in must not take the other commands down with it
+            print(f"dv365: warning: command {ep.name!r} ({ep.value}) could not be loaded and is left out: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 

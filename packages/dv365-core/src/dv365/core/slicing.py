@@ -18,10 +18,10 @@ weighted MEAN).
 
 :class:`Slicer` has two backends with the same semantics: ``numpy`` (vectorised over the whole batch)
 and ``numba`` (fused per-row kernels in :mod:`dv365.core._slicing_numba`, ~5x faster; optional:
-``pip install 'dv365-core[fast]'``); ``backend="auto"`` uses numba when it imports. The default is
-``numpy``: the numba backend is EXPERIMENTAL -- it passes the reference tests but produced out-of-range
-ids on the synth-200 training data (``dv365 train --config packages/dv365-train/configs/synth-quick.yaml
---set data.slicer=numba``), a bug still open.
+``pip install 'dv365-core[fast]'``); ``backend="auto"`` (the default) uses numba when it imports, else
+numpy. (The numba backend was opt-in until a bug was fixed where two id types with the same hash size,
+e.g. media and author at 20011 rows, shared one code table and produced out-of-range ids; the backend
+agreement tests now cover that case.)
 :func:`reference_slice` is a plain-Python reference of the same semantics, used by the tests.
 
 Semantics in one place (both backends and the reference follow them):
@@ -494,7 +494,7 @@ class Slicer:
         vocab: the dataset's vocabulary (codes of actions / media types / surfaces).
         backend: ``"numpy"`` (vectorised numpy over the batch), ``"numba"`` (fused per-row kernels in
             :mod:`dv365.core._slicing_numba`; needs ``pip install 'dv365-core[fast]'``) or ``"auto"``
-            (numba when importable). Both give the same bags; the order of ids *within* a dedup'd bag is
+            (the default: numba when importable, else numpy). Both give the same bags; the order of ids *within* a dedup'd bag is
             backend-specific and deterministic (numpy: ascending id; numba: most recent occurrence
             first). The first numba call per process compiles the kernels or loads them from numba's
             on-disk cache.
@@ -507,7 +507,7 @@ class Slicer:
         slicer.backend                                                # "numba" or "numpy"
     """
 
-    def __init__(self, spec: SliceSpec, vocab: Vocabulary, backend: str = "numpy") -> None:
+    def __init__(self, spec: SliceSpec, vocab: Vocabulary, backend: str = "auto") -> None:
         spec.check_vocab(vocab)
         self.spec, self.vocab = spec, vocab
         self.backend = resolve_backend(backend)
@@ -713,12 +713,14 @@ class _FusedPlan:
 
     def _cmaps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This thread's direct-mapped code tables for our hash sizes (all -1 between kernel calls)."""
-        maps: dict[int, np.ndarray] = _WORKSPACE.__dict__.setdefault("cmaps", {})
+        # keyed by (id type, size): one table per id type even when two id types share a hash size (the
+        # kernels fill the media, author and topic tables at the same time; a shared table mixed their codes)
+        maps: dict[tuple[int, int], np.ndarray] = _WORKSPACE.__dict__.setdefault("cmaps", {})
         out = []
-        for h, d in zip(self.hash_size.tolist(), self.direct.tolist()):
-            if d and h not in maps:
-                maps[h] = np.full(h, -1, np.int32)
-            out.append(maps[h] if d else np.zeros(0, np.int32))
+        for i, (h, d) in enumerate(zip(self.hash_size.tolist(), self.direct.tolist())):
+            if d and (i, h) not in maps:
+                maps[(i, h)] = np.full(h, -1, np.int32)
+            out.append(maps[(i, h)] if d else np.zeros(0, np.int32))
         return out[0], out[1], out[2]
 
     def _duration_cache(self, src: _FusedSource) -> np.ndarray:
