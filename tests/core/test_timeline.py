@@ -186,6 +186,33 @@ def test_append_adds_parts_and_merges_a_users_events(make_events: MakeEvents, ur
     assert merged == [got]
 
 
+def test_append_with_run_id_can_be_redone_after_a_kill(make_events: MakeEvents, url: str) -> None:
+    """A recurring job appends with a deterministic run id: a killed append (parts flushed, never closed) is
+    cleaned up by remove_run_parts and redone; completed appends are listed; other runs are untouched."""
+    from dv365.core.timeline import appended_runs, remove_run_parts
+
+    first = make_events("explicit", [{"user_id": 5, "ts": T0 + 10, "action": "like"}])
+    new = make_events("explicit", [{"user_id": u, "ts": T0 + 20, "action": "save"} for u in (5, 6)])
+    with DatasetWriter(url, num_buckets=2) as w:
+        w.add(explicit=first)
+    base = set(part_files(TimelineDataset(url), "explicit"))
+    with pytest.raises(RuntimeError, match="killed"):
+        with DatasetWriter(url, mode="append", run_id="cycle_0002", flush_rows=1) as w:
+            w.add(explicit=new)  # flushed: its parts are already in the folders
+            raise RuntimeError("killed")
+    assert appended_runs(url) == []  # never completed
+    assert remove_run_parts(url, "cycle_0002") >= 1
+    assert set(part_files(TimelineDataset(url), "explicit")) == base  # only the killed run's parts went
+    with DatasetWriter(url, mode="append", run_id="cycle_0002") as w:
+        w.add(explicit=new)
+    ds = TimelineDataset(url)
+    assert appended_runs(url) == ["cycle_0002"]
+    assert user_rows(ds.read_users([5]), 0)["explicit_ts"] == [T0 + 10, T0 + 20]  # no duplicate rows
+    assert (ds.meta.stats["users"], ds.meta.stats["events"]) == (2, 3)
+    with pytest.raises(ValueError, match="run_id"):
+        DatasetWriter(url, mode="append", run_id="../x")
+
+
 def test_incomplete_write_is_invisible(make_events: MakeEvents, url: str) -> None:
     data = sample_events(make_events)
     with pytest.raises(RuntimeError, match="boom"):

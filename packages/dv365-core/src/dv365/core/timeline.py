@@ -330,6 +330,11 @@ class DatasetWriter:
     ``mode="create"`` refuses an existing dataset, ``mode="overwrite"`` replaces it, ``mode="append"`` adds
     new parts to a finished one (meta stats updated).
 
+    ``run_id`` names this writer's part files (``part-<run_id>-<n>.parquet``; default: random). A recurring
+    job that appends with a deterministic ``run_id`` can make its append idempotent: if it was killed
+    mid-way, :func:`remove_run_parts` deletes that run's parts before it appends again, and the run ids of
+    completed appends are listed in ``_dataset.json`` (``meta.extra["appends"]``, see :func:`appended_runs`).
+
     Example::
 
         with DatasetWriter("memory://ds", source="example") as w:
@@ -349,7 +354,10 @@ class DatasetWriter:
         flush_rows: int = 2_000_000,
         mode: str = "create",
         extra: dict[str, Any] | None = None,
+        run_id: str | None = None,
     ) -> None:
+        if run_id is not None and not (run_id and all(c.isalnum() or c in "_." for c in run_id)):
+            raise ValueError(f"run_id must be letters, digits, '_' or '.', got {run_id!r}")
         self.url = url
         self.fs, self.root = _fs(url)
         meta_path = posixpath.join(self.root, "_dataset.json")
@@ -374,7 +382,7 @@ class DatasetWriter:
         self.report: dict[str, ValidationReport] = {k: ValidationReport() for k in ("explicit", "implicit", "requests")}
         self._buf: dict[tuple[str, int], list[pa.Table]] = {}
         self._buf_rows = 0
-        self._run = uuid.uuid4().hex[:8]
+        self._run = run_id or uuid.uuid4().hex[:8]
         self._part = 0
         self._closed = False
 
@@ -447,11 +455,37 @@ class DatasetWriter:
             if r.records_in:
                 validation[k] = r.summary() if k not in validation else f"{validation[k]} | appended: {r.summary()}"
         self.meta.stats["validation"] = validation
+        if self._append:
+            runs = [r for r in self.meta.extra.get("appends", []) if r != self._run]
+            self.meta.extra["appends"] = runs + [self._run]
         self.fs.makedirs(self.root, exist_ok=True)
         with self.fs.open(posixpath.join(self.root, "_dataset.json"), "w") as f:
             f.write(self.meta.to_json())
         self._closed = True
         return self.meta
+
+
+def remove_run_parts(url: str, run_id: str) -> int:
+    """Deletes the part files one :class:`DatasetWriter` ``run_id`` wrote (e.g. an append killed mid-way,
+    before it is redone); returns how many. Other runs' files are untouched."""
+    fs, root = _fs(url)
+    n = 0
+    for kind in ("explicit", "implicit", "requests"):
+        d = posixpath.join(root, kind)
+        if not fs.exists(d):
+            continue
+        for bucket in fs.ls(d, detail=False):
+            for p in fs.ls(bucket, detail=False):
+                name = posixpath.basename(p)
+                if name.startswith(f"part-{run_id}-") and (name.endswith(".parquet") or name.endswith(".parquet.tmp")):
+                    fs.rm(p)
+                    n += 1
+    return n
+
+
+def appended_runs(url: str) -> list[str]:
+    """Run ids of the completed appends of a dataset (oldest first), from its ``_dataset.json``."""
+    return list(TimelineDataset(url).meta.extra.get("appends", []))
 
 
 class TimelineDataset:
