@@ -43,6 +43,12 @@ class DataConfig:
         train_range: ``[lo, hi)`` fractions of the remaining (time-sorted) requests used for training;
             a newer model version warm-started from an older one trains on a later range.
         slicer: the ``Slicer`` backend: ``auto`` (the core default), ``numpy`` or ``numba``.
+        dedup: RecD-style dedup (:mod:`~dv365.train.dedup`): rows of a batch whose user slices are identical
+            (same user, same effective cut-off) are sliced, pooled and summarised once, then expanded back.
+            Same outputs and gradients as without (up to float summation order).
+        group_by_user: 0 (default): each epoch is a plain permutation of the requests. ``G > 0``: a user's
+            time-consecutive requests stay together in groups of up to ``G`` rows (the groups are shuffled),
+            so a batch holds several rows per user (more to deduplicate when their slices coincide).
     """
 
     url: str = ""
@@ -51,6 +57,8 @@ class DataConfig:
     eval_fraction: float = 0.2
     train_range: tuple[float, float] = (0.0, 1.0)
     slicer: str = "auto"
+    dedup: bool = True
+    group_by_user: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,10 @@ class RunConfig:
         threads: CPU intra-op threads (``torch.set_num_threads``; 0: torch's default). On a small shared
             machine 1 thread can be several times faster than 2 that fight for the cores.
         progress: show tqdm bars.
+        sharding: embedding-table sharding when run under ``torchrun`` (``WORLD_SIZE`` > 1, see
+            :mod:`~dv365.train.distributed`): ``table_wise`` (each table on one rank, fbgemm fused kernel and
+            optimizer), ``row_wise`` (rows split over ranks; CUDA only in torchrec 1.8) or
+            ``data_parallel`` (replicated tables, gradients all-reduced).
     """
 
     steps: int = 100
@@ -120,6 +132,7 @@ class RunConfig:
     num_workers: int = 0
     threads: int = 0
     progress: bool = True
+    sharding: str = "table_wise"
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,9 @@ class TrainConfig:
               "must be >= 0")
         _need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
         _need(d.slicer in ("auto", "numpy", "numba"), "data.slicer", d.slicer, "use auto, numpy or numba")
+        _need(d.group_by_user >= 0, "data.group_by_user", d.group_by_user, "must be >= 0 (0: off)")
+        _need(r.sharding in ("table_wise", "row_wise", "data_parallel"), "run.sharding", r.sharding,
+              "use table_wise, row_wise or data_parallel")
         lo, hi = d.train_range
         _need(0.0 <= lo < hi <= 1.0, "data.train_range", d.train_range, "must be [lo, hi) with 0 <= lo < hi <= 1")
         _need(self.optim.lr > 0 and self.optim.sparse_lr > 0, "optim.lr", self.optim.lr, "learning rates must be > 0")

@@ -16,7 +16,10 @@ exactly the batches of an uninterrupted run. The last partial batch of an epoch 
 
 Everything here runs on the CPU (numpy slicing, KJT construction); :meth:`Batch.to` moves a batch to the
 training device. The timelines of the run's users are held in memory (fine up to ~1K users of paper-sized
-histories on one host; streaming by user bucket comes with RecD batching).
+histories on one host).
+
+RecD dedup (``data.dedup``, :mod:`~dv365.train.dedup`): rows of a batch with identical user slices are
+sliced once; ``data.group_by_user`` keeps a user's consecutive requests together in the epoch order.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dv365.core.slicing import Slicer, SliceSpec
 from dv365.core.timeline import TimelineDataset, Timelines, take_rows
 from dv365.train.backbone import ITEM_FEATURES, SMALL_ITEM_TABLES
 from dv365.train.config import DataConfig
+from dv365.train.dedup import dedup_rows, grouped_permutation, slice_keys, with_inverse
 from dv365.train.errors import TrainConfigError
 from dv365.train.losses import MultiTaskLoss, TaskSpec
 
@@ -93,6 +97,8 @@ class Batch(Pipelineable):
 
     Attributes:
         user_kjt: the sliced features (weighted KJT, one key per spec feature), ``None`` for the baseline.
+            With ``data.dedup`` and repeated user slices it holds ``U < B`` rows per key plus torchrec
+            ``inverse_indices`` mapping the ``B`` batch rows to them (the user tower expands its output).
         item_kjt: the target item's ids, one key per :data:`ITEM_FEATURES`.
         dense: ``[B, NUM_DENSE]`` float32.
         labels: ``[B, K]`` float32, columns in task order.
@@ -230,6 +236,7 @@ class ExampleSource:
         self.train_rows = np.arange(lo, hi, dtype=np.int64)
         self.eval_rows = np.arange(pool, R, dtype=np.int64)
         self.item_hash_size = item_hash_size
+        self.cfg = cfg
         self.spec = spec
         self.slicer: Slicer | None = None
         if spec is not None:  # the backend is passed only when chosen (older cores have no such argument)
@@ -247,22 +254,35 @@ class ExampleSource:
     def simulated(self) -> bool:
         return bool(self.dataset.meta.simulated)
 
-    def collate(self, rows: np.ndarray) -> Batch:
-        """Slices each row's user at the row's request time and builds the KJTs (CPU tensors)."""
+    def collate(self, rows: np.ndarray, dedup: bool | None = None) -> Batch:
+        """Slices each row's user at the row's request time and builds the KJTs (CPU tensors).
+
+        With dedup (``data.dedup``, or the ``dedup`` argument), rows whose slices are identical (same user,
+        same effective cut-off: :func:`~dv365.train.dedup.slice_keys`) are sliced once: the user KJT then
+        has ``U < B`` rows and ``inverse_indices`` (a batch without repeats is built exactly as without dedup).
+        """
         rows = np.asarray(rows, np.int64)
         req = self.requests
         user_kjt = None
-        if self.slicer is not None and self.timelines is not None:
+        if self.slicer is not None and self.timelines is not None and self.spec is not None:
             tl = self.timelines
             urow = np.searchsorted(self._users, req.user_id[rows])
+            ts = req.ts[rows]
+            inverse = None
+            if (self.cfg.dedup if dedup is None else dedup) and len(rows) > 1:
+                first, inv = dedup_rows(slice_keys(tl, urow, ts, self.spec))
+                if len(first) < len(rows):
+                    urow, ts, inverse = urow[first], ts[first], inv
             batch_tl = Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab)
-            sliced = self.slicer.slice(batch_tl, req.ts[rows])
+            sliced = self.slicer.slice(batch_tl, ts)
             if len(sliced.values) and (sliced.values.min() < 0 or sliced.values.max() >= self._max_rows):
                 raise DatasetError(
                     f"the slicer ({getattr(self.slicer, 'backend', 'default')} backend) produced ids outside "
                     f"[0, {self._max_rows}) for users {np.unique(req.user_id[rows])[:5].tolist()}...: "
                     "a slicer bug; try data.slicer: numpy")
             user_kjt = sliced.to_kjt()
+            if inverse is not None:
+                user_kjt = with_inverse(user_kjt, torch.from_numpy(inverse))
         return Batch(user_kjt, item_kjt(req, rows, self.item_hash_size),
                      torch.from_numpy(dense_features(req.ts[rows], req.video_duration[rows])),
                      torch.from_numpy(np.ascontiguousarray(req.labels[rows])))
@@ -293,6 +313,10 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
         source: the examples.
         batch_size: examples per step.
         seed: data-order seed.
+        group_by_user: keep each user's time-consecutive requests together in groups of this many rows
+            (:func:`~dv365.train.dedup.grouped_permutation`); ``None``: ``data.group_by_user`` of the source.
+        part: ``(rank, world_size)``: ``batches[step]`` collates only this rank's contiguous part of the
+            step's global batch (multi-process training); ``rows(step)`` is always the whole batch.
 
     Example::
 
@@ -300,11 +324,14 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
         loader = DataLoader(batches, batch_size=None, sampler=range(start, steps), num_workers=2)
     """
 
-    def __init__(self, source: ExampleSource, batch_size: int, seed: int) -> None:
+    def __init__(self, source: ExampleSource, batch_size: int, seed: int, group_by_user: int | None = None,
+                 part: tuple[int, int] = (0, 1)) -> None:
         n = len(source.train_rows)
         if n < batch_size:
             raise TrainConfigError(f"run.batch_size = {batch_size} but the training range has only {n} requests")
         self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.group_by_user = source.cfg.group_by_user if group_by_user is None else group_by_user
+        self.part = part
         self.batches_per_epoch = n // batch_size
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -315,7 +342,13 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
-            self._perm = (epoch, rng.permutation(len(self.source.train_rows)))
+            if self.group_by_user > 0:
+                rows = self.source.train_rows
+                perm = grouped_permutation(self.source.requests.user_id[rows], self.source.requests.ts[rows],
+                                           self.group_by_user, rng)
+            else:
+                perm = rng.permutation(len(self.source.train_rows))
+            self._perm = (epoch, perm)
         return self._perm[1]
 
     def rows(self, step: int) -> np.ndarray:
@@ -324,8 +357,14 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
         idx = self.permutation(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
         return self.source.train_rows[idx]
 
+    def local_rows(self, step: int) -> np.ndarray:
+        """This rank's part of the step's batch (all of it in a single process)."""
+        rank, world = self.part
+        n = self.batch_size // world
+        return self.rows(step)[rank * n:(rank + 1) * n]
+
     def __getitem__(self, step: int) -> Batch:
-        return self.source.collate(self.rows(step))
+        return self.source.collate(self.local_rows(step))
 
     def __len__(self) -> int:
         return self.batches_per_epoch

@@ -17,6 +17,7 @@ from torch import nn
 from dv365.core.slicing import SliceSpec
 from dv365.train.backbone import MultiTaskDLRM
 from dv365.train.config import ModelConfig
+from dv365.train.dedup import expand, strip_inverse
 from dv365.train.errors import TrainConfigError
 from dv365.train.fsa import UserTowerArch, build_user_tower
 from dv365.train.losses import TaskSpec
@@ -27,6 +28,10 @@ BASELINE = "baseline"
 
 class DV365UserTower(nn.Module):
     """``eta``: sliced KJT -> user embeddings ``[B, N_out, D]`` (what the exporter runs over all users).
+
+    A KJT with torchrec ``inverse_indices`` (a RecD-deduplicated batch: ``U`` unique user rows, ``B`` batch
+    rows; :mod:`~dv365.train.dedup`) is pooled and summarised on its ``U`` rows, and the output is expanded
+    to ``[B, N_out, D]`` by ``index_select`` at the end.
 
     Args:
         pooling: the sliced-feature tables and pooling, ``KJT -> [B, N, D]``.
@@ -44,7 +49,8 @@ class DV365UserTower(nn.Module):
         self.out_tokens, self.dim = arch.out_tokens, pooling.dim
 
     def forward(self, kjt: Any) -> torch.Tensor:
-        return self.arch(self.pooling(kjt))  # [B, N, D] -> [B, N_out, D]
+        unique, inverse = strip_inverse(kjt)  # U rows (= B without dedup), inverse [B] or None
+        return expand(self.arch(self.pooling(unique)), inverse)  # [U, N, D] -> [U, N_out, D] -> [B, N_out, D]
 
 
 class DV365Model(nn.Module):

@@ -16,7 +16,11 @@ Two forward paths give the same numbers (tested):
   with ~4K events made 1.24M lookups into tables whose distinct rows are bounded by the 7,583-item
   catalog) -- what fbgemm's TBE does for sharded tables, in plain PyTorch.
 * ``grouped=False``: torchrec's ``EmbeddingBagCollection.forward`` (one call per feature), the reference,
-  and the path a torchrec sharding plan (DMP) replaces with its sharded EBC.
+  and the path a torchrec sharding plan (DMP) replaces with its sharded EBC: once ``self.ebc`` is sharded
+  (:mod:`~dv365.train.distributed`), this path is taken whatever ``grouped`` says.
+
+A KJT with ``inverse_indices`` (RecD dedup, :mod:`~dv365.train.dedup`) is pooled on its unique rows and
+expanded to the batch rows at the end.
 
 Both use the parameters of the same torchrec EBC (``ebc.embedding_bags.<table>.weight``).
 """
@@ -28,6 +32,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from torchrec import EmbeddingBagCollection
 
 from dv365.core.kjt import embedding_bag_configs
 from dv365.core.slicing import SliceSpec
@@ -51,8 +57,6 @@ class SlicedPooling(nn.Module):
 
     def __init__(self, spec: SliceSpec, dim: int, device: torch.device | str | None = None, grouped: bool = True) -> None:
         super().__init__()
-        from torchrec import EmbeddingBagCollection
-
         self.feature_names: list[str] = spec.feature_names
         self.num_tokens, self.dim = len(self.feature_names), dim
         tables = embedding_bag_configs(spec, dim)
@@ -65,13 +69,31 @@ class SlicedPooling(nn.Module):
         self._ebc_features = [list(t.feature_names) for t in tables]
         self._kjt_keys: list[str] | None = None
         self._kjt_perm: list[int] = []
+        self._out_keys: list[str] | None = None
+        self._out_perm = perm
 
     def forward(self, kjt: Any) -> torch.Tensor:
-        if not self.grouped:
-            pooled = self.ebc(kjt).values()  # [B, N*D], features grouped by table
-            B = pooled.shape[0]
-            return pooled.view(B, self.num_tokens, self.dim).index_select(1, self.perm)  # [B, N, D] in spec order
-        return self._grouped_forward(kjt)
+        from dv365.train.dedup import expand, strip_inverse
+
+        kjt, inverse = strip_inverse(kjt)  # a deduplicated KJT: pool its U rows, then expand to B
+        if not self.grouped or not isinstance(self.ebc, EmbeddingBagCollection):  # the reference, or sharded (DMP)
+            kt = self.ebc(kjt)  # KeyedTensor [U, N*D]: features grouped by table (a sharded EBC may order them
+            pooled = kt.values()  # differently: its keys say how)
+            U = pooled.shape[0]
+            out = pooled.view(U, self.num_tokens, self.dim).index_select(1, self._token_perm(kt.keys()))  # [U, N, D]
+        else:
+            out = self._grouped_forward(kjt)
+        return expand(out, inverse)  # [B, N, D]
+
+    def _token_perm(self, keys: list[str]) -> torch.Tensor:
+        """Position in ``keys`` (an EBC output's key order) of each token, in spec order."""
+        if list(keys) == [n for names in self._ebc_features for n in names]:
+            return self.perm
+        if self._out_keys != list(keys):
+            pos = {k: i for i, k in enumerate(keys)}
+            self._out_perm = torch.tensor([pos[f] for f in self.feature_names], dtype=torch.long, device=self.perm.device)
+            self._out_keys = list(keys)
+        return self._out_perm
 
     def _grouped_forward(self, kjt: Any) -> torch.Tensor:
         keys = kjt.keys()

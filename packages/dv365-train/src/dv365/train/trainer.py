@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dv365.train.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, load_module_state, \
-    restore_rng_state, save_checkpoint
+from dv365.train.checkpoint import capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint, \
+    load_module_state, restore_rng_state, save_checkpoint
 from dv365.train.config import OptimConfig, TrainConfig
+from dv365.train.distributed import DistContext, all_gather_objects, all_reduce_sum, dense_checksum, \
+    env_world_size, gather_state, init_from_env, scatter_optimizer_state, scatter_state, shard_model
 from dv365.train.data import NUM_DENSE, Batch, ExampleSource, TrainBatches, load_spec
 from dv365.train.errors import CheckpointError, TrainConfigError
 from dv365.train.losses import MultiTaskLoss, TaskSpec
@@ -131,8 +133,18 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, device: str | torch.device | None = None, progress: bool | None = None) -> None:
         self.cfg = cfg
-        self.device = resolve_device(device if device is not None else cfg.run.device)
-        self.progress = cfg.run.progress if progress is None else progress
+        # under torchrun (WORLD_SIZE > 1): join the process group, one device per process (distributed.py)
+        self.dist: DistContext | None = None
+        if env_world_size() > 1:
+            self.dist = init_from_env(str(device) if device is not None else cfg.run.device)
+            if cfg.run.batch_size % self.dist.world_size:
+                raise TrainConfigError(f"run.batch_size = {cfg.run.batch_size} must be a multiple of the "
+                                       f"world size {self.dist.world_size} (each rank reads an equal part)")
+            self.device = self.dist.device
+        else:
+            self.device = resolve_device(device if device is not None else cfg.run.device)
+        self.is_main = self.dist is None or self.dist.is_main
+        self.progress = (cfg.run.progress if progress is None else progress) and self.is_main
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
@@ -141,8 +153,8 @@ class Trainer:
         self.tasks: tuple[TaskSpec, ...] = self.source.tasks
         self.model: DV365Model = build_model(cfg.model, self.spec, self.tasks, NUM_DENSE, self.device)
         self.loss_fn = MultiTaskLoss(self.tasks).to(self.device)
-        self.optimizers = build_optimizers(self.model, cfg.optim)
-        self.batches = TrainBatches(self.source, cfg.run.batch_size, cfg.run.seed)
+        part = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        self.batches = TrainBatches(self.source, cfg.run.batch_size, cfg.run.seed, part=part)
         self.step = 0
         self.meter = MultiTaskMeter(self.tasks)  # the running window shown in the progress bar
         self._window_loss = [0.0, 0]
@@ -150,17 +162,23 @@ class Trainer:
         self.resumed_from: str | None = None
         self.warm_started_from: str | None = None
         latest = latest_checkpoint(self.ckpt_dir)
-        if latest is not None:
-            self.load(latest)
-        else:
+        if latest is None:  # a fresh run: head biases from the data, then the previous version's tower
             self.model.backbone.init_head_bias(self.source.head_bias())
             if cfg.checkpoint.warm_start:
                 self.warm_start(cfg.checkpoint.warm_start, cfg.checkpoint.warm_start_modules)
+        # `net` runs the forward pass: the model itself, or its DMP wrapper (sharded tables + DDP)
+        self.net: nn.Module = self.model
+        if self.dist is not None:
+            self.net, self.optimizers = shard_model(self.model, cfg, self.dist)
+        else:
+            self.optimizers = build_optimizers(self.model, cfg.optim)
+        if latest is not None:
+            self.load(latest)
 
     # -- training ------------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch already on the device; returns (loss, outputs [B, K]), detached."""
-        out = self.model(batch.user_kjt, batch.item_kjt, batch.dense)  # [B, K]
+        out = self.net(batch.user_kjt, batch.item_kjt, batch.dense)  # [B, K] (this rank's part under torchrun)
         loss, _ = self.loss_fn(out, batch.labels)
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -188,7 +206,7 @@ class Trainer:
         t0 = time.perf_counter()
         last_loss, saved = math.nan, None
         with deterministic_algorithms(run.deterministic, self.device):
-            self.model.train()
+            self.net.train()
             bar = tqdm(total=run.steps, initial=start, unit="step", desc=f"train {self.cfg.model.kind}",
                        disable=not self.progress, dynamic_ncols=True)
             for batch in self._batches(start, run.steps):
@@ -225,22 +243,37 @@ class Trainer:
         return result
 
     def _log(self, bar: Any) -> float:
+        if self.dist is not None:  # the window over every rank's rows (sums), then only rank 0 writes
+            self._reduce_meter(self.meter)
+            self._window_loss[0] = float(all_reduce_sum(torch.tensor([self._window_loss[0]], dtype=torch.float64),
+                                                        self.dist)) / self.dist.world_size
         loss = self._window_loss[0] / max(self._window_loss[1], 1)
         metrics = self.meter.compute()
         ne = self.meter.mean_ne()
         bar.set_postfix(loss=f"{loss:.4f}", ne=f"{ne:.4f}")
+        self.meter.reset()
+        self._window_loss = [0.0, 0]
+        if not self.is_main:
+            return loss
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         line = {"step": self.step, "loss": loss, "mean_ne": ne,
                 "ne": {k: v["ne"] for k, v in metrics.items() if "ne" in v},
                 "mse": {k: v["mse"] for k, v in metrics.items() if "mse" in v}}
         with open(self.ckpt_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps(line, allow_nan=True) + "\n")
-        self.meter.reset()
-        self._window_loss = [0.0, 0]
         return loss
+
+    def _reduce_meter(self, meter: MultiTaskMeter) -> None:
+        """Sums a meter over the ranks (NE / MSE are ratios of sums: the result is the global one)."""
+        assert self.dist is not None
+        meter.loss_sum = all_reduce_sum(meter.loss_sum, self.dist)
+        meter.label_sum = all_reduce_sum(meter.label_sum, self.dist)
+        meter.count = int(all_reduce_sum(torch.tensor([meter.count], dtype=torch.float64), self.dist))
 
     def _log_eval(self, ev: dict[str, Any]) -> None:
         """Appends one evaluation to ``eval_log.jsonl`` (evaluation uses no RNG: resume stays exact)."""
+        if not self.is_main:
+            return
         line = {"step": self.step, "examples": ev["examples"], "mean_ne": ev["mean_ne"],
                 "ne": {k: v["ne"] for k, v in ev["tasks"].items() if "ne" in v},
                 "mse": {k: v["mse"] for k, v in ev["tasks"].items() if "mse" in v}}
@@ -255,45 +288,93 @@ class Trainer:
         from tqdm.auto import tqdm
 
         meter = MultiTaskMeter(self.tasks)
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.net.training
+        self.net.eval()
         bs = self.cfg.run.eval_batch_size
         total = math.ceil(len(self.source.eval_rows) / bs)
-        for batch in tqdm(self.source.eval_batches(bs), total=total, unit="batch", desc="eval",
-                          disable=not self.progress, dynamic_ncols=True, leave=False):
+        for batch, n in tqdm(self._eval_batches(bs), total=total, unit="batch", desc="eval",
+                             disable=not self.progress, dynamic_ncols=True, leave=False):
             b = batch.to(self.device)
-            meter.update(self.model(b.user_kjt, b.item_kjt, b.dense), b.labels)
-        self.model.train(was_training)
+            out = self.net(b.user_kjt, b.item_kjt, b.dense)
+            if n:
+                meter.update(out[:n], b.labels[:n])
+        if self.dist is not None:
+            self._reduce_meter(meter)
+        self.net.train(was_training)
         return {"examples": meter.count, "mean_ne": meter.mean_ne(), "tasks": meter.compute()}
+
+    def _eval_batches(self, bs: int) -> Iterator[tuple[Batch, int]]:
+        """(batch, rows to count): the whole evaluation batches, or under torchrun this rank's part of each
+        (a rank whose part is empty runs one row without counting it: sharded forwards are collective)."""
+        if self.dist is None:
+            for batch in self.source.eval_batches(bs):
+                yield batch, batch.batch_size
+            return
+        rows = self.source.eval_rows
+        for s in range(0, len(rows), bs):
+            part = np.array_split(rows[s:s + bs], self.dist.world_size)[self.dist.rank]
+            yield (self.source.collate(part), len(part)) if len(part) else (self.source.collate(rows[s:s + 1]), 0)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """The checkpoint payload. Under torchrun a collective (every rank gathers its shards to rank 0);
+        only rank 0's result is complete."""
         epoch, b = self.batches.position(self.step)
+        extra: dict[str, Any] = {}
+        if self.dist is not None:
+            main = self.dist.is_main
+            model_state = gather_state(self.net.state_dict(), main)
+            optims = {k: o.state_dict() for k, o in self.optimizers.items()}
+            optims["fused"] = gather_state(self.net.fused_optimizer.state_dict(), main)  # type: ignore[operator]
+            rng = capture_rng_state()
+            extra["distributed"] = {"world_size": self.dist.world_size, "backend": self.dist.backend,
+                                    "sharding": self.cfg.run.sharding,
+                                    "rng_per_rank": all_gather_objects(rng),
+                                    "dense_checksums": all_gather_objects(dense_checksum(self.net))}
+        else:
+            model_state, rng = self.model.state_dict(), capture_rng_state()
+            optims = {k: o.state_dict() for k, o in self.optimizers.items()}
         return {
             "epoch": epoch, "batch_in_epoch": b,
             "config": self.cfg.to_dict(), "tasks": [t.label for t in self.tasks],
-            "model": self.model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "rng": capture_rng_state(),
+            "model": model_state,
+            "optimizers": optims,
+            "rng": rng, **extra,
             "meter": {"loss_sum": self.meter.loss_sum, "label_sum": self.meter.label_sum, "count": self.meter.count,
                       "window_loss": self._window_loss[0], "window_steps": self._window_loss[1]},
         }
 
     def save(self) -> Path:
-        return save_checkpoint(self.ckpt_dir, self.step, self.state(), keep=self.cfg.checkpoint.keep)
+        state = self.state()
+        path = checkpoint_path(self.ckpt_dir, self.step)
+        if self.is_main:
+            path = save_checkpoint(self.ckpt_dir, self.step, state, keep=self.cfg.checkpoint.keep)
+            self._dist_info = state.get("distributed")
+        if self.dist is not None:
+            dist_barrier()  # the checkpoint exists for every rank once save() returns
+        return path
 
     def load(self, path: str | Path) -> None:
         """Resumes from a checkpoint of this run (same model / data / tasks / optimizer / batch size / seed)."""
         ckpt = load_checkpoint(path)
-        here, there = self.cfg.to_dict(), ckpt["config"]
+        here, there = self.cfg.to_dict(), _normalised(ckpt["config"])
         changed = [".".join(k) for k in _RESUME_KEYS if _get(here, k) != _get(there, k)]
         if changed:
             raise CheckpointError(f"{ckpt['path']}: cannot resume: this run's {changed} differ from the checkpoint's; "
                                   "use another checkpoint.dir (and checkpoint.warm_start to start from it)")
-        self.model.load_state_dict(ckpt["model"])
+        if self.dist is None:
+            self.model.load_state_dict(ckpt["model"])
+        else:
+            scatter_state(self.net, ckpt["model"])
+            scatter_optimizer_state(self.net.fused_optimizer.state_dict(),  # type: ignore[operator]
+                                    ckpt["optimizers"].get("fused", {}))
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
-        restore_rng_state(ckpt["rng"])
+        per_rank = (ckpt.get("distributed") or {}).get("rng_per_rank")
+        if self.dist is not None and per_rank and len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank])
+        else:
+            restore_rng_state(ckpt["rng"])
         m = ckpt["meter"]
         self.meter.loss_sum, self.meter.label_sum, self.meter.count = m["loss_sum"], m["label_sum"], int(m["count"])
         self._window_loss = [float(m["window_loss"]), int(m["window_steps"])]
@@ -313,6 +394,8 @@ class Trainer:
         self.warm_started_from = ckpt["path"]
 
     def _write_metrics(self, result: TrainResult) -> None:
+        if not self.is_main:
+            return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         info = {
             "model": self.cfg.model.kind, "dataset": self.cfg.data.url, "simulated": self.source.simulated,
@@ -323,7 +406,27 @@ class Trainer:
             "resumed_from": result.resumed_from, "warm_started_from": result.warm_started_from,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         }
+        if self.dist is not None:
+            d = dict(getattr(self, "_dist_info", None) or {})
+            d.pop("rng_per_rank", None)
+            info["distributed"] = {"world_size": self.dist.world_size, "backend": self.dist.backend,
+                                   "sharding": self.cfg.run.sharding, **d}
         (self.ckpt_dir / "metrics.json").write_text(json.dumps(info, indent=2, allow_nan=True) + "\n")
+
+
+def dist_barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _normalised(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with today's defaults filled in (keys added since it was written compare equal)."""
+    try:
+        return TrainConfig.from_dict(d).to_dict()
+    except TrainConfigError:
+        return d
 
 
 def _get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
