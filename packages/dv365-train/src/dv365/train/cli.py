@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any
 
 import yaml
@@ -99,5 +100,6 @@ def _main(args: argparse.Namespace) -> int:
         print(summary(trainer, None, trainer.evaluate()))
         return 0
     result = trainer.fit()
-    print(summary(trainer, result, result.eval))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun (--no-python dv365 train) only rank 0 reports
+        print(summary(trainer, result, result.eval))
     return 0
