@@ -59,7 +59,8 @@ class SnapshotManifest:
         model_version: the user-tower checkpoint that produced it.
         data_cutoff_ts: unix seconds; timelines were cut at ``data_cutoff_ts - gap_hours``.
         row_format: the embedding row format.
-        shards: every shard, in user-id order.
+        shards: every shard; each holds its users in ascending id order, and the id ranges of shards may
+            overlap (dv365-export writes one run of shards per user-hash bucket).
     """
 
     snapshot_id: str

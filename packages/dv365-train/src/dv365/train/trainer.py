@@ -101,6 +101,18 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> dict[str, torch.opti
     return opts
 
 
+def optimizer_step(loss: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer], grad_clip: float = 0.0) -> None:
+    """zero_grad -> backward -> (clip the dense parameters' gradient norm to ``grad_clip`` when > 0) -> step."""
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0 and "dense" in optimizers:
+        params = [p for g in optimizers["dense"].param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for opt in optimizers.values():
+        opt.step()
+
+
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` did."""
@@ -180,14 +192,7 @@ class Trainer:
         """One optimizer step on a batch already on the device; returns (loss, outputs [B, K]), detached."""
         out = self.net(batch.user_kjt, batch.item_kjt, batch.dense)  # [B, K] (this rank's part under torchrun)
         loss, _ = self.loss_fn(out, batch.labels)
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.grad_clip > 0 and "dense" in self.optimizers:
-            params = [p for g in self.optimizers["dense"].param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        for opt in self.optimizers.values():
-            opt.step()
+        optimizer_step(loss, self.optimizers, self.cfg.optim.grad_clip)
         return loss.detach(), out.detach()
 
     def _batches(self, start: int, stop: int) -> Iterator[Batch]:

@@ -1,0 +1,585 @@
+"""The recurring DV365 job (paper §2.5.2, Fig. 2): one *cycle* = ingest -> train -> export -> publish -> retain.
+
+``dv365 pipeline run --config pipeline.yaml`` runs one cycle; ``dv365 pipeline schedule --every 6h`` runs one
+per period; ``dv365 status`` shows what is published. Everything a cycle makes lives under ``workdir``::
+
+    <workdir>/pipeline.lock             held while a cycle runs: two cycles never overlap
+    <workdir>/data/                     the pipeline's UniTi dataset: every cycle appends the source's new rows
+    <workdir>/models/c0002/             the cycle's training checkpoints (warm-started from c0001's)
+    <workdir>/snapshots/<snapshot id>/  the cycle's export (incremental from the previous cycle's snapshot)
+    <workdir>/cycles/c0002/cycle.json   the cycle's inputs: number, data cut-off (as_of), the previous cycle
+    <workdir>/cycles/c0002/<step>.json  one per finished step: what it made and its figures
+    <workdir>/cycles/c0002/record.json  the run record, written when the cycle is complete
+    <workdir>/runs.jsonl                one line per complete cycle
+
+**Resumable and idempotent.** A step whose ``<step>.json`` exists is skipped. A step that was killed is
+redone from where its own durable state stands: the ingest removes the parts of its unfinished append
+(:func:`dv365.core.timeline.remove_run_parts`) and appends again; training resumes from its latest checkpoint
+(bit-exact, dv365-train); the export skips its finished shards (dv365-export); publishing removes a
+half-published version and loads it again (dv365-store). So a cycle killed at any step and started again
+ends with the same published version (same snapshot id, same bytes) as an uninterrupted one.
+
+**Incremental.** The source (a UniTi dataset: the upstream event log) is read up to the cycle's ``as_of``;
+only rows newer than the previous cycle's ``as_of`` are appended. Training warm-starts the user tower from
+the previous cycle's model; the export re-encodes only users with new activity (``export.refresh``) and
+carries the others' bytes forward from the previous snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import yaml
+
+from dv365.core.errors import Dv365Error
+
+STEPS = ("ingest", "train", "export", "publish", "retain")
+RECORD_FORMAT = "dv365.pipeline.record/1"
+#: test hook: ``DV365_PIPELINE_KILL_AT=<point>`` SIGKILLs the process at that point (see :func:`_fault_point`)
+KILL_ENV = "DV365_PIPELINE_KILL_AT"
+
+
+class PipelineError(Dv365Error, RuntimeError):
+    """A pipeline config or state problem; the message names the key, file or cycle."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A pipeline (YAML; every relative path is relative to the working directory).
+
+    Keys::
+
+        name: movielens                      # names snapshots: <name>-c0001, <name>-c0002, ...
+        workdir: out/pipeline/movielens
+        source: out/data/ml-small            # the upstream UniTi dataset (dv365 import / dv365 synth)
+        train:
+          config: packages/dv365-train/configs/movielens-quick.yaml
+          steps: 300                         # optimizer steps per cycle (each cycle warm-starts)
+          set: {run.threads: 1}              # any train config overrides (like dv365 train --set)
+        export: {refresh: active, full_refresh_every: 4, shard_users: 1024, batch_users: 64, bits: 4}
+        store: {url: lmdb://out/pipeline/movielens/store, keep: 3}
+        retain: {models: 2, snapshots: 2}    # local model / snapshot folders kept (the store keeps its own)
+    """
+
+    name: str
+    workdir: str
+    source: str
+    train_config: str
+    train_steps: int = 300
+    train_set: Mapping[str, Any] = field(default_factory=dict)
+    export: Mapping[str, Any] = field(default_factory=dict)
+    store_url: str | None = None
+    store_keep: int = 3
+    keep_models: int = 2
+    keep_snapshots: int = 2
+    path: str = ""
+
+    EXPORT_KEYS = ("refresh", "shard_users", "batch_users", "bits", "device", "min_new_events", "quantizer", "threads",
+                   "full_refresh_every")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PipelineConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise PipelineError(f"{path}: pipeline config not found")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PipelineError(f"{path}: not valid YAML: {e}") from e
+        return cls.from_dict(d, str(p))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "pipeline config") -> "PipelineConfig":
+        if not isinstance(d, Mapping):
+            raise PipelineError(f"{where}: expected a mapping at the top level")
+        known = {"name", "workdir", "source", "train", "export", "store", "retain"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PipelineError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+
+        def need(key: str) -> Any:
+            if d.get(key) in (None, ""):
+                raise PipelineError(f"{where}: `{key}` is required")
+            return d[key]
+
+        name = str(need("name"))
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise PipelineError(f"{where}: name {name!r}: use letters, digits, '-', '_' or '.' (it names snapshots)")
+        train = dict(need("train"))
+        if "config" not in train:
+            raise PipelineError(f"{where}: train.config is required (a dv365 train YAML config)")
+        bad = sorted(set(train) - {"config", "steps", "set"})
+        if bad:
+            raise PipelineError(f"{where}: unknown train key(s) {bad}; known: config, steps, set")
+        export = dict(d.get("export") or {})
+        bad = sorted(set(export) - set(cls.EXPORT_KEYS))
+        if bad:
+            raise PipelineError(f"{where}: unknown export key(s) {bad}; known: {list(cls.EXPORT_KEYS)}")
+        store = dict(d.get("store") or {})
+        bad = sorted(set(store) - {"url", "keep"})
+        if bad:
+            raise PipelineError(f"{where}: unknown store key(s) {bad}; known: url, keep")
+        retain = dict(d.get("retain") or {})
+        bad = sorted(set(retain) - {"models", "snapshots"})
+        if bad:
+            raise PipelineError(f"{where}: unknown retain key(s) {bad}; known: models, snapshots")
+        cfg = cls(name=name, workdir=str(need("workdir")), source=str(need("source")),
+                  train_config=str(train["config"]), train_steps=int(train.get("steps", 300)),
+                  train_set=dict(train.get("set") or {}), export=export, store_url=store.get("url"),
+                  store_keep=int(store.get("keep", 3)), keep_models=int(retain.get("models", 2)),
+                  keep_snapshots=int(retain.get("snapshots", 2)), path=where)
+        for key, v, lo in (("train.steps", cfg.train_steps, 1), ("store.keep", cfg.store_keep, 1),
+                           ("retain.models", cfg.keep_models, 1), ("retain.snapshots", cfg.keep_snapshots, 1)):
+            if v < lo:
+                raise PipelineError(f"{where}: {key} = {v}: must be >= {lo}")
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------------------
+# state on disk
+# ------------------------------------------------------------------------------------------------------
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic (tmp + rename): a killed write never leaves a truncated marker."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PipelineError(f"{path}: unreadable pipeline state ({e}); remove the cycle folder to redo it") from e
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | int | None) -> int | None:
+    """``--as-of``: unix seconds, or an ISO date / date-time (UTC when no offset)."""
+    if value is None or value == "":
+        return None
+    s = str(value).strip()
+    if s.lstrip("-").isdigit():
+        return int(s)
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError as e:
+        raise PipelineError(f"--as-of {value!r}: use unix seconds or an ISO date such as 2018-09-01") from e
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp())
+
+
+def _fault_point(point: str) -> None:
+    """Test hook: SIGKILL this process at ``point`` when ``$DV365_PIPELINE_KILL_AT`` names it (no clean-up,
+    like a machine loss); used by the kill-and-rerun tests."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Cycle:
+    number: int
+    as_of: int
+    previous: int | None  # the previous complete cycle's number
+    previous_as_of: int | None
+    created_at: float
+    dir: Path
+
+    @property
+    def tag(self) -> str:
+        return f"c{self.number:04d}"
+
+    def marker(self, step: str) -> Path:
+        return self.dir / f"{step}.json"
+
+    def done(self, step: str) -> dict[str, Any] | None:
+        p = self.marker(step)
+        return _read_json(p) if p.exists() else None
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / "record.json").exists()
+
+
+class Pipeline:
+    """One pipeline's state and steps (see the module docstring).
+
+    Example::
+
+        p = Pipeline(PipelineConfig.load("packages/dv365-export/configs/pipeline-movielens.yaml"))
+        record = p.run_cycle()              # ingest -> train -> export -> publish -> retain
+        record["snapshot_id"], record["figures"]
+    """
+
+    def __init__(self, cfg: PipelineConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.work = Path(cfg.workdir)
+        self.progress = progress
+        self.log = log
+
+    # -- paths ---------------------------------------------------------------------------------------
+    @property
+    def data_url(self) -> str:
+        return str(self.work / "data")
+
+    def model_dir(self, c: Cycle | int) -> Path:
+        n = c.number if isinstance(c, Cycle) else c
+        return self.work / "models" / f"c{n:04d}"
+
+    def snapshot_id(self, c: Cycle | int) -> str:
+        n = c.number if isinstance(c, Cycle) else c
+        return f"{self.cfg.name}-c{n:04d}"
+
+    def snapshot_dir(self, c: Cycle | int) -> Path:
+        return self.work / "snapshots" / self.snapshot_id(c)
+
+    # -- cycles --------------------------------------------------------------------------------------
+    def cycles(self) -> list[Cycle]:
+        out = []
+        for d in sorted((self.work / "cycles").glob("c[0-9][0-9][0-9][0-9]")):
+            if (d / "cycle.json").exists():
+                j = _read_json(d / "cycle.json")
+                out.append(Cycle(int(j["number"]), int(j["as_of"]), j.get("previous"), j.get("previous_as_of"),
+                                 float(j["created_at"]), d))
+        return out
+
+    def last_complete(self) -> Cycle | None:
+        done = [c for c in self.cycles() if c.complete]
+        return done[-1] if done else None
+
+    def records(self) -> list[dict[str, Any]]:
+        return [_read_json(c.dir / "record.json") for c in self.cycles() if c.complete]
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds ``<workdir>/pipeline.lock`` (an OS lock: released when the process dies, even by SIGKILL)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        path = self.work / "pipeline.lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise PipelineError(f"{path}: another cycle of this pipeline is running ({holder}); "
+                                    "cycles never overlap: wait for it to finish") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {_iso(time.time())}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def source_newest_ts(self) -> int:
+        from dv365.core.timeline import EVENT_KINDS, TimelineDataset
+
+        src = TimelineDataset(self.cfg.source)
+        newest = None
+        for kind in (*EVENT_KINDS, "requests"):
+            for b in range(src.meta.num_buckets):
+                t = src.read_bucket(kind, b).column("ts").to_numpy()
+                if len(t):
+                    m = int(t.max())
+                    newest = m if newest is None else max(newest, m)
+        if newest is None:
+            raise PipelineError(f"source {self.cfg.source}: the dataset has no events")
+        return newest
+
+    def next_cycle(self, as_of: int | None) -> Cycle | None:
+        """The unfinished cycle to finish, or a new one for ``as_of``; ``None`` when there is no new data."""
+        cycles = self.cycles()
+        if cycles and not cycles[-1].complete:
+            c = cycles[-1]
+            if as_of is not None and as_of != c.as_of:
+                raise PipelineError(f"cycle {c.tag} (as of {_iso(c.as_of)}) is unfinished: run again without --as-of "
+                                    f"(or with --as-of {c.as_of}) to finish it before starting another")
+            self.log(f"dv365 pipeline: finishing unfinished cycle {c.tag} (as of {_iso(c.as_of)})")
+            return c
+        prev = cycles[-1] if cycles else None
+        if as_of is None:
+            as_of = self.source_newest_ts()
+        if prev is not None and as_of <= prev.as_of:
+            self.log(f"dv365 pipeline: nothing new: cycle {prev.tag} already covers the source up to "
+                     f"{_iso(prev.as_of)} (as of {_iso(as_of)} asked)")
+            return None
+        n = prev.number + 1 if prev else 1
+        d = self.work / "cycles" / f"c{n:04d}"
+        c = Cycle(n, int(as_of), prev.number if prev else None, prev.as_of if prev else None, time.time(), d)
+        _write_json(d / "cycle.json", {"number": n, "as_of": c.as_of, "as_of_utc": _iso(c.as_of),
+                                       "previous": c.previous, "previous_as_of": c.previous_as_of,
+                                       "created_at": c.created_at, "config": self.cfg.path,
+                                       "name": self.cfg.name, "source": self.cfg.source})
+        return c
+
+    def run_cycle(self, as_of: int | None = None) -> dict[str, Any] | None:
+        """Runs (or finishes) one cycle under the lock; returns its run record (``None``: no new data)."""
+        with self.lock():
+            c = self.next_cycle(as_of)
+            if c is None:
+                return None
+            t0 = time.time()
+            for i, step in enumerate(STEPS, 1):
+                done = c.done(step)
+                if done is not None:
+                    self.log(f"== {i}/{len(STEPS)} {step}: already done in an earlier run (skipped)")
+                    continue
+                self.log(f"== {i}/{len(STEPS)} {step}")
+                t = time.perf_counter()
+                out = getattr(self, f"_step_{step}")(c)
+                out["seconds"] = round(time.perf_counter() - t, 3)
+                _fault_point(f"{step}.before_marker")
+                _write_json(c.marker(step), out)
+                self.log(f"   {step} done in {out['seconds']:.1f} s: {self._describe(step, out)}")
+            record = self._record(c, time.time() - t0)
+            _write_json(c.dir / "record.json", record)
+            with open(self.work / "runs.jsonl", "a") as f:
+                f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+            return record
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _step_ingest(self, c: Cycle) -> dict[str, Any]:
+        import pyarrow.compute as pc
+
+        from dv365.core.timeline import (
+            EVENT_KINDS,
+            DatasetWriter,
+            TimelineDataset,
+            appended_runs,
+            remove_dataset,
+            remove_run_parts,
+        )
+
+        src = TimelineDataset(self.cfg.source)
+        lo = c.previous_as_of
+        run_id = f"pipeline_{c.tag}"
+        first = lo is None
+        complete = (Path(self.data_url) / "_dataset.json").exists()
+        if complete:  # finished by an earlier run that died before writing the step marker?
+            meta = TimelineDataset(self.data_url).meta
+            if (meta.extra.get("created_by_run") == run_id) or (not first and run_id in appended_runs(self.data_url)):
+                return self._ingest_figures(c, run_id, already=True)
+        if first:
+            if complete:
+                remove_dataset(self.data_url)  # not this cycle's: the pipeline's data is rebuilt from the source
+            writer = DatasetWriter(self.data_url, vocab=src.vocab, num_buckets=src.meta.num_buckets,
+                                   source=f"pipeline {self.cfg.name} <- {src.meta.source or self.cfg.source}",
+                                   simulated=src.meta.simulated, run_id=run_id, mode="create",
+                                   extra={"pipeline": self.cfg.name, "source_url": self.cfg.source,
+                                          "created_by_run": run_id})
+        else:
+            removed = remove_run_parts(self.data_url, run_id)
+            if removed:
+                self.log(f"   removed {removed} part file(s) of an unfinished append ({run_id})")
+            writer = DatasetWriter(self.data_url, mode="append", run_id=run_id)
+        rows = {k: 0 for k in (*EVENT_KINDS, "requests")}
+        users: set[int] = set()
+        with writer:
+            for b in range(src.meta.num_buckets):
+                parts: dict[str, Any] = {}
+                for kind in rows:
+                    t = src.read_bucket(kind, b)
+                    ts = t.column("ts")
+                    keep = pc.less_equal(ts, c.as_of)
+                    if lo is not None:
+                        keep = pc.and_(keep, pc.greater(ts, lo))
+                    t = t.filter(keep)
+                    rows[kind] += t.num_rows
+                    if kind in EVENT_KINDS and t.num_rows:
+                        users.update(np.unique(t.column("user_id").to_numpy()).tolist())
+                    parts[kind] = t
+                writer.add(**parts)
+                if b == 0:
+                    writer.flush()
+                    _fault_point("ingest.mid")
+        figures = {"rows": rows, "active_users": len(users), "window": [lo, c.as_of], "run_id": run_id}
+        return {**figures, **self._ingest_figures(c, run_id, already=False)}
+
+    def _ingest_figures(self, c: Cycle, run_id: str, already: bool) -> dict[str, Any]:
+        from dv365.core.timeline import TimelineDataset
+
+        st = TimelineDataset(self.data_url).meta.stats
+        return {"dataset": self.data_url, "dataset_users": st.get("users"), "dataset_events": st.get("events"),
+                "already_appended": already, "run_id": run_id}
+
+    def _step_train(self, c: Cycle) -> dict[str, Any]:
+        from dv365.train.config import TrainConfig
+        from dv365.train.trainer import Trainer
+
+        prev_model = self._previous_done(c, "train")
+        overrides: dict[str, Any] = dict(self.cfg.train_set)
+        overrides.update({"data.url": self.data_url, "checkpoint.dir": str(self.model_dir(c)),
+                          "run.steps": self.cfg.train_steps,
+                          "checkpoint.warm_start": prev_model["model_dir"] if prev_model else None})
+        cfg = TrainConfig.load(self.cfg.train_config, overrides)
+        trainer = Trainer(cfg, progress=self.progress)
+        save = trainer.save
+
+        def save_then_maybe_die() -> Path:  # the kill test's mid-training point
+            path = save()
+            _fault_point("train.checkpoint")
+            return path
+
+        trainer.save = save_then_maybe_die  # type: ignore[method-assign]
+        res = trainer.fit()
+        ev = res.eval or {}
+        return {"model_dir": str(self.model_dir(c)), "checkpoint": str(res.checkpoint), "steps": res.steps,
+                "warm_started_from": cfg.checkpoint.warm_start, "resumed_from": res.resumed_from,
+                "examples_per_s": round(res.examples_per_s, 1), "eval_examples": ev.get("examples"),
+                "eval_mean_ne": ev.get("mean_ne"),
+                "eval_ne": {k: v.get("ne") for k, v in (ev.get("tasks") or {}).items() if "ne" in v},
+                "model_kind": cfg.model.kind}
+
+    def _step_export(self, c: Cycle) -> dict[str, Any]:
+        from dv365.export.job import ExportConfig, run_export
+
+        model = c.done("train")
+        assert model is not None
+        prev = self._previous_done(c, "export")
+        previous = prev["snapshot"] if prev and Path(prev["snapshot"], "manifest.json").exists() else None
+        opts = dict(self.cfg.export)
+        every = int(opts.pop("full_refresh_every", 4))
+        if previous and every > 0 and (c.number - 1) % every == 0:
+            self.log(f"   cycle {c.number}: a full refresh (every {every} cycles: export.full_refresh_every)")
+            opts["refresh"] = "all"
+        cfg = ExportConfig(checkpoint=model["model_dir"], out=str(self.snapshot_dir(c)), data=self.data_url,
+                           as_of=c.as_of, snapshot_id=self.snapshot_id(c), previous=previous,
+                           progress=self.progress, carry_across_models=True, **opts)
+        res = run_export(cfg, log=self.log)
+        if res.manifest is None:
+            raise PipelineError(f"export {cfg.out}: the snapshot is not complete after the export step")
+        m = res.manifest
+        return {"snapshot": str(self.snapshot_dir(c)), "snapshot_id": m.snapshot_id, "users": m.user_count,
+                "previous": previous, "counts": res.counts, "users_encoded": res.users_encoded,
+                "users_per_s": round(res.users_per_s, 1), "bytes_per_user": m.row_format.user_bytes,
+                "model_version": m.model_version}
+
+    def _step_publish(self, c: Cycle) -> dict[str, Any]:
+        exp = c.done("export")
+        assert exp is not None
+        if not self.cfg.store_url:
+            return {"store": None, "note": "no store.url in the config: nothing published"}
+        from dv365.store import open_store
+
+        store = open_store(self.cfg.store_url, keep=self.cfg.store_keep)
+        try:
+            have = {v.version: v for v in store.versions()}
+            sid = exp["snapshot_id"]
+            if sid in have and have[sid].state == "ready":
+                info = have[sid] if have[sid].active else store.activate(sid)
+                how = "already published"
+            else:
+                def chunk(_n: int) -> None:
+                    _fault_point("publish.chunk")
+
+                info = store.publish(exp["snapshot"], progress=chunk)
+                how = "published"
+            pruned = store.prune()
+            versions = [v.version for v in store.versions()]
+        finally:
+            store.close()
+        return {"store": self.cfg.store_url, "version": info.version, "how": how, "users": info.user_count,
+                "active": info.version, "versions": versions, "pruned": pruned}
+
+    def _step_retain(self, c: Cycle) -> dict[str, Any]:
+        removed: list[str] = []
+        for kind, keep, path_of in (("models", self.cfg.keep_models, self.model_dir),
+                                    ("snapshots", self.cfg.keep_snapshots, self.snapshot_dir)):
+            numbers = [x.number for x in self.cycles() if x.number <= c.number]
+            for n in numbers[:-keep]:
+                p = path_of(n)
+                if p.exists():
+                    shutil.rmtree(p)
+                    removed.append(str(p))
+        return {"removed": removed, "kept_models": self.cfg.keep_models, "kept_snapshots": self.cfg.keep_snapshots}
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _previous_done(self, c: Cycle, step: str) -> dict[str, Any] | None:
+        if c.previous is None:
+            return None
+        prev = next((x for x in self.cycles() if x.number == c.previous), None)
+        return prev.done(step) if prev else None
+
+    @staticmethod
+    def _describe(step: str, out: dict[str, Any]) -> str:
+        if step == "ingest":
+            r = out.get("rows", {})
+            return (f"{sum(r.values()) if r else 0:,} new rows ({r}) from {out.get('active_users', 0):,} users; "
+                    f"dataset now {out.get('dataset_users')} users, {out.get('dataset_events')} events")
+        if step == "train":
+            return (f"{out['steps']} steps (warm start: {out['warm_started_from'] or 'none'}); "
+                    f"eval mean NE {out['eval_mean_ne']}")
+        if step == "export":
+            return (f"snapshot {out['snapshot_id']}: {out['users']:,} users ({out['counts']}), "
+                    f"{out['bytes_per_user']} B/user")
+        if step == "publish":
+            return f"{out.get('how', 'skipped')} {out.get('version')} to {out.get('store')}; versions {out.get('versions')}"
+        return f"removed {len(out['removed'])} old folder(s)"
+
+    def _record(self, c: Cycle, seconds: float) -> dict[str, Any]:
+        steps = {s: c.done(s) for s in STEPS}
+        exp, pub, tr = steps["export"] or {}, steps["publish"] or {}, steps["train"] or {}
+        return {
+            "format": RECORD_FORMAT, "pipeline": self.cfg.name, "config": self.cfg.path, "cycle": c.number,
+            "as_of": c.as_of, "as_of_utc": _iso(c.as_of), "previous_cycle": c.previous,
+            "finished_at": _iso(time.time()), "seconds_this_run": round(seconds, 3),
+            "inputs": {"source": self.cfg.source, "train_config": self.cfg.train_config,
+                       "warm_start": tr.get("warm_started_from"), "previous_snapshot": exp.get("previous")},
+            "model": tr.get("model_dir"), "snapshot_id": exp.get("snapshot_id"), "snapshot": exp.get("snapshot"),
+            "store": pub.get("store"), "published_version": pub.get("version"),
+            "figures": {"new_rows": (steps["ingest"] or {}).get("rows"), "eval_mean_ne": tr.get("eval_mean_ne"),
+                        "eval_ne": tr.get("eval_ne"), "users": exp.get("users"), "export_counts": exp.get("counts"),
+                        "bytes_per_user": exp.get("bytes_per_user")},
+            "durations_s": {s: (steps[s] or {}).get("seconds") for s in STEPS},
+        }
+
+
+def status(cfg: PipelineConfig) -> dict[str, Any]:
+    """What ``dv365 status`` shows: the store's versions (age, users) and the pipeline's last cycles."""
+    p = Pipeline(cfg, progress=False, log=lambda _m: None)
+    out: dict[str, Any] = {"pipeline": cfg.name, "workdir": cfg.workdir, "store": cfg.store_url}
+    cycles = p.cycles()
+    out["cycles"] = [{"cycle": c.number, "as_of_utc": _iso(c.as_of), "complete": c.complete,
+                      "steps_done": [s for s in STEPS if c.marker(s).exists()]} for c in cycles]
+    records = p.records()
+    out["last_cycle"] = records[-1] if records else None
+    if cfg.store_url:
+        from dv365.store import open_store
+
+        try:
+            store = open_store(cfg.store_url)
+        except Dv365Error as e:
+            out["versions"] = f"store not readable: {e}"
+        else:
+            now = time.time()
+            try:
+                out["versions"] = [{**{k: v for k, v in asdict(x).items() if k != "row_format"},
+                                    "age_h": round((now - x.data_cutoff_ts) / 3600, 1),
+                                    "published_utc": _iso(x.published_at)} for x in store.versions()]
+            except Dv365Error as e:
+                out["versions"] = f"store not readable: {e}"
+            finally:
+                store.close()
+    return out
