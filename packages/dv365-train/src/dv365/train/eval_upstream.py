@@ -290,7 +290,7 @@ class SlicedExamples(ExampleSource):
         rows = np.asarray(rows, np.int64)
         req = self.requests
         return Batch(self.user_kjt(rows) if self.with_user_features else None,
-                     item_kjt(req, rows, self.item_hash_size, self.history_rows),
+                     item_kjt(req, rows, self.item_hash_size),
                      torch.from_numpy(dense_features(req.ts[rows], req.video_duration[rows])),
                      torch.from_numpy(np.ascontiguousarray(req.labels[rows])))
 
