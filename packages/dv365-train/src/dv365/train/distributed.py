@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dv365.train.errors import TrainConfigError
+from dv365.train.errors import CheckpointError, TrainConfigError
 
 
 @dataclass(frozen=True)
@@ -192,22 +192,68 @@ def _is_sharded(x: Any) -> bool:
 
 
 def _gather_tensor(x: Any, main: bool) -> torch.Tensor | None:
-    """A ShardedTensor gathered on rank 0 (``None`` elsewhere); every rank must call it."""
-    out = torch.empty(x.size(), dtype=x.dtype) if main else None
-    x.gather(dst=0, out=out)
-    return out
+    """A ShardedTensor gathered into one CPU tensor on rank 0 (``None`` elsewhere); every rank must call it."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = torch.empty(x.size(), dtype=x.dtype, device=dev) if main else None
+    x.gather(dst=0, out=out, dtype=x.dtype)
+    return out.cpu() if out is not None else None
+
+
+def _sharded_leaves(tree: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    if _is_sharded(tree):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _sharded_leaves(v, (*path, k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _sharded_leaves(v, (*path, i))
 
 
 def gather_state(tree: Any, main: bool) -> Any:
     """``tree`` (a state dict, nested dicts/lists) with every ShardedTensor gathered into one CPU tensor on
-    rank 0 (``None`` on the others) and every plain tensor moved to the CPU. Collective: call on all ranks
-    with the same tree structure (dict order is the same on every rank for DMP state dicts)."""
+    rank 0 (``None`` on the others) and every plain tensor moved to the CPU. Collective: call on all ranks.
+
+    The ranks need not hold the same sharded leaves: a fused optimizer's ``state_dict()`` lists only the
+    states of this rank's own tables (``table_wise``: rank 0 has some tables' Adagrad momenta, rank 1 the
+    others'). So the ranks first exchange which ShardedTensors they hold (paths and metadata: small), then
+    gather the union in one agreed order; a rank that lacks one takes part with an empty ShardedTensor of
+    the same metadata. Rank 0's result is its own tree plus every sharded leaf any rank holds (only dict
+    containers can be added that way); its plain leaves are rank 0's own (replicated state)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    own = dict(_sharded_leaves(tree))
+    union: dict[tuple[Any, ...], Any] = {}
+    for held in all_gather_objects({p: x.metadata() for p, x in own.items()}):  # same list on every rank
+        for p, md in held.items():
+            union.setdefault(p, md)
+    full: dict[tuple[Any, ...], torch.Tensor | None] = {}
+    for p, md in union.items():
+        x = own.get(p)
+        if x is None:  # not held here: take part with no local shard
+            x = ShardedTensor._init_from_local_shards_and_global_metadata([], md, process_group=dist.group.WORLD)
+        full[p] = _gather_tensor(x, main)
+    if not main:
+        return _replace_leaves(tree, {}, ())
+    out = _replace_leaves(tree, full, ())
+    for p in union:
+        if p not in own:
+            node = out
+            for k in p[:-1]:
+                if not isinstance(node, dict):
+                    raise TypeError(f"gather_state: cannot add the sharded leaf {p} (not under dicts)")
+                node = node.setdefault(k, {})
+            node[p[-1]] = full[p]
+    return out
+
+
+def _replace_leaves(tree: Any, full: dict[tuple[Any, ...], Any], path: tuple[Any, ...]) -> Any:
     if _is_sharded(tree):
-        return _gather_tensor(tree, main)
+        return full.get(path)
     if isinstance(tree, dict):
-        return {k: gather_state(v, main) for k, v in tree.items()}
+        return {k: _replace_leaves(v, full, (*path, k)) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(gather_state(v, main) for v in tree)
+        return type(tree)(_replace_leaves(v, full, (*path, i)) for i, v in enumerate(tree))
     if torch.is_tensor(tree):
         return tree.detach().cpu()
     return tree
@@ -234,14 +280,29 @@ def scatter_state(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
             _copy_into(v, full[k].to(v.device if not _is_sharded(v) else full[k].device))
 
 
-def scatter_optimizer_state(live: Any, saved: Any) -> None:
-    """Copies a gathered fused-optimizer state (``gather_state(dmp.fused_optimizer.state_dict())``) back into
-    the live one's shards, leaf by leaf."""
+def _tensor_leaves(tree: Any) -> Iterator[Any]:
+    if _is_sharded(tree) or torch.is_tensor(tree):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensor_leaves(v)
+
+
+def scatter_optimizer_state(live: Any, saved: Any, _path: str = "") -> None:
+    """Copies a gathered fused-optimizer state (``gather_state(dmp.fused_optimizer.state_dict())``, every
+    rank's tables) back into the live one's shards, leaf by leaf (the live ShardedTensors are views of the
+    fused kernels' state). A live state the checkpoint lacks is an error, not a silent fresh start."""
     if isinstance(live, dict):
         for k, v in live.items():
-            if k in saved:
-                scatter_optimizer_state(v, saved[k])
+            if not isinstance(saved, dict) or k not in saved:
+                if not any(True for _ in _tensor_leaves(v)):  # nothing to restore (e.g. SGD: no state)
+                    continue
+                raise CheckpointError(f"the checkpoint's fused-optimizer state lacks {_path}/{k}")
+            scatter_optimizer_state(v, saved[k], f"{_path}/{k}")
     elif _is_sharded(live) or torch.is_tensor(live):
+        if not torch.is_tensor(saved) or tuple(saved.shape) != tuple(live.size()):
+            raise CheckpointError(f"the checkpoint's fused-optimizer state {_path} does not fit: "
+                                  f"{getattr(saved, 'shape', saved)} vs {tuple(live.size())}")
         with torch.no_grad():
             _copy_into(live, saved)
 
