@@ -169,6 +169,11 @@ def test_second_cycle_appends_warm_starts_and_reexports_only_active_users(
     # nothing new: a third run as of the same time does nothing and says so
     r = dv365(root, "pipeline", "run", "--config", "pipeline.yaml", "--no-progress", "--as-of", str(as_of2))
     assert r.returncode == 0 and "nothing new" in r.stdout
+    # schedule: a loop of cycles (here 2 ticks 1 s apart); nothing new since cycle 2, so both ticks say so
+    r = dv365(root, "pipeline", "schedule", "--config", "pipeline.yaml", "--every", "1s", "--max-cycles", "2",
+              "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("dv365 pipeline schedule: cycle at") == 2 and r.stdout.count("nothing new") == 2
     # status: versions with age and users, the cycles, the last cycle's figures
     r = dv365(root, "status", "--config", "pipeline.yaml", "--json")
     assert r.returncode == 0, r.stderr
