@@ -116,7 +116,8 @@ def _serve_and_fetch(store_url: str, users: list[int], out: Path) -> dict[str, A
                                     for i, u in enumerate(users) if raw.present[i]}}
         _say(f"   client.get({users}) over gRPC in {ms:.1f} ms: version {raw.snapshot_id}, "
              f"present {raw.present.tolist()}, int4 payload {tuple(raw.payload.shape)} uint8 "
-             f"(132 B per row: 64 B of nibbles + fp16 scale + fp16 bias)")
+             f"({raw.payload.shape[2]} B per row: {flt.embeddings.shape[2] // 2} B of 4-bit codes + fp16 scale + "
+             "fp16 bias; the paper's 58 x 256 tower gives 132 B rows, 7,656 B per user)")
         _say(f"   client.get_float(...) de-quantized: {tuple(flt.embeddings.shape)} float32; user {users[0]} token 0 "
              f"starts {fetched['first_values'].get(users[0])}; missing users get zeros + present=False")
         return fetched
