@@ -1,0 +1,173 @@
+"""``dv365 eval ranking | retrieval | staleness | encoders | all``: the paper's downstream evidence (§3.5,
+Tables 3-4, App. B, App. C) on public data. Registered through the ``dv365.experiments`` entry points of
+dv365-export; conventions in :mod:`dv365.train.eval_cli`.
+
+Each experiment writes ``<out>/<experiment>-<dataset>[-quick].md`` + PNG + JSON and prints one JSON summary
+line last. ``all`` runs every experiment on every data set (default ``movielens,synth``), shares the prepared
+context (upstream model, snapshots) between them, writes ``<out>/all[-quick].md`` and prints one JSON line
+with, per data set, the figures the issue asks for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DESCRIPTIONS = {
+    "ranking": "Paper Table 3: a multi-task DLRM ranker with an HSTU short-history encoder, with and without DV365 "
+               "(no projection / LinearProjection / HSTUPrefix); NE delta %% per task, mean +- std over seeds.",
+    "retrieval": "Paper Table 4: a two-tower retrieval model with and without DV365 (linear / GateNet fusion); "
+                 "HR@1 and HR@10 per task (and next-item) over the whole corpus, delta %% vs the control.",
+    "staleness": "Paper App. B: online training over consecutive windows with embeddings refreshed every window "
+                 "(fresh) vs frozen at the start (stale); NE gain vs the control per window; cosine similarity "
+                 "between embedding versions one window apart.",
+    "encoders": "Paper App. C: mean pooling vs learned position-weighted pooling vs HSTU over the same slice at "
+                "history caps up to the longest history; NE and measured cost per user (time, memory) vs length.",
+    "all": "Every experiment on every data set (--datasets, default movielens,synth); one report per experiment "
+           "and data set, plus <out>/all[-quick].md and one JSON summary line.",
+}
+COMMON = """
+
+Data sets: movielens = REAL MovieLens ml-latest-small (imported on first use); synth = SIMULATED long histories
+(dv365 synth; stable long-term interests by construction); kuairand = a KuaiRand-1K/27K import
+(--set data_url=<folder written by `dv365 import kuairand`>, with --config packages/dv365-export/configs/experiments/kuairand.yaml).
+Splits by request time (upstream | downstream train | validation | test); the DV365 model is trained with
+dv365-train on the upstream part and exported with dv365-export at the start of each downstream window.
+Settings: packages/dv365-export/configs/experiments/<dataset>[-quick].yaml (--config, --set key=value)."""
+
+
+def _common(p: argparse.ArgumentParser, all_: bool = False) -> None:
+    from dv365.train.eval_cli import add_common_arguments
+
+    add_common_arguments(p, ("movielens", "synth", "kuairand"), default_dataset="movielens")
+    if all_:
+        p.add_argument("--datasets", default="movielens,synth", help="comma-separated data sets (default movielens,synth)")
+        p.add_argument("--experiments", default="ranking,retrieval,staleness,encoders",
+                       help="comma-separated experiments (default all four)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def _register(name: str) -> Callable[[Any], None]:
+    def register(esub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        p = esub.add_parser(name, help=DESCRIPTIONS[name].split(":")[0].replace("%%", "%"),
+                            description=DESCRIPTIONS[name] + COMMON, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p, all_=name == "all")
+        p.set_defaults(func=lambda args: _handler(name, args))
+    return register
+
+
+register_ranking = _register("ranking")
+register_retrieval = _register("retrieval")
+register_staleness = _register("staleness")
+register_encoders = _register("encoders")
+register_all = _register("all")
+
+
+def _command(name: str) -> str:
+    argv = sys.argv[1:]
+    tail = argv[argv.index(name) + 1:] if name in argv else argv
+    return ("dv365 eval " + name + " " + " ".join(shlex.quote(a) for a in tail)).strip()
+
+
+def _handler(name: str, args: argparse.Namespace) -> int:
+    import logging
+    import warnings
+
+    import torch
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+    from dv365.train.eval_cli import overrides, print_summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    over = overrides(args.set)
+    command = _command(name)
+    if name == "all":
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    else:
+        datasets, exps = [args.dataset], [name]
+    summary = run(exps, datasets, quick=args.quick, seeds=args.seeds, config=args.config, over=over,
+                  data_dir=Path(args.data_dir), out=Path(args.out), device=args.device,
+                  progress=not args.no_progress, command=command, log=log, write_all=name == "all")
+    print_summary(summary)
+    return 0
+
+
+def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int | None, config: str | None,
+        over: dict[str, Any], data_dir: Path, out: Path, device: str, progress: bool, command: str,
+        log: Callable[[str], None], write_all: bool) -> dict[str, Any]:
+    """Runs ``experiments`` on ``datasets``; returns the JSON summary (per data set when several)."""
+    import importlib
+
+    from dv365.export.experiments.context import build_context
+    from dv365.export.experiments.settings import EXPERIMENTS, ExperimentError, default_config, load_settings
+
+    bad = [e for e in experiments if e not in EXPERIMENTS]
+    if bad:
+        raise ExperimentError(f"--experiments {bad}: use {list(EXPERIMENTS)}")
+    t_all = time.perf_counter()
+    per: dict[str, Any] = {}
+    reports: dict[str, Any] = {}
+    for ds in datasets:
+        cfg_path = Path(config) if config else default_config(ds, quick)
+        settings = load_settings(cfg_path, over)
+        if settings.dataset != ds:
+            raise ExperimentError(f"{cfg_path}: dataset {settings.dataset!r} does not match --dataset {ds!r}")
+        n_seeds = seeds if seeds is not None else settings.seeds
+        if n_seeds < 1:
+            raise ExperimentError(f"--seeds {n_seeds}: must be >= 1")
+        entry: dict[str, Any] = {}
+        ctx = None
+        if any(e != "encoders" for e in experiments):
+            ctx = build_context(ds, settings, data_dir, progress=progress, device=device, log=log)
+            entry["simulated"] = ctx.simulated
+            entry["data"] = {k: ctx.facts[k] for k in ("users", "requests", "test", "test_returning",
+                                                       "test_missing_share", "max_events_per_user")}
+        for exp in experiments:
+            mod = importlib.import_module(f"dv365.export.experiments.{exp}")
+            ranking = retrieval = staleness = encoders = mod
+            t0 = time.perf_counter()
+            log(f"== {exp} on {ds} ==")
+            if exp == "ranking":
+                res = ranking.run_ranking(ctx, n_seeds, log)
+                res["seconds"] = round(time.perf_counter() - t0, 1)
+                paths = ranking.write_report(ctx, res, out, quick, command)
+                entry["ranking"] = ranking.compact(res)
+            elif exp == "retrieval":
+                res = retrieval.run_retrieval(ctx, n_seeds, log)
+                res["seconds"] = round(time.perf_counter() - t0, 1)
+                paths = retrieval.write_report(ctx, res, out, quick, command)
+                entry["retrieval"] = retrieval.compact(res)
+            elif exp == "staleness":
+                res = staleness.run_staleness(ctx, n_seeds, log)
+                res["seconds"] = round(time.perf_counter() - t0, 1)
+                paths = staleness.write_report(ctx, res, out, quick, command)
+                entry["staleness"] = staleness.compact(res)
+            else:
+                res = encoders.run_encoders(ds, settings, data_dir, n_seeds, progress, log)
+                res["seconds"] = round(time.perf_counter() - t0, 1)
+                paths = encoders.write_report(ds, settings, res, out, quick, command)
+                entry["encoders"] = encoders.compact(res)
+                entry.setdefault("simulated", res["simulated"])
+            entry[exp]["seconds"] = res["seconds"]
+            reports[f"{exp}-{ds}"] = paths["markdown"]
+            log(f"   {exp} on {ds}: {res['seconds']:.0f} s -> {paths['markdown']}")
+        per[ds] = entry
+    summary: dict[str, Any] = {"experiment": "all" if write_all else experiments[0], "quick": quick,
+                               "seeds": seeds, "datasets": per, "reports": reports,
+                               "seconds": round(time.perf_counter() - t_all, 1)}
+    if write_all:
+        from dv365.export.experiments.summary import write_all_report
+
+        summary["report"] = write_all_report(summary, out, quick, command)
+    elif len(datasets) == 1:
+        summary = {"experiment": experiments[0], "dataset": datasets[0], "quick": quick, **per[datasets[0]],
+                   "report": reports.get(f"{experiments[0]}-{datasets[0]}"), "seconds": summary["seconds"]}
+    return summary

@@ -1,0 +1,66 @@
+"""CI smoke test: `dv365 eval all` through the CLI on tiny SIMULATED data (structure, not quality)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "synth.users=16", "synth.mean_events=300", "synth.max_events=600", "synth.requests_per_user=30",
+    "split.windows=3", "upstream.run.steps=3", "upstream.run.batch_size=32",
+    "downstream.history=8", "downstream.steps=4", "downstream.val_every=2", "downstream.batch_size=32",
+    "retrieval.steps=3", "retrieval.val_every=3", "retrieval.batch_size=32", "retrieval.sampled_negatives=16",
+    "staleness.passes=1",
+    "encoders.synth={users: 6, mean_events: 1500, max_events: 3000, days: 100, requests_per_user: 20, seed: 1}",
+    "encoders.caps=[50, 0]", "encoders.cost_lengths=[50, 0]", "encoders.hstu_train_max=60", "encoders.steps=3",
+    "encoders.val_every=3", "encoders.batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def run_all(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("eval")
+    cmd = [sys.executable, "-m", "dv365.core.cli", "eval", "all", "--datasets", "synth", "--quick", "--seeds", "2",
+           "--out", str(tmp / "reports"), "--data-dir", str(tmp / "data"), "--no-progress"]
+    for s in TINY:
+        cmd += ["--set", s]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    return json.loads(last), tmp / "reports"
+
+
+def test_all_summary_structure(run_all: tuple[dict, Path]) -> None:
+    s, out = run_all
+    assert s["experiment"] == "all"
+    e = s["datasets"]["synth"]
+    assert e["simulated"] is True
+    rk = e["ranking"]["delta_ne_pct"]
+    assert set(rk) == {"no_projection", "linear", "hstu_prefix"}
+    for v in rk["linear"].values():
+        assert set(v) == {"mean", "std", "noise"} and v["std"] is not None  # 2 seeds -> a std
+    rt = e["retrieval"]["delta_hr_pct"]
+    assert set(rt) == {"linear", "gatenet"} and "next_item@1" in rt["gatenet"] and "like@10" in rt["gatenet"]
+    st = e["staleness"]
+    assert "stale_fresh_gain_ratio" in st and 0.0 <= st["median_version_cosine"] <= 1.0 + 1e-6
+    enc = e["encoders"]
+    assert {r["encoder"] for r in enc["cost_table"]} == {"mean", "position", "hstu"}
+    assert enc["longest"] > 50
+
+
+def test_reports_written(run_all: tuple[dict, Path]) -> None:
+    _, out = run_all
+    for exp in ("ranking", "retrieval", "staleness", "encoders"):
+        md = out / f"{exp}-synth-quick.md"
+        assert md.exists() and "SIMULATED" in md.read_text()
+        assert (out / f"{exp}-synth-quick.png").exists()
+        assert json.loads((out / f"{exp}-synth-quick.json").read_text())
+    assert (out / "all-quick.md").exists()
+
+
+def test_bad_setting_exits_1(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "dv365.core.cli", "eval", "ranking", "--dataset", "synth", "--quick",
+                        "--set", "split.windows=1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "split.windows" in p.stderr
