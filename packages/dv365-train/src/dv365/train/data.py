@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,7 @@ from torchrec.streamable import Pipelineable
 from dv365.core.errors import DatasetError
 from dv365.core.slicing import Slicer, SliceSpec
 from dv365.core.timeline import TimelineDataset, Timelines, take_rows
-from dv365.train.backbone import ITEM_FEATURES, SMALL_ITEM_TABLES
+from dv365.train.backbone import ITEM_FEATURES, SHARED_ITEM_FEATURES, SMALL_ITEM_TABLES
 from dv365.train.config import DataConfig
 from dv365.train.dedup import dedup_rows, grouped_permutation, slice_keys, with_inverse
 from dv365.train.errors import TrainConfigError
@@ -178,8 +178,12 @@ class Requests:
         return len(self.ts)
 
 
-def item_kjt(req: Requests, rows: np.ndarray, item_hash_size: int) -> Any:
-    """The target items of ``rows`` as a KJT over :data:`ITEM_FEATURES` (ids hashed to the table rows)."""
+def item_kjt(req: Requests, rows: np.ndarray, item_hash_size: int, history_rows: Mapping[str, int] | None = None) -> Any:
+    """The target items of ``rows`` as a KJT over :data:`ITEM_FEATURES` (ids hashed to the table rows).
+
+    ``history_rows`` (id type -> the slice spec's hash size): the KJT also holds the keys
+    :data:`~dv365.train.backbone.SHARED_ITEM_FEATURES` of those id types, the ids hashed like the history
+    (``id % hash_size``), for a backbone that looks the item up in the user tower's tables."""
     from torchrec import KeyedJaggedTensor
 
     B = len(rows)
@@ -195,9 +199,17 @@ def item_kjt(req: Requests, rows: np.ndarray, item_hash_size: int) -> Any:
         (req.media_type[rows] % SMALL_ITEM_TABLES["item.media_type"], ones),
         (req.surface[rows] % SMALL_ITEM_TABLES["item.surface"], ones),
     ]
+    keys = list(ITEM_FEATURES)
+    raw = {"media": (req.media_id[rows], ones), "author": (author[author >= 0], (author >= 0).astype(np.int64)),
+           "topic": (req.topic_values[topic_idx], t1 - t0)}
+    for key, id_type in SHARED_ITEM_FEATURES.items():
+        if history_rows and id_type in history_rows:
+            ids, lengths = raw[id_type]
+            per_key.append((ids % int(history_rows[id_type]), lengths))
+            keys.append(key)
     lpk = [int(lengths.sum()) for _, lengths in per_key]
     return KeyedJaggedTensor(
-        keys=list(ITEM_FEATURES),
+        keys=keys,
         values=torch.from_numpy(np.concatenate([v for v, _ in per_key]).astype(np.int64)),
         lengths=torch.from_numpy(np.concatenate([n for _, n in per_key]).astype(np.int32)),
         stride=B, length_per_key=lpk, offset_per_key=[0, *np.cumsum(lpk).tolist()],
@@ -258,6 +270,8 @@ class ExampleSource:
             kw = {} if cfg.slicer == "auto" else {"backend": cfg.slicer}
             self.slicer = Slicer(spec, self.dataset.vocab, **kw)
             self._max_rows = max(t.hash_size for t in spec.tables.values())
+        # the target's ids hashed like the history too (share_item_tables), when there is a history
+        self.history_rows = {t.id_type: t.hash_size for t in spec.tables.values()} if spec is not None else None
         self.timelines: Timelines | None = None
         self._user_row = np.zeros(0, np.int64)
         if spec is not None:
@@ -298,7 +312,7 @@ class ExampleSource:
             user_kjt = sliced.to_kjt()
             if inverse is not None:
                 user_kjt = with_inverse(user_kjt, torch.from_numpy(inverse))
-        return Batch(user_kjt, item_kjt(req, rows, self.item_hash_size),
+        return Batch(user_kjt, item_kjt(req, rows, self.item_hash_size, self.history_rows),
                      torch.from_numpy(dense_features(req.ts[rows], req.video_duration[rows])),
                      torch.from_numpy(np.ascontiguousarray(req.labels[rows])))
 

@@ -5,6 +5,10 @@
 :func:`~dv365.train.fsa.build_user_tower`). It is the only part exported: everything in
 :class:`~dv365.train.backbone.MultiTaskDLRM` is training scaffolding. ``DV365Model.user_tower`` is ``None``
 for the baseline (``model.kind: baseline``).
+
+With ``model.backbone.share_item_tables`` the target item's media / author / topic ids are looked up in the
+tower's history tables (:meth:`~dv365.train.pooling.SlicedPooling.item_embeddings`) and handed to the
+backbone; the tables stay inside the tower (one parameter, two readers), so the exported tower is unchanged.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import torch
 from torch import nn
 
 from dv365.core.slicing import SliceSpec
-from dv365.train.backbone import MultiTaskDLRM
+from dv365.train.backbone import SHARED_ITEM_FEATURES, MultiTaskDLRM
 from dv365.train.config import ModelConfig
 from dv365.train.dedup import expand, strip_inverse
 from dv365.train.errors import TrainConfigError
 from dv365.train.fsa import UserTowerArch, build_user_tower
 from dv365.train.losses import TaskSpec
-from dv365.train.pooling import SlicedPooling
+from dv365.train.pooling import SlicedPooling, shared_item_tables
 
 BASELINE = "baseline"
 
@@ -72,7 +76,10 @@ class DV365Model(nn.Module):
 
     def forward(self, user_kjt: Any | None, item_kjt: Any, dense: torch.Tensor) -> torch.Tensor:
         tokens = self.user_tower(user_kjt) if self.user_tower is not None else None  # [B, N_out, D]
-        return self.backbone(item_kjt, dense, tokens)  # [B, K]
+        shared = None
+        if self.user_tower is not None and self.backbone.shared_lookups:  # the target's ids in the tower's tables
+            shared = self.user_tower.pooling.item_embeddings(item_kjt, self.backbone.shared_lookups)  # [B, S, D]
+        return self.backbone(item_kjt, dense, tokens, shared)  # [B, K]
 
 
 def build_model(cfg: ModelConfig, spec: SliceSpec | None, tasks: Sequence[TaskSpec], num_dense: int,
@@ -91,5 +98,9 @@ def build_model(cfg: ModelConfig, spec: SliceSpec | None, tasks: Sequence[TaskSp
         tcfg = tcfg.with_tokens(len(spec.features))
         tower = DV365UserTower(SlicedPooling(spec, tcfg.dim), build_user_tower(cfg.kind, tcfg))
     shape = (tower.out_tokens, tower.dim) if tower is not None else None
-    model = DV365Model(tower, MultiTaskDLRM(cfg.backbone, num_dense, tasks, shape))
+    shared: list[tuple[str, str]] = []
+    if tower is not None and spec is not None:  # the target item's ids looked up in the tower's tables (share_item_tables)
+        known = set(SHARED_ITEM_FEATURES.values())
+        shared = [(i, t) for i, t in shared_item_tables(spec, cfg.backbone.share_item_tables) if i in known]
+    model = DV365Model(tower, MultiTaskDLRM(cfg.backbone, num_dense, tasks, shape, shared))
     return model.to(device) if device is not None else model
