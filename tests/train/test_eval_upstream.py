@@ -122,3 +122,15 @@ def test_slice_cache_matches_the_slicer(tiny_config: Path, tmp_path: Path) -> No
             assert torch.allclose(wa[s:e][ia], wb[s:e][ib])
     assert torch.equal(a.labels, b.labels) and torch.equal(a.dense, b.dense)
     assert cached.history_events[rows].min() >= 0
+
+
+def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) -> None:
+    """--jobs trains models in forked workers: every model seeds itself, so the results equal a serial run."""
+    from dv365.train.eval_upstream import run_upstream
+
+    kw = dict(quick=True, seeds=2, config=tiny_config, data_dir=tmp_path / "data", progress=False, log=lambda _m: None)
+    serial = run_upstream("synth", jobs=1, **kw)  # type: ignore[arg-type]
+    parallel = run_upstream("synth", jobs=2, **kw)  # type: ignore[arg-type]
+    assert [(r.kind, r.seed) for r in parallel.results] == [(r.kind, r.seed) for r in serial.results]
+    for a, b in zip(serial.results, parallel.results):
+        assert (a.best_step, a.best_val_ne, a.test) == (b.best_step, b.best_val_ne, b.test)

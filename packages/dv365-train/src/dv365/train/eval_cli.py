@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from importlib.metadata import entry_points
@@ -147,6 +148,9 @@ def register_upstream(esub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--variants", default=None,
                    help="comma-separated tower kinds (default: all of Table 1), e.g. fsa,mlp_d")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch default)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="models trained at a time on CPU, in forked workers (default 0 = one per CPU core); the "
+                        "results do not depend on it")
     p.set_defaults(func=_upstream)
 
 
@@ -163,7 +167,8 @@ def _upstream(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, file=sys.stderr, flush=True))
     rep = run_upstream(args.dataset, quick=args.quick, seeds=args.seeds, config=args.config,
                        overrides=overrides(args.set), variants=variants, data_dir=args.data_dir, device=args.device,
-                       threads=args.threads or None, progress=not args.no_progress, command=command.strip(), log=log)
+                       threads=args.threads or None, progress=not args.no_progress, command=command.strip(), log=log,
+                       jobs=args.jobs or (os.cpu_count() or 1))
     paths = write_report(rep, args.out)
     summary = rep.summary()
     summary["report"] = paths

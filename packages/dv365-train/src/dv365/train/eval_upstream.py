@@ -606,11 +606,29 @@ def data_facts(ex: SlicedExamples, splits: Splits) -> dict[str, Any]:
     }
 
 
+_POOL: dict[str, Any] = {}  # what forked workers read (set by run_upstream before the pool starts)
+
+
+def _train_one_in_worker(job: tuple[str, int]) -> RunResult:
+    kind, seed = job
+    p = _POOL
+    return train_one(p["settings"], p["ex"], p["splits"], p["spec"], p["url"], kind, seed, p["dev"], False, p["threads"])
+
+
+def _log_run(log: Callable[[str], None], r: RunResult) -> None:
+    log(f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val NE {r.best_val_ne:.4f} "
+        f"test mean NE {_mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
+
+
 def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None, config: str | Path | None = None,
                  overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
                  data_dir: str | Path = "out/eval/data", device: str = "cpu", threads: int | None = 1,
-                 progress: bool = True, command: str = "", log: Callable[[str], None] = print) -> UpstreamReport:
-    """Runs the experiment (datasets prepared, every model trained) and returns the report's content."""
+                 progress: bool = True, command: str = "", log: Callable[[str], None] = print,
+                 jobs: int = 1) -> UpstreamReport:
+    """Runs the experiment (datasets prepared, every model trained) and returns the report's content.
+
+    ``jobs > 1`` (CPU only) trains that many models at a time in forked worker processes that share the
+    sliced examples; every model seeds itself, so the results are the same as with ``jobs = 1``."""
     import warnings
 
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -640,12 +658,27 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
         f"test requests with empty gapped history: {100 * facts['test_empty_history_share']:.1f}%"
         + (" [SIMULATED]" if ex.simulated else ""))
     results: list[RunResult] = []
-    for seed in range(n_seeds):
-        for kind in (BASELINE, *settings.variants):
+    todo = [(kind, seed) for seed in range(n_seeds) for kind in (BASELINE, *settings.variants)]
+    jobs = max(1, min(int(jobs), len(todo))) if dev.type == "cpu" else 1
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        log(f"training {len(todo)} models, {jobs} at a time (forked CPU workers)")
+        _POOL.update(settings=settings, ex=ex, splits=splits, spec=spec, url=url, dev=dev, threads=threads)
+        try:
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+                runs = pool.map(_train_one_in_worker, todo)
+                for r in runs:  # in submission order
+                    results.append(r)
+                    _log_run(log, r)
+        finally:
+            _POOL.clear()
+    else:
+        for kind, seed in todo:
             r = train_one(settings, ex, splits, spec, url, kind, seed, dev, progress, threads)
             results.append(r)
-            log(f"  seed {seed} {LABELS.get(kind, kind):9s} best step {r.best_step:4d} val NE {r.best_val_ne:.4f} "
-                f"test mean NE {_mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
+            _log_run(log, r)
     return UpstreamReport(dataset, quick, ex.simulated, settings, str(cfg_path), command, url, facts, results,
                           time.perf_counter() - t0, str(dev))
 
