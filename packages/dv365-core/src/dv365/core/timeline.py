@@ -512,7 +512,8 @@ class TimelineDataset:
         self.vocab = _meta.vocab
 
     # --- raw tables ----------------------------------------------------------------------------------
-    def _bucket_files(self, kind: str, bucket: int) -> list[str]:
+    def part_files(self, kind: str, bucket: int) -> list[str]:
+        """The Parquet part files of one kind (``explicit``/``implicit``/``requests``) and bucket, sorted."""
         d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
         if not self.fs.exists(d):
             return []
@@ -520,7 +521,7 @@ class TimelineDataset:
 
     def read_bucket(self, kind: str, bucket: int, user_ids: np.ndarray | None = None) -> pa.Table:
         """All rows of ``kind`` in one bucket (optionally only ``user_ids``), sorted by (user_id, ts)."""
-        files = self._bucket_files(kind, bucket)
+        files = self.part_files(kind, bucket)
         if not files:
             schema = schema_for(kind)
             return schema.empty_table()
@@ -587,7 +588,7 @@ class TimelineDataset:
         counts: dict[int, int] = {}
         for k in EVENT_KINDS:
             for b in range(self.meta.num_buckets):
-                for f in self._bucket_files(k, b):
+                for f in self.part_files(k, b):
                     with self.fs.open(f, "rb") as fh:
                         u = pq.read_table(fh, columns=["user_id"]).column("user_id").to_numpy()
                     ids, c = np.unique(u, return_counts=True)
@@ -605,7 +606,7 @@ class TimelineDataset:
         for k in EVENT_KINDS:
             rows = 0
             for b in range(self.meta.num_buckets):
-                for f in self._bucket_files(k, b):
+                for f in self.part_files(k, b):
                     with self.fs.open(f, "rb") as fh:
                         ts = pq.read_table(fh, columns=["ts"]).column("ts").to_numpy()
                     rows += len(ts)

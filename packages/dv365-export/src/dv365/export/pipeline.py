@@ -296,14 +296,17 @@ class Pipeline:
     def source_newest_ts(self) -> int:
         from dv365.core.timeline import EVENT_KINDS, TimelineDataset
 
+        import pyarrow.parquet as pq
+
         src = TimelineDataset(self.cfg.source)
         newest = None
         for kind in (*EVENT_KINDS, "requests"):
             for b in range(src.meta.num_buckets):
-                t = src.read_bucket(kind, b).column("ts").to_numpy()
-                if len(t):
-                    m = int(t.max())
-                    newest = m if newest is None else max(newest, m)
+                for path in src.part_files(kind, b):  # only the ts column is read
+                    with src.fs.open(path, "rb") as f:
+                        t = pq.read_table(f, columns=["ts"]).column("ts").to_numpy()
+                    if len(t):
+                        newest = int(t.max()) if newest is None else max(newest, int(t.max()))
         if newest is None:
             raise PipelineError(f"source {self.cfg.source}: the dataset has no events")
         return newest
@@ -505,9 +508,8 @@ class Pipeline:
 
     def _step_retain(self, c: Cycle) -> dict[str, Any]:
         removed: list[str] = []
-        for kind, keep, path_of in (("models", self.cfg.keep_models, self.model_dir),
-                                    ("snapshots", self.cfg.keep_snapshots, self.snapshot_dir)):
-            numbers = [x.number for x in self.cycles() if x.number <= c.number]
+        numbers = [x.number for x in self.cycles() if x.number <= c.number]
+        for keep, path_of in ((self.cfg.keep_models, self.model_dir), (self.cfg.keep_snapshots, self.snapshot_dir)):
             for n in numbers[:-keep]:
                 p = path_of(n)
                 if p.exists():

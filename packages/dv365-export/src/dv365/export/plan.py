@@ -43,19 +43,12 @@ class UserActivity:
     new: np.ndarray  # [U] events with since < ts <= cut (all visible ones when there is no ``since``)
 
 
-def _bucket_files(ds: TimelineDataset, kind: str, bucket: int) -> list[str]:
-    d = posixpath.join(ds.root, kind, f"bucket={bucket:05d}")
-    if not ds.fs.exists(d):
-        return []
-    return sorted(p for p in ds.fs.ls(d, detail=False) if p.endswith(".parquet"))
-
-
 def scan_activity(ds: TimelineDataset, cut: int, since: int | None = None) -> UserActivity:
     """Reads only ``user_id`` and ``ts`` of every part file and counts each user's visible / new events."""
     ids, ts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for kind in EVENT_KINDS:
         for b in range(ds.meta.num_buckets):
-            for path in _bucket_files(ds, kind, b):
+            for path in ds.part_files(kind, b):
                 with ds.fs.open(path, "rb") as f:
                     t = pq.read_table(f, columns=["user_id", "ts"])
                 ids.append(t.column("user_id").to_numpy().astype(np.int64, copy=False))

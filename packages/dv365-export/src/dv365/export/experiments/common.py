@@ -223,6 +223,13 @@ def data_lines(ctx: Context) -> list[str]:
     ]
 
 
+def report_paths(out_dir: Path, experiment: str, dataset: str, quick: bool) -> tuple[Path, Path, Path]:
+    """``(<stem>.md, <stem>.png, <stem>.json)`` of a report in ``out_dir`` (created)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = stem(experiment, dataset, quick)
+    return out_dir / f"{name}.md", out_dir / f"{name}.png", out_dir / f"{name}.json"
+
+
 def finish_report(ctx: Context, res: Mapping[str, Any], lines: list[str], md: Path, js: Path, png: Path, has_png: bool,
                  command: str) -> dict[str, str]:
     """Ends a report (wall time, the command), writes its Markdown and JSON; returns their paths."""

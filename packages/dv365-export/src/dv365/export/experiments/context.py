@@ -56,10 +56,9 @@ def prepare_url(dataset: str, synth: SynthSettings, data_url: str | None, data_d
     if dataset == "kuairand":
         raise ExperimentError("--dataset kuairand needs --set data_url=<the folder written by `dv365 import "
                               "kuairand ... --out <folder>`> (docs/experiments.md)")
-    from dv365.train.eval_upstream import SynthData, UpstreamSettings, prepare_dataset
+    from dv365.train.eval_upstream import UpstreamSettings, prepare_dataset
 
-    sd = SynthData(**{k: getattr(synth, k) for k in SynthData.__dataclass_fields__})
-    return str(prepare_dataset(dataset, UpstreamSettings(train={}, synth=sd), data_dir, progress, log))
+    return str(prepare_dataset(dataset, UpstreamSettings(train={}, synth=synth), data_dir, progress, log))
 
 
 def tasks_of(settings: Settings) -> tuple[TaskSpec, ...]:

@@ -17,8 +17,16 @@ from typing import Any, Callable
 import numpy as np
 
 from dv365.export.experiments.common import (
-    NOISE_NOTE, RankerFit, banner, data_lines, fmt_stat, mean_ne, paired_stats, plot_bars, stem,
+    NOISE_NOTE,
+    RankerFit,
+    banner,
+    data_lines,
     finish_report,
+    fmt_stat,
+    mean_ne,
+    paired_stats,
+    plot_bars,
+    report_paths,
 )
 from dv365.export.experiments.context import Context
 
@@ -102,9 +110,7 @@ def _table(d: dict[str, dict[str, Any]], tasks: list[str], kinds: list[str]) -> 
 
 
 def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, command: str) -> dict[str, str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = stem("ranking", ctx.dataset, quick)
-    md, png, js = out_dir / f"{name}.md", out_dir / f"{name}.png", out_dir / f"{name}.json"
+    md, png, js = report_paths(out_dir, "ranking", ctx.dataset, quick)
     kinds = [k for k in ctx.settings.ranking.variants]
     tasks = [t.name for t in ctx.tasks]
     sim = "SIMULATED" if ctx.simulated else "real data"

@@ -21,8 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from dv365.export.experiments.common import (
-    NOISE_NOTE, banner, data_lines, epochs, fmt_stat, hstu_config, paired_stats, plot_bars, seed_all, stem,
+    NOISE_NOTE,
+    banner,
+    data_lines,
+    epochs,
     finish_report,
+    fmt_stat,
+    hstu_config,
+    paired_stats,
+    plot_bars,
+    report_paths,
+    seed_all,
 )
 from dv365.export.experiments.context import Context
 from dv365.export.experiments.models import DownstreamConfig, TwoTower
@@ -230,9 +239,7 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, command: str) -> dict[str, str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = stem("retrieval", ctx.dataset, quick)
-    md, png, js = out_dir / f"{name}.md", out_dir / f"{name}.png", out_dir / f"{name}.json"
+    md, png, js = report_paths(out_dir, "retrieval", ctx.dataset, quick)
     kinds = list(ctx.settings.retrieval.variants)
     keys = [f"{n}@{k}" for n in res["tasks"] for k in KS]
     sim = "SIMULATED" if ctx.simulated else "real data"

@@ -15,6 +15,7 @@ import yaml
 
 from dv365.core.errors import Dv365Error
 from dv365.train.config import apply_overrides
+from dv365.train.eval_upstream import SynthData as SynthSettings  # ``dv365 synth`` sizes (the same for eval upstream)
 
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs" / "experiments"  # packages/dv365-export/configs
 DATASETS = ("movielens", "synth", "kuairand")
@@ -23,18 +24,6 @@ EXPERIMENTS = ("ranking", "retrieval", "staleness", "encoders")
 
 class ExperimentError(Dv365Error, ValueError):
     """A bad experiment setting (names the key and the value)."""
-
-
-@dataclass(frozen=True)
-class SynthSettings:
-    """``dv365 synth`` sizes of a generated (SIMULATED) data set."""
-
-    users: int = 200
-    mean_events: int = 2000
-    max_events: int = 8000
-    days: int = 400
-    requests_per_user: int = 100
-    seed: int = 0
 
 
 @dataclass(frozen=True)

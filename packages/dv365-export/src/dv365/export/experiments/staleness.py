@@ -25,10 +25,10 @@ from dv365.export.experiments.common import (
     banner,
     data_lines,
     epochs,
+    finish_report,
     mean_ne,
     paired_stats,
-    stem,
-    finish_report,
+    report_paths,
 )
 from dv365.export.experiments.context import Context
 
@@ -156,9 +156,7 @@ def plot(ctx: Context, res: dict[str, Any], path: Path) -> bool:
 
 
 def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, command: str) -> dict[str, str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = stem("staleness", ctx.dataset, quick)
-    md, png, js = out_dir / f"{name}.md", out_dir / f"{name}.png", out_dir / f"{name}.json"
+    md, png, js = report_paths(out_dir, "staleness", ctx.dataset, quick)
     has_png = plot(ctx, res, png)
     sim = "SIMULATED" if ctx.simulated else "real data"
     L = [f"# dv365 eval staleness (paper App. B): {ctx.dataset}{' (quick)' if quick else ''} — {sim}\n",
