@@ -65,6 +65,10 @@ def test_upstream_cli_writes_report_and_json_line(tiny_config: Path, tmp_path: P
     full = json.loads((out / "upstream-synth-quick.json").read_text())
     assert len(full["runs"]) == 2 * 3  # (baseline + 2 variants) x 2 seeds
     assert full["facts"]["users"] == 12
+    for r in full["runs"]:  # per-task validation metrics of the kept step; the criterion covers every task
+        assert set(r["val"]) == {"like", "long_view", "watch_time"}
+        nl = [r["val"]["like"]["ne"], r["val"]["long_view"]["ne"], r["val"]["watch_time"]["nmse"]]
+        assert r["best_val"] == pytest.approx(sum(nl) / 3, rel=1e-9)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -89,6 +93,15 @@ def test_bad_setting_is_a_user_error(tiny_config: Path, tmp_path: Path, capsys: 
                "--data-dir", str(tmp_path / "d"), "--no-progress"])
     assert rc == 1
     assert "protocol" in capsys.readouterr().err
+
+
+def test_unknown_selection_criterion_is_named(tiny_config: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["eval", "upstream", "--config", str(tiny_config), "--set", "select_by=auc", "--out", str(tmp_path),
+               "--data-dir", str(tmp_path / "d"), "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "select_by" in err and "all_tasks" in err and "binary_ne" in err
 
 
 def test_slice_cache_matches_the_slicer(tiny_config: Path, tmp_path: Path) -> None:
@@ -133,4 +146,4 @@ def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) 
     parallel = run_upstream("synth", jobs=2, **kw)  # type: ignore[arg-type]
     assert [(r.kind, r.seed) for r in parallel.results] == [(r.kind, r.seed) for r in serial.results]
     for a, b in zip(serial.results, parallel.results):
-        assert (a.best_step, a.best_val_ne, a.test) == (b.best_step, b.best_val_ne, b.test)
+        assert (a.best_step, a.best_val, a.test) == (b.best_step, b.best_val, b.test)

@@ -66,6 +66,26 @@ def test_meter_streams_batches_and_uses_the_evaluated_base_rate() -> None:
     expect_mse = ((out[:, 1].double() - torch.log1p(labels[:, 1].double())) ** 2).mean().item()
     assert res["watch_time"]["mse"] == pytest.approx(expect_mse, rel=1e-9)
     assert meter.mean_ne() == pytest.approx(res["like"]["ne"])
+    y = torch.log1p(labels[:, 1].double())
+    assert res["watch_time"]["label_var"] == pytest.approx(y.var(unbiased=False).item(), rel=1e-9)
+    assert res["watch_time"]["nmse"] == pytest.approx(expect_mse / y.var(unbiased=False).item(), rel=1e-9)
+    assert meter.mean_normalized_loss() == pytest.approx((res["like"]["ne"] + res["watch_time"]["nmse"]) / 2)
+
+
+def test_normalized_loss_is_one_for_the_mean_predictor() -> None:
+    """NE and MSE / Var(label) both read 1.0 for a model that predicts the evaluated data's mean label."""
+    tasks = [TaskSpec("label_like"), TaskSpec("label_watch_time", "regression", transform="log1p")]
+    g = torch.Generator().manual_seed(1)
+    labels = torch.stack([(torch.rand(500, generator=g) < 0.2).float(), torch.rand(500, generator=g) * 60], 1)
+    p = labels[:, 0].double().mean()
+    out = torch.stack([torch.full((500,), math.log(p / (1 - p))),
+                       torch.full((500,), torch.log1p(labels[:, 1].double()).mean().item())], 1)
+    meter = MultiTaskMeter(tasks)
+    meter.update(out, labels)
+    assert meter.mean_normalized_loss() == pytest.approx(1.0, rel=1e-6)
+    constant = MultiTaskMeter(tasks[1:])  # constant labels: the normalised MSE is undefined, left out
+    constant.update(torch.zeros(4, 1), torch.ones(4, 1))
+    assert math.isnan(constant.compute()["watch_time"]["nmse"]) and math.isnan(constant.mean_normalized_loss())
 
 
 def test_task_spec_validation() -> None:

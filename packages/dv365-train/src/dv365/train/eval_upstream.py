@@ -10,7 +10,10 @@ Protocol (:class:`UpstreamSettings`), everything split by request time:
 * the latest ``data.eval_fraction`` of requests is the **test** split: it is evaluated once per model,
   at the end, and never used for a choice;
 * the latest ``val_fraction`` of the remaining requests is the **validation** split: models are evaluated
-  on it every ``val_every`` steps and the best step (lowest mean validation NE; early stopping) is kept;
+  on it every ``val_every`` steps and the best step is kept (early stopping). ``select_by`` names the
+  criterion: ``all_tasks`` (default) is the mean normalised loss over every task -- NE for a binary task,
+  MSE / Var(label) for the watch-time regression -- so a step is not chosen for binary gains bought with a
+  worse regression head; ``binary_ne`` is the mean NE of the binary tasks alone;
 * the rest is the **training** split.
 
 Two ways to train a tower (``protocol``):
@@ -56,7 +59,7 @@ from dv365.train.data import NUM_DENSE, Batch, ExampleSource, dense_features, he
 from dv365.train.errors import TrainConfigError
 from dv365.train.fsa import TOKEN_WISE_KINDS, canonical_kind
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter
+from dv365.train.metrics import MultiTaskMeter, mean_normalized_loss
 from dv365.train.model import BASELINE, DV365Model, build_model
 from dv365.train.trainer import build_optimizers, optimizer_step, seed_everything
 
@@ -102,6 +105,8 @@ class UpstreamSettings:
         protocol: ``joint`` or ``frozen`` (module docstring).
         upstream_fraction: ``frozen``: the first fraction of the training split the upstream model sees.
         backbone_steps: ``frozen``: steps of the downstream backbone (0: ``train.run.steps``).
+        select_by: early-stopping criterion on the validation split: ``all_tasks`` (mean of NE and
+            MSE / Var(label) over every task) or ``binary_ne`` (mean NE of the binary tasks).
         synth: generator sizes (synth dataset only).
     """
 
@@ -113,6 +118,7 @@ class UpstreamSettings:
     protocol: str = "joint"
     upstream_fraction: float = 0.5
     backbone_steps: int = 0
+    select_by: str = "all_tasks"
     synth: SynthData = SynthData()
 
     @classmethod
@@ -137,6 +143,8 @@ class UpstreamSettings:
     def validate(self) -> None:
         if self.protocol not in ("joint", "frozen"):
             raise EvalError(f"protocol = {self.protocol!r}: use joint or frozen")
+        if self.select_by not in SELECT_BY:
+            raise EvalError(f"select_by = {self.select_by!r}: use one of {sorted(SELECT_BY)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise EvalError(f"val_fraction = {self.val_fraction}: must be in (0, 1)")
         if not 0.0 < self.upstream_fraction <= 1.0:
@@ -342,11 +350,12 @@ class RunResult:
     kind: str
     seed: int
     best_step: int
-    best_val_ne: float
+    best_val: float
     test: dict[str, dict[str, Any]]
     test_returning: dict[str, dict[str, Any]]
     seconds: float
     val_curve: list[tuple[int, float]] = field(default_factory=list)
+    val: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task metrics of the kept step on validation
 
 
 def _evaluate(forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch], tasks: Sequence[TaskSpec]
@@ -361,6 +370,13 @@ def _evaluate(forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch]
 def _mean_ne(metrics: Mapping[str, Mapping[str, Any]]) -> float:
     nes = [v["ne"] for v in metrics.values() if "ne" in v and not math.isnan(v["ne"])]
     return sum(nes) / len(nes) if nes else math.nan
+
+
+# early-stopping criteria (lower is better): UpstreamSettings.select_by
+SELECT_BY: dict[str, Callable[[Mapping[str, Mapping[str, Any]]], float]] = {
+    "all_tasks": mean_normalized_loss, "binary_ne": _mean_ne}
+CRITERION_TEXT = {"all_tasks": "mean normalised loss over every task (NE; MSE / Var(label) for regression)",
+                  "binary_ne": "mean NE of the binary tasks"}
 
 
 def _batches(view: Any, rows: np.ndarray, bs: int, device: torch.device) -> Iterator[Batch]:
@@ -390,11 +406,12 @@ class _EpochBatches:
 
 class _Fit:
     """Trains ``model`` on ``view.train_rows`` with the optimizers / loss of ``cfg``; keeps the best
-    validation state (mean NE over the binary tasks) in memory."""
+    validation state (lowest ``select_by`` criterion, see :data:`SELECT_BY`) in memory."""
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, forward: Callable[[Batch], torch.Tensor],
-                 view: Any, tasks: Sequence[TaskSpec], device: torch.device) -> None:
+                 view: Any, tasks: Sequence[TaskSpec], device: torch.device, select_by: str = "all_tasks") -> None:
         self.cfg, self.model, self.forward, self.view, self.tasks, self.device = cfg, model, forward, view, tasks, device
+        self.criterion = SELECT_BY[select_by]
         self.loss_fn = MultiTaskLoss(tasks).to(device)
         self.optimizers = build_optimizers(model, cfg.optim)
 
@@ -422,8 +439,8 @@ class _Fit:
 
     def _val(self, rows: np.ndarray) -> float:
         self.model.eval()
-        return _mean_ne(_evaluate(self.forward, _batches(self.view, rows, self.cfg.run.eval_batch_size, self.device),
-                                  self.tasks))
+        return self.criterion(_evaluate(self.forward, _batches(self.view, rows, self.cfg.run.eval_batch_size,
+                                                                self.device), self.tasks))
 
 
 def _run_cfg(settings: UpstreamSettings, url: str, kind: str, seed: int, threads: int | None) -> TrainConfig:
@@ -466,7 +483,8 @@ def train_one(settings: UpstreamSettings, ex: SlicedExamples, splits: Splits, sp
         up_view = _Rows(ex, splits.train[:n_up], True)
         model = build_model(cfg.model, spec, tasks, NUM_DENSE, device)
         model.backbone.init_head_bias(_head_bias(ex, splits.train[:n_up], tasks))
-        fit = _Fit(cfg, model, lambda b: model(b.user_kjt, b.item_kjt, b.dense), up_view, tasks, device)
+        fit = _Fit(cfg, model, lambda b: model(b.user_kjt, b.item_kjt, b.dense), up_view, tasks, device,
+                   settings.select_by)
         fit.run(cfg.run.steps, splits.val, settings.val_every, progress, f"{kind} s{seed} upstream")
         assert model.user_tower is not None
         tokens = _TokenTable(model.user_tower, ex, bs_eval, device)
@@ -493,15 +511,16 @@ def train_one(settings: UpstreamSettings, ex: SlicedExamples, splits: Splits, sp
 
         net = model
         steps = cfg.run.steps
-    fit = _Fit(cfg, net, forward, view, tasks, device)
+    fit = _Fit(cfg, net, forward, view, tasks, device, settings.select_by)
     best_step, best_ne, curve = fit.run(steps, splits.val, settings.val_every, progress, f"{kind} s{seed}")
+    val = _evaluate(forward, _batches(view, splits.val, bs_eval, device), tasks)
     test = _evaluate(forward, _batches(view, splits.test, bs_eval, device), tasks)
     ret = splits.test_returning
     if len(ret) == len(splits.test):  # every test request has a history (synth): the same rows, same numbers
         test_ret = copy.deepcopy(test)
     else:
         test_ret = _evaluate(forward, _batches(view, ret, bs_eval, device), tasks) if len(ret) else {}
-    return RunResult(kind, seed, best_step, best_ne, test, test_ret, time.perf_counter() - t0, curve)
+    return RunResult(kind, seed, best_step, best_ne, test, test_ret, time.perf_counter() - t0, curve, val)
 
 
 def _head_bias(ex: SlicedExamples, rows: np.ndarray, tasks: Sequence[TaskSpec]) -> list[float]:
@@ -616,7 +635,7 @@ def _train_one_in_worker(job: tuple[str, int]) -> RunResult:
 
 
 def _log_run(log: Callable[[str], None], r: RunResult) -> None:
-    log(f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val NE {r.best_val_ne:.4f} "
+    log(f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val {r.best_val:.4f} "
         f"test mean NE {_mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
 
 
@@ -822,12 +841,13 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
     L.append("## Setting\n")
     m = tcfg.model
     L.append(f"- protocol `{s.protocol}`: " + (
-        "tower + backbone trained together on the training split; the step with the best validation mean NE "
-        "is kept (checked every " f"{s.val_every} steps)" if s.protocol == "joint" else
+        "tower + backbone trained together on the training split; the step with the best validation "
+        f"{CRITERION_TEXT[s.select_by]} is kept (checked every {s.val_every} steps)" if s.protocol == "joint" else
         f"an upstream model (tower + backbone) is trained on the first {s.upstream_fraction:.0%} of the training "
         "split (early-stopped on validation); its tower is frozen and its output computed once per request; a "
         "fresh backbone is trained on the whole training split with those tokens (the baseline: the same "
-        f"backbone training without tokens), early-stopped on validation every {s.val_every} steps"))
+        f"backbone training without tokens), early-stopped on the validation {CRITERION_TEXT[s.select_by]} every "
+        f"{s.val_every} steps"))
     L.append(f"- tower D = {m.tower.dim}, N_out = {m.tower.n_out}, encoder {m.tower.encoder}, funnel {m.tower.funnel}; "
              f"backbone E = {m.backbone.embedding_dim}, {m.backbone.interaction}, over-arch {list(m.backbone.over_arch)}, "
              f"tokens `{m.backbone.token_mode}`; hash sizes {dict(tcfg.data.hash_sizes)}")
@@ -840,16 +860,16 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
     L.append("## Command\n")
     L.append(f"```bash\n{rep.command or f'dv365 eval upstream --dataset {rep.dataset}' + (' --quick' if rep.quick else '')}\n```\n")
     L.append("## Runs\n")
-    L.append("| model | seed | best step | best val mean NE | test mean NE | seconds |")
+    L.append(f"| model | seed | best step | best val ({s.select_by}) | test mean NE (binary) | seconds |")
     L.append("|---|---:|---:|---:|---:|---:|")
     for x in rep.results:
-        L.append(f"| {LABELS.get(x.kind, x.kind)} | {x.seed} | {x.best_step} | {x.best_val_ne:.4f} | "
+        L.append(f"| {LABELS.get(x.kind, x.kind)} | {x.seed} | {x.best_step} | {x.best_val:.4f} | "
                  f"{_mean_ne(x.test):.4f} | {x.seconds:.0f} |")
     md.write_text("\n".join(L) + "\n")
     full = {**summ, "facts": f, "config": rep.config_path, "command": rep.command,
-            "runs": [{"kind": x.kind, "seed": x.seed, "best_step": x.best_step, "best_val_ne": x.best_val_ne,
+            "runs": [{"kind": x.kind, "seed": x.seed, "best_step": x.best_step, "best_val": x.best_val,
                       "test": x.test, "test_returning": x.test_returning, "seconds": round(x.seconds, 1),
-                      "val_curve": x.val_curve} for x in rep.results]}
+                      "val_curve": x.val_curve, "val": x.val} for x in rep.results]}
     js.write_text(json.dumps(full, indent=1, allow_nan=True) + "\n")
     paths = {"markdown": str(md), "json": str(js)}
     if has_png:

@@ -56,6 +56,7 @@ class MultiTaskMeter:
         K = len(self.tasks)
         self.loss_sum = torch.zeros(K, dtype=torch.float64)  # sum over examples of BCE / squared error
         self.label_sum = torch.zeros(K, dtype=torch.float64)  # sum of (transformed) labels
+        self.label_sq_sum = torch.zeros(K, dtype=torch.float64)  # sum of squared (transformed) labels
         self.count = 0
 
     def update(self, outputs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -65,6 +66,7 @@ class MultiTaskMeter:
                              (out - y).pow(2))  # [B, K]
         self.loss_sum += per_ex.sum(0)
         self.label_sum += y.sum(0)
+        self.label_sq_sum += y.pow(2).sum(0)
         self.count += out.shape[0]
 
     def compute(self) -> dict[str, dict[str, Any]]:
@@ -78,10 +80,30 @@ class MultiTaskMeter:
                 res[t.name] = {"ne": mean_loss / h if h > 0 else math.nan, "bce": mean_loss, "base_rate": p,
                                "count": self.count}
             else:
-                res[t.name] = {"mse": mean_loss, "target": t.transform, "count": self.count}
+                mean = float(self.label_sum[k]) / n
+                var = max(float(self.label_sq_sum[k]) / n - mean * mean, 0.0)
+                res[t.name] = {"mse": mean_loss, "nmse": mean_loss / var if var > 0 else math.nan, "label_var": var,
+                               "target": t.transform, "count": self.count}
         return res
 
     def mean_ne(self) -> float:
         """Mean NE over the binary tasks with a defined NE (NaN if none)."""
         nes = [v["ne"] for v in self.compute().values() if "ne" in v and not math.isnan(v["ne"])]
         return sum(nes) / len(nes) if nes else math.nan
+
+    def mean_normalized_loss(self) -> float:
+        """:func:`mean_normalized_loss` of :meth:`compute`."""
+        return mean_normalized_loss(self.compute())
+
+
+def mean_normalized_loss(metrics: dict[str, dict[str, Any]]) -> float:
+    """Mean over every task of its normalised loss: NE for a binary task, ``MSE / Var(label)`` for a
+    regression task (both are 1.0 for a model that predicts the evaluated data's mean label, lower is better).
+
+    Early stopping on this weighs each task equally, so a step that gains on the binary tasks while the watch-time
+    head gets worse is not chosen for free (the binary-only mean NE ignores regression heads). Tasks whose value is
+    undefined (no positives, or constant labels) are left out; NaN if none is defined.
+    """
+    vals = [v["ne"] if "ne" in v else v.get("nmse", math.nan) for v in metrics.values()]
+    vals = [x for x in vals if not math.isnan(x)]
+    return sum(vals) / len(vals) if vals else math.nan

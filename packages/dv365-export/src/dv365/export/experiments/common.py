@@ -14,7 +14,7 @@ from dv365.export.experiments.context import Context
 from dv365.export.experiments.hstu import HSTUConfig
 from dv365.export.experiments.models import DownstreamConfig, DownstreamRanker, head_bias
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter
+from dv365.train.metrics import MultiTaskMeter, mean_normalized_loss
 
 SIM_BANNER = ("> **SIMULATED data.** Users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
               "generator puts stable long-term interests into the histories *by construction*. This run checks "
@@ -96,7 +96,8 @@ def evaluate_ranker(model: torch.nn.Module, ctx: Context, rows: np.ndarray, sche
 
 class RankerFit:
     """A :class:`DownstreamRanker` of one DV365 mode, with Adam, the multi-task loss (Eq. 7-8) and the best
-    validation state (early stopping on the mean NE of the binary tasks)."""
+    validation state (early stopping on the mean normalised loss over every task: NE, and MSE / Var(label) for
+    the regression task; dv365-train's :func:`~dv365.train.metrics.mean_normalized_loss`)."""
 
     def __init__(self, ctx: Context, mode: str, seed: int, train_rows: np.ndarray, schedule: str = "fresh") -> None:
         seed_all(seed)
@@ -129,13 +130,13 @@ class RankerFit:
     def fit(self, train_rows: np.ndarray, val_rows: np.ndarray, steps: int, val_every: int
             ) -> tuple[int, float, list[tuple[int, float]]]:
         d = self.ctx.settings.downstream
-        best = (0, mean_ne(self.evaluate(val_rows)), copy.deepcopy(self.model.state_dict()))
+        best = (0, mean_normalized_loss(self.evaluate(val_rows)), copy.deepcopy(self.model.state_dict()))
         curve = [(0, best[1])]
         it = epochs(train_rows, d.batch_size, self.seed)
         for step in range(1, steps + 1):
             self.step(next(it))
             if step % val_every == 0 or step == steps:
-                ne = mean_ne(self.evaluate(val_rows))
+                ne = mean_normalized_loss(self.evaluate(val_rows))
                 curve.append((step, round(ne, 5)))
                 if ne < best[1]:
                     best = (step, ne, copy.deepcopy(self.model.state_dict()))

@@ -54,10 +54,10 @@ def run_ranking(ctx: Context, seeds: int, log: Callable[[str], None]) -> dict[st
             best_step, best_val, curve = fit.fit(rows["train"], val, d.steps, d.val_every)
             ev = fit.evaluate_subsets(test_rows, {"returning": is_ret})  # one forward pass for both
             test, test_ret = ev["all"], ev["returning"]
-            runs.append({"kind": kind, "seed": seed, "best_step": best_step, "best_val_ne": round(best_val, 5),
+            runs.append({"kind": kind, "seed": seed, "best_step": best_step, "best_val": round(best_val, 5),
                          "test": test, "test_returning": test_ret, "seconds": round(time.perf_counter() - t0, 1),
                          "val_curve": curve})
-            log(f"  ranking {ctx.dataset} seed {seed} {kind:13s} step {best_step:4d} val NE {best_val:.4f} "
+            log(f"  ranking {ctx.dataset} seed {seed} {kind:13s} step {best_step:4d} val {best_val:.4f} "
                 f"test mean NE {mean_ne(test):.4f} ({time.perf_counter() - t0:.0f} s)")
     return summarize(ctx, runs)
 
