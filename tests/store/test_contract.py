@@ -130,6 +130,28 @@ def test_publish_under_concurrent_readers_is_atomic(harness: Harness, snapshots)
     assert [v.version for v in writer.versions()] == ["atomic-2", "atomic-3"]
 
 
+def test_lookup_chunks_pieces_come_from_one_version(harness: Harness, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """lookup_chunks (what GetStream sends) stays on the version it started with while another is activated
+    between two of its pieces; an empty batch is one empty piece that still names the version."""
+    store = harness.writer()
+    store.publish(snapshots("a", fill=1))
+    store.publish(snapshots("b", fill=2), activate=False)
+    ids = np.r_[USERS, [1]].astype(np.int64)
+    pieces = store.lookup_chunks(ids, 40 * FMT.user_bytes + 1)
+    first = next(pieces)
+    switch = threading.Thread(target=store.activate, args=("b",))  # another thread, as a second client would
+    switch.start()
+    switch.join()
+    assert store.get([1000]).snapshot_id == "b"
+    parts = [first, *pieces]
+    assert [len(p.present) for p in parts] == [40] * 7 + [21] and {p.info.version for p in parts} == {"a"}
+    payload = np.concatenate([p.payload for p in parts]).reshape(len(ids), FMT.rows_per_user, FMT.row_bytes)
+    assert (payload[:-1, :, :128] == 1).all() and not payload[-1].any()
+    assert np.concatenate([p.present for p in parts]).tolist() == [True] * len(USERS) + [False]
+    empty = list(store.lookup_chunks(np.array([], dtype=np.int64), 1 << 20))
+    assert len(empty) == 1 and empty[0].payload.shape == (0, FMT.user_bytes) and empty[0].info.version == "b"
+
+
 def test_corrupted_value_is_an_error_for_that_user_not_garbage(harness: Harness, snapshots) -> None:  # type: ignore[no-untyped-def]
     store = harness.writer()
     store.publish(snapshots("v1", seed=1))

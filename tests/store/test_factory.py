@@ -1,7 +1,8 @@
-"""open_store: backends chosen by URL, imported only when selected; options and errors."""
+"""open_store: backends chosen by URL, imported only when selected; options and errors; LMDB prefault."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,33 @@ def test_backends_are_imported_only_when_selected(tmp_path) -> None:  # type: ig
             "print(sorted(m for m in ('redis', 'grpc', 'lmdb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, f"lmdb://{tmp_path}/s"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['lmdb']"
+
+
+def _mapped_kb(path: str) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                inside = len(head) == 6 and head[5] == path
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def test_lmdb_prefault_maps_the_whole_file(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    url = f"lmdb://{tmp_path}/s"
+    with open_store(url) as w:
+        w.publish(snapshots("v1", seed=1))
+    with pytest.raises(StoreError, match="prefault='maybe'"):
+        open_store(url + "?prefault=maybe")
+    data = os.path.realpath(f"{tmp_path}/s/data.mdb")
+    with open_store(url + "?mode=ro") as s:
+        assert s.get([1000]).present.all()
+        cold = _mapped_kb(data)
+        if not s.prefault():  # type: ignore[attr-defined]
+            pytest.skip("MADV_POPULATE_READ needs Linux >= 5.14")
+        assert _mapped_kb(data) >= os.path.getsize(data) // 1024 > 4 * cold
+    with open_store(url + "?mode=ro&prefault=1") as s:
+        assert s.get([1000, 5]).present.tolist() == [True, False]

@@ -1,5 +1,6 @@
 """gRPC service specifics: TLS is enforced, health needs no token and flips on shutdown, reflection is opt-in,
-SIGTERM drains in-flight calls and exits 0, any backend can sit behind the service."""
+SIGTERM drains in-flight calls and exits 0, any backend can sit behind the service, GetStream's pieces make
+the unary Get's answer (and the client falls back to Get on a server without GetStream)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dv365.core.lookup import LookupResult
 from dv365.store import StoreError, StoreUnavailableError, open_store
+from dv365.store.proto import store_pb2 as pb
 from dv365.store.server import ServeConfig, start_server
 
-from .conftest import READER_TOKEN, WRITER_TOKEN, RedisServer
+from .conftest import READER_TOKEN, USERS, WRITER_TOKEN, RedisServer, flip_lmdb
 
 TOKENS = {"reader_tokens": frozenset({READER_TOKEN}), "writer_tokens": frozenset({WRITER_TOKEN})}
 
@@ -87,6 +91,63 @@ def test_grpc_in_front_of_redis(redis_server: RedisServer, snapshots) -> None:  
         c.publish(snapshots("v1", seed=1))
         r = c.get([1000, 1, 1299])
         assert r.present.tolist() == [True, False, True] and r.snapshot_id == "v1"
+        ids = np.r_[USERS[::-1], [1, 2]]  # 302 users: three streamed pieces, sliced from one Redis read
+        direct = open_store(redis_server.url("reader", "grpc-front"))
+        _assert_same(c.get(ids), direct.get(ids))
+        direct.close()
+        c.close()
+    finally:
+        srv.stop(0)
+
+
+def _assert_same(a: LookupResult, b: LookupResult) -> None:
+    np.testing.assert_array_equal(a.payload, b.payload)
+    np.testing.assert_array_equal(a.present, b.present)
+    assert a.snapshot_id == b.snapshot_id and a.errors.keys() == b.errors.keys()
+
+
+def test_get_stream_pieces_match_get(tmp_path: Path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """GetStream (~1 MB pieces: 136 users of 7.6 KB) gives the unary Get's answer: same rows in request order,
+    an integrity error keyed by its position in the whole batch, one version."""
+    url = f"lmdb://{tmp_path}/s"
+    local = open_store(url)
+    local.publish(snapshots("v1", seed=1))
+    flip_lmdb(local, "v1", 1290)
+    srv = start_server(ServeConfig(backend=url, port=0, **TOKENS))
+    try:
+        c = open_store(f"grpc://127.0.0.1:{srv.port}", token=READER_TOKEN)
+        ids = np.r_[np.random.default_rng(3).permutation(USERS), [7, -1]]
+        pos = int(np.flatnonzero(ids == 1290)[0])
+        streamed = c.get(ids)
+        assert c._stream  # type: ignore[attr-defined]
+        assert streamed.errors.keys() == {pos} and "user 1290" in streamed.errors[pos]
+        assert int(streamed.present.sum()) == len(USERS) - 1 and not streamed.payload[pos].any()
+        _assert_same(streamed, local.get(ids))
+        c._stream = False  # type: ignore[attr-defined]
+        _assert_same(streamed, c.get(ids))
+        pieces = list(c._get_stream(pb.GetRequest(user_ids=ids.tolist()), metadata=c._md))  # type: ignore[attr-defined]
+        assert len(pieces) == 3
+        assert c.get([]).payload.shape == (0, 58, 132)
+        c.close()
+    finally:
+        srv.stop(0)
+        local.close()
+
+
+def test_client_falls_back_to_get_without_get_stream(tmp_path: Path, snapshots, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A server from before GetStream answers UNIMPLEMENTED: the client uses the unary Get from then on."""
+    import dv365.store.server as server
+
+    full = server._method_handlers
+    monkeypatch.setattr(server, "_method_handlers",
+                        lambda s: {k: v for k, v in full(s).items() if k != "GetStream"})
+    srv = start_server(ServeConfig(backend=f"lmdb://{tmp_path}/s", port=0, **TOKENS))
+    try:
+        c = open_store(f"grpc://127.0.0.1:{srv.port}", token=WRITER_TOKEN)
+        c.publish(snapshots("v1", seed=1))
+        r = c.get(USERS)
+        assert r.present.all() and not c._stream  # type: ignore[attr-defined]
+        assert c.get([1000, 5]).present.tolist() == [True, False]
         c.close()
     finally:
         srv.stop(0)

@@ -113,6 +113,11 @@ class RawLookup:
     errors: dict[int, str]
     info: VersionInfo
 
+    def part(self, lo: int, hi: int) -> "RawLookup":
+        """Users ``lo:hi`` of this answer (views; ``errors`` re-keyed to positions within the part)."""
+        errors = {k - lo: v for k, v in self.errors.items() if lo <= k < hi}
+        return RawLookup(self.payload[lo:hi], self.present[lo:hi], self.checksums[lo:hi], errors, self.info)
+
     def to_result(self, now: float | None = None) -> LookupResult:
         fmt = self.info.row_format
         now = time.time() if now is None else now
@@ -133,6 +138,11 @@ def as_user_ids(user_ids: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
     if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 1 << 63:
         raise InvalidRequestError(f"{where}: user id {int(arr.max())} does not fit in int64")
     return arr.astype(np.int64, copy=False)
+
+
+def chunk_users(chunk_bytes: int, fmt: RowFormat) -> int:
+    """Users per piece of :meth:`EmbeddingStore.lookup_chunks` (at least 1)."""
+    return max(1, int(chunk_bytes) // fmt.user_bytes)
 
 
 def check_version_name(version: str, where: str) -> None:
@@ -184,6 +194,17 @@ class EmbeddingStore(abc.ABC):
     @abc.abstractmethod
     def lookup(self, ids: np.ndarray) -> RawLookup:
         """Reads validated int64 ids from one version (the active one at the time of the read)."""
+
+    def lookup_chunks(self, ids: np.ndarray, chunk_bytes: int) -> Iterator[RawLookup]:
+        """The answer of :meth:`lookup` as consecutive pieces of about ``chunk_bytes`` of payload (at least one
+        user each; one empty piece for an empty batch), every piece from the same version. The gRPC service
+        streams them, so the look-up of a piece overlaps the transfer of the one before. Errors are keyed by
+        position within the piece. This default slices one :meth:`lookup`; a backend that can read a version
+        piece by piece from one snapshot overrides it (LMDB)."""
+        raw = self.lookup(ids)
+        step = chunk_users(chunk_bytes, raw.info.row_format)
+        for s in range(0, max(len(ids), 1), step):
+            yield raw.part(s, s + step)
 
     # ---- versions ----------------------------------------------------------------------------------
     @abc.abstractmethod

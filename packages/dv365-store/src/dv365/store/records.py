@@ -71,6 +71,7 @@ def assemble(values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, 
     n = fmt.user_bytes
     size = n + CHECKSUM_BYTES
     B = len(user_ids)
+    ids = np.ascontiguousarray(user_ids, dtype=np.int64)
     payload = np.empty((B, n), dtype=np.uint8)
     stored = np.zeros(B, dtype="<u8")
     computed = [0] * B
@@ -79,29 +80,34 @@ def assemble(values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, 
     tails = memoryview(stored.view(np.uint8))
     h = _xxh3
     errors: dict[int, str] = {}
-    i = -1
-    for i, (v, uid) in enumerate(zip(values, user_ids.tolist())):
+    # The hot loop (~3 us per 7.6 KB user, most of it the copy out of the map): one slice per record, no
+    # per-user arithmetic beyond two offsets, seeds are the ids' two's complement (a uint64 view).
+    i, o = -1, -n
+    for v, seed in zip(values, ids.view(np.uint64).tolist()):
+        i += 1
+        o += n
         if v is None:
             continue
         if len(v) != size:
-            errors[i] = (f"{where}: user {uid}: stored value is {len(v)} bytes, a record of this format is {size}: "
-                         "corrupted, not returned")
+            errors[i] = (f"{where}: user {int(ids[i])}: stored value is {len(v)} bytes, a record of this format is "
+                         f"{size}: corrupted, not returned")
             continue
-        mv = v if type(v) is memoryview else memoryview(v)  # slicing bytes would copy
-        body = mv[:n]
-        out[i * n:i * n + n] = body
-        tails[i * 8:i * 8 + 8] = mv[n:]
-        computed[i] = h(body, uid & _U64)
+        if type(v) is not memoryview:
+            v = memoryview(v)  # slicing bytes would copy
+        body = v[:n]
+        out[o:o + n] = body
+        tails[8 * i:8 * i + 8] = v[n:]
+        computed[i] = h(body, seed)
         found[i] = 1
     if i != B - 1:
         raise ValueError(f"{where}: {i + 1} values for {B} users")
     present = np.frombuffer(found, dtype=bool)
-    payload[~present] = 0
     bad = np.flatnonzero(present & (stored != np.array(computed, dtype=np.uint64)))
     for k in bad.tolist():
-        errors[k] = f"{where}: user {int(user_ids[k])}: stored value fails its checksum: corrupted, not returned"
+        errors[k] = f"{where}: user {int(ids[k])}: stored value fails its checksum: corrupted, not returned"
     if len(bad):
         present[bad] = False
-        payload[bad] = 0
-    stored[~present] = 0
-    return payload, present, stored.astype(np.uint64), errors
+    if not present.all():
+        payload[~present] = 0
+        stored[~present] = 0
+    return payload, present, stored.astype(np.uint64, copy=False), errors

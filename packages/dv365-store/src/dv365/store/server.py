@@ -1,6 +1,7 @@
 """``dv365 serve``: a gRPC service in front of any store backend.
 
-* batched ``Get`` (payloads + checksums, so the client checks what crossed the wire), ``Versions``, and the
+* batched ``Get`` (payloads + checksums, so the client checks what crossed the wire) and ``GetStream`` (the same
+  answer in ~1 MB pieces, read and sent in a pipeline; the package's client uses it), ``Versions``, and the
   writer methods ``Publish``/``Activate``/``Rollback``/``Delete``/``Prune``;
 * bearer tokens (``authorization: Bearer <token>``) with separate reader and writer sets: a reader token cannot
   publish (PERMISSION_DENIED), no/unknown token is UNAUTHENTICATED; the standard health service
@@ -21,13 +22,13 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dv365.store.api import EmbeddingStore, as_user_ids
+from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids
 from dv365.store.errors import StoreError
 from dv365.store.factory import open_store
 from dv365.store.grpc_common import (
@@ -35,6 +36,7 @@ from dv365.store.grpc_common import (
     ERROR_KEY,
     READER_METHODS,
     SERVICE,
+    STREAM_CHUNK_BYTES,
     WRITER_METHODS,
     encode_get_response,
     status_of,
@@ -146,21 +148,27 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         try:
             return fn()
         except StoreError as e:
-            context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
-            context.abort(status_of(e), str(e))
+            _abort(context, e)
+
+    def _ids(self, request: pb.GetRequest) -> np.ndarray:
+        return as_user_ids(np.fromiter(request.user_ids, dtype=np.int64, count=len(request.user_ids)), self.store.url)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> bytes:
         """Returns the serialized GetResponse (see grpc_common.encode_get_response: one copy of the payload)."""
-        def get() -> bytes:
-            ids = as_user_ids(np.fromiter(request.user_ids, dtype=np.int64, count=len(request.user_ids)),
-                              self.store.url)
-            raw = self.store.lookup(ids)
-            small = pb.GetResponse(version=version_to_pb(raw.info),
-                                   errors={int(k): v for k, v in raw.errors.items()}).SerializeToString()
-            return encode_get_response(memoryview(np.ascontiguousarray(raw.payload).reshape(-1)),
-                                       memoryview(raw.present.view(np.uint8)),
-                                       memoryview(raw.checksums.astype("<u8").view(np.uint8)), small)
-        return self._run(context, get)  # type: ignore[no-any-return]
+        return self._run(context, lambda: _encode(self.store.lookup(self._ids(request)), 0))  # type: ignore[no-any-return]
+
+    def GetStream(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Yields serialized GetResponse pieces of ~STREAM_CHUNK_BYTES; the backend reads the next piece (from the
+        same snapshot) while grpc sends the one before."""
+        with self._count:
+            self.calls += 1
+        try:
+            pos = 0
+            for raw in self.store.lookup_chunks(self._ids(request), STREAM_CHUNK_BYTES):
+                yield _encode(raw, pos)
+                pos += len(raw.present)
+        except StoreError as e:
+            _abort(context, e)
 
     def Versions(self, request: pb.VersionsRequest, context: grpc.ServicerContext) -> pb.VersionsResponse:
         return self._run(context, lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()]))
@@ -182,14 +190,28 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         return self._run(context, lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
 
 
+def _abort(context: grpc.ServicerContext, e: StoreError) -> None:
+    context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
+    context.abort(status_of(e), str(e))
+
+
+def _encode(raw: RawLookup, offset: int) -> bytes:
+    """A serialized GetResponse of ``raw`` (``offset``: the batch position of its first user, for error keys)."""
+    small = pb.GetResponse(version=version_to_pb(raw.info),
+                           errors={offset + int(k): v for k, v in raw.errors.items()}).SerializeToString()
+    return encode_get_response(memoryview(np.ascontiguousarray(raw.payload).reshape(-1)),
+                               memoryview(np.ascontiguousarray(raw.present).view(np.uint8)),
+                               memoryview(raw.checksums.astype("<u8").view(np.uint8)), small)
+
+
 def _method_handlers(servicer: StoreServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """Every method of store.proto's service (from its descriptor); Get returns pre-serialized bytes."""
+    """Every method of store.proto's service (from its descriptor); Get/GetStream return pre-serialized bytes."""
     handlers = {}
     for m in pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods:
         req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
-        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, m.name), request_deserializer=req.FromString,
-            response_serializer=None if m.name == "Get" else resp.SerializeToString)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=req.FromString,
+                                response_serializer=None if m.name in ("Get", "GetStream") else resp.SerializeToString)
     return handlers
 
 

@@ -1,14 +1,15 @@
 """Client of a ``dv365 serve`` service (``grpc://host:port``; ``grpcs://host:port?ca=ca.pem`` for TLS).
 
 The token is sent as ``authorization: Bearer <token>``; give it as ``token=`` (or ``token_file=``), or set
-``DV365_STORE_TOKEN``. Every payload row is checked against the checksum the service sent with it.
+``DV365_STORE_TOKEN``. Every payload row is checked against the checksum the service sent with it. Batches
+are read through the streaming ``GetStream`` (unary ``Get`` with a server that lacks it).
 Publishing sends the snapshot URL: the *server* reads the snapshot, so it must be a path or URL it can reach.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import grpc
 import numpy as np
@@ -65,9 +66,14 @@ class GrpcStore(EmbeddingStore):
         else:
             self.channel = grpc.insecure_channel(target, options)
         self.stub = pb_grpc.EmbeddingStoreStub(self.channel)
-        # Get without the generated deserializer: the big fields are read in place (grpc_common.decode_get_response)
+        # Get/GetStream without the generated deserializer: the big fields are read in place
+        # (grpc_common.decode_get_response)
         self._get_raw = self.channel.unary_unary(f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
                                                  response_deserializer=None)
+        self._get_stream = self.channel.unary_stream(f"/{SERVICE}/GetStream",
+                                                     request_serializer=pb.GetRequest.SerializeToString,
+                                                     response_deserializer=None)
+        self._stream = True
         token = token if token is not None else os.environ.get("DV365_STORE_TOKEN")
         self._md = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = float(timeout)
@@ -91,35 +97,71 @@ class GrpcStore(EmbeddingStore):
         try:
             return method(request, metadata=self._md, timeout=timeout)
         except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
-            trailing = dict(e.trailing_metadata() or ())  # type: ignore[attr-defined]
-            cls = error_class(trailing.get(ERROR_KEY), code)
-            detail = e.details()  # type: ignore[attr-defined]
-            if cls is StoreUnavailableError or ERROR_KEY not in trailing:
-                detail = f"{self.url}: {what}: {code.name}: {detail}"
-            raise cls(detail) from None
+            raise self._error(what, e) from None
+
+    def _error(self, what: str, e: grpc.RpcError) -> StoreError:
+        code = e.code()  # type: ignore[attr-defined]
+        trailing = dict(e.trailing_metadata() or ())  # type: ignore[attr-defined]
+        cls = error_class(trailing.get(ERROR_KEY), code)
+        detail = e.details()  # type: ignore[attr-defined]
+        if cls is StoreUnavailableError or ERROR_KEY not in trailing:
+            detail = f"{self.url}: {what}: {code.name}: {detail}"
+        return cls(detail)
 
     # ---- reads -------------------------------------------------------------------------------------
     def lookup(self, ids: np.ndarray) -> RawLookup:
-        data = self._call(f"get {len(ids)} users", self._get_raw, pb.GetRequest(user_ids=ids.tolist()), self.timeout)
-        try:
-            pay, pres, sums, resp = decode_get_response(data)
-        except (ValueError, IndexError, DecodeError) as e:
-            raise StoreError(f"{self.url}: malformed answer for {len(ids)} users: {e}") from e
-        info = version_from_pb(resp.version)
-        fmt = info.row_format
+        """Reads through GetStream (pieces are copied and checked while the next ones arrive); falls back to the
+        unary Get for good when the server has no GetStream (an older ``dv365 serve``)."""
+        what = f"get {len(ids)} users"
+        request = pb.GetRequest(user_ids=ids.tolist())
+        if self._stream:
+            call = self._get_stream(request, metadata=self._md, timeout=self.timeout)
+            try:
+                return self._assemble(ids, call)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                    raise self._error(what, e) from None
+                self._stream = False
+            finally:
+                call.cancel()  # a no-op once the stream has ended; stops it when a piece was malformed
+        return self._assemble(ids, [self._call(what, self._get_raw, request, self.timeout)])
+
+    def _assemble(self, ids: np.ndarray, pieces: Iterable[bytes]) -> RawLookup:
+        """Copies serialized GetResponse pieces (consecutive users of ``ids``, one version) into one answer and
+        checks every payload row against its checksum."""
         B = len(ids)
-        if pay.nbytes != B * fmt.user_bytes or pres.nbytes != B or sums.nbytes != 8 * B:
-            raise StoreError(f"{self.url}: malformed answer for {B} users from version {info.version!r}")
-        payload = np.frombuffer(bytearray(pay), dtype=np.uint8).reshape(B, fmt.user_bytes)  # one copy, writable
-        present = np.frombuffer(pres, dtype=bool).copy()
-        checksums = np.frombuffer(sums, dtype="<u8").astype(np.uint64)
-        errors = {int(k): v for k, v in resp.errors.items()}
-        for i in verify_payloads(payload, ids, checksums, present).tolist():
-            errors[i] = f"{self.url} version {info.version!r}: user {int(ids[i])}: payload fails its checksum after transfer"
-            present[i] = False
-            payload[i] = 0
-        return RawLookup(payload, present, checksums, errors, info)
+        out: RawLookup | None = None
+        errors: dict[int, str] = {}
+        pos = 0
+        for data in pieces:
+            try:
+                pay, pres, sums, resp = decode_get_response(data)
+            except (ValueError, IndexError, DecodeError) as e:
+                raise StoreError(f"{self.url}: malformed answer for {B} users: {e}") from e
+            if out is None:
+                info = version_from_pb(resp.version)
+                out = RawLookup(np.empty((B, info.row_format.user_bytes), dtype=np.uint8), np.zeros(B, dtype=bool),
+                                np.zeros(B, dtype=np.uint64), errors, info)
+            n, k = out.payload.shape[1], pres.nbytes
+            if (resp.version.version != out.info.version or pos + k > B or pay.nbytes != k * n
+                    or sums.nbytes != 8 * k or (k == 0 and B)):
+                raise StoreError(f"{self.url}: malformed answer for {B} users from version {out.info.version!r} "
+                                 f"(a piece of {k} users at position {pos}, version {resp.version.version!r})")
+            end = pos + k
+            out.payload[pos:end] = np.frombuffer(pay, dtype=np.uint8).reshape(k, n)
+            out.present[pos:end] = np.frombuffer(pres, dtype=bool)
+            out.checksums[pos:end] = np.frombuffer(sums, dtype="<u8")
+            errors.update((int(i), msg) for i, msg in resp.errors.items())
+            for i in verify_payloads(out.payload[pos:end], ids[pos:end], out.checksums[pos:end],
+                                     out.present[pos:end]).tolist():
+                errors[pos + i] = (f"{self.url} version {out.info.version!r}: user {int(ids[pos + i])}: payload fails "
+                                   "its checksum after transfer")
+                out.present[pos + i] = False
+                out.payload[pos + i] = 0
+            pos = end
+        if out is None or pos != B:
+            raise StoreError(f"{self.url}: incomplete answer: {pos} of {B} users")
+        return out
 
     # ---- versions ----------------------------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:

@@ -11,16 +11,20 @@ Layout (two named databases)::
 Why it is crash-safe and atomic: every change is one LMDB write transaction (copy-on-write B+tree, fsync on
 commit), so a crash leaves the last committed state. ``get`` reads the active pointer and every user of the
 batch inside one read transaction, i.e. from one MVCC snapshot: a concurrent publish/activate/prune is seen
-entirely or not at all. Values are read zero-copy from the map (``buffers=True``) and copied once into the
-answer. Versions are key ranges, so deleting one never invalidates a handle another thread is using.
+entirely or not at all (``lookup_chunks``, which the gRPC service streams, reads all pieces in one transaction
+too). Values are read zero-copy from the map (``buffers=True``) and copied once into the answer.
+Versions are key ranges, so deleting one never invalidates a handle another thread is using.
 One publisher at a time per directory (an ``flock`` on ``publish.lock``); any number of reader processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import json
 import os
+import sys
 import threading
 from dataclasses import replace
 from typing import Any, Iterator
@@ -28,7 +32,16 @@ from typing import Any, Iterator
 import lmdb
 import numpy as np
 
-from dv365.store.api import DEFAULT_KEEP, EmbeddingStore, Progress, RawLookup, VersionInfo, check_version_name, no_active
+from dv365.store.api import (
+    DEFAULT_KEEP,
+    EmbeddingStore,
+    Progress,
+    RawLookup,
+    VersionInfo,
+    check_version_name,
+    chunk_users,
+    no_active,
+)
 from dv365.store.errors import PublishError, StoreAuthError, StoreError, VersionNotFoundError
 from dv365.store.factory import parse_bool, reject_unknown
 from dv365.store.records import assemble
@@ -59,6 +72,9 @@ class LmdbStore(EmbeddingStore):
         map_size_gb: the map's maximum size (virtual; the file grows as needed). Every process opening the
             directory should use the same value (the default, 1024 GiB, fits 140M users x 4 versions).
 
+    URL options: ``keep``, ``mode=ro`` (or ``readonly=1``), ``map_size_gb``, and ``prefault=1`` (call
+    :meth:`prefault` when opening: for long-running readers on hosts whose RAM holds the file).
+
     Example::
 
         store = LmdbStore("/srv/dv365", keep=3)
@@ -66,7 +82,7 @@ class LmdbStore(EmbeddingStore):
         store.get([1, 2, 3]).payload.shape       # (3, 58, 132)
     """
 
-    OPTIONS = {"keep", "mode", "map_size_gb", "readonly"}
+    OPTIONS = {"keep", "mode", "map_size_gb", "readonly", "prefault"}
 
     def __init__(self, path: str, *, keep: int = DEFAULT_KEEP, mode: str = "rw", map_size_gb: float = 1024) -> None:
         path = os.path.abspath(path)
@@ -92,8 +108,21 @@ class LmdbStore(EmbeddingStore):
         mode = str(options.get("mode", "rw"))
         if "readonly" in options and parse_bool(options["readonly"], "readonly", url):
             mode = "ro"
-        return cls(path, keep=int(options.get("keep", DEFAULT_KEEP)), mode=mode,
-                   map_size_gb=float(options.get("map_size_gb", 1024)))
+        store = cls(path, keep=int(options.get("keep", DEFAULT_KEEP)), mode=mode,
+                    map_size_gb=float(options.get("map_size_gb", 1024)))
+        if parse_bool(options.get("prefault", False), "prefault", url):
+            store.prefault()
+        return store
+
+    def prefault(self) -> bool:
+        """Maps every page of the store file into this process's page tables now (Linux ``MADV_POPULATE_READ``,
+        kernel >= 5.14), so that reads take no page faults: the state a long-running reader reaches anyway.
+        Measured with 1M users (8.2 GB file, page cache warm, 16-core host): a fresh process took ~310 minor
+        faults per 1,000-user get (p50 5.4 ms) over its first 60 gets, 14 (p50 3.2 ms) once its map had filled
+        in; the load test's embedded p50 / p99 went from 4.7 / 10.9 to 3.3 / 6.4 ms with it. Pages not in the
+        page cache are read from disk, so use it where RAM holds the file. Returns False (and does nothing)
+        where the platform cannot."""
+        return _populate(os.path.join(self.path, "data.mdb"))
 
     # ---- reads -------------------------------------------------------------------------------------
     def _entry(self, raw: bytes, name: bytes) -> tuple[VersionInfo, int]:
@@ -106,9 +135,12 @@ class LmdbStore(EmbeddingStore):
             self._entries[raw] = hit
         return hit
 
-    def lookup(self, ids: np.ndarray) -> RawLookup:
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[tuple[lmdb.Transaction, VersionInfo, int]]:
+        """One read transaction (one MVCC snapshot: the active pointer and every value read through it agree),
+        with the data database as its default, the active version's info and its key prefix."""
         try:
-            with self.env.begin(buffers=True) as txn:  # one MVCC snapshot for the pointer and the whole batch
+            with self.env.begin(db=self.data, buffers=True) as txn:
                 name = txn.get(_ACTIVE, db=self.meta)
                 if name is None:
                     raise no_active(self.url)
@@ -117,13 +149,27 @@ class LmdbStore(EmbeddingStore):
                 if raw is None:
                     raise StoreError(f"{self.url}: active version {name.decode()!r} has no version record")
                 info, seq = self._entry(bytes(raw), name)
-                get, db = txn.get, self.data
-                values = (get(key, None, db) for key in record_keys(seq, ids))  # zero-copy views into the map
-                payload, present, checksums, errors = assemble(values, ids, info.row_format,
-                                                               f"{self.url} version {info.version!r}")
+                yield txn, replace(info, active=True), seq
         except lmdb.Error as e:
             raise StoreError(f"{self.url}: read failed: {e}") from e
-        return RawLookup(payload, present, checksums, errors, replace(info, active=True))
+
+    def _read(self, txn: lmdb.Transaction, info: VersionInfo, seq: int, ids: np.ndarray) -> RawLookup:
+        # map(txn.get, keys): values are zero-copy views into the map, fetched one at a time as assemble copies
+        # them (lmdb drops the GIL for the B-tree search and touches the value's pages before returning)
+        payload, present, checksums, errors = assemble(map(txn.get, record_keys(seq, ids)), ids, info.row_format,
+                                                       f"{self.url} version {info.version!r}")
+        return RawLookup(payload, present, checksums, errors, info)
+
+    def lookup(self, ids: np.ndarray) -> RawLookup:
+        with self._snapshot() as (txn, info, seq):
+            return self._read(txn, info, seq, ids)
+
+    def lookup_chunks(self, ids: np.ndarray, chunk_bytes: int) -> Iterator[RawLookup]:
+        """Reads piece by piece inside one read transaction: every piece comes from the same snapshot."""
+        with self._snapshot() as (txn, info, seq):
+            step = chunk_users(chunk_bytes, info.row_format)
+            for s in range(0, max(len(ids), 1), step):
+                yield self._read(txn, info, seq, ids[s:s + step])
 
     # ---- versions ----------------------------------------------------------------------------------
     def _records(self, txn: lmdb.Transaction) -> Iterator[tuple[VersionInfo, int]]:
@@ -234,6 +280,33 @@ class LmdbStore(EmbeddingStore):
         if not self._closed:
             self._closed = True
             _release_env(self.path)
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h, kernel >= 5.14
+
+
+def _populate(file: str) -> bool:
+    """``madvise(MADV_POPULATE_READ)`` over this process's mappings of ``file`` (found in /proc/self/maps),
+    up to the file's current end; True when at least one mapping was populated."""
+    if not sys.platform.startswith("linux"):
+        return False
+    real = os.path.realpath(file)
+    try:
+        size = os.path.getsize(real)
+        with open("/proc/self/maps") as f:
+            spans = [line.rstrip("\n").split(maxsplit=5) for line in f]
+    except OSError:
+        return False
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done = False
+    for span in spans:
+        if len(span) == 6 and span[5] == real:
+            lo, hi = (int(x, 16) for x in span[0].split("-"))
+            length = min(hi - lo, size - int(span[2], 16))
+            if length > 0 and madvise(lo, length, _MADV_POPULATE_READ) == 0:  # ctypes drops the GIL meanwhile
+                done = True
+    return done
 
 
 class _SharedEnv:

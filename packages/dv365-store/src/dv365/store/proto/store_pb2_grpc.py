@@ -39,6 +39,11 @@ class EmbeddingStoreStub:
                 request_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.SerializeToString,
                 response_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.GetStream = channel.unary_stream(
+                '/dv365.store.v1.EmbeddingStore/GetStream',
+                request_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.SerializeToString,
+                response_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.FromString,
+                _registered_method=True)
         self.Versions = channel.unary_unary(
                 '/dv365.store.v1.EmbeddingStore/Versions',
                 request_serializer=dv365_dot_store_dot_proto_dot_store__pb2.VersionsRequest.SerializeToString,
@@ -76,6 +81,16 @@ class EmbeddingStoreServicer:
 
     def Get(self, request, context):
         """readers
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStream(self, request, context):
+        """The same answer as Get, streamed as consecutive pieces of about 1 MB of payload, users in request order
+        (an empty batch: one empty piece). Every piece carries the version (all pieces come from the same one);
+        `errors` keys are positions in the whole batch. The server reads the next piece while the previous one is
+        on the wire and the client checks it, so a large batch arrives sooner than through Get.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +138,11 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
+                    request_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.FromString,
+                    response_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.SerializeToString,
+            ),
+            'GetStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetStream,
                     request_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.FromString,
                     response_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.SerializeToString,
             ),
@@ -182,6 +202,33 @@ class EmbeddingStore:
             request,
             target,
             '/dv365.store.v1.EmbeddingStore/Get',
+            dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.SerializeToString,
+            dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dv365.store.v1.EmbeddingStore/GetStream',
             dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.SerializeToString,
             dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.FromString,
             options,
