@@ -113,3 +113,38 @@ def test_cuda_matches_cpu() -> None:
     out = dv_in.to("cuda")(q.cuda(), present.cuda(), age.cuda())
     for a, b in zip(out, ref):
         assert a.device.type == "cuda" and torch.equal(a.cpu(), b)
+
+
+def test_standardization_centres_and_scales_the_fitted_users() -> None:
+    fmt = RowFormat(rows_per_user=6, dim=8)
+    g = torch.Generator().manual_seed(3)
+    x = 5.0 + torch.randn(64, 6, 8, generator=g) * torch.linspace(0.1, 2.0, 8)  # common offset, per-dim scales
+    q = quantize_rows(x, fmt.bits)
+    dv_in = DV365Input(DV365InputConfig(row_format=fmt, use_age=False, standardize=True, default_init_std=0.1))
+    raw = dv_in(q).tokens
+    assert torch.equal(raw, dequantize_rows(q, fmt.bits))  # identity until fitted
+    present = torch.ones(64, dtype=torch.bool)
+    present[:4] = False  # left out of the statistics
+    assert dv_in.fit_standardization(q, present) is dv_in
+    z = dv_in(q[4:]).tokens
+    assert torch.allclose(z.mean(0), torch.zeros(6, 8), atol=1e-5)
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones(6, 8), atol=1e-4)
+    out = dv_in(q[:3], torch.tensor([True, False, True]))
+    assert torch.equal(out.tokens[1], dv_in.default_embedding.detach())  # missing: the learned default, as is
+    state = dv_in.state_dict()  # the statistics are saved with the model
+    assert torch.equal(state["token_mean"], dv_in.token_mean) and torch.equal(state["token_std"], dv_in.token_std)
+    fresh = DV365Input(DV365InputConfig(row_format=fmt, use_age=False, standardize=True))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(q[4:]).tokens, z)
+
+
+def test_standardization_errors_name_the_problem() -> None:
+    fmt = RowFormat(rows_per_user=6, dim=8)
+    q = quantize_rows(torch.randn(4, 6, 8), fmt.bits)
+    with pytest.raises(AdapterError, match="standardize=True"):
+        DV365Input(DV365InputConfig(row_format=fmt)).fit_standardization(q)
+    dv_in = DV365Input(DV365InputConfig(row_format=fmt, standardize=True))
+    with pytest.raises(AdapterError, match=r"\[U, 6, 8\]"):
+        dv_in.fit_standardization(q[:, :3])
+    with pytest.raises(AdapterError, match="at least 2 present users"):
+        dv_in.fit_standardization(q, torch.tensor([True, False, False, False]))

@@ -52,6 +52,8 @@ CASES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int], tuple[Any,
                    ({0: B}, {0: B}, {0: B})),
     "DV365Input-no-age": (lambda: DV365Input(DV365InputConfig(use_age=False)), lambda b: _dv365_inputs(b)[:1],
                           ({0: B},)),
+    "DV365Input-standardized": (lambda: DV365Input(DV365InputConfig(standardize=True)).fit_standardization(
+        _dv365_inputs(16)[0]), _dv365_inputs, ({0: B}, {0: B}, {0: B})),
     "LinearProjection": (lambda: LinearProjection(4, 32), lambda b: (torch.randn(b, 58, 256),), ({0: B},)),
     "EmbeddingGate-field": (lambda: EmbeddingGate(5, 16, "field"), lambda b: (torch.randn(b, 5, 16),), ({0: B},)),
     "EmbeddingGate-element-shared": (lambda: EmbeddingGate(5, 16, "element", field_private=False),

@@ -44,7 +44,15 @@ def ranker_config(ctx: Context, mode: str) -> DownstreamConfig:
     d = ctx.settings.downstream
     return DownstreamConfig(num_tasks=len(ctx.tasks), embedding_dim=d.embedding_dim, item_hash_size=d.item_hash_size,
                             hstu=hstu_config(ctx), dv365=mode, row_format=ctx.row_format, proj_tokens=d.proj_tokens,
-                            over_arch=tuple(d.over_arch))
+                            standardize=d.standardize_dv365, over_arch=tuple(d.over_arch))
+
+
+def fit_dv365_stats(model: torch.nn.Module, ctx: Context, train_rows: np.ndarray, schedule: str = "fresh") -> None:
+    """Sets a downstream model's DV365 standardisation from the embeddings its training requests read
+    (nothing when the model has no DV365 input or does not standardise)."""
+    dv_input = getattr(model, "dv_input", None)
+    if dv_input is not None and dv_input.config.standardize:
+        dv_input.fit_standardization(*ctx.dv365_sample(train_rows, schedule))
 
 
 def seed_all(seed: int) -> None:
@@ -103,6 +111,7 @@ class RankerFit:
         seed_all(seed)
         self.ctx, self.mode, self.seed, self.schedule = ctx, mode, seed, schedule
         self.model = DownstreamRanker(ranker_config(ctx, mode))
+        fit_dv365_stats(self.model, ctx, train_rows, schedule)
         self.model.init_head_bias(head_bias(torch.from_numpy(ctx.req.labels[train_rows]), ctx.tasks))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=ctx.settings.downstream.lr)
         self.loss = MultiTaskLoss(ctx.tasks)

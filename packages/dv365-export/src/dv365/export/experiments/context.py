@@ -180,6 +180,14 @@ class Context:
                 "present": torch.from_numpy(self.snap_present[s, u]),
                 "age_s": torch.from_numpy((self.req.ts[rows] - self.snap_as_of[s]).astype(np.float32))}
 
+    def dv365_sample(self, rows: np.ndarray, schedule: str = "fresh") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(payload [P, N, row_bytes], present [P])``: each distinct (snapshot, user) embedding that ``rows``
+        read under ``schedule`` once (the sample a downstream model's DV365 statistics are fitted on)."""
+        pairs = np.unique(np.stack([self.snapshot_index(rows, schedule), self.urow[rows]], axis=1), axis=0)
+        s, u = pairs[:, 0], pairs[:, 1]
+        return (torch.from_numpy(np.ascontiguousarray(self.snap_payload[s, u])),
+                torch.from_numpy(self.snap_present[s, u]))
+
     def returning(self, rows: np.ndarray, schedule: str = "fresh") -> np.ndarray:
         """Rows whose user has an embedding (>= 1 event before the snapshot's cut-off: a non-empty gapped
         history)."""

@@ -41,6 +41,8 @@ class DownstreamConfig:
         dv365: how DV365 enters (:data:`DV365_MODES`).
         row_format: the snapshot's row format (DV365 variants).
         proj_tokens: K of the projection / prefix.
+        standardize: standardise the DV365 tokens (``DV365InputConfig.standardize``; the statistics are set
+            with ``model.dv_input.fit_standardization`` before training).
         over_arch: ranker over-arch / two-tower user MLP hidden sizes.
         out_dim: two-tower embedding dim.
     """
@@ -52,6 +54,7 @@ class DownstreamConfig:
     dv365: str = "none"
     row_format: Any = None
     proj_tokens: int = 4
+    standardize: bool = False
     over_arch: tuple[int, ...] = (64, 32)
     out_dim: int = 32
 
@@ -123,7 +126,8 @@ class DownstreamRanker(nn.Module):
         self.history = HistoryEncoder(cfg.hstu, self.items.media)
         self.target_marker = nn.Parameter(torch.zeros(E))
         use_dv = cfg.dv365 != "none"
-        self.dv_input = DV365Input(DV365InputConfig(row_format=cfg.row_format)) if use_dv else None
+        self.dv_input = DV365Input(DV365InputConfig(row_format=cfg.row_format, standardize=cfg.standardize)) \
+            if use_dv else None
         self.dense = nn.Sequential(nn.Linear(NUM_DENSE + (2 if use_dv else 0), E), nn.ReLU())
         self.projection = LinearProjection(cfg.proj_tokens, E, cfg.row_format) if cfg.dv365 == "linear" else None
         self.prefix = HSTUPrefix(E, cfg.proj_tokens, cfg.row_format) if cfg.dv365 == "hstu_prefix" else None
@@ -187,7 +191,8 @@ class TwoTower(nn.Module):
         self.item_proj = nn.Linear(3 * E, cfg.out_dim)
         self.history = HistoryEncoder(cfg.hstu, self.items.media)
         use_dv = cfg.dv365 != "none"
-        self.dv_input = DV365Input(DV365InputConfig(row_format=cfg.row_format)) if use_dv else None
+        self.dv_input = DV365Input(DV365InputConfig(row_format=cfg.row_format, standardize=cfg.standardize)) \
+            if use_dv else None
         self.projection = LinearProjection(cfg.proj_tokens, E, cfg.row_format) if use_dv else None
         self.dense = nn.Sequential(nn.Linear(NUM_DENSE + (2 if use_dv else 0), E), nn.ReLU())
         n_fields = 2 + (cfg.proj_tokens if use_dv else 0)

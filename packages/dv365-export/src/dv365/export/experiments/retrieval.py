@@ -25,6 +25,7 @@ from dv365.export.experiments.common import (
     banner,
     data_lines,
     epochs,
+    fit_dv365_stats,
     finish_report,
     fmt_stat,
     hstu_config,
@@ -91,7 +92,9 @@ class RetrievalFit:
         self.model = TwoTower(DownstreamConfig(num_tasks=len(names), embedding_dim=d.embedding_dim,
                                                item_hash_size=d.item_hash_size, hstu=hstu_config(ctx), dv365=mode,
                                                row_format=ctx.row_format, proj_tokens=d.proj_tokens,
-                                               over_arch=tuple(s.hidden), out_dim=s.dim))
+                                               standardize=d.standardize_dv365, over_arch=tuple(s.hidden),
+                                               out_dim=s.dim))
+        fit_dv365_stats(self.model, ctx, ctx.rows["train"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=s.lr)
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
 

@@ -61,8 +61,11 @@ class DownstreamSettings:
         item_hash_size: rows of the item / history media and author tables.
         over_arch: the DLRM over-arch MLP.
         proj_tokens: tokens of the DV365 linear projection / HSTU prefix.
+        standardize_dv365: standardise the de-quantized DV365 tokens per (row, dim) with statistics of the
+            training requests' embeddings (dv365-adapters ``DV365InputConfig(standardize=True)``; ranker,
+            staleness and two-tower models).
         lr / batch_size / steps / val_every / eval_batch_size: Adam training with early stopping on the
-            validation split (mean NE over the binary tasks).
+            validation split (mean normalised loss over every task).
     """
 
     tasks: tuple[Mapping[str, Any], ...] = ()
@@ -72,6 +75,7 @@ class DownstreamSettings:
     over_arch: tuple[int, ...] = (64, 32)
     hstu: HSTUSettings = HSTUSettings()
     proj_tokens: int = 4
+    standardize_dv365: bool = False
     lr: float = 0.002
     batch_size: int = 128
     steps: int = 200
