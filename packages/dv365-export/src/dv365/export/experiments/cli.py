@@ -11,6 +11,7 @@ with, per data set, the figures the issue asks for.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -48,6 +49,9 @@ def _common(p: argparse.ArgumentParser, all_: bool = False) -> None:
         p.add_argument("--datasets", default="movielens,synth", help="comma-separated data sets (default movielens,synth)")
         p.add_argument("--experiments", default="ranking,retrieval,staleness,encoders",
                        help="comma-separated experiments (default all four)")
+        p.add_argument("--jobs", type=int, default=0,
+                       help="data sets run at a time, each in its own process (default 0 = one per CPU core, at most "
+                            "one per data set); every model seeds itself, so the results do not depend on it")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
@@ -93,20 +97,23 @@ def _handler(name: str, args: argparse.Namespace) -> int:
         exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
     else:
         datasets, exps = [args.dataset], [name]
+    jobs = getattr(args, "jobs", 1) or (os.cpu_count() or 1)
     summary = run(exps, datasets, quick=args.quick, seeds=args.seeds, config=args.config, over=over,
                   data_dir=Path(args.data_dir), out=Path(args.out), device=args.device,
-                  progress=not args.no_progress, command=command, log=log, write_all=name == "all")
+                  progress=not args.no_progress, command=command, log=log, write_all=name == "all", jobs=jobs,
+                  threads=args.threads)
     print_summary(summary)
     return 0
 
 
 def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int | None, config: str | None,
         over: dict[str, Any], data_dir: Path, out: Path, device: str, progress: bool, command: str,
-        log: Callable[[str], None], write_all: bool) -> dict[str, Any]:
-    """Runs ``experiments`` on ``datasets``; returns the JSON summary (per data set when several)."""
-    import importlib
+        log: Callable[[str], None], write_all: bool, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+    """Runs ``experiments`` on ``datasets``; returns the JSON summary (per data set when several).
 
-    from dv365.export.experiments.context import build_context
+    ``jobs > 1`` runs that many data sets at a time, each in a fresh (spawned) process that builds its own
+    context; every model seeds itself, so the figures are those of a serial run. Settings are loaded and
+    checked for every data set before anything starts."""
     from dv365.export.experiments.settings import EXPERIMENTS, ExperimentError, default_config, load_settings
 
     bad = [e for e in experiments if e not in EXPERIMENTS]
@@ -115,51 +122,29 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
     t_all = time.perf_counter()
     per: dict[str, Any] = {}
     reports: dict[str, Any] = {}
-    for ds in datasets:
+    for ds in datasets:  # fail early on a bad config / --set / --seeds, before any data set runs
         cfg_path = Path(config) if config else default_config(ds, quick)
         settings = load_settings(cfg_path, over)
         if settings.dataset != ds:
             raise ExperimentError(f"{cfg_path}: dataset {settings.dataset!r} does not match --dataset {ds!r}")
-        n_seeds = seeds if seeds is not None else settings.seeds
-        if n_seeds < 1:
-            raise ExperimentError(f"--seeds {n_seeds}: must be >= 1")
-        entry: dict[str, Any] = {}
-        ctx = None
-        if any(e != "encoders" for e in experiments):
-            ctx = build_context(ds, settings, data_dir, progress=progress, device=device, log=log)
-            entry["simulated"] = ctx.simulated
-            entry["data"] = {k: ctx.facts[k] for k in ("users", "requests", "test", "test_returning",
-                                                       "test_missing_share", "max_events_per_user")}
-        for exp in experiments:
-            mod = importlib.import_module(f"dv365.export.experiments.{exp}")
-            ranking = retrieval = staleness = encoders = mod
-            t0 = time.perf_counter()
-            log(f"== {exp} on {ds} ==")
-            if exp == "ranking":
-                res = ranking.run_ranking(ctx, n_seeds, log)
-                res["seconds"] = round(time.perf_counter() - t0, 1)
-                paths = ranking.write_report(ctx, res, out, quick, command)
-                entry["ranking"] = ranking.compact(res)
-            elif exp == "retrieval":
-                res = retrieval.run_retrieval(ctx, n_seeds, log)
-                res["seconds"] = round(time.perf_counter() - t0, 1)
-                paths = retrieval.write_report(ctx, res, out, quick, command)
-                entry["retrieval"] = retrieval.compact(res)
-            elif exp == "staleness":
-                res = staleness.run_staleness(ctx, n_seeds, log)
-                res["seconds"] = round(time.perf_counter() - t0, 1)
-                paths = staleness.write_report(ctx, res, out, quick, command)
-                entry["staleness"] = staleness.compact(res)
-            else:
-                res = encoders.run_encoders(ds, settings, data_dir, n_seeds, progress, log)
-                res["seconds"] = round(time.perf_counter() - t0, 1)
-                paths = encoders.write_report(ds, settings, res, out, quick, command)
-                entry["encoders"] = encoders.compact(res)
-                entry.setdefault("simulated", res["simulated"])
-            entry[exp]["seconds"] = res["seconds"]
-            reports[f"{exp}-{ds}"] = paths["markdown"]
-            log(f"   {exp} on {ds}: {res['seconds']:.0f} s -> {paths['markdown']}")
+        if (seeds if seeds is not None else settings.seeds) < 1:
+            raise ExperimentError(f"--seeds {seeds}: must be >= 1")
+    job = dict(experiments=experiments, quick=quick, seeds=seeds, config=config, over=over, data_dir=data_dir,
+               out=out, device=device, progress=progress, command=command)
+    jobs = max(1, min(int(jobs), len(datasets)))
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        log(f"running {len(datasets)} data sets, {jobs} at a time (spawned processes)")
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_dataset_in_worker, ds, job, threads) for ds in datasets]
+            results = [f.result() for f in futures]
+    else:
+        results = [_run_dataset(ds, log=log, **job) for ds in datasets]  # type: ignore[arg-type]
+    for ds, (entry, rep) in zip(datasets, results):
         per[ds] = entry
+        reports.update(rep)
     summary: dict[str, Any] = {"experiment": "all" if write_all else experiments[0], "quick": quick,
                                "seeds": seeds, "datasets": per, "reports": reports,
                                "seconds": round(time.perf_counter() - t_all, 1)}
@@ -171,3 +156,67 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
         summary = {"experiment": experiments[0], "dataset": datasets[0], "quick": quick, **per[datasets[0]],
                    "report": reports.get(f"{experiments[0]}-{datasets[0]}"), "seconds": summary["seconds"]}
     return summary
+
+
+def _dataset_in_worker(ds: str, job: dict[str, Any], threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    import logging
+    import warnings
+
+    import torch
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+    if threads:
+        torch.set_num_threads(threads)
+    return _run_dataset(ds, log=lambda s: print(f"[{ds}] {s}", file=sys.stderr, flush=True), **job)
+
+
+def _run_dataset(ds: str, *, experiments: list[str], quick: bool, seeds: int | None, config: str | None,
+                 over: dict[str, Any], data_dir: Path, out: Path, device: str, progress: bool, command: str,
+                 log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every experiment of one data set: (its summary entry, {"<experiment>-<dataset>": report path})."""
+    import importlib
+
+    from dv365.export.experiments.context import build_context
+    from dv365.export.experiments.settings import default_config, load_settings
+
+    reports: dict[str, Any] = {}
+    settings = load_settings(Path(config) if config else default_config(ds, quick), over)
+    n_seeds = seeds if seeds is not None else settings.seeds
+    entry: dict[str, Any] = {}
+    ctx = None
+    if any(e != "encoders" for e in experiments):
+        ctx = build_context(ds, settings, data_dir, progress=progress, device=device, log=log)
+        entry["simulated"] = ctx.simulated
+        entry["data"] = {k: ctx.facts[k] for k in ("users", "requests", "test", "test_returning",
+                                                   "test_missing_share", "max_events_per_user")}
+    for exp in experiments:
+        mod = importlib.import_module(f"dv365.export.experiments.{exp}")
+        ranking = retrieval = staleness = encoders = mod
+        t0 = time.perf_counter()
+        log(f"== {exp} on {ds} ==")
+        if exp == "ranking":
+            res = ranking.run_ranking(ctx, n_seeds, log)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            paths = ranking.write_report(ctx, res, out, quick, command)
+            entry["ranking"] = ranking.compact(res)
+        elif exp == "retrieval":
+            res = retrieval.run_retrieval(ctx, n_seeds, log)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            paths = retrieval.write_report(ctx, res, out, quick, command)
+            entry["retrieval"] = retrieval.compact(res)
+        elif exp == "staleness":
+            res = staleness.run_staleness(ctx, n_seeds, log)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            paths = staleness.write_report(ctx, res, out, quick, command)
+            entry["staleness"] = staleness.compact(res)
+        else:
+            res = encoders.run_encoders(ds, settings, data_dir, n_seeds, progress, log)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            paths = encoders.write_report(ds, settings, res, out, quick, command)
+            entry["encoders"] = encoders.compact(res)
+            entry.setdefault("simulated", res["simulated"])
+        entry[exp]["seconds"] = res["seconds"]
+        reports[f"{exp}-{ds}"] = paths["markdown"]
+        log(f"   {exp} on {ds}: {res['seconds']:.0f} s -> {paths['markdown']}")
+    return entry, reports
