@@ -628,9 +628,21 @@ def data_facts(ex: SlicedExamples, splits: Splits) -> dict[str, Any]:
 _POOL: dict[str, Any] = {}  # what forked workers read (set by run_upstream before the pool starts)
 
 
+def _hide_cuda_in_cpu_worker() -> None:
+    """A forked CPU worker must never touch CUDA: on a CUDA build of torch with a GPU present, the optimizers'
+    graph-capture check calls into CUDA, which fails ("initialization error") in a child forked after the
+    parent initialised the driver. With the NVML-based availability check and no visible device, CUDA reads
+    as unavailable in the worker without initialising anything (measured on an H100 host)."""
+    import os
+
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def _train_one_in_worker(job: tuple[str, int]) -> RunResult:
     kind, seed = job
     p = _POOL
+    _hide_cuda_in_cpu_worker()  # the pool is CPU-only (run_upstream)
     return train_one(p["settings"], p["ex"], p["splits"], p["spec"], p["url"], kind, seed, p["dev"], False, p["threads"])
 
 
