@@ -86,3 +86,11 @@ def test_datasets_in_parallel_give_the_serial_figures(tmp_path: Path) -> None:
         assert par["datasets"][ds]["ranking"]["delta_ne_pct"] == ser["datasets"][ds]["ranking"]["delta_ne_pct"]
         assert par["datasets"][ds]["data"] == ser["datasets"][ds]["data"]
     assert (tmp_path / "reports2" / "ranking-movielens-quick.md").exists()
+
+
+def test_zero_seeds_is_refused_before_any_work(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "dv365.core.cli", "eval", "all", "--quick", "--seeds", "0",
+                        "--out", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "--seeds = 0: must be >= 1" in p.stderr
+    assert not (tmp_path / "d").exists()  # refused before any data set was prepared

@@ -127,8 +127,9 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
         settings = load_settings(cfg_path, over)
         if settings.dataset != ds:
             raise ExperimentError(f"{cfg_path}: dataset {settings.dataset!r} does not match --dataset {ds!r}")
-        if (seeds if seeds is not None else settings.seeds) < 1:
-            raise ExperimentError(f"--seeds {seeds}: must be >= 1")
+        n_seeds = seeds if seeds is not None else settings.seeds
+        if n_seeds < 1:
+            raise ExperimentError(f"{'--seeds' if seeds is not None else f'{cfg_path}: seeds'} = {n_seeds}: must be >= 1")
     job = dict(experiments=experiments, quick=quick, seeds=seeds, config=config, over=over, data_dir=data_dir,
                out=out, device=device, progress=progress, command=command)
     jobs = max(1, min(int(jobs), len(datasets)))
