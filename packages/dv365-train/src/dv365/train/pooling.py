@@ -17,7 +17,10 @@ Two forward paths give the same numbers (tested):
   catalog) -- what fbgemm's TBE does for sharded tables, in plain PyTorch.
 * ``grouped=False``: torchrec's ``EmbeddingBagCollection.forward`` (one call per feature), the reference,
   and the path a torchrec sharding plan (DMP) replaces with its sharded EBC: once ``self.ebc`` is sharded
-  (:mod:`~dv365.train.distributed`), this path is taken whatever ``grouped`` says.
+  (:mod:`~dv365.train.distributed`), this path is taken whatever ``grouped`` says. It is also the faster one
+  without gradients (inference): the grouped path's unique-id pass and CSR product pay off in the backward
+  only. ``dv365 bench tower`` (D = 256, 200K-row tables, 1 thread): pooling 168-187 users/s here vs 61-77
+  grouped; dv365-export's tower loader sets ``grouped = False``.
 
 A KJT with ``inverse_indices`` (RecD dedup, :mod:`~dv365.train.dedup`) is pooled on its unique rows and
 expanded to the batch rows at the end.
