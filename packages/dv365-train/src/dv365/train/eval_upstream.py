@@ -59,7 +59,7 @@ from dv365.train.data import NUM_DENSE, Batch, ExampleSource, dense_features, he
 from dv365.train.errors import TrainConfigError
 from dv365.train.fsa import TOKEN_WISE_KINDS, canonical_kind
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter, mean_normalized_loss
+from dv365.train.metrics import MultiTaskMeter, mean_ne, mean_normalized_loss
 from dv365.train.model import BASELINE, DV365Model, build_model
 from dv365.train.trainer import build_optimizers, optimizer_step, seed_everything
 
@@ -367,14 +367,9 @@ def _evaluate(forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch]
     return meter.compute()
 
 
-def _mean_ne(metrics: Mapping[str, Mapping[str, Any]]) -> float:
-    nes = [v["ne"] for v in metrics.values() if "ne" in v and not math.isnan(v["ne"])]
-    return sum(nes) / len(nes) if nes else math.nan
-
-
 # early-stopping criteria (lower is better): UpstreamSettings.select_by
 SELECT_BY: dict[str, Callable[[Mapping[str, Mapping[str, Any]]], float]] = {
-    "all_tasks": mean_normalized_loss, "binary_ne": _mean_ne}
+    "all_tasks": mean_normalized_loss, "binary_ne": mean_ne}
 CRITERION_TEXT = {"all_tasks": "mean normalised loss over every task (NE; MSE / Var(label) for regression)",
                   "binary_ne": "mean NE of the binary tasks"}
 
@@ -642,13 +637,12 @@ def _hide_cuda_in_cpu_worker() -> None:
 def _train_one_in_worker(job: tuple[str, int]) -> RunResult:
     kind, seed = job
     p = _POOL
-    _hide_cuda_in_cpu_worker()  # the pool is CPU-only (run_upstream)
     return train_one(p["settings"], p["ex"], p["splits"], p["spec"], p["url"], kind, seed, p["dev"], False, p["threads"])
 
 
 def _log_run(log: Callable[[str], None], r: RunResult) -> None:
     log(f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val {r.best_val:.4f} "
-        f"test mean NE {_mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
+        f"test mean NE {mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
 
 
 def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None, config: str | Path | None = None,
@@ -698,7 +692,8 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
         log(f"training {len(todo)} models, {jobs} at a time (forked CPU workers)")
         _POOL.update(settings=settings, ex=ex, splits=splits, spec=spec, url=url, dev=dev, threads=threads)
         try:
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_hide_cuda_in_cpu_worker) as pool:  # the pool is CPU-only
                 runs = pool.map(_train_one_in_worker, todo)
                 for r in runs:  # in submission order
                     results.append(r)
@@ -876,7 +871,7 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
     L.append("|---|---:|---:|---:|---:|---:|")
     for x in rep.results:
         L.append(f"| {LABELS.get(x.kind, x.kind)} | {x.seed} | {x.best_step} | {x.best_val:.4f} | "
-                 f"{_mean_ne(x.test):.4f} | {x.seconds:.0f} |")
+                 f"{mean_ne(x.test):.4f} | {x.seconds:.0f} |")
     md.write_text("\n".join(L) + "\n")
     full = {**summ, "facts": f, "config": rep.config_path, "command": rep.command,
             "runs": [{"kind": x.kind, "seed": x.seed, "best_step": x.best_step, "best_val": x.best_val,

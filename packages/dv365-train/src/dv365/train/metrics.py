@@ -10,7 +10,7 @@ NE is undefined (NaN) when the evaluated data has no positives or no negatives; 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,16 +87,22 @@ class MultiTaskMeter:
         return res
 
     def mean_ne(self) -> float:
-        """Mean NE over the binary tasks with a defined NE (NaN if none)."""
-        nes = [v["ne"] for v in self.compute().values() if "ne" in v and not math.isnan(v["ne"])]
-        return sum(nes) / len(nes) if nes else math.nan
+        """:func:`mean_ne` of :meth:`compute`."""
+        return mean_ne(self.compute())
 
     def mean_normalized_loss(self) -> float:
         """:func:`mean_normalized_loss` of :meth:`compute`."""
         return mean_normalized_loss(self.compute())
 
 
-def mean_normalized_loss(metrics: dict[str, dict[str, Any]]) -> float:
+def mean_ne(metrics: Mapping[str, Mapping[str, Any]]) -> float:
+    """Mean NE over the binary tasks of ``metrics`` (:meth:`MultiTaskMeter.compute`) with a defined NE (NaN if
+    none)."""
+    nes = [v["ne"] for v in metrics.values() if "ne" in v and not math.isnan(v["ne"])]
+    return sum(nes) / len(nes) if nes else math.nan
+
+
+def mean_normalized_loss(metrics: Mapping[str, Mapping[str, Any]]) -> float:
     """Mean over every task of its normalised loss: NE for a binary task, ``MSE / Var(label)`` for a
     regression task (both are 1.0 for a model that predicts the evaluated data's mean label, lower is better).
 

@@ -78,13 +78,9 @@ def _command(name: str) -> str:
 
 
 def _handler(name: str, args: argparse.Namespace) -> int:
-    import logging
-    import warnings
-
     import torch
 
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+    _quiet_logs()
     from dv365.train.eval_cli import overrides, print_summary
 
     if args.threads:
@@ -122,16 +118,19 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
     t_all = time.perf_counter()
     per: dict[str, Any] = {}
     reports: dict[str, Any] = {}
-    for ds in datasets:  # fail early on a bad config / --set / --seeds, before any data set runs
+    prepared = []  # (data set, settings, seeds): every config / --set / --seeds checked before any data set runs
+    for ds in datasets:
         cfg_path = Path(config) if config else default_config(ds, quick)
         settings = load_settings(cfg_path, over)
         if settings.dataset != ds:
             raise ExperimentError(f"{cfg_path}: dataset {settings.dataset!r} does not match --dataset {ds!r}")
         n_seeds = seeds if seeds is not None else settings.seeds
         if n_seeds < 1:
-            raise ExperimentError(f"{'--seeds' if seeds is not None else f'{cfg_path}: seeds'} = {n_seeds}: must be >= 1")
-    job = dict(experiments=experiments, quick=quick, seeds=seeds, config=config, over=over, data_dir=data_dir,
-               out=out, device=device, progress=progress, command=command)
+            where = "--seeds" if seeds is not None else f"{cfg_path}: seeds"
+            raise ExperimentError(f"{where} = {n_seeds}: must be >= 1")
+        prepared.append((ds, settings, n_seeds))
+    job = dict(experiments=experiments, quick=quick, data_dir=data_dir, out=out, device=device, progress=progress,
+               command=command)
     jobs = max(1, min(int(jobs), len(datasets)))
     if jobs > 1:
         import multiprocessing
@@ -139,10 +138,10 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
 
         log(f"running {len(datasets)} data sets, {jobs} at a time (spawned processes)")
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_dataset_in_worker, ds, job, threads) for ds in datasets]
+            futures = [pool.submit(_dataset_in_worker, p, job, threads) for p in prepared]
             results = [f.result() for f in futures]
     else:
-        results = [_run_dataset(ds, log=log, **job) for ds in datasets]  # type: ignore[arg-type]
+        results = [_run_dataset(ds, settings, n, log=log, **job) for ds, settings, n in prepared]  # type: ignore[arg-type]
     for ds, (entry, rep) in zip(datasets, results):
         per[ds] = entry
         reports.update(rep)
@@ -159,31 +158,35 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
     return summary
 
 
-def _dataset_in_worker(ds: str, job: dict[str, Any], threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _quiet_logs() -> None:
     import logging
     import warnings
 
-    import torch
-
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+def _dataset_in_worker(prepared: tuple[str, Any, int], job: dict[str, Any], threads: int
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    _quiet_logs()
     if threads:
         torch.set_num_threads(threads)
-    return _run_dataset(ds, log=lambda s: print(f"[{ds}] {s}", file=sys.stderr, flush=True), **job)
+    ds, settings, n_seeds = prepared
+    return _run_dataset(ds, settings, n_seeds, log=lambda s: print(f"[{ds}] {s}", file=sys.stderr, flush=True), **job)
 
 
-def _run_dataset(ds: str, *, experiments: list[str], quick: bool, seeds: int | None, config: str | None,
-                 over: dict[str, Any], data_dir: Path, out: Path, device: str, progress: bool, command: str,
-                 log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every experiment of one data set: (its summary entry, {"<experiment>-<dataset>": report path})."""
+def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str], quick: bool, data_dir: Path,
+                 out: Path, device: str, progress: bool, command: str, log: Callable[[str], None]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every experiment of one data set (``settings``: its loaded, checked config): (its summary entry,
+    {"<experiment>-<dataset>": report path})."""
     import importlib
 
     from dv365.export.experiments.context import build_context
-    from dv365.export.experiments.settings import default_config, load_settings
 
     reports: dict[str, Any] = {}
-    settings = load_settings(Path(config) if config else default_config(ds, quick), over)
-    n_seeds = seeds if seeds is not None else settings.seeds
     entry: dict[str, Any] = {}
     ctx = None
     if any(e != "encoders" for e in experiments):

@@ -60,11 +60,6 @@ def seed_all(seed: int) -> None:
     np.random.seed(seed % (2 ** 32))
 
 
-def mean_ne(metrics: Mapping[str, Mapping[str, Any]]) -> float:
-    nes = [v["ne"] for v in metrics.values() if "ne" in v and math.isfinite(v["ne"])]
-    return sum(nes) / len(nes) if nes else math.nan
-
-
 def epochs(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
     """Endless batches of ``rows``: a fresh permutation per epoch (``SeedSequence([seed, epoch])``), the last
     partial batch dropped (kept when the rows are fewer than a batch)."""

@@ -31,13 +31,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from dv365.core.timeline import TimelineDataset
-from dv365.export.experiments.common import banner, epochs, mean_ne, paired_stats, seed_all, stem
+from dv365.export.experiments.common import banner, epochs, paired_stats, seed_all, stem
 from dv365.export.experiments.context import Histories, gather_right_aligned, prepare_url
 from dv365.export.experiments.hstu import HSTUConfig
 from dv365.export.experiments.models import EncoderModel, SliceEncoder, head_bias
 from dv365.export.experiments.settings import ExperimentError, Settings
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter
+from dv365.train.metrics import MultiTaskMeter, mean_ne
 
 KINDS = ("mean", "position", "hstu")
 GAP_S = 24 * 3600

@@ -99,6 +99,10 @@ class HistoryEncoder(nn.Module):
         return self.hstu(xs, vs, tss, last_only=True)[:, -1]
 
 
+def _dv365_input(cfg: DownstreamConfig) -> DV365Input:
+    return DV365Input(DV365InputConfig(row_format=cfg.row_format, standardize=cfg.standardize))
+
+
 def _mlp(widths: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(widths[:-1], widths[1:]):
@@ -126,8 +130,7 @@ class DownstreamRanker(nn.Module):
         self.history = HistoryEncoder(cfg.hstu, self.items.media)
         self.target_marker = nn.Parameter(torch.zeros(E))
         use_dv = cfg.dv365 != "none"
-        self.dv_input = DV365Input(DV365InputConfig(row_format=cfg.row_format, standardize=cfg.standardize)) \
-            if use_dv else None
+        self.dv_input = _dv365_input(cfg) if use_dv else None
         self.dense = nn.Sequential(nn.Linear(NUM_DENSE + (2 if use_dv else 0), E), nn.ReLU())
         self.projection = LinearProjection(cfg.proj_tokens, E, cfg.row_format) if cfg.dv365 == "linear" else None
         self.prefix = HSTUPrefix(E, cfg.proj_tokens, cfg.row_format) if cfg.dv365 == "hstu_prefix" else None
@@ -191,8 +194,7 @@ class TwoTower(nn.Module):
         self.item_proj = nn.Linear(3 * E, cfg.out_dim)
         self.history = HistoryEncoder(cfg.hstu, self.items.media)
         use_dv = cfg.dv365 != "none"
-        self.dv_input = DV365Input(DV365InputConfig(row_format=cfg.row_format, standardize=cfg.standardize)) \
-            if use_dv else None
+        self.dv_input = _dv365_input(cfg) if use_dv else None
         self.projection = LinearProjection(cfg.proj_tokens, E, cfg.row_format) if use_dv else None
         self.dense = nn.Sequential(nn.Linear(NUM_DENSE + (2 if use_dv else 0), E), nn.ReLU())
         n_fields = 2 + (cfg.proj_tokens if use_dv else 0)

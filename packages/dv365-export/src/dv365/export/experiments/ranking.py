@@ -23,12 +23,12 @@ from dv365.export.experiments.common import (
     data_lines,
     finish_report,
     fmt_stat,
-    mean_ne,
     paired_stats,
     plot_bars,
     report_paths,
 )
 from dv365.export.experiments.context import Context
+from dv365.train.metrics import mean_ne
 
 BASELINE = "baseline"
 

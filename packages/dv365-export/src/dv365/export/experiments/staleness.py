@@ -26,11 +26,11 @@ from dv365.export.experiments.common import (
     data_lines,
     epochs,
     finish_report,
-    mean_ne,
     paired_stats,
     report_paths,
 )
 from dv365.export.experiments.context import Context
+from dv365.train.metrics import mean_ne
 
 MODELS = ("baseline", "fresh", "stale")
 
