@@ -5,7 +5,8 @@ LMDB store, a throwaway redis-server and a ``dv365 serve`` process (gRPC over th
 plaintext on 127.0.0.1; the LMDB readers open it with ``?prefault=1``), then runs batch gets of
 ``--batch-users`` (default 1,000) random users with 1 and 16 concurrent client *processes* for each backend,
 raw redis-py ``MGET`` of the same keys as the Redis reference, and ``grpc-raw``: a bare grpcio unary call
-answering the same number of bytes (the transport floor of gRPC).
+answering the same number of bytes (the transport floor of gRPC; both ends use the service's channel options,
+``grpc_common.CHANNEL_OPTIONS``, so the floor moves with them).
 Reported per backend and concurrency: p50/p99 latency (ms), gets/s, users/s and errors (exceptions, integrity
 errors or missing users: must be 0). Environment knobs: ``DV365_BENCH_DIR`` (work dir, default a temp dir that
 is removed), ``DV365_BENCH_SECONDS`` (measured seconds per run), ``DV365_BENCH_STORE_BACKENDS``

@@ -15,9 +15,18 @@ READER_METHODS = frozenset({"Get", "GetStream", "Versions"})
 MAX_MESSAGE = 128 << 20  # a 10,000-user answer is 77 MB
 # GetStream's piece size: ~1 MB (136 users of 7.6 KB; a 1,000-user answer in 8 pieces). Measured (docs/store.md):
 # a bare grpcio stream of 7.7 MB in 8 pieces arrives ~2x sooner than one message, in 64 pieces no sooner; GetStream
-# of 1,000 users on a 16-core host, p50: 256 KB pieces 16.5 ms, 512 KB 13.8, 1 MB 14.3, 2 MB 17.3, unary Get 27.8.
+# of 1,000 users on a 16-core host, p50: 256 KB pieces 16.5 ms, 512 KB 13.8, 1 MB 14.3, 2 MB 17.3, unary Get 27.8;
+# on the 2-vCPU dev VM (1M users): 512 KB / 1 MB / 2 MB within noise (24-27 ms), one 7.7 MB piece 49 ms.
 STREAM_CHUNK_BYTES = 1 << 20
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+# HTTP/2 flow control (server and client both use these). With BDP probing on (grpcio's default) the transport
+# re-targets its window and max frame size from bandwidth estimates while it runs; on loopback a connection can
+# settle in a slow state (timed like a fixed 16 MB max frame size): a bare 7.7 MB unary answer then takes
+# 25-35 ms instead of 10-14 ms, and ~20 ms of client CPU instead of ~7 (docs/store.md, "Measured"). Probing off
+# keeps the transport out of that state; a fixed 16 MiB window (more than a whole 1,000-user answer) stands in for
+# what probing would have grown, so that links with a larger bandwidth-delay product than loopback are not throttled.
+FLOW_CONTROL_WINDOW = 16 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                   ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", FLOW_CONTROL_WINDOW)]
 ERROR_KEY = "dv365-error"  # trailing metadata: the StoreError subclass name
 
 _CODES: list[tuple[type[E.StoreError], grpc.StatusCode]] = [
