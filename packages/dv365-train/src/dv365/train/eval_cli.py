@@ -128,15 +128,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 UPSTREAM_DESCRIPTION = """\
 Paper Table 2 on our data: train the backbone without DV365 timelines (baseline) and with every user
 tower variant of Table 1 (pass_thru, LCE, MLP_d, MLP_t, T-L_d, T-L_t, FSA) on the same examples, for
-several seeds, and report the NE delta %% per task of each variant against the baseline of the same seed
-(MSE delta %% for regression tasks), mean +- std over the seeds.
+several seeds, and report the NE delta % per task of each variant against the baseline of the same seed
+(MSE delta % for regression tasks), mean +- std over the seeds.
 
 Data sets: synth = SIMULATED long histories from `dv365 synth` (stable long-term interests exist by
 construction: the run checks the implementation, not the method); movielens = the REAL MovieLens
 ml-latest-small ratings (tasks rating >= 4, = 5, <= 2, rating regression), also reported on the test
 requests whose user has a non-empty history after the 24 h gap.
 
-Splits by request time: test = the latest 20%% (evaluated once per model), validation = the latest part
+Splits by request time: test = the latest 20% (evaluated once per model), validation = the latest part
 before it (early stopping), training = the rest. Output: <out>/upstream-<dataset>[-quick].md / .png /
 .json; the last stdout line is a JSON summary."""
 

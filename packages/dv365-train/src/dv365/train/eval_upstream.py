@@ -839,7 +839,7 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
     L.append(f"- dataset `{rep.data_url}` (source `{f['source']}`){' — SIMULATED' if rep.simulated else ''}")
     L.append(f"- {f['users']:,} users, {f['events']:,} events ({f['mean_events_per_user']:,.1f} per user), "
              f"{f['requests']:,} requests; slice spec `{tcfg.data.spec}` ({f['features']} features), 24 h gap")
-    L.append(f"- splits by request time: train {f['train']:,} / validation {f['val']:,} (latest {s.val_fraction:.0%} "
+    L.append(f"- splits by request time: train {f['train']:,} / validation {f['val']:,} (latest {100 * s.val_fraction:g}% "
              f"before the test split; early stopping) / test {f['test']:,} (latest {tcfg.data.eval_fraction:.0%}; "
              "evaluated once per model, never used for a choice)")
     L.append(f"- test requests with an empty gapped history: {100 * f['test_empty_history_share']:.1f}% "
