@@ -94,3 +94,15 @@ def test_zero_seeds_is_refused_before_any_work(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "--seeds = 0: must be >= 1" in p.stderr
     assert not (tmp_path / "d").exists()  # refused before any data set was prepared
+
+
+def test_no_projection_interact_with_unequal_dims_is_refused(tmp_path: Path) -> None:
+    """`no_projection` dots the raw DV365 rows with the ranker's embeddings: a config whose tower dim differs from
+    the ranker's is refused up front, naming both settings and the way out."""
+    p = subprocess.run([sys.executable, "-m", "dv365.core.cli", "eval", "ranking", "--dataset", "synth", "--quick",
+                        "--set", "upstream.model.tower.dim=32", "--out", str(tmp_path / "r"),
+                        "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert "upstream.model.tower.dim (32) must equal downstream.embedding_dim (16)" in p.stderr
+    assert "downstream.no_projection: flatten" in p.stderr
+    assert not (tmp_path / "d").exists()

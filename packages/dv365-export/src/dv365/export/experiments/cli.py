@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 DESCRIPTIONS = {
     "ranking": "Paper Table 3: a multi-task DLRM ranker with an HSTU short-history encoder, with and without DV365 "
-               "(no projection / LinearProjection / HSTUPrefix); NE delta %% per task, mean +- std over seeds.",
+               "(no projection / LinearProjection / HSTUPrefix); NE delta % per task, mean +- std over seeds.",
     "retrieval": "Paper Table 4: a two-tower retrieval model with and without DV365 (linear / GateNet fusion); "
-                 "HR@1 and HR@10 per task (and next-item) over the whole corpus, delta %% vs the control.",
+                 "HR@1 and HR@10 per task (and next-item) over the whole corpus, delta % vs the control.",
     "staleness": "Paper App. B: online training over consecutive windows with embeddings refreshed every window "
                  "(fresh) vs frozen at the start (stale); NE gain vs the control per window; cosine similarity "
                  "between embedding versions one window apart.",
@@ -57,7 +57,7 @@ def _common(p: argparse.ArgumentParser, all_: bool = False) -> None:
 
 def _register(name: str) -> Callable[[Any], None]:
     def register(esub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-        p = esub.add_parser(name, help=DESCRIPTIONS[name].split(":")[0].replace("%%", "%"),
+        p = esub.add_parser(name, help=DESCRIPTIONS[name].split(":")[0].replace("%", "%%"),
                             description=DESCRIPTIONS[name] + COMMON, formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p, all_=name == "all")
         p.set_defaults(func=lambda args: _handler(name, args))

@@ -44,7 +44,8 @@ def ranker_config(ctx: Context, mode: str) -> DownstreamConfig:
     d = ctx.settings.downstream
     return DownstreamConfig(num_tasks=len(ctx.tasks), embedding_dim=d.embedding_dim, item_hash_size=d.item_hash_size,
                             hstu=hstu_config(ctx), dv365=mode, row_format=ctx.row_format, proj_tokens=d.proj_tokens,
-                            standardize=d.standardize_dv365, over_arch=tuple(d.over_arch))
+                            raw_tokens=d.no_projection, standardize=d.standardize_dv365,
+                            over_arch=tuple(d.over_arch))
 
 
 def fit_dv365_stats(model: torch.nn.Module, ctx: Context, train_rows: np.ndarray, schedule: str = "fresh") -> None:

@@ -3,7 +3,8 @@ dv365-adapters (:class:`~dv365.adapters.DV365Input`, :class:`~dv365.adapters.Lin
 :class:`~dv365.adapters.HSTUPrefix`, :class:`~dv365.adapters.GateNet`), as a downstream team would.
 
 * :class:`DownstreamRanker` (Table 3): a multi-task DLRM whose user history (the last K events, no gap) is
-  encoded by HSTU together with the target item; DV365 enters as ``no_projection`` (flattened tokens after
+  encoded by HSTU together with the target item; DV365 enters as ``no_projection`` (the de-quantized rows
+  themselves, no learned projection: each row dotted with the model's other fields, or flattened after
   the interaction), ``linear`` (LinearProjection tokens in the dot interaction) or ``hstu_prefix`` (tokens
   prepended to the HSTU sequence); ``none`` is the control.
 * :class:`TwoTower` (Table 4): user tower = HSTU over the history + request context (+ DV365 tokens) through
@@ -25,6 +26,7 @@ from dv365.export.experiments.context import ACTION_ROWS
 from dv365.export.experiments.hstu import HSTUConfig, HSTUEncoder, right_align
 
 DV365_MODES = ("none", "no_projection", "linear", "hstu_prefix", "gatenet")
+RAW_TOKEN_MODES = ("interact", "flatten")
 NUM_DENSE = 6
 TOPIC_ROWS = 1009
 
@@ -41,6 +43,10 @@ class DownstreamConfig:
         dv365: how DV365 enters (:data:`DV365_MODES`).
         row_format: the snapshot's row format (DV365 variants).
         proj_tokens: K of the projection / prefix.
+        raw_tokens: how ``no_projection`` uses the N de-quantized rows: ``interact`` (each row is a field of
+            the dot interaction, dotted with the model's own fields (item, dense, user) but not with the other
+            DV365 rows, whose dots are the same for every request of a user; needs the DV365 dim = E) or
+            ``flatten`` (the N·D values concatenated after the interaction, into the over-arch).
         standardize: standardise the DV365 tokens (``DV365InputConfig.standardize``; the statistics are set
             with ``model.dv_input.fit_standardization`` before training).
         over_arch: ranker over-arch / two-tower user MLP hidden sizes.
@@ -54,6 +60,7 @@ class DownstreamConfig:
     dv365: str = "none"
     row_format: Any = None
     proj_tokens: int = 4
+    raw_tokens: str = "interact"
     standardize: bool = False
     over_arch: tuple[int, ...] = (64, 32)
     out_dim: int = 32
@@ -135,8 +142,16 @@ class DownstreamRanker(nn.Module):
         self.projection = LinearProjection(cfg.proj_tokens, E, cfg.row_format) if cfg.dv365 == "linear" else None
         self.prefix = HSTUPrefix(E, cfg.proj_tokens, cfg.row_format) if cfg.dv365 == "hstu_prefix" else None
         n_fields = 5 + 1 + 1 + (cfg.proj_tokens if self.projection is not None else 0)
-        flat = cfg.row_format.rows_per_user * cfg.row_format.dim if cfg.dv365 == "no_projection" else 0
-        width = E + n_fields * (n_fields - 1) // 2 + flat
+        self.raw = cfg.raw_tokens if cfg.dv365 == "no_projection" else ""
+        if self.raw and self.raw not in RAW_TOKEN_MODES:
+            raise ValueError(f"DownstreamConfig.raw_tokens = {cfg.raw_tokens!r}: use one of {RAW_TOKEN_MODES}")
+        if self.raw == "interact" and cfg.row_format.dim != E:
+            raise ValueError(f"no_projection with raw_tokens = 'interact' dots the DV365 rows with the model's "
+                             f"embeddings: the DV365 dim ({cfg.row_format.dim}) must equal embedding_dim ({E}); "
+                             f"use raw_tokens = 'flatten' or the linear projection")
+        N = cfg.row_format.rows_per_user
+        extra = {"interact": N * n_fields, "flatten": N * cfg.row_format.dim, "": 0}[self.raw]
+        width = E + n_fields * (n_fields - 1) // 2 + extra
         self.over = _mlp((width, *cfg.over_arch))
         self.heads = nn.Linear(cfg.over_arch[-1] if cfg.over_arch else width, cfg.num_tasks)
         nn.init.zeros_(self.heads.weight)
@@ -166,7 +181,9 @@ class DownstreamRanker(nn.Module):
         f = torch.cat(fields, dim=1)  # [B, F, E]
         dots = torch.bmm(f, f.transpose(1, 2))[:, self._iu[0], self._iu[1]]  # [B, F(F-1)/2]
         parts = [dense, dots]
-        if self.cfg.dv365 == "no_projection":
+        if self.raw == "interact":
+            parts.append(torch.bmm(dv.tokens, f.transpose(1, 2)).flatten(1))  # [B, N·F]: each row · each field
+        elif self.raw == "flatten":
             parts.append(dv.tokens.flatten(1))
         out: torch.Tensor = self.heads(self.over(torch.cat(parts, dim=1)))
         return out

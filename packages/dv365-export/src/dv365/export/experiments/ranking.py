@@ -101,6 +101,9 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_RAW = {"interact": "each dotted with the ranker's own fields", "flatten": "flattened after the interaction"}
+
+
 def _table(d: dict[str, dict[str, Any]], tasks: list[str], kinds: list[str]) -> str:
     lines = ["| task | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for t in [*tasks, "_mean_over_tasks"]:
@@ -120,7 +123,7 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
     L = [f"# dv365 eval ranking (paper Table 3): {ctx.dataset}{' (quick)' if quick else ''} — {sim}\n", banner(ctx.simulated, ctx.dataset)]
     L.append("A multi-task DLRM ranker whose short history (the last K events, no gap) is encoded by HSTU together "
              "with the target item, trained **with and without DV365** embeddings: `no_projection` (the de-quantized "
-             "tokens flattened after the interaction), `linear` (dv365-adapters `LinearProjection` tokens in the dot "
+             f"rows themselves, {_RAW[ctx.settings.downstream.no_projection]}), `linear` (dv365-adapters `LinearProjection` tokens in the dot "
              "interaction), `hstu_prefix` (`HSTUPrefix`: tokens prepended to the HSTU sequence). NE delta % per task "
              "vs the control of the same seed (MSE delta % for the regression task); negative = better. " + NOISE_NOTE + "\n")
     L.append("## All test requests\n")

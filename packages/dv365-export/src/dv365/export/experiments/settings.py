@@ -15,6 +15,7 @@ import yaml
 
 from dv365.core.errors import Dv365Error
 from dv365.train.config import apply_overrides
+from dv365.train.fsa import TowerConfig
 from dv365.train.eval_upstream import SynthData as SynthSettings  # ``dv365 synth`` sizes (the same for eval upstream)
 
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs" / "experiments"  # packages/dv365-export/configs
@@ -61,6 +62,9 @@ class DownstreamSettings:
         item_hash_size: rows of the item / history media and author tables.
         over_arch: the DLRM over-arch MLP.
         proj_tokens: tokens of the DV365 linear projection / HSTU prefix.
+        no_projection: how the ``no_projection`` ranker uses the raw de-quantized rows: ``interact`` (each
+            row dotted with the ranker's own fields; needs the DV365 dim = ``embedding_dim``) or ``flatten``
+            (concatenated after the interaction).
         standardize_dv365: standardise the de-quantized DV365 tokens per (row, dim) with statistics of the
             training requests' embeddings (dv365-adapters ``DV365InputConfig(standardize=True)``; ranker,
             staleness and two-tower models).
@@ -75,6 +79,7 @@ class DownstreamSettings:
     over_arch: tuple[int, ...] = (64, 32)
     hstu: HSTUSettings = HSTUSettings()
     proj_tokens: int = 4
+    no_projection: str = "interact"
     standardize_dv365: bool = False
     lr: float = 0.002
     batch_size: int = 128
@@ -179,6 +184,16 @@ class Settings:
             raise ExperimentError(f"retrieval.variants {bad}: use linear, gatenet")
         if self.staleness.variant not in ("no_projection", "linear", "hstu_prefix"):
             raise ExperimentError(f"staleness.variant {self.staleness.variant!r}: use a ranking variant")
+        if self.downstream.no_projection not in ("interact", "flatten"):
+            raise ExperimentError(f"downstream.no_projection = {self.downstream.no_projection!r}: use interact or "
+                                  f"flatten")
+        uses_raw = "no_projection" in self.ranking.variants or self.staleness.variant == "no_projection"
+        tower_dim = ((self.upstream.get("model") or {}).get("tower") or {}).get("dim", TowerConfig.dim)
+        if uses_raw and self.downstream.no_projection == "interact" and tower_dim != self.downstream.embedding_dim:
+            raise ExperimentError(f"downstream.no_projection = interact dots the raw DV365 rows with the ranker's "
+                                  f"embeddings: upstream.model.tower.dim ({tower_dim}) must equal "
+                                  f"downstream.embedding_dim ({self.downstream.embedding_dim}); set "
+                                  f"downstream.no_projection: flatten, or make the two equal")
         if self.encoders.source not in ("implicit", "explicit"):
             raise ExperimentError(f"encoders.source {self.encoders.source!r}: use implicit or explicit")
         if not self.downstream.tasks:
