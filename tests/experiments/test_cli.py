@@ -1,6 +1,7 @@
 """CI smoke test: `dv365 eval all` through the CLI on tiny SIMULATED data (structure, not quality)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,8 @@ def test_reports_written(run_all: tuple[dict, Path]) -> None:
         assert (out / f"{exp}-synth-quick.png").exists()
         assert json.loads((out / f"{exp}-synth-quick.json").read_text())
     assert (out / "all-quick.md").exists()
+    assert re.search(r"at most 4 steps \(\d+\.\d\d passes over the training split\)",
+                     (out / "ranking-synth-quick.md").read_text())
 
 
 def test_bad_setting_exits_1(tmp_path: Path) -> None:

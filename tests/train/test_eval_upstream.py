@@ -63,6 +63,8 @@ def test_upstream_cli_writes_report_and_json_line(tiny_config: Path, tmp_path: P
     assert "SIMULATED" in text and "checks the implementation, not the method" in text
     assert "| like |" in text and "LCE" in text and "MLP_d" in text
     full = json.loads((out / "upstream-synth-quick.json").read_text())
+    passes = 4 * 16 / full["facts"]["train"]  # steps x batch over the training requests
+    assert f"at most 4 steps ({passes:.2f} passes over the training split;" in text
     assert len(full["runs"]) == 2 * 3  # (baseline + 2 variants) x 2 seeds
     assert full["facts"]["users"] == 12
     for r in full["runs"]:  # per-task validation metrics of the kept step; the criterion covers every task

@@ -860,7 +860,9 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
              f"tokens `{m.backbone.token_mode}`; hash sizes {dict(tcfg.data.hash_sizes)}")
     o, r = tcfg.optim, tcfg.run
     L.append(f"- optimizers: dense {o.dense} lr {o.lr}, sparse {o.sparse} lr {o.sparse_lr}; batch {r.batch_size}, "
-             f"at most {r.steps} steps" + (f" (downstream backbone: {s.backbone_steps})" if s.protocol == "frozen" and s.backbone_steps else ""))
+             f"at most {r.steps} steps ({r.steps * r.batch_size / max(f['train'], 1):.2f} passes over the training split; "
+             "id-embedding models tend to overfit from the second pass on)"
+             + (f" (downstream backbone: {s.backbone_steps})" if s.protocol == "frozen" and s.backbone_steps else ""))
     L.append(f"- tasks: {', '.join(t.name + ('' if t.kind == 'binary' else f' ({t.kind}, {t.transform}, weight {t.weight})') for t in tasks)}")
     L.append(f"- config `{rep.config_path}`; device {rep.device}; wall time {rep.seconds / 60:.1f} min "
              f"(slicing once: {f['slice_seconds']} s); {platform.machine()}, torch {torch.__version__}\n")

@@ -144,8 +144,9 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
     L += ["## Data and setting\n", *data_lines(ctx)]
     d = ctx.settings.downstream
     L.append(f"- ranker: E = {d.embedding_dim}, HSTU {d.hstu}, over-arch {list(d.over_arch)}, DV365 projection tokens "
-             f"{d.proj_tokens}; Adam lr {d.lr}, batch {d.batch_size}, at most {d.steps} steps, validation every "
-             f"{d.val_every}; snapshot schedule: fresh (latest snapshot before the request)")
+             f"{d.proj_tokens}; Adam lr {d.lr}, batch {d.batch_size}, at most {d.steps} steps "
+             f"({d.steps * d.batch_size / max(len(ctx.rows['train']), 1):.2f} passes over the training split), "
+             f"validation every {d.val_every}; snapshot schedule: fresh (latest snapshot before the request)")
     return finish_report(ctx, res, L, md, js, png, has_png, command)
 
 
