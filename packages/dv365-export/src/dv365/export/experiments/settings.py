@@ -15,8 +15,8 @@ import yaml
 
 from dv365.core.errors import Dv365Error
 from dv365.train.config import apply_overrides
-from dv365.train.fsa import TowerConfig
 from dv365.train.eval_upstream import SynthData as SynthSettings  # ``dv365 synth`` sizes (the same for eval upstream)
+from dv365.train.fsa import TowerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs" / "experiments"  # packages/dv365-export/configs
 DATASETS = ("movielens", "synth", "kuairand")
