@@ -33,7 +33,7 @@ def _ranker(mode: str, fmt: RowFormat, **kw: object) -> DownstreamRanker:
 
 @pytest.mark.parametrize("mode,raw", [("none", "interact"), ("linear", "interact"), ("hstu_prefix", "interact"),
                                       ("no_projection", "interact"), ("no_projection", "flatten")])
-def test_every_mode_runs_and_learns(mode: str, raw: str) -> None:
+def test_every_mode_runs_and_backpropagates(mode: str, raw: str) -> None:
     fmt = RowFormat(dim=E, rows_per_user=N)
     m = _ranker(mode, fmt, raw_tokens=raw)
     b = _batch(fmt)
