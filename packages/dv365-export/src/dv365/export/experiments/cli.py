@@ -196,30 +196,19 @@ def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str]
                                                    "test_missing_share", "max_events_per_user")}
     for exp in experiments:
         mod = importlib.import_module(f"dv365.export.experiments.{exp}")
-        ranking = retrieval = staleness = encoders = mod
         t0 = time.perf_counter()
         log(f"== {exp} on {ds} ==")
-        if exp == "ranking":
-            res = ranking.run_ranking(ctx, n_seeds, log)
-            res["seconds"] = round(time.perf_counter() - t0, 1)
-            paths = ranking.write_report(ctx, res, out, quick, command)
-            entry["ranking"] = ranking.compact(res)
-        elif exp == "retrieval":
-            res = retrieval.run_retrieval(ctx, n_seeds, log)
-            res["seconds"] = round(time.perf_counter() - t0, 1)
-            paths = retrieval.write_report(ctx, res, out, quick, command)
-            entry["retrieval"] = retrieval.compact(res)
-        elif exp == "staleness":
-            res = staleness.run_staleness(ctx, n_seeds, log)
-            res["seconds"] = round(time.perf_counter() - t0, 1)
-            paths = staleness.write_report(ctx, res, out, quick, command)
-            entry["staleness"] = staleness.compact(res)
+        if exp == "encoders":  # its own data set (the longest histories): no shared context
+            res = mod.run_encoders(ds, settings, data_dir, n_seeds, progress, log)
         else:
-            res = encoders.run_encoders(ds, settings, data_dir, n_seeds, progress, log)
-            res["seconds"] = round(time.perf_counter() - t0, 1)
-            paths = encoders.write_report(ds, settings, res, out, quick, command)
-            entry["encoders"] = encoders.compact(res)
+            res = getattr(mod, f"run_{exp}")(ctx, n_seeds, log)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        if exp == "encoders":
+            paths = mod.write_report(ds, settings, res, out, quick, command)
             entry.setdefault("simulated", res["simulated"])
+        else:
+            paths = mod.write_report(ctx, res, out, quick, command)
+        entry[exp] = mod.compact(res)
         entry[exp]["seconds"] = res["seconds"]
         reports[f"{exp}-{ds}"] = paths["markdown"]
         log(f"   {exp} on {ds}: {res['seconds']:.0f} s -> {paths['markdown']}")

@@ -24,9 +24,9 @@ from torch import nn
 from dv365.adapters import DV365Input, DV365InputConfig, GateNet, GateNetConfig, HSTUPrefix, LinearProjection
 from dv365.export.experiments.context import ACTION_ROWS
 from dv365.export.experiments.hstu import HSTUConfig, HSTUEncoder, right_align
+from dv365.export.experiments.settings import NO_PROJECTION_MODES
 
 DV365_MODES = ("none", "no_projection", "linear", "hstu_prefix", "gatenet")
-RAW_TOKEN_MODES = ("interact", "flatten")
 NUM_DENSE = 6
 TOPIC_ROWS = 1009
 
@@ -143,8 +143,8 @@ class DownstreamRanker(nn.Module):
         self.prefix = HSTUPrefix(E, cfg.proj_tokens, cfg.row_format) if cfg.dv365 == "hstu_prefix" else None
         n_fields = 5 + 1 + 1 + (cfg.proj_tokens if self.projection is not None else 0)
         self.raw = cfg.raw_tokens if cfg.dv365 == "no_projection" else ""
-        if self.raw and self.raw not in RAW_TOKEN_MODES:
-            raise ValueError(f"DownstreamConfig.raw_tokens = {cfg.raw_tokens!r}: use one of {RAW_TOKEN_MODES}")
+        if self.raw and self.raw not in NO_PROJECTION_MODES:
+            raise ValueError(f"DownstreamConfig.raw_tokens = {cfg.raw_tokens!r}: use one of {NO_PROJECTION_MODES}")
         if self.raw == "interact" and cfg.row_format.dim != E:
             raise ValueError(f"no_projection with raw_tokens = 'interact' dots the DV365 rows with the model's "
                              f"embeddings: the DV365 dim ({cfg.row_format.dim}) must equal embedding_dim ({E}); "

@@ -18,6 +18,7 @@ from dv365.train.config import apply_overrides
 from dv365.train.eval_upstream import SynthData as SynthSettings  # ``dv365 synth`` sizes (the same for eval upstream)
 from dv365.train.fsa import TowerConfig
 
+NO_PROJECTION_MODES = ("interact", "flatten")  # how the no_projection ranker uses the raw rows
 CONFIG_DIR = Path(__file__).resolve().parents[4] / "configs" / "experiments"  # packages/dv365-export/configs
 DATASETS = ("movielens", "synth", "kuairand")
 EXPERIMENTS = ("ranking", "retrieval", "staleness", "encoders")
@@ -184,9 +185,9 @@ class Settings:
             raise ExperimentError(f"retrieval.variants {bad}: use linear, gatenet")
         if self.staleness.variant not in ("no_projection", "linear", "hstu_prefix"):
             raise ExperimentError(f"staleness.variant {self.staleness.variant!r}: use a ranking variant")
-        if self.downstream.no_projection not in ("interact", "flatten"):
-            raise ExperimentError(f"downstream.no_projection = {self.downstream.no_projection!r}: use interact or "
-                                  f"flatten")
+        if self.downstream.no_projection not in NO_PROJECTION_MODES:
+            raise ExperimentError(f"downstream.no_projection = {self.downstream.no_projection!r}: use one of "
+                                  f"{NO_PROJECTION_MODES}")
         uses_raw = "no_projection" in self.ranking.variants or self.staleness.variant == "no_projection"
         tower_dim = ((self.upstream.get("model") or {}).get("tower") or {}).get("dim", TowerConfig.dim)
         if uses_raw and self.downstream.no_projection == "interact" and tower_dim != self.downstream.embedding_dim:
