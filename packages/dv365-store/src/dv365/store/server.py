@@ -142,9 +142,12 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         self.calls = 0
         self._count = threading.Lock()
 
-    def _run(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+    def _counted(self) -> None:
         with self._count:
             self.calls += 1
+
+    def _run(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+        self._counted()
         try:
             return fn()
         except StoreError as e:
@@ -160,8 +163,7 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
     def GetStream(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Yields serialized GetResponse pieces of ~STREAM_CHUNK_BYTES; the backend reads the next piece (from the
         same snapshot) while grpc sends the one before."""
-        with self._count:
-            self.calls += 1
+        self._counted()
         try:
             pos = 0
             for raw in self.store.lookup_chunks(self._ids(request), STREAM_CHUNK_BYTES):
