@@ -153,13 +153,17 @@ class RankerFit:
 # Statistics
 # ------------------------------------------------------------------------------------------------------
 def paired_stats(values: Sequence[float]) -> dict[str, Any]:
-    """mean, std (ddof 1) and ``noise``: |mean| < 2·std/√n (or a single value) over seed-paired deltas."""
+    """mean, std (ddof 1) and ``noise``: |mean| <= 2·std/√n (or a single value) over seed-paired deltas.
+
+    The boundary counts as noise (with a relative tolerance for rounding): deltas that are all ±x or 0, as
+    from one hit more or less per seed, sit exactly on it.
+    """
     a = np.asarray([v for v in values if math.isfinite(v)], np.float64)
     if len(a) == 0:
         return {"mean": None, "std": None, "n": 0, "values": [], "noise": True}
     mean = float(a.mean())
     std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
-    noise = bool(len(a) < 2 or abs(mean) < 2 * std / math.sqrt(len(a)))
+    noise = bool(len(a) < 2 or abs(mean) <= 2 * std / math.sqrt(len(a)) * (1 + 1e-9))
     return {"mean": round(mean, 4), "std": round(std, 4) if math.isfinite(std) else None, "n": int(len(a)),
             "values": [round(float(v), 4) for v in a], "noise": noise}
 
@@ -172,7 +176,7 @@ def fmt_stat(v: Mapping[str, Any], unit: str = "") -> str:
 
 
 NOISE_NOTE = ("Mean ± std over seeds of the seed-paired deltas; **bold** = beyond noise, `~` = within noise "
-              "(|mean| < 2·std/√n, or a single seed).")
+              "(|mean| ≤ 2·std/√n, or a single seed).")
 
 
 def plot_bars(path: Path, title: str, groups: Sequence[str], series: Mapping[str, Sequence[Mapping[str, Any]]],

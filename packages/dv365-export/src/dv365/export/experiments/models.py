@@ -279,7 +279,7 @@ class EncoderModel(nn.Module):
 
     def __init__(self, encoder: SliceEncoder, dim: int, num_tasks: int) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.dim = encoder, dim
         self.mlp = nn.Sequential(nn.Linear(3 * dim, 32), nn.ReLU())
         self.heads = nn.Linear(32, num_tasks)
         nn.init.zeros_(self.heads.weight)
@@ -289,8 +289,11 @@ class EncoderModel(nn.Module):
             self.heads.bias.copy_(torch.tensor(list(bias), dtype=self.heads.bias.dtype))
 
     def forward(self, s: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self.encoder(s)
-        v = self.encoder.emb(s["target"])
+        return self.score(self.encoder(s), s["target"])
+
+    def score(self, u: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits from user vectors ``u`` [B, dim] (computed once per distinct history) and target item ids."""
+        v = self.encoder.emb(target)
         return self.heads(self.mlp(torch.cat([u, v, u * v], dim=1)))  # type: ignore[no-any-return]
 
 

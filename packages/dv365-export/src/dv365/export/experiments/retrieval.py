@@ -12,6 +12,7 @@ of the requests and histories); HR@K = share ranked in the top K. Early stopping
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ from dv365.export.experiments.models import DownstreamConfig, TwoTower
 
 BASELINE = "baseline"
 KS = (1, 10)
+MIN_CONTROL_HITS = 10   # relative HR deltas need this many control hits in every seed
 
 
 class Corpus:
@@ -213,26 +215,55 @@ def absolute(runs: list[dict[str, Any]], subset: str) -> dict[str, dict[str, dic
     return out
 
 
-def deltas(runs: list[dict[str, Any]], subset: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """Relative HR delta % vs the control of the same seed (positive = better)."""
+def deltas(runs: list[dict[str, Any]], subset: str,
+           min_hits: int = MIN_CONTROL_HITS) -> dict[str, dict[str, dict[str, Any]]]:
+    """Relative HR delta % vs the control of the same seed (positive = better).
+
+    A relative delta is a ratio of hit counts, so a cell is only reported when the control has at least
+    ``min_hits`` hits in *every* seed; otherwise its mean is ``None`` (``n/a`` in the report, with
+    ``min_control_hits`` saying how many the worst seed had) and the absolute HR columns are what to read.
+    """
     base = {r["seed"]: r[subset] for r in runs if r["kind"] == BASELINE}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for kind in dict.fromkeys(r["kind"] for r in runs if r["kind"] != BASELINE):
         per: dict[str, list[float]] = {}
+        fewest: dict[str, int] = {}
         for r in runs:
             if r["kind"] != kind or not r[subset]:
                 continue
             for n, m in r[subset].items():
+                b_m = base[r["seed"]][n]
                 for k in KS:
-                    x, b = m[f"hr@{k}"], base[r["seed"]][n][f"hr@{k}"]
-                    per.setdefault(f"{n}@{k}", []).append(100.0 * (x / b - 1.0) if b > 0 else float("nan"))
-        out[kind] = {t: paired_stats(v) for t, v in per.items()}
+                    t = f"{n}@{k}"
+                    x, b = m[f"hr@{k}"], b_m[f"hr@{k}"]
+                    hits = control_hits(b, b_m["count"])
+                    fewest[t] = min(fewest.get(t, hits), hits)
+                    per.setdefault(t, []).append(100.0 * (x / b - 1.0) if b > 0 else float("nan"))
+        out[kind] = {}
+        for t, v in per.items():
+            st = paired_stats(v) | {"min_control_hits": fewest[t]}
+            if fewest[t] < min_hits:
+                st |= {"mean": None, "std": None, "noise": True}
+            out[kind][t] = st
     return out
+
+
+def control_hits(hr: float, count: int) -> int:
+    """Hits behind a hit rate over ``count`` requests (0 for an undefined rate)."""
+    return int(round(hr * count)) if math.isfinite(hr) else 0
+
+
+def delta_cell(v: dict[str, Any]) -> str:
+    if v.get("mean") is None and "min_control_hits" in v:
+        return f"n/a ({v['min_control_hits']})"
+    return fmt_stat(v)
 
 
 def compact(res: dict[str, Any]) -> dict[str, Any]:
     def c(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: {t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]} for t, v in ts.items()}
+        return {k: {t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]}
+                    | ({"min_control_hits": v["min_control_hits"]} if "min_control_hits" in v else {})
+                    for t, v in ts.items()}
                 for k, ts in d.items()}
     out = {"delta_hr_pct": c(res["delta_hr_pct"]),
            "hr_baseline": {t: v["mean"] for t, v in res["hr"].get(BASELINE, {}).items()}}
@@ -254,7 +285,10 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
              "DV365**: `linear` (LinearProjection tokens, plain MLP tower) and `gatenet` (the same tokens through a "
              "GateNet: embedding gate + hidden gates). HR@K over the whole corpus "
              f"({res['corpus']:,} items); `next_item` = every request's item (the HSTU paper's MovieLens protocol, on "
-             "a time split). Relative HR delta % vs the control of the same seed, positive = better. " + NOISE_NOTE + "\n")
+             "a time split). Relative HR delta % vs the control of the same seed, positive = better. " + NOISE_NOTE +
+             f" A relative delta is a ratio of hit counts: it is shown only where the control has at least "
+             f"{MIN_CONTROL_HITS} hits in every seed, otherwise `n/a (h)` with h = the fewest control hits of a seed; "
+             "read the HR columns there.\n")
 
     def table(ab: dict[str, Any], dl: dict[str, Any]) -> str:
         lines = ["| task@K | HR control | " + " | ".join(f"HR {k} | Δ% {k}" for k in kinds) + " |",
@@ -263,7 +297,7 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
             b = ab.get(BASELINE, {}).get(t, {})
             cells = [f"{b.get('mean', float('nan')):.4f}"]
             for k in kinds:
-                cells += [f"{ab.get(k, {}).get(t, {}).get('mean', float('nan')):.4f}", fmt_stat(dl.get(k, {}).get(t, {}))]
+                cells += [f"{ab.get(k, {}).get(t, {}).get('mean', float('nan')):.4f}", delta_cell(dl.get(k, {}).get(t, {}))]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
