@@ -169,14 +169,29 @@ def lmdb_harness(root: Path) -> Harness:
 
 
 def flip_lmdb(store: Any, version: str, uid: int) -> None:
-    """Flips one payload byte of ``uid`` in ``version`` inside an LMDB store (a disk/bit-rot fault)."""
+    """Flips one payload byte of ``uid`` in ``version`` inside an embedded store (a disk/bit-rot fault): in the
+    version's row file, or in its LMDB value for versions of the per-user ``records`` layout."""
     import json
 
     from dv365.store.backends.lmdb_store import record_keys
+    from dv365.store.backends.rowfile import RowFile, locate
 
+    with store.env.begin() as txn:
+        rec = json.loads(txn.get(b"version:" + version.encode(), db=store.meta))
+    if rec.get("layout") == "rows":
+        path = store._row_path(rec["seq"])
+        info = rec["info"]
+        rf = RowFile(path, info["user_count"], info["row_format"]["user_bytes"], "test")
+        offset = locate(rf, uid) + 100
+        del rf
+        with open(path, "r+b") as f:  # the readers' shared mappings see the change
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0x01]))
+        return
     with store.env.begin(write=True) as txn:
-        seq = json.loads(txn.get(b"version:" + version.encode(), db=store.meta))["seq"]
-        key = record_keys(seq, np.array([uid]))[0]
+        key = record_keys(rec["seq"], np.array([uid]))[0]
         value = bytearray(txn.get(key, db=store.data))
         value[100] ^= 0x01
         txn.put(key, bytes(value), db=store.data)

@@ -47,4 +47,5 @@ def test_bench_store_smoke(monkeypatch, capsys) -> None:  # type: ignore[no-unty
 def test_bench_kv_choice_smoke(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["bench", "store-kv", "--quick", "--users", "2000", "--batch-users", "100", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["lmdb"]["p50_ms"] > 0 and res["sqlite"]["p50_ms"] > 0
+    assert res["lmdb"]["p50_ms"] > 0 and res["sqlite"]["p50_ms"] > 0 and res["rows"]["p50_ms"] > 0
+    assert res["rows_over_lmdb_p50"] > 0

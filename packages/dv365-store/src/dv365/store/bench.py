@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import glob
 import os
 import shutil
 import socket
@@ -239,7 +240,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 s.publish(snap)
                 result["publish_embedded_s"] = round(time.perf_counter() - t, 1)
             _drop_cache(snap)  # the map, not the snapshot files, should hold the page cache
-            result["lmdb_file_gb"], result["lmdb_warm_s"] = _warm(os.path.join(root, "lmdb", "data.mdb"))
+            store_dir = os.path.join(root, "lmdb")  # LMDB (versions) + the version's row file
+            files = [os.path.join(store_dir, "data.mdb")] + sorted(glob.glob(os.path.join(store_dir, "rows", "*.rows")))
+            result["store_files_gb"], result["store_warm_s"] = _warm(*files)
             result["mem_available_gb"] = _mem_available_gb()
             phase: list[subprocess.Popen[Any]] = []
             if "grpc" in backends:
@@ -300,15 +303,16 @@ def _drop_cache(folder: str) -> None:
             os.close(fd)
 
 
-def _warm(path: str) -> tuple[float, float]:
-    """Reads a file once, sequentially, so a memory-mapped store starts from the page cache as in steady
-    state; returns (size GB, seconds)."""
+def _warm(*paths: str) -> tuple[float, float]:
+    """Reads files once, sequentially, so a memory-mapped store starts from the page cache as in steady
+    state; returns (total size GB, seconds)."""
     t = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(16 << 20)
-        while f.readinto(buf):
-            pass
-    return round(os.path.getsize(path) / 1e9, 2), round(time.perf_counter() - t, 1)
+    buf = bytearray(16 << 20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return round(sum(os.path.getsize(p) for p in paths) / 1e9, 2), round(time.perf_counter() - t, 1)
 
 
 def _mem_available_gb() -> float | None:
@@ -345,11 +349,13 @@ def _targets(runs: dict[str, dict[str, Any]], clients: list[int]) -> dict[str, A
 
 # ---- LMDB vs SQLite ------------------------------------------------------------------------------------
 def run_kv_choice(args: argparse.Namespace) -> dict[str, Any]:
-    """Same records, same checksum verification (records.assemble), one client: LMDB vs SQLite (WAL,
-    synchronous=FULL, mmap) for the embedded default."""
+    """Same records, same checksum verification, one client: the embedded store's layouts. ``lmdb`` (one LMDB
+    value per user, the ``records`` layout) vs ``sqlite`` (WAL, synchronous=FULL, mmap) for the per-user KV,
+    and ``rows`` (the default: a memory-mapped row file per version, :mod:`dv365.store.backends.rowfile`)."""
     import lmdb
 
     from dv365.store.backends.lmdb_store import record_keys
+    from dv365.store.backends.rowfile import RowFile, RowFileWriter
     from dv365.store.records import assemble, encode_records
     from dv365.store.synthetic import synthetic_payload
 
@@ -393,8 +399,21 @@ def run_kv_choice(args: argparse.Namespace) -> dict[str, Any]:
             found = dict(con.execute(q, ids.tolist()).fetchall())
             return assemble((found.get(u) for u in ids.tolist()), ids, fmt, "sqlite")[1]
 
+        # row file
+        t = time.perf_counter()
+        writer = RowFileWriter(os.path.join(root, "v.rows"), users, fmt.user_bytes, "rows")
+        for ids, recs in chunks:
+            writer.append(ids, recs)
+        writer.finish()
+        rows_write = time.perf_counter() - t
+        rf = RowFile(os.path.join(root, "v.rows"), users, fmt.user_bytes, "rows")
+
+        def rows_get(ids: np.ndarray) -> np.ndarray:
+            return rf.lookup(ids)[1]
+
         for name, fn, wr, path in (("lmdb", lmdb_get, lmdb_write, "lmdb/data.mdb"),
-                                   ("sqlite", sqlite_get, sqlite_write, "emb.sqlite")):
+                                   ("sqlite", sqlite_get, sqlite_write, "emb.sqlite"),
+                                   ("rows", rows_get, rows_write, "v.rows")):
             for _ in range(20):
                 fn(rng.integers(0, users, batch))
             lat = []
@@ -408,6 +427,8 @@ def run_kv_choice(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
                          "write_users_per_s": round(users / wr), "file_mb": round(os.path.getsize(os.path.join(root, path)) / 1e6, 1)}
         out["lmdb_over_sqlite_p50"] = round(out["lmdb"]["p50_ms"] / out["sqlite"]["p50_ms"], 2)
+        out["rows_over_lmdb_p50"] = round(out["rows"]["p50_ms"] / out["lmdb"]["p50_ms"], 2)
+        del rf
         con.close()
         env.close()
     finally:

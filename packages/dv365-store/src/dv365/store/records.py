@@ -105,11 +105,18 @@ def assemble(values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, 
         raise ValueError(f"{where}: {i + 1} values for {B} users")
     present = np.frombuffer(found, dtype=bool)
     bad = np.flatnonzero(present & (stored != np.array(computed, dtype=np.uint64)))
+    drop_corrupted(payload, present, stored, ids, bad, where, errors)
+    return payload, present, stored.astype(np.uint64, copy=False), errors
+
+
+def drop_corrupted(payload: np.ndarray, present: np.ndarray, stored: np.ndarray, user_ids: np.ndarray,
+                   bad: np.ndarray, where: str, errors: dict[int, str]) -> None:
+    """Reports the users at positions ``bad`` as corrupted (``errors``) and clears them: not present, zero
+    payload and checksum, as for every user not returned (in place)."""
     for k in bad.tolist():
-        errors[k] = f"{where}: user {int(ids[k])}: stored value fails its checksum: corrupted, not returned"
+        errors[k] = f"{where}: user {int(user_ids[k])}: stored value fails its checksum: corrupted, not returned"
     if len(bad):
         present[bad] = False
     if not present.all():
         payload[~present] = 0
         stored[~present] = 0
-    return payload, present, stored.astype(np.uint64, copy=False), errors

@@ -1,19 +1,28 @@
-"""Embedded store: one LMDB environment (a directory), memory-mapped, no server.
+"""Embedded store: one LMDB environment (a directory) for versions, one memory-mapped row file per version.
 
-Layout (two named databases)::
+Layout::
 
-    meta  b"active"             -> version name of the active version
-          b"version:" + name    -> {"info": VersionInfo, "seq": n} (JSON)
+    <dir>/data.mdb  LMDB, database meta:
+          b"active"             -> version name of the active version
+          b"version:" + name    -> {"info": VersionInfo, "seq": n, "layout": "rows"} (JSON)
           b"seq"                -> last sequence number handed out (8 bytes, big endian)
-    data  seq (4 B BE) + user id (8 B BE, sign bit flipped so order = numeric order)
-                                -> record (payload || xxh3-64, see dv365.store.records)
+    <dir>/rows/<seq>.rows       -> the version's users: sorted ids, checksums and payloads
+                                   (dv365.store.backends.rowfile; immutable once committed)
 
-Why it is crash-safe and atomic: every change is one LMDB write transaction (copy-on-write B+tree, fsync on
-commit), so a crash leaves the last committed state. ``get`` reads the active pointer and every user of the
-batch inside one read transaction, i.e. from one MVCC snapshot: a concurrent publish/activate/prune is seen
-entirely or not at all (``lookup_chunks``, which the gRPC service streams, reads all pieces in one transaction
-too). Values are read zero-copy from the map (``buffers=True``) and copied once into the answer.
-Versions are key ranges, so deleting one never invalidates a handle another thread is using.
+Stores written by dv365-store before the row files (version records without ``layout``) keep their users in
+LMDB database ``data`` (key seq (4 B BE) + user id (8 B BE, sign bit flipped), value payload || xxh3-64) and
+are still read (and deleted) that way.
+
+Why it is crash-safe and atomic: a version's row file is written and fsynced completely before the LMDB write
+transaction that marks the version ready (copy-on-write B+tree, fsync on commit), and never changes after;
+every change of the active pointer or of version records is one LMDB transaction, so a crash leaves the last
+committed state (a half-written file belongs to a version still marked "loading" and is removed when that
+version is re-published or cleaned up). ``get`` reads the active pointer and version record in one read
+transaction (one MVCC snapshot) and the whole batch from that version's file: a concurrent
+publish/activate/prune is seen entirely or not at all (``lookup_chunks``, which the gRPC service streams,
+reads every piece from the same file). Deleting a version removes its record first and unlinks its file
+after, so a reader that still maps it finishes from the old inode; a reader that resolved it just before
+the unlink re-resolves the active version.
 One publisher at a time per directory (an ``flock`` on ``publish.lock``); any number of reader processes.
 """
 
@@ -26,8 +35,9 @@ import json
 import os
 import sys
 import threading
-from dataclasses import replace
-from typing import Any, Iterator
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
 
 import lmdb
 import numpy as np
@@ -42,6 +52,7 @@ from dv365.store.api import (
     chunk_users,
     no_active,
 )
+from dv365.store.backends.rowfile import RowFile, RowFileWriter
 from dv365.store.errors import PublishError, StoreAuthError, StoreError, VersionNotFoundError
 from dv365.store.factory import parse_bool, reject_unknown
 from dv365.store.records import assemble
@@ -51,6 +62,15 @@ _SIGN = np.uint64(1 << 63)
 _ACTIVE = b"active"
 _SEQ = b"seq"
 _VPREFIX = b"version:"
+ROWS = "rows"  # the layout of versions published by this code (older records have none: per-user LMDB values)
+_ROW_FILES_CACHED = 4  # row files kept mapped per process (a deleted version's space is freed on eviction)
+
+
+@dataclass(frozen=True)
+class _Version:
+    info: VersionInfo
+    seq: int
+    layout: str | None  # ROWS, or None for the per-user LMDB layout of older stores
 
 
 def record_keys(seq: int, ids: np.ndarray) -> list[bytes]:
@@ -72,8 +92,14 @@ class LmdbStore(EmbeddingStore):
         map_size_gb: the map's maximum size (virtual; the file grows as needed). Every process opening the
             directory should use the same value (the default, 1024 GiB, fits 140M users x 4 versions).
 
-    URL options: ``keep``, ``mode=ro`` (or ``readonly=1``), ``map_size_gb``, and ``prefault=1`` (call
-    :meth:`prefault` when opening: for long-running readers on hosts whose RAM holds the file).
+        layout: how new versions store their users: ``"rows"`` (default: one memory-mapped row file per
+            version, :mod:`~dv365.store.backends.rowfile`) or ``"records"`` (one LMDB value per user, the layout
+            of dv365-store before row files: for stores that readers of that older code still read). Versions
+            of either layout are read by this code.
+
+    URL options: ``keep``, ``mode=ro`` (or ``readonly=1``), ``map_size_gb``, ``layout``, and ``prefault=1``
+    (call :meth:`prefault` when opening, and map each row file's pages when it is first read: for long-running
+    readers on hosts whose RAM holds the files).
 
     Example::
 
@@ -82,13 +108,18 @@ class LmdbStore(EmbeddingStore):
         store.get([1, 2, 3]).payload.shape       # (3, 58, 132)
     """
 
-    OPTIONS = {"keep", "mode", "map_size_gb", "readonly", "prefault"}
+    OPTIONS = {"keep", "mode", "map_size_gb", "readonly", "prefault", "layout"}
 
-    def __init__(self, path: str, *, keep: int = DEFAULT_KEEP, mode: str = "rw", map_size_gb: float = 1024) -> None:
+    def __init__(self, path: str, *, keep: int = DEFAULT_KEEP, mode: str = "rw", map_size_gb: float = 1024,
+                 layout: str = ROWS) -> None:
         path = os.path.abspath(path)
         super().__init__(f"lmdb://{path}", keep)
         if mode not in ("rw", "ro"):
             raise StoreError(f"{self.url}: mode must be 'rw' or 'ro', got {mode!r}")
+        if layout not in (ROWS, "records"):
+            raise StoreError(f"{self.url}: layout must be 'rows' or 'records', got {layout!r}")
+        self.layout = layout
+        self._prefault = False
         self.path = path
         self.readonly = mode == "ro"
         if self.readonly and not os.path.exists(os.path.join(path, "data.mdb")):
@@ -109,7 +140,7 @@ class LmdbStore(EmbeddingStore):
         if "readonly" in options and parse_bool(options["readonly"], "readonly", url):
             mode = "ro"
         store = cls(path, keep=int(options.get("keep", DEFAULT_KEEP)), mode=mode,
-                    map_size_gb=float(options.get("map_size_gb", 1024)))
+                    map_size_gb=float(options.get("map_size_gb", 1024)), layout=str(options.get("layout", ROWS)))
         if parse_bool(options.get("prefault", False), "prefault", url):
             store.prefault()
         return store
@@ -121,24 +152,53 @@ class LmdbStore(EmbeddingStore):
         faults per 1,000-user get (p50 5.4 ms) over its first 60 gets, 14 (p50 3.2 ms) once its map had filled
         in; the load test's embedded p50 / p99 went from 4.7 / 10.9 to 3.3 / 6.4 ms with it. Pages not in the
         page cache are read from disk, so use it where RAM holds the file. Returns False (and does nothing)
-        where the platform cannot."""
-        return _populate(os.path.join(self.path, "data.mdb"))
+        where the platform cannot. Row files (the default layout) are populated as they are first mapped."""
+        self._prefault = True
+        done = _populate(os.path.join(self.path, "data.mdb"))
+        with contextlib.suppress(StoreError, FileNotFoundError):
+            with self._snapshot() as (_, _, ver):
+                if ver.layout == ROWS:
+                    done = self._row_file(ver).populate() or done
+        return done
 
     # ---- reads -------------------------------------------------------------------------------------
-    def _entry(self, raw: bytes, name: bytes) -> tuple[VersionInfo, int]:
+    def _entry(self, raw: bytes, name: bytes) -> _Version:
         hit = self._entries.get(raw)
         if hit is None:
             d = json.loads(raw)
-            hit = (VersionInfo.from_json(json.dumps(d["info"]), f"{self.url} version {name.decode()!r}"), int(d["seq"]))
+            hit = _Version(VersionInfo.from_json(json.dumps(d["info"]), f"{self.url} version {name.decode()!r}"),
+                           int(d["seq"]), d.get("layout"))
             if len(self._entries) > 64:
                 self._entries.clear()
             self._entries[raw] = hit
         return hit
 
+    def _row_path(self, seq: int) -> str:
+        return os.path.join(self.path, "rows", f"{seq:010d}.rows")
+
+    def _row_file(self, ver: _Version) -> RowFile:
+        """The version's mapped row file (process-wide cache); FileNotFoundError when it was just deleted."""
+        cache = self._shared.row_files
+        with self._shared.row_lock:
+            rf = cache.get(ver.seq)
+            if rf is not None:
+                cache.move_to_end(ver.seq)
+                return rf
+        fmt = ver.info.row_format
+        rf = RowFile(self._row_path(ver.seq), ver.info.user_count, fmt.user_bytes,
+                     f"{self.url} version {ver.info.version!r}")
+        if self._prefault:
+            rf.populate()
+        with self._shared.row_lock:
+            cache[ver.seq] = rf
+            while len(cache) > _ROW_FILES_CACHED:
+                cache.popitem(last=False)  # unmapped once no answer in flight uses it
+        return rf
+
     @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[tuple[lmdb.Transaction, VersionInfo, int]]:
+    def _snapshot(self) -> Iterator[tuple[lmdb.Transaction, VersionInfo, _Version]]:
         """One read transaction (one MVCC snapshot: the active pointer and every value read through it agree),
-        with the data database as its default, the active version's info and its key prefix."""
+        with the data database as its default, the active version's info and its record."""
         try:
             with self.env.begin(db=self.data, buffers=True) as txn:
                 name = txn.get(_ACTIVE, db=self.meta)
@@ -148,31 +208,48 @@ class LmdbStore(EmbeddingStore):
                 raw = txn.get(_VPREFIX + name, db=self.meta)
                 if raw is None:
                     raise StoreError(f"{self.url}: active version {name.decode()!r} has no version record")
-                info, seq = self._entry(bytes(raw), name)
-                yield txn, replace(info, active=True), seq
+                ver = self._entry(bytes(raw), name)
+                yield txn, replace(ver.info, active=True), ver
         except lmdb.Error as e:
             raise StoreError(f"{self.url}: read failed: {e}") from e
 
-    def _read(self, txn: lmdb.Transaction, info: VersionInfo, seq: int, ids: np.ndarray) -> RawLookup:
-        # map(txn.get, keys): values are zero-copy views into the map, fetched one at a time as assemble copies
-        # them (lmdb drops the GIL for the B-tree search and touches the value's pages before returning)
+    def _read_records(self, txn: lmdb.Transaction, info: VersionInfo, seq: int, ids: np.ndarray) -> RawLookup:
+        # the per-user layout of older stores. map(txn.get, keys): values are zero-copy views into the map,
+        # fetched one at a time as assemble copies them
         payload, present, checksums, errors = assemble(map(txn.get, record_keys(seq, ids)), ids, info.row_format,
                                                        f"{self.url} version {info.version!r}")
         return RawLookup(payload, present, checksums, errors, info)
 
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[tuple[VersionInfo, Callable[[np.ndarray], RawLookup]]]:
+        """The active version and a reader of it: every call is answered from that one version."""
+        for _ in range(3):
+            with self._snapshot() as (txn, info, ver):
+                if ver.layout != ROWS:
+                    yield info, lambda ids: self._read_records(txn, info, ver.seq, ids)
+                    return
+                try:
+                    rf = self._row_file(ver)
+                except FileNotFoundError:
+                    continue  # deleted after this snapshot was taken: resolve the active version again
+            yield info, lambda ids: RawLookup(*rf.lookup(ids), info)  # an immutable file: no transaction needed
+            return
+        raise StoreError(f"{self.url}: the row file of the active version {info.version!r} is missing "
+                         f"({self._row_path(ver.seq)})")
+
     def lookup(self, ids: np.ndarray) -> RawLookup:
-        with self._snapshot() as (txn, info, seq):
-            return self._read(txn, info, seq, ids)
+        with self._reader() as (_, read):
+            return read(ids)
 
     def lookup_chunks(self, ids: np.ndarray, chunk_bytes: int) -> Iterator[RawLookup]:
-        """Reads piece by piece inside one read transaction: every piece comes from the same snapshot."""
-        with self._snapshot() as (txn, info, seq):
+        """Reads piece by piece from one version: every piece comes from the same snapshot."""
+        with self._reader() as (info, read):
             step = chunk_users(chunk_bytes, info.row_format)
             for s in range(0, max(len(ids), 1), step):
-                yield self._read(txn, info, seq, ids[s:s + step])
+                yield read(ids[s:s + step])
 
     # ---- versions ----------------------------------------------------------------------------------
-    def _records(self, txn: lmdb.Transaction) -> Iterator[tuple[VersionInfo, int]]:
+    def _records(self, txn: lmdb.Transaction) -> Iterator[_Version]:
         cur = txn.cursor(db=self.meta)
         if not cur.set_range(_VPREFIX):
             return
@@ -185,18 +262,18 @@ class LmdbStore(EmbeddingStore):
     def versions(self) -> list[VersionInfo]:
         with self.env.begin() as txn:
             active = txn.get(_ACTIVE, db=self.meta)
-            out = [replace(info, active=active is not None and info.version == active.decode())
-                   for info, _ in self._records(txn)]
+            out = [replace(v.info, active=active is not None and v.info.version == active.decode())
+                   for v in self._records(txn)]
         return sorted(out, key=lambda v: v.published_at)
 
     def _writable(self, what: str) -> None:
         if self.readonly:
             raise StoreAuthError(f"{self.url}: opened read-only (mode=ro, a reader): cannot {what}")
 
-    def _get_record(self, txn: lmdb.Transaction, version: str) -> tuple[VersionInfo, int]:
+    def _get_record(self, txn: lmdb.Transaction, version: str) -> _Version:
         raw = txn.get(_VPREFIX + version.encode(), db=self.meta)
         if raw is None:
-            names = [i.version for i, _ in self._records(txn)]
+            names = [v.info.version for v in self._records(txn)]
             raise VersionNotFoundError(f"{self.url}: no version {version!r} (have: {names})")
         return self._entry(bytes(raw), version.encode())
 
@@ -204,7 +281,7 @@ class LmdbStore(EmbeddingStore):
         self._writable(f"activate {version!r}")
         check_version_name(version, self.url)
         with self.env.begin(write=True) as txn:
-            info, _ = self._get_record(txn, version)
+            info = self._get_record(txn, version).info
             if info.state != "ready":
                 raise StoreError(f"{self.url}: version {version!r} is {info.state}, not ready: cannot activate it")
             txn.put(_ACTIVE, version.encode(), db=self.meta)
@@ -217,13 +294,20 @@ class LmdbStore(EmbeddingStore):
             active = txn.get(_ACTIVE, db=self.meta)
             if active is not None and active.decode() == version:
                 raise StoreError(f"{self.url}: version {version!r} is active; activate another one before deleting it")
-            _, seq = self._get_record(txn, version)
+            seq = self._get_record(txn, version).seq
             txn.delete(_VPREFIX + version.encode(), db=self.meta)
-            prefix = int(seq).to_bytes(4, "big")
+            prefix = int(seq).to_bytes(4, "big")  # per-user values of the records layout (none for row files)
             cur = txn.cursor(db=self.data)
             if cur.set_range(prefix):
                 while cur.key()[:4] == prefix and cur.delete():
                     pass
+        self._drop_row_file(seq)  # after the commit: readers that resolved the version keep the old inode
+
+    def _drop_row_file(self, seq: int) -> None:
+        with self._shared.row_lock:
+            self._shared.row_files.pop(seq, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._row_path(seq))
 
     # ---- publish -----------------------------------------------------------------------------------
     def publish(self, snapshot_url: str, *, activate: bool = True, progress: Progress | None = None) -> VersionInfo:
@@ -235,9 +319,22 @@ class LmdbStore(EmbeddingStore):
             except BlockingIOError:
                 raise PublishError(f"{self.url}: another process is publishing into this store; try again later") from None
             try:
+                self._remove_orphans()
                 return super().publish(snapshot_url, activate=activate, progress=progress)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _remove_orphans(self) -> None:
+        """Row files without a version record (a crash between unlinking a record and its file)."""
+        folder = os.path.join(self.path, "rows")
+        if not os.path.isdir(folder):
+            return
+        with self.env.begin() as txn:
+            known = {f"{v.seq:010d}.rows" for v in self._records(txn)}
+        for name in os.listdir(folder):
+            if name.endswith(".rows") and name not in known:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
 
     def _begin_version(self, info: VersionInfo) -> None:
         with self.env.begin(write=True) as txn:
@@ -248,12 +345,25 @@ class LmdbStore(EmbeddingStore):
             txn.put(_SEQ, seq.to_bytes(8, "big"), db=self.meta)
             self._put_info(txn, info, seq)
         self._seq, self._last_key = seq, b""
+        self._writer: RowFileWriter | None = None
+        if self.layout == ROWS:
+            os.makedirs(os.path.join(self.path, "rows"), exist_ok=True)
+            self._writer = RowFileWriter(self._row_path(seq), info.user_count, info.row_format.user_bytes,
+                                         f"{self.url}: version {info.version!r}")
 
     def _put_info(self, txn: lmdb.Transaction, info: VersionInfo, seq: int) -> None:
-        rec = json.dumps({"info": json.loads(info.to_json()), "seq": seq}, sort_keys=True).encode()
-        txn.put(_VPREFIX + info.version.encode(), rec, db=self.meta)
+        rec: dict[str, Any] = {"info": json.loads(info.to_json()), "seq": seq}
+        if self.layout == ROWS:
+            rec["layout"] = ROWS
+        txn.put(_VPREFIX + info.version.encode(), json.dumps(rec, sort_keys=True).encode(), db=self.meta)
 
     def _write_records(self, info: VersionInfo, ids: np.ndarray, records: list[bytes]) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.append(ids, records)
+            except OSError as e:
+                raise PublishError(f"{self.url}: version {info.version!r}: writing its row file failed: {e}") from e
+            return
         keys = record_keys(self._seq, ids)
         append = keys[0] > self._last_key and all(a < b for a, b in zip(keys, keys[1:]))
         try:
@@ -273,8 +383,20 @@ class LmdbStore(EmbeddingStore):
             return next((int(u) for u, k in zip(ids, keys) if txn.get(k, db=self.data) is not None), int(ids[0]))
 
     def _commit_version(self, info: VersionInfo) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.finish()  # complete and durable before the record says "ready"
+            except OSError as e:
+                raise PublishError(f"{self.url}: version {info.version!r}: writing its row file failed: {e}") from e
+            self._writer = None
         with self.env.begin(write=True) as txn:
             self._put_info(txn, info, self._seq)
+
+    def _abort_version(self, info: VersionInfo) -> None:
+        if getattr(self, "_writer", None) is not None:
+            self._writer.close()
+            self._writer = None
+        super()._abort_version(info)
 
     def close(self) -> None:
         if not self._closed:
@@ -327,6 +449,8 @@ class _SharedEnv:
             raise StoreError(f"{url}: cannot open the LMDB store: {e}") from e
         self.lock = threading.Lock()
         self.refs = 0
+        self.row_files: OrderedDict[int, RowFile] = OrderedDict()  # seq -> mapped row file (LRU)
+        self.row_lock = threading.Lock()  # guards row_files (``lock`` is held through a whole publish)
 
 
 _ENVS: dict[str, _SharedEnv] = {}

@@ -1,0 +1,95 @@
+"""The embedded store's row files (one memory-mapped file per version): the older per-user LMDB layout stays
+readable next to them, a damaged file is an error (never garbage), a stream started on a version finishes on it
+after that version is deleted, and publish failures leave no file behind."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dv365.store import open_store
+from dv365.store.errors import PublishError, StoreError
+
+from .conftest import FMT, USERS, flip_lmdb
+
+CODES = slice(0, FMT.packed_bytes)  # the packed int4 codes of a row (``fill`` sets them; scale/bias follow)
+
+
+def _files(root: str) -> list[str]:
+    d = os.path.join(root, "rows")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def test_records_and_rows_versions_live_side_by_side(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    root = str(tmp_path / "s")
+    ids = np.array([1003, 5, 1299, 1003, 1000])
+    with open_store(f"lmdb://{root}?layout=records") as old:  # written as dv365-store did before row files
+        old.publish(snapshots("v1", fill=0x11))
+    assert _files(root) == []
+    with open_store(f"lmdb://{root}?keep=3") as s:
+        s.publish(snapshots("v2", fill=0x22))
+        assert _files(root) == ["0000000002.rows"]
+        for version, fill in (("v2", 0x22), ("v1", 0x11), ("v2", 0x22)):  # roll back to the records version and on
+            s.activate(version)
+            r = s.get(ids)
+            assert r.snapshot_id == version and r.present.tolist() == [True, False, True, True, True] and not r.errors
+            assert (r.payload[r.present][..., CODES] == fill).all() and (r.payload[~r.present] == 0).all()
+        for version in ("v1", "v2"):  # corruption is caught in both layouts
+            s.activate(version)
+            flip_lmdb(s, version, 1299)
+            r = s.get(ids)
+            assert r.present.tolist() == [True, False, False, True, True]
+            assert "user 1299" in r.errors[2] and "checksum" in r.errors[2] and (r.payload[2] == 0).all()
+        s.delete_version("v1")
+        s.publish(snapshots("v3", fill=0x33))
+        s.delete_version("v2")
+        assert _files(root) == ["0000000003.rows"]
+        assert [v.version for v in s.versions()] == ["v3"]
+
+
+def test_damaged_row_file_is_an_error(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    root = str(tmp_path / "s")
+    with open_store(f"lmdb://{root}") as s:
+        s.publish(snapshots("v1"))
+    path = os.path.join(root, "rows", "0000000001.rows")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4096)
+    with open_store(f"lmdb://{root}?mode=ro") as r:
+        with pytest.raises(StoreError, match="damaged"):
+            r.get([1000])
+    os.unlink(path)
+    with open_store(f"lmdb://{root}?mode=ro") as r:
+        with pytest.raises(StoreError, match="row file of the active version 'v1' is missing"):
+            r.get([1000])
+
+
+def test_stream_finishes_on_its_version_after_it_is_deleted(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    root = str(tmp_path / "s")
+    with open_store(f"lmdb://{root}?keep=1") as w, open_store(f"lmdb://{root}?mode=ro") as r:
+        w.publish(snapshots("v1", fill=0x11))
+        pieces = r.lookup_chunks(USERS, 10 * 7656)  # type: ignore[attr-defined]  # 10 users per piece
+        first = next(pieces)
+        w.publish(snapshots("v2", fill=0x22))  # keep=1: v1 is deleted and its file unlinked
+        assert _files(root) == ["0000000002.rows"] and [v.version for v in w.versions()] == ["v2"]
+        rest = list(pieces)
+        assert {p.info.version for p in [first, *rest]} == {"v1"}
+        assert all(p.present.all() and (p.to_result().payload[..., CODES] == 0x11).all() for p in [first, *rest])
+        assert sum(len(p.present) for p in [first, *rest]) == len(USERS)
+        after = r.get([1000])
+        assert after.snapshot_id == "v2" and (after.payload[..., CODES] == 0x22).all()
+
+
+def test_failed_publish_leaves_no_file(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    root = str(tmp_path / "s")
+    dup = snapshots("dup", users=np.array([1, 2, 3, 4, 5, 3]), shard_users=3)  # user 3 in both shards
+    with open_store(f"lmdb://{root}") as s:
+        s.publish(snapshots("v1"))
+        with pytest.raises(PublishError, match="user 3 appears more than once"):
+            s.publish(dup)
+        assert _files(root) == ["0000000001.rows"] and [v.version for v in s.versions()] == ["v1"]
+        open(os.path.join(root, "rows", "0000000099.rows"), "wb").close()  # left by a crash after unlinking a record
+        s.publish(snapshots("v2"))
+        assert _files(root) == ["0000000001.rows", "0000000003.rows"]
+        assert s.get([1000]).snapshot_id == "v2"
