@@ -149,3 +149,23 @@ def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) 
     assert [(r.kind, r.seed) for r in parallel.results] == [(r.kind, r.seed) for r in serial.results]
     for a, b in zip(serial.results, parallel.results):
         assert (a.best_step, a.best_val, a.test) == (b.best_step, b.best_val, b.test)
+
+
+def test_checks_pair_token_and_dim_wise_by_seed() -> None:
+    """The shipped quick synth report's runs: T-L_t loses to T-L_d on the mean over tasks, and the seed-paired
+    difference (token − dim) says by how much and whether that is beyond noise."""
+    import json
+    from pathlib import Path
+
+    from dv365.train.eval_upstream import RunResult, checks, deltas
+
+    rep = json.loads((Path(__file__).parents[2] / "reports" / "upstream-synth-quick.json").read_text())
+    runs = [RunResult(**{k: r[k] for k in ("kind", "seed", "best_step", "best_val", "test", "test_returning",
+                                           "seconds")}) for r in rep["runs"]]
+    ck = checks(deltas(runs, "test"))
+    assert ck["token_vs_dim"] == rep["checks"]["token_vs_dim"]
+    tl, mlp = ck["token_minus_dim_paired"]["tl_t-tl_d"], ck["token_minus_dim_paired"]["mlp_t-mlp_d"]
+    assert tl["n"] == mlp["n"] == 3
+    assert abs(tl["mean"] - (ck["mean_delta_pct"]["tl_t"] - ck["mean_delta_pct"]["tl_d"])) < 1e-3
+    assert tl["mean"] > 0 and mlp["mean"] < 0  # as reported: MLP token-wise better, T-L dim-wise better
+    assert mlp["noise"] == (abs(mlp["mean"]) <= 2 * mlp["std"] / 3 ** 0.5)

@@ -550,13 +550,18 @@ def deltas(results: Sequence[RunResult], subset: str) -> dict[str, dict[str, dic
                     per_task.setdefault(task, []).append(100.0 * (x / b - 1.0))
         out[kind] = {}
         for task, vals in per_task.items():
-            a = np.asarray(vals)
-            mean = float(a.mean())
-            std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
-            noise = bool(len(a) < 2 or abs(mean) < 2 * std / math.sqrt(len(a)))
-            out[kind][task] = {"mean": round(mean, 4), "std": round(std, 4) if math.isfinite(std) else None,
-                               "n": len(a), "values": [round(float(v), 4) for v in a], "noise": noise}
+            out[kind][task] = _seed_stats(vals)
     return out
+
+
+def _seed_stats(vals: Sequence[float]) -> dict[str, Any]:
+    """mean, std (ddof 1), n, values and ``noise``: |mean| <= 2·std/√n (boundary included) or a single seed."""
+    a = np.asarray(vals, dtype=np.float64)
+    mean = float(a.mean())
+    std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
+    noise = bool(len(a) < 2 or abs(mean) <= 2 * std / math.sqrt(len(a)) * (1 + 1e-9))
+    return {"mean": round(mean, 4), "std": round(std, 4) if math.isfinite(std) else None,
+            "n": len(a), "values": [round(float(v), 4) for v in a], "noise": noise}
 
 
 def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -565,9 +570,15 @@ def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
     beat = {k: all(v["mean"] < 0 for v in tasks.values()) for k, tasks in d.items()}
     avg = {k: float(np.mean([v["mean"] for v in tasks.values()])) for k, tasks in d.items() if tasks}
     pairs = {f"{t}<{dd}": avg[t] < avg[dd] for dd, t in DIM_TOKEN_PAIRS if t in avg and dd in avg}
+
+    def per_seed(k: str) -> np.ndarray:  # mean delta over tasks of each seed (same seed order in every variant)
+        return np.mean([v["values"] for v in d[k].values()], axis=0)
+
+    paired = {f"{t}-{dd}": _seed_stats(per_seed(t) - per_seed(dd)) for dd, t in DIM_TOKEN_PAIRS
+              if t in avg and dd in avg and len({len(v["values"]) for k in (t, dd) for v in d[k].values()}) == 1}
     return {"all_variants_beat_baseline": bool(beat) and all(beat.values()), "beats_baseline": beat,
             "token_wise_beats_dim_wise": bool(pairs) and all(pairs.values()), "token_vs_dim": pairs,
-            "mean_delta_pct": {k: round(v, 4) for k, v in avg.items()}}
+            "token_minus_dim_paired": paired, "mean_delta_pct": {k: round(v, 4) for k, v in avg.items()}}
 
 
 @dataclass
@@ -893,8 +904,13 @@ def _yes(v: bool) -> str:
 def _check_line(ck: Mapping[str, Any]) -> str:
     each = ", ".join(f"{LABELS.get(k, k)} {_yes(v)}" for k, v in ck["beats_baseline"].items())
     pairs = ", ".join(f"{p}: {_yes(v)}" for p, v in ck["token_vs_dim"].items()) or "pairs not run"
+    paired = "; ".join(f"{p} {v['mean']:+.2f} ± {v['std'] if v['std'] is not None else float('nan'):.2f}"
+                       f" ({'within noise' if v['noise'] else 'beyond noise'})"
+                       for p, v in ck.get("token_minus_dim_paired", {}).items())
     return (f"Every variant beats the baseline on every task: **{_yes(ck['all_variants_beat_baseline'])}** ({each}). "
-            f"Token-wise beats dim-wise (mean delta over tasks): **{_yes(ck['token_wise_beats_dim_wise'])}** ({pairs}).")
+            f"Token-wise beats dim-wise (mean delta over tasks): **{_yes(ck['token_wise_beats_dim_wise'])}** ({pairs})."
+            + (f" Seed-paired token − dim difference of the mean delta over tasks (percentage points, negative = "
+               f"token-wise better): {paired}." if paired else ""))
 
 
 def _tasks_of(rep: UpstreamReport) -> Iterator[TaskSpec]:
