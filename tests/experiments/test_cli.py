@@ -109,3 +109,26 @@ def test_no_projection_interact_with_unequal_dims_is_refused(tmp_path: Path) -> 
     assert "upstream.model.tower.dim (32) must equal downstream.embedding_dim (16)" in p.stderr
     assert "downstream.no_projection: flatten" in p.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_all_from_reports_rebuilds_the_summary(run_all: tuple[dict, Path], tmp_path: Path) -> None:
+    """`eval all --from-reports` trains nothing: it rebuilds the overview and the JSON line from the per-experiment
+    reports in --out (experiments run separately) and lists the command behind each."""
+    s, out = run_all
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.glob("*-synth-quick.*"):
+        (copy / f.name).write_bytes(f.read_bytes())
+    cmd = [sys.executable, "-m", "dv365.core.cli", "eval", "all", "--from-reports", "--datasets", "synth", "--quick",
+           "--out", str(copy)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rebuilt = json.loads(p.stdout.strip().splitlines()[-1])
+    for exp in ("ranking", "retrieval", "staleness", "encoders"):
+        assert rebuilt["datasets"]["synth"][exp] == s["datasets"]["synth"][exp]
+    assert rebuilt["datasets"]["synth"]["data"] == s["datasets"]["synth"]["data"]
+    md = (copy / "all-quick.md").read_text()
+    assert "Built from the JSON of those reports" in md and "dv365 eval all --datasets synth --quick --seeds 2" in md
+    (copy / "staleness-synth-quick.json").unlink()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "staleness-synth-quick.json: no staleness report for synth" in p.stderr

@@ -49,6 +49,9 @@ def _common(p: argparse.ArgumentParser, all_: bool = False) -> None:
         p.add_argument("--datasets", default="movielens,synth", help="comma-separated data sets (default movielens,synth)")
         p.add_argument("--experiments", default="ranking,retrieval,staleness,encoders",
                        help="comma-separated experiments (default all four)")
+        p.add_argument("--from-reports", action="store_true",
+                       help="train nothing: build <out>/all[-quick].md and the JSON line from the per-experiment "
+                            "reports already in --out (e.g. experiments run separately, with different --seeds)")
         p.add_argument("--jobs", type=int, default=0,
                        help="data sets run at a time, each in its own process (default 0 = one per CPU core, at most "
                             "one per data set); every model seeds itself, so the results do not depend on it")
@@ -93,6 +96,13 @@ def _handler(name: str, args: argparse.Namespace) -> int:
         exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
     else:
         datasets, exps = [args.dataset], [name]
+    if name == "all" and args.from_reports:
+        from dv365.export.experiments.summary import from_reports, write_all_report
+
+        summary = from_reports(exps, datasets, Path(args.out), args.quick)
+        summary["report"] = write_all_report(summary, Path(args.out), args.quick, command)
+        print_summary(summary)
+        return 0
     jobs = getattr(args, "jobs", 1) or (os.cpu_count() or 1)
     summary = run(exps, datasets, quick=args.quick, seeds=args.seeds, config=args.config, over=over,
                   data_dir=Path(args.data_dir), out=Path(args.out), device=args.device,

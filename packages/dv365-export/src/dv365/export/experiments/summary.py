@@ -75,8 +75,57 @@ def write_all_report(summary: dict[str, Any], out: Path, quick: bool, command: s
     L.append("## Reports\n")
     for k, p in summary["reports"].items():
         L.append(f"- {k}: [{Path(p).name}]({Path(p).name})")
-    L.append(f"\nWall time {summary['seconds'] / 60:.1f} min.\n\n## Command\n\n```bash\n{command}\n```\n")
+    if summary.get("commands"):  # assembled from reports made by separate runs: each one's own command
+        L.append(f"\nBuilt from the JSON of those reports (no model trained by this command); they were made by "
+                 f"(wall time {summary['seconds'] / 60:.1f} min in all):\n\n```bash")
+        L += sorted(set(summary["commands"].values()))
+        L.append(f"```\n\n## Command\n\n```bash\n{command}\n```\n")
+    else:
+        L.append(f"\nWall time {summary['seconds'] / 60:.1f} min.\n\n## Command\n\n```bash\n{command}\n```\n")
     md = out / f"{name}.md"
     md.write_text("\n".join(L) + "\n")
     (out / f"{name}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return str(md)
+
+
+def from_reports(experiments: list[str], datasets: list[str], out: Path, quick: bool) -> dict[str, Any]:
+    """The ``eval all`` summary of per-experiment reports already in ``out`` (``<experiment>-<dataset>[-quick]``
+    .json and .md, e.g. made by separate runs with different ``--seeds``), each with the command that made it.
+
+    Raises:
+        ExperimentError: a report is missing or is not an experiment report (names the file).
+    """
+    import importlib
+
+    from dv365.export.experiments.settings import ExperimentError
+
+    per: dict[str, Any] = {}
+    reports: dict[str, str] = {}
+    commands: dict[str, str] = {}
+    total = 0.0
+    for ds in datasets:
+        entry: dict[str, Any] = {}
+        for exp in experiments:
+            stem = out / f"{exp}-{ds}{'-quick' if quick else ''}"
+            js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
+            if not js.exists() or not md.exists():
+                raise ExperimentError(f"{js}: no {exp} report for {ds} in {out} (run `dv365 eval {exp} --dataset {ds}"
+                                      f"{' --quick' if quick else ''} --out {out}` first)")
+            try:
+                res = json.loads(js.read_text())
+                compact = importlib.import_module(f"dv365.export.experiments.{exp}").compact(res)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ExperimentError(f"{js}: not a {exp} report ({type(e).__name__}: {e})") from e
+            entry.setdefault("simulated", bool(res.get("simulated")))
+            if "facts" in res and "data" not in entry:
+                entry["data"] = {k: res["facts"][k] for k in ("users", "requests", "test", "test_returning",
+                                                              "test_missing_share", "max_events_per_user")}
+            entry[exp] = compact | {"seconds": res.get("seconds")}
+            total += float(res.get("seconds") or 0.0)
+            reports[f"{exp}-{ds}"] = str(md)
+            text = md.read_text()
+            cmd = text.rsplit("```bash\n", 1)[-1].split("\n```", 1)[0].strip() if "```bash\n" in text else "(unknown)"
+            commands[f"{exp}-{ds}"] = cmd
+        per[ds] = entry
+    return {"experiment": "all", "quick": quick, "seeds": None, "datasets": per, "reports": reports,
+            "commands": commands, "seconds": round(total, 1)}
