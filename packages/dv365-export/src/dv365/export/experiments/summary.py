@@ -76,8 +76,8 @@ def write_all_report(summary: dict[str, Any], out: Path, quick: bool, command: s
     for k, p in summary["reports"].items():
         L.append(f"- {k}: [{Path(p).name}]({Path(p).name})")
     if summary.get("commands"):  # assembled from reports made by separate runs: each one's own command
-        L.append(f"\nBuilt from the JSON of those reports (no model trained by this command); they were made by "
-                 f"(wall time {summary['seconds'] / 60:.1f} min in all):\n\n```bash")
+        L.append(f"\nBuilt from the JSON of those reports (no model trained by this command). Their experiments took "
+                 f"{summary['seconds'] / 60:.1f} min in all (a sum: runs may have overlapped); they were made by:\n\n```bash")
         L += sorted(set(summary["commands"].values()))
         L.append(f"```\n\n## Command\n\n```bash\n{command}\n```\n")
     else:
