@@ -43,6 +43,14 @@ def _align(x: int) -> int:
     return (x + _PAGE - 1) // _PAGE * _PAGE
 
 
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (Linux writes at most ~2 GiB per call)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def layout(users: int, user_bytes: int) -> tuple[int, int, int, int, int]:
     """Byte offsets of the ids, slots, sums and payload sections, and the file size."""
     ids = _PAGE
@@ -78,8 +86,8 @@ class RowFileWriter:
                                f"{self.users:,}")
         rec = np.frombuffer(b"".join(records), dtype=np.uint8).reshape(k, self.n + CHECKSUM_BYTES)
         _, _, sums, payload, _ = self.offsets
-        os.pwrite(self.fd, np.ascontiguousarray(rec[:, :self.n]).data, payload + self.count * self.n)
-        os.pwrite(self.fd, np.ascontiguousarray(rec[:, self.n:]).data, sums + self.count * 8)
+        _pwrite_all(self.fd, np.ascontiguousarray(rec[:, :self.n]).data, payload + self.count * self.n)
+        _pwrite_all(self.fd, np.ascontiguousarray(rec[:, self.n:]).data, sums + self.count * 8)
         self.ids.append(np.asarray(ids, dtype=np.int64))
         self.count += k
 
@@ -100,9 +108,9 @@ class RowFileWriter:
             raise PublishError(f"{self.where}: user {int(sorted_ids[dup[0]])} appears more than once in the "
                                "snapshot (in two shards?)")
         o_ids, o_slots, o_sums, o_payload, _ = self.offsets
-        os.pwrite(self.fd, sorted_ids.data, o_ids)
-        os.pwrite(self.fd, slots.astype(np.int64).data, o_slots)
-        os.pwrite(self.fd, _HEADER.pack(MAGIC, FORMAT, self.users, self.n, o_ids, o_slots, o_sums, o_payload), 0)
+        _pwrite_all(self.fd, sorted_ids.data, o_ids)
+        _pwrite_all(self.fd, slots.astype(np.int64).data, o_slots)
+        _pwrite_all(self.fd, _HEADER.pack(MAGIC, FORMAT, self.users, self.n, o_ids, o_slots, o_sums, o_payload), 0)
         os.fsync(self.fd)
         self.close()
         dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
@@ -121,7 +129,8 @@ class RowFile:
     """A committed row file, memory-mapped read-only (shared by every reader of the process).
 
     Raises:
-        StoreError: the file is missing, truncated or not a row file of this format and size.
+        FileNotFoundError: the file is gone (its version was just deleted: the caller re-resolves the version).
+        StoreError: the file cannot be mapped, or is truncated or not a row file of this format and size.
     """
 
     def __init__(self, path: str, users: int, user_bytes: int, where: str) -> None:
