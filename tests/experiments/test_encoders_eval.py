@@ -36,7 +36,7 @@ def test_deduplicated_evaluation_matches_per_request(slices: Slices, kind: str) 
     with torch.no_grad():  # non-trivial weights everywhere (the heads start at zero)
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    got = evaluate(m, slices, rows, cap, kind, H, slices.tasks)
+    got = evaluate(m, slices, rows, cap, kind, H)
     ref = MultiTaskMeter(slices.tasks)
     m.eval()
     with torch.no_grad():

@@ -59,7 +59,7 @@ from dv365.train.data import NUM_DENSE, Batch, ExampleSource, dense_features, he
 from dv365.train.errors import TrainConfigError
 from dv365.train.fsa import TOKEN_WISE_KINDS, canonical_kind
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter, mean_ne, mean_normalized_loss
+from dv365.train.metrics import MultiTaskMeter, mean_ne, mean_normalized_loss, seed_stats
 from dv365.train.model import BASELINE, DV365Model, build_model
 from dv365.train.trainer import build_optimizers, optimizer_step, seed_everything
 
@@ -550,18 +550,8 @@ def deltas(results: Sequence[RunResult], subset: str) -> dict[str, dict[str, dic
                     per_task.setdefault(task, []).append(100.0 * (x / b - 1.0))
         out[kind] = {}
         for task, vals in per_task.items():
-            out[kind][task] = _seed_stats(vals)
+            out[kind][task] = seed_stats(vals)
     return out
-
-
-def _seed_stats(vals: Sequence[float]) -> dict[str, Any]:
-    """mean, std (ddof 1), n, values and ``noise``: |mean| <= 2·std/√n (boundary included) or a single seed."""
-    a = np.asarray(vals, dtype=np.float64)
-    mean = float(a.mean())
-    std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
-    noise = bool(len(a) < 2 or abs(mean) <= 2 * std / math.sqrt(len(a)) * (1 + 1e-9))
-    return {"mean": round(mean, 4), "std": round(std, 4) if math.isfinite(std) else None,
-            "n": len(a), "values": [round(float(v), 4) for v in a], "noise": noise}
 
 
 def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -574,7 +564,7 @@ def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
     def per_seed(k: str) -> np.ndarray:  # mean delta over tasks of each seed (same seed order in every variant)
         return np.mean([v["values"] for v in d[k].values()], axis=0)
 
-    paired = {f"{t}-{dd}": _seed_stats(per_seed(t) - per_seed(dd)) for dd, t in DIM_TOKEN_PAIRS
+    paired = {f"{t}-{dd}": seed_stats(per_seed(t) - per_seed(dd)) for dd, t in DIM_TOKEN_PAIRS
               if t in avg and dd in avg and len({len(v["values"]) for k in (t, dd) for v in d[k].values()}) == 1}
     return {"all_variants_beat_baseline": bool(beat) and all(beat.values()), "beats_baseline": beat,
             "token_wise_beats_dim_wise": bool(pairs) and all(pairs.values()), "token_vs_dim": pairs,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,3 +114,20 @@ def mean_normalized_loss(metrics: Mapping[str, Mapping[str, Any]]) -> float:
     vals = [v["ne"] if "ne" in v else v.get("nmse", math.nan) for v in metrics.values()]
     vals = [x for x in vals if not math.isnan(x)]
     return sum(vals) / len(vals) if vals else math.nan
+
+
+def seed_stats(values: Sequence[float]) -> dict[str, Any]:
+    """mean, std (ddof 1), n, values and ``noise`` over seed-paired deltas (non-finite values dropped).
+
+    ``noise``: |mean| <= 2·std/√n, or fewer than two values. The boundary counts as noise (with a relative
+    tolerance for rounding): deltas that are all ±x or 0, as from one hit more or less per seed, sit exactly
+    on it. Shared by ``dv365 eval upstream`` and the downstream experiments.
+    """
+    a = np.asarray([v for v in values if math.isfinite(v)], np.float64)
+    if len(a) == 0:
+        return {"mean": None, "std": None, "n": 0, "values": [], "noise": True}
+    mean = float(a.mean())
+    std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
+    noise = bool(len(a) < 2 or abs(mean) <= 2 * std / math.sqrt(len(a)) * (1 + 1e-9))
+    return {"mean": round(mean, 4), "std": round(std, 4) if math.isfinite(std) else None, "n": int(len(a)),
+            "values": [round(float(v), 4) for v in a], "noise": noise}

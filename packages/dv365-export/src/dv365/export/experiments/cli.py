@@ -195,6 +195,7 @@ def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str]
     import importlib
 
     from dv365.export.experiments.context import build_context
+    from dv365.export.experiments.summary import DATA_FACTS
 
     reports: dict[str, Any] = {}
     entry: dict[str, Any] = {}
@@ -202,8 +203,7 @@ def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str]
     if any(e != "encoders" for e in experiments):
         ctx = build_context(ds, settings, data_dir, progress=progress, device=device, log=log)
         entry["simulated"] = ctx.simulated
-        entry["data"] = {k: ctx.facts[k] for k in ("users", "requests", "test", "test_returning",
-                                                   "test_missing_share", "max_events_per_user")}
+        entry["data"] = {k: ctx.facts[k] for k in DATA_FACTS}
     for exp in experiments:
         mod = importlib.import_module(f"dv365.export.experiments.{exp}")
         t0 = time.perf_counter()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -14,7 +13,7 @@ from dv365.export.experiments.context import Context
 from dv365.export.experiments.hstu import HSTUConfig
 from dv365.export.experiments.models import DownstreamConfig, DownstreamRanker, head_bias
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter, mean_normalized_loss
+from dv365.train.metrics import MultiTaskMeter, mean_normalized_loss, seed_stats
 
 SIM_BANNER = ("> **SIMULATED data.** Users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
               "generator puts stable long-term interests into the histories *by construction*. This run checks "
@@ -152,25 +151,12 @@ class RankerFit:
 # ------------------------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------------------------
-def paired_stats(values: Sequence[float]) -> dict[str, Any]:
-    """mean, std (ddof 1) and ``noise``: |mean| <= 2·std/√n (or a single value) over seed-paired deltas.
-
-    The boundary counts as noise (with a relative tolerance for rounding): deltas that are all ±x or 0, as
-    from one hit more or less per seed, sit exactly on it.
-    """
-    a = np.asarray([v for v in values if math.isfinite(v)], np.float64)
-    if len(a) == 0:
-        return {"mean": None, "std": None, "n": 0, "values": [], "noise": True}
-    mean = float(a.mean())
-    std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
-    noise = bool(len(a) < 2 or abs(mean) <= 2 * std / math.sqrt(len(a)) * (1 + 1e-9))
-    return {"mean": round(mean, 4), "std": round(std, 4) if math.isfinite(std) else None, "n": int(len(a)),
-            "values": [round(float(v), 4) for v in a], "noise": noise}
+paired_stats = seed_stats  # mean, std, noise over seed-paired deltas (dv365.train.metrics.seed_stats)
 
 
 def fmt_stat(v: Mapping[str, Any], unit: str = "") -> str:
-    if v.get("mean") is None:
-        return "n/a"
+    if v.get("mean") is None:  # retrieval: too few control hits for a relative delta (h = the fewest of a seed)
+        return f"n/a ({v['min_control_hits']})" if "min_control_hits" in v else "n/a"
     s = f"{v['mean']:+.3f}{unit}" + (f" ± {v['std']:.3f}" if v.get("std") is not None else "")
     return f"{s} ~" if v.get("noise") else f"**{s}**"
 

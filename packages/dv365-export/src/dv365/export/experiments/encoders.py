@@ -120,8 +120,7 @@ class Slices:
                 "offsets": torch.from_numpy(np.concatenate([[0], ends]).astype(np.int64))}
 
 
-def evaluate(m: EncoderModel, sl: Slices, rows: np.ndarray, cap: int, kind: str, H: int,
-             tasks: Any) -> dict[str, Any]:
+def evaluate(m: EncoderModel, sl: Slices, rows: np.ndarray, cap: int, kind: str, H: int) -> dict[str, Any]:
     """Test/validation metrics of ``m`` on ``rows``, encoding each distinct history slice once.
 
     The user vector depends only on the slice ``(start, length)``, and requests share slices (MovieLens rates in
@@ -129,23 +128,20 @@ def evaluate(m: EncoderModel, sl: Slices, rows: np.ndarray, cap: int, kind: str,
     encoded once, in batches of similar length (HSTU pads to the batch's longest), and expanded back to the
     requests (RecD-style dedup). Same metrics as encoding per request, up to float rounding.
     """
-    st, ln = sl.spans(rows, cap)
-    key, inv = np.unique(np.stack([st, ln], axis=1), axis=0, return_inverse=True)
+    key, inv = np.unique(np.stack(sl.spans(rows, cap), axis=1), axis=0, return_inverse=True)
     inv = inv.reshape(-1)
     order = np.argsort(key[:, 1], kind="stable")
-    # HSTU's scores are [B, heads, chunk, L]: bound the batch by its total length, not its count
-    budget = 16 * max(int(key[:, 1].max(initial=0)), 1) if kind == "hstu" else 1 << 62
-    meter = MultiTaskMeter(tasks)
+    lens = np.maximum(key[order, 1], 1)  # ascending
+    # HSTU's scores are [B, heads, chunk, L]: a batch is bounded by count x its longest, not by its count
+    budget = 16 * int(lens[-1]) if kind == "hstu" and len(lens) else 1 << 62
+    meter = MultiTaskMeter(sl.tasks)
     m.eval()
     with torch.no_grad():
         u = torch.empty(len(key), m.dim)
         s = 0
         while s < len(order):
-            e = min(s + 4096, len(order))
-            if kind == "hstu":  # sorted by length: grow the batch while count x its longest fits the budget
-                e = s + 1
-                while e < min(s + 4096, len(order)) and (e - s + 1) * max(int(key[order[e], 1]), 1) <= budget:
-                    e += 1
+            k = min(4096, len(order) - s)  # sorted: the j-th candidate's length is the batch's longest
+            e = s + max(1, int(np.count_nonzero(np.arange(1, k + 1) * lens[s:s + k] <= budget)))
             part = order[s:e]
             u[torch.from_numpy(part)] = m.encoder(sl.history(key[part, 0], key[part, 1], kind, H))
             s = e
@@ -171,7 +167,7 @@ def train_eval(sl: Slices, kind: str, cap: int, seed: int, settings: Settings, H
     loss_fn = MultiTaskLoss(sl.tasks)
 
     def evaluate_rows(rows: np.ndarray) -> dict[str, Any]:
-        return evaluate(m, sl, rows, cap, kind, H, sl.tasks)
+        return evaluate(m, sl, rows, cap, kind, H)
 
     best = (0, mean_ne(evaluate_rows(sl.rows["val"])), copy.deepcopy(m.state_dict()))
     it = epochs(sl.rows["train"], es.batch_size, seed)

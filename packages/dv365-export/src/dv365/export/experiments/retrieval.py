@@ -253,12 +253,6 @@ def control_hits(hr: float, count: int) -> int:
     return int(round(hr * count)) if math.isfinite(hr) else 0
 
 
-def delta_cell(v: dict[str, Any]) -> str:
-    if v.get("mean") is None and "min_control_hits" in v:
-        return f"n/a ({v['min_control_hits']})"
-    return fmt_stat(v)
-
-
 def compact(res: dict[str, Any]) -> dict[str, Any]:
     def c(d: dict[str, Any]) -> dict[str, Any]:
         return {k: {t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]}
@@ -297,7 +291,7 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
             b = ab.get(BASELINE, {}).get(t, {})
             cells = [f"{b.get('mean', float('nan')):.4f}"]
             for k in kinds:
-                cells += [f"{ab.get(k, {}).get(t, {}).get('mean', float('nan')):.4f}", delta_cell(dl.get(k, {}).get(t, {}))]
+                cells += [f"{ab.get(k, {}).get(t, {}).get('mean', float('nan')):.4f}", fmt_stat(dl.get(k, {}).get(t, {}))]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 

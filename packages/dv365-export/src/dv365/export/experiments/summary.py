@@ -16,6 +16,9 @@ PAPER = {
 }
 
 
+DATA_FACTS = ("users", "requests", "test", "test_returning", "test_missing_share", "max_events_per_user")  # per data set
+
+
 def _f(v: Any) -> str:
     if isinstance(v, dict):
         if v.get("mean") is None:
@@ -118,8 +121,7 @@ def from_reports(experiments: list[str], datasets: list[str], out: Path, quick: 
                 raise ExperimentError(f"{js}: not a {exp} report ({type(e).__name__}: {e})") from e
             entry.setdefault("simulated", bool(res.get("simulated")))
             if "facts" in res and "data" not in entry:
-                entry["data"] = {k: res["facts"][k] for k in ("users", "requests", "test", "test_returning",
-                                                              "test_missing_share", "max_events_per_user")}
+                entry["data"] = {k: res["facts"][k] for k in DATA_FACTS}
             entry[exp] = compact | {"seconds": res.get("seconds")}
             total += float(res.get("seconds") or 0.0)
             reports[f"{exp}-{ds}"] = str(md)
