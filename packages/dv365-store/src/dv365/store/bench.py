@@ -16,8 +16,8 @@ is removed), ``DV365_BENCH_SECONDS`` (measured seconds per run), ``DV365_BENCH_S
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import glob
+import multiprocessing as mp
 import os
 import shutil
 import socket

@@ -153,12 +153,12 @@ class LmdbStore(EmbeddingStore):
         in; the load test's embedded p50 / p99 went from 4.7 / 10.9 to 3.3 / 6.4 ms with it. Pages not in the
         page cache are read from disk, so use it where RAM holds the file. Returns False (and does nothing)
         where the platform cannot. Row files (the default layout) are populated as they are first mapped."""
-        self._prefault = True
         done = _populate(os.path.join(self.path, "data.mdb"))
         with contextlib.suppress(StoreError, FileNotFoundError):
             with self._snapshot() as (_, _, ver):
-                if ver.layout == ROWS:
+                if ver.layout == ROWS:  # the active file now (mapped or not yet), later ones as they are mapped
                     done = self._row_file(ver).populate() or done
+        self._prefault = True
         return done
 
     # ---- reads -------------------------------------------------------------------------------------

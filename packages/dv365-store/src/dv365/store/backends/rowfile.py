@@ -11,7 +11,7 @@ Layout (little endian; every section starts on a 4 KiB boundary)::
 A batch get is a ``searchsorted`` of the ids, one gather of payload rows and checksums (numpy, outside the
 interpreter loop) and one checksum pass: no per-user key lookup. Why not one LMDB value per user (the layout
 before): 1,000 B+tree lookups and copies in the interpreter took ~2.4x the time of this file's gather at
-200K users on the dev VM (docs/store.md "Embedded layout"); and large LMDB values cannot replace it, because
+200K users on the dev VM (docs/store.md "Measured", D); and large LMDB values cannot replace it, because
 py-lmdb touches every page of a value it returns (a 31 MB block value per 4,096 users read 2.8x *slower*).
 
 The file is written completely and fsynced before the version record that names it is committed in LMDB
