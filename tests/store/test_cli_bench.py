@@ -49,3 +49,30 @@ def test_bench_kv_choice_smoke(capsys) -> None:  # type: ignore[no-untyped-def]
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["lmdb"]["p50_ms"] > 0 and res["sqlite"]["p50_ms"] > 0 and res["rows"]["p50_ms"] > 0
     assert res["rows_over_lmdb_p50"] > 0
+
+
+def test_bench_store_kept_dir_and_trace(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A kept work dir's snapshot is reused by the next run with the same parameters (and rewritten for other
+    ones); DV365_BENCH_TRACE gets every timed latency of every client, in order."""
+    monkeypatch.setenv("DV365_BENCH_SECONDS", "0.2")
+    monkeypatch.setenv("DV365_BENCH_CLIENTS", "1")
+    monkeypatch.setenv("DV365_BENCH_STORE_BACKENDS", "embedded")
+    monkeypatch.setenv("DV365_BENCH_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("DV365_BENCH_TRACE", str(tmp_path / "trace"))
+    args = ["bench", "store", "--quick", "--users", "500", "--batch-users", "50", "--json"]
+
+    def run(*extra: str) -> dict:  # type: ignore[type-arg]
+        assert main(args + list(extra)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    first = run()
+    assert "snapshot_write_s" in first and "snapshot_reused" not in first
+    second = run()
+    assert second["snapshot_reused"] == str(tmp_path / "work" / "snapshot") and "snapshot_write_s" not in second
+    assert second["total_errors"] == 0 and second["runs"]["embedded_c1"]["requests"] > 0
+    third = run("--seed", "1")
+    assert "snapshot_write_s" in third  # other parameters: written again
+    trace = json.loads((tmp_path / "trace" / "embedded_c1_client0.json").read_text())
+    assert trace["kind"] == "embedded" and trace["seed"] == 1000  # seed * 1000 + client
+    assert len(trace["lat_ms"]) == third["runs"]["embedded_c1"]["requests"] and min(trace["lat_ms"]) > 0
+    assert "load_1m" in second["runs"]["embedded_c1"] and "steal_pct" in second["runs"]["embedded_c1"]

@@ -8,15 +8,21 @@ raw redis-py ``MGET`` of the same keys as the Redis reference, and ``grpc-raw``:
 answering the same number of bytes (the transport floor of gRPC; both ends use the service's channel options,
 ``grpc_common.CHANNEL_OPTIONS``, so the floor moves with them).
 Reported per backend and concurrency: p50/p99 latency (ms), gets/s, users/s and errors (exceptions, integrity
-errors or missing users: must be 0). Environment knobs: ``DV365_BENCH_DIR`` (work dir, default a temp dir that
-is removed), ``DV365_BENCH_SECONDS`` (measured seconds per run), ``DV365_BENCH_STORE_BACKENDS``
-(comma list of embedded, redis, grpc, redis-mget, grpc-raw), ``DV365_BENCH_CLIENTS`` (e.g. ``1,16``).
+errors or missing users: must be 0), the 1-minute load average when the run started and the share of CPU time
+the hypervisor stole during it (``steal_pct``, Linux). Each client first does untimed warm-up gets, and before
+the first run the kernel writes back the snapshot (``os.sync``), so no background writeback overlaps the timed
+gets. Environment knobs: ``DV365_BENCH_DIR`` (work dir, default a temp dir that is removed; a kept dir's
+snapshot is reused by the next run with the same users, seed and row format), ``DV365_BENCH_SECONDS``
+(measured seconds per run), ``DV365_BENCH_STORE_BACKENDS`` (comma list of embedded, redis, grpc, redis-mget,
+grpc-raw), ``DV365_BENCH_CLIENTS`` (e.g. ``1,16``), ``DV365_BENCH_TRACE`` (a folder: each client writes its
+per-get latencies there, in order, as JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -35,6 +41,7 @@ from dv365.core.quantize import RowFormat
 TOKEN = "bench-reader-token-0123456789"
 ALL_BACKENDS = ("embedded", "redis", "grpc", "redis-mget", "grpc-raw")
 RAW_METHOD = "/dv365.bench.Raw/Get"
+WARMUP_GETS, WARMUP_S = 20, 0.5  # untimed gets of each client before the timed run
 
 
 def _env_list(name: str, default: str) -> list[str]:
@@ -82,14 +89,19 @@ def _make_get(kind: str, url: str) -> Callable[[np.ndarray], int]:
     return get
 
 
-def _client(kind: str, url: str, users: int, batch: int, seconds: float, seed: int, start: Any, out: Any) -> None:
+def _client(kind: str, url: str, users: int, batch: int, seconds: float, seed: int, start: Any, out: Any,
+            trace: str | None = None) -> None:
     lat: list[float] = []
     errors = 0
     try:
         get = _make_get(kind, url)
         rng = np.random.default_rng(seed)
-        for _ in range(3):  # warm-up: connections, maps
+        # warm-up (connections, maps, caches): the first ~10 gets of a fresh reader at 1M users are 2-10x slower
+        # than its steady state (docs/store.md, "Measured", E), so at least WARMUP_GETS gets and WARMUP_S seconds
+        warm_until, n = time.perf_counter() + WARMUP_S, 0
+        while n < WARMUP_GETS or time.perf_counter() < warm_until:
             get(rng.integers(0, users, batch))
+            n += 1
         start.wait()
         deadline = time.perf_counter() + seconds
         while True:
@@ -106,6 +118,9 @@ def _client(kind: str, url: str, users: int, batch: int, seconds: float, seed: i
     except Exception as e:  # noqa: BLE001
         out.put({"lat": lat, "errors": errors + 1, "failure": f"{type(e).__name__}: {e}"})
         return
+    if trace:  # per-get latencies in order, to see when the slow ones happened
+        with open(trace, "w") as f:
+            json.dump({"kind": kind, "seed": seed, "lat_ms": [round(x * 1e3, 3) for x in lat]}, f)
     out.put({"lat": lat, "errors": errors})
 
 
@@ -114,10 +129,18 @@ def _load(kind: str, url: str, users: int, batch: int, clients: int, seconds: fl
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["dv365.store.bench", "dv365.store.factory", "numpy"])
     start, out = ctx.Barrier(clients + 1), ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(kind, url, users, batch, seconds, seed * 1000 + k, start, out))
+    # the trace folder is passed, not read from the environment: clients inherit the forkserver's environment,
+    # which is the one of the first _load of this process
+    trace = os.environ.get("DV365_BENCH_TRACE") or None
+    if trace:
+        os.makedirs(trace, exist_ok=True)
+    procs = [ctx.Process(target=_client, args=(kind, url, users, batch, seconds, seed * 1000 + k, start, out,
+                                               trace and os.path.join(trace, f"{kind}_c{clients}_client{k}.json")))
              for k in range(clients)]
     for p in procs:
         p.start()
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    cpu0 = _cpu_ticks()
     try:
         start.wait(timeout=120)
     except Exception:  # noqa: BLE001 - a client died before the start
@@ -125,11 +148,15 @@ def _load(kind: str, url: str, users: int, batch: int, clients: int, seconds: fl
     t0 = time.perf_counter()
     results = [out.get(timeout=seconds + 180) for _ in procs]
     wall = time.perf_counter() - t0
+    cpu1 = _cpu_ticks()
     for p in procs:
         p.join(30)
     lat = np.array([x for r in results for x in r["lat"]]) * 1e3
     failures = [r["failure"] for r in results if "failure" in r]
-    res = {"clients": clients, "requests": int(len(lat)), "errors": int(sum(r["errors"] for r in results)),
+    steal = None
+    if cpu0 and cpu1 and sum(cpu1) > sum(cpu0):
+        steal = round(100 * (cpu1[7] - cpu0[7]) / (sum(cpu1) - sum(cpu0)), 2)
+    res = {"clients": clients, "load_1m": load, "steal_pct": steal, "requests": int(len(lat)), "errors": int(sum(r["errors"] for r in results)),
            "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
            "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
            "gets_per_s": round(len(lat) / wall, 1), "users_per_s": round(len(lat) * batch / wall)}
@@ -217,9 +244,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     procs: list[subprocess.Popen[Any]] = []
     try:
         snap = os.path.join(root, "snapshot")
-        t = time.perf_counter()
-        write_synthetic_snapshot(snap, "bench", np.arange(users), fmt=fmt, seed=args.seed)
-        result["snapshot_write_s"] = round(time.perf_counter() - t, 1)
+        params = json.dumps({"users": users, "seed": args.seed, "user_bytes": fmt.user_bytes})
+        marker = os.path.join(root, "snapshot.params")
+        if keep_dir and os.path.exists(marker) and os.path.exists(os.path.join(snap, "manifest.json")) \
+                and open(marker).read() == params:
+            result["snapshot_reused"] = snap  # written by an earlier run with the same parameters
+        else:
+            if os.path.exists(marker):
+                os.remove(marker)
+            t = time.perf_counter()
+            write_synthetic_snapshot(snap, "bench", np.arange(users), fmt=fmt, seed=args.seed)
+            result["snapshot_write_s"] = round(time.perf_counter() - t, 1)
+            with open(marker, "w") as f:
+                f.write(params)
+        shutil.rmtree(os.path.join(root, "lmdb"), ignore_errors=True)  # a kept dir's store from an earlier run
         lmdb_url = f"lmdb://{os.path.join(root, 'lmdb')}"
         runs: dict[str, dict[str, Any]] = {}
 
@@ -239,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t = time.perf_counter()
                 s.publish(snap)
                 result["publish_embedded_s"] = round(time.perf_counter() - t, 1)
-            _drop_cache(snap)  # the map, not the snapshot files, should hold the page cache
+            _settle()
+            _drop_cache(snap)  # the map, not the snapshot files, should hold the page cache (clean pages only)
             store_dir = os.path.join(root, "lmdb")  # LMDB (versions) + the version's row file
             files = [os.path.join(store_dir, "data.mdb")] + sorted(glob.glob(os.path.join(store_dir, "rows", "*.rows")))
             result["store_files_gb"], result["store_warm_s"] = _warm(*files)
@@ -271,6 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     t = time.perf_counter()
                     s.publish(snap)
                     result["publish_redis_s"] = round(time.perf_counter() - t, 1)
+                _settle()
                 _drop_cache(snap)
                 measure(["redis", "redis-mget"], {"redis": rurl + "?prefix=bench", "redis-mget": rurl + "#bench"})
         result["runs"] = runs
@@ -281,6 +321,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not keep_dir:
             shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def _cpu_ticks() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``: user, nice, system, idle, iowait, irq, softirq, steal,
+    ...), or None off Linux. ``steal`` is time the hypervisor ran something else while this VM wanted a CPU."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
 
 
 def _stop(procs: list[subprocess.Popen[Any]]) -> None:
@@ -301,6 +351,13 @@ def _drop_cache(folder: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def _settle() -> None:
+    """Writes back every dirty page now (the snapshot just written, the published store), so the kernel's
+    background writeback does not run during the timed gets: on the 2-vCPU VM it showed up as p99 tails."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def _warm(*paths: str) -> tuple[float, float]:

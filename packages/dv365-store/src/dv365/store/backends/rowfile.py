@@ -185,7 +185,9 @@ class RowFile:
         bad_slot = (slot < 0) | (slot >= U)  # a damaged index: reported per user below, never read
         if bad_slot.any():
             slot = np.where(bad_slot, 0, slot)
-        payload = np.take(self.payload, slot, axis=0)
+        # mode='clip' skips numpy's per-index bounds check: every slot is in range here (checked above);
+        # 1,000 rows at 1M users: p50 1.41 -> 1.23 ms (docs/store.md, "Measured", E)
+        payload = np.take(self.payload, slot, axis=0, mode="clip")
         stored = self.sums[slot].astype(np.uint64)
         errors: dict[int, str] = {}
         bad = np.union1d(np.flatnonzero(present & bad_slot),
