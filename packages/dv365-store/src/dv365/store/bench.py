@@ -140,11 +140,11 @@ def _load(kind: str, url: str, users: int, batch: int, clients: int, seconds: fl
     for p in procs:
         p.start()
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    cpu0 = _cpu_ticks()
     try:
         start.wait(timeout=120)
     except Exception:  # noqa: BLE001 - a client died before the start
         pass
+    cpu0 = _cpu_ticks()  # after the warm-up: the timed part only
     t0 = time.perf_counter()
     results = [out.get(timeout=seconds + 180) for _ in procs]
     wall = time.perf_counter() - t0
@@ -156,7 +156,8 @@ def _load(kind: str, url: str, users: int, batch: int, clients: int, seconds: fl
     steal = None
     if cpu0 and cpu1 and sum(cpu1) > sum(cpu0):
         steal = round(100 * (cpu1[7] - cpu0[7]) / (sum(cpu1) - sum(cpu0)), 2)
-    res = {"clients": clients, "load_1m": load, "steal_pct": steal, "requests": int(len(lat)), "errors": int(sum(r["errors"] for r in results)),
+    res = {"clients": clients, "load_1m": load, "steal_pct": steal, "requests": int(len(lat)),
+           "errors": int(sum(r["errors"] for r in results)),
            "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
            "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
            "gets_per_s": round(len(lat) / wall, 1), "users_per_s": round(len(lat) * batch / wall)}
@@ -324,13 +325,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cpu_ticks() -> list[int] | None:
-    """The machine's CPU time counters (``/proc/stat``: user, nice, system, idle, iowait, irq, softirq, steal,
-    ...), or None off Linux. ``steal`` is time the hypervisor ran something else while this VM wanted a CPU."""
+    """The machine's CPU time counters (``/proc/stat``: user, nice, system, idle, iowait, irq, softirq, steal;
+    the guest fields after them are already counted in user/nice), or None off Linux or on an older kernel.
+    ``steal`` is time the hypervisor ran something else while this VM wanted a CPU."""
     try:
         with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
+            ticks = [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
+    return ticks if len(ticks) == 8 else None
 
 
 def _stop(procs: list[subprocess.Popen[Any]]) -> None:
