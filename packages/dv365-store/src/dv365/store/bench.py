@@ -247,12 +247,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         snap = os.path.join(root, "snapshot")
         params = json.dumps({"users": users, "seed": args.seed, "user_bytes": fmt.user_bytes})
         marker = os.path.join(root, "snapshot.params")
-        if keep_dir and os.path.exists(marker) and os.path.exists(os.path.join(snap, "manifest.json")) \
-                and open(marker).read() == params:
+        if keep_dir and os.path.exists(os.path.join(snap, "manifest.json")) and _read_text(marker) == params:
             result["snapshot_reused"] = snap  # written by an earlier run with the same parameters
         else:
             if os.path.exists(marker):
                 os.remove(marker)
+            shutil.rmtree(snap, ignore_errors=True)  # no shard of another snapshot is left beside the new one
             t = time.perf_counter()
             write_synthetic_snapshot(snap, "bench", np.arange(users), fmt=fmt, seed=args.seed)
             result["snapshot_write_s"] = round(time.perf_counter() - t, 1)
@@ -344,6 +344,10 @@ def _stop(procs: list[subprocess.Popen[Any]]) -> None:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        for pipe in (p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def _drop_cache(folder: str) -> None:
@@ -356,9 +360,17 @@ def _drop_cache(folder: str) -> None:
             os.close(fd)
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def _settle() -> None:
-    """Writes back every dirty page now (the snapshot just written, the published store), so the kernel's
-    background writeback does not run during the timed gets: on the 2-vCPU VM it showed up as p99 tails."""
+    """Writes back every dirty page now (the snapshot just written, the published store), so that the kernel's
+    background writeback of several GB does not overlap the timed gets."""
     if hasattr(os, "sync"):
         os.sync()
 
