@@ -61,13 +61,19 @@ def test_bench_store_kept_dir_and_trace(tmp_path, monkeypatch, capsys) -> None: 
     monkeypatch.setenv("DV365_BENCH_TRACE", str(tmp_path / "trace"))
     args = ["bench", "store", "--quick", "--users", "500", "--batch-users", "50", "--json"]
 
+    err: list[str] = []
+
     def run(*extra: str) -> dict:  # type: ignore[type-arg]
         assert main(args + list(extra)) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        cap = capsys.readouterr()
+        err.append(cap.err)
+        return json.loads(cap.out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
     first = run()
     assert "snapshot_write_s" in first and "snapshot_reused" not in first
+    assert "writing a SIMULATED snapshot of 500 users" in err[0] and "embedded, 1 client(s): p50" in err[0]
     second = run()
+    assert "reusing the snapshot" in err[1]  # progress goes to stderr, stdout's last line is the JSON
     assert second["snapshot_reused"] == str(tmp_path / "work" / "snapshot") and "snapshot_write_s" not in second
     assert second["total_errors"] == 0 and second["runs"]["embedded_c1"]["requests"] > 0
     third = run("--seed", "1")

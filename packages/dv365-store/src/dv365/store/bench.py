@@ -249,13 +249,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         marker = os.path.join(root, "snapshot.params")
         if keep_dir and os.path.exists(os.path.join(snap, "manifest.json")) and _read_text(marker) == params:
             result["snapshot_reused"] = snap  # written by an earlier run with the same parameters
+            _say(f"reusing the snapshot in {snap} (same users, seed and row format)")
         else:
             if os.path.exists(marker):
                 os.remove(marker)
             shutil.rmtree(snap, ignore_errors=True)  # no shard of another snapshot is left beside the new one
+            _say(f"writing a SIMULATED snapshot of {users:,} users ({result['snapshot_gb']} GB) to {snap}")
             t = time.perf_counter()
             write_synthetic_snapshot(snap, "bench", np.arange(users), fmt=fmt, seed=args.seed)
             result["snapshot_write_s"] = round(time.perf_counter() - t, 1)
+            _say(f"snapshot written in {result['snapshot_write_s']} s")
             with open(marker, "w") as f:
                 f.write(params)
         shutil.rmtree(os.path.join(root, "lmdb"), ignore_errors=True)  # a kept dir's store from an earlier run
@@ -266,7 +269,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for c in clients:  # backend pairs that are compared run back to back, per concurrency
                 for b in kinds:
                     if b in backends:
-                        runs[f"{b}_c{c}"] = _load(b, urls[b], users, batch, c, seconds, args.seed)
+                        _say(f"{b}, {c} client(s): warm-up, then {seconds:g} s of gets of {batch:,} users")
+                        r = runs[f"{b}_c{c}"] = _load(b, urls[b], users, batch, c, seconds, args.seed)
+                        _say(f"{b}, {c} client(s): p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['gets_per_s']} "
+                             f"gets/s, {r['errors']} errors (load {r['load_1m']}, steal {r['steal_pct']} %)")
 
         # phase 1: the embedded store, gRPC over it, and the bare-grpcio floor
         if {"embedded", "grpc", "grpc-raw"} & set(backends):
@@ -274,10 +280,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # page-table warm-up (~300 faults per get at 1M users) instead of a long-running reader's steady state
             read_url = lmdb_url + "?prefault=1"
             urls: dict[str, str] = {"embedded": read_url}
+            _say(f"publishing into {lmdb_url}")
             with open_store(lmdb_url) as s:
                 t = time.perf_counter()
                 s.publish(snap)
                 result["publish_embedded_s"] = round(time.perf_counter() - t, 1)
+            _say(f"published in {result['publish_embedded_s']} s; writing back dirty pages, warming the page cache")
             _settle()
             _drop_cache(snap)  # the map, not the snapshot files, should hold the page cache (clean pages only)
             store_dir = os.path.join(root, "lmdb")  # LMDB (versions) + the version's row file
@@ -285,6 +293,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["store_files_gb"], result["store_warm_s"] = _warm(*files)
             result["mem_available_gb"] = _mem_available_gb()
             phase: list[subprocess.Popen[Any]] = []
+            if {"grpc", "grpc-raw"} & set(backends):
+                _say("starting the gRPC servers (dv365 serve over the store; the bare grpcio floor)")
             if "grpc" in backends:
                 gproc, gport = _start_grpc(read_url, root)
                 phase.append(gproc)
@@ -307,10 +317,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 procs.append(rproc)
                 rurl = f"redis://127.0.0.1:{rport}/0"
+                _say(f"publishing into {rurl} (throwaway redis-server)")
                 with open_store(rurl + "?prefix=bench&persist=none") as s:
                     t = time.perf_counter()
                     s.publish(snap)
                     result["publish_redis_s"] = round(time.perf_counter() - t, 1)
+                _say(f"published in {result['publish_redis_s']} s")
                 _settle()
                 _drop_cache(snap)
                 measure(["redis", "redis-mget"], {"redis": rurl + "?prefix=bench", "redis-mget": rurl + "#bench"})
@@ -358,6 +370,11 @@ def _drop_cache(folder: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def _say(msg: str) -> None:
+    """One progress line on stderr (stdout's last line stays the JSON result)."""
+    print(f"[bench store {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _read_text(path: str) -> str | None:
