@@ -27,7 +27,8 @@ def _dep_names(reqs: list[str]) -> set[str]:
 def test_root_is_a_private_hatch_workspace() -> None:
     root = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "Private :: Do Not Upload" in root["project"]["classifiers"]
-    assert root["tool"]["hatch"]["envs"]["default"]["workspace"]["members"] == ["packages/*"]
+    assert root["tool"]["hatch"]["envs"]["default"]["workspace"]["members"] == [
+        "packages/*", "experiments", "benchmarks", "examples"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

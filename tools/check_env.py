@@ -9,6 +9,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, distribution, version
 
 PACKAGES = ["dv365-core", "dv365-train", "dv365-export", "dv365-adapters", "dv365-store"]
+# the workspace's applications (unpublished members): experiments, benchmarks, the demo
+APPLICATIONS = ["dv365-experiments", "dv365-benchmarks", "dv365-examples"]
 # On a CPU machine fbgemm-gpu is provided by fbgemm-gpu-cpu (same `fbgemm_gpu` module).
 EQUIVALENT = {"fbgemm-gpu": "fbgemm-gpu-cpu"}
 
@@ -20,7 +22,7 @@ def main() -> int:
     import fbgemm_gpu  # noqa: F401
     import torchrec
 
-    for pkg in PACKAGES:
+    for pkg in PACKAGES + APPLICATIONS:
         dist = distribution(pkg)
         for req in dist.requires or []:
             if "extra ==" in req and "torchrec" not in req:
@@ -39,7 +41,7 @@ def main() -> int:
         print("\n".join(problems), file=sys.stderr)
         return 1
     print(f"[setup] torch {torch.__version__}, torchrec {torchrec.__version__}, fbgemm-gpu-cpu {version('fbgemm-gpu-cpu')}; "
-          f"{len(PACKAGES)} workspace packages installed")
+          f"{len(PACKAGES)} workspace packages and {len(APPLICATIONS)} applications installed")
     return 0
 
 

@@ -20,9 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "${pip[@]}" install -r tools/requirements-store.txt
   echo "$want" > "$stamp"
 fi
-# Workspace packages, editable, without letting the resolver touch torch/torchrec (see README).
+# Workspace packages and applications, editable, without letting the resolver touch torch/torchrec (see README).
 pkgs=()
-for p in packages/*/; do pkgs+=(-e "$p"); done
+for p in packages/*/ experiments/ benchmarks/ examples/; do pkgs+=(-e "$p"); done
 "${pip[@]}" install --no-deps --no-build-isolation "${pkgs[@]}"
 .venv/bin/python tools/check_env.py
 echo "[setup] ready: .venv/bin/dv365 --help"

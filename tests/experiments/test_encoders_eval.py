@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dv365.train.metrics import MultiTaskMeter
-from dv365.export.experiments.context import prepare_url
-from dv365.export.experiments.encoders import Slices, _hstu, _model, evaluate
-from dv365.export.experiments.settings import Settings, SynthSettings
+from dv365.experiments.downstream.context import prepare_url
+from dv365.experiments.downstream.encoders import Slices, _hstu, _model, evaluate
+from dv365.experiments.downstream.settings import Settings, SynthSettings
 
 
 @pytest.fixture(scope="module")

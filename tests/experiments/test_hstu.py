@@ -2,7 +2,7 @@
 
 import torch
 
-from dv365.export.experiments.hstu import HSTUConfig, HSTUEncoder, log_bucket, right_align
+from dv365.experiments.downstream.hstu import HSTUConfig, HSTUEncoder, log_bucket, right_align
 
 
 def _inputs(B: int = 3, L: int = 11, D: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

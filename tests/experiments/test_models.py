@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dv365.core.quantize import RowFormat, quantize_rows
-from dv365.export.experiments.hstu import HSTUConfig
-from dv365.export.experiments.models import DownstreamConfig, DownstreamRanker
+from dv365.experiments.downstream.hstu import HSTUConfig
+from dv365.experiments.downstream.models import DownstreamConfig, DownstreamRanker
 
 E, N, K = 16, 6, 5
 

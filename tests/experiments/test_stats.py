@@ -3,8 +3,8 @@ noise) and the retrieval rule that a relative HR delta needs enough control hits
 
 import math
 
-from dv365.export.experiments.common import paired_stats
-from dv365.export.experiments.retrieval import MIN_CONTROL_HITS, deltas
+from dv365.experiments.downstream.common import paired_stats
+from dv365.experiments.downstream.retrieval import MIN_CONTROL_HITS, deltas
 
 
 def test_paired_stats_flags_small_means_and_keeps_clear_ones() -> None:

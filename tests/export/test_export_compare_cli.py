@@ -103,7 +103,7 @@ def test_cli_run_verify_and_errors(two_versions: tuple[Path, Path], checkpoint: 
 
 @pytest.mark.slow
 def test_bench_export_quick_reports_the_paper_figures() -> None:
-    from dv365.export.bench import run
+    from dv365.benchmarks.export import run
 
     r = run(argparse.Namespace(quick=True, seed=0, users=4, mean_events=40_000, batch_users=None, json=True))
     assert r["simulated"] is True and r["users"] == 4

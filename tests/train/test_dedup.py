@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dv365.core.timeline import Timelines, take_rows
-from dv365.train.bench import write_impression_dataset
+from dv365.benchmarks.train import write_impression_dataset
 from dv365.train.config import TrainConfig
 from dv365.train.dedup import dedup_rows, grouped_permutation, slice_keys
 from dv365.train.trainer import Trainer

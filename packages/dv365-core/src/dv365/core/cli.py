@@ -1,35 +1,28 @@
 """The one ``dv365`` command. Sub-commands are registered by modules of every installed dv365 package.
 
-dv365-core registers its own (``import``, ``synth``, ``slice``, ``info``, ``bench``, ``demo``); other
-packages plug theirs in through the ``dv365.commands`` entry-point group, whose values are callables
-``register(subparsers) -> None`` that add a parser and ``set_defaults(func=handler)``; ``handler(args)``
-returns an exit code. Handlers import their heavy modules lazily so ``dv365 --help`` stays fast.
+dv365-core registers its own (``import``, ``synth``, ``slice``); every other package and application
+(``train``, ``export``, ``pipeline``, ``serve``, ``eval``, ``bench``, ``demo``, ...) plugs its commands in through
+the ``dv365.commands`` entry-point group, whose values are callables ``register(subparsers) -> None`` that add a
+parser and ``set_defaults(func=handler)``; ``handler(args)`` returns an exit code. Handlers import their heavy
+modules lazily so ``dv365 --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from importlib.metadata import entry_points
-from typing import Callable, Sequence
+from typing import Sequence
 
 from dv365.core.__about__ import __version__
 from dv365.core.errors import Dv365Error
+from dv365.core.plugins import iter_plugins, load_ref
 
 # module:function pairs of dv365-core's own commands
 CORE_COMMANDS = (
     "dv365.core.importers.cli:register",
     "dv365.core.synth:register",
     "dv365.core.slicing_cli:register",
-    "dv365.core.bench:register",
-    "dv365.core.demo:register",
 )
-
-
-def _load(ref: str) -> Callable[[argparse._SubParsersAction], None]:  # type: ignore[type-arg]
-    mod, _, fn = ref.partition(":")
-    return getattr(importlib.import_module(mod), fn)  # type: ignore[no-any-return]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,14 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dv365-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for ref in CORE_COMMANDS:
-        _load(ref)(sub)
-    for ep in sorted(entry_points(group="dv365.commands"), key=lambda e: e.name):
-        try:
-            register = ep.load()
-        except Exception as e:  # a broken plug-in must not take the other commands down with it
-            print(f"dv365: warning: command {ep.name!r} ({ep.value}) could not be loaded and is left out: "
-                  f"{type(e).__name__}: {e}", file=sys.stderr)
-            continue
+        load_ref(ref)(sub)
+    for _name, register in iter_plugins("dv365.commands"):
         register(sub)
     return parser
 

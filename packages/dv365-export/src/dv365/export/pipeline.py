@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
-import yaml
 
 from dv365.core.errors import Dv365Error
 
@@ -68,7 +67,7 @@ class PipelineConfig:
         workdir: out/pipeline/movielens
         source: out/data/ml-small            # the upstream UniTi dataset (dv365 import / dv365 synth)
         train:
-          config: packages/dv365-train/configs/movielens-quick.yaml
+          config: movielens-quick
           steps: 300                         # optimizer steps per cycle (each cycle warm-starts)
           set: {run.threads: 1}              # any train config overrides (like dv365 train --set)
         export: {refresh: active, full_refresh_every: 4, shard_users: 1024, batch_users: 64, bits: 4}
@@ -94,14 +93,9 @@ class PipelineConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "PipelineConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise PipelineError(f"{path}: pipeline config not found")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PipelineError(f"{path}: not valid YAML: {e}") from e
-        return cls.from_dict(d, str(p))
+        from dv365.core.config import read_yaml_mapping
+
+        return cls.from_dict(read_yaml_mapping(path, PipelineError, "pipeline config"), str(path))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "pipeline config") -> "PipelineConfig":
@@ -225,7 +219,7 @@ class Pipeline:
 
     Example::
 
-        p = Pipeline(PipelineConfig.load("packages/dv365-export/configs/pipeline-movielens.yaml"))
+        p = Pipeline(PipelineConfig.load("examples/configs/pipeline-movielens.yaml"))
         record = p.run_cycle()              # ingest -> train -> export -> publish -> retain
         record["snapshot_id"], record["figures"]
     """
@@ -484,7 +478,7 @@ class Pipeline:
         assert exp is not None
         if not self.cfg.store_url:
             return {"store": None, "note": "no store.url in the config: nothing published"}
-        from dv365.store import open_store
+        from dv365.core.plugins import open_store
 
         store = open_store(self.cfg.store_url, keep=self.cfg.store_keep)
         try:
@@ -568,7 +562,7 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
     records = p.records()
     out["last_cycle"] = records[-1] if records else None
     if cfg.store_url:
-        from dv365.store import open_store
+        from dv365.core.plugins import open_store
 
         try:
             store = open_store(cfg.store_url)

@@ -19,10 +19,10 @@ resumes the interrupted one, and publishes the same version an uninterrupted cyc
 workdir keeps two cycles of one pipeline from overlapping.
 
 examples:
-  dv365 pipeline run --config packages/dv365-export/configs/pipeline-movielens.yaml --as-of 2018-06-01
-  dv365 pipeline run --config packages/dv365-export/configs/pipeline-movielens.yaml     # up to the newest data
-  dv365 pipeline schedule --config packages/dv365-export/configs/pipeline-movielens.yaml --every 6h
-  dv365 status --config packages/dv365-export/configs/pipeline-movielens.yaml
+  dv365 pipeline run --config examples/configs/pipeline-movielens.yaml --as-of 2018-06-01
+  dv365 pipeline run --config examples/configs/pipeline-movielens.yaml     # up to the newest data
+  dv365 pipeline schedule --config examples/configs/pipeline-movielens.yaml --every 6h
+  dv365 status --config examples/configs/pipeline-movielens.yaml
 
 Orchestrators (cron, systemd timers, Airflow-style schedulers) call `dv365 pipeline run --config F` once per
 period: it is a single cycle, exits 0 when done or when there is nothing new, 1 with a message on an error,

@@ -25,7 +25,7 @@ See docs/train.md for the config keys."""
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("train", help="train the DV365 user tower inside the multi-task DLRM backbone",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML training config (see packages/dv365-train/configs/)")
+    p.add_argument("--config", required=True, help="YAML training config, or the name of a shipped one (synth-quick, movielens-quick)")
     p.add_argument("--steps", type=int, help="override run.steps (total steps; a resumed run continues to it)")
     p.add_argument("--checkpoint-dir", help="override checkpoint.dir")
     p.add_argument("--warm-start", help="override checkpoint.warm_start (a checkpoint file or folder)")

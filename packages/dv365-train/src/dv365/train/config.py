@@ -14,16 +14,12 @@ Unknown keys are errors that name the key and the section (:class:`TrainConfigEr
 
 from __future__ import annotations
 
-import collections.abc
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
-import yaml
-
+from dv365.core import config as core_config
+from dv365.core.config import read_yaml_mapping
 from dv365.train.backbone import BackboneConfig
 from dv365.train.errors import TrainConfigError
 from dv365.train.fsa import EncoderConfig, FunnelConfig, TowerConfig
@@ -162,7 +158,7 @@ class TrainConfig:
 
     Example::
 
-        cfg = TrainConfig.load("packages/dv365-train/configs/synth-quick.yaml")
+        cfg = TrainConfig.load("synth-quick")
         cfg = TrainConfig.from_dict({"data": {"url": "data/synth"}, "run": {"steps": 50}})
         cfg.model.tower.n_out     # 58
     """
@@ -182,13 +178,10 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
-        """Reads a YAML file; ``overrides`` maps dotted keys (``run.steps``) to values."""
-        p = Path(path)
-        if not p.exists():
-            raise TrainConfigError(f"config file not found: {p}")
-        d = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(d, Mapping):
-            raise TrainConfigError(f"{p}: a training config must be a mapping, got {type(d).__name__}")
+        """Reads a YAML file, or a config shipped in ``dv365/train/configs`` by name (``"synth-quick"``);
+        ``overrides`` maps dotted keys (``run.steps``) to values."""
+        p = config_path(path)
+        d = read_yaml_mapping(p, TrainConfigError, "training config")
         return cls.from_dict(apply_overrides(d, overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,98 +220,24 @@ def _need(ok: bool, key: str, value: Any, why: str) -> None:
 
 def apply_overrides(d: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``d`` with dotted keys set: ``{"model.kind": "lce"}`` sets ``d["model"]["kind"]``."""
-    out: dict[str, Any] = _deepcopy(d)
-    for key, value in overrides.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise TrainConfigError(f"override {key!r}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
+    return core_config.apply_overrides(d, overrides, TrainConfigError)
 
 
-def _deepcopy(d: Any) -> Any:
-    if isinstance(d, Mapping):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
+def config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists, else the shipped config of that name (``synth-quick``, ...)."""
+    return core_config.resolve_config(path, "dv365.train", "configs", TrainConfigError)
 
 
-# ------------------------------------------------------------------------------------------------------
-# dict <-> dataclass (strict: unknown keys and wrong types name the key)
-# ------------------------------------------------------------------------------------------------------
 def _build(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        if not isinstance(value, Mapping):
-            raise TrainConfigError(f"{where}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp) if f.init}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            raise TrainConfigError(f"{where}: unknown keys {unknown}; allowed {sorted(names)}")
-        kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()}
-        try:
-            return tp(**kwargs)
-        except (TypeError, ValueError) as e:
-            if isinstance(e, TrainConfigError):
-                raise
-            raise TrainConfigError(f"{where}: {e}") from None
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _build(args[0], value, where)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise TrainConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise TrainConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin in (dict, collections.abc.Mapping) or tp in (dict, Mapping):
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise TrainConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp) or (str, Any)
-        return {_build(kt, k, f"{where}.{k}"): _build(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TrainConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
-            raise TrainConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return tp(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TrainConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
+    return core_config.build_dataclass(tp, value, where, TrainConfigError)
 
 
 def _plain(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-    if isinstance(x, (tuple, list)):
-        return [_plain(v) for v in x]
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
+    return core_config.to_plain(x)
 
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "EncoderConfig", "FunnelConfig", "ModelConfig", "OptimConfig", "RunConfig",
     "TaskSpec", "TowerConfig", "TrainConfig", "TrainConfigError", "apply_overrides",
+    "config_path",
 ]

@@ -138,7 +138,7 @@ class Trainer:
 
     Example::
 
-        trainer = Trainer(TrainConfig.load("packages/dv365-train/configs/synth-quick.yaml"), device="cpu")
+        trainer = Trainer(TrainConfig.load("synth-quick"), device="cpu")
         result = trainer.fit()                    # resumes if the checkpoint folder has a checkpoint
         result.eval["mean_ne"], result.checkpoint
     """
