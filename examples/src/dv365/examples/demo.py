@@ -135,6 +135,9 @@ def run(out: str = "out/demo", movielens: str | None = None, synth_users: int = 
         ml_steps: int = 150, synth_steps: int = 60) -> int:
     from dv365.core.catalog import default_data_dir
     from dv365.export.pipeline import Pipeline, PipelineConfig, parse_time, status
+    from dv365.core.cli import log_to
+
+    log_to(sys.stdout)  # the pipeline's step lines go with the demo's own
 
     t0 = time.perf_counter()
     root = Path(out)

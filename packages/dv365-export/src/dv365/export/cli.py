@@ -127,6 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dv365.core.cli import log_to
     from dv365.export.job import ExportConfig, iso, run_export
 
     cfg = ExportConfig(
@@ -135,7 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device, previous=args.previous, refresh=args.refresh, min_new_events=args.min_new_events,
         num_workers=args.num_workers, worker_rank=args.worker_rank, merge=not args.no_merge,
         overwrite=args.overwrite, progress=not args.no_progress, threads=args.threads)
-    res = run_export(cfg, log=lambda s: print(s, file=sys.stderr))
+    log_to(sys.stderr)
+    res = run_export(cfg)
     m = res.manifest
     if res.already_complete and m is not None:
         line = f"export: snapshot {m.snapshot_id!r} is already complete in {args.out} ({m.user_count:,} users); nothing to do"

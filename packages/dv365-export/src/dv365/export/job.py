@@ -27,6 +27,7 @@ is byte-identical to a 1-worker one (manifest times aside).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import time
@@ -62,6 +63,8 @@ from dv365.export.plan import (
     select_encode,
     worker_range,
 )
+
+logger = logging.getLogger(__name__)
 
 JOURNAL = "_export"
 JOB_FILE = "job.json"
@@ -193,8 +196,8 @@ def _worker_from_env(cfg: ExportConfig) -> tuple[int, int]:
 
 
 class _Job:
-    def __init__(self, cfg: ExportConfig, log: Callable[[str], None]) -> None:
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: ExportConfig) -> None:
+        self.cfg = cfg
         if cfg.bits not in (4, 8):
             raise ExportError(f"--bits must be 4 or 8, got {cfg.bits}")
         if cfg.quantizer not in QUANTIZERS:
@@ -371,7 +374,7 @@ class _Job:
         if not self.fs.exists(path) or self.fs.size(path) != info.bytes:
             return None
         if _sha256(self.fs.cat_file(path)) != info.sha256:
-            self.log(f"dv365 export: shard {name} does not match its done record (sha256); re-exporting it")
+            logger.info(f"dv365 export: shard {name} does not match its done record (sha256); re-exporting it")
             return None
         return dict(rec)
 
@@ -451,7 +454,7 @@ class _Job:
         resumed = len(mine) - len(todo)
         users_todo = sum(len(s.users) for s in todo)
         if resumed:
-            self.log(f"dv365 export: resuming {self.snapshot_id}: {resumed} of {len(mine)} shards already done")
+            logger.info(f"dv365 export: resuming {self.snapshot_id}: {resumed} of {len(mine)} shards already done")
         encoder = UserEncoder(self.model, self.ds.vocab, self.fmt, self.cfg.batch_users, self.cfg.quantizer)
         from tqdm.auto import tqdm
 
@@ -499,7 +502,7 @@ def _diff(old: Any, new: dict[str, Any]) -> str:
     return f" ({k}: was {old.get(k)!r}, now {new[k]!r}{'; and ' + ', '.join(keys[1:]) if keys[1:] else ''})"
 
 
-def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportResult:
+def run_export(cfg: ExportConfig) -> ExportResult:
     """Runs (or resumes, or finishes) one export job; see the module docstring.
 
     Example::
@@ -511,7 +514,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> ExportR
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
-        return _Job(cfg, log).run()
+        return _Job(cfg).run()
     finally:
         if cfg.threads > 0:
             torch.set_num_threads(threads_before)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -43,6 +44,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from dv365.core.errors import Dv365Error
+
+logger = logging.getLogger(__name__)
 
 STEPS = ("ingest", "train", "export", "publish", "retain")
 RECORD_FORMAT = "dv365.pipeline.record/1"
@@ -224,11 +227,10 @@ class Pipeline:
         record["snapshot_id"], record["figures"]
     """
 
-    def __init__(self, cfg: PipelineConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: PipelineConfig, *, progress: bool = True) -> None:
         self.cfg = cfg
         self.work = Path(cfg.workdir)
         self.progress = progress
-        self.log = log
 
     # -- paths ---------------------------------------------------------------------------------------
     @property
@@ -313,13 +315,13 @@ class Pipeline:
             if as_of is not None and as_of != c.as_of:
                 raise PipelineError(f"cycle {c.tag} (as of {_iso(c.as_of)}) is unfinished: run again without --as-of "
                                     f"(or with --as-of {c.as_of}) to finish it before starting another")
-            self.log(f"dv365 pipeline: finishing unfinished cycle {c.tag} (as of {_iso(c.as_of)})")
+            logger.info(f"dv365 pipeline: finishing unfinished cycle {c.tag} (as of {_iso(c.as_of)})")
             return c
         prev = cycles[-1] if cycles else None
         if as_of is None:
             as_of = self.source_newest_ts()
         if prev is not None and as_of <= prev.as_of:
-            self.log(f"dv365 pipeline: nothing new: cycle {prev.tag} already covers the source up to "
+            logger.info(f"dv365 pipeline: nothing new: cycle {prev.tag} already covers the source up to "
                      f"{_iso(prev.as_of)} (as of {_iso(as_of)} asked)")
             return None
         n = prev.number + 1 if prev else 1
@@ -341,15 +343,15 @@ class Pipeline:
             for i, step in enumerate(STEPS, 1):
                 done = c.done(step)
                 if done is not None:
-                    self.log(f"== {i}/{len(STEPS)} {step}: already done in an earlier run (skipped)")
+                    logger.info(f"== {i}/{len(STEPS)} {step}: already done in an earlier run (skipped)")
                     continue
-                self.log(f"== {i}/{len(STEPS)} {step}")
+                logger.info(f"== {i}/{len(STEPS)} {step}")
                 t = time.perf_counter()
                 out = getattr(self, f"_step_{step}")(c)
                 out["seconds"] = round(time.perf_counter() - t, 3)
                 _fault_point(f"{step}.before_marker")
                 _write_json(c.marker(step), out)
-                self.log(f"   {step} done in {out['seconds']:.1f} s: {self._describe(step, out)}")
+                logger.info(f"   {step} done in {out['seconds']:.1f} s: {self._describe(step, out)}")
             record = self._record(c, time.time() - t0)
             _write_json(c.dir / "record.json", record)
             with open(self.work / "runs.jsonl", "a") as f:
@@ -389,7 +391,7 @@ class Pipeline:
         else:
             removed = remove_run_parts(self.data_url, run_id)
             if removed:
-                self.log(f"   removed {removed} part file(s) of an unfinished append ({run_id})")
+                logger.info(f"   removed {removed} part file(s) of an unfinished append ({run_id})")
             writer = DatasetWriter(self.data_url, mode="append", run_id=run_id)
         rows = {k: 0 for k in (*EVENT_KINDS, "requests")}
         users: set[int] = set()
@@ -459,12 +461,12 @@ class Pipeline:
         opts = dict(self.cfg.export)
         every = int(opts.pop("full_refresh_every", 4))
         if previous and every > 0 and (c.number - 1) % every == 0:
-            self.log(f"   cycle {c.number}: a full refresh (every {every} cycles: export.full_refresh_every)")
+            logger.info(f"   cycle {c.number}: a full refresh (every {every} cycles: export.full_refresh_every)")
             opts["refresh"] = "all"
         cfg = ExportConfig(checkpoint=model["model_dir"], out=str(self.snapshot_dir(c)), data=self.data_url,
                            as_of=c.as_of, snapshot_id=self.snapshot_id(c), previous=previous,
                            progress=self.progress, carry_across_models=True, **opts)
-        res = run_export(cfg, log=self.log)
+        res = run_export(cfg)
         if res.manifest is None:
             raise PipelineError(f"export {cfg.out}: the snapshot is not complete after the export step")
         m = res.manifest
@@ -554,7 +556,7 @@ class Pipeline:
 
 def status(cfg: PipelineConfig) -> dict[str, Any]:
     """What ``dv365 status`` shows: the store's versions (age, users) and the pipeline's last cycles."""
-    p = Pipeline(cfg, progress=False, log=lambda _m: None)
+    p = Pipeline(cfg, progress=False)
     out: dict[str, Any] = {"pipeline": cfg.name, "workdir": cfg.workdir, "store": cfg.store_url}
     cycles = p.cycles()
     out["cycles"] = [{"cycle": c.number, "as_of_utc": _iso(c.as_of), "complete": c.complete,

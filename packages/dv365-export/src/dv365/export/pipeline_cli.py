@@ -95,16 +95,20 @@ def _print_record(record: dict[str, Any] | None, as_json: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dv365.core.cli import log_to
     from dv365.export.pipeline import Pipeline, PipelineConfig, parse_time
 
+    log_to(sys.stdout)
     p = Pipeline(PipelineConfig.load(args.config), progress=not args.no_progress)
     _print_record(p.run_cycle(parse_time(args.as_of)), args.json)
     return 0
 
 
 def _schedule(args: argparse.Namespace) -> int:
+    from dv365.core.cli import log_to
     from dv365.export.pipeline import Pipeline, PipelineConfig, PipelineError
 
+    log_to(sys.stdout)
     period = parse_period(args.every)
     p = Pipeline(PipelineConfig.load(args.config), progress=not args.no_progress)
     stop = {"now": False}
