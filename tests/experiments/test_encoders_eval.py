@@ -16,7 +16,7 @@ from dv365.experiments.downstream.settings import Settings, SynthSettings
 @pytest.fixture(scope="module")
 def slices(tmp_path_factory: pytest.TempPathFactory) -> Slices:
     synth = SynthSettings(users=6, mean_events=800, max_events=1500, days=60, requests_per_user=40, seed=3)
-    url = prepare_url("synth", synth, None, tmp_path_factory.mktemp("enc"), False, lambda s: None)
+    url = prepare_url("synth", synth, None, tmp_path_factory.mktemp("enc"), False)
     sl = Slices(url, "implicit", ("like", "long_view"))
     sl.len_all = sl.len_all.copy()
     sl.len_all[::17] = 0  # some requests without history (the synth users all have some)

@@ -111,7 +111,7 @@ def test_slice_cache_matches_the_slicer(tiny_config: Path, tmp_path: Path) -> No
     from dv365.experiments.upstream import SlicedExamples, UpstreamSettings, _run_cfg, prepare_dataset
 
     settings = UpstreamSettings.load(tiny_config)
-    url = str(prepare_dataset("synth", settings, tmp_path, progress=False, log=lambda s: None))
+    url = str(prepare_dataset("synth", settings, tmp_path, progress=False))
     cfg = _run_cfg(settings, url, "fsa", 0, 1)
     spec = load_spec(cfg.data)
     cached = SlicedExamples(cfg.data, cfg.tasks, spec, 1009, chunk=7)  # chunks that straddle users
@@ -143,7 +143,7 @@ def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) 
     """--jobs trains models in forked workers: every model seeds itself, so the results equal a serial run."""
     from dv365.experiments.upstream import run_upstream
 
-    kw = dict(quick=True, seeds=2, config=tiny_config, data_dir=tmp_path / "data", progress=False, log=lambda _m: None)
+    kw = dict(quick=True, seeds=2, config=tiny_config, data_dir=tmp_path / "data", progress=False)
     serial = run_upstream("synth", jobs=1, **kw)  # type: ignore[arg-type]
     parallel = run_upstream("synth", jobs=2, **kw)  # type: ignore[arg-type]
     assert [(r.kind, r.seed) for r in parallel.results] == [(r.kind, r.seed) for r in serial.results]

@@ -19,6 +19,7 @@ The handler prints one JSON summary line **last** on stdout (:func:`print_summar
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import math
@@ -28,6 +29,8 @@ import sys
 from typing import Any, Sequence
 
 from dv365.core.plugins import iter_plugins, load_ref
+
+logger = logging.getLogger(__name__)
 
 #: name -> ``module:function`` registering each built-in experiment
 EXPERIMENTS: dict[str, str] = {
@@ -145,15 +148,17 @@ def _upstream(args: argparse.Namespace) -> int:
 
     command = "dv365 eval upstream " + " ".join(shlex.quote(a) for a in _argv_tail())
     variants = [v for v in args.variants.split(",") if v.strip()] if args.variants else None
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    from dv365.core.cli import log_to
+
+    log_to(sys.stderr)
     rep = run_upstream(args.dataset, quick=args.quick, seeds=args.seeds, config=args.config,
                        overrides=overrides(args.set), variants=variants, data_dir=args.data_dir, device=args.device,
-                       threads=args.threads or None, progress=not args.no_progress, command=command.strip(), log=log,
+                       threads=args.threads or None, progress=not args.no_progress, command=command.strip(),
                        jobs=args.jobs or (os.cpu_count() or 1))
     paths = write_report(rep, args.out)
     summary = rep.summary()
     summary["report"] = paths
-    log(f"dv365 eval upstream: report {paths['markdown']}")
+    logger.info(f"dv365 eval upstream: report {paths['markdown']}")
     print_summary(summary)
     return 0
 

@@ -37,6 +37,7 @@ a non-empty history after the 24 h gap (returning users); on the synthetic data 
 
 from __future__ import annotations
 
+import logging
 import copy
 import json
 import math
@@ -62,6 +63,8 @@ from dv365.train.losses import MultiTaskLoss, TaskSpec
 from dv365.train.metrics import MultiTaskMeter, mean_ne, mean_normalized_loss, seed_stats
 from dv365.train.model import BASELINE, DV365Model, build_model
 from dv365.train.trainer import build_optimizers, optimizer_step, seed_everything
+
+logger = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("pass_thru", "lce", "mlp_d", "mlp_t", "tl_d", "tl_t", "fsa")
 # Table-1 spellings for the report
@@ -162,8 +165,7 @@ def _valid_dataset(path: Path) -> bool:
         return False
 
 
-def prepare_dataset(dataset: str, settings: UpstreamSettings, data_dir: Path, progress: bool,
-                    log: Callable[[str], None] = print) -> Path:
+def prepare_dataset(dataset: str, settings: UpstreamSettings, data_dir: Path, progress: bool) -> Path:
     """The UniTi dataset of ``dataset`` under ``data_dir`` (generated / imported when missing or invalid)."""
     import shutil
 
@@ -179,7 +181,7 @@ def prepare_dataset(dataset: str, settings: UpstreamSettings, data_dir: Path, pr
                           requests_per_user=s.requests_per_user, seed=s.seed,
                           min_events=min(SynthConfig.min_events, s.mean_events))
         shutil.rmtree(path, ignore_errors=True)
-        log(f"generating SIMULATED data: {s.users} users x ~{s.mean_events} events, {s.requests_per_user} requests "
+        logger.info(f"generating SIMULATED data: {s.users} users x ~{s.mean_events} events, {s.requests_per_user} requests "
             f"each -> {path}")
         write_synth_dataset(cfg, str(path), progress=progress)
         return path
@@ -194,7 +196,7 @@ def prepare_dataset(dataset: str, settings: UpstreamSettings, data_dir: Path, pr
         if not src.exists():
             raise DatasetError(f"{src}: MovieLens ml-latest-small not found (set DV365_DATA_DIR)")
         shutil.rmtree(path, ignore_errors=True)
-        log(f"importing MovieLens {src} -> {path}")
+        logger.info(f"importing MovieLens {src} -> {path}")
         import_movielens(src, str(path))
         return path
     raise EvalError(f"--dataset {dataset!r}: use one of {list(DATASETS)}")
@@ -630,15 +632,15 @@ def _train_one_in_worker(job: tuple[str, int]) -> RunResult:
     return train_one(p["settings"], p["ex"], p["splits"], p["spec"], p["url"], kind, seed, p["dev"], False, p["threads"])
 
 
-def _log_run(log: Callable[[str], None], r: RunResult) -> None:
-    log(f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val {r.best_val:.4f} "
-        f"test mean NE {mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
+def _log_run(r: RunResult) -> None:
+    logger.info(f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val {r.best_val:.4f} "
+                f"test mean NE {mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
 
 
 def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None, config: str | Path | None = None,
                  overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
                  data_dir: str | Path = "out/eval/data", device: str = "cpu", threads: int | None = 1,
-                 progress: bool = True, command: str = "", log: Callable[[str], None] = print,
+                 progress: bool = True, command: str = "",
                  jobs: int = 1) -> UpstreamReport:
     """Runs the experiment (datasets prepared, every model trained) and returns the report's content.
 
@@ -658,7 +660,7 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
     if n_seeds < 1:
         raise EvalError(f"--seeds {n_seeds}: must be >= 1")
     dev = resolve_device(device)
-    url = str(prepare_dataset(dataset, settings, Path(data_dir), progress, log))
+    url = str(prepare_dataset(dataset, settings, Path(data_dir), progress))
     cfg = _run_cfg(settings, url, settings.variants[0] if settings.variants else "fsa", 0, threads)
     if threads:
         torch.set_num_threads(threads)
@@ -668,7 +670,7 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
     splits = Splits.of(ex, settings.val_fraction)
     facts = data_facts(ex, splits)
     facts["slice_seconds"] = round(time.perf_counter() - ts, 1)
-    log(f"data: {facts['users']:,} users, {facts['requests']:,} requests (train {facts['train']:,} / val "
+    logger.info(f"data: {facts['users']:,} users, {facts['requests']:,} requests (train {facts['train']:,} / val "
         f"{facts['val']:,} / test {facts['test']:,}), {facts['mean_events_per_user']:,.0f} events/user; "
         f"test requests with empty gapped history: {100 * facts['test_empty_history_share']:.1f}%"
         + (" [SIMULATED]" if ex.simulated else ""))
@@ -679,7 +681,7 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        log(f"training {len(todo)} models, {jobs} at a time (forked CPU workers)")
+        logger.info(f"training {len(todo)} models, {jobs} at a time (forked CPU workers)")
         _POOL.update(settings=settings, ex=ex, splits=splits, spec=spec, url=url, dev=dev, threads=threads)
         try:
             with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
@@ -687,14 +689,14 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
                 runs = pool.map(_train_one_in_worker, todo)
                 for r in runs:  # in submission order
                     results.append(r)
-                    _log_run(log, r)
+                    _log_run(r)
         finally:
             _POOL.clear()
     else:
         for kind, seed in todo:
             r = train_one(settings, ex, splits, spec, url, kind, seed, dev, progress, threads)
             results.append(r)
-            _log_run(log, r)
+            _log_run(r)
     return UpstreamReport(dataset, quick, ex.simulated, settings, str(cfg_path), command, url, facts, results,
                           time.perf_counter() - t0, str(dev))
 

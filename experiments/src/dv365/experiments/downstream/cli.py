@@ -10,6 +10,7 @@ with, per data set, the headline figures.
 
 from __future__ import annotations
 
+import logging
 import argparse
 import os
 import shlex
@@ -17,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
 
 DESCRIPTIONS = {
     "ranking": "Paper Table 3: a multi-task DLRM ranker with an HSTU short-history encoder, with and without DV365 "
@@ -88,7 +91,9 @@ def _handler(name: str, args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    from dv365.core.cli import log_to
+
+    log_to(sys.stderr)
     over = overrides(args.set)
     command = _command(name)
     if name == "all":
@@ -106,7 +111,7 @@ def _handler(name: str, args: argparse.Namespace) -> int:
     jobs = getattr(args, "jobs", 1) or (os.cpu_count() or 1)
     summary = run(exps, datasets, quick=args.quick, seeds=args.seeds, config=args.config, over=over,
                   data_dir=Path(args.data_dir), out=Path(args.out), device=args.device,
-                  progress=not args.no_progress, command=command, log=log, write_all=name == "all", jobs=jobs,
+                  progress=not args.no_progress, command=command, write_all=name == "all", jobs=jobs,
                   threads=args.threads)
     print_summary(summary)
     return 0
@@ -114,7 +119,7 @@ def _handler(name: str, args: argparse.Namespace) -> int:
 
 def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int | None, config: str | None,
         over: dict[str, Any], data_dir: Path, out: Path, device: str, progress: bool, command: str,
-        log: Callable[[str], None], write_all: bool, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+        write_all: bool, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
     """Runs ``experiments`` on ``datasets``; returns the JSON summary (per data set when several).
 
     ``jobs > 1`` runs that many data sets at a time, each in a fresh (spawned) process that builds its own
@@ -146,12 +151,12 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        log(f"running {len(datasets)} data sets, {jobs} at a time (spawned processes)")
+        logger.info(f"running {len(datasets)} data sets, {jobs} at a time (spawned processes)")
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_dataset_in_worker, p, job, threads) for p in prepared]
             results = [f.result() for f in futures]
     else:
-        results = [_run_dataset(ds, settings, n, log=log, **job) for ds, settings, n in prepared]  # type: ignore[arg-type]
+        results = [_run_dataset(ds, settings, n, **job) for ds, settings, n in prepared]  # type: ignore[arg-type]
     for ds, (entry, rep) in zip(datasets, results):
         per[ds] = entry
         reports.update(rep)
@@ -184,12 +189,14 @@ def _dataset_in_worker(prepared: tuple[str, Any, int], job: dict[str, Any], thre
     if threads:
         torch.set_num_threads(threads)
     ds, settings, n_seeds = prepared
-    return _run_dataset(ds, settings, n_seeds, log=lambda s: print(f"[{ds}] {s}", file=sys.stderr, flush=True), **job)
+    from dv365.core.cli import log_to
+
+    log_to(sys.stderr, prefix=f"[{ds}] ")  # this process runs one data set
+    return _run_dataset(ds, settings, n_seeds, **job)
 
 
 def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str], quick: bool, data_dir: Path,
-                 out: Path, device: str, progress: bool, command: str, log: Callable[[str], None]
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+                 out: Path, device: str, progress: bool, command: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every experiment of one data set (``settings``: its loaded, checked config): (its summary entry,
     {"<experiment>-<dataset>": report path})."""
     import importlib
@@ -201,17 +208,17 @@ def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str]
     entry: dict[str, Any] = {}
     ctx = None
     if any(e != "encoders" for e in experiments):
-        ctx = build_context(ds, settings, data_dir, progress=progress, device=device, log=log)
+        ctx = build_context(ds, settings, data_dir, progress=progress, device=device)
         entry["simulated"] = ctx.simulated
         entry["data"] = {k: ctx.facts[k] for k in DATA_FACTS}
     for exp in experiments:
         mod = importlib.import_module(f"dv365.experiments.downstream.{exp}")
         t0 = time.perf_counter()
-        log(f"== {exp} on {ds} ==")
+        logger.info(f"== {exp} on {ds} ==")
         if exp == "encoders":  # its own data set (the longest histories): no shared context
-            res = mod.run_encoders(ds, settings, data_dir, n_seeds, progress, log)
+            res = mod.run_encoders(ds, settings, data_dir, n_seeds, progress)
         else:
-            res = getattr(mod, f"run_{exp}")(ctx, n_seeds, log)
+            res = getattr(mod, f"run_{exp}")(ctx, n_seeds)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         if exp == "encoders":
             paths = mod.write_report(ds, settings, res, out, quick, command)
@@ -221,5 +228,5 @@ def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str]
         entry[exp] = mod.compact(res)
         entry[exp]["seconds"] = res["seconds"]
         reports[f"{exp}-{ds}"] = paths["markdown"]
-        log(f"   {exp} on {ds}: {res['seconds']:.0f} s -> {paths['markdown']}")
+        logger.info(f"   {exp} on {ds}: {res['seconds']:.0f} s -> {paths['markdown']}")
     return entry, reports

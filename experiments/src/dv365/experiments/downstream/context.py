@@ -22,6 +22,7 @@ Everything derived is cached under ``<data-dir>/experiments/`` (checkpoint, snap
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import math
@@ -37,6 +38,8 @@ from dv365.core.timeline import TimelineDataset, Timelines
 from dv365.experiments.downstream.settings import ExperimentError, Settings, SynthSettings
 from dv365.train.losses import TaskSpec
 
+logger = logging.getLogger(__name__)
+
 PAD = 0
 IMPLICIT_ACTION_BASE = 40  # history action codes: 1 + explicit action code (< 40), 40 + dwell bucket (implicit)
 ACTION_ROWS = 64
@@ -45,8 +48,7 @@ ACTION_ROWS = 64
 # ------------------------------------------------------------------------------------------------------
 # Data sets
 # ------------------------------------------------------------------------------------------------------
-def prepare_url(dataset: str, synth: SynthSettings, data_url: str | None, data_dir: Path, progress: bool,
-                log: Callable[[str], None]) -> str:
+def prepare_url(dataset: str, synth: SynthSettings, data_url: str | None, data_dir: Path, progress: bool) -> str:
     """The UniTi data set of ``dataset``: ``data_url`` if given, else created under ``data_dir`` by
     dv365-train's ``eval upstream`` preparation (MovieLens import / ``dv365 synth``), reused when valid."""
     if data_url:
@@ -58,7 +60,7 @@ def prepare_url(dataset: str, synth: SynthSettings, data_url: str | None, data_d
                               "kuairand ... --out <folder>`> (docs/experiments.md)")
     from dv365.experiments.upstream import UpstreamSettings, prepare_dataset
 
-    return str(prepare_dataset(dataset, UpstreamSettings(train={}, synth=synth), data_dir, progress, log))
+    return str(prepare_dataset(dataset, UpstreamSettings(train={}, synth=synth), data_dir, progress))
 
 
 def tasks_of(settings: Settings) -> tuple[TaskSpec, ...]:
@@ -231,13 +233,13 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def build_context(dataset: str, settings: Settings, data_dir: Path, *, progress: bool = False, device: str = "cpu",
-                  log: Callable[[str], None] = print) -> Context:
+def build_context(dataset: str, settings: Settings, data_dir: Path, *, progress: bool = False, device: str = "cpu"
+                  ) -> Context:
     """Prepares the data set, trains the upstream model (cached), exports one snapshot per window (cached)."""
     from dv365.train.data import Requests
 
     t0 = time.perf_counter()
-    url = prepare_url(dataset, settings.synth, settings.data_url, data_dir, progress, log)
+    url = prepare_url(dataset, settings.synth, settings.data_url, data_dir, progress)
     ds = TimelineDataset(url)
     tasks = tasks_of(settings)
     req = Requests.from_arrow(ds.requests(), tasks, ds.vocab)
@@ -264,13 +266,13 @@ def build_context(dataset: str, settings: Settings, data_dir: Path, *, progress:
     hist = Histories.from_timelines(tl)
     urow = np.searchsorted(users, req.user_id)
     hs, hl = hist.before(urow, req.ts, settings.downstream.history)
-    log(f"{dataset}: {len(users):,} users, {len(hist.ts):,} events, {R:,} requests (upstream {n_up:,} / train "
+    logger.info(f"{dataset}: {len(users):,} users, {len(hist.ts):,} events, {R:,} requests (upstream {n_up:,} / train "
         f"{n_train:,} / val {n_val:,} / test {n_test:,}); {sp.windows} windows"
         + (" [SIMULATED]" if ds.meta.simulated else ""))
 
     work = data_dir / "experiments" / f"{dataset}-{_digest([url, resolved_upstream(settings, url), sp.upstream])}"
-    up = train_upstream(settings, url, work / "upstream", sp.upstream, progress, device, log)
-    payload, present, fmt, snaps = export_snapshots(up["checkpoint"], url, users, as_of, work, device, log)
+    up = train_upstream(settings, url, work / "upstream", sp.upstream, progress, device)
+    payload, present, fmt, snaps = export_snapshots(up["checkpoint"], url, users, as_of, work, device)
     facts = {
         "users": int(len(users)), "events": int(len(hist.ts)), "mean_events_per_user": float(len(hist.ts) / max(len(users), 1)),
         "max_events_per_user": int(np.diff(hist.offsets).max()) if len(users) else 0,
@@ -306,8 +308,8 @@ def resolved_upstream(settings: Settings, url: str) -> dict[str, Any]:
             "run": {k: v for k, v in (d.get("run") or {}).items() if k not in ("progress", "device", "threads")}}
 
 
-def train_upstream(settings: Settings, url: str, ckpt_dir: Path, fraction: float, progress: bool, device: str,
-                   log: Callable[[str], None]) -> dict[str, Any]:
+def train_upstream(settings: Settings, url: str, ckpt_dir: Path, fraction: float, progress: bool, device: str
+                   ) -> dict[str, Any]:
     """The DV365 model on the upstream requests (dv365-train's Trainer; resumes / reuses ``ckpt_dir``)."""
     from dv365.train.config import TrainConfig, apply_overrides
     from dv365.train.trainer import Trainer
@@ -322,15 +324,15 @@ def train_upstream(settings: Settings, url: str, ckpt_dir: Path, fraction: float
     done = (ckpt_dir / "metrics.json").exists()
     res = Trainer(cfg, progress=progress).fit()
     secs = time.perf_counter() - t0
-    log(f"  upstream DV365 ({cfg.model.kind}) {'reused' if done else 'trained'}: {res.steps} steps, "
+    logger.info(f"  upstream DV365 ({cfg.model.kind}) {'reused' if done else 'trained'}: {res.steps} steps, "
         f"{secs:.0f} s -> {res.checkpoint}")
     return {"checkpoint": str(res.checkpoint), "kind": cfg.model.kind, "steps": res.steps,
             "seconds": round(secs, 1), "reused": done, "train_loss": res.train_loss,
             "examples_per_s": round(res.examples_per_s, 1), "dim": cfg.model.tower.dim, "n_out": cfg.model.tower.n_out}
 
 
-def export_snapshots(checkpoint: str, url: str, users: np.ndarray, as_of: np.ndarray, work: Path, device: str,
-                     log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, Any, list[dict[str, Any]]]:
+def export_snapshots(checkpoint: str, url: str, users: np.ndarray, as_of: np.ndarray, work: Path, device: str
+                     ) -> tuple[np.ndarray, np.ndarray, Any, list[dict[str, Any]]]:
     """One snapshot per ``as_of`` (dv365 export, int4), read back into ``[W, U, N, row_bytes]`` + presence."""
     from dv365.core.snapshot import read_manifest, read_shard
     from dv365.export.job import ExportConfig, run_export
@@ -341,7 +343,7 @@ def export_snapshots(checkpoint: str, url: str, users: np.ndarray, as_of: np.nda
     for w, ts in enumerate(as_of):
         out = work / f"snapshot-w{w:02d}-{int(ts)}"
         run_export(ExportConfig(checkpoint=checkpoint, out=str(out), data=url, as_of=int(ts), device=device,
-                                progress=False, overwrite=True, batch_users=64), log=lambda s: None)
+                                progress=False, overwrite=True, batch_users=64))
         m = read_manifest(str(out))
         fmt = m.row_format
         P = np.zeros((len(users), fmt.rows_per_user, fmt.row_bytes), np.uint8)
@@ -355,6 +357,6 @@ def export_snapshots(checkpoint: str, url: str, users: np.ndarray, as_of: np.nda
         tables.append(P)
         present.append(have)
         info.append({"as_of": int(ts), "snapshot_id": m.snapshot_id, "users": int(have.sum()), "path": str(out)})
-    log(f"  {len(as_of)} snapshots exported / read ({time.perf_counter() - t0:.0f} s; users with an embedding: "
+    logger.info(f"  {len(as_of)} snapshots exported / read ({time.perf_counter() - t0:.0f} s; users with an embedding: "
         f"{', '.join(str(i['users']) for i in info)})")
     return np.stack(tables), np.stack(present), fmt, info

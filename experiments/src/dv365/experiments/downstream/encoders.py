@@ -17,6 +17,7 @@ measured length, exceeds ``cost_time_limit_s`` — the report says where and why
 
 from __future__ import annotations
 
+import logging
 import copy
 import json
 import math
@@ -38,6 +39,8 @@ from dv365.experiments.downstream.models import EncoderModel, SliceEncoder, head
 from dv365.experiments.downstream.settings import ExperimentError, Settings
 from dv365.train.losses import MultiTaskLoss, TaskSpec
 from dv365.train.metrics import MultiTaskMeter, mean_ne
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("mean", "position", "hstu")
 GAP_S = 24 * 3600
@@ -196,7 +199,7 @@ def _hstu(settings: Settings, chunk: int) -> HSTUConfig:
                       v_dim=h.v_dim, chunk=chunk)
 
 
-def measure_cost(sl: Slices, settings: Settings, H: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def measure_cost(sl: Slices, settings: Settings, H: int) -> list[dict[str, Any]]:
     """Per-user forward time and peak tensor memory of each encoder at each length (module docstring)."""
     es = settings.encoders
     lengths = sorted({(sl.longest if L == 0 else min(L, sl.longest)) for L in es.cost_lengths})
@@ -231,24 +234,23 @@ def measure_cost(sl: Slices, settings: Settings, H: int, log: Callable[[str], No
             except (RuntimeError, MemoryError) as e:  # out of memory: recorded, not hidden
                 rec.update(status="failed", reason=f"{type(e).__name__}: {str(e)[:200]}")
             out.append(rec)
-        log("  encoders cost at " + f"{L:,}: " + ", ".join(
+        logger.info("  encoders cost at " + f"{L:,}: " + ", ".join(
             f"{r['encoder']} " + (f"{1000 * r['seconds']:.1f} ms / {r['peak_mb']:.1f} MB" if r.get("status") == "ok"
                                    else r.get("status", "?")) for r in out if r["length"] == L))
     return out
 
 
-def run_encoders(dataset: str, settings: Settings, data_dir: Path, seeds: int, progress: bool,
-                 log: Callable[[str], None]) -> dict[str, Any]:
+def run_encoders(dataset: str, settings: Settings, data_dir: Path, seeds: int, progress: bool) -> dict[str, Any]:
     es = settings.encoders
     synth = es.synth if (es.synth is not None and dataset == "synth") else settings.synth
-    url = prepare_url(dataset, synth, settings.data_url if es.synth is None else None, data_dir, progress, log)
+    url = prepare_url(dataset, synth, settings.data_url if es.synth is None else None, data_dir, progress)
     names = es.tasks or tuple(t["label"] for t in settings.downstream.tasks if t.get("kind", "binary") == "binary")
     sl = Slices(url, es.source, tuple(names))
     if sl.longest == 0:
         raise ExperimentError(f"{url}: no request has a {es.source} history before request - 24 h")
     H = settings.downstream.item_hash_size
     caps = sorted({sl.longest if c == 0 else min(c, sl.longest) for c in es.caps})
-    log(f"encoders {dataset}: {sl.users} users, {sl.events:,} {es.source} events, longest slice {sl.longest:,}, "
+    logger.info(f"encoders {dataset}: {sl.users} users, {sl.events:,} {es.source} events, longest slice {sl.longest:,}, "
         f"caps {caps}" + (" [SIMULATED]" if sl.simulated else ""))
     quality: dict[str, dict[str, Any]] = {}
     for cap in caps:
@@ -263,7 +265,7 @@ def run_encoders(dataset: str, settings: Settings, data_dir: Path, seeds: int, p
             quality.setdefault(kind, {})[str(cap)] = {"status": "ok", "ne": st,
                                                       "train_s_per_step": float(np.mean([r["train_s_per_step"] for r in rs])),
                                                       "runs": rs}
-            log(f"  encoders {dataset} cap {cap:,} {kind:8s} test NE {st['mean']} ± {st['std']} "
+            logger.info(f"  encoders {dataset} cap {cap:,} {kind:8s} test NE {st['mean']} ± {st['std']} "
                 f"({time.perf_counter() - t0:.0f} s)")
     # delta vs mean pooling at the same cap, seed-paired
     for kind in ("position", "hstu"):
@@ -272,7 +274,7 @@ def run_encoders(dataset: str, settings: Settings, data_dir: Path, seeds: int, p
             if q["status"] == "ok":
                 q["delta_vs_mean_pct"] = paired_stats([100 * (a["test_ne"] / b["test_ne"] - 1)
                                                        for a, b in zip(q["runs"], base["runs"])])
-    cost = measure_cost(sl, settings, H, log)
+    cost = measure_cost(sl, settings, H)
     return {"url": url, "simulated": sl.simulated, "users": sl.users, "events": sl.events, "longest": sl.longest,
             "caps": caps, "source": es.source, "tasks": list(names), "quality": quality, "cost": cost,
             "requests": {k: int(len(v)) for k, v in sl.rows.items()}}

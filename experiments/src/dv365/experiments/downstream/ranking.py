@@ -9,6 +9,7 @@ seeds, on all test requests and on returning users.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from dv365.experiments.downstream.common import (
 from dv365.experiments.downstream.context import Context
 from dv365.train.metrics import mean_ne
 
+logger = logging.getLogger(__name__)
+
 BASELINE = "baseline"
 
 
@@ -37,7 +40,7 @@ def metric(m: dict[str, Any]) -> float:
     return float(m["ne"]) if "ne" in m else float(m["mse"])
 
 
-def run_ranking(ctx: Context, seeds: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run_ranking(ctx: Context, seeds: int) -> dict[str, Any]:
     s = ctx.settings
     d = s.downstream
     rows = ctx.rows
@@ -57,7 +60,7 @@ def run_ranking(ctx: Context, seeds: int, log: Callable[[str], None]) -> dict[st
             runs.append({"kind": kind, "seed": seed, "best_step": best_step, "best_val": round(best_val, 5),
                          "test": test, "test_returning": test_ret, "seconds": round(time.perf_counter() - t0, 1),
                          "val_curve": curve})
-            log(f"  ranking {ctx.dataset} seed {seed} {kind:13s} step {best_step:4d} val {best_val:.4f} "
+            logger.info(f"  ranking {ctx.dataset} seed {seed} {kind:13s} step {best_step:4d} val {best_val:.4f} "
                 f"test mean NE {mean_ne(test):.4f} ({time.perf_counter() - t0:.0f} s)")
     return summarize(ctx, runs)
 

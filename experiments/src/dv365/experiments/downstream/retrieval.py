@@ -11,6 +11,7 @@ of the requests and histories); HR@K = share ranked in the top K. Early stopping
 
 from __future__ import annotations
 
+import logging
 import copy
 import math
 import time
@@ -37,6 +38,8 @@ from dv365.experiments.downstream.common import (
 )
 from dv365.experiments.downstream.context import Context
 from dv365.experiments.downstream.models import DownstreamConfig, TwoTower
+
+logger = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 KS = (1, 10)
@@ -175,7 +178,7 @@ class RetrievalFit:
         return best[0], best[1]
 
 
-def run_retrieval(ctx: Context, seeds: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run_retrieval(ctx: Context, seeds: int) -> dict[str, Any]:
     s = ctx.settings.retrieval
     names = task_names(ctx)
     corpus = Corpus(ctx)
@@ -196,7 +199,7 @@ def run_retrieval(ctx: Context, seeds: int, log: Callable[[str], None]) -> dict[
             runs.append({"kind": kind, "seed": seed, "best_step": best_step, "best_val_hr10": round(best_val, 5),
                          "test": test, "test_returning": ev["returning"] if is_ret.any() else {},
                          "seconds": round(time.perf_counter() - t0, 1)})
-            log(f"  retrieval {ctx.dataset} seed {seed} {kind:8s} step {best_step:4d} val HR@10 {best_val:.4f} "
+            logger.info(f"  retrieval {ctx.dataset} seed {seed} {kind:8s} step {best_step:4d} val HR@10 {best_val:.4f} "
                 "test HR@10 " + ", ".join(f"{n} {v['hr@10']:.4f}" for n, v in test.items()) + f" "
                 f"({time.perf_counter() - t0:.0f} s)")
     out: dict[str, Any] = {"tasks": names, "corpus": len(corpus), "runs": runs,

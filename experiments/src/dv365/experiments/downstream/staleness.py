@@ -12,6 +12,7 @@ apart (de-quantized, flattened).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,10 +33,12 @@ from dv365.experiments.downstream.common import (
 from dv365.experiments.downstream.context import Context
 from dv365.train.metrics import mean_ne
 
+logger = logging.getLogger(__name__)
+
 MODELS = ("baseline", "fresh", "stale")
 
 
-def run_staleness(ctx: Context, seeds: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run_staleness(ctx: Context, seeds: int) -> dict[str, Any]:
     s = ctx.settings
     W = len(ctx.window_bounds)
     ne = {m: np.full((seeds, W), np.nan) for m in MODELS}
@@ -52,7 +55,7 @@ def run_staleness(ctx: Context, seeds: int, log: Callable[[str], None]) -> dict[
                 it = epochs(rows, s.downstream.batch_size, seed * 1000 + w)
                 for _ in range(s.staleness.passes * max(len(rows) // s.downstream.batch_size, 1)):
                     fit.step(next(it))
-        log(f"  staleness {ctx.dataset} seed {seed}: " + "; ".join(
+        logger.info(f"  staleness {ctx.dataset} seed {seed}: " + "; ".join(
             f"{m} NE " + " ".join(f"{x:.4f}" for x in ne[m][seed, 1:]) for m in MODELS)
             + f" ({time.perf_counter() - t0:.0f} s)")
     gain = {m: 100.0 * (1.0 - ne[m] / ne["baseline"]) for m in ("fresh", "stale")}  # [seeds, W]
