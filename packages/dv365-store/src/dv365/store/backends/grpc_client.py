@@ -16,7 +16,7 @@ import numpy as np
 
 from dv365.store.api import DEFAULT_KEEP, EmbeddingStore, Progress, RawLookup, VersionInfo
 from dv365.store.errors import StoreError, StoreUnavailableError
-from dv365.store.factory import reject_unknown
+from dv365.store.urls import reject_unknown
 from google.protobuf.message import DecodeError
 
 from dv365.store.grpc_common import (
