@@ -53,8 +53,8 @@ from dv365.store.api import (
 )
 from dv365.store.backends.rowfile import RowFile, RowFileWriter
 from dv365.store.errors import PublishError, StoreAuthError, StoreError, VersionNotFoundError
-from dv365.store.urls import parse_bool, reject_unknown
 from dv365.store.records import assemble
+from dv365.store.urls import parse_bool, reject_unknown
 
 _KEY = np.dtype([("seq", ">u4"), ("uid", ">u8")])
 _SIGN = np.uint64(1 << 63)
