@@ -1,11 +1,10 @@
 """`dv365 pipeline`: a cycle end to end, the second cycle's append + warm start + incremental export, a kill
 at every step followed by a rerun that publishes the same version, the lock, `dv365 status` (tiny SIMULATED
-data, the real LMDB store, real subprocesses killed with SIGKILL)."""
+data, the real LMDB store, real subprocesses killed with SIGKILL at named points by ``kill_at.py``)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import yaml
 from dv365.core.snapshot import read_manifest, read_shard
 from dv365.core.synth import SynthConfig, write_synth_dataset
 from dv365.core.timeline import TimelineDataset, appended_runs
-from dv365.export.pipeline import KILL_ENV, STEPS, Pipeline, PipelineConfig, PipelineError, parse_time
+from dv365.export.pipeline import STEPS, Pipeline, PipelineConfig, PipelineError, parse_time
 from dv365.store import open_store
 
 DAY = 86_400
@@ -35,6 +34,7 @@ TRAIN = {
     "checkpoint": {"every": 2, "keep": 2},
 }
 KILL_POINTS = ("ingest.mid", "train.checkpoint", "export.before_marker", "publish.chunk", "retain.before_marker")
+KILL_AT = Path(__file__).with_name("kill_at.py")  # runs the command, SIGKILLs it at a named point
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,9 @@ def write_config(root: Path, src: str, **extra: Any) -> Path:
 
 
 def dv365(root: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
-    if kill_at:
-        env[KILL_ENV] = kill_at
-    return subprocess.run([sys.executable, "-m", "dv365.core.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=root)
+    """``dv365 *args`` in a subprocess; with ``kill_at``, through :mod:`kill_at` (SIGKILLed at that point)."""
+    cmd = [str(KILL_AT), kill_at] if kill_at else ["-m", "dv365.core.cli"]
+    return subprocess.run([sys.executable, *cmd, *args], capture_output=True, text=True, timeout=600, cwd=root)
 
 
 def active_state(root: Path, users: np.ndarray) -> tuple[str, list[str], np.ndarray, np.ndarray]:

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("ingest", "train", "export", "publish", "retain")
 RECORD_FORMAT = "dv365.pipeline.record/1"
-#: test hook: ``DV365_PIPELINE_KILL_AT=<point>`` SIGKILLs the process at that point (see :func:`_fault_point`)
-KILL_ENV = "DV365_PIPELINE_KILL_AT"
 
 
 class PipelineError(Dv365Error, RuntimeError):
@@ -183,13 +180,6 @@ def parse_time(value: str | int | None) -> int | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return int(dt.timestamp())
-
-
-def _fault_point(point: str) -> None:
-    """Test hook: SIGKILL this process at ``point`` when ``$DV365_PIPELINE_KILL_AT`` names it (no clean-up,
-    like a machine loss); used by the kill-and-rerun tests."""
-    if os.environ.get(KILL_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -349,7 +339,6 @@ class Pipeline:
                 t = time.perf_counter()
                 out = getattr(self, f"_step_{step}")(c)
                 out["seconds"] = round(time.perf_counter() - t, 3)
-                _fault_point(f"{step}.before_marker")
                 _write_json(c.marker(step), out)
                 logger.info(f"   {step} done in {out['seconds']:.1f} s: {self._describe(step, out)}")
             record = self._record(c, time.time() - t0)
@@ -412,7 +401,6 @@ class Pipeline:
                 writer.add(**parts)
                 if b == 0:
                     writer.flush()
-                    _fault_point("ingest.mid")
         figures = {"rows": rows, "active_users": len(users), "window": [lo, c.as_of], "run_id": run_id}
         return {**figures, **self._ingest_figures(c, run_id, already=False)}
 
@@ -434,14 +422,6 @@ class Pipeline:
                           "checkpoint.warm_start": prev_model["model_dir"] if prev_model else None})
         cfg = TrainConfig.load(self.cfg.train_config, overrides)
         trainer = Trainer(cfg, progress=self.progress)
-        save = trainer.save
-
-        def save_then_maybe_die() -> Path:  # the kill test's mid-training point
-            path = save()
-            _fault_point("train.checkpoint")
-            return path
-
-        trainer.save = save_then_maybe_die  # type: ignore[method-assign]
         res = trainer.fit()
         ev = res.eval or {}
         return {"model_dir": str(self.model_dir(c)), "checkpoint": str(res.checkpoint), "steps": res.steps,
@@ -490,10 +470,7 @@ class Pipeline:
                 info = have[sid] if have[sid].active else store.activate(sid)
                 how = "already published"
             else:
-                def chunk(_n: int) -> None:
-                    _fault_point("publish.chunk")
-
-                info = store.publish(exp["snapshot"], progress=chunk)
+                info = store.publish(exp["snapshot"])
                 how = "published"
             pruned = store.prune()
             versions = [v.version for v in store.versions()]

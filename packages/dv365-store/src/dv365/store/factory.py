@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 from dv365.store.api import EmbeddingStore
 from dv365.store.errors import StoreError
+from dv365.store.urls import scheme_of, split_url
+
+__all__ = ["BACKENDS", "open_store", "scheme_of", "split_url"]  # the URL helpers live in dv365.store.urls
 
 # scheme -> (module, class, the extra that brings its client library)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -27,19 +29,6 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "grpc": ("dv365.store.backends.grpc_client", "GrpcStore", "grpc"),
     "grpcs": ("dv365.store.backends.grpc_client", "GrpcStore", "grpc"),
 }
-
-
-def split_url(url: str) -> tuple[str, dict[str, str]]:
-    """(the URL without its query, the query as a dict). Not urlunsplit: it turns ``lmdb:///p`` into ``lmdb:/p``."""
-    base, _, query = url.partition("?")
-    return base.partition("#")[0], dict(parse_qsl(query.partition("#")[0], keep_blank_values=True))
-
-
-def scheme_of(url: str) -> str:
-    scheme = urlsplit(url).scheme.lower()
-    if "://" not in url or len(scheme) <= 1:  # a bare path (or a Windows drive letter)
-        return "lmdb"
-    return scheme
 
 
 def open_store(url: str, **options: Any) -> EmbeddingStore:
@@ -65,19 +54,3 @@ def open_store(url: str, **options: Any) -> EmbeddingStore:
     base, query = split_url(url)
     return cls.from_url(base, **{**query, **options})  # type: ignore[no-any-return]
 
-
-def parse_bool(value: Any, name: str, url: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    s = str(value).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise StoreError(f"{url}: option {name}={value!r} is not a boolean")
-
-
-def reject_unknown(options: dict[str, Any], url: str, allowed: set[str]) -> None:
-    unknown = set(options) - allowed
-    if unknown:
-        raise StoreError(f"{url}: unknown option(s) {sorted(unknown)}; this backend takes {sorted(allowed)}")

@@ -7,7 +7,8 @@
 * :mod:`~dv365.train.losses` / :mod:`~dv365.train.metrics` -- Eq. 7-8 loss, Eq. 12 normalized entropy.
 * :mod:`~dv365.train.data` / :mod:`~dv365.train.trainer` / :mod:`~dv365.train.checkpoint` -- requests
   joined with timelines sliced at each request's time, seeded training, exact resume, warm start.
-* ``dv365 train --config run.yaml`` (:mod:`~dv365.train.cli`).
+* ``dv365 train --config run.yaml`` (:mod:`~dv365.train.cli` parses, :mod:`~dv365.train.launch` runs);
+  ``torchrun ... -m dv365.train.distributed`` on several processes (:mod:`~dv365.train.distributed`).
 
 Names load lazily (PEP 562), so the CLI's ``register`` does not import torchrec.
 """

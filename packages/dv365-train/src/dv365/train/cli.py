@@ -1,11 +1,10 @@
 """``dv365 train``: train the DV365 user tower inside the multi-task DLRM backbone (registered through the
-``dv365.commands`` entry-point group of this package)."""
+``dv365.commands`` entry-point group of this package). The handler parses the command line and calls
+:func:`dv365.train.launch.train`."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 from typing import Any
 
 import yaml
@@ -55,27 +54,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def summary(trainer: Any, result: Any | None, ev: dict[str, Any]) -> str:
-    """The final one-line summary."""
-    cfg = trainer.cfg
-    sim = "SIMULATED " if trainer.source.simulated else ""
-    parts = [f"dv365 train: {cfg.model.kind} on {sim}data {cfg.data.url} ({trainer.device})"]
-    if result is not None:
-        how = f" resumed at step {result.start_step}" if result.resumed_from else ""
-        how += " warm-started" if result.warm_started_from else ""
-        parts.append(f"steps {result.start_step}->{result.steps}{how} in {result.seconds:.1f} s "
-                     f"({result.examples_per_s:,.0f} examples/s), last train loss {result.train_loss:.4f}")
-    if ev:
-        tasks = ev["tasks"]
-        nes = ", ".join(f"{k} {v['ne']:.4f}" for k, v in tasks.items() if "ne" in v and not math.isnan(v["ne"]))
-        mses = ", ".join(f"{k} MSE {v['mse']:.4f}" for k, v in tasks.items() if "mse" in v)
-        parts.append(f"eval on {ev['examples']:,} requests: mean NE {ev['mean_ne']:.4f} ({nes})" + (f"; {mses}" if mses else ""))
-    ckpt = result.checkpoint if result is not None else None
-    if ckpt:
-        parts.append(f"checkpoint {ckpt}")
-    return "; ".join(parts)
-
-
 def _quiet_known_noise() -> None:
     """torchrec's KJT code trips a one-time torch.fx log line and Adagrad's sparse path a UserWarning on
     every run; neither is actionable for a user of this command."""
@@ -88,18 +66,9 @@ def _quiet_known_noise() -> None:
 
 def _main(args: argparse.Namespace) -> int:
     _quiet_known_noise()
-    from dv365.train.config import TrainConfig
-    from dv365.train.errors import CheckpointError
-    from dv365.train.trainer import Trainer
+    from dv365.train.launch import train
 
-    cfg = TrainConfig.load(args.config, _overrides(args))
-    trainer = Trainer(cfg)
-    if args.eval_only:
-        if trainer.resumed_from is None:
-            raise CheckpointError(f"--eval-only: no checkpoint in {cfg.checkpoint.dir}")
-        print(summary(trainer, None, trainer.evaluate()))
-        return 0
-    result = trainer.fit()
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun (--no-python dv365 train) only rank 0 reports
-        print(summary(trainer, result, result.eval))
+    line = train(args.config, _overrides(args), eval_only=args.eval_only)
+    if line is not None:  # None: a rank other than 0 under torchrun (--no-python dv365 train)
+        print(line)
     return 0

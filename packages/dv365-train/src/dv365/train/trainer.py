@@ -145,7 +145,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, device: str | torch.device | None = None, progress: bool | None = None) -> None:
         self.cfg = cfg
-        # under torchrun (WORLD_SIZE > 1): join the process group, one device per process (distributed.py)
+        # under torchrun (WORLD_SIZE > 1): join the process group, one device per process (dv365.train.distributed)
         self.dist: DistContext | None = None
         if env_world_size() > 1:
             self.dist = init_from_env(str(device) if device is not None else cfg.run.device)

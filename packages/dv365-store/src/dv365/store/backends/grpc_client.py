@@ -16,7 +16,6 @@ import numpy as np
 
 from dv365.store.api import DEFAULT_KEEP, EmbeddingStore, Progress, RawLookup, VersionInfo
 from dv365.store.errors import StoreError, StoreUnavailableError
-from dv365.store.factory import reject_unknown
 from google.protobuf.message import DecodeError
 
 from dv365.store.grpc_common import (
@@ -30,6 +29,7 @@ from dv365.store.grpc_common import (
 from dv365.store.proto import store_pb2 as pb
 from dv365.store.proto import store_pb2_grpc as pb_grpc
 from dv365.store.records import verify_payloads
+from dv365.store.urls import reject_unknown
 
 
 class GrpcStore(EmbeddingStore):

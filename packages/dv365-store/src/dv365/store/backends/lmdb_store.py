@@ -9,9 +9,8 @@ Layout::
     <dir>/rows/<seq>.rows       -> the version's users: sorted ids, checksums and payloads
                                    (dv365.store.backends.rowfile; immutable once committed)
 
-Stores written by dv365-store before the row files (version records without ``layout``) keep their users in
-LMDB database ``data`` (key seq (4 B BE) + user id (8 B BE, sign bit flipped), value payload || xxh3-64) and
-are still read (and deleted) that way.
+Versions of the ``records`` layout (version records without ``layout``) keep their users in LMDB database
+``data`` (key seq (4 B BE) + user id (8 B BE, sign bit flipped), value payload || xxh3-64).
 
 Why it is crash-safe and atomic: a version's row file is written and fsynced completely before the LMDB write
 transaction that marks the version ready (copy-on-write B+tree, fsync on commit), and never changes after;
@@ -54,15 +53,15 @@ from dv365.store.api import (
 )
 from dv365.store.backends.rowfile import RowFile, RowFileWriter
 from dv365.store.errors import PublishError, StoreAuthError, StoreError, VersionNotFoundError
-from dv365.store.factory import parse_bool, reject_unknown
 from dv365.store.records import assemble
+from dv365.store.urls import parse_bool, reject_unknown
 
 _KEY = np.dtype([("seq", ">u4"), ("uid", ">u8")])
 _SIGN = np.uint64(1 << 63)
 _ACTIVE = b"active"
 _SEQ = b"seq"
 _VPREFIX = b"version:"
-ROWS = "rows"  # the layout of versions published by this code (older records have none: per-user LMDB values)
+ROWS = "rows"  # the row-file layout (records-layout versions have no layout key: per-user LMDB values)
 _ROW_FILES_CACHED = 4  # row files kept mapped per process (a deleted version's space is freed on eviction)
 
 
@@ -70,7 +69,7 @@ _ROW_FILES_CACHED = 4  # row files kept mapped per process (a deleted version's 
 class _Version:
     info: VersionInfo
     seq: int
-    layout: str | None  # ROWS, or None for the per-user LMDB layout of older stores
+    layout: str | None  # ROWS, or None for the records layout (per-user LMDB values)
 
 
 def record_keys(seq: int, ids: np.ndarray) -> list[bytes]:
@@ -93,9 +92,8 @@ class LmdbStore(EmbeddingStore):
             directory should use the same value (the default, 1024 GiB, fits 140M users x 4 versions).
 
         layout: how new versions store their users: ``"rows"`` (default: one memory-mapped row file per
-            version, :mod:`~dv365.store.backends.rowfile`) or ``"records"`` (one LMDB value per user, the layout
-            of dv365-store before row files: for stores that readers of that older code still read). Versions
-            of either layout are read by this code.
+            version, :mod:`~dv365.store.backends.rowfile`) or ``"records"`` (one LMDB value per user: for stores
+            that dv365-store readers without row-file support must read). Versions of either layout are read.
 
     URL options: ``keep``, ``mode=ro`` (or ``readonly=1``), ``map_size_gb``, ``layout``, and ``prefault=1``
     (call :meth:`prefault` when opening, and map each row file's pages when it is first read: for long-running
@@ -214,7 +212,7 @@ class LmdbStore(EmbeddingStore):
             raise StoreError(f"{self.url}: read failed: {e}") from e
 
     def _read_records(self, txn: lmdb.Transaction, info: VersionInfo, seq: int, ids: np.ndarray) -> RawLookup:
-        # the per-user layout of older stores. map(txn.get, keys): values are zero-copy views into the map,
+        # the records layout (per-user LMDB values). map(txn.get, keys): values are zero-copy views into the map,
         # fetched one at a time as assemble copies them
         payload, present, checksums, errors = assemble(map(txn.get, record_keys(seq, ids)), ids, info.row_format,
                                                        f"{self.url} version {info.version!r}")

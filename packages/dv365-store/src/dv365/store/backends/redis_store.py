@@ -46,8 +46,8 @@ from dv365.store.errors import (
     StoreUnavailableError,
     VersionNotFoundError,
 )
-from dv365.store.factory import reject_unknown
 from dv365.store.records import assemble
+from dv365.store.urls import reject_unknown
 
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 MSET_KEYS = 256  # keys per MSET while publishing (~2 MB per command)

@@ -5,6 +5,9 @@ Launch (the same config as ``dv365 train``; every ``dv365 train`` option works):
     torchrun --nproc_per_node 2 -m dv365.train.distributed --config run.yaml [--steps N] [--set KEY=VALUE]
     torchrun --nproc_per_node 2 --no-python dv365 train --config run.yaml      # the same thing
 
+(``-m dv365.train.distributed`` runs this package's ``__main__``: the worker entry, which sits above
+:mod:`~dv365.train.cli` and the trainer; this module is imported by the trainer and imports neither.)
+
 :class:`~dv365.train.trainer.Trainer` sees ``WORLD_SIZE > 1`` in the environment (set by ``torchrun``) and
 then:
 
@@ -34,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -328,33 +330,3 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     dist.all_reduce(x)
     return x.to(t.device)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dv365.train.distributed --config ...`` under ``torchrun``: ``dv365 train`` on every rank
-    (the Trainer joins the process group); only rank 0 prints."""
-    import argparse
-
-    from dv365.train import cli
-
-    parser = argparse.ArgumentParser(prog="torchrun ... -m dv365.train.distributed",
-                                     description="dv365 train under torchrun (see docs/train.md)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli.register(sub)
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        args.no_progress = True
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) if rank != 0 else contextlib.nullcontext():
-            rc = int(args.func(args))
-    except (TrainConfigError, Exception) as e:  # noqa: BLE001 - report, then let torchrun see the failure
-        print(f"dv365 train (rank {rank}): error: {type(e).__name__}: {e}", file=sys.stderr)
-        rc = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())
