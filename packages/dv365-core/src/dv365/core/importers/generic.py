@@ -21,7 +21,6 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence, cast
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +30,7 @@ import yaml
 
 from dv365.core.catalog import Catalog
 from dv365.core.errors import DatasetError, Dv365Error
+from dv365.core.fsio import url_to_fs
 from dv365.core.importers import ImportSummary
 from dv365.core.timeline import DatasetWriter, schema_for
 from dv365.core.validation import REQUIRED, ValidationPolicy
@@ -61,13 +61,13 @@ def join_url(base: str, name: str) -> str:
 
 
 def url_exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(str(url))
+    fs, path = url_to_fs(url)
     return bool(fs.exists(path))
 
 
 def read_bytes(url: str) -> bytes:
     """Whole content of a file; :class:`DatasetError` naming it if it is not there."""
-    fs, path = fsspec.core.url_to_fs(str(url))
+    fs, path = url_to_fs(url)
     if not fs.exists(path):
         raise DatasetError(f"{url}: file not found")
     with fs.open(path, "rb", compression="infer") as f:
@@ -77,7 +77,7 @@ def read_bytes(url: str) -> bytes:
 def _open(url: str, data: bytes | None) -> ContextManager[Any]:
     if data is not None:
         return io.BytesIO(data)
-    fs, path = fsspec.core.url_to_fs(str(url))
+    fs, path = url_to_fs(url)
     if not fs.exists(path):
         raise DatasetError(f"{url}: file not found")
     return cast(ContextManager[Any], fs.open(path, "rb", compression="infer"))
