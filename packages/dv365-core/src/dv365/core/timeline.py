@@ -1,4 +1,6 @@
-"""UniTi timelines (paper §2.1): Arrow schemas, the in-memory columnar form, and the Parquet dataset.
+"""UniTi timelines (paper §2.1): the in-memory columnar form and the Parquet dataset.
+
+The Arrow schemas of the three table kinds are defined in :mod:`dv365.core.schema` and re-exported here.
 
 On disk a UniTi dataset is a directory (any fsspec URL: a local path, ``memory://``, ``s3://``...)::
 
@@ -30,6 +32,10 @@ import pyarrow.parquet as pq
 
 from dv365.core.errors import DatasetError
 from dv365.core.fsio import open_atomic, url_to_fs
+from dv365.core.schema import EXPLICIT_SCHEMA as EXPLICIT_SCHEMA  # re-exported: part of the timeline API
+from dv365.core.schema import IMPLICIT_SCHEMA as IMPLICIT_SCHEMA
+from dv365.core.schema import REQUEST_SCHEMA as REQUEST_SCHEMA
+from dv365.core.schema import schema_for as schema_for
 from dv365.core.validation import (
     Kind,
     ValidationPolicy,
@@ -42,41 +48,6 @@ from dv365.core.vocab import Vocabulary
 FORMAT = "dv365.uniti"
 FORMAT_VERSION = 1
 EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
-
-_MEDIA_FIELDS = [
-    pa.field("user_id", pa.int64(), nullable=False),
-    pa.field("ts", pa.int64(), nullable=False),  # unix seconds, UTC
-    pa.field("media_id", pa.int64(), nullable=False),
-    pa.field("author_id", pa.int64()),  # null: unknown author
-    pa.field("topic_ids", pa.list_(pa.int64())),
-    pa.field("media_type", pa.string()),
-]
-EXPLICIT_SCHEMA = pa.schema(
-    _MEDIA_FIELDS
-    + [
-        pa.field("action", pa.string(), nullable=False),
-        pa.field("surface", pa.string()),
-        pa.field("value", pa.float32()),  # optional action value (a MovieLens rating); null if none
-    ]
-)
-IMPLICIT_SCHEMA = pa.schema(
-    _MEDIA_FIELDS
-    + [
-        pa.field("surface", pa.string()),
-        pa.field("video_duration", pa.float32()),  # seconds; null: not a video
-        pa.field("dwell_time", pa.float32(), nullable=False),  # seconds
-    ]
-)
-# Training requests: the target item at request time ``ts`` plus any number of float ``label_*`` columns.
-REQUEST_SCHEMA = pa.schema(_MEDIA_FIELDS + [pa.field("surface", pa.string()), pa.field("video_duration", pa.float32())])
-
-
-def schema_for(kind: str) -> pa.Schema:
-    """The Arrow schema of ``"explicit"``, ``"implicit"`` or ``"requests"`` tables."""
-    try:
-        return {"explicit": EXPLICIT_SCHEMA, "implicit": IMPLICIT_SCHEMA, "requests": REQUEST_SCHEMA}[kind]
-    except KeyError:
-        raise ValueError(f"unknown table kind {kind!r}; expected explicit, implicit or requests") from None
 
 
 def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
