@@ -350,14 +350,16 @@ def _variants() -> list[SliceSpec]:
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_numba_backend_matches_numpy_backend(seed: int) -> None:
+    from dv365.core.slicing.numba_backend import NumbaSlicer
+
     tl, r = _random_timelines(seed)
     for spec in _variants():
         expect = Slicer(spec, tl.vocab, backend="numpy").slice(tl, r)
         fast = Slicer(spec, tl.vocab, backend="numba")
         _assert_same_bags(expect, fast.slice(tl, r))
         _assert_same_bags(expect, fast.slice(tl, r))  # reused per-thread buffers and caches
-        assert fast._fused is not None
-        fast._fused.derive = False  # every author / topic bag counted from its occurrences
+        assert isinstance(fast._impl, NumbaSlicer)
+        fast._impl.derive = False  # every author / topic bag counted from its occurrences
         _assert_same_bags(expect, fast.slice(tl, r))
 
 
@@ -367,11 +369,11 @@ def test_numba_backend_matches_numpy_on_generated_long_histories(cache_slots: in
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Catalog-consistent SIMULATED users (author / topics are item attributes: the derived bags), rows
     longer than one kernel block; with a 2-slot duration cache, items evict each other's entries."""
-    import dv365.core.slicing as slicing
+    import dv365.core.slicing.numba_backend as numba_backend
     from dv365.core.synth import SynthConfig, generate_timelines
 
     if cache_slots:
-        monkeypatch.setattr(slicing, "_DURATION_CACHE", cache_slots)
+        monkeypatch.setattr(numba_backend, "_DURATION_CACHE", cache_slots)
     tl = generate_timelines(SynthConfig(users=6, mean_events=3000, seed=1))
     last = np.array([max(int(t.ts[t.offsets[i + 1] - 1]) if t.lengths[i] else 0 for t in (tl.explicit, tl.implicit))
                      for i in range(len(tl))])
@@ -407,7 +409,7 @@ def test_backend_choice_and_missing_numba(monkeypatch: pytest.MonkeyPatch) -> No
     assert Slicer(spec, Vocabulary(), backend="auto").backend == ("numba" if HAS_NUMBA else "numpy")
     with pytest.raises(ValueError, match="backend must be one of"):
         Slicer(spec, Vocabulary(), backend="cuda")
-    monkeypatch.setitem(sys.modules, "dv365.core._slicing_numba", None)  # as if numba were not installed
+    monkeypatch.setitem(sys.modules, "dv365.core.slicing.numba_backend", None)  # as if numba were not installed
     assert Slicer(spec, Vocabulary(), backend="auto").backend == "numpy"
     with pytest.raises(ImportError, match=r"pip install 'dv365-core\[fast\]'"):
         Slicer(spec, Vocabulary(), backend="numba")

@@ -14,7 +14,7 @@ from dv365.core.__about__ import __version__
 
 _LAZY = {
     "DatasetError": "errors", "Dv365Error": "errors", "SliceSpecError": "errors", "TimelineError": "errors",
-    "EXPLICIT_SCHEMA": "timeline", "IMPLICIT_SCHEMA": "timeline", "REQUEST_SCHEMA": "timeline",
+    "EXPLICIT_SCHEMA": "schema", "IMPLICIT_SCHEMA": "schema", "REQUEST_SCHEMA": "schema",
     "DatasetWriter": "timeline", "EventTable": "timeline", "TimelineDataset": "timeline", "Timelines": "timeline",
     "ValidationPolicy": "validation", "ValidationReport": "validation", "validate_table": "validation",
     "Vocabulary": "vocab", "SliceSpec": "slicing", "Slicer": "slicing", "SlicedBatch": "slicing",

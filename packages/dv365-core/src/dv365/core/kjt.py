@@ -5,16 +5,31 @@ without a host sync (``length_per_key``/``offset_per_key`` are passed in), and :
 gives the matching ``EmbeddingBagConfig`` list: one table per table-sharing group of the spec, SUM
 pooling (the per-sample weights already hold ``count/len`` or ``s/sum(s)``, so SUM is the paper's mean /
 weighted-mean pooling).
+
+:func:`to_kjt` reads a batch through the :class:`KeyedBags` protocol, so this module depends on the slice
+spec only and ``SlicedBatch.to_kjt()`` can call it without an import circle.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from dv365.core.slicing import SlicedBatch, SliceSpec
+from dv365.core.slicing.spec import SliceSpec
+
+
+class KeyedBags(Protocol):
+    """Bags in KJT key-major layout, as :class:`~dv365.core.slicing.SlicedBatch` holds them."""
+
+    keys: list[str]
+    batch_size: int
+    values: np.ndarray  # [total] int64
+    weights: np.ndarray  # [total] float32
+    lengths: np.ndarray  # [N * B]
+
+    def length_per_key(self) -> np.ndarray: ...
 
 
 def _torchrec() -> Any:
@@ -26,7 +41,7 @@ def _torchrec() -> Any:
     return torchrec
 
 
-def to_kjt(batch: SlicedBatch, device: torch.device | str | None = None) -> Any:
+def to_kjt(batch: KeyedBags, device: torch.device | str | None = None) -> Any:
     """A weighted KJT with one key per feature and ``batch.batch_size`` bags per key.
 
     Example::

@@ -21,12 +21,12 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dv365.core.errors import Dv365Error
+from dv365.core.fsio import url_to_fs, write_bytes_atomic
 from dv365.core.quantize import RowFormat
 
 MANIFEST = "manifest.json"
@@ -111,11 +111,6 @@ class SnapshotManifest:
         return m
 
 
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/") or "/"
-
-
 def _crc32(payload: np.ndarray) -> np.ndarray:
     return np.fromiter((zlib.crc32(row.tobytes()) for row in payload), dtype=np.uint32, count=len(payload))
 
@@ -136,15 +131,13 @@ def write_shard(url: str, name: str, user_ids: np.ndarray, payload: np.ndarray, 
         raise SnapshotError(f"shard {name}: user {dup} appears more than once")
     emb = pa.FixedSizeBinaryArray.from_buffers(pa.binary(fmt.user_bytes), len(ids), [None, pa.py_buffer(data.tobytes())])
     table = pa.table({"user_id": pa.array(ids, pa.int64()), "embedding": emb, "crc32": pa.array(_crc32(data), pa.uint32())})
-    fs, root = _fs(url)
+    fs, root = url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
     path = posixpath.join(root, name)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="none")
     blob = sink.getvalue().to_pybytes()
-    with fs.open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    fs.mv(path + ".tmp", path)
+    write_bytes_atomic(fs, path, blob)
     return ShardInfo(name, len(ids), len(blob), hashlib.sha256(blob).hexdigest(),
                      int(ids[0]) if len(ids) else -1, int(ids[-1]) if len(ids) else -1)
 
@@ -152,7 +145,7 @@ def write_shard(url: str, name: str, user_ids: np.ndarray, payload: np.ndarray, 
 def read_shard(url: str, info: ShardInfo, fmt: RowFormat, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(user_ids [U], payload [U, user_bytes] uint8) of one shard; with ``verify`` the file's sha256 and
     every embedding's crc32 are checked (SnapshotError naming the shard and user otherwise)."""
-    fs, root = _fs(url)
+    fs, root = url_to_fs(url)
     path = posixpath.join(root, info.path)
     if not fs.exists(path):
         raise SnapshotError(f"{url}: shard {info.path} is missing")
@@ -174,15 +167,12 @@ def read_shard(url: str, info: ShardInfo, fmt: RowFormat, *, verify: bool = True
 
 def write_manifest(url: str, manifest: SnapshotManifest) -> None:
     """Publishes the snapshot: ``manifest.json`` is written last and atomically."""
-    fs, root = _fs(url)
-    path = posixpath.join(root, MANIFEST)
-    with fs.open(path + ".tmp", "w") as f:
-        f.write(manifest.to_json())
-    fs.mv(path + ".tmp", path)
+    fs, root = url_to_fs(url)
+    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), manifest.to_json().encode())
 
 
 def read_manifest(url: str) -> SnapshotManifest:
-    fs, root = _fs(url)
+    fs, root = url_to_fs(url)
     path = posixpath.join(root, MANIFEST)
     if not fs.exists(path):
         raise SnapshotError(f"{url}: no complete snapshot here (manifest.json not found)")

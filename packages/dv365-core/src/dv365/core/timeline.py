@@ -1,4 +1,6 @@
-"""UniTi timelines (paper §2.1): Arrow schemas, the in-memory columnar form, and the Parquet dataset.
+"""UniTi timelines (paper §2.1): the in-memory columnar form and the Parquet dataset.
+
+The Arrow schemas of the three table kinds are defined in :mod:`dv365.core.schema` and re-exported here.
 
 On disk a UniTi dataset is a directory (any fsspec URL: a local path, ``memory://``, ``s3://``...)::
 
@@ -24,12 +26,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dv365.core.errors import DatasetError
+from dv365.core.fsio import open_atomic, url_to_fs
+from dv365.core.schema import EXPLICIT_SCHEMA as EXPLICIT_SCHEMA  # re-exported: part of the timeline API
+from dv365.core.schema import IMPLICIT_SCHEMA as IMPLICIT_SCHEMA
+from dv365.core.schema import REQUEST_SCHEMA as REQUEST_SCHEMA
+from dv365.core.schema import schema_for as schema_for
 from dv365.core.validation import (
     Kind,
     ValidationPolicy,
@@ -42,41 +48,6 @@ from dv365.core.vocab import Vocabulary
 FORMAT = "dv365.uniti"
 FORMAT_VERSION = 1
 EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
-
-_MEDIA_FIELDS = [
-    pa.field("user_id", pa.int64(), nullable=False),
-    pa.field("ts", pa.int64(), nullable=False),  # unix seconds, UTC
-    pa.field("media_id", pa.int64(), nullable=False),
-    pa.field("author_id", pa.int64()),  # null: unknown author
-    pa.field("topic_ids", pa.list_(pa.int64())),
-    pa.field("media_type", pa.string()),
-]
-EXPLICIT_SCHEMA = pa.schema(
-    _MEDIA_FIELDS
-    + [
-        pa.field("action", pa.string(), nullable=False),
-        pa.field("surface", pa.string()),
-        pa.field("value", pa.float32()),  # optional action value (a MovieLens rating); null if none
-    ]
-)
-IMPLICIT_SCHEMA = pa.schema(
-    _MEDIA_FIELDS
-    + [
-        pa.field("surface", pa.string()),
-        pa.field("video_duration", pa.float32()),  # seconds; null: not a video
-        pa.field("dwell_time", pa.float32(), nullable=False),  # seconds
-    ]
-)
-# Training requests: the target item at request time ``ts`` plus any number of float ``label_*`` columns.
-REQUEST_SCHEMA = pa.schema(_MEDIA_FIELDS + [pa.field("surface", pa.string()), pa.field("video_duration", pa.float32())])
-
-
-def schema_for(kind: str) -> pa.Schema:
-    """The Arrow schema of ``"explicit"``, ``"implicit"`` or ``"requests"`` tables."""
-    try:
-        return {"explicit": EXPLICIT_SCHEMA, "implicit": IMPLICIT_SCHEMA, "requests": REQUEST_SCHEMA}[kind]
-    except KeyError:
-        raise ValueError(f"unknown table kind {kind!r}; expected explicit, implicit or requests") from None
 
 
 def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -317,11 +288,6 @@ class DatasetMeta:
             raise DatasetError(f"{where}: _dataset.json is incomplete or malformed: {type(e).__name__}: {e}") from e
 
 
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/") or "/"
-
-
 class DatasetWriter:
     """Writes a UniTi dataset: validates, hash-partitions by user, sorts, writes Parquet parts.
 
@@ -359,7 +325,7 @@ class DatasetWriter:
         if run_id is not None and not (run_id and all(c.isalnum() or c in "_." for c in run_id)):
             raise ValueError(f"run_id must be letters, digits, '_' or '.', got {run_id!r}")
         self.url = url
-        self.fs, self.root = _fs(url)
+        self.fs, self.root = url_to_fs(url)
         meta_path = posixpath.join(self.root, "_dataset.json")
         if mode == "append":
             if not self.fs.exists(meta_path):
@@ -433,10 +399,8 @@ class DatasetWriter:
             d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
             self.fs.makedirs(d, exist_ok=True)
             path = posixpath.join(d, f"part-{self._run}-{self._part:05d}.parquet")
-            tmp = path + ".tmp"
-            with self.fs.open(tmp, "wb") as f:
+            with open_atomic(self.fs, path) as f:
                 pq.write_table(t, f, compression="zstd", row_group_size=256_000)
-            self.fs.mv(tmp, path)
         self._part += 1
         self._buf.clear()
         self._buf_rows = 0
@@ -468,7 +432,7 @@ class DatasetWriter:
 def remove_run_parts(url: str, run_id: str) -> int:
     """Deletes the part files one :class:`DatasetWriter` ``run_id`` wrote (e.g. an append killed mid-way,
     before it is redone); returns how many. Other runs' files are untouched."""
-    fs, root = _fs(url)
+    fs, root = url_to_fs(url)
     n = 0
     for kind in ("explicit", "implicit", "requests"):
         d = posixpath.join(root, kind)
@@ -501,7 +465,7 @@ class TimelineDataset:
 
     def __init__(self, url: str, *, _meta: DatasetMeta | None = None) -> None:
         self.url = url
-        self.fs, self.root = _fs(url)
+        self.fs, self.root = url_to_fs(url)
         if _meta is None:
             meta_path = posixpath.join(self.root, "_dataset.json")
             if not self.fs.exists(meta_path):
@@ -622,7 +586,7 @@ class TimelineDataset:
 def remove_dataset(url: str) -> bool:
     """Deletes the dv365 dataset at ``url`` (``_dataset.json`` first, then its kind folders); returns
     whether there was one. Refuses (DatasetError) if the folder holds files dv365 did not write."""
-    fs, root = _fs(url)
+    fs, root = url_to_fs(url)
     if not fs.exists(root):
         return False
     entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]

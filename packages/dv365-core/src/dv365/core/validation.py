@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dv365.core.errors import TimelineError
+from dv365.core.schema import schema_for
 from dv365.core.vocab import Vocabulary
 
 Kind = Literal["explicit", "implicit", "requests"]
@@ -387,8 +388,6 @@ def validate_table(
     Raises:
         TimelineError: in ``raise`` mode, for the first bad record; in any mode for a missing required column.
     """
-    from dv365.core.timeline import schema_for  # local: timeline imports this module
-
     schema = schema_for(kind)
     for name in REQUIRED[kind]:
         if name not in table.column_names:

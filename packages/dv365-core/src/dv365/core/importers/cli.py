@@ -172,7 +172,7 @@ def _policy(args: argparse.Namespace) -> Any:
 
 def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     """``["a=b", ...]`` -> ``{"a": "b"}``; a malformed item raises :class:`MappingError`."""
-    from dv365.core.importers.generic import MappingError
+    from dv365.core.importers.common import MappingError
 
     out: dict[str, str] = {}
     for item in items:
@@ -197,7 +197,7 @@ def _run_movielens(args: argparse.Namespace) -> int:
 
 
 def _run_kuairand(args: argparse.Namespace) -> int:
-    from dv365.core.importers.generic import MappingError
+    from dv365.core.importers.common import MappingError
     from dv365.core.importers.kuairand import DEFAULT_TAB_SURFACES, import_kuairand
 
     tabs: dict[int, str] = dict(DEFAULT_TAB_SURFACES)
@@ -210,7 +210,8 @@ def _run_kuairand(args: argparse.Namespace) -> int:
 
 
 def _run_generic(args: argparse.Namespace) -> int:
-    from dv365.core.importers.generic import MappingError, import_generic, read_mapping_file
+    from dv365.core.importers.common import MappingError
+    from dv365.core.importers.generic import import_generic, read_mapping_file
 
     conf: dict[str, Any] = read_mapping_file(args.mapping_file) if args.mapping_file else {}
     mapping = {**conf.get("map", {}), **_pairs(args.map, "--map")}

@@ -29,8 +29,16 @@ import numpy as np
 import pyarrow as pa
 
 from dv365.core.catalog import Catalog, load_kuairand_catalog
-from dv365.core.importers import ImportSummary
-from dv365.core.importers.generic import Log, MappingError, Part, block_origin, gather_topics, iter_csv, write_parts
+from dv365.core.importers.common import (
+    ImportSummary,
+    Log,
+    MappingError,
+    Part,
+    block_origin,
+    gather_topics,
+    iter_csv,
+    write_parts,
+)
 from dv365.core.validation import ValidationPolicy
 from dv365.core.vocab import DEFAULT_SURFACES
 

@@ -26,8 +26,8 @@ import pyarrow as pa
 
 from dv365.core.catalog import Catalog
 from dv365.core.errors import DatasetError
-from dv365.core.importers import ImportSummary
-from dv365.core.importers.generic import (
+from dv365.core.importers.common import (
+    ImportSummary,
     Log,
     Part,
     block_origin,

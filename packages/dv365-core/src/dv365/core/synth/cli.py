@@ -80,9 +80,9 @@ def _main(args: argparse.Namespace) -> int:
 
 def _unsafe_output(url: str) -> str:
     """Why writing to ``url`` could destroy files (a non-empty folder that is not a dv365 dataset), or ''."""
-    import fsspec
+    from dv365.core.fsio import url_to_fs
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     if not fs.exists(path) or fs.exists(path.rstrip("/") + "/_dataset.json"):
         return ""  # new folder, or an existing dataset (the writer refuses to overwrite it)
     if not fs.isdir(path):

@@ -1,0 +1,219 @@
+"""What every importer shares: the :class:`ImportSummary` base, the parts fed to the writer, and the
+file helpers (fsspec input, block-wise CSV reading, catalog topic gathering, :func:`write_parts`).
+
+Files are read through fsspec (a local path, ``memory://``, ``s3://``, ...); ``.gz``/``.bz2``/``.zst``/``.xz``
+CSVs are decompressed on the fly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence, cast
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from dv365.core.catalog import Catalog
+from dv365.core.errors import DatasetError, Dv365Error
+from dv365.core.fsio import url_to_fs
+from dv365.core.timeline import DatasetWriter
+from dv365.core.validation import ValidationPolicy
+
+Log = Callable[[str], None]
+# One table for the writer: (kind, table, name of its origin for error messages, e.g. "ratings.csv").
+Part = tuple[str, pa.Table, str]
+
+
+class MappingError(Dv365Error, ValueError):
+    """A column mapping is unusable (unknown UniTi field, missing required field, bad unit...)."""
+
+
+_BASE_FIELDS = ("source", "url", "users", "explicit_events", "implicit_events", "requests", "validation")
+
+
+@dataclass
+class ImportSummary:
+    """What one import wrote; each importer subclasses it to add its own input counts (int fields).
+
+    Args:
+        source: the dataset's ``source`` tag (e.g. ``"movielens:ml-latest-small"``).
+        url: where the UniTi dataset was written.
+        users: users with at least one event.
+        explicit_events: explicit events written (after validation).
+        implicit_events: implicit events written (after validation).
+        requests: request rows written (after validation).
+        validation: the writer's validation summary, one clause per table kind.
+
+    Example::
+
+        s = import_movielens(src, "memory://ml")
+        s.users, s.events, s.counts()  # 610, 104519, {"ratings": 100836, "tags": 3683, ...}
+        print(s.line())
+    """
+
+    source: str = ""
+    url: str = ""
+    users: int = 0
+    explicit_events: int = 0
+    implicit_events: int = 0
+    requests: int = 0
+    validation: str = ""
+
+    @property
+    def events(self) -> int:
+        """Explicit plus implicit events written."""
+        return self.explicit_events + self.implicit_events
+
+    def counts(self) -> dict[str, int]:
+        """The importer-specific input counts (the int fields a subclass adds), in declaration order."""
+        out: dict[str, int] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name not in _BASE_FIELDS and isinstance(v, int) and not isinstance(v, bool):
+                out[f.name] = v
+        return out
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints last."""
+        parts = [f"{self.users:,} users"] + [f"{v:,} {k.replace('_', ' ')}" for k, v in self.counts().items()]
+        parts.append(f"{self.events:,} events ({self.explicit_events:,} explicit, {self.implicit_events:,} implicit)")
+        parts.append(f"{self.requests:,} requests")
+        return f"imported {self.source} -> {self.url}: {', '.join(parts)}; validation: {self.validation or 'n/a'}"
+
+
+def join_url(base: str, name: str) -> str:
+    """``base/name`` for a local path or an fsspec URL."""
+    return str(base).rstrip("/") + "/" + name
+
+
+def url_exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return bool(fs.exists(path))
+
+
+def read_bytes(url: str) -> bytes:
+    """Whole content of a file; :class:`DatasetError` naming it if it is not there."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        raise DatasetError(f"{url}: file not found")
+    with fs.open(path, "rb", compression="infer") as f:
+        return cast(bytes, f.read())
+
+
+def open_input(url: str, data: bytes | None) -> ContextManager[Any]:
+    """``url`` opened for binary reading (decompressed by its suffix), or ``data`` when given."""
+    if data is not None:
+        return io.BytesIO(data)
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        raise DatasetError(f"{url}: file not found")
+    return cast(ContextManager[Any], fs.open(path, "rb", compression="infer"))
+
+
+def csv_header(url: str, delimiter: str = ",", data: bytes | None = None) -> list[str]:
+    """Column names in the first line of a delimited file (a UTF-8 BOM is ignored)."""
+    with open_input(url, data) as f:
+        first = f.readline()
+    text = first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    return next(csv.reader([text], delimiter=delimiter), [])
+
+
+def require_columns(present: Sequence[str], needed: Iterable[str], where: str) -> None:
+    """Raises :class:`DatasetError` naming the file and every missing column."""
+    missing = [c for c in dict.fromkeys(needed) if c not in present]
+    if missing:
+        names = ", ".join(repr(c) for c in missing)
+        raise DatasetError(f"{where}: missing column{'s' if len(missing) > 1 else ''} {names} "
+                           f"(columns present: {', '.join(present) or 'none'})")
+
+
+def iter_csv(
+    url: str,
+    columns: Sequence[str],
+    *,
+    column_types: Mapping[str, pa.DataType] | None = None,
+    delimiter: str = ",",
+    column_names: Sequence[str] | None = None,
+    quoted: bool = True,
+    data: bytes | None = None,
+    block_size: int = 1 << 24,
+) -> Iterator[pa.Table]:
+    """Reads ``columns`` of a delimited file block by block (pyarrow.csv, constant memory).
+
+    Args:
+        url: the file (local path or fsspec URL); also the name used in error messages.
+        columns: the columns to read; a missing one raises :class:`DatasetError` naming it and the file.
+        column_types: Arrow types to parse columns as (others are inferred); empty cells are nulls.
+        delimiter: field separator.
+        column_names: names for a file without a header line.
+        quoted: whether ``"`` quotes fields.
+        data: parse these bytes instead of reading ``url``.
+        block_size: bytes per block (one yielded table per block).
+    """
+    if column_names is None:
+        require_columns(csv_header(url, delimiter, data), columns, url)
+    else:
+        require_columns(column_names, columns, url)
+    read = pacsv.ReadOptions(column_names=list(column_names) if column_names else None, block_size=block_size)
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False)
+    conv = pacsv.ConvertOptions(include_columns=list(dict.fromkeys(columns)), column_types=dict(column_types or {}),
+                                strings_can_be_null=True)
+    try:
+        with open_input(url, data) as f:
+            for batch in pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv):
+                yield pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{url}: cannot parse: {e}") from e
+
+
+def block_origin(name: str, first_row: int) -> str:
+    """How validation errors name a block of a file: ``"log.csv"`` or ``"log.csv [rows 1,048,576+]"``
+    (the error's ``record`` then counts from that data row)."""
+    return name if first_row == 0 else f"{name} [rows {first_row:,}+]"
+
+
+def gather_topics(catalog: Catalog, rows: np.ndarray) -> pa.ListArray:
+    """Topic-id lists of catalog ``rows`` (as from :meth:`Catalog.index_of`); row -1 gives an empty list."""
+    rows = np.asarray(rows, dtype=np.int64)
+    ok = rows >= 0
+    safe = np.where(ok, rows, 0)
+    starts = catalog.tag_offsets[safe] if len(catalog) else np.zeros(len(rows), np.int64)
+    ends = catalog.tag_offsets[safe + 1] if len(catalog) else starts
+    lens = np.where(ok, ends - starts, 0)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    idx = np.repeat(starts - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(catalog.tag_values[idx], pa.int64()))
+
+
+def write_parts(
+    out_url: str | os.PathLike[str],
+    parts: Iterable[Part],
+    *,
+    source: str,
+    extra: Mapping[str, Any],
+    num_buckets: int,
+    policy: ValidationPolicy,
+) -> dict[str, Any]:
+    """Feeds ``(kind, table, origin)`` parts to a :class:`DatasetWriter` (real data: ``simulated=False``).
+
+    Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
+    """
+    w = DatasetWriter(str(out_url), num_buckets=num_buckets, source=source, simulated=False, policy=policy,
+                      extra=dict(extra))
+    for kind, table, origin in parts:
+        w.add(explicit=table if kind == "explicit" else None, implicit=table if kind == "implicit" else None,
+              requests=table if kind == "requests" else None, source=origin)
+    stats = w.close().stats
+    return {
+        "source": source,
+        "url": str(out_url),
+        "users": int(stats.get("users", 0)),
+        "explicit_events": int(stats.get("explicit_events", 0)),
+        "implicit_events": int(stats.get("implicit_events", 0)),
+        "requests": w.report["requests"].records_out,
+        "validation": "; ".join(f"{k} {v}" for k, v in stats.get("validation", {}).items()),
+    }
