@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
-
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -16,12 +16,18 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from dv365.core.timeline import schema_for
-from dv365.core.vocab import Vocabulary
+from dv365.core.timeline import schema_for  # noqa: E402 - after the hypothesis profile is chosen
+from dv365.core.vocab import Vocabulary  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
-    "author_id": None, "topic_ids": [], "media_type": "video", "surface": "feed",
-    "action": "like", "value": None, "dwell_time": 5.0, "video_duration": 30.0,
+    "author_id": None,
+    "topic_ids": [],
+    "media_type": "video",
+    "surface": "feed",
+    "action": "like",
+    "value": None,
+    "dwell_time": 5.0,
+    "video_duration": 30.0,
 }
 
 

@@ -19,7 +19,11 @@ APPLICATIONS = ("experiments", "benchmarks", "examples")
 #: what each package may import besides itself: only packages below it (core <- train <- export; core <- store;
 #: core <- adapters). Applications sit on top and may import every package, but no other application.
 ALLOWED: dict[str, set[str]] = {
-    "core": set(), "train": {"core"}, "export": {"core", "train"}, "store": {"core"}, "adapters": {"core"},
+    "core": set(),
+    "train": {"core"},
+    "export": {"core", "train"},
+    "store": {"core"},
+    "adapters": {"core"},
     **{app: set(PACKAGES) for app in APPLICATIONS},
 }
 
@@ -142,8 +146,12 @@ def test_no_import_circles() -> None:
 @pytest.mark.parametrize("name", PACKAGES)
 def test_packages_find_their_files_without_parent_paths(name: str) -> None:
     src = ROOT / "packages" / f"dv365-{name}" / "src"
-    offenders = [f"{f.relative_to(ROOT)}:{i}" for f in src.rglob("*.py")
-                 for i, line in enumerate(f.read_text().splitlines(), 1) if "parents[" in line]
+    offenders = [
+        f"{f.relative_to(ROOT)}:{i}"
+        for f in src.rglob("*.py")
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if "parents[" in line
+    ]
     assert not offenders, "use importlib.resources (dv365.core.config.shipped_file) for package data"
 
 
@@ -152,5 +160,6 @@ def test_applications_are_not_inside_the_packages() -> None:
         src = ROOT / "packages" / f"dv365-{name}" / "src" / "dv365" / name
         assert not list(src.rglob("bench*.py")), f"benchmarks belong in benchmarks/, found in dv365-{name}"
         assert not list(src.rglob("demo*.py")), f"the demo belongs in examples/, found in dv365-{name}"
-        assert not (src / "experiments").exists() and not list(src.rglob("eval_*.py")), \
+        assert not (src / "experiments").exists() and not list(src.rglob("eval_*.py")), (
             f"experiments belong in experiments/, found in dv365-{name}"
+        )

@@ -4,11 +4,11 @@ core light, store/adapters free of torchrec and fbgemm, every package installed 
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["core", "train", "export", "adapters", "store"]
@@ -28,7 +28,11 @@ def test_root_is_a_private_hatch_workspace() -> None:
     root = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "Private :: Do Not Upload" in root["project"]["classifiers"]
     assert root["tool"]["hatch"]["envs"]["default"]["workspace"]["members"] == [
-        "packages/*", "experiments", "benchmarks", "examples"]
+        "packages/*",
+        "experiments",
+        "benchmarks",
+        "examples",
+    ]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

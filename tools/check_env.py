@@ -17,9 +17,8 @@ EQUIVALENT = {"fbgemm-gpu": "fbgemm-gpu-cpu"}
 
 def main() -> int:
     problems = []
-    import torch
-
     import fbgemm_gpu  # noqa: F401
+    import torch
     import torchrec
 
     for pkg in PACKAGES + APPLICATIONS:
@@ -40,8 +39,10 @@ def main() -> int:
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 1
-    print(f"[setup] torch {torch.__version__}, torchrec {torchrec.__version__}, fbgemm-gpu-cpu {version('fbgemm-gpu-cpu')}; "
-          f"{len(PACKAGES)} workspace packages and {len(APPLICATIONS)} applications installed")
+    print(
+        f"[setup] torch {torch.__version__}, torchrec {torchrec.__version__}, fbgemm-gpu-cpu {version('fbgemm-gpu-cpu')}; "
+        f"{len(PACKAGES)} workspace packages and {len(APPLICATIONS)} applications installed"
+    )
     return 0
 
 

@@ -30,11 +30,22 @@ def generate(out_root: Path) -> None:
 
     have = version("grpcio-tools")
     if have != PINNED:
-        raise SystemExit(f"gen_store_stubs: grpcio-tools {have} is installed, the stubs are pinned to {PINNED} "
-                         "(pip install -r tools/requirements-store.txt)")
+        raise SystemExit(
+            f"gen_store_stubs: grpcio-tools {have} is installed, the stubs are pinned to {PINNED} "
+            "(pip install -r tools/requirements-store.txt)"
+        )
     include = Path(protoc.__file__).parent / "_proto"
-    rc = protoc.main(["grpc_tools.protoc", f"-I{SRC}", f"-I{include}", f"--python_out={out_root}",
-                      f"--pyi_out={out_root}", f"--grpc_python_out={out_root}", str(SRC / PROTO)])
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{SRC}",
+            f"-I{include}",
+            f"--python_out={out_root}",
+            f"--pyi_out={out_root}",
+            f"--grpc_python_out={out_root}",
+            str(SRC / PROTO),
+        ]
+    )
     if rc != 0:
         raise SystemExit(f"gen_store_stubs: protoc failed with exit code {rc}")
 
@@ -48,9 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         generate(Path(tmp))
         fresh = Path(tmp) / Path(PROTO).parent
         if args.check:
-            stale = [n for n in OUTPUTS if not (target / n).exists() or not filecmp.cmp(fresh / n, target / n, shallow=False)]
+            stale = [
+                n for n in OUTPUTS if not (target / n).exists() or not filecmp.cmp(fresh / n, target / n, shallow=False)
+            ]
             if stale:
-                print(f"gen_store_stubs: out of date: {', '.join(stale)}; run python tools/gen_store_stubs.py", file=sys.stderr)
+                print(
+                    f"gen_store_stubs: out of date: {', '.join(stale)}; run python tools/gen_store_stubs.py",
+                    file=sys.stderr,
+                )
                 return 1
             print("gen_store_stubs: stubs are up to date")
             return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 2: set up, then run the whole test suite.
+# README command 2: set up, check formatting and lint, then run the whole test suite.
 # The store tests run a real redis-server and make TLS certificates with openssl (Debian packages);
 # they are installed here when missing.
 set -euo pipefail
@@ -15,4 +15,7 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 
     exit 1
   fi
 fi
+echo "[test] ruff format --check and ruff check (the formatter and linter of the whole tree; pyproject.toml [tool.ruff])"
+.venv/bin/ruff format --check --quiet . || { echo "[test] run: .venv/bin/ruff format ." >&2; exit 1; }
+.venv/bin/ruff check --quiet . || { echo "[test] run: .venv/bin/ruff check --fix . (and fix what it cannot)" >&2; exit 1; }
 exec .venv/bin/python -m pytest "$@"

@@ -93,8 +93,14 @@ def test_input_errors_name_the_problem() -> None:
 
 def test_forward_lookup_and_dtype_follow_the_module() -> None:
     q = _payload(3, seed=3)
-    result = LookupResult(payload=q.numpy(), present=np.array([True, False, True]), snapshot_id="s1",
-                          age_s=7200.0, row_format=RowFormat(), errors={})
+    result = LookupResult(
+        payload=q.numpy(),
+        present=np.array([True, False, True]),
+        snapshot_id="s1",
+        age_s=7200.0,
+        row_format=RowFormat(),
+        errors={},
+    )
     dv_in = DV365Input().to(torch.float64)
     out = dv_in.forward_lookup(result)
     assert out.tokens.dtype == torch.float64 and out.tokens.shape == (3, 58, 256)

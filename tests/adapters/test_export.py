@@ -4,7 +4,8 @@ torch.jit.script where the module is scriptable (all but DV365Input, whose de-qu
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -48,21 +49,35 @@ def _jagged_inputs(lengths: list[int], dim: int = 32) -> tuple[torch.Tensor, ...
 
 
 CASES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int], tuple[Any, ...]], Any]] = {
-    "DV365Input": (lambda: DV365Input(DV365InputConfig(default_init_std=0.1)), _dv365_inputs,
-                   ({0: B}, {0: B}, {0: B})),
-    "DV365Input-no-age": (lambda: DV365Input(DV365InputConfig(use_age=False)), lambda b: _dv365_inputs(b)[:1],
-                          ({0: B},)),
-    "DV365Input-standardized": (lambda: DV365Input(DV365InputConfig(standardize=True)).fit_standardization(
-        _dv365_inputs(16)[0]), _dv365_inputs, ({0: B}, {0: B}, {0: B})),
+    "DV365Input": (lambda: DV365Input(DV365InputConfig(default_init_std=0.1)), _dv365_inputs, ({0: B}, {0: B}, {0: B})),
+    "DV365Input-no-age": (
+        lambda: DV365Input(DV365InputConfig(use_age=False)),
+        lambda b: _dv365_inputs(b)[:1],
+        ({0: B},),
+    ),
+    "DV365Input-standardized": (
+        lambda: DV365Input(DV365InputConfig(standardize=True)).fit_standardization(_dv365_inputs(16)[0]),
+        _dv365_inputs,
+        ({0: B}, {0: B}, {0: B}),
+    ),
     "LinearProjection": (lambda: LinearProjection(4, 32), lambda b: (torch.randn(b, 58, 256),), ({0: B},)),
     "EmbeddingGate-field": (lambda: EmbeddingGate(5, 16, "field"), lambda b: (torch.randn(b, 5, 16),), ({0: B},)),
-    "EmbeddingGate-element-shared": (lambda: EmbeddingGate(5, 16, "element", field_private=False),
-                                     lambda b: (torch.randn(b, 5, 16),), ({0: B},)),
+    "EmbeddingGate-element-shared": (
+        lambda: EmbeddingGate(5, 16, "element", field_private=False),
+        lambda b: (torch.randn(b, 5, 16),),
+        ({0: B},),
+    ),
     "HiddenGate": (lambda: HiddenGate(16), lambda b: (torch.randn(b, 16),), ({0: B},)),
-    "GateNet": (lambda: GateNet(GateNetConfig(5, 16, 8, (32, 16), "element")), lambda b: (torch.randn(b, 5, 16),),
-                ({0: B},)),
-    "HSTUPrefix": (lambda: HSTUPrefix(32, 4), lambda b: _jagged_inputs([3, 0, 5, 1, 2][:b] + [4] * max(0, b - 5)),
-                   ({0: B}, {0: T}, {0: T}, {0: B})),
+    "GateNet": (
+        lambda: GateNet(GateNetConfig(5, 16, 8, (32, 16), "element")),
+        lambda b: (torch.randn(b, 5, 16),),
+        ({0: B},),
+    ),
+    "HSTUPrefix": (
+        lambda: HSTUPrefix(32, 4),
+        lambda b: _jagged_inputs([3, 0, 5, 1, 2][:b] + [4] * max(0, b - 5)),
+        ({0: B}, {0: T}, {0: T}, {0: B}),
+    ),
 }
 
 
@@ -81,8 +96,14 @@ def test_torch_export(name: str) -> None:
         _assert_same(loaded(*args), module(*args))
 
 
-SCRIPTABLE = ["LinearProjection", "EmbeddingGate-field", "EmbeddingGate-element-shared", "HiddenGate", "GateNet",
-              "HSTUPrefix"]
+SCRIPTABLE = [
+    "LinearProjection",
+    "EmbeddingGate-field",
+    "EmbeddingGate-element-shared",
+    "HiddenGate",
+    "GateNet",
+    "HSTUPrefix",
+]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")

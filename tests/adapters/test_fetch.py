@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -17,8 +17,13 @@ from dv365.core.quantize import RowFormat, dequantize_rows, quantize_rows
 class InMemoryReader:
     """Follows the :class:`EmbeddingReader` protocol: user id -> stored rows, unknown users absent."""
 
-    def __init__(self, rows: dict[int, np.ndarray], fmt: RowFormat = RowFormat(), age_s: float = 3600.0,
-                 corrupt: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        rows: dict[int, np.ndarray],
+        fmt: RowFormat = RowFormat(),
+        age_s: float = 3600.0,
+        corrupt: frozenset[int] = frozenset(),
+    ) -> None:
         self.rows, self.fmt, self.age_s, self.corrupt = rows, fmt, age_s, corrupt
         self.calls: list[list[int]] = []
 
@@ -33,8 +38,9 @@ class InMemoryReader:
                 errors[i] = f"user {u}: crc32 mismatch"
             elif u in self.rows:
                 payload[i], present[i] = self.rows[u], True
-        return LookupResult(payload=payload, present=present, snapshot_id="snap-1", age_s=self.age_s,
-                            row_format=self.fmt, errors=errors)
+        return LookupResult(
+            payload=payload, present=present, snapshot_id="snap-1", age_s=self.age_s, row_format=self.fmt, errors=errors
+        )
 
 
 @pytest.fixture()
@@ -91,8 +97,14 @@ def test_format_and_shape_errors(reader: InMemoryReader) -> None:
     with pytest.raises(AdapterError, match="1-D integer"):
         fetch_dv365(reader, [[10]])  # type: ignore[list-item]
     bad = reader.get([10])
-    bad = LookupResult(payload=bad.payload[:, :57], present=bad.present, snapshot_id="snap-2", age_s=0.0,
-                       row_format=bad.row_format, errors={})
+    bad = LookupResult(
+        payload=bad.payload[:, :57],
+        present=bad.present,
+        snapshot_id="snap-2",
+        age_s=0.0,
+        row_format=bad.row_format,
+        errors={},
+    )
     with pytest.raises(AdapterError, match="snap-2.*payload"):
         batch_from_lookup(bad)
 

@@ -39,8 +39,14 @@ def test_hidden_gate() -> None:
 @pytest.mark.parametrize("embedding_gate", ["field", "element", None])
 @pytest.mark.parametrize("hidden_gate", [True, False])
 def test_gatenet_tower(embedding_gate: str | None, hidden_gate: bool) -> None:
-    cfg = GateNetConfig(num_fields=6, embedding_dim=16, output_dim=24, hidden_dims=(64, 32),
-                        embedding_gate=embedding_gate, hidden_gate=hidden_gate)
+    cfg = GateNetConfig(
+        num_fields=6,
+        embedding_dim=16,
+        output_dim=24,
+        hidden_dims=(64, 32),
+        embedding_gate=embedding_gate,
+        hidden_gate=hidden_gate,
+    )
     tower = GateNet(cfg)
     assert isinstance(tower.embedding_gate, EmbeddingGate if embedding_gate else torch.nn.Identity)
     assert sum(isinstance(m, HiddenGate) for m in tower.modules()) == (2 if hidden_gate else 0)

@@ -21,8 +21,11 @@ def _batch(lengths: list[int], dim: int = 8, seed: int = 0) -> tuple[torch.Tenso
     lens = torch.tensor(lengths, dtype=torch.long)
     values = torch.randn(int(lens.sum()), dim, generator=g)  # [ΣL, D]
     # per-user non-decreasing timestamps, different per user
-    ts = torch.cat([1000 * (b + 1) + torch.arange(n) * 7 for b, n in enumerate(lengths)]) if lengths else \
-        torch.zeros(0, dtype=torch.long)
+    ts = (
+        torch.cat([1000 * (b + 1) + torch.arange(n) * 7 for b, n in enumerate(lengths)])
+        if lengths
+        else torch.zeros(0, dtype=torch.long)
+    )
     return values, lens, ts.to(torch.long)
 
 
@@ -38,8 +41,12 @@ def test_ragged_batch_by_hand() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(0, 6), min_size=1, max_size=7), st.integers(1, 4), st.booleans(),
-       st.sampled_from([torch.int64, torch.int32]))
+@given(
+    st.lists(st.integers(0, 6), min_size=1, max_size=7),
+    st.integers(1, 4),
+    st.booleans(),
+    st.sampled_from([torch.int64, torch.int32]),
+)
 def test_matches_reference(lengths: list[int], k: int, given_ts: bool, dtype: torch.dtype) -> None:
     values, lens, ts = _batch(lengths, seed=len(lengths) + k)
     prefix = torch.randn(len(lengths), k, 8)
@@ -53,7 +60,7 @@ def test_matches_reference(lengths: list[int], k: int, given_ts: bool, dtype: to
     # the events keep their order; removing the prefixes gives back the input
     keep = torch.ones(got[0].shape[0], dtype=torch.bool)
     for start in got[2][:-1].tolist():
-        keep[int(start):int(start) + k] = False
+        keep[int(start) : int(start) + k] = False
     assert torch.equal(got[0][keep], values) and torch.equal(got[3][keep], ts)
 
 
@@ -76,7 +83,7 @@ def test_gradients_flow_to_values_prefix_and_projection() -> None:
     # each event's gradient is the weight at its new position
     keep = torch.ones(out.values.shape[0], dtype=torch.bool)
     for start in out.offsets[:-1].tolist():
-        keep[start:start + 2] = False
+        keep[start : start + 2] = False
     assert values.grad is not None and torch.equal(values.grad, weights[keep])
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
     for p in module.parameters():
@@ -97,7 +104,7 @@ def test_module_outputs_and_gr_contextual_layout() -> None:
     assert torch.equal(out.contextual_values, projected.reshape(12, 16))
     assert out.contextual_offsets.tolist() == [0, 4, 8, 12]
     for b, start in enumerate(out.offsets[:-1].tolist()):
-        assert torch.equal(out.values[start:start + 4], projected[b])
+        assert torch.equal(out.values[start : start + 4], projected[b])
     payloads = module.seq_payloads(out)
     assert set(payloads) == {"dv", "dv_offsets"}
     # GR reads a contextual feature as jagged [B·K, D] values + [B+1] offsets, padded to K per user

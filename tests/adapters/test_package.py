@@ -7,16 +7,25 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import dv365.adapters as adapters
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "packages" / "dv365-adapters"
 SRC = PKG / "src" / "dv365" / "adapters"
-FORBIDDEN = ("torchrec", "fbgemm_gpu", "pyarrow", "generative_recommenders", "triton",
-             "dv365.train", "dv365.export", "dv365.store")
+FORBIDDEN = (
+    "torchrec",
+    "fbgemm_gpu",
+    "pyarrow",
+    "generative_recommenders",
+    "triton",
+    "dv365.train",
+    "dv365.export",
+    "dv365.store",
+)
 
 _PROBE = """
 import json, sys, time
@@ -111,17 +120,40 @@ def test_sources_never_import_forbidden_packages() -> None:
                 continue  # the optional GR module, never imported by the package itself
             assert not re.search(pattern, text, re.M), f"{path.name} imports {name}"
         for mod in _top_level_imports(path):
-            assert mod.split(".")[0] in {"__future__", "dataclasses", "typing", "logging", "math", "numpy", "torch",
-                                         "dv365", "generative_recommenders"}, f"{path.name}: import {mod}"
+            assert mod.split(".")[0] in {
+                "__future__",
+                "dataclasses",
+                "typing",
+                "logging",
+                "math",
+                "numpy",
+                "torch",
+                "dv365",
+                "generative_recommenders",
+            }, f"{path.name}: import {mod}"
     assert not any(m.startswith("dv365.adapters.gr") for m in _top_level_imports(SRC / "__init__.py"))
 
 
 def test_public_api() -> None:
     for name in adapters.__all__:
         assert getattr(adapters, name) is not None, name
-    expected = {"DV365Input", "DV365InputConfig", "DV365Features", "LinearProjection", "HSTUPrefix",
-                "JaggedPrefixOutput", "prepend_jagged", "GateNet", "GateNetConfig", "EmbeddingGate", "HiddenGate",
-                "fetch_dv365", "batch_from_lookup", "DV365Batch", "AdapterError"}
+    expected = {
+        "DV365Input",
+        "DV365InputConfig",
+        "DV365Features",
+        "LinearProjection",
+        "HSTUPrefix",
+        "JaggedPrefixOutput",
+        "prepend_jagged",
+        "GateNet",
+        "GateNetConfig",
+        "EmbeddingGate",
+        "HiddenGate",
+        "fetch_dv365",
+        "batch_from_lookup",
+        "DV365Batch",
+        "AdapterError",
+    }
     assert expected <= set(adapters.__all__)
     # every public module has a torchrec-style docstring: Args and an Example with shapes
     for name in ("DV365Input", "LinearProjection", "HSTUPrefix", "GateNet", "EmbeddingGate", "HiddenGate"):

@@ -45,11 +45,19 @@ def test_bench_tower(capsys: pytest.CaptureFixture[str]) -> None:
     assert r["unique_rows_per_user_in_batch"] <= r["kjt_ids_per_user"]
     bw = r["gather_bandwidth"]
     assert bw["index_select_GBps"] > 0 and bw["embedding_bag_GBps"] > 0
-    for key in ("roofline_fraction_pooling_plus_fsa", "roofline_fraction_pooling_plus_fsa_grouped",
-                "roofline_fraction_pooling", "roofline_fraction_torchrec_ebc"):
+    for key in (
+        "roofline_fraction_pooling_plus_fsa",
+        "roofline_fraction_pooling_plus_fsa_grouped",
+        "roofline_fraction_pooling",
+        "roofline_fraction_torchrec_ebc",
+    ):
         assert math.isfinite(r[key]) and r[key] > 0
     # both tower paths timed (export: torchrec EBC pooling; training: grouped); which is faster is the
     # benchmark's finding, not a unit test's (timings at --quick size are noise)
-    for key in ("users_per_s_pooling_plus_fsa", "users_per_s_pooling_plus_fsa_grouped", "users_per_s_pooling",
-                "users_per_s_pooling_torchrec_ebc"):
+    for key in (
+        "users_per_s_pooling_plus_fsa",
+        "users_per_s_pooling_plus_fsa_grouped",
+        "users_per_s_pooling",
+        "users_per_s_pooling_torchrec_ebc",
+    ):
         assert math.isfinite(r[key]) and r[key] > 0

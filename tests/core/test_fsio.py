@@ -34,8 +34,11 @@ def test_atomic_writes_replace_the_file_and_leave_no_temporary(root: str) -> Non
         f.write("héllo")
     assert fs.cat_file(f"{path}/blob") == b"\x00\x01"
     assert fs.cat_file(f"{path}/text.txt").decode("utf-8") == "héllo"
-    assert sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == \
-        ["blob", "manifest.json", "text.txt"]
+    assert sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) == [
+        "blob",
+        "manifest.json",
+        "text.txt",
+    ]
 
 
 def test_a_failed_write_leaves_the_old_file_and_only_the_temporary(root: str) -> None:

@@ -7,8 +7,9 @@ import csv
 import math
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -140,12 +141,36 @@ MOVIES = {
     1252: ("Chinatown (1974)", ["Film-Noir", "Mystery", "Thriller"]),
 }
 RATINGS = [  # (user, movie, rating, ts); movie 9999 is rated but not in the movies file
-    (1, 1, 5, 874965758), (1, 2, 3, 874965802), (1, 50, 4, 874966001), (1, 100, 2, 875071561), (1, 29, 1, 875072111),
-    (1, 1252, 4, 876893171), (2, 1, 4, 888550871), (2, 267, 3, 888551001), (2, 100, 5, 888552084), (2, 9999, 2, 888553000),
-    (2, 50, 5, 888600000), (3, 2, 1, 889236938), (3, 29, 5, 889237004), (3, 1252, 3, 889237122), (3, 1, 2, 889237455),
-    (3, 50, 4, 889238000), (3, 100, 4, 889300000), (4, 100, 5, 892002353), (4, 50, 5, 892003000), (4, 2, 3, 892003619),
-    (4, 267, 1, 892004000), (4, 1, 4, 892100000), (5, 1252, 2, 875635740), (5, 29, 4, 875636053), (5, 2, 5, 875636198),
-    (5, 1, 3, 875637000), (5, 50, 1, 875638000), (5, 100, 3, 875700000), (5, 267, 4, 875700001), (5, 9999, 5, 875800000),
+    (1, 1, 5, 874965758),
+    (1, 2, 3, 874965802),
+    (1, 50, 4, 874966001),
+    (1, 100, 2, 875071561),
+    (1, 29, 1, 875072111),
+    (1, 1252, 4, 876893171),
+    (2, 1, 4, 888550871),
+    (2, 267, 3, 888551001),
+    (2, 100, 5, 888552084),
+    (2, 9999, 2, 888553000),
+    (2, 50, 5, 888600000),
+    (3, 2, 1, 889236938),
+    (3, 29, 5, 889237004),
+    (3, 1252, 3, 889237122),
+    (3, 1, 2, 889237455),
+    (3, 50, 4, 889238000),
+    (3, 100, 4, 889300000),
+    (4, 100, 5, 892002353),
+    (4, 50, 5, 892003000),
+    (4, 2, 3, 892003619),
+    (4, 267, 1, 892004000),
+    (4, 1, 4, 892100000),
+    (5, 1252, 2, 875635740),
+    (5, 29, 4, 875636053),
+    (5, 2, 5, 875636198),
+    (5, 1, 3, 875637000),
+    (5, 50, 1, 875638000),
+    (5, 100, 3, 875700000),
+    (5, 267, 4, 875700001),
+    (5, 9999, 5, 875800000),
 ]
 
 
@@ -285,7 +310,7 @@ def test_kuairand_implicit_events_joined_with_catalog(kuairand: tuple[Any, str])
             assert (e["author_id"], e["topic_ids"], e["media_type"]) == (None, [], "other")
             continue
         assert e["author_id"] == cat.author_id[pos]
-        assert e["topic_ids"] == cat.tag_values[cat.tag_offsets[pos]:cat.tag_offsets[pos + 1]].tolist()
+        assert e["topic_ids"] == cat.tag_values[cat.tag_offsets[pos] : cat.tag_offsets[pos + 1]].tolist()
         assert e["media_type"] == types.get(cat.video_type[pos], "other")
         log_dur = float(row["duration_ms"] or 0) / 1000
         want = log_dur if log_dur > 0 else float(cat.duration_s[pos])
@@ -326,9 +351,15 @@ def test_kuairand_flags_become_explicit_events(kuairand: tuple[Any, str]) -> Non
 def test_kuairand_request_labels(kuairand: tuple[Any, str]) -> None:
     _, url = kuairand
     reqs = {(r["user_id"], r["ts"], r["media_id"]): r for r in _rows(url, "requests")}
-    names = {"label_click": "is_click", "label_like": "is_like", "label_follow": "is_follow",
-             "label_comment": "is_comment", "label_forward": "is_forward", "label_hate": "is_hate",
-             "label_long_view": "long_view"}
+    names = {
+        "label_click": "is_click",
+        "label_like": "is_like",
+        "label_follow": "is_follow",
+        "label_comment": "is_comment",
+        "label_forward": "is_forward",
+        "label_hate": "is_hate",
+        "label_long_view": "long_view",
+    }
     for row in _log_rows():
         q = reqs[(int(row["user_id"]), int(row["time_ms"]) // 1000, int(row["video_id"]))]
         for label, col in names.items():
@@ -358,57 +389,85 @@ def test_kuairand_missing_column_and_tab_map(tmp_path: Path, mem: str) -> None:
 # ------------------------------------------------------------------------------------------------------
 def test_generic_csv_with_mapping_and_constants(tmp_path: Path, mem: str) -> None:
     f = tmp_path / "likes.csv"
-    f.write_text("uid,time,item,creator,topics\n"
-                 "7,1700000000123,42,9,3|5\n"
-                 "7,1700000100999,43,,\n"
-                 "8,1700000050000,42,9,4\n")
-    s = import_generic(str(f), mem, kind="explicit",
-                       mapping={"user_id": "uid", "ts": "time", "media_id": "item", "author_id": "creator",
-                                "topic_ids": "topics"},
-                       constants={"action": "like", "surface": "feed", "media_type": "video"},
-                       time_unit="ms", list_sep="|")
+    f.write_text(
+        "uid,time,item,creator,topics\n7,1700000000123,42,9,3|5\n7,1700000100999,43,,\n8,1700000050000,42,9,4\n"
+    )
+    s = import_generic(
+        str(f),
+        mem,
+        kind="explicit",
+        mapping={"user_id": "uid", "ts": "time", "media_id": "item", "author_id": "creator", "topic_ids": "topics"},
+        constants={"action": "like", "surface": "feed", "media_type": "video"},
+        time_unit="ms",
+        list_sep="|",
+    )
     assert (s.rows, s.users, s.explicit_events, s.implicit_events) == (3, 2, 3, 0)
     rows = _rows(mem, "explicit")
     assert [(r["user_id"], r["ts"], r["media_id"], r["author_id"], r["topic_ids"]) for r in rows] == [
-        (7, 1700000000, 42, 9, [3, 5]), (7, 1700000100, 43, None, []), (8, 1700000050, 42, 9, [4])]
+        (7, 1700000000, 42, 9, [3, 5]),
+        (7, 1700000100, 43, None, []),
+        (8, 1700000050, 42, 9, [4]),
+    ]
     assert {(r["action"], r["surface"], r["media_type"]) for r in rows} == {("like", "feed", "video")}
     assert TimelineDataset(mem).meta.source == "generic:likes.csv"
 
 
 def test_generic_parquet_through_fsspec(mem: str) -> None:
     src = _mem_url() + "/views.parquet"
-    table = pa.table({
-        "viewer": pa.array([1, 1, 2], pa.int64()),
-        "at": pa.array([1_600_000_000_000, 1_600_000_060_000, 1_600_000_000_500], pa.timestamp("ms", tz="UTC")),
-        "video": [10, 11, 10],
-        "watch_ms": [1500.0, 30000.0, 250.0],
-        "len_ms": [20000, 60000, 20000],
-        "tags": [[1, 2], [], [2]],
-    })
+    table = pa.table(
+        {
+            "viewer": pa.array([1, 1, 2], pa.int64()),
+            "at": pa.array([1_600_000_000_000, 1_600_000_060_000, 1_600_000_000_500], pa.timestamp("ms", tz="UTC")),
+            "video": [10, 11, 10],
+            "watch_ms": [1500.0, 30000.0, 250.0],
+            "len_ms": [20000, 60000, 20000],
+            "tags": [[1, 2], [], [2]],
+        }
+    )
     with fsspec.open(src, "wb") as fh:
         pq.write_table(table, fh)
-    s = import_generic(src, mem, kind="implicit",
-                       mapping={"user_id": "viewer", "ts": "at", "media_id": "video", "dwell_time": "watch_ms",
-                                "video_duration": "len_ms", "topic_ids": "tags"},
-                       constants={"surface": "reels"}, duration_unit="ms")
+    s = import_generic(
+        src,
+        mem,
+        kind="implicit",
+        mapping={
+            "user_id": "viewer",
+            "ts": "at",
+            "media_id": "video",
+            "dwell_time": "watch_ms",
+            "video_duration": "len_ms",
+            "topic_ids": "tags",
+        },
+        constants={"surface": "reels"},
+        duration_unit="ms",
+    )
     assert (s.rows, s.implicit_events) == (3, 3)
     rows = _rows(mem, "implicit")
     assert [(r["user_id"], r["ts"], r["dwell_time"], r["video_duration"], r["topic_ids"]) for r in rows] == [
-        (1, 1_600_000_000, 1.5, 20.0, [1, 2]), (1, 1_600_000_060, 30.0, 60.0, []), (2, 1_600_000_000, 0.25, 20.0, [2])]
+        (1, 1_600_000_000, 1.5, 20.0, [1, 2]),
+        (1, 1_600_000_060, 30.0, 60.0, []),
+        (2, 1_600_000_000, 0.25, 20.0, [2]),
+    ]
     assert {r["surface"] for r in rows} == {"reels"}
 
 
 def test_generic_iso_timestamps_and_tsv(tmp_path: Path, mem: str) -> None:
     f = tmp_path / "events.tsv"
     f.write_text("u\tt\tm\n1\t2020-01-01T00:00:10Z\t5\n2\t2020-01-01T01:00:20+01:00\t6\n")
-    import_generic(str(f), mem, kind="explicit", mapping={"user_id": "u", "ts": "t", "media_id": "m"},
-                   constants={"action": "save"})
+    import_generic(
+        str(f), mem, kind="explicit", mapping={"user_id": "u", "ts": "t", "media_id": "m"}, constants={"action": "save"}
+    )
     assert [r["ts"] for r in _rows(mem, "explicit")] == [1_577_836_810, 1_577_836_820]
     naive = tmp_path / "naive.csv"  # no zone offset: read as UTC
     naive.write_text("u,t,m\n1,2020-01-01 00:00:10,5\n")
     out = _mem_url()
-    import_generic(str(naive), out, kind="explicit", mapping={"user_id": "u", "ts": "t", "media_id": "m"},
-                   constants={"action": "save"})
+    import_generic(
+        str(naive),
+        out,
+        kind="explicit",
+        mapping={"user_id": "u", "ts": "t", "media_id": "m"},
+        constants={"action": "save"},
+    )
     assert [r["ts"] for r in _rows(out, "explicit")] == [1_577_836_810]
 
 
@@ -417,7 +476,9 @@ def test_generic_mapping_errors(tmp_path: Path) -> None:
     f.write_text("uid,time,item\n1,100,5\n")
     base = {"user_id": "uid", "ts": "time", "media_id": "item"}
     with pytest.raises(MappingError, match=r"unknown UniTi field userid .* valid fields: user_id, ts, media_id"):
-        import_generic(str(f), _mem_url(), kind="explicit", mapping={**base, "userid": "uid"}, constants={"action": "like"})
+        import_generic(
+            str(f), _mem_url(), kind="explicit", mapping={**base, "userid": "uid"}, constants={"action": "like"}
+        )
     with pytest.raises(MappingError, match="required explicit field.*action"):
         import_generic(str(f), _mem_url(), kind="explicit", mapping=base)
     with pytest.raises(DatasetError, match=r"e\.csv: missing column 'dwell'"):
@@ -425,15 +486,21 @@ def test_generic_mapping_errors(tmp_path: Path) -> None:
     with pytest.raises(MappingError, match="kind must be one of"):
         import_generic(str(f), _mem_url(), kind="requests", mapping=base)
     with pytest.raises(DatasetError, match="cannot tell the file type"):
-        import_generic(str(tmp_path / "e.json"), _mem_url(), kind="explicit", mapping=base, constants={"action": "like"})
+        import_generic(
+            str(tmp_path / "e.json"), _mem_url(), kind="explicit", mapping=base, constants={"action": "like"}
+        )
 
 
 def test_generic_bad_value_names_field_and_user(tmp_path: Path) -> None:
     f = tmp_path / "views.csv"
     f.write_text("uid,time,item,dwell\n1,100,5,2.5\n2,101,5,abc\n")
     with pytest.raises(TimelineError) as e:
-        import_generic(str(f), _mem_url(), kind="implicit",
-                       mapping={"user_id": "uid", "ts": "time", "media_id": "item", "dwell_time": "dwell"})
+        import_generic(
+            str(f),
+            _mem_url(),
+            kind="implicit",
+            mapping={"user_id": "uid", "ts": "time", "media_id": "item", "dwell_time": "dwell"},
+        )
     assert (e.value.field, e.value.user_id, e.value.value) == ("dwell_time", 2, "abc")
     assert "views.csv" in str(e.value)
 
@@ -463,13 +530,30 @@ def test_cli_generic_with_mapping_file(tmp_path: Path, capsys: pytest.CaptureFix
     m = tmp_path / "map.yaml"
     m.write_text("kind: explicit\nmap: {user_id: uid, ts: time}\nconst: {action: like}\ntime_unit: ms\n")
     out = tmp_path / "ds"
-    rc = main(["import", "generic", str(f), "--out", str(out), "--mapping-file", str(m), "--map", "media_id=item",
-               "--const", "surface=feed"])
+    rc = main(
+        [
+            "import",
+            "generic",
+            str(f),
+            "--out",
+            str(out),
+            "--mapping-file",
+            str(m),
+            "--map",
+            "media_id=item",
+            "--const",
+            "surface=feed",
+        ]
+    )
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("imported generic:likes.csv")
-    assert [(r["user_id"], r["ts"], r["surface"]) for r in _rows(str(out), "explicit")] == [(1, 1, "feed"), (2, 2, "feed")]
-    assert main(["import", "generic", str(f), "--out", str(tmp_path / "y"), "--kind", "explicit",
-                 "--map", "user_id"]) == 1
+    assert [(r["user_id"], r["ts"], r["surface"]) for r in _rows(str(out), "explicit")] == [
+        (1, 1, "feed"),
+        (2, 2, "feed"),
+    ]
+    assert (
+        main(["import", "generic", str(f), "--out", str(tmp_path / "y"), "--kind", "explicit", "--map", "user_id"]) == 1
+    )
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
@@ -480,4 +564,3 @@ def test_cli_kuairand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["import", "kuairand", str(KUAIRAND_LOG), "--out", str(out), "--tab-map", "1=feed"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "5 users" in last and "200 log rows" in last and "2 rows not in catalog" in last
-

@@ -55,9 +55,14 @@ def test_bit_exact_with_fbgemm(bits: int, scale: float) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(arrays("float32", st.tuples(st.integers(1, 6), st.sampled_from([4, 8, 64, 256])),
-              elements=st.floats(-1e4, 1e4, width=32)),
-       st.sampled_from([4, 8]))
+@given(
+    arrays(
+        "float32",
+        st.tuples(st.integers(1, 6), st.sampled_from([4, 8, 64, 256])),
+        elements=st.floats(-1e4, 1e4, width=32),
+    ),
+    st.sampled_from([4, 8]),
+)
 def test_bit_exact_property(x_np, bits: int) -> None:  # type: ignore[no-untyped-def]
     x = torch.from_numpy(x_np)
     q = quantize_rows(x, bits)

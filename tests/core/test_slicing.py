@@ -30,19 +30,50 @@ SMALL_SPEC = {
     "gap_hours": 24,
     "cap": 6,
     "windows": {"3d": 72, "7d": 168, "all": None},
-    "id_types": {"media": {"hash_size": 7, "dedup": True}, "author": {"hash_size": 5, "dedup": False},
-                 "topic": {"hash_size": 11, "dedup": True}},
+    "id_types": {
+        "media": {"hash_size": 7, "dedup": True},
+        "author": {"hash_size": 5, "dedup": False},
+        "topic": {"hash_size": 11, "dedup": True},
+    },
     "families": [
-        {"name": "act", "source": "explicit", "windows": ["3d", "7d", "all"], "ids": ["media", "author", "topic"],
-         "table": "ex_{polarity}_{id}",
-         "slices": {"like": {"action": ["like"], "polarity": "pos"}, "hate": {"action": "hate", "polarity": "neg"},
-                    "feed_like": {"action": ["like", "comment"], "surface": ["feed"], "polarity": "pos"}}},
-        {"name": "dwell", "source": "implicit", "windows": ["3d", "all"], "ids": ["media", "topic"],
-         "table": "im_{id}", "slices": {"skip": {"dwell": [0, 3]}, "long": {"dwell": [10, None], "media_type": ["video"]}}},
-        {"name": "ratio", "source": "implicit", "beta": 0.5, "windows": ["all", "7d"], "ids": ["author"],
-         "table": "im_{id}", "slices": {"lo": {"watch_ratio": [0, 1.0]}, "hi": {"watch_ratio": [1.0, None]}}},
-        {"name": "deb", "source": "implicit", "weighted": True, "windows": ["all"], "ids": ["media", "topic", "author"],
-         "table": "w_{id}", "slices": {"s": {"debiased": {"gamma": 0.5, "s0": 0.6}}}},
+        {
+            "name": "act",
+            "source": "explicit",
+            "windows": ["3d", "7d", "all"],
+            "ids": ["media", "author", "topic"],
+            "table": "ex_{polarity}_{id}",
+            "slices": {
+                "like": {"action": ["like"], "polarity": "pos"},
+                "hate": {"action": "hate", "polarity": "neg"},
+                "feed_like": {"action": ["like", "comment"], "surface": ["feed"], "polarity": "pos"},
+            },
+        },
+        {
+            "name": "dwell",
+            "source": "implicit",
+            "windows": ["3d", "all"],
+            "ids": ["media", "topic"],
+            "table": "im_{id}",
+            "slices": {"skip": {"dwell": [0, 3]}, "long": {"dwell": [10, None], "media_type": ["video"]}},
+        },
+        {
+            "name": "ratio",
+            "source": "implicit",
+            "beta": 0.5,
+            "windows": ["all", "7d"],
+            "ids": ["author"],
+            "table": "im_{id}",
+            "slices": {"lo": {"watch_ratio": [0, 1.0]}, "hi": {"watch_ratio": [1.0, None]}},
+        },
+        {
+            "name": "deb",
+            "source": "implicit",
+            "weighted": True,
+            "windows": ["all"],
+            "ids": ["media", "topic", "author"],
+            "table": "w_{id}",
+            "slices": {"s": {"debiased": {"gamma": 0.5, "s0": 0.6}}},
+        },
     ],
 }
 
@@ -55,8 +86,12 @@ def _timelines(draw_events: list[list[dict]], kind: str) -> pa.Table:
     rows = [dict(e, user_id=u) for u, evs in enumerate(draw_events) for e in evs]
     cols = ["user_id", "ts", "media_id", "author_id", "topic_ids", "media_type", "surface"]
     cols += ["action"] if kind == "explicit" else ["video_duration", "dwell_time"]
-    types = {"video_duration": pa.float32(), "dwell_time": pa.float32(), "topic_ids": pa.list_(pa.int64()),
-             "author_id": pa.int64()}
+    types = {
+        "video_duration": pa.float32(),
+        "dwell_time": pa.float32(),
+        "topic_ids": pa.list_(pa.int64()),
+        "author_id": pa.int64(),
+    }
     return pa.table({c: pa.array([r[c] for r in rows], type=types.get(c)) for c in cols})
 
 
@@ -69,15 +104,19 @@ event_common = {
     "surface": st.sampled_from(SURFACES),
 }
 explicit_event = st.fixed_dictionaries({**event_common, "action": st.sampled_from(ACTIONS)})
-implicit_event = st.fixed_dictionaries({
-    **event_common,
-    "video_duration": st.one_of(st.none(), st.floats(0, 100, width=32)),
-    "dwell_time": st.one_of(st.floats(0, 60, width=32), st.sampled_from([0.0, 3.0, 10.0])),
-})
+implicit_event = st.fixed_dictionaries(
+    {
+        **event_common,
+        "video_duration": st.one_of(st.none(), st.floats(0, 100, width=32)),
+        "dwell_time": st.one_of(st.floats(0, 60, width=32), st.sampled_from([0.0, 3.0, 10.0])),
+    }
+)
 
 
 def _no_dedup(spec: SliceSpec) -> SliceSpec:
-    return SliceSpec.from_dict({**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}})
+    return SliceSpec.from_dict(
+        {**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}}
+    )
 
 
 def _pairs(ids: np.ndarray, w: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -131,13 +170,15 @@ def _item_attributes(events: list[dict]) -> list[dict]:
     req=st.lists(st.integers(0, 14 * DAY), min_size=3, max_size=3),
     per_item=st.booleans(),
 )
-def test_vectorised_matches_reference(backend: str, ex: list[list[dict]], im_extra: list[list[dict]], req: list[int],
-                                      per_item: bool) -> None:
+def test_vectorised_matches_reference(
+    backend: str, ex: list[list[dict]], im_extra: list[list[dict]], req: list[int], per_item: bool
+) -> None:
     im = im_extra[: len(ex)]
     if per_item:
         ex, im = [_item_attributes(e) for e in ex], [_item_attributes(e) for e in im]
-    tl = Timelines.from_arrow(_timelines(ex, "explicit"), _timelines(im, "implicit"), Vocabulary(),
-                              user_ids=list(range(len(ex))))
+    tl = Timelines.from_arrow(
+        _timelines(ex, "explicit"), _timelines(im, "implicit"), Vocabulary(), user_ids=list(range(len(ex)))
+    )
     _assert_agree(SliceSpec.from_dict(SMALL_SPEC), tl, req[: len(ex)], backend)
 
 
@@ -147,12 +188,23 @@ def test_default_specs_agree_with_reference_on_random_data(backend: str) -> None
     n = 400
     toff = np.concatenate([[0], np.cumsum(rng.integers(0, 3, n))])
     topics = pa.ListArray.from_arrays(pa.array(toff.astype(np.int32)), pa.array(rng.integers(0, 50, toff[-1])))
-    base = dict(user_id=rng.integers(0, 4, n), ts=rng.integers(0, 30 * DAY, n), media_id=rng.integers(0, 10**9, n),
-                author_id=rng.integers(0, 10**7, n), topic_ids=topics,
-                media_type=rng.choice(["video", "image", "ad"], n), surface=rng.choice(["feed", "reels", "search"], n))
+    base = dict(
+        user_id=rng.integers(0, 4, n),
+        ts=rng.integers(0, 30 * DAY, n),
+        media_id=rng.integers(0, 10**9, n),
+        author_id=rng.integers(0, 10**7, n),
+        topic_ids=topics,
+        media_type=rng.choice(["video", "image", "ad"], n),
+        surface=rng.choice(["feed", "reels", "search"], n),
+    )
     ex = pa.table({**base, "action": rng.choice(["like", "hate", "follow", "rate_high", "rate_low", "tag"], n)})
-    im = pa.table({**base, "video_duration": rng.uniform(0, 90, n).astype(np.float32),
-                   "dwell_time": rng.exponential(20, n).astype(np.float32)})
+    im = pa.table(
+        {
+            **base,
+            "video_duration": rng.uniform(0, 90, n).astype(np.float32),
+            "dwell_time": rng.exponential(20, n).astype(np.float32),
+        }
+    )
     tl = Timelines.from_arrow(ex, im)
     req = [30 * DAY, 20 * DAY, 31 * DAY, 3 * DAY]
     for name in ("kuairand", "movielens"):
@@ -196,9 +248,15 @@ def test_mean_pooling_equals_weighted_sum_of_unique_ids_in_ebc(backend: str) -> 
 
     rng = np.random.default_rng(0)
     n = 600
-    ex = pa.table({"user_id": rng.integers(0, 5, n), "ts": rng.integers(0, 20 * DAY, n),
-                   "media_id": rng.integers(0, 30, n), "topic_ids": [[int(x)] for x in rng.integers(0, 20, n)],
-                   "action": rng.choice(["rate_high", "rate_mid", "rate_low", "tag"], n)})
+    ex = pa.table(
+        {
+            "user_id": rng.integers(0, 5, n),
+            "ts": rng.integers(0, 20 * DAY, n),
+            "media_id": rng.integers(0, 30, n),
+            "topic_ids": [[int(x)] for x in rng.integers(0, 20, n)],
+            "action": rng.choice(["rate_high", "rate_mid", "rate_low", "tag"], n),
+        }
+    )
     tl = Timelines.from_arrow(ex, None)
     spec = SliceSpec.load_default("movielens")
     req = [21 * DAY] * len(tl)
@@ -207,7 +265,9 @@ def test_mean_pooling_equals_weighted_sum_of_unique_ids_in_ebc(backend: str) -> 
     torch.manual_seed(0)
     ebc = EmbeddingBagCollection(tables=embedding_bag_configs(spec, 8), is_weighted=True)
     pooled = ebc(batch.to_kjt()).to_dict()
-    raw_spec = SliceSpec.from_dict({**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}})
+    raw_spec = SliceSpec.from_dict(
+        {**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}}
+    )
     raw = reference_slice(raw_spec, tl, req)
     weights = {t.name: ebc.embedding_bags[t.name].weight.detach() for t in spec.tables.values()}
     for f in spec.features:
@@ -229,18 +289,42 @@ def test_default_kuairand_spec_has_200_plus_features_and_shared_tables() -> None
 @pytest.mark.parametrize(
     "patch, message",
     [
-        ({"families": [{"name": "x", "source": "explicit", "ids": ["media"], "slices": {"a": {"dwell": [0, 3]}}}]},
-         "use source implicit"),
-        ({"families": [{"name": "x", "source": "implicit", "ids": ["media"], "slices": {"a": {"dwell": [5, 3]}}}]},
-         "must exceed lower bound"),
-        ({"families": [{"name": "x", "source": "implicit", "ids": ["media"], "windows": ["1y"], "slices": {"a": {}}}]},
-         "unknown window '1y'"),
-        ({"families": [{"name": "x", "source": "implicit", "ids": ["media", "topic"], "table": "t", "slices": {"a": {}}}]},
-         "would mix id types"),
-        ({"families": [{"name": "x", "source": "implicit", "ids": ["media"], "slices": {"a": {"colour": ["red"]}}}]},
-         "unknown slice keys"),
-        ({"families": [{"name": "x", "source": "implicit", "ids": ["media"], "weighted": True, "slices": {"a": {}}}]},
-         "weighted family"),
+        (
+            {"families": [{"name": "x", "source": "explicit", "ids": ["media"], "slices": {"a": {"dwell": [0, 3]}}}]},
+            "use source implicit",
+        ),
+        (
+            {"families": [{"name": "x", "source": "implicit", "ids": ["media"], "slices": {"a": {"dwell": [5, 3]}}}]},
+            "must exceed lower bound",
+        ),
+        (
+            {
+                "families": [
+                    {"name": "x", "source": "implicit", "ids": ["media"], "windows": ["1y"], "slices": {"a": {}}}
+                ]
+            },
+            "unknown window '1y'",
+        ),
+        (
+            {
+                "families": [
+                    {"name": "x", "source": "implicit", "ids": ["media", "topic"], "table": "t", "slices": {"a": {}}}
+                ]
+            },
+            "would mix id types",
+        ),
+        (
+            {"families": [{"name": "x", "source": "implicit", "ids": ["media"], "slices": {"a": {"colour": ["red"]}}}]},
+            "unknown slice keys",
+        ),
+        (
+            {
+                "families": [
+                    {"name": "x", "source": "implicit", "ids": ["media"], "weighted": True, "slices": {"a": {}}}
+                ]
+            },
+            "weighted family",
+        ),
         ({"id_types": {"media": {"hash_size": 0}}}, "hash_size"),
     ],
 )
@@ -250,7 +334,10 @@ def test_bad_specs_name_the_feature_and_key(patch: dict, message: str) -> None:
 
 
 def test_spec_actions_must_be_in_vocabulary() -> None:
-    d = {**SMALL_SPEC, "families": [{"name": "x", "source": "explicit", "ids": ["media"], "slices": {"a": {"action": ["wink"]}}}]}
+    d = {
+        **SMALL_SPEC,
+        "families": [{"name": "x", "source": "explicit", "ids": ["media"], "slices": {"a": {"action": ["wink"]}}}],
+    }
     with pytest.raises(SliceSpecError, match="'wink' is not in the dataset vocabulary"):
         Slicer(SliceSpec.from_dict(d), Vocabulary())
 
@@ -264,8 +351,9 @@ def test_request_ts_length_must_match(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kjt_layout(backend: str) -> None:
-    tl = Timelines.from_arrow(pa.table({"user_id": [1, 1, 2], "ts": [0, 5, 9], "media_id": [3, 3, 4],
-                                        "action": ["rate_high"] * 3}), None)
+    tl = Timelines.from_arrow(
+        pa.table({"user_id": [1, 1, 2], "ts": [0, 5, 9], "media_id": [3, 3, 4], "action": ["rate_high"] * 3}), None
+    )
     spec = SliceSpec.load_default("movielens")
     b = Slicer(spec, tl.vocab, backend=backend).slice(tl, [10 * DAY, 10 * DAY])
     kjt = b.to_kjt()
@@ -308,8 +396,13 @@ def _random_timelines(seed: int, users: int = 300) -> tuple[Timelines, np.ndarra
         n = len(uid)
         ts = r[uid] - rng.integers(0, 30 * DAY, n)
         edge = rng.random(n)
-        for lo_, hi_, delta in ((0.0, 0.03, DAY), (0.03, 0.05, DAY - 1), (0.05, 0.08, DAY + 3 * DAY),
-                                (0.08, 0.1, 7 * DAY), (0.1, 0.12, 7 * DAY + 1)):
+        for lo_, hi_, delta in (
+            (0.0, 0.03, DAY),
+            (0.03, 0.05, DAY - 1),
+            (0.05, 0.08, DAY + 3 * DAY),
+            (0.08, 0.1, 7 * DAY),
+            (0.1, 0.12, 7 * DAY + 1),
+        ):
             sel = (edge >= lo_) & (edge < hi_)
             ts[sel] = r[uid[sel]] - delta
         media = rng.integers(0, 400, n)
@@ -320,12 +413,19 @@ def _random_timelines(seed: int, users: int = 300) -> tuple[Timelines, np.ndarra
         toff = np.concatenate([[0], np.cumsum(ntop)]).astype(np.int32)
         first = np.repeat(media, ntop) * 7 + (np.arange(toff[-1]) - np.repeat(toff[:-1], ntop)) * 13
         tv = np.where(np.repeat(per_event, ntop), rng.integers(0, 60, toff[-1]), first % 60)
-        cols = dict(user_id=uid, ts=ts, media_id=media, author_id=pa.array(author, mask=author < 0),
-                    topic_ids=pa.ListArray.from_arrays(pa.array(toff), pa.array(tv, pa.int64())),
-                    media_type=rng.choice(["video", "image", "ad", "live"], n),
-                    surface=rng.choice(["feed", "reels", "explore", "profile", "search", "web"], n))
+        cols = dict(
+            user_id=uid,
+            ts=ts,
+            media_id=media,
+            author_id=pa.array(author, mask=author < 0),
+            topic_ids=pa.ListArray.from_arrays(pa.array(toff), pa.array(tv, pa.int64())),
+            media_type=rng.choice(["video", "image", "ad", "live"], n),
+            surface=rng.choice(["feed", "reels", "explore", "profile", "search", "web"], n),
+        )
         if kind == "explicit":
-            cols["action"] = rng.choice(["like", "hate", "follow", "comment", "save", "long_view", "rate_high", "tag"], n)
+            cols["action"] = rng.choice(
+                ["like", "hate", "follow", "comment", "save", "long_view", "rate_high", "tag"], n
+            )
         else:
             dur = rng.choice([3.0, 15.0, 1.0, 4.0, 0.0, np.nan, 60.0], n)
             dur = np.where(rng.random(n) < 0.5, rng.uniform(0, 120, n), dur).astype(np.float32)
@@ -343,8 +443,14 @@ def _variants() -> list[SliceSpec]:
     # media and author with one hash size (as dv365-train's configs set them): each id type must still get
     # its own direct-mapped code table (a shared one mixed media and author codes: out-of-range ids)
     same = {k: {**v, "hash_size": 20011 if k in ("media", "author") else 1009} for k, v in kuai.raw["id_types"].items()}
-    return [kuai, SliceSpec.from_dict({**kuai.raw, "cap": 300, "id_types": huge}), SliceSpec.load_default("movielens"),
-            SliceSpec.from_dict(SMALL_SPEC), _no_dedup(kuai), SliceSpec.from_dict({**kuai.raw, "id_types": same})]
+    return [
+        kuai,
+        SliceSpec.from_dict({**kuai.raw, "cap": 300, "id_types": huge}),
+        SliceSpec.load_default("movielens"),
+        SliceSpec.from_dict(SMALL_SPEC),
+        _no_dedup(kuai),
+        SliceSpec.from_dict({**kuai.raw, "id_types": same}),
+    ]
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -365,8 +471,9 @@ def test_numba_backend_matches_numpy_backend(seed: int) -> None:
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("cache_slots", [None, 2])
-def test_numba_backend_matches_numpy_on_generated_long_histories(cache_slots: int | None,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_numba_backend_matches_numpy_on_generated_long_histories(
+    cache_slots: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Catalog-consistent SIMULATED users (author / topics are item attributes: the derived bags), rows
     longer than one kernel block; with a 2-slot duration cache, items evict each other's entries."""
     import dv365.core.slicing.numba_backend as numba_backend
@@ -375,12 +482,18 @@ def test_numba_backend_matches_numpy_on_generated_long_histories(cache_slots: in
     if cache_slots:
         monkeypatch.setattr(numba_backend, "_DURATION_CACHE", cache_slots)
     tl = generate_timelines(SynthConfig(users=6, mean_events=3000, seed=1))
-    last = np.array([max(int(t.ts[t.offsets[i + 1] - 1]) if t.lengths[i] else 0 for t in (tl.explicit, tl.implicit))
-                     for i in range(len(tl))])
+    last = np.array(
+        [
+            max(int(t.ts[t.offsets[i + 1] - 1]) if t.lengths[i] else 0 for t in (tl.explicit, tl.implicit))
+            for i in range(len(tl))
+        ]
+    )
     spec = SliceSpec.load_default("kuairand")
     for req in (last + spec.gap_s, last - 5 * DAY):
-        _assert_same_bags(Slicer(spec, tl.vocab, backend="numpy").slice(tl, req),
-                          Slicer(spec, tl.vocab, backend="numba").slice(tl, req))
+        _assert_same_bags(
+            Slicer(spec, tl.vocab, backend="numpy").slice(tl, req),
+            Slicer(spec, tl.vocab, backend="numba").slice(tl, req),
+        )
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -388,9 +501,15 @@ def test_debiased_score_on_its_threshold_decides_like_numpy() -> None:
     """``s = ln(1 + dwell) / ln(1 + duration)`` exactly 0.5 (dwell 1, duration 3; dwell 3, duration 15) is not
     ``> 0.5``: the numba backend's fast log must not flip such events; a ratio exactly on a band edge too."""
     n = 6
-    im = pa.table({"user_id": [1] * n, "ts": np.arange(n), "media_id": np.arange(n),
-                   "video_duration": np.array([3, 15, 3, 15, 4, 1], np.float32),
-                   "dwell_time": np.array([1, 3, 1.0001, 3.0001, 2, 1], np.float32)})
+    im = pa.table(
+        {
+            "user_id": [1] * n,
+            "ts": np.arange(n),
+            "media_id": np.arange(n),
+            "video_duration": np.array([3, 15, 3, 15, 4, 1], np.float32),
+            "dwell_time": np.array([1, 3, 1.0001, 3.0001, 2, 1], np.float32),
+        }
+    )
     tl = Timelines.from_arrow(None, im)
     spec = SliceSpec.load_default("kuairand")
     a = Slicer(spec, tl.vocab, backend="numpy").slice(tl, [10 * DAY])
@@ -398,8 +517,10 @@ def test_debiased_score_on_its_threshold_decides_like_numpy() -> None:
     _assert_same_bags(a, b)
     assert sorted(b.bag("debiased.s05.all.media", 0)[0].tolist()) == [2, 3, 4, 5]
     small = SliceSpec.from_dict(SMALL_SPEC)  # ratio band edge 1.0 with beta 0.5: dwell 2 / sqrt(4) = 1.0
-    _assert_same_bags(Slicer(small, tl.vocab, backend="numpy").slice(tl, [10 * DAY]),
-                      Slicer(small, tl.vocab, backend="numba").slice(tl, [10 * DAY]))
+    _assert_same_bags(
+        Slicer(small, tl.vocab, backend="numpy").slice(tl, [10 * DAY]),
+        Slicer(small, tl.vocab, backend="numba").slice(tl, [10 * DAY]),
+    )
 
 
 def test_backend_choice_and_missing_numba(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,8 +50,21 @@ def stats_data(universe):
 
 
 def _assert_tables_equal(a: EventTable, b: EventTable) -> None:
-    for name in ("user_ids", "offsets", "ts", "media_id", "author_id", "topic_offsets", "topic_values", "media_type",
-                 "surface", "action", "value", "video_duration", "dwell_time"):
+    for name in (
+        "user_ids",
+        "offsets",
+        "ts",
+        "media_id",
+        "author_id",
+        "topic_offsets",
+        "topic_values",
+        "media_type",
+        "surface",
+        "action",
+        "value",
+        "video_duration",
+        "dwell_time",
+    ):
         x, y = getattr(a, name), getattr(b, name)
         if x is None or y is None:
             assert x is None and y is None, name
@@ -77,7 +90,9 @@ def test_same_seed_same_output(universe):
 def test_different_seed_different_output(catalog):
     a = generate_timelines(SynthConfig(users=3, mean_events=1_000, days=60, seed=1), catalog)
     b = generate_timelines(SynthConfig(users=3, mean_events=1_000, days=60, seed=2), catalog)
-    assert a.implicit.num_events != b.implicit.num_events or not np.array_equal(a.implicit.media_id, b.implicit.media_id)
+    assert a.implicit.num_events != b.implicit.num_events or not np.array_equal(
+        a.implicit.media_id, b.implicit.media_id
+    )
 
 
 def test_user_independent_of_user_count(universe):
@@ -110,7 +125,9 @@ def test_stats_match_request(stats_data):
 def test_span_and_sorted(stats_data):
     cfg, tl = stats_data
     for row in range(len(tl)):
-        ts = np.concatenate([tl.explicit.ts[_user_rows(tl.explicit, row)], tl.implicit.ts[_user_rows(tl.implicit, row)]])
+        ts = np.concatenate(
+            [tl.explicit.ts[_user_rows(tl.explicit, row)], tl.implicit.ts[_user_rows(tl.implicit, row)]]
+        )
         assert (ts.max() - ts.min()) / 86_400 >= 0.9 * cfg.days
         assert ts.min() >= cfg.start_ts and ts.max() < cfg.end_ts
         for t in (tl.explicit, tl.implicit):
@@ -119,7 +136,13 @@ def test_span_and_sorted(stats_data):
 
 def test_paper_sizes_by_default(catalog):
     cfg = SynthConfig(users=4, requests_per_user=2)
-    assert (cfg.mean_events, cfg.max_events, cfg.max_implicit, cfg.max_explicit, cfg.days) == (40_000, 70_000, 35_000, 35_000, 400)
+    assert (cfg.mean_events, cfg.max_events, cfg.max_implicit, cfg.max_explicit, cfg.days) == (
+        40_000,
+        70_000,
+        35_000,
+        35_000,
+        400,
+    )
     tl = generate_timelines(cfg, catalog, user_ids=[1, 4, 18, 1000])  # 4: a heavy user (70K events)
     n = tl.lengths()
     assert n.max() <= 70_000 and n.mean() > 20_000
@@ -128,8 +151,9 @@ def test_paper_sizes_by_default(catalog):
 
 
 def test_heavy_user_keeps_most_recent_impressions(catalog):
-    cfg = SynthConfig(users=1, mean_events=60_000, max_events=70_000, min_events=59_000, events_sigma=0.01,
-                      requests_per_user=0)
+    cfg = SynthConfig(
+        users=1, mean_events=60_000, max_events=70_000, min_events=59_000, events_sigma=0.01, requests_per_user=0
+    )
     h = generate_user(cfg, catalog, user_id=0)
     assert len(h.imp_ts) == cfg.max_implicit and h.profile.n_impressions > cfg.max_implicit
     assert len(h.imp_ts) + len(h.exp_ts) == pytest.approx(h.profile.n_events, rel=0.02)
@@ -166,16 +190,19 @@ def test_items_from_real_catalog(stats_data, catalog):
         np.testing.assert_array_equal(lens, np.diff(catalog.tag_offsets)[rows])
         is_ad = catalog.video_type[rows] == "AD"
         no_dur = np.isnan(catalog.duration_s[rows])
-        expect = np.where(is_ad, VOCAB.code("media_types", "ad"),
-                          np.where(no_dur, VOCAB.code("media_types", "image"), VOCAB.code("media_types", "video")))
+        expect = np.where(
+            is_ad,
+            VOCAB.code("media_types", "ad"),
+            np.where(no_dur, VOCAB.code("media_types", "image"), VOCAB.code("media_types", "video")),
+        )
         np.testing.assert_array_equal(t.media_type, expect)
     im = tl.implicit
     rows = catalog.index_of(im.media_id)
     np.testing.assert_array_equal(im.video_duration, catalog.duration_s[rows].astype(np.float32))  # NaN == NaN
     sample = np.random.default_rng(0).choice(len(rows), 500, replace=False)
     for i in sample:  # topic ids are the catalog's tags
-        got = im.topic_values[im.topic_offsets[i]:im.topic_offsets[i + 1]]
-        want = catalog.tag_values[catalog.tag_offsets[rows[i]]:catalog.tag_offsets[rows[i] + 1]]
+        got = im.topic_values[im.topic_offsets[i] : im.topic_offsets[i + 1]]
+        want = catalog.tag_values[catalog.tag_offsets[rows[i]] : catalog.tag_offsets[rows[i] + 1]]
         np.testing.assert_array_equal(got, want)
     assert len(np.unique(im.media_id)) > 3_000  # the generator uses much of the catalog
     assert np.all(im.dwell_time > 0) and np.all(np.isfinite(im.dwell_time))
@@ -262,12 +289,16 @@ def test_request_labels_follow_long_term_interests(behaviour, universe):
     for h in hs:
         top = set(h.profile.top_topics(universe, 3).tolist())
         cat = universe.catalog
-        on_top = np.array([bool(top & set(cat.tag_values[cat.tag_offsets[r]:cat.tag_offsets[r + 1]].tolist()))
-                           for r in h.req_item])
+        on_top = np.array(
+            [bool(top & set(cat.tag_values[cat.tag_offsets[r] : cat.tag_offsets[r + 1]].tolist())) for r in h.req_item]
+        )
         lab = h.req_labels
-        top_like.append(lab["label_like"][on_top]); other_like.append(lab["label_like"][~on_top])
-        top_lv.append(lab["label_long_view"][on_top]); other_lv.append(lab["label_long_view"][~on_top])
-        top_wt.append(lab["label_watch_time"][on_top]); other_wt.append(lab["label_watch_time"][~on_top])
+        top_like.append(lab["label_like"][on_top])
+        other_like.append(lab["label_like"][~on_top])
+        top_lv.append(lab["label_long_view"][on_top])
+        other_lv.append(lab["label_long_view"][~on_top])
+        top_wt.append(lab["label_watch_time"][on_top])
+        other_wt.append(lab["label_watch_time"][~on_top])
         top_dense = np.isin(universe.item_topics, np.searchsorted(universe.topics, sorted(top))).any(axis=1)
         history_share.append(top_dense[h.imp_item].mean())
         base_share.append(top_dense[universe.explore_rows].mean())
@@ -294,8 +325,15 @@ def test_requests_schema_times_and_labels(behaviour, universe):
 
     t = requests_table(hs, universe, cfg)
     assert t.num_rows == cfg.users * cfg.requests_per_user
-    for name in ("label_like", "label_follow", "label_comment", "label_forward", "label_hate", "label_long_view",
-                 "label_watch_time"):
+    for name in (
+        "label_like",
+        "label_follow",
+        "label_comment",
+        "label_forward",
+        "label_hate",
+        "label_long_view",
+        "label_watch_time",
+    ):
         assert t.schema.field(name).type == pa.float32()
     for name in ("label_like", "label_follow", "label_comment", "label_forward", "label_hate", "label_long_view"):
         assert set(np.unique(t.column(name).to_numpy())) <= {0.0, 1.0}
@@ -345,16 +383,37 @@ def test_written_dataset_validates_and_is_simulated(tmp_path, universe):
     assert req_disk.num_rows == req_mem.num_rows
     for name in req_mem.column_names:
         if name != "topic_ids":
-            np.testing.assert_array_equal(req_disk.column(name).to_numpy(zero_copy_only=False),
-                                          req_mem.column(name).to_numpy(zero_copy_only=False), err_msg=name)
+            np.testing.assert_array_equal(
+                req_disk.column(name).to_numpy(zero_copy_only=False),
+                req_mem.column(name).to_numpy(zero_copy_only=False),
+                err_msg=name,
+            )
     again = Timelines.from_arrow(ds.read_table("explicit"), ds.read_table("implicit"), ds.vocab)  # validates
     assert again.num_events == tl_mem.num_events
 
 
 def test_cli_smoke(tmp_path, capsys):
     out = tmp_path / "cli-synth"
-    rc = main(["synth", "--out", str(out), "--users", "6", "--mean-events", "1000", "--max-events", "2000",
-               "--days", "60", "--requests-per-user", "3", "--buckets", "2", "--no-progress"])
+    rc = main(
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--users",
+            "6",
+            "--mean-events",
+            "1000",
+            "--max-events",
+            "2000",
+            "--days",
+            "60",
+            "--requests-per-user",
+            "3",
+            "--buckets",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "SIMULATED" in text

@@ -7,7 +7,8 @@ import posixpath
 import random
 import uuid
 from collections import Counter
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -21,8 +22,8 @@ from dv365.core.errors import DatasetError, TimelineError
 from dv365.core.timeline import (
     DatasetWriter,
     EventTable,
-    Timelines,
     TimelineDataset,
+    Timelines,
     schema_for,
     take_rows,
     user_bucket,
@@ -55,19 +56,42 @@ def sample_events(make_events: MakeEvents, seed: int = 0, users: int = 12) -> di
     """Explicit, implicit and request tables of ``users`` users, rows shuffled, with topics/labels."""
     rnd = random.Random(seed)
     actions = ["like", "follow", "comment", "save", "tag"]
-    ex = [{"user_id": 1000 + u, "ts": T0 + rnd.randint(0, 10**6), "action": rnd.choice(actions),
-           "topic_ids": [rnd.randint(0, 50) for _ in range(rnd.randint(0, 3))], "author_id": rnd.choice([None, 7]),
-           "value": rnd.choice([None, 4.5]), "surface": rnd.choice(["feed", "reels"])}
-          for u in range(users) for _ in range(rnd.randint(1, 6))]
-    im = [{"user_id": 1000 + u, "ts": T0 + rnd.randint(0, 10**6), "dwell_time": float(rnd.randint(0, 300)),
-           "video_duration": rnd.choice([None, 60.0]), "media_type": rnd.choice(["video", "image"])}
-          for u in range(0, users, 2) for _ in range(rnd.randint(1, 8))]
-    rq = [{"user_id": 1000 + u, "ts": T0 + 2 * 10**6 + i, "label_click": float(i % 2), "label_watch_time": 3.5 * i}
-          for u in range(users) for i in range(2)]
+    ex = [
+        {
+            "user_id": 1000 + u,
+            "ts": T0 + rnd.randint(0, 10**6),
+            "action": rnd.choice(actions),
+            "topic_ids": [rnd.randint(0, 50) for _ in range(rnd.randint(0, 3))],
+            "author_id": rnd.choice([None, 7]),
+            "value": rnd.choice([None, 4.5]),
+            "surface": rnd.choice(["feed", "reels"]),
+        }
+        for u in range(users)
+        for _ in range(rnd.randint(1, 6))
+    ]
+    im = [
+        {
+            "user_id": 1000 + u,
+            "ts": T0 + rnd.randint(0, 10**6),
+            "dwell_time": float(rnd.randint(0, 300)),
+            "video_duration": rnd.choice([None, 60.0]),
+            "media_type": rnd.choice(["video", "image"]),
+        }
+        for u in range(0, users, 2)
+        for _ in range(rnd.randint(1, 8))
+    ]
+    rq = [
+        {"user_id": 1000 + u, "ts": T0 + 2 * 10**6 + i, "label_click": float(i % 2), "label_watch_time": 3.5 * i}
+        for u in range(users)
+        for i in range(2)
+    ]
     for rows in (ex, im, rq):
         rnd.shuffle(rows)
-    return {"explicit": make_events("explicit", ex), "implicit": make_events("implicit", im),
-            "requests": make_events("requests", rq)}
+    return {
+        "explicit": make_events("explicit", ex),
+        "implicit": make_events("implicit", im),
+        "requests": make_events("requests", rq),
+    }
 
 
 def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -83,8 +107,12 @@ def user_rows(tl: Timelines, row: int) -> dict[str, list[Any]]:
     ex, im = tl.explicit, tl.implicit
     e, i = ex.user_slice(row), im.user_slice(row)
     assert ex.action is not None and im.dwell_time is not None
-    return {"explicit_ts": ex.ts[e].tolist(), "actions": [tl.vocab.actions[c] for c in ex.action[e]],
-            "implicit_ts": im.ts[i].tolist(), "dwell": im.dwell_time[i].tolist()}
+    return {
+        "explicit_ts": ex.ts[e].tolist(),
+        "actions": [tl.vocab.actions[c] for c in ex.action[e]],
+        "implicit_ts": im.ts[i].tolist(),
+        "dwell": im.dwell_time[i].tolist(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,8 +133,11 @@ def test_write_read_round_trip(make_events: MakeEvents, vocab: Vocabulary, url: 
     assert ds.user_ids().tolist() == users
     stats = ds.meta.stats
     assert stats["users"] == len(users)
-    assert stats["events"] == stats["explicit_events"] + stats["implicit_events"] == (
-        data["explicit"].num_rows + data["implicit"].num_rows)
+    assert (
+        stats["events"]
+        == stats["explicit_events"] + stats["implicit_events"]
+        == (data["explicit"].num_rows + data["implicit"].num_rows)
+    )
     n_ex = data["explicit"].num_rows
     assert stats["validation"]["explicit"] == f"{n_ex:,}/{n_ex:,} records kept"
 
@@ -164,8 +195,11 @@ def test_iter_timelines_covers_every_user_exactly_once(make_events: MakeEvents, 
 
 def test_append_adds_parts_and_merges_a_users_events(make_events: MakeEvents, url: str) -> None:
     first = make_events("explicit", [{"user_id": 5, "ts": T0 + t, "action": "like"} for t in (30, 10)])
-    second = make_events("explicit", [{"user_id": 5, "ts": T0 + t, "action": "save"} for t in (20, 40, 0)]
-                         + [{"user_id": 6, "ts": T0, "action": "tag"}])
+    second = make_events(
+        "explicit",
+        [{"user_id": 5, "ts": T0 + t, "action": "save"} for t in (20, 40, 0)]
+        + [{"user_id": 6, "ts": T0, "action": "tag"}],
+    )
     with DatasetWriter(url, num_buckets=2) as w:
         w.add(explicit=first)
     ds = TimelineDataset(url)
@@ -239,11 +273,14 @@ def test_incomplete_write_is_invisible(make_events: MakeEvents, url: str) -> Non
         DatasetWriter(url)
 
 
-@pytest.mark.parametrize("meta,match", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"format": "parquet"}), "not a UniTi dataset"),
-    (json.dumps({"format": "dv365.uniti", "version": 99, "num_buckets": 1, "vocab": {}}), "newer"),
-])
+@pytest.mark.parametrize(
+    "meta,match",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"format": "parquet"}), "not a UniTi dataset"),
+        (json.dumps({"format": "dv365.uniti", "version": 99, "num_buckets": 1, "vocab": {}}), "newer"),
+    ],
+)
 def test_unknown_dataset_formats_are_refused(url: str, meta: str, match: str) -> None:
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
@@ -290,12 +327,16 @@ def test_writer_arguments_are_checked(url: str) -> None:
 
 def test_requests_with_different_labels_in_two_adds(make_events: MakeEvents, url: str) -> None:
     with DatasetWriter(url, num_buckets=1) as w:
-        w.add(explicit=make_events("explicit", [{"user_id": 1, "ts": T0}]),
-              requests=make_events("requests", [{"user_id": 1, "ts": T0 + 9, "label_click": 1.0}]))
+        w.add(
+            explicit=make_events("explicit", [{"user_id": 1, "ts": T0}]),
+            requests=make_events("requests", [{"user_id": 1, "ts": T0 + 9, "label_click": 1.0}]),
+        )
         w.add(requests=make_events("requests", [{"user_id": 2, "ts": T0 + 8, "label_watch": 2.0}]))
     rows = TimelineDataset(url).requests().select(["user_id", "label_click", "label_watch"]).to_pylist()
-    assert rows == [{"user_id": 1, "label_click": 1.0, "label_watch": None},
-                    {"user_id": 2, "label_click": None, "label_watch": 2.0}]
+    assert rows == [
+        {"user_id": 1, "label_click": 1.0, "label_watch": None},
+        {"user_id": 2, "label_click": None, "label_watch": 2.0},
+    ]
 
 
 def test_create_never_deletes_unrelated_files(make_events: MakeEvents, tmp_path: Any) -> None:
@@ -315,8 +356,21 @@ def test_create_never_deletes_unrelated_files(make_events: MakeEvents, tmp_path:
 # --------------------------------------------------------------------------------------------------
 def assert_event_tables_equal(a: EventTable, b: EventTable) -> None:
     assert a.kind == b.kind
-    for name in ("user_ids", "offsets", "ts", "media_id", "author_id", "topic_offsets", "topic_values",
-                 "media_type", "surface", "action", "value", "video_duration", "dwell_time"):
+    for name in (
+        "user_ids",
+        "offsets",
+        "ts",
+        "media_id",
+        "author_id",
+        "topic_offsets",
+        "topic_values",
+        "media_type",
+        "surface",
+        "action",
+        "value",
+        "video_duration",
+        "dwell_time",
+    ):
         x, y = getattr(a, name), getattr(b, name)
         if x is None or y is None:
             assert x is None and y is None, name
@@ -348,8 +402,9 @@ def test_event_table_empty_and_users_without_events(vocab: Vocabulary, make_even
     tl = Timelines.from_arrow(make_events("explicit", [{"user_id": 2, "ts": T0}]), None, vocab, user_ids=[9, 2])
     assert tl.lengths().tolist() == [0, 1]
     with pytest.raises(ValueError, match="not aligned"):
-        Timelines(np.array([1]), EventTable.empty("explicit", np.array([1])),
-                  EventTable.empty("implicit", np.array([2])))
+        Timelines(
+            np.array([1]), EventTable.empty("explicit", np.array([1])), EventTable.empty("implicit", np.array([2]))
+        )
 
 
 def test_timelines_from_arrow_validates_with_policy(make_events: MakeEvents, vocab: Vocabulary) -> None:
@@ -375,11 +430,16 @@ def test_take_rows(make_events: MakeEvents, vocab: Vocabulary) -> None:
 
 
 event_rows = st.lists(
-    st.fixed_dictionaries({
-        "user_id": st.integers(0, 6), "ts": st.integers(T0, T0 + 50), "media_id": st.integers(0, 3),
-        "topic_ids": st.lists(st.integers(0, 9), max_size=3),
-        "action": st.sampled_from(["like", "save", "tag"]), "dwell_time": st.sampled_from([0.0, 1.5, 30.0]),
-    }),
+    st.fixed_dictionaries(
+        {
+            "user_id": st.integers(0, 6),
+            "ts": st.integers(T0, T0 + 50),
+            "media_id": st.integers(0, 3),
+            "topic_ids": st.lists(st.integers(0, 9), max_size=3),
+            "action": st.sampled_from(["like", "save", "tag"]),
+            "dwell_time": st.sampled_from([0.0, 1.5, 30.0]),
+        }
+    ),
     max_size=40,
 )
 
@@ -400,12 +460,16 @@ def test_from_arrow_sorts_by_ts_and_keeps_every_event(
             s = table.user_slice(row)
             ts = table.ts[s]
             assert (np.diff(ts) >= 0).all()
-            topics = [table.topic_values[table.topic_offsets[i]:table.topic_offsets[i + 1]].tolist()
-                      for i in range(s.start, s.stop)]
-            extra = ([vocab.actions[c] for c in table.action[s]] if key == "action"  # type: ignore[index]
-                     else table.dwell_time[s].tolist())  # type: ignore[index]
-            got = Counter((int(t), int(m), tuple(tp), x)
-                          for t, m, tp, x in zip(ts, table.media_id[s], topics, extra))
+            topics = [
+                table.topic_values[table.topic_offsets[i] : table.topic_offsets[i + 1]].tolist()
+                for i in range(s.start, s.stop)
+            ]
+            extra = (
+                [vocab.actions[c] for c in table.action[s]]
+                if key == "action"  # type: ignore[index]
+                else table.dwell_time[s].tolist()
+            )  # type: ignore[index]
+            got = Counter((int(t), int(m), tuple(tp), x) for t, m, tp, x in zip(ts, table.media_id[s], topics, extra))
             want = Counter((r["ts"], r["media_id"], tuple(r["topic_ids"]), r[key]) for r in rows if r["user_id"] == uid)
             assert got == want
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -87,8 +88,17 @@ def f32(x: float) -> float:
 
 ORACLE_ORDER = {
     "explicit": ["user_id", "ts", "media_id", "author_id", "topic_ids", "action", "media_type", "surface", "value"],
-    "implicit": ["user_id", "ts", "media_id", "author_id", "topic_ids", "media_type", "surface", "video_duration",
-                 "dwell_time"],
+    "implicit": [
+        "user_id",
+        "ts",
+        "media_id",
+        "author_id",
+        "topic_ids",
+        "media_type",
+        "surface",
+        "video_duration",
+        "dwell_time",
+    ],
     "requests": ["user_id", "ts", "media_id", "author_id", "topic_ids", "media_type", "surface", "video_duration"],
 }
 
@@ -176,11 +186,55 @@ def oracle(kind: str, rec: dict[str, Any], policy: ValidationPolicy, labels: tup
 # Record generators: typed Arrow columns as importers hand them over, valid and malformed values mixed
 # ==================================================================================================
 Gen = Callable[[random.Random], Any]
-GARBAGE_TEXT = ["", " ", "abc", "NaN", "nan", "inf", "-inf", "Infinity", "1e3", "4.0", "0x1F", "1_000", "²", "١٢",
-                "99999999999999999999", "-5", "+7", " 42 ", "9" * 5000, "True", "None", "null", "\x00", "like ",
-                "LIKE", "1,2,3", "[1, 2]", "1e400", "-0", "3.5e2", "  2.5  "]
-WEIRD_FLOATS = [math.nan, math.inf, -math.inf, 0.5, -1.0, -0.0, 1e300, -1e300, 2.0**63, -(2.0**63), 1e19, 3.5e38,
-                1e-50, 4e38]
+GARBAGE_TEXT = [
+    "",
+    " ",
+    "abc",
+    "NaN",
+    "nan",
+    "inf",
+    "-inf",
+    "Infinity",
+    "1e3",
+    "4.0",
+    "0x1F",
+    "1_000",
+    "²",
+    "١٢",
+    "99999999999999999999",
+    "-5",
+    "+7",
+    " 42 ",
+    "9" * 5000,
+    "True",
+    "None",
+    "null",
+    "\x00",
+    "like ",
+    "LIKE",
+    "1,2,3",
+    "[1, 2]",
+    "1e400",
+    "-0",
+    "3.5e2",
+    "  2.5  ",
+]
+WEIRD_FLOATS = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    0.5,
+    -1.0,
+    -0.0,
+    1e300,
+    -1e300,
+    2.0**63,
+    -(2.0**63),
+    1e19,
+    3.5e38,
+    1e-50,
+    4e38,
+]
 WEIRD_INTS = [-1, -(10**6), INT64_MIN, INT64_MAX, 0]
 
 
@@ -211,26 +265,45 @@ def numeric_cell(typing: str, good: Gen, rnd: random.Random, p_bad: float, p_nul
 
 FIELDS: dict[str, dict[str, Any]] = {
     # column: the Arrow typings fuzzed for it (repeats weigh them) and a generator of valid values
-    "user_id": {"typings": ["int64", "int64", "uint64", "float64", "string", "bool"],
-                "good": lambda r: r.choice([0, 1, 2, 3, 7, 42, 10**12])},
-    "ts": {"typings": ["int64", "int64", "float64", "string"],  # 10%: close to AS_OF, half of them after it
-           "good": lambda r: T0 + (r.randint(900, 1_100) if r.random() < 0.1 else r.randint(-10**6, 0))},
+    "user_id": {
+        "typings": ["int64", "int64", "uint64", "float64", "string", "bool"],
+        "good": lambda r: r.choice([0, 1, 2, 3, 7, 42, 10**12]),
+    },
+    "ts": {
+        "typings": ["int64", "int64", "float64", "string"],  # 10%: close to AS_OF, half of them after it
+        "good": lambda r: T0 + (r.randint(900, 1_100) if r.random() < 0.1 else r.randint(-(10**6), 0)),
+    },
     "media_id": {"typings": ["int64", "int64", "float64", "string"], "good": lambda r: r.randint(0, 10**12)},
     "author_id": {"typings": ["int64", "float64", "string"], "good": lambda r: r.randint(0, 10**9)},
-    "value": {"typings": ["float64", "float32", "int64", "string"],
-              "good": lambda r: r.choice([1.0, 4.5, r.uniform(-5, 5), math.nan])},
-    "dwell_time": {"typings": ["float64", "float64", "float32", "int64", "string"],
-                   "good": lambda r: r.choice([0.0, r.uniform(0, 60), r.uniform(0, 30_000)])},
-    "video_duration": {"typings": ["float64", "float32", "int64", "string"],
-                       "good": lambda r: r.choice([r.uniform(1, 600), r.uniform(0, 200_000)])},
+    "value": {
+        "typings": ["float64", "float32", "int64", "string"],
+        "good": lambda r: r.choice([1.0, 4.5, r.uniform(-5, 5), math.nan]),
+    },
+    "dwell_time": {
+        "typings": ["float64", "float64", "float32", "int64", "string"],
+        "good": lambda r: r.choice([0.0, r.uniform(0, 60), r.uniform(0, 30_000)]),
+    },
+    "video_duration": {
+        "typings": ["float64", "float32", "int64", "string"],
+        "good": lambda r: r.choice([r.uniform(1, 600), r.uniform(0, 200_000)]),
+    },
     "label_click": {"typings": ["float64", "int64", "string"], "good": lambda r: r.choice([0.0, 1.0, math.nan])},
     "label_watch": {"typings": ["float64", "float32"], "good": lambda r: r.uniform(0, 100)},
 }
-ARROW_TYPES = {"int64": pa.int64(), "uint64": pa.uint64(), "float64": pa.float64(), "float32": pa.float32(),
-               "string": pa.string(), "bool": pa.bool_(), "dict": pa.dictionary(pa.int32(), pa.string()),
-               "list<int64>": pa.list_(pa.int64()), "large_list<int64>": pa.large_list(pa.int64()),
-               "list<string>": pa.list_(pa.string()), "list<float64>": pa.list_(pa.float64()),
-               "list<bool>": pa.list_(pa.bool_())}
+ARROW_TYPES = {
+    "int64": pa.int64(),
+    "uint64": pa.uint64(),
+    "float64": pa.float64(),
+    "float32": pa.float32(),
+    "string": pa.string(),
+    "bool": pa.bool_(),
+    "dict": pa.dictionary(pa.int32(), pa.string()),
+    "list<int64>": pa.list_(pa.int64()),
+    "large_list<int64>": pa.large_list(pa.int64()),
+    "list<string>": pa.list_(pa.string()),
+    "list<float64>": pa.list_(pa.float64()),
+    "list<bool>": pa.list_(pa.bool_()),
+}
 
 
 def topic_cell(typing: str, rnd: random.Random, p_bad: float, p_null: float) -> Any:
@@ -268,8 +341,9 @@ def make_batch(kind: str, seed: int, n: int, typings: dict[str, str], bad_rates:
             values = [topic_cell(typing, rnd, p_bad, 0.1) for _ in range(n)]
         elif name in ("action", "media_type", "surface"):
             known = {"action": VOCAB.actions, "media_type": VOCAB.media_types, "surface": VOCAB.surfaces}[name]
-            values = [categorical_cell(typing, known, rnd, p_bad, 0.15 if name != "action" else p_bad / 4)
-                      for _ in range(n)]
+            values = [
+                categorical_cell(typing, known, rnd, p_bad, 0.15 if name != "action" else p_bad / 4) for _ in range(n)
+            ]
         else:
             spec = FIELDS[name]
             optional = name in ("author_id", "value", "video_duration") or name.startswith("label_")
@@ -299,8 +373,15 @@ def all_typings(name: str) -> list[str]:
 
 
 def sane_typing(name: str) -> str:
-    return "list<int64>" if name == "topic_ids" else "string" if name in ("action", "media_type", "surface") \
-        else "int64" if name in ("user_id", "ts", "media_id", "author_id") else "float64"
+    return (
+        "list<int64>"
+        if name == "topic_ids"
+        else "string"
+        if name in ("action", "media_type", "surface")
+        else "int64"
+        if name in ("user_id", "ts", "media_id", "author_id")
+        else "float64"
+    )
 
 
 @st.composite
@@ -387,19 +468,44 @@ def check_against_oracle(kind: str, table: pa.Table, policy: ValidationPolicy) -
 
 FUZZ_RECORDS: Counter[str] = Counter()
 DOCUMENTED_OUTCOMES = [
-    "user_id:missing", "user_id:not_an_integer", "user_id:negative_id",
-    "ts:missing", "ts:not_an_integer", "ts:negative_timestamp", "ts:after_request_time",
-    "media_id:missing", "media_id:not_an_integer", "media_id:negative_id",
-    "author_id:not_an_integer", "author_id:negative_id",
-    "topic_ids:not_a_list", "topic_ids:not_a_non_negative_integer_list",
-    "action:missing", "action:unknown_action",
-    "value:not_a_number", "value:infinite", "value:out_of_range",
-    "dwell_time:missing", "dwell_time:not_a_number", "dwell_time:nan", "dwell_time:infinite", "dwell_time:negative",
-    "video_duration:not_a_number", "video_duration:nan", "video_duration:infinite", "video_duration:negative",
-    "label_click:not_a_number", "label_click:infinite",
+    "user_id:missing",
+    "user_id:not_an_integer",
+    "user_id:negative_id",
+    "ts:missing",
+    "ts:not_an_integer",
+    "ts:negative_timestamp",
+    "ts:after_request_time",
+    "media_id:missing",
+    "media_id:not_an_integer",
+    "media_id:negative_id",
+    "author_id:not_an_integer",
+    "author_id:negative_id",
+    "topic_ids:not_a_list",
+    "topic_ids:not_a_non_negative_integer_list",
+    "action:missing",
+    "action:unknown_action",
+    "value:not_a_number",
+    "value:infinite",
+    "value:out_of_range",
+    "dwell_time:missing",
+    "dwell_time:not_a_number",
+    "dwell_time:nan",
+    "dwell_time:infinite",
+    "dwell_time:negative",
+    "video_duration:not_a_number",
+    "video_duration:nan",
+    "video_duration:infinite",
+    "video_duration:negative",
+    "label_click:not_a_number",
+    "label_click:infinite",
     # clamps of kept records
-    "topic_ids:max_topics", "media_type:other", "surface:other", "dwell_time:max", "video_duration:max",
-    "value:null", "label_click:null",
+    "topic_ids:max_topics",
+    "media_type:other",
+    "surface:other",
+    "dwell_time:max",
+    "video_duration:max",
+    "value:null",
+    "label_click:null",
 ]
 
 
@@ -435,12 +541,12 @@ def test_fuzz_validate_table_matches_oracle() -> None:
 
 
 @settings(max_examples=40, deadline=None, database=None)
-@given(kind=st.sampled_from(["explicit", "implicit", "requests"]), seed=st.integers(0, 2**32 - 1),
-       n_bad=st.integers(0, 30))
+@given(
+    kind=st.sampled_from(["explicit", "implicit", "requests"]), seed=st.integers(0, 2**32 - 1), n_bad=st.integers(0, 30)
+)
 def test_valid_records_survive_among_malformed_ones(kind: str, seed: int, n_bad: int) -> None:
     """A valid record is never dropped or altered (only documented clamps), whatever its neighbours are."""
-    typed = {name: "int64" if name in ("user_id", "ts", "media_id", "author_id") else "float64"
-             for name in FIELDS}
+    typed = {name: "int64" if name in ("user_id", "ts", "media_id", "author_id") else "float64" for name in FIELDS}
     typed.update(topic_ids="list<int64>", action="string", media_type="string", surface="string")
     good = make_batch(kind, seed, 40, typed, 0.0)
     bad = make_batch(kind, seed + 1, n_bad, {**typed, "media_id": "string"}, 1.0)
@@ -520,13 +626,25 @@ REJECTIONS = [
 ]
 
 
-@pytest.mark.parametrize("kind,name,value,typ,reason,shown", REJECTIONS,
-                         ids=[f"{r[1]}-{r[4]}-{r[2]!r:.12}" for r in REJECTIONS])
-def test_rejection_rule(make_events: Callable[..., pa.Table], kind: str, name: str, value: Any, typ: pa.DataType,
-                        reason: str, shown: str) -> None:
+@pytest.mark.parametrize(
+    "kind,name,value,typ,reason,shown", REJECTIONS, ids=[f"{r[1]}-{r[4]}-{r[2]!r:.12}" for r in REJECTIONS]
+)
+def test_rejection_rule(
+    make_events: Callable[..., pa.Table], kind: str, name: str, value: Any, typ: pa.DataType, reason: str, shown: str
+) -> None:
     """Record 0 is valid (in the same column typing, where one exists), record 1 breaks one rule."""
-    default = {"user_id": 7, "ts": T0, "media_id": 100 + T0, "author_id": None, "topic_ids": [], "action": "like",
-               "value": None, "dwell_time": 5.0, "video_duration": 30.0, "label_click": 1.0}[name]
+    default = {
+        "user_id": 7,
+        "ts": T0,
+        "media_id": 100 + T0,
+        "author_id": None,
+        "topic_ids": [],
+        "action": "like",
+        "value": None,
+        "dwell_time": 5.0,
+        "video_duration": 30.0,
+        "label_click": 1.0,
+    }[name]
     table = two_rows(make_events, kind, **({"label_click": 1.0} if name.startswith("label_") else {}))
     if pa.types.is_boolean(typ) or (name == "action" and not pa.types.is_string(typ)):  # no valid value of this type
         table, values, bad_row = table.slice(1), [value], 0
@@ -545,8 +663,14 @@ def test_rejection_rule(make_events: Callable[..., pa.Table], kind: str, name: s
     assert (e.field, e.reason, e.record) == (name, reason, bad_row)
 
     report = ValidationReport()
-    kept = validate_table(table, kind, VOCAB, ValidationPolicy(on_error="drop"),  # type: ignore[arg-type]
-                          source="in.parquet", report=report)
+    kept = validate_table(
+        table,
+        kind,
+        VOCAB,
+        ValidationPolicy(on_error="drop"),  # type: ignore[arg-type]
+        source="in.parquet",
+        report=report,
+    )
     assert kept.column("ts").to_pylist() == [T0] * bad_row
     assert report.dropped == {f"{name}:{reason}": 1}
     assert report.summary() == f"{bad_row}/{bad_row + 1} records kept; dropped {name}:{reason}: 1"
@@ -563,9 +687,19 @@ def test_timestamp_after_request_time(make_events: Callable[..., pa.Table]) -> N
 
 
 def test_valid_table_is_canonical_and_unchanged(make_events: Callable[..., pa.Table]) -> None:
-    rows = [{"user_id": 3, "ts": T0 + 5, "author_id": 9, "topic_ids": [4, 5], "media_type": "image",
-             "surface": "reels", "action": "save", "value": 4.5},
-            {"user_id": 1, "ts": T0}]
+    rows = [
+        {
+            "user_id": 3,
+            "ts": T0 + 5,
+            "author_id": 9,
+            "topic_ids": [4, 5],
+            "media_type": "image",
+            "surface": "reels",
+            "action": "save",
+            "value": 4.5,
+        },
+        {"user_id": 1, "ts": T0},
+    ]
     table = make_events("explicit", rows)
     report = ValidationReport()
     out = validate_table(table, "explicit", VOCAB, report=report)
@@ -584,28 +718,52 @@ def test_integer_forms_are_accepted(make_events: Callable[..., pa.Table], raw: A
 
 def test_clamps_are_applied_and_counted(make_events: Callable[..., pa.Table]) -> None:
     policy = ValidationPolicy(max_dwell_s=100.0, max_duration_s=1000.0, max_topics=2, on_error="drop")
-    table = make_events("implicit", [
-        {"user_id": 1, "ts": T0, "dwell_time": 500.0, "video_duration": 5000.0, "topic_ids": [5, 6, 7, 8]},
-        {"user_id": 1, "ts": T0 + 1, "media_type": "hologram", "surface": "fridge", "topic_ids": [1, 2]},
-        {"user_id": 1, "ts": T0 + 2, "media_type": None, "surface": None, "video_duration": None},
-        {"user_id": 1, "ts": T0 + 3, "dwell_time": 500.0, "media_type": "tv", "topic_ids": [1, 2, 3], "media_id": -1},
-    ])
+    table = make_events(
+        "implicit",
+        [
+            {"user_id": 1, "ts": T0, "dwell_time": 500.0, "video_duration": 5000.0, "topic_ids": [5, 6, 7, 8]},
+            {"user_id": 1, "ts": T0 + 1, "media_type": "hologram", "surface": "fridge", "topic_ids": [1, 2]},
+            {"user_id": 1, "ts": T0 + 2, "media_type": None, "surface": None, "video_duration": None},
+            {
+                "user_id": 1,
+                "ts": T0 + 3,
+                "dwell_time": 500.0,
+                "media_type": "tv",
+                "topic_ids": [1, 2, 3],
+                "media_id": -1,
+            },
+        ],
+    )
     report = ValidationReport()
     out = validate_table(table, "implicit", VOCAB, policy, report=report).to_pylist()
     assert [(r["dwell_time"], r["video_duration"], r["topic_ids"]) for r in out] == [
-        (100.0, 1000.0, [5, 6]), (5.0, 30.0, [1, 2]), (5.0, None, [])]
+        (100.0, 1000.0, [5, 6]),
+        (5.0, 30.0, [1, 2]),
+        (5.0, None, []),
+    ]
     assert [(r["media_type"], r["surface"]) for r in out] == [("video", "feed"), ("other", "other"), ("other", "other")]
     # the dropped 4th record's clamps are not counted; a missing media type/surface is not a clamp
-    assert report.clamped == {"dwell_time:max": 1, "video_duration:max": 1, "topic_ids:max_topics": 1,
-                              "media_type:other": 1, "surface:other": 1}
-    assert report.summary() == ("3/4 records kept; dropped media_id:negative_id: 1; clamped dwell_time:max: 1, "
-                                "media_type:other: 1, surface:other: 1, topic_ids:max_topics: 1, video_duration:max: 1")
+    assert report.clamped == {
+        "dwell_time:max": 1,
+        "video_duration:max": 1,
+        "topic_ids:max_topics": 1,
+        "media_type:other": 1,
+        "surface:other": 1,
+    }
+    assert report.summary() == (
+        "3/4 records kept; dropped media_id:negative_id: 1; clamped dwell_time:max: 1, "
+        "media_type:other: 1, surface:other: 1, topic_ids:max_topics: 1, video_duration:max: 1"
+    )
 
 
 def test_topic_list_clamping_keeps_the_first_ids(make_events: Callable[..., pa.Table]) -> None:
     topics = [list(range(20)), [], None, [3, 2, 1], list(range(100, 117))]
-    table = with_column(make_events("explicit", [{"user_id": 1, "ts": T0 + i} for i in range(5)]),
-                        "topic_ids", topics, pa.large_list(pa.int64()))
+    table = with_column(
+        make_events("explicit", [{"user_id": 1, "ts": T0 + i} for i in range(5)]),
+        "topic_ids",
+        topics,
+        pa.large_list(pa.int64()),
+    )
     report = ValidationReport()
     out = validate_table(table, "explicit", VOCAB, ValidationPolicy(max_topics=16), report=report)
     assert out.column("topic_ids").to_pylist() == [list(range(16)), [], [], [3, 2, 1], list(range(100, 116))]
@@ -616,8 +774,12 @@ def test_topic_list_clamping_keeps_the_first_ids(make_events: Callable[..., pa.T
 
 
 def test_topic_ids_as_strings_and_sliced_input(make_events: Callable[..., pa.Table]) -> None:
-    table = with_column(make_events("explicit", [{"user_id": 1, "ts": T0 + i} for i in range(4)]),
-                        "topic_ids", [["1"], [" 2", "3 "], ["x"], ["4"]], pa.list_(pa.string()))
+    table = with_column(
+        make_events("explicit", [{"user_id": 1, "ts": T0 + i} for i in range(4)]),
+        "topic_ids",
+        [["1"], [" 2", "3 "], ["x"], ["4"]],
+        pa.list_(pa.string()),
+    )
     sliced = table.slice(1)  # offsets of a sliced list array do not start at 0
     with pytest.raises(TimelineError, match=r"record 1, user 1: field 'topic_ids' = \['x'\]"):
         validate_table(sliced, "explicit", VOCAB)
@@ -626,8 +788,9 @@ def test_topic_ids_as_strings_and_sliced_input(make_events: Callable[..., pa.Tab
 
 
 def test_value_nan_becomes_null_and_is_counted(make_events: Callable[..., pa.Table]) -> None:
-    table = make_events("explicit", [{"user_id": 1, "ts": T0, "value": math.nan},
-                                     {"user_id": 1, "ts": T0, "value": 2.0}])
+    table = make_events(
+        "explicit", [{"user_id": 1, "ts": T0, "value": math.nan}, {"user_id": 1, "ts": T0, "value": 2.0}]
+    )
     report = ValidationReport()
     out = validate_table(table, "explicit", VOCAB, report=report)
     assert out.column("value").to_pylist() == [None, 2.0]
@@ -635,14 +798,21 @@ def test_value_nan_becomes_null_and_is_counted(make_events: Callable[..., pa.Tab
 
 
 def test_request_labels_are_kept_and_checked(make_events: Callable[..., pa.Table]) -> None:
-    table = make_events("requests", [{"user_id": 1, "ts": T0, "label_click": 1.0, "label_watch": 12.5},
-                                     {"user_id": 2, "ts": T0, "label_click": math.nan, "label_watch": None}])
+    table = make_events(
+        "requests",
+        [
+            {"user_id": 1, "ts": T0, "label_click": 1.0, "label_watch": 12.5},
+            {"user_id": 2, "ts": T0, "label_click": math.nan, "label_watch": None},
+        ],
+    )
     table = table.append_column("not_a_label", pa.array([1, 2]))
     report = ValidationReport()
     out = validate_table(table, "requests", VOCAB, report=report)
     assert out.column_names == schema_for("requests").names + ["label_click", "label_watch"]
     assert out.select(["label_click", "label_watch"]).to_pylist() == [
-        {"label_click": 1.0, "label_watch": 12.5}, {"label_click": None, "label_watch": None}]
+        {"label_click": 1.0, "label_watch": 12.5},
+        {"label_click": None, "label_watch": None},
+    ]
     assert report.clamped == {"label_click:null": 1}
     # explicit/implicit tables have no labels: extra columns are ignored
     ex = make_events("explicit", [{"user_id": 1, "ts": T0}]).append_column("label_x", pa.array(["junk"]))
@@ -650,11 +820,14 @@ def test_request_labels_are_kept_and_checked(make_events: Callable[..., pa.Table
 
 
 def test_first_bad_record_and_first_field_win(make_events: Callable[..., pa.Table]) -> None:
-    table = make_events("implicit", [
-        {"user_id": 1, "ts": T0},
-        {"user_id": 2, "ts": T0, "dwell_time": -1.0, "media_id": -5},  # two problems: media_id comes first
-        {"user_id": -3, "ts": T0},
-    ])
+    table = make_events(
+        "implicit",
+        [
+            {"user_id": 1, "ts": T0},
+            {"user_id": 2, "ts": T0, "dwell_time": -1.0, "media_id": -5},  # two problems: media_id comes first
+            {"user_id": -3, "ts": T0},
+        ],
+    )
     with pytest.raises(TimelineError) as info:
         validate_table(table, "implicit", VOCAB)
     e = info.value
@@ -664,8 +837,10 @@ def test_first_bad_record_and_first_field_win(make_events: Callable[..., pa.Tabl
     # every dropped record is counted once, under its first failure
     assert report.dropped == {"media_id:negative_id": 1, "user_id:negative_id": 1}
     assert sum(report.dropped.values()) == report.records_in - report.records_out
-    assert report.examples == ["record 1, user 2: field 'media_id' = -5: negative_id",
-                               "record 2, user None: field 'user_id' = -3: negative_id"]
+    assert report.examples == [
+        "record 1, user 2: field 'media_id' = -5: negative_id",
+        "record 2, user None: field 'user_id' = -3: negative_id",
+    ]
 
 
 def test_missing_required_column_raises_in_both_modes(make_events: Callable[..., pa.Table]) -> None:
@@ -676,8 +851,18 @@ def test_missing_required_column_raises_in_both_modes(make_events: Callable[...,
     # optional columns may be absent
     minimal = pa.table({"user_id": [1], "ts": [T0], "media_id": [5], "action": ["tag"]})
     assert validate_table(minimal, "explicit", VOCAB).to_pylist() == [
-        {"user_id": 1, "ts": T0, "media_id": 5, "author_id": None, "topic_ids": [], "media_type": "other",
-         "action": "tag", "surface": "other", "value": None}]
+        {
+            "user_id": 1,
+            "ts": T0,
+            "media_id": 5,
+            "author_id": None,
+            "topic_ids": [],
+            "media_type": "other",
+            "action": "tag",
+            "surface": "other",
+            "value": None,
+        }
+    ]
 
 
 def test_empty_and_chunked_tables(make_events: Callable[..., pa.Table]) -> None:
@@ -690,13 +875,20 @@ def test_empty_and_chunked_tables(make_events: Callable[..., pa.Table]) -> None:
 
 
 def test_dictionary_encoded_categoricals(make_events: Callable[..., pa.Table]) -> None:
-    t = make_events("explicit", [{"user_id": 1, "ts": T0, "action": "follow", "media_type": "live"},
-                                 {"user_id": 1, "ts": T0 + 1, "action": "comment", "media_type": "vr"}])
+    t = make_events(
+        "explicit",
+        [
+            {"user_id": 1, "ts": T0, "action": "follow", "media_type": "live"},
+            {"user_id": 1, "ts": T0 + 1, "action": "comment", "media_type": "vr"},
+        ],
+    )
     for name in ("action", "media_type"):
         t = with_column(t, name, t.column(name).to_pylist(), pa.dictionary(pa.int8(), pa.string()))
     out = validate_table(t, "explicit", VOCAB)
     assert out.select(["action", "media_type"]).to_pylist() == [
-        {"action": "follow", "media_type": "live"}, {"action": "comment", "media_type": "other"}]
+        {"action": "follow", "media_type": "live"},
+        {"action": "comment", "media_type": "other"},
+    ]
 
 
 def test_policy_and_report_helpers() -> None:
@@ -706,7 +898,12 @@ def test_policy_and_report_helpers() -> None:
     b = ValidationReport(records_in=5, records_out=5, clamped={"x:y": 2})
     a.merge(b)
     assert (a.records_in, a.records_out, a.dropped, a.clamped, a.examples) == (
-        8, 7, {"ts:missing": 1}, {"x:y": 3}, ["e1"])
+        8,
+        7,
+        {"ts:missing": 1},
+        {"x:y": 3},
+        ["e1"],
+    )
     assert a.summary() == "7/8 records kept; dropped ts:missing: 1; clamped x:y: 3"
 
 
@@ -719,8 +916,9 @@ def test_check_timeline_lengths() -> None:
     assert (info.value.field, info.value.reason, info.value.user_id) == ("<timeline>", "empty_timeline", 2)
     with pytest.raises(TimelineError) as info:
         check_timeline_lengths(np.array([9]), np.array([10_000_001]))
-    assert str(info.value) == ("user 9: field '<timeline>' = 10000001: absurd_length "
-                               "(more than max_events=10,000,000 events)")
+    assert str(info.value) == (
+        "user 9: field '<timeline>' = 10000001: absurd_length (more than max_events=10,000,000 events)"
+    )
     check_timeline_lengths([9], [10_000_000])  # the limit itself is fine
     with pytest.raises(TimelineError, match="absurd_length"):
         check_timeline_lengths([9], [11], ValidationPolicy(max_events=10, on_error="drop"))  # always raises
@@ -737,5 +935,6 @@ def test_dataset_writer_drop_policy_records_report(make_events: Callable[..., pa
     ds = TimelineDataset(url)
     assert sorted(ds.user_ids().tolist()) == [1, 2]
     assert ds.meta.stats["validation"]["implicit"] == (
-        "2/3 records kept; dropped dwell_time:nan: 1; clamped dwell_time:max: 1")
+        "2/3 records kept; dropped dwell_time:nan: 1; clamped dwell_time:max: 1"
+    )
     assert w.report["implicit"].examples == ["implicit, record 2, user 3: field 'dwell_time' = nan: nan"]

@@ -13,8 +13,9 @@ DV365 = [sys.executable, "-m", "dv365.core.cli"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(DV365 + args, cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        DV365 + args, cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def test_demo_core_only_imports_movielens_and_slices_it(tmp_path: Path) -> None:
@@ -31,8 +32,22 @@ def test_full_demo_trains_exports_publishes_serves_and_fetches(tmp_path: Path) -
     """The README's main job with every package (small sizes): two MovieLens cycles (the second incremental),
     one synth cycle, the gRPC server on 127.0.0.1, users fetched through the client, a report."""
     out = tmp_path / "demo"
-    p = _run(["demo", "--out", str(out), "--ml-steps", "8", "--synth-users", "10", "--synth-events", "600",
-              "--synth-steps", "4"], cwd=ROOT)
+    p = _run(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--ml-steps",
+            "8",
+            "--synth-users",
+            "10",
+            "--synth-events",
+            "600",
+            "--synth-steps",
+            "4",
+        ],
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["versions"] == {"movielens": ["movielens-c0001", "movielens-c0002"], "synth": ["synth-c0001"]}

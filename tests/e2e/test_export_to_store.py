@@ -22,17 +22,38 @@ from dv365.train.trainer import Trainer
 def _tiny_tower(tmp: Path) -> tuple[str, str]:
     """A SIMULATED 24-user dataset and a 16-dim FSA trained for 2 steps on it."""
     data = tmp / "data"
-    write_synth_dataset(SynthConfig(users=24, mean_events=200, max_events=500, days=40, requests_per_user=6,
-                                    request_window_days=15, min_history_days=15, seed=11),
-                        str(data), progress=False, num_buckets=2)
-    cfg = TrainConfig.from_dict({
-        "data": {"url": str(data), "spec": "kuairand", "hash_sizes": {"media": 499, "author": 499, "topic": 97},
-                 "slicer": "numpy"},
-        "model": {"kind": "fsa", "tower": {"dim": 16, "encoder": {"num_heads": 2, "head_dim": 8, "num_layers": 1}},
-                  "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]}},
-        "run": {"steps": 2, "batch_size": 16, "device": "cpu", "progress": False},
-        "checkpoint": {"dir": str(tmp / "ckpt"), "every": 2},
-    })
+    write_synth_dataset(
+        SynthConfig(
+            users=24,
+            mean_events=200,
+            max_events=500,
+            days=40,
+            requests_per_user=6,
+            request_window_days=15,
+            min_history_days=15,
+            seed=11,
+        ),
+        str(data),
+        progress=False,
+        num_buckets=2,
+    )
+    cfg = TrainConfig.from_dict(
+        {
+            "data": {
+                "url": str(data),
+                "spec": "kuairand",
+                "hash_sizes": {"media": 499, "author": 499, "topic": 97},
+                "slicer": "numpy",
+            },
+            "model": {
+                "kind": "fsa",
+                "tower": {"dim": 16, "encoder": {"num_heads": 2, "head_dim": 8, "num_layers": 1}},
+                "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]},
+            },
+            "run": {"steps": 2, "batch_size": 16, "device": "cpu", "progress": False},
+            "checkpoint": {"dir": str(tmp / "ckpt"), "every": 2},
+        }
+    )
     Trainer(cfg).fit()
     return str(data), str(tmp / "ckpt")
 
@@ -40,8 +61,30 @@ def _tiny_tower(tmp: Path) -> tuple[str, str]:
 def test_export_publish_read_back_bit_exact(tmp_path: Path) -> None:
     data, ckpt = _tiny_tower(tmp_path)
     snap = tmp_path / "snap"
-    assert main(["export", "run", "--checkpoint", ckpt, "--data", data, "--out", str(snap), "--shard-users", "5",
-                 "--batch-users", "4", "--device", "cpu", "--no-progress", "--snapshot-id", "e2e-v1"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "run",
+                "--checkpoint",
+                ckpt,
+                "--data",
+                data,
+                "--out",
+                str(snap),
+                "--shard-users",
+                "5",
+                "--batch-users",
+                "4",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--snapshot-id",
+                "e2e-v1",
+            ]
+        )
+        == 0
+    )
     assert main(["export", "verify", str(snap)]) == 0
     m = read_manifest(str(snap))
     idx = SnapshotIndex(str(snap))

@@ -9,22 +9,52 @@ from pathlib import Path
 import pytest
 
 TINY = [
-    "synth.users=16", "synth.mean_events=300", "synth.max_events=600", "synth.requests_per_user=30",
-    "split.windows=3", "upstream.run.steps=3", "upstream.run.batch_size=32",
-    "downstream.history=8", "downstream.steps=4", "downstream.val_every=2", "downstream.batch_size=32",
-    "retrieval.steps=3", "retrieval.val_every=3", "retrieval.batch_size=32", "retrieval.sampled_negatives=16",
+    "synth.users=16",
+    "synth.mean_events=300",
+    "synth.max_events=600",
+    "synth.requests_per_user=30",
+    "split.windows=3",
+    "upstream.run.steps=3",
+    "upstream.run.batch_size=32",
+    "downstream.history=8",
+    "downstream.steps=4",
+    "downstream.val_every=2",
+    "downstream.batch_size=32",
+    "retrieval.steps=3",
+    "retrieval.val_every=3",
+    "retrieval.batch_size=32",
+    "retrieval.sampled_negatives=16",
     "staleness.passes=1",
     "encoders.synth={users: 6, mean_events: 1500, max_events: 3000, days: 100, requests_per_user: 20, seed: 1}",
-    "encoders.caps=[50, 0]", "encoders.cost_lengths=[50, 0]", "encoders.hstu_train_max=60", "encoders.steps=3",
-    "encoders.val_every=3", "encoders.batch_size=16",
+    "encoders.caps=[50, 0]",
+    "encoders.cost_lengths=[50, 0]",
+    "encoders.hstu_train_max=60",
+    "encoders.steps=3",
+    "encoders.val_every=3",
+    "encoders.batch_size=16",
 ]
 
 
 @pytest.fixture(scope="module")
 def run_all(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     tmp = tmp_path_factory.mktemp("eval")
-    cmd = [sys.executable, "-m", "dv365.core.cli", "eval", "all", "--datasets", "synth", "--quick", "--seeds", "2",
-           "--out", str(tmp / "reports"), "--data-dir", str(tmp / "data"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dv365.core.cli",
+        "eval",
+        "all",
+        "--datasets",
+        "synth",
+        "--quick",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp / "reports"),
+        "--data-dir",
+        str(tmp / "data"),
+        "--no-progress",
+    ]
     for s in TINY:
         cmd += ["--set", s]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -59,23 +89,60 @@ def test_reports_written(run_all: tuple[dict, Path]) -> None:
         assert (out / f"{exp}-synth-quick.png").exists()
         assert json.loads((out / f"{exp}-synth-quick.json").read_text())
     assert (out / "all-quick.md").exists()
-    assert re.search(r"at most 4 steps \(\d+\.\d\d passes over the training split\)",
-                     (out / "ranking-synth-quick.md").read_text())
+    assert re.search(
+        r"at most 4 steps \(\d+\.\d\d passes over the training split\)", (out / "ranking-synth-quick.md").read_text()
+    )
 
 
 def test_bad_setting_exits_1(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "dv365.core.cli", "eval", "ranking", "--dataset", "synth", "--quick",
-                        "--set", "split.windows=1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dv365.core.cli",
+            "eval",
+            "ranking",
+            "--dataset",
+            "synth",
+            "--quick",
+            "--set",
+            "split.windows=1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and "split.windows" in p.stderr
 
 
 def test_datasets_in_parallel_give_the_serial_figures(tmp_path: Path) -> None:
     """`eval all --jobs 2` runs the data sets in spawned processes; every model seeds itself, so the summary's
     figures equal those of `--jobs 1` (data sets prepared once, in the shared data dir)."""
+
     def run(jobs: int) -> dict:
-        cmd = [sys.executable, "-m", "dv365.core.cli", "eval", "all", "--datasets", "synth,movielens",
-               "--experiments", "ranking", "--quick", "--seeds", "1", "--jobs", str(jobs),
-               "--out", str(tmp_path / f"reports{jobs}"), "--data-dir", str(tmp_path / "data"), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dv365.core.cli",
+            "eval",
+            "all",
+            "--datasets",
+            "synth,movielens",
+            "--experiments",
+            "ranking",
+            "--quick",
+            "--seeds",
+            "1",
+            "--jobs",
+            str(jobs),
+            "--out",
+            str(tmp_path / f"reports{jobs}"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-progress",
+        ]
         for s in TINY:
             if not s.startswith(("retrieval.", "staleness.", "encoders.")):
                 cmd += ["--set", s]
@@ -92,9 +159,25 @@ def test_datasets_in_parallel_give_the_serial_figures(tmp_path: Path) -> None:
 
 
 def test_zero_seeds_is_refused_before_any_work(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "dv365.core.cli", "eval", "all", "--quick", "--seeds", "0",
-                        "--out", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dv365.core.cli",
+            "eval",
+            "all",
+            "--quick",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path / "r"),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and "--seeds = 0: must be >= 1" in p.stderr
     assert not (tmp_path / "d").exists()  # refused before any data set was prepared
 
@@ -102,9 +185,27 @@ def test_zero_seeds_is_refused_before_any_work(tmp_path: Path) -> None:
 def test_no_projection_interact_with_unequal_dims_is_refused(tmp_path: Path) -> None:
     """`no_projection` dots the raw DV365 rows with the ranker's embeddings: a config whose tower dim differs from
     the ranker's is refused up front, naming both settings and the way out."""
-    p = subprocess.run([sys.executable, "-m", "dv365.core.cli", "eval", "ranking", "--dataset", "synth", "--quick",
-                        "--set", "upstream.model.tower.dim=32", "--out", str(tmp_path / "r"),
-                        "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dv365.core.cli",
+            "eval",
+            "ranking",
+            "--dataset",
+            "synth",
+            "--quick",
+            "--set",
+            "upstream.model.tower.dim=32",
+            "--out",
+            str(tmp_path / "r"),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1
     assert "upstream.model.tower.dim (32) must equal downstream.embedding_dim (16)" in p.stderr
     assert "downstream.no_projection: flatten" in p.stderr
@@ -119,8 +220,19 @@ def test_all_from_reports_rebuilds_the_summary(run_all: tuple[dict, Path], tmp_p
     copy.mkdir()
     for f in out.glob("*-synth-quick.*"):
         (copy / f.name).write_bytes(f.read_bytes())
-    cmd = [sys.executable, "-m", "dv365.core.cli", "eval", "all", "--from-reports", "--datasets", "synth", "--quick",
-           "--out", str(copy)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dv365.core.cli",
+        "eval",
+        "all",
+        "--from-reports",
+        "--datasets",
+        "synth",
+        "--quick",
+        "--out",
+        str(copy),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     rebuilt = json.loads(p.stdout.strip().splitlines()[-1])

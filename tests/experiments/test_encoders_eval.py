@@ -1,16 +1,14 @@
 """App. C evaluation encodes each distinct history slice once (requests share slices) and must give the
 metrics of encoding every request on its own, for every encoder."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from dv365.train.metrics import MultiTaskMeter
 from dv365.experiments.downstream.context import prepare_url
 from dv365.experiments.downstream.encoders import Slices, _hstu, _model, evaluate
 from dv365.experiments.downstream.settings import Settings, SynthSettings
+from dv365.train.metrics import MultiTaskMeter
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def test_deduplicated_evaluation_matches_per_request(slices: Slices, kind: str) 
     m.eval()
     with torch.no_grad():
         for s in range(0, len(rows), 7):  # small, unsorted batches: padding differs from the dedup path
-            b = slices.batch(rows[s:s + 7], cap, kind, H)
+            b = slices.batch(rows[s : s + 7], cap, kind, H)
             ref.update(m(b), b["labels"])
     want = ref.compute()
     assert got.keys() == want.keys()

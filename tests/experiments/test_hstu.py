@@ -49,7 +49,7 @@ def test_right_align_keeps_last_rows() -> None:
 
 
 def test_log_bucket() -> None:
-    assert log_bucket(torch.tensor([0, 1, 3, -3, 10 ** 9]), 8).tolist() == [0, 1, 2, 2, 7]
+    assert log_bucket(torch.tensor([0, 1, 3, -3, 10**9]), 8).tolist() == [0, 1, 2, 2, 7]
 
 
 def test_last_only_matches_full() -> None:

@@ -17,22 +17,50 @@ def _batch(fmt: RowFormat, B: int = 4, seed: int = 0) -> dict[str, torch.Tensor]
     payload = quantize_rows(rows, bits=fmt.bits).reshape(B, fmt.rows_per_user, -1)
     ids = lambda hi: torch.randint(0, hi, (B,), generator=g)  # noqa: E731
     h_valid = torch.arange(K)[None] >= torch.tensor([[0], [2], [4], [5]])[:B]
-    return {"media": ids(50), "author": ids(50), "topic": ids(50), "media_type": ids(3), "surface": ids(3),
-            "dense": torch.randn(B, 6, generator=g), "payload": payload, "present": torch.tensor([1, 1, 0, 1][:B]).bool(),
-            "age_s": torch.full((B,), 3600.0), "h_media": torch.randint(0, 50, (B, K), generator=g),
-            "h_action": torch.randint(1, 8, (B, K), generator=g), "h_valid": h_valid,
-            "h_ts": torch.cumsum(torch.randint(1, 100, (B, K), generator=g), 1), "ts": torch.full((B,), 10_000)}
+    return {
+        "media": ids(50),
+        "author": ids(50),
+        "topic": ids(50),
+        "media_type": ids(3),
+        "surface": ids(3),
+        "dense": torch.randn(B, 6, generator=g),
+        "payload": payload,
+        "present": torch.tensor([1, 1, 0, 1][:B]).bool(),
+        "age_s": torch.full((B,), 3600.0),
+        "h_media": torch.randint(0, 50, (B, K), generator=g),
+        "h_action": torch.randint(1, 8, (B, K), generator=g),
+        "h_valid": h_valid,
+        "h_ts": torch.cumsum(torch.randint(1, 100, (B, K), generator=g), 1),
+        "ts": torch.full((B,), 10_000),
+    }
 
 
 def _ranker(mode: str, fmt: RowFormat, **kw: object) -> DownstreamRanker:
     torch.manual_seed(0)
-    return DownstreamRanker(DownstreamConfig(num_tasks=3, embedding_dim=E, item_hash_size=50,
-                                             hstu=HSTUConfig(dim=E, num_layers=1, num_heads=2, qk_dim=8, v_dim=8),
-                                             dv365=mode, row_format=fmt, proj_tokens=2, **kw))
+    return DownstreamRanker(
+        DownstreamConfig(
+            num_tasks=3,
+            embedding_dim=E,
+            item_hash_size=50,
+            hstu=HSTUConfig(dim=E, num_layers=1, num_heads=2, qk_dim=8, v_dim=8),
+            dv365=mode,
+            row_format=fmt,
+            proj_tokens=2,
+            **kw,
+        )
+    )
 
 
-@pytest.mark.parametrize("mode,raw", [("none", "interact"), ("linear", "interact"), ("hstu_prefix", "interact"),
-                                      ("no_projection", "interact"), ("no_projection", "flatten")])
+@pytest.mark.parametrize(
+    "mode,raw",
+    [
+        ("none", "interact"),
+        ("linear", "interact"),
+        ("hstu_prefix", "interact"),
+        ("no_projection", "interact"),
+        ("no_projection", "flatten"),
+    ],
+)
 def test_every_mode_runs_and_backpropagates(mode: str, raw: str) -> None:
     fmt = RowFormat(dim=E, rows_per_user=N)
     m = _ranker(mode, fmt, raw_tokens=raw)
@@ -50,6 +78,7 @@ def test_no_projection_interact_is_rows_dotted_with_fields() -> None:
     m = _ranker("no_projection", fmt, raw_tokens="interact").eval()
     b = _batch(fmt)
     seen: dict[str, torch.Tensor] = {}
+
     def keep_input(mod: torch.nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         seen["x"] = inp[0]
 
@@ -70,7 +99,7 @@ def test_no_projection_interact_is_rows_dotted_with_fields() -> None:
         want = torch.einsum("bnd,bfd->bnf", dv.tokens, fields).flatten(1)
     x = seen["x"]
     assert x.shape[1] == E + 7 * 6 // 2 + N * 7
-    torch.testing.assert_close(x[:, -N * 7:], want)
+    torch.testing.assert_close(x[:, -N * 7 :], want)
 
 
 def test_no_projection_interact_needs_equal_dims() -> None:

@@ -11,7 +11,7 @@ def test_paired_stats_flags_small_means_and_keeps_clear_ones() -> None:
     clear = paired_stats([-2.0, -2.2, -1.9])
     assert not clear["noise"] and clear["mean"] == round((-2.0 - 2.2 - 1.9) / 3, 4) and clear["n"] == 3
     assert paired_stats([1.0, -1.0, 0.5])["noise"]
-    assert paired_stats([3.0])["noise"]                       # a single seed is never beyond noise
+    assert paired_stats([3.0])["noise"]  # a single seed is never beyond noise
     empty = paired_stats([math.nan])
     assert empty["mean"] is None and empty["noise"]
 
@@ -22,7 +22,7 @@ def test_paired_stats_boundary_is_noise() -> None:
     s = paired_stats([100.0, 100.0, 0.0])
     assert s["mean"] == 66.6667 and s["noise"]
     assert paired_stats([-100.0, -100.0, 0.0])["noise"]
-    assert not paired_stats([100.0, 100.0, 10.0])["noise"]     # just past the boundary
+    assert not paired_stats([100.0, 100.0, 10.0])["noise"]  # just past the boundary
 
 
 def _run(kind: str, seed: int, hr1: float, hr10: float, count: int) -> dict:
@@ -39,7 +39,7 @@ def test_retrieval_deltas_need_enough_control_hits_in_every_seed() -> None:
         runs.append(_run("linear", seed, 4 / count, (110 if seed < 2 else 44) / count, count))
     d = deltas(runs, "test")["linear"]
     hr1, hr10 = d["next_item@1"], d["next_item@10"]
-    assert hr1["mean"] is None and hr1["noise"] and hr1["min_control_hits"] == 2   # +100 % per seed, but 2 hits
+    assert hr1["mean"] is None and hr1["noise"] and hr1["min_control_hits"] == 2  # +100 % per seed, but 2 hits
     assert hr10["min_control_hits"] == 40 and 40 >= MIN_CONTROL_HITS
     assert hr10["values"] == [10.0, 10.0, 10.0] and hr10["mean"] == 10.0 and not hr10["noise"]
     # a lower threshold reports the small-count cell again
@@ -47,7 +47,9 @@ def test_retrieval_deltas_need_enough_control_hits_in_every_seed() -> None:
 
 
 def test_retrieval_deltas_zero_control_hits_is_not_reported() -> None:
-    runs = [_run("baseline", s, 0.0, 0.05, 200) for s in range(3)] + [_run("gatenet", s, 0.01, 0.06, 200) for s in range(3)]
+    runs = [_run("baseline", s, 0.0, 0.05, 200) for s in range(3)] + [
+        _run("gatenet", s, 0.01, 0.06, 200) for s in range(3)
+    ]
     d = deltas(runs, "test")["gatenet"]
     assert d["next_item@1"]["mean"] is None and d["next_item@1"]["min_control_hits"] == 0
     assert abs(d["next_item@10"]["mean"] - 20.0) < 1e-9

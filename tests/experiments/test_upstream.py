@@ -14,16 +14,28 @@ import yaml
 from dv365.core.cli import main
 
 TINY = {
-    "protocol": "joint", "val_fraction": 0.2, "val_every": 2, "seeds": 1, "variants": ["lce", "mlp_d"],
+    "protocol": "joint",
+    "val_fraction": 0.2,
+    "val_every": 2,
+    "seeds": 1,
+    "variants": ["lce", "mlp_d"],
     "synth": {"users": 12, "mean_events": 150, "max_events": 400, "days": 60, "requests_per_user": 20, "seed": 0},
     "train": {
-        "data": {"spec": "kuairand", "hash_sizes": {"media": 1009, "author": 1009, "topic": 101},
-                 "eval_fraction": 0.2, "slicer": "numpy"},
-        "tasks": [{"label": "label_like"}, {"label": "label_long_view"},
-                  {"label": "label_watch_time", "kind": "regression", "transform": "log1p", "weight": 0.25}],
-        "model": {"tower": {"dim": 4, "n_out": 58, "encoder": {"num_heads": 1, "head_dim": 4, "ff_mult": 1,
-                                                               "num_layers": 1}},
-                  "backbone": {"embedding_dim": 4, "item_hash_size": 1009, "over_arch": [8, 4]}},
+        "data": {
+            "spec": "kuairand",
+            "hash_sizes": {"media": 1009, "author": 1009, "topic": 101},
+            "eval_fraction": 0.2,
+            "slicer": "numpy",
+        },
+        "tasks": [
+            {"label": "label_like"},
+            {"label": "label_long_view"},
+            {"label": "label_watch_time", "kind": "regression", "transform": "log1p", "weight": 0.25},
+        ],
+        "model": {
+            "tower": {"dim": 4, "n_out": 58, "encoder": {"num_heads": 1, "head_dim": 4, "ff_mult": 1, "num_layers": 1}},
+            "backbone": {"embedding_dim": 4, "item_hash_size": 1009, "over_arch": [8, 4]},
+        },
         "run": {"steps": 4, "batch_size": 16, "threads": 1, "eval_batch_size": 64},
     },
 }
@@ -41,11 +53,26 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     return rc, capsys.readouterr().out
 
 
-def test_upstream_cli_writes_report_and_json_line(tiny_config: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_upstream_cli_writes_report_and_json_line(
+    tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, data = tmp_path / "reports", tmp_path / "data"
-    argv = ["eval", "upstream", "--dataset", "synth", "--quick", "--config", str(tiny_config), "--seeds", "2",
-            "--out", str(out), "--data-dir", str(data), "--no-progress"]
+    argv = [
+        "eval",
+        "upstream",
+        "--dataset",
+        "synth",
+        "--quick",
+        "--config",
+        str(tiny_config),
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(data),
+        "--no-progress",
+    ]
     rc, stdout = _run(argv, capsys)
     assert rc == 0
     last = json.loads(stdout.strip().splitlines()[-1])  # the summary is the LAST line
@@ -91,24 +118,51 @@ def test_eval_without_experiment_prints_help(capsys: pytest.CaptureFixture[str])
 
 
 def test_bad_setting_is_a_user_error(tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["eval", "upstream", "--config", str(tiny_config), "--set", "protocol=sideways", "--out", str(tmp_path),
-               "--data-dir", str(tmp_path / "d"), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "upstream",
+            "--config",
+            str(tiny_config),
+            "--set",
+            "protocol=sideways",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     assert "protocol" in capsys.readouterr().err
 
 
-def test_unknown_selection_criterion_is_named(tiny_config: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["eval", "upstream", "--config", str(tiny_config), "--set", "select_by=auc", "--out", str(tmp_path),
-               "--data-dir", str(tmp_path / "d"), "--no-progress"])
+def test_unknown_selection_criterion_is_named(
+    tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "eval",
+            "upstream",
+            "--config",
+            str(tiny_config),
+            "--set",
+            "select_by=auc",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "select_by" in err and "all_tasks" in err and "binary_ne" in err
 
 
 def test_slice_cache_matches_the_slicer(tiny_config: Path, tmp_path: Path) -> None:
-    from dv365.train.data import ExampleSource, load_spec
     from dv365.experiments.upstream import SlicedExamples, UpstreamSettings, _run_cfg, prepare_dataset
+    from dv365.train.data import ExampleSource, load_spec
 
     settings = UpstreamSettings.load(tiny_config)
     url = str(prepare_dataset("synth", settings, tmp_path, progress=False))
@@ -162,8 +216,10 @@ def test_checks_pair_token_and_dim_wise_by_seed() -> None:
     from dv365.experiments.upstream import RunResult, checks, deltas
 
     rep = json.loads((Path(__file__).parents[2] / "tests" / "fixtures" / "upstream-synth-quick.json").read_text())
-    runs = [RunResult(**{k: r[k] for k in ("kind", "seed", "best_step", "best_val", "test", "test_returning",
-                                           "seconds")}) for r in rep["runs"]]
+    runs = [
+        RunResult(**{k: r[k] for k in ("kind", "seed", "best_step", "best_val", "test", "test_returning", "seconds")})
+        for r in rep["runs"]
+    ]
     ck = checks(deltas(runs, "test"))
     assert ck["token_vs_dim"] == rep["checks"]["token_vs_dim"]
     assert ck["token_minus_dim_paired"] == rep["checks"]["token_minus_dim_paired"]
@@ -174,4 +230,4 @@ def test_checks_pair_token_and_dim_wise_by_seed() -> None:
         # the paired mean is the difference of the two variants' mean deltas (same seeds, same tasks)
         assert abs(pair["mean"] - (ck["mean_delta_pct"][tok] - ck["mean_delta_pct"][dim])) < 1e-3
         assert (pair["mean"] < 0) == ck["token_vs_dim"][f"{tok}<{dim}"]  # negative = token-wise better
-        assert pair["noise"] == (abs(pair["mean"]) <= 2 * pair["std"] / n ** 0.5)
+        assert pair["noise"] == (abs(pair["mean"]) <= 2 * pair["std"] / n**0.5)

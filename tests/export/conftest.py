@@ -10,8 +10,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +21,16 @@ from dv365.core.synth import SynthConfig, write_synth_dataset
 from dv365.train.config import TrainConfig
 from dv365.train.trainer import Trainer
 
-SYNTH = SynthConfig(users=40, mean_events=300, max_events=800, days=60, requests_per_user=6,
-                    request_window_days=20, min_history_days=20, seed=7)
+SYNTH = SynthConfig(
+    users=40,
+    mean_events=300,
+    max_events=800,
+    days=60,
+    requests_per_user=6,
+    request_window_days=20,
+    min_history_days=20,
+    seed=7,
+)
 NUM_BUCKETS = 4
 DIM = 16
 REPO = Path(__file__).resolve().parents[2]
@@ -45,17 +54,33 @@ def synth_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def train_config(url: str, ckpt: Path, kind: str = "fsa", steps: int = 3) -> TrainConfig:
-    return TrainConfig.from_dict({
-        "data": {"url": url, "spec": "kuairand", "hash_sizes": {"media": 499, "author": 499, "topic": 97},
-                 "eval_fraction": 0.2, "slicer": "numpy"},
-        "model": {"kind": kind,
-                  "tower": {"dim": DIM, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
-                  "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [32, 16]}},
-        "optim": {"lr": 3e-3, "sparse_lr": 0.05},
-        "run": {"steps": steps, "batch_size": 16, "seed": 0, "device": "cpu", "log_every": 1, "progress": False,
-                "eval_batch_size": 64},
-        "checkpoint": {"dir": str(ckpt), "every": steps},
-    })
+    return TrainConfig.from_dict(
+        {
+            "data": {
+                "url": url,
+                "spec": "kuairand",
+                "hash_sizes": {"media": 499, "author": 499, "topic": 97},
+                "eval_fraction": 0.2,
+                "slicer": "numpy",
+            },
+            "model": {
+                "kind": kind,
+                "tower": {"dim": DIM, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
+                "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [32, 16]},
+            },
+            "optim": {"lr": 3e-3, "sparse_lr": 0.05},
+            "run": {
+                "steps": steps,
+                "batch_size": 16,
+                "seed": 0,
+                "device": "cpu",
+                "log_every": 1,
+                "progress": False,
+                "eval_batch_size": 64,
+            },
+            "checkpoint": {"dir": str(ckpt), "every": steps},
+        }
+    )
 
 
 @pytest.fixture(scope="session")

@@ -25,16 +25,48 @@ DAY = 86_400
 def two_versions(checkpoint: str, last_ts: int, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Snapshots of the same users 7 days apart, the older one written through the CLI."""
     root = tmp_path_factory.mktemp("export-cmp")
-    assert main(["export", "run", "--checkpoint", checkpoint, "--out", str(root / "old"), "--as-of",
-                 str(last_ts - 7 * DAY), "--shard-users", "16", "--batch-users", "8", "--device", "cpu",
-                 "--no-progress", "--snapshot-id", "v-old"]) == 0
-    run_export(ExportConfig(checkpoint=checkpoint, out=str(root / "new"), as_of=last_ts, snapshot_id="v-new",
-                            shard_users=16, batch_users=8, device="cpu", progress=False))
+    assert (
+        main(
+            [
+                "export",
+                "run",
+                "--checkpoint",
+                checkpoint,
+                "--out",
+                str(root / "old"),
+                "--as-of",
+                str(last_ts - 7 * DAY),
+                "--shard-users",
+                "16",
+                "--batch-users",
+                "8",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--snapshot-id",
+                "v-old",
+            ]
+        )
+        == 0
+    )
+    run_export(
+        ExportConfig(
+            checkpoint=checkpoint,
+            out=str(root / "new"),
+            as_of=last_ts,
+            snapshot_id="v-new",
+            shard_users=16,
+            batch_users=8,
+            device="cpu",
+            progress=False,
+        )
+    )
     return root / "old", root / "new"
 
 
-def test_compare_cosines_and_report(two_versions: tuple[Path, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_cosines_and_report(
+    two_versions: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     old, new = two_versions
     c = compare_snapshots(str(old), str(new))
     a, b = SnapshotIndex(str(old)), SnapshotIndex(str(new))
@@ -79,13 +111,23 @@ def test_cli_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["export", "run", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--checkpoint", "--as-of", "--previous", "--refresh", "--num-workers", "--worker-rank", "--bits",
-                "--device", "--no-progress"):
+    for opt in (
+        "--checkpoint",
+        "--as-of",
+        "--previous",
+        "--refresh",
+        "--num-workers",
+        "--worker-rank",
+        "--bits",
+        "--device",
+        "--no-progress",
+    ):
         assert opt in text
 
 
-def test_cli_run_verify_and_errors(two_versions: tuple[Path, Path], checkpoint: str, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_run_verify_and_errors(
+    two_versions: tuple[Path, Path], checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     old, _ = two_versions
     assert main(["export", "verify", str(old), "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -94,8 +136,10 @@ def test_cli_run_verify_and_errors(two_versions: tuple[Path, Path], checkpoint: 
     assert json.loads(lines[-1])["snapshot_id"] == "v-old"
     assert main(["export", "run", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
-    assert main(["export", "run", "--checkpoint", checkpoint, "--out", str(old), "--as-of", "2024-12-01",
-                 "--no-progress"]) == 1
+    assert (
+        main(["export", "run", "--checkpoint", checkpoint, "--out", str(old), "--as-of", "2024-12-01", "--no-progress"])
+        == 1
+    )
     assert "holds a complete snapshot 'v-old'" in capsys.readouterr().err
     assert main(["export", "verify", str(tmp_path)]) == 1
     assert "no complete snapshot here" in capsys.readouterr().err

@@ -44,8 +44,9 @@ def snapshots(checkpoint: str, last_ts: int, tmp_path_factory: pytest.TempPathFa
     return {"s1": root / "s1", "full": root / "s2-full", "inc": root / "s2-inc", "root": root}
 
 
-def test_incremental_equals_rebuild_for_reencoded_and_keeps_carried_bytes(snapshots: dict[str, Path],
-                                                                         synth_url: str, last_ts: int) -> None:
+def test_incremental_equals_rebuild_for_reencoded_and_keeps_carried_bytes(
+    snapshots: dict[str, Path], synth_url: str, last_ts: int
+) -> None:
     s1, full, inc = (SnapshotIndex(str(snapshots[k])) for k in ("s1", "full", "inc"))
     m = read_manifest(str(snapshots["inc"]))
     active = _new_events(synth_url, last_ts - DAY - DAY, last_ts - DAY)  # new events between the two cuts
@@ -64,8 +65,9 @@ def test_incremental_equals_rebuild_for_reencoded_and_keeps_carried_bytes(snapsh
 
 def test_activity_level_policy(snapshots: dict[str, Path], checkpoint: str, synth_url: str, last_ts: int) -> None:
     out = snapshots["root"] / "s2-activity"
-    res = run_export(_cfg(checkpoint, out, as_of=last_ts, previous=str(snapshots["s1"]), refresh="activity",
-                          min_new_events=4))
+    res = run_export(
+        _cfg(checkpoint, out, as_of=last_ts, previous=str(snapshots["s1"]), refresh="activity", min_new_events=4)
+    )
     busy = np.array(sorted(u for u, n in _new_events(synth_url, last_ts - 2 * DAY, last_ts - DAY).items() if n >= 4))
     idx, full, s1 = (SnapshotIndex(str(p)) for p in (out, snapshots["full"], snapshots["s1"]))
     light = np.setdiff1d(idx.user_ids, busy)
@@ -77,14 +79,18 @@ def test_activity_level_policy(snapshots: dict[str, Path], checkpoint: str, synt
 def test_refresh_all_is_a_full_rebuild(snapshots: dict[str, Path], checkpoint: str, last_ts: int) -> None:
     out = snapshots["root"] / "s2-all"
     run_export(_cfg(checkpoint, out, as_of=last_ts, previous=str(snapshots["s1"]), refresh="all"))
-    for a, b in zip(sorted(out.glob("shard-*.parquet")), sorted(snapshots["full"].glob("shard-*.parquet")), strict=True):
+    for a, b in zip(
+        sorted(out.glob("shard-*.parquet")), sorted(snapshots["full"].glob("shard-*.parquet")), strict=True
+    ):
         assert a.name == b.name and a.read_bytes() == b.read_bytes()
 
 
-def test_previous_of_another_model_or_format_is_refused(snapshots: dict[str, Path], checkpoint: str,
-                                                        last_ts: int, tmp_path: Path) -> None:
+def test_previous_of_another_model_or_format_is_refused(
+    snapshots: dict[str, Path], checkpoint: str, last_ts: int, tmp_path: Path
+) -> None:
     with pytest.raises(ExportError, match="row format .* differs .* use --refresh all"):
         run_export(_cfg(checkpoint, tmp_path / "a", as_of=last_ts, bits=8, previous=str(snapshots["s1"])))
-    res = run_export(_cfg(checkpoint, tmp_path / "b", as_of=last_ts, bits=8, previous=str(snapshots["s1"]),
-                          refresh="all"))
+    res = run_export(
+        _cfg(checkpoint, tmp_path / "b", as_of=last_ts, bits=8, previous=str(snapshots["s1"]), refresh="all")
+    )
     assert res.manifest is not None and res.manifest.row_format.bits == 8

@@ -63,8 +63,16 @@ def test_manifest_and_users(full: str, checkpoint: str, synth_url: str, last_ts:
     rep = verify_snapshot(full)
     assert rep.users == len(expected) and rep.shards == len(m.shards)
     text = (Path(full) / "manifest.json").read_text()
-    for key in ("snapshot_id", "model_version", "data_cutoff_ts", "created_at", "row_format", "bytes_per_user",
-                "user_count", "sha256"):
+    for key in (
+        "snapshot_id",
+        "model_version",
+        "data_cutoff_ts",
+        "created_at",
+        "row_format",
+        "bytes_per_user",
+        "user_count",
+        "sha256",
+    ):
         assert f'"{key}"' in text
 
 
@@ -85,8 +93,9 @@ def test_bytes_decode_to_the_tower_output_at_the_cut(full: str, checkpoint: str,
     cut = m.data_cutoff_ts - DAY
     ex, im = (ds.read_table(k, users) for k in ("explicit", "implicit"))
     assert pc.any(pc.greater(im["ts"], cut)).as_py()  # there are events after the cut to ignore
-    truncated = Timelines.from_arrow(ex.filter(pc.less_equal(ex["ts"], cut)), im.filter(pc.less_equal(im["ts"], cut)),
-                                     ds.vocab, users)
+    truncated = Timelines.from_arrow(
+        ex.filter(pc.less_equal(ex["ts"], cut)), im.filter(pc.less_equal(im["ts"], cut)), ds.vocab, users
+    )
     enc = UserEncoder(model, ds.vocab, m.row_format, batch_users=12)
     assert torch.equal(enc.embed(truncated, m.data_cutoff_ts), ref)
     # ...while a snapshot two days later sees the newer events
@@ -118,8 +127,9 @@ def test_overwrite_and_foreign_files(checkpoint: str, tmp_path: Path, last_ts: i
     assert (other / "notes.txt").read_text() == "mine"
 
 
-def test_interrupted_before_merge_with_a_damaged_shard_is_repaired(full: str, checkpoint: str, tmp_path: Path,
-                                                                   last_ts: int) -> None:
+def test_interrupted_before_merge_with_a_damaged_shard_is_repaired(
+    full: str, checkpoint: str, tmp_path: Path, last_ts: int
+) -> None:
     out = tmp_path / "snap"
     first = run_export(_cfg(checkpoint, out, as_of=last_ts - 3 * DAY))
     assert first.manifest is not None
@@ -155,8 +165,11 @@ def test_corrupted_shard_is_named_with_its_user(checkpoint: str, tmp_path: Path,
     assert at > 0
     blob[at + 5] ^= 0x01
     path.write_bytes(bytes(blob))
-    with pytest.raises(SnapshotError, match=rf"shard {info.path} is corrupted: the embedding of user {u_ids[1]} "
-                                            "fails its crc32"):
+    with pytest.raises(
+        SnapshotError,
+        match=rf"shard {info.path} is corrupted: the embedding of user {u_ids[1]} "
+        "fails its crc32",
+    ):
         verify_snapshot(str(out))
     with pytest.raises(SnapshotError, match=rf"shard {info.path} is corrupted \(sha256 mismatch"):
         read_shard(str(out), info, m.row_format)  # what dv365-store's publish runs
@@ -165,8 +178,7 @@ def test_corrupted_shard_is_named_with_its_user(checkpoint: str, tmp_path: Path,
     assert main(["export", "verify", str(out)]) == 1
 
 
-def test_clear_errors(checkpoint: str, baseline_checkpoint: str, tmp_path: Path,
-                      last_ts: int, full: str) -> None:
+def test_clear_errors(checkpoint: str, baseline_checkpoint: str, tmp_path: Path, last_ts: int, full: str) -> None:
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         run_export(_cfg(str(tmp_path / "nope.pt"), tmp_path / "a"))
     with pytest.raises(CheckpointError, match="baseline model has no user tower"):

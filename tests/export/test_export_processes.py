@@ -25,14 +25,37 @@ SHARD_USERS, BATCH_USERS = 2, 1  # many small shards, so a kill lands mid-way
 
 
 def _args(checkpoint: str, out: Path, as_of: int, *extra: str) -> list[str]:
-    return ["export", "run", "--checkpoint", checkpoint, "--out", str(out), "--as-of", str(as_of),
-            "--shard-users", str(SHARD_USERS), "--batch-users", str(BATCH_USERS), "--device", "cpu",
-            "--threads", "1", "--no-progress", *extra]
+    return [
+        "export",
+        "run",
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        str(out),
+        "--as-of",
+        str(as_of),
+        "--shard-users",
+        str(SHARD_USERS),
+        "--batch-users",
+        str(BATCH_USERS),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _popen(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(dv365_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        dv365_cmd(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _same_snapshot(a: Path, b: Path) -> None:
@@ -52,13 +75,23 @@ def _same_snapshot(a: Path, b: Path) -> None:
 def reference(checkpoint: str, last_ts: int, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted single-worker export (in this process)."""
     out = tmp_path_factory.mktemp("export-ref") / "snap"
-    run_export(ExportConfig(checkpoint=checkpoint, out=str(out), as_of=last_ts, shard_users=SHARD_USERS,
-                            batch_users=BATCH_USERS, device="cpu", progress=False))
+    run_export(
+        ExportConfig(
+            checkpoint=checkpoint,
+            out=str(out),
+            as_of=last_ts,
+            shard_users=SHARD_USERS,
+            batch_users=BATCH_USERS,
+            device="cpu",
+            progress=False,
+        )
+    )
     return out
 
 
-def test_sigkill_then_rerun_is_identical_to_an_uninterrupted_run(reference: Path, checkpoint: str, last_ts: int,
-                                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigkill_then_rerun_is_identical_to_an_uninterrupted_run(
+    reference: Path, checkpoint: str, last_ts: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "snap"
     total = len(read_manifest(str(reference)).shards)
     proc = _popen(_args(checkpoint, out, last_ts))
@@ -79,19 +112,23 @@ def test_sigkill_then_rerun_is_identical_to_an_uninterrupted_run(reference: Path
 
     assert main(_args(checkpoint, out, last_ts)) == 0
     out_text = capsys.readouterr()
-    assert f"resuming {read_manifest(str(out)).snapshot_id}: {done_before} of {total} shards already done" in out_text.err
+    assert (
+        f"resuming {read_manifest(str(out)).snapshot_id}: {done_before} of {total} shards already done" in out_text.err
+    )
     assert f"{done_before} shards were already done" in out_text.out
     _same_snapshot(out, reference)
     verify_snapshot(str(out))
 
 
-def test_two_workers_concurrently_equal_one_worker(reference: Path, checkpoint: str, last_ts: int,
-                                                   tmp_path: Path) -> None:
+def test_two_workers_concurrently_equal_one_worker(
+    reference: Path, checkpoint: str, last_ts: int, tmp_path: Path
+) -> None:
     out = tmp_path / "snap"
-    procs = [_popen(_args(checkpoint, out, last_ts, "--num-workers", "2", "--worker-rank", str(r), "--json"))
-             for r in (0, 1)]
+    procs = [
+        _popen(_args(checkpoint, out, last_ts, "--num-workers", "2", "--worker-rank", str(r), "--json")) for r in (0, 1)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (_stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr
     stdouts = "".join(r[0] for r in results)
     assert "complete" in stdouts  # the worker that finished last wrote the manifest
@@ -101,11 +138,19 @@ def test_two_workers_concurrently_equal_one_worker(reference: Path, checkpoint: 
     assert written == [total // 2, total - total // 2]  # each worker exported its own half of the shard list
 
 
-def test_torchrun_environment_picks_the_worker(reference: Path, checkpoint: str, last_ts: int, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchrun_environment_picks_the_worker(
+    reference: Path, checkpoint: str, last_ts: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "snap"
-    cfg = ExportConfig(checkpoint=checkpoint, out=str(out), as_of=last_ts, shard_users=SHARD_USERS,
-                       batch_users=BATCH_USERS, device="cpu", progress=False)
+    cfg = ExportConfig(
+        checkpoint=checkpoint,
+        out=str(out),
+        as_of=last_ts,
+        shard_users=SHARD_USERS,
+        batch_users=BATCH_USERS,
+        device="cpu",
+        progress=False,
+    )
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     second = run_export(cfg)

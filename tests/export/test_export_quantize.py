@@ -41,8 +41,12 @@ def test_paper_sizes_at_58_x_256() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(arrays("float32", st.tuples(st.integers(1, 5), st.sampled_from([8, 64, 256])),
-              elements=st.floats(-300, 300, width=32)), st.sampled_from([4, 8]))
+@given(
+    arrays(
+        "float32", st.tuples(st.integers(1, 5), st.sampled_from([8, 64, 256])), elements=st.floats(-300, 300, width=32)
+    ),
+    st.sampled_from([4, 8]),
+)
 def test_core_decodes_fbgemm_bytes_exactly(x_np: np.ndarray, bits: int) -> None:
     x = torch.from_numpy(x_np)
     q = quantize_fbgemm(x, bits)

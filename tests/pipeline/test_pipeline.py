@@ -23,14 +23,33 @@ from dv365.store import open_store
 
 DAY = 86_400
 # 12 users x ~500 events over 60 days, 10 requests each in the last 20 days (SIMULATED)
-SYNTH = SynthConfig(users=12, mean_events=500, max_events=900, days=60, requests_per_user=10,
-                    request_window_days=20, min_history_days=20, seed=5)
+SYNTH = SynthConfig(
+    users=12,
+    mean_events=500,
+    max_events=900,
+    days=60,
+    requests_per_user=10,
+    request_window_days=20,
+    min_history_days=20,
+    seed=5,
+)
 TRAIN = {
     "data": {"spec": "kuairand", "hash_sizes": {"media": 499, "author": 499, "topic": 97}, "eval_fraction": 0.2},
-    "model": {"kind": "fsa", "tower": {"dim": 8, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
-              "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]}},
-    "run": {"steps": 4, "batch_size": 16, "seed": 0, "device": "cpu", "threads": 1, "log_every": 2,
-            "eval_batch_size": 64, "progress": False},
+    "model": {
+        "kind": "fsa",
+        "tower": {"dim": 8, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
+        "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]},
+    },
+    "run": {
+        "steps": 4,
+        "batch_size": 16,
+        "seed": 0,
+        "device": "cpu",
+        "threads": 1,
+        "log_every": 2,
+        "eval_batch_size": 64,
+        "progress": False,
+    },
     "checkpoint": {"every": 2, "keep": 2},
 }
 KILL_POINTS = ("ingest.mid", "train.checkpoint", "export.before_marker", "publish.chunk", "retain.before_marker")
@@ -43,8 +62,11 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, int]:
     out = tmp_path_factory.mktemp("pipeline-src") / "synth"
     write_synth_dataset(SYNTH, str(out), progress=False, num_buckets=2)
     ds = TimelineDataset(str(out))
-    newest = max(int(ds.read_bucket(k, b).column("ts").to_numpy().max(initial=0))
-                 for k in ("explicit", "implicit", "requests") for b in range(2))
+    newest = max(
+        int(ds.read_bucket(k, b).column("ts").to_numpy().max(initial=0))
+        for k in ("explicit", "implicit", "requests")
+        for b in range(2)
+    )
     return str(out), newest
 
 
@@ -52,9 +74,15 @@ def write_config(root: Path, src: str, **extra: Any) -> Path:
     """A pipeline whose paths are relative to ``root`` (the working directory its commands run in)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "train.yaml").write_text(yaml.safe_dump(TRAIN))
-    cfg = {"name": "tiny", "workdir": "work", "source": src, "train": {"config": "train.yaml", "steps": 4},
-           "export": {"shard_users": 4, "batch_users": 4, "refresh": "active"},
-           "store": {"url": "lmdb://work/store", "keep": 2}, **extra}
+    cfg = {
+        "name": "tiny",
+        "workdir": "work",
+        "source": src,
+        "train": {"config": "train.yaml", "steps": 4},
+        "export": {"shard_users": 4, "batch_users": 4, "refresh": "active"},
+        "store": {"url": "lmdb://work/store", "keep": 2},
+        **extra,
+    }
     (root / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
     return root / "pipeline.yaml"
 
@@ -107,8 +135,9 @@ def copy_of(after: tuple[Path, int, int], dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_cycle2(after_cycle1: tuple[Path, int, int], tmp_path_factory: pytest.TempPathFactory,
-                     source: tuple[str, int]) -> tuple[Path, tuple[str, list[str], np.ndarray, np.ndarray]]:
+def reference_cycle2(
+    after_cycle1: tuple[Path, int, int], tmp_path_factory: pytest.TempPathFactory, source: tuple[str, int]
+) -> tuple[Path, tuple[str, list[str], np.ndarray, np.ndarray]]:
     """Cycle 2 (the rest of the data) run uninterrupted: the state every killed-and-rerun cycle must reach."""
     root = copy_of(after_cycle1, tmp_path_factory.mktemp("pipeline-ref") / "p")
     r = dv365(root, "pipeline", "run", "--config", "pipeline.yaml", "--no-progress", "--as-of", str(after_cycle1[2]))
@@ -118,7 +147,8 @@ def reference_cycle2(after_cycle1: tuple[Path, int, int], tmp_path_factory: pyte
 
 
 def test_second_cycle_appends_warm_starts_and_reexports_only_active_users(
-        reference_cycle2: tuple[Path, Any], after_cycle1: tuple[Path, int, int], source: tuple[str, int]) -> None:
+    reference_cycle2: tuple[Path, Any], after_cycle1: tuple[Path, int, int], source: tuple[str, int]
+) -> None:
     root, (active, versions, present, _payload) = reference_cycle2
     as_of1 = after_cycle1[1]
     assert active == "tiny-c0002" and versions == ["tiny-c0001", "tiny-c0002"]
@@ -132,12 +162,18 @@ def test_second_cycle_appends_warm_starts_and_reexports_only_active_users(
     def window(ts: np.ndarray, gap: int = 0) -> np.ndarray:
         return (ts > as_of1 - gap) & (ts <= as_of2 - gap)
 
-    newer = sum(int(window(src.read_bucket(k, b).column("ts").to_numpy()).sum())
-                for k in ("explicit", "implicit", "requests") for b in range(2))
+    newer = sum(
+        int(window(src.read_bucket(k, b).column("ts").to_numpy()).sum())
+        for k in ("explicit", "implicit", "requests")
+        for b in range(2)
+    )
     assert sum(c2["figures"]["new_rows"].values()) == newer > 0
     assert appended_runs(str(root / "work/data")) == ["pipeline_c0002"]
-    upto = sum(int((src.read_bucket(k, b).column("ts").to_numpy() <= as_of2).sum()) for k in ("explicit", "implicit")
-               for b in range(2))
+    upto = sum(
+        int((src.read_bucket(k, b).column("ts").to_numpy() <= as_of2).sum())
+        for k in ("explicit", "implicit")
+        for b in range(2)
+    )
     assert TimelineDataset(str(root / "work/data")).meta.stats["events"] == upto
     # train: warm start from cycle 1's model
     assert c2["inputs"]["warm_start"] == "work/models/c0001" and c1["inputs"]["warm_start"] is None
@@ -168,8 +204,9 @@ def test_second_cycle_appends_warm_starts_and_reexports_only_active_users(
     r = dv365(root, "pipeline", "run", "--config", "pipeline.yaml", "--no-progress", "--as-of", str(as_of2))
     assert r.returncode == 0 and "nothing new" in r.stdout
     # schedule: a loop of cycles (here 2 ticks 1 s apart); nothing new since cycle 2, so both ticks say so
-    r = dv365(root, "pipeline", "schedule", "--config", "pipeline.yaml", "--every", "1s", "--max-cycles", "2",
-              "--no-progress")
+    r = dv365(
+        root, "pipeline", "schedule", "--config", "pipeline.yaml", "--every", "1s", "--max-cycles", "2", "--no-progress"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("dv365 pipeline schedule: cycle at") == 2 and r.stdout.count("nothing new") == 2
     # status: versions with age and users, the cycles, the last cycle's figures
@@ -185,18 +222,23 @@ def test_second_cycle_appends_warm_starts_and_reexports_only_active_users(
 
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_cycle_killed_in_a_step_then_rerun_publishes_the_same_version(
-        kill_at: str, after_cycle1: tuple[Path, int, int], reference_cycle2: tuple[Path, Any],
-        source: tuple[str, int], tmp_path: Path) -> None:
+    kill_at: str,
+    after_cycle1: tuple[Path, int, int],
+    reference_cycle2: tuple[Path, Any],
+    source: tuple[str, int],
+    tmp_path: Path,
+) -> None:
     root = copy_of(after_cycle1, tmp_path / "p")
     as_of2 = str(after_cycle1[2])
-    killed = dv365(root, "pipeline", "run", "--config", "pipeline.yaml", "--no-progress", "--as-of", as_of2,
-                   kill_at=kill_at)
+    killed = dv365(
+        root, "pipeline", "run", "--config", "pipeline.yaml", "--no-progress", "--as-of", as_of2, kill_at=kill_at
+    )
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
     step = kill_at.split(".")[0]
     cycle = root / "work/cycles/c0002"
     assert not (cycle / "record.json").exists() and not (cycle / f"{step}.json").exists()
     done_before = [s for s in STEPS if (cycle / f"{s}.json").exists()]
-    assert done_before == list(STEPS[:STEPS.index(step)])
+    assert done_before == list(STEPS[: STEPS.index(step)])
     rerun = dv365(root, "pipeline", "run", "--config", "pipeline.yaml", "--no-progress")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     for s in done_before:  # finished steps are not redone
@@ -212,8 +254,9 @@ def test_cycle_killed_in_a_step_then_rerun_publishes_the_same_version(
         assert TimelineDataset(str(root / "work/data")).meta.stats["events"] == ref["events"]
 
 
-def test_lock_keeps_two_cycles_apart_and_config_errors_name_the_key(tmp_path: Path, source: tuple[str, int],
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lock_keeps_two_cycles_apart_and_config_errors_name_the_key(
+    tmp_path: Path, source: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = PipelineConfig.load(write_config(tmp_path, source[0]))
     holder, other = Pipeline(cfg, progress=False), Pipeline(cfg, progress=False)

@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,8 +42,9 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     root = tmp_path_factory.mktemp("snapshots")
     made: dict[tuple[Any, ...], str] = {}
 
-    def make(snapshot_id: str, fill: int | None = None, users: np.ndarray = USERS, seed: int = 0,
-             shard_users: int = 128) -> str:
+    def make(
+        snapshot_id: str, fill: int | None = None, users: np.ndarray = USERS, seed: int = 0, shard_users: int = 128
+    ) -> str:
         key = (snapshot_id, fill, tuple(users.tolist()), seed, shard_users)
         if key not in made:
             path = str(root / f"{snapshot_id}-{len(made)}")
@@ -61,17 +63,21 @@ class RedisServer:
     def __init__(self, root: Path) -> None:
         self.root, self.port = root, free_port()
         (root / "redis.conf").write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {root}\ndbfilename dump.rdb\nsave \"\"\nappendonly no\n"
+            f'port {self.port}\nbind 127.0.0.1\ndir {root}\ndbfilename dump.rdb\nsave ""\nappendonly no\n'
             "protected-mode yes\nuser default off\n"
             f"user writer on >{REDIS_PASS['writer']} ~* &* +@all\n"
             f"user reader on >{REDIS_PASS['reader']} ~* resetchannels -@all +@read +@connection +multi +exec "
-            "+discard +ping +info\n")
+            "+discard +ping +info\n"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([REDIS or "redis-server", str(self.root / "redis.conf")],
-                                     stdout=open(self.root / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [REDIS or "redis-server", str(self.root / "redis.conf")],
+            stdout=open(self.root / "redis.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -112,9 +118,28 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         pytest.skip("openssl CLI not found: cannot make a test certificate")
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "server.pem", d / "server.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return {"cert": str(cert), "key": str(key)}
 
 
@@ -146,16 +171,23 @@ def _tracked(h: Harness, fn: Callable[[], EmbeddingStore]) -> Callable[[], Embed
         s = fn()
         h.opened.append(s)
         return s
+
     return open_
 
 
 def lmdb_harness(root: Path) -> Harness:
     url = f"lmdb://{root / 'store'}?keep=2"
-    h = Harness("lmdb", writer=lambda: open_store(url), reader=lambda: open_store(url + "&mode=ro"), anonymous=None,
-                corrupt=lambda v, u: None, restart=lambda: None)
+    h = Harness(
+        "lmdb",
+        writer=lambda: open_store(url),
+        reader=lambda: open_store(url + "&mode=ro"),
+        anonymous=None,
+        corrupt=lambda v, u: None,
+        restart=lambda: None,
+    )
 
     def corrupt(version: str, uid: int) -> None:
-        from dv365.store.backends.lmdb_store import LmdbStore, record_keys
+        from dv365.store.backends.lmdb_store import LmdbStore
 
         store = next((s for s in h.opened if isinstance(s, LmdbStore) and not s.readonly), None) or h.writer()
         flip_lmdb(store, version, uid)
@@ -200,9 +232,14 @@ def flip_lmdb(store: Any, version: str, uid: int) -> None:
 def redis_harness(srv: RedisServer, prefix: str) -> Harness:
     import redis
 
-    h = Harness("redis", writer=lambda: open_store(srv.url("writer", prefix) + "&keep=2"),
-                reader=lambda: open_store(srv.url("reader", prefix)), anonymous=lambda: open_store(srv.url(None, prefix)),
-                corrupt=lambda v, u: None, restart=lambda: None)
+    h = Harness(
+        "redis",
+        writer=lambda: open_store(srv.url("writer", prefix) + "&keep=2"),
+        reader=lambda: open_store(srv.url("reader", prefix)),
+        anonymous=lambda: open_store(srv.url(None, prefix)),
+        corrupt=lambda v, u: None,
+        restart=lambda: None,
+    )
 
     def corrupt(version: str, uid: int) -> None:
         r = redis.Redis(port=srv.port, username="writer", password=REDIS_PASS["writer"])
@@ -224,16 +261,30 @@ def redis_harness(srv: RedisServer, prefix: str) -> Harness:
 def grpc_harness(root: Path, tls: dict[str, str]) -> Harness:
     from dv365.store.server import ServeConfig, start_server
 
-    cfg = ServeConfig(backend=f"lmdb://{root / 'store'}?keep=2", port=0, tls_cert=tls["cert"], tls_key=tls["key"],
-                      reader_tokens=frozenset({READER_TOKEN}), writer_tokens=frozenset({WRITER_TOKEN}), grace_s=2)
+    cfg = ServeConfig(
+        backend=f"lmdb://{root / 'store'}?keep=2",
+        port=0,
+        tls_cert=tls["cert"],
+        tls_key=tls["key"],
+        reader_tokens=frozenset({READER_TOKEN}),
+        writer_tokens=frozenset({WRITER_TOKEN}),
+        grace_s=2,
+    )
     state = {"server": start_server(cfg)}
 
     def client(token: str | None) -> Callable[[], EmbeddingStore]:
-        return lambda: open_store(f"grpcs://localhost:{state['server'].port}?ca={tls['cert']}",
-                                  **({"token": token} if token else {}))
+        return lambda: open_store(
+            f"grpcs://localhost:{state['server'].port}?ca={tls['cert']}", **({"token": token} if token else {})
+        )
 
-    h = Harness("grpc", writer=client(WRITER_TOKEN), reader=client(READER_TOKEN), anonymous=client(None),
-                corrupt=lambda v, u: flip_lmdb(state["server"].store, v, u), restart=lambda: None)
+    h = Harness(
+        "grpc",
+        writer=client(WRITER_TOKEN),
+        reader=client(READER_TOKEN),
+        anonymous=client(None),
+        corrupt=lambda v, u: flip_lmdb(state["server"].store, v, u),
+        restart=lambda: None,
+    )
 
     def restart() -> None:
         h.close_all()

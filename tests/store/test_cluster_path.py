@@ -19,8 +19,16 @@ from dv365.store import open_store
 
 from .conftest import RedisServer
 
-SYNTH = SynthConfig(users=10, mean_events=400, max_events=700, days=40, requests_per_user=8,
-                    request_window_days=15, min_history_days=15, seed=11)  # SIMULATED
+SYNTH = SynthConfig(
+    users=10,
+    mean_events=400,
+    max_events=700,
+    days=40,
+    requests_per_user=8,
+    request_window_days=15,
+    min_history_days=15,
+    seed=11,
+)  # SIMULATED
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DV365 = [sys.executable, "-m", "dv365.core.cli"]
 
@@ -41,28 +49,73 @@ def test_torchrun_training_sharded_export_redis_store(tmp_path: Path, redis_serv
     ckpt = tmp_path / "model"
     cfg = {
         "data": {"url": str(data), "spec": "kuairand", "hash_sizes": {"media": 499, "author": 499, "topic": 97}},
-        "model": {"kind": "fsa", "tower": {"dim": 8, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2,
-                                                                   "num_layers": 1}},
-                  "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]}},
+        "model": {
+            "kind": "fsa",
+            "tower": {"dim": 8, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
+            "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]},
+        },
         "run": {"steps": 3, "batch_size": 16, "seed": 0, "device": "cpu", "log_every": 1, "progress": False},
         "checkpoint": {"dir": str(ckpt)},
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
 
     # 1. training: 2 processes under torchrun; rank 0 writes the checkpoint
-    train = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                            "-m", "dv365.train.distributed", "--config", str(tmp_path / "train.yaml"), "--no-progress"],
-                           env=ENV, capture_output=True, text=True, timeout=240)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "dv365.train.distributed",
+            "--config",
+            str(tmp_path / "train.yaml"),
+            "--no-progress",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     _ok(train)
     assert (ckpt / "latest").exists()
 
     # 2. export: 2 worker processes at the same time, each a hash range of the shard list; one manifest
     snap = tmp_path / "snapshot"
-    workers = [subprocess.Popen(DV365 + ["export", "run", "--checkpoint", str(ckpt), "--out", str(snap),
-                                         "--snapshot-id", "cluster-v1", "--shard-users", "2", "--batch-users", "2",
-                                         "--num-workers", "2", "--worker-rank", str(r), "--no-progress"],
-                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    workers = [
+        subprocess.Popen(
+            DV365
+            + [
+                "export",
+                "run",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(snap),
+                "--snapshot-id",
+                "cluster-v1",
+                "--shard-users",
+                "2",
+                "--batch-users",
+                "2",
+                "--num-workers",
+                "2",
+                "--worker-rank",
+                str(r),
+                "--no-progress",
+            ],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for w in workers:
         out, err = w.communicate(timeout=240)
         _ok(w, out, err)
@@ -75,8 +128,13 @@ def test_torchrun_training_sharded_export_redis_store(tmp_path: Path, redis_serv
 
     # 3. publish into Redis with the writer's credentials; a reader client on another connection reads it
     prefix = f"cluster{os.getpid()}"
-    pub = subprocess.run(DV365 + ["store", "--store", redis_server.url("writer", prefix), "publish", str(snap)],
-                         env=ENV, capture_output=True, text=True, timeout=120)
+    pub = subprocess.run(
+        DV365 + ["store", "--store", redis_server.url("writer", prefix), "publish", str(snap)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     _ok(pub)
     reader = open_store(redis_server.url("reader", prefix))
     try:

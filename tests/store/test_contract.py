@@ -109,10 +109,14 @@ def test_publish_under_concurrent_readers_is_atomic(harness: Harness, snapshots)
             fill = fills[r.snapshot_id]
             seen[r.snapshot_id] = seen.get(r.snapshot_id, 0) + 1
             if not r.present.all() or r.errors:
-                problems.append(f"{r.snapshot_id}: {int((~r.present).sum())} missing, errors {list(r.errors.values())[:1]}")
+                problems.append(
+                    f"{r.snapshot_id}: {int((~r.present).sum())} missing, errors {list(r.errors.values())[:1]}"
+                )
             elif not (r.payload[:, :, :128] == fill).all():
-                problems.append(f"batch labelled {r.snapshot_id} holds bytes of other versions: "
-                                f"{sorted(set(np.unique(r.payload[:, :, :128]).tolist()))}")
+                problems.append(
+                    f"batch labelled {r.snapshot_id} holds bytes of other versions: "
+                    f"{sorted(set(np.unique(r.payload[:, :, :128]).tolist()))}"
+                )
 
     threads = [threading.Thread(target=read_loop, args=(k,)) for k in range(2)]
     for t in threads:
@@ -193,7 +197,10 @@ def test_restart_loses_nothing_published(harness: Harness, snapshots) -> None:  
     before = store.get(USERS[:50])
     harness.restart()
     store = harness.writer()
-    assert [(v.version, v.active, v.state) for v in store.versions()] == [("old", True, "ready"), ("new", False, "ready")]
+    assert [(v.version, v.active, v.state) for v in store.versions()] == [
+        ("old", True, "ready"),
+        ("new", False, "ready"),
+    ]
     after = store.get(USERS[:50])
     assert after.snapshot_id == "old" and after.present.all()
     np.testing.assert_array_equal(after.payload, before.payload)

@@ -39,9 +39,13 @@ def test_bad_urls_and_options_are_clear(tmp_path) -> None:  # type: ignore[no-un
 
 
 def test_backends_are_imported_only_when_selected(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    code = ("import sys; from dv365.store import open_store; s = open_store(sys.argv[1]); s.close(); "
-            "print(sorted(m for m in ('redis', 'grpc', 'lmdb') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, f"lmdb://{tmp_path}/s"], capture_output=True, text=True, check=True)
+    code = (
+        "import sys; from dv365.store import open_store; s = open_store(sys.argv[1]); s.close(); "
+        "print(sorted(m for m in ('redis', 'grpc', 'lmdb') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, f"lmdb://{tmp_path}/s"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "['lmdb']"
 
 

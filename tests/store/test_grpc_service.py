@@ -28,12 +28,17 @@ TOKENS = {"reader_tokens": frozenset({READER_TOKEN}), "writer_tokens": frozenset
 
 
 def _health(channel: grpc.Channel, service: str = "") -> int:
-    return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+    return int(
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    )
 
 
 def test_tls_is_enforced_and_health_needs_no_token(tmp_path: Path, tls_files, snapshots) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server(ServeConfig(backend=f"lmdb://{tmp_path}/s", port=0, tls_cert=tls_files["cert"],
-                                   tls_key=tls_files["key"], **TOKENS))
+    srv = start_server(
+        ServeConfig(
+            backend=f"lmdb://{tmp_path}/s", port=0, tls_cert=tls_files["cert"], tls_key=tls_files["key"], **TOKENS
+        )
+    )
     try:
         with open(tls_files["cert"], "rb") as f:
             creds = grpc.ssl_channel_credentials(f.read())
@@ -60,13 +65,21 @@ def test_reflection_is_opt_in(tmp_path: Path) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     def services(reflect: bool) -> list[str] | grpc.StatusCode:
-        srv = start_server(ServeConfig(backend=f"lmdb://{tmp_path}/s{int(reflect)}", port=0, reflection=reflect, **TOKENS))
+        srv = start_server(
+            ServeConfig(backend=f"lmdb://{tmp_path}/s{int(reflect)}", port=0, reflection=reflect, **TOKENS)
+        )
         try:
             with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
                 stub = reflection_pb2_grpc.ServerReflectionStub(ch)
                 req = reflection_pb2.ServerReflectionRequest(list_services="")
                 try:
-                    resp = next(iter(stub.ServerReflectionInfo(iter([req]), metadata=(("authorization", f"Bearer {READER_TOKEN}"),), timeout=5)))
+                    resp = next(
+                        iter(
+                            stub.ServerReflectionInfo(
+                                iter([req]), metadata=(("authorization", f"Bearer {READER_TOKEN}"),), timeout=5
+                            )
+                        )
+                    )
                 except grpc.RpcError as e:
                     return e.code()
                 return sorted(s.name for s in resp.list_services_response.service)
@@ -139,8 +152,7 @@ def test_client_falls_back_to_get_without_get_stream(tmp_path: Path, snapshots, 
     import dv365.store.server as server
 
     full = server._method_handlers
-    monkeypatch.setattr(server, "_method_handlers",
-                        lambda s: {k: v for k, v in full(s).items() if k != "GetStream"})
+    monkeypatch.setattr(server, "_method_handlers", lambda s: {k: v for k, v in full(s).items() if k != "GetStream"})
     srv = start_server(ServeConfig(backend=f"lmdb://{tmp_path}/s", port=0, **TOKENS))
     try:
         c = open_store(f"grpc://127.0.0.1:{srv.port}", token=WRITER_TOKEN)
@@ -161,9 +173,25 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(tmp_path: Path, snapshots) -
     s.publish(snapshots("v1", seed=1))
     s.close()
     big = snapshots("big", seed=5, users=__import__("numpy").arange(20_000, 32_000), shard_users=1000)
-    proc = subprocess.Popen([sys.executable, "-m", "dv365.core.cli", "serve", "--backend", url, "--port", "0",
-                             "--writer-token-file", str(tok), "--grace", "30"], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dv365.core.cli",
+            "serve",
+            "--backend",
+            url,
+            "--port",
+            "0",
+            "--writer-token-file",
+            str(tok),
+            "--grace",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert "listening on 127.0.0.1:" in line and "active version 'v1'" in line, line

@@ -29,8 +29,13 @@ def _reference(values, ids, fmt):  # type: ignore[no-untyped-def]
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(-(2**63), 2**63 - 1), st.sampled_from(["ok", "missing", "flip", "short", "swap"])),
-                max_size=20), st.integers(0, 2**32 - 1))
+@given(
+    st.lists(
+        st.tuples(st.integers(-(2**63), 2**63 - 1), st.sampled_from(["ok", "missing", "flip", "short", "swap"])),
+        max_size=20,
+    ),
+    st.integers(0, 2**32 - 1),
+)
 def test_assemble_matches_the_reference(cases, seed) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(seed)
     ids = np.array([c[0] for c in cases], dtype=np.int64)
@@ -46,7 +51,7 @@ def test_assemble_matches_the_reference(cases, seed) -> None:  # type: ignore[no
         elif kind == "short":
             values.append(rec[:-1])
         elif kind == "swap":  # another user's valid record stored under this user
-            values.append(encode_records(np.array([uid ^ 1]), np.frombuffer(rec[:FMT.user_bytes], np.uint8)[None])[0])
+            values.append(encode_records(np.array([uid ^ 1]), np.frombuffer(rec[: FMT.user_bytes], np.uint8)[None])[0])
         else:
             values.append(rec)
     payload, present, checksums, errors = assemble(iter(values), ids, FMT, "test")
@@ -66,5 +71,9 @@ def test_assemble_matches_the_reference(cases, seed) -> None:  # type: ignore[no
 def test_record_layout() -> None:
     rec = encode_records(np.array([5]), np.arange(FMT.user_bytes, dtype=np.uint8)[None])[0]
     assert len(rec) == FMT.user_bytes + CHECKSUM_BYTES
-    assert rec[:FMT.user_bytes] == bytes(range(FMT.user_bytes))
-    assert int.from_bytes(rec[FMT.user_bytes:], "little") == checksum(rec[:FMT.user_bytes], 5) != checksum(rec[:FMT.user_bytes], 6)
+    assert rec[: FMT.user_bytes] == bytes(range(FMT.user_bytes))
+    assert (
+        int.from_bytes(rec[FMT.user_bytes :], "little")
+        == checksum(rec[: FMT.user_bytes], 5)
+        != checksum(rec[: FMT.user_bytes], 6)
+    )

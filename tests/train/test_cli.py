@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -17,7 +17,8 @@ def test_train_is_registered_through_the_entry_point_group() -> None:
 
 
 def test_train_config_end_to_end_then_resume_then_eval_only(
-        make_config_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    make_config_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = make_config_file("cli", **{"run.steps": 4, "checkpoint.every": 2})
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -38,7 +39,8 @@ def test_train_config_end_to_end_then_resume_then_eval_only(
 
 
 def test_bad_configs_fail_with_a_message_naming_the_key(
-        make_config_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    make_config_file: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = make_config_file("bad", **{"model.kind": "transformer"})
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 1
     assert "user tower kind 'transformer' is unknown" in capsys.readouterr().err

@@ -25,16 +25,29 @@ SLICER = "numpy" if "backend" in inspect.signature(Slicer).parameters else "auto
 def hand_url(tmp_path: Path, make_events) -> str:
     """User 1 liked media 10 at T-25h and media 11 at T-23h; requests at T and T+2h (and one for user 2)."""
     url = str(tmp_path / "hand")
-    explicit = make_events("explicit", [
-        {"user_id": 1, "ts": T - 25 * H, "media_id": 10, "author_id": 7, "topic_ids": [3]},
-        {"user_id": 1, "ts": T - 23 * H, "media_id": 11, "author_id": 8, "topic_ids": [4, 5]},
-        {"user_id": 2, "ts": T - 30 * H, "media_id": 12},
-    ])
-    requests = make_events("requests", [
-        {"user_id": 1, "ts": T, "media_id": 20, "author_id": 9, "topic_ids": [1, 2], "label_like": 1.0},
-        {"user_id": 1, "ts": T + 2 * H, "media_id": 21, "author_id": None, "topic_ids": [], "label_like": 0.0},
-        {"user_id": 2, "ts": T + 1, "media_id": 22, "media_type": "image", "video_duration": None, "label_like": 0.0},
-    ])
+    explicit = make_events(
+        "explicit",
+        [
+            {"user_id": 1, "ts": T - 25 * H, "media_id": 10, "author_id": 7, "topic_ids": [3]},
+            {"user_id": 1, "ts": T - 23 * H, "media_id": 11, "author_id": 8, "topic_ids": [4, 5]},
+            {"user_id": 2, "ts": T - 30 * H, "media_id": 12},
+        ],
+    )
+    requests = make_events(
+        "requests",
+        [
+            {"user_id": 1, "ts": T, "media_id": 20, "author_id": 9, "topic_ids": [1, 2], "label_like": 1.0},
+            {"user_id": 1, "ts": T + 2 * H, "media_id": 21, "author_id": None, "topic_ids": [], "label_like": 0.0},
+            {
+                "user_id": 2,
+                "ts": T + 1,
+                "media_id": 22,
+                "media_type": "image",
+                "video_duration": None,
+                "label_like": 0.0,
+            },
+        ],
+    )
     with DatasetWriter(url, source="test", num_buckets=2) as w:
         w.add(explicit=explicit, requests=requests)
     return url
@@ -42,8 +55,13 @@ def hand_url(tmp_path: Path, make_events) -> str:
 
 @pytest.mark.parametrize("slicer", sorted({SLICER, "auto"}))
 def test_each_request_sees_its_users_history_up_to_its_own_time_minus_24h(hand_url: str, slicer: str) -> None:
-    cfg = DataConfig(url=hand_url, spec="kuairand", hash_sizes={"media": 101, "author": 101, "topic": 11},
-                     eval_fraction=0.0, slicer=slicer)
+    cfg = DataConfig(
+        url=hand_url,
+        spec="kuairand",
+        hash_sizes={"media": 101, "author": 101, "topic": 11},
+        eval_fraction=0.0,
+        slicer=slicer,
+    )
     src = ExampleSource(cfg, [TaskSpec("label_like")], load_spec(cfg), 1009)
     assert src.requests.ts.tolist() == [T, T + 1, T + 2 * H]  # time-sorted
     batch = src.collate(np.array([0, 2, 1]))  # rows: (user 1 @ T), (user 1 @ T+2h), (user 2 @ T+1)

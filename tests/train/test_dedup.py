@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
-from dv365.core.timeline import Timelines, take_rows
 from dv365.benchmarks.train import write_impression_dataset
+from dv365.core.timeline import Timelines, take_rows
 from dv365.train.config import TrainConfig
 from dv365.train.dedup import dedup_rows, grouped_permutation, slice_keys
 from dv365.train.trainer import Trainer
@@ -70,8 +70,11 @@ def test_dedup_batch_gives_the_same_outputs_and_gradients_on_fewer_rows(make_con
         trainer.model.zero_grad(set_to_none=True)
         out = trainer.model(batch.user_kjt, batch.item_kjt, batch.dense)
         trainer.loss_fn(out, batch.labels)[0].backward()
-        grads = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
-                 for n, p in trainer.model.named_parameters() if p.grad is not None}
+        grads = {
+            n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+            for n, p in trainer.model.named_parameters()
+            if p.grad is not None
+        }
         return out.detach(), grads
 
     out_a, g_a = run(plain)
@@ -94,7 +97,7 @@ def test_grouped_permutation_keeps_a_users_consecutive_requests_together() -> No
     found, i = set(), 0
     while i < len(perm):
         g = next(g for g in groups if g[0] == perm[i])
-        assert tuple(perm[i:i + len(g)].tolist()) == g
+        assert tuple(perm[i : i + len(g)].tolist()) == g
         found.add(g)
         i += len(g)
     assert found == groups
@@ -105,16 +108,26 @@ def test_grouped_permutation_keeps_a_users_consecutive_requests_together() -> No
 @pytest.fixture(scope="module")
 def impressions_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """SIMULATED: 8 users x ~500 events, 6 requests each shown with 4 items (4 rows per user slice)."""
-    return write_impression_dataset(str(tmp_path_factory.mktemp("imp") / "data"), users=8, mean_events=500,
-                                    requests_per_user=6, k=4, seed=5)
+    return write_impression_dataset(
+        str(tmp_path_factory.mktemp("imp") / "data"), users=8, mean_events=500, requests_per_user=6, k=4, seed=5
+    )
 
 
-def test_training_with_dedup_matches_training_without_and_resumes_exactly(impressions_url: str, tmp_path: Path,
-                                                                         make_config: MakeConfig) -> None:
+def test_training_with_dedup_matches_training_without_and_resumes_exactly(
+    impressions_url: str, tmp_path: Path, make_config: MakeConfig
+) -> None:
     # SGD: Adagrad / Adam normalise each gradient entry, so float-rounding differences of near-zero gradients
     # (summation order differs with dedup) could flip an update's sign; SGD keeps them at rounding size
-    over = {"data.url": impressions_url, "data.group_by_user": 4, "run.steps": 4, "run.log_every": 2,
-            "data.eval_fraction": 0.1, "optim.dense": "sgd", "optim.sparse": "sgd", "optim.lr": 0.05}
+    over = {
+        "data.url": impressions_url,
+        "data.group_by_user": 4,
+        "run.steps": 4,
+        "run.log_every": 2,
+        "data.eval_fraction": 0.1,
+        "optim.dense": "sgd",
+        "optim.sparse": "sgd",
+        "optim.lr": 0.05,
+    }
 
     def cfg(name: str, **extra: object) -> TrainConfig:
         return make_config(name, **{**over, **extra})

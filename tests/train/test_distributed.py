@@ -10,8 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -35,14 +35,29 @@ def _free_port() -> int:
 
 def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "dv365.train.distributed", "--config", str(config),
-           "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "dv365.train.distributed",
+        "--config",
+        str(config),
+        "--no-progress",
+        *extra,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
 
 
-def test_two_processes_match_one_process_then_resume(make_config_file: Callable[..., Path],
-                                                     make_config: Callable[..., TrainConfig]) -> None:
+def test_two_processes_match_one_process_then_resume(
+    make_config_file: Callable[..., Path], make_config: Callable[..., TrainConfig]
+) -> None:
     cfg_file = make_config_file("ddp", **{**SGD, "run.steps": 4})
     ckpt_dir = cfg_file.parent / "ddp"
     done = _torchrun(cfg_file)

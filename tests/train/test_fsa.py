@@ -51,7 +51,7 @@ def test_funnel_pool_is_a_strided_mean_over_the_token_dim() -> None:
     x = torch.arange(10.0).view(1, 2, 5)  # [B, D, N]
     torch.testing.assert_close(funnel_pool(x, 2), torch.tensor([[[0.5, 2.5, 4.0], [5.5, 7.5, 9.0]]]))
     y = torch.randn(4, 3, 201)
-    manual = torch.stack([y[..., i:i + 3].mean(-1) for i in range(0, 201, 3)], dim=-1)
+    manual = torch.stack([y[..., i : i + 3].mean(-1) for i in range(0, 201, 3)], dim=-1)
     torch.testing.assert_close(funnel_pool(y, 3), manual)
 
 
@@ -89,7 +89,14 @@ def test_token_wise_variants_share_parameters_across_embedding_dims(kind: str) -
 
 def test_table1_spellings_and_unknown_kinds() -> None:
     assert [canonical_kind(k) for k in ("T-L_t", "T-L_d", "MLP_d", "MLP_t", "FSA", "LCE", "pass_thru")] == [
-        "tl_t", "tl_d", "mlp_d", "mlp_t", "fsa", "lce", "pass_thru"]
+        "tl_t",
+        "tl_d",
+        "mlp_d",
+        "mlp_t",
+        "fsa",
+        "lce",
+        "pass_thru",
+    ]
     with pytest.raises(TrainConfigError, match="unknown"):
         build_user_tower("hstu", CFG)
     with pytest.raises(TrainConfigError, match="dim"):

@@ -24,13 +24,20 @@ def test_eq7_bce_on_probabilities() -> None:
 
 
 def test_eq8_total_is_sum_of_bce_plus_a_times_mse() -> None:
-    tasks = [TaskSpec("label_like"), TaskSpec("label_follow"),
-             TaskSpec("label_watch_time", "regression", weight=0.5, transform="log1p")]
+    tasks = [
+        TaskSpec("label_like"),
+        TaskSpec("label_follow"),
+        TaskSpec("label_watch_time", "regression", weight=0.5, transform="log1p"),
+    ]
     loss_fn = MultiTaskLoss(tasks)
-    out = torch.tensor([[logit(0.9), logit(0.5), 1.0],
-                        [logit(0.2), logit(0.25), 2.0]], dtype=torch.float64)
-    labels = torch.tensor([[1.0, 0.0, math.e - 1],   # log1p(e - 1) = 1: squared error 0
-                           [0.0, 1.0, math.e ** 3 - 1]], dtype=torch.float64)  # log1p -> 3: squared error 1
+    out = torch.tensor([[logit(0.9), logit(0.5), 1.0], [logit(0.2), logit(0.25), 2.0]], dtype=torch.float64)
+    labels = torch.tensor(
+        [
+            [1.0, 0.0, math.e - 1],  # log1p(e - 1) = 1: squared error 0
+            [0.0, 1.0, math.e**3 - 1],
+        ],
+        dtype=torch.float64,
+    )  # log1p -> 3: squared error 1
     total, per_task = loss_fn(out, labels)
     like = -(math.log(0.9) + math.log(0.8)) / 2
     follow = -(math.log(0.5) + math.log(0.25)) / 2
@@ -78,8 +85,13 @@ def test_normalized_loss_is_one_for_the_mean_predictor() -> None:
     g = torch.Generator().manual_seed(1)
     labels = torch.stack([(torch.rand(500, generator=g) < 0.2).float(), torch.rand(500, generator=g) * 60], 1)
     p = labels[:, 0].double().mean()
-    out = torch.stack([torch.full((500,), math.log(p / (1 - p))),
-                       torch.full((500,), torch.log1p(labels[:, 1].double()).mean().item())], 1)
+    out = torch.stack(
+        [
+            torch.full((500,), math.log(p / (1 - p))),
+            torch.full((500,), torch.log1p(labels[:, 1].double()).mean().item()),
+        ],
+        1,
+    )
     meter = MultiTaskMeter(tasks)
     meter.update(out, labels)
     assert meter.mean_normalized_loss() == pytest.approx(1.0, rel=1e-6)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from torchrec import KeyedJaggedTensor
 
 from dv365.core.slicing import SliceSpec, reference_slice
@@ -43,8 +42,11 @@ def reference_kjt(spec: SliceSpec, tl: object, req: np.ndarray) -> KeyedJaggedTe
             weights += [w for _, w in bag]
             lengths.append(len(bag))
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=spec.feature_names, values=torch.tensor(values, dtype=torch.long),
-        weights=torch.tensor(weights, dtype=torch.float32), lengths=torch.tensor(lengths, dtype=torch.int32))
+        keys=spec.feature_names,
+        values=torch.tensor(values, dtype=torch.long),
+        weights=torch.tensor(weights, dtype=torch.float32),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,9 @@ def test_tokens_equal_manual_mean_of_the_raw_bags_rows(sliced, kjt, grouped: boo
     pooling = SlicedPooling(spec, D, grouped=grouped)
     tokens = pooling(kjt)
     assert tokens.shape == (len(tl), len(spec.features), D)
-    raw_spec = SliceSpec.from_dict({**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}})
+    raw_spec = SliceSpec.from_dict(
+        {**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}}
+    )
     raw = reference_slice(raw_spec, tl, req)
     assert sum(len(v) for v in raw.values()) > kjt.values().numel()  # the KJT is deduplicated...
     # ...but pooling equals the plain mean over every raw occurrence (weighted mean for Eq. 5 features)

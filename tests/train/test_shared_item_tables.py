@@ -3,7 +3,7 @@ the CSR bag sums the grouped pooling uses (checked against ``F.embedding_bag``, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -73,7 +73,7 @@ def test_item_kjt_carries_the_ids_hashed_like_the_history(synth_url: str) -> Non
     req = src.requests
     assert item["shared.item.media"].values().tolist() == (req.media_id[rows] % TINY_HASH["media"]).tolist()
     assert item["item.media"].values().tolist() == (req.media_id[rows] % 1009).tolist()
-    topics = req.topic_values[req.topic_offsets[0]:req.topic_offsets[6]] % TINY_HASH["topic"]
+    topics = req.topic_values[req.topic_offsets[0] : req.topic_offsets[6]] % TINY_HASH["topic"]
     assert item["shared.item.topic"].values().tolist() == topics.tolist()
     assert item["shared.item.topic"].lengths().tolist() == item["item.topic"].lengths().tolist()
     assert item["shared.item.author"].lengths().tolist() == item["item.author"].lengths().tolist()

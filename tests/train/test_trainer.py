@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -20,8 +20,10 @@ MakeConfig = Callable[..., TrainConfig]
 def _mean_loss(trainer: Trainer, steps: range) -> float:
     trainer.model.eval()
     with torch.no_grad():
-        losses = [trainer.loss_fn(trainer.model(b.user_kjt, b.item_kjt, b.dense), b.labels)[0].item()
-                  for b in (trainer.batches[s].to(trainer.device) for s in steps)]
+        losses = [
+            trainer.loss_fn(trainer.model(b.user_kjt, b.item_kjt, b.dense), b.labels)[0].item()
+            for b in (trainer.batches[s].to(trainer.device) for s in steps)
+        ]
     trainer.model.train()
     return float(np.mean(losses))
 
@@ -51,7 +53,9 @@ def _assert_same_state(a: Trainer, b: Trainer) -> None:
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     for name, opt in a.optimizers.items():
-        for (ka, va), (kb, vb) in zip(opt.state_dict()["state"].items(), b.optimizers[name].state_dict()["state"].items()):
+        for (ka, va), (_kb, vb) in zip(
+            opt.state_dict()["state"].items(), b.optimizers[name].state_dict()["state"].items()
+        ):
             for field in va:
                 x, y = va[field], vb[field]
                 assert torch.equal(x, y) if torch.is_tensor(x) else x == y, (name, ka, field)
@@ -92,15 +96,18 @@ def test_resume_refuses_a_checkpoint_of_another_model(make_config: MakeConfig) -
 def test_warm_start_loads_the_user_tower_and_trains_on_newer_data(make_config: MakeConfig) -> None:
     v1 = Trainer(make_config("v1", **{"run.steps": 3, "data.train_range": [0.0, 0.5]}))
     v1.fit()
-    v2 = Trainer(make_config("v2", **{"run.steps": 6, "data.train_range": [0.5, 1.0],
-                                      "checkpoint.warm_start": str(v1.ckpt_dir)}))
+    v2 = Trainer(
+        make_config("v2", **{"run.steps": 6, "data.train_range": [0.5, 1.0], "checkpoint.warm_start": str(v1.ckpt_dir)})
+    )
     assert v2.warm_started_from == str(latest_checkpoint(v1.ckpt_dir))
     s1, s2 = v1.model.state_dict(), v2.model.state_dict()
     tower_keys = [k for k in s1 if k.startswith("user_tower.")]
     assert any(".embedding_bags." in k for k in tower_keys) and any(".arch." in k for k in tower_keys)
     for k in tower_keys:
         assert torch.equal(s1[k], s2[k]), k
-    assert not torch.equal(s1["backbone.over_arch._mlp.0._linear.weight"], s2["backbone.over_arch._mlp.0._linear.weight"])
+    assert not torch.equal(
+        s1["backbone.over_arch._mlp.0._linear.weight"], s2["backbone.over_arch._mlp.0._linear.weight"]
+    )
     assert set(v2.source.train_rows).isdisjoint(v1.source.train_rows)  # newer data
     assert v2.fit().warm_started_from is not None
     # a tower that does not fit is a clear error
@@ -121,12 +128,16 @@ def test_baseline_trains_without_a_tower_or_timelines(make_config: MakeConfig) -
         Trainer(make_config("base2", **{"model.kind": "baseline", "checkpoint.warm_start": str(trainer.ckpt_dir)}))
 
 
-@pytest.mark.parametrize("over", [
-    {"model.backbone.interaction": "dcn"},
-    {"model.backbone.token_mode": "flatten"},
-    {"model.kind": "tl_t", "optim.sparse": "sparse_adam", "optim.dense": "adamw", "optim.grad_clip": 1.0},
-    {"model.kind": "pass_thru", "optim.sparse": "sgd"},
-], ids=["dcn", "flatten", "tl_t-sparse_adam", "pass_thru-sgd"])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"model.backbone.interaction": "dcn"},
+        {"model.backbone.token_mode": "flatten"},
+        {"model.kind": "tl_t", "optim.sparse": "sparse_adam", "optim.dense": "adamw", "optim.grad_clip": 1.0},
+        {"model.kind": "pass_thru", "optim.sparse": "sgd"},
+    ],
+    ids=["dcn", "flatten", "tl_t-sparse_adam", "pass_thru-sgd"],
+)
 def test_backbone_and_optimizer_options_train(make_config: MakeConfig, over: dict) -> None:
     result = Trainer(make_config("opt", **{"run.steps": 2, **over})).fit()
     assert np.isfinite(result.train_loss)
@@ -156,8 +167,15 @@ def test_config_errors_name_the_key(make_config: MakeConfig) -> None:
         make_config("e", **{"run.steps": "many"})
     with pytest.raises(TrainConfigError, match="hash_sizes.media: expected int"):
         make_config("e", **{"data.hash_sizes": {"media": "big"}})
-    cfg = make_config("e", **{"tasks": [{"label": "label_like"}, {"label": "label_watch_time", "kind": "regression",
-                                                                   "transform": "log1p", "weight": 0.25}]})
+    cfg = make_config(
+        "e",
+        **{
+            "tasks": [
+                {"label": "label_like"},
+                {"label": "label_watch_time", "kind": "regression", "transform": "log1p", "weight": 0.25},
+            ]
+        },
+    )
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # what a checkpoint stores reads back equal
 
 

@@ -12,7 +12,8 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dv365.core.plugins import iter_plugins, load_ref
 
@@ -39,8 +40,12 @@ def _registry() -> dict[str, BenchFn | str]:
 def machine_info() -> dict[str, Any]:
     import numpy
 
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                            "numpy": numpy.__version__}
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+    }
     try:
         import torch
 
@@ -54,10 +59,14 @@ def machine_info() -> dict[str, Any]:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     reg = _registry()
     p = sub.add_parser(
-        "bench", help="run a named benchmark", description=(
+        "bench",
+        help="run a named benchmark",
+        description=(
             "Run a named benchmark and print its figures; with --json the last line is one JSON object.\n"
-            f"Available: {', '.join(sorted(reg))}. Figures are machine-dependent: compare ratios."),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+            f"Available: {', '.join(sorted(reg))}. Figures are machine-dependent: compare ratios."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name", choices=sorted(reg), help="benchmark to run")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for CI smoke runs)")

@@ -37,15 +37,32 @@ PAPER_INPUT_BYTES = 200 * 256 * 4  # the paper's pooled input: 200 embeddings of
 def _train_config(url: str, ckpt: Path, steps: int, batch: int, seed: int) -> Any:
     from dv365.train.config import TrainConfig
 
-    return TrainConfig.from_dict({
-        "data": {"url": url, "spec": "kuairand", "hash_sizes": {"media": 4999, "author": 4999, "topic": 1009},
-                 "eval_fraction": 0.1, "slicer": "numpy"},
-        "model": {"kind": "fsa", "tower": {"dim": 256, "n_out": 58},  # the paper's shape (default encoder sizes)
-                  "backbone": {"embedding_dim": 32, "item_hash_size": 4999, "over_arch": [64, 32]}},
-        "run": {"steps": steps, "batch_size": batch, "seed": seed, "device": "auto", "progress": False,
-                "log_every": max(steps, 1), "eval_batch_size": 256},
-        "checkpoint": {"dir": str(ckpt), "every": steps},
-    })
+    return TrainConfig.from_dict(
+        {
+            "data": {
+                "url": url,
+                "spec": "kuairand",
+                "hash_sizes": {"media": 4999, "author": 4999, "topic": 1009},
+                "eval_fraction": 0.1,
+                "slicer": "numpy",
+            },
+            "model": {
+                "kind": "fsa",
+                "tower": {"dim": 256, "n_out": 58},  # the paper's shape (default encoder sizes)
+                "backbone": {"embedding_dim": 32, "item_hash_size": 4999, "over_arch": [64, 32]},
+            },
+            "run": {
+                "steps": steps,
+                "batch_size": batch,
+                "seed": seed,
+                "device": "auto",
+                "progress": False,
+                "log_every": max(steps, 1),
+                "eval_batch_size": 256,
+            },
+            "checkpoint": {"dir": str(ckpt), "every": steps},
+        }
+    )
 
 
 def _rel_error(x: torch.Tensor, x_hat: torch.Tensor) -> np.ndarray:
@@ -54,8 +71,12 @@ def _rel_error(x: torch.Tensor, x_hat: torch.Tensor) -> np.ndarray:
 
 
 def _stats(err: np.ndarray, prefix: str) -> dict[str, float]:
-    return {f"{prefix}_mean": float(err.mean()), f"{prefix}_p50": float(np.percentile(err, 50)),
-            f"{prefix}_p99": float(np.percentile(err, 99)), f"{prefix}_max": float(err.max())}
+    return {
+        f"{prefix}_mean": float(err.mean()),
+        f"{prefix}_p50": float(np.percentile(err, 50)),
+        f"{prefix}_p99": float(np.percentile(err, 99)),
+        f"{prefix}_max": float(err.max()),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,8 +103,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Trainer(_train_config(str(root / "data"), root / "ckpt", steps, train_batch, args.seed)).fit()
         t_train = time.perf_counter() - t
         t = time.perf_counter()
-        res = run_export(ExportConfig(checkpoint=str(root / "ckpt"), out=str(root / "snap"), shard_users=64,
-                                      batch_users=batch_users, progress=False), log=lambda _: None)
+        res = run_export(
+            ExportConfig(
+                checkpoint=str(root / "ckpt"),
+                out=str(root / "snap"),
+                shard_users=64,
+                batch_users=batch_users,
+                progress=False,
+            ),
+            log=lambda _: None,
+        )
         t_export = time.perf_counter() - t
         m = res.manifest
         assert m is not None
@@ -106,11 +135,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "simulated": True,
         "data": f"SIMULATED: {users} users, {float(lengths.mean()):,.0f} mean events (dv365.core.synth, seed {args.seed})",
         "tower": f"FSA N_out={fmt.rows_per_user} D={fmt.dim}, kuairand spec (201 features), trained {steps} steps",
-        "device": str(model.device), "threads": torch.get_num_threads(), "batch_users": batch_users,
-        "users": m.user_count, "shards": len(m.shards),
-        "users_per_s": round(res.users_per_s, 2), "users_per_s_end_to_end": round(m.user_count / t_export, 2),
-        "export_s": round(t_export, 2), "data_s": round(t_data, 2), "train_s": round(t_train, 2),
-        "bits": fmt.bits, "row_bytes": fmt.row_bytes, "bytes_per_user": fmt.user_bytes,
+        "device": str(model.device),
+        "threads": torch.get_num_threads(),
+        "batch_users": batch_users,
+        "users": m.user_count,
+        "shards": len(m.shards),
+        "users_per_s": round(res.users_per_s, 2),
+        "users_per_s_end_to_end": round(m.user_count / t_export, 2),
+        "export_s": round(t_export, 2),
+        "data_s": round(t_data, 2),
+        "train_s": round(t_train, 2),
+        "bits": fmt.bits,
+        "row_bytes": fmt.row_bytes,
+        "bytes_per_user": fmt.user_bytes,
         "shard_file_bytes_per_user": round(shard_bytes / m.user_count, 1),
         "compression_vs_200x256_fp32": round(PAPER_INPUT_BYTES / fmt.user_bytes, 2),
         "compression_vs_58x256_fp32": round(fmt.float_bytes / fmt.user_bytes, 2),

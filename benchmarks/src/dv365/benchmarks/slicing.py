@@ -28,7 +28,9 @@ def _first_call(slicer: Any, batch: tuple[Any, np.ndarray]) -> tuple[float, bool
     from dv365.core.timeline import Timelines, take_rows
 
     tl, req = batch
-    one = Timelines(tl.user_ids[:1], take_rows(tl.explicit, np.arange(1)), take_rows(tl.implicit, np.arange(1)), tl.vocab)
+    one = Timelines(
+        tl.user_ids[:1], take_rows(tl.explicit, np.arange(1)), take_rows(tl.implicit, np.arange(1)), tl.vocab
+    )
     t = time.perf_counter()
     slicer.slice(one, req[:1])
     secs = time.perf_counter() - t
@@ -52,24 +54,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tl = generate_timelines(cfg)
     gen_s = time.perf_counter() - t0
     spec = SliceSpec.load_default("kuairand")
-    nodedup = SliceSpec.from_dict({**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}})
+    nodedup = SliceSpec.from_dict(
+        {**spec.raw, "id_types": {k: {**v, "dedup": False} for k, v in spec.raw["id_types"].items()}}
+    )
     last = np.maximum(
-        np.array([tl.explicit.ts[tl.explicit.offsets[i + 1] - 1] if tl.explicit.lengths[i] else 0 for i in range(len(tl))]),
-        np.array([tl.implicit.ts[tl.implicit.offsets[i + 1] - 1] if tl.implicit.lengths[i] else 0 for i in range(len(tl))]),
+        np.array(
+            [tl.explicit.ts[tl.explicit.offsets[i + 1] - 1] if tl.explicit.lengths[i] else 0 for i in range(len(tl))]
+        ),
+        np.array(
+            [tl.implicit.ts[tl.implicit.offsets[i + 1] - 1] if tl.implicit.lengths[i] else 0 for i in range(len(tl))]
+        ),
     )
     request = last + spec.gap_s
 
     batches = []
     for s in range(0, len(tl), batch_users):
         rows = np.arange(s, min(s + batch_users, len(tl)))
-        batches.append((Timelines(tl.user_ids[rows], take_rows(tl.explicit, rows), take_rows(tl.implicit, rows), tl.vocab),
-                        request[rows]))
+        batches.append(
+            (
+                Timelines(tl.user_ids[rows], take_rows(tl.explicit, rows), take_rows(tl.implicit, rows), tl.vocab),
+                request[rows],
+            )
+        )
 
     backend = "numpy"  # the reference backend; numba is measured too when installed
     numba_ok = resolve_backend("auto") == "numba"
     jit: dict[str, Any] = {"jit_compile_seconds": None, "jit_cache_hit": None}
     if numba_ok:
-        jit["jit_compile_seconds"], jit["jit_cache_hit"] = _first_call(Slicer(spec, tl.vocab, backend="numba"), batches[0])
+        jit["jit_compile_seconds"], jit["jit_cache_hit"] = _first_call(
+            Slicer(spec, tl.vocab, backend="numba"), batches[0]
+        )
 
     def timed(sp: SliceSpec, be: str) -> tuple[float, list[Any]]:
         slicer = Slicer(sp, tl.vocab, backend=be)
@@ -84,14 +98,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     events = tl.num_events
     per_backend: dict[str, float] = {}
     outs: dict[str, list[Any]] = {}
-    for be in (["numpy", "numba"] if numba_ok else ["numpy"]):
+    for be in ["numpy", "numba"] if numba_ok else ["numpy"]:
         secs, outs[be] = timed(spec, be)
         per_backend[be] = events / secs
     secs_nd, _ = timed(nodedup, backend)
     out = outs[backend]
-    agree = (all(np.array_equal(a.lengths, b.lengths) and np.array_equal(a.raw_counts, b.raw_counts)
-                 and np.array_equal(np.sort(a.values), np.sort(b.values)) for a, b in zip(outs["numpy"], outs["numba"]))
-             if "numba" in outs else None)
+    agree = (
+        all(
+            np.array_equal(a.lengths, b.lengths)
+            and np.array_equal(a.raw_counts, b.raw_counts)
+            and np.array_equal(np.sort(a.values), np.sort(b.values))
+            for a, b in zip(outs["numpy"], outs["numba"])
+        )
+        if "numba" in outs
+        else None
+    )
     ids = sum(int(o.lengths.sum()) for o in out)
     occ = sum(int(o.raw_counts.sum()) for o in out)
     per_id: dict[str, list[int]] = {}
@@ -106,8 +127,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     secs = events / per_backend[backend]
     return {
         "data": "SIMULATED (dv365 synth on the real KuaiRand-Pure catalog)",
-        "users": len(tl), "mean_events_per_user": float(lengths.mean()), "max_events_per_user": int(lengths.max()),
-        "features": len(spec.features), "batch_users": batch_users,
+        "users": len(tl),
+        "mean_events_per_user": float(lengths.mean()),
+        "max_events_per_user": int(lengths.max()),
+        "features": len(spec.features),
+        "batch_users": batch_users,
         "backend": backend,
         "events_per_s_per_core": per_backend[backend],
         "ms_per_user": secs / len(tl) * 1e3,

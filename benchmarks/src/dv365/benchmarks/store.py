@@ -32,7 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,7 @@ def _make_get(kind: str, url: str) -> Callable[[np.ndarray], int]:
 
         def raw(ids: np.ndarray) -> int:
             return int(len(call(ids.tobytes())) != len(ids) * (RowFormat().user_bytes + 9))
+
         return raw
     if kind == "redis-mget":
         import redis
@@ -78,6 +80,7 @@ def _make_get(kind: str, url: str) -> Callable[[np.ndarray], int]:
         def mget(ids: np.ndarray) -> int:
             values = r.mget([pre + b"%d" % u for u in ids.tolist()])
             return sum(v is None for v in values)
+
         return mget
     from dv365.store.factory import open_store
 
@@ -86,11 +89,21 @@ def _make_get(kind: str, url: str) -> Callable[[np.ndarray], int]:
     def get(ids: np.ndarray) -> int:
         res = store.get(ids)
         return len(res.errors) + int((~res.present).sum())
+
     return get
 
 
-def _client(kind: str, url: str, users: int, batch: int, seconds: float, seed: int, start: Any, out: Any,
-            trace: str | None = None) -> None:
+def _client(
+    kind: str,
+    url: str,
+    users: int,
+    batch: int,
+    seconds: float,
+    seed: int,
+    start: Any,
+    out: Any,
+    trace: str | None = None,
+) -> None:
     lat: list[float] = []
     errors = 0
     try:
@@ -134,9 +147,23 @@ def _load(kind: str, url: str, users: int, batch: int, clients: int, seconds: fl
     trace = os.environ.get("DV365_BENCH_TRACE") or None
     if trace:
         os.makedirs(trace, exist_ok=True)
-    procs = [ctx.Process(target=_client, args=(kind, url, users, batch, seconds, seed * 1000 + k, start, out,
-                                               trace and os.path.join(trace, f"{kind}_c{clients}_client{k}.json")))
-             for k in range(clients)]
+    procs = [
+        ctx.Process(
+            target=_client,
+            args=(
+                kind,
+                url,
+                users,
+                batch,
+                seconds,
+                seed * 1000 + k,
+                start,
+                out,
+                trace and os.path.join(trace, f"{kind}_c{clients}_client{k}.json"),
+            ),
+        )
+        for k in range(clients)
+    ]
     for p in procs:
         p.start()
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -156,11 +183,17 @@ def _load(kind: str, url: str, users: int, batch: int, clients: int, seconds: fl
     steal = None
     if cpu0 and cpu1 and sum(cpu1) > sum(cpu0):
         steal = round(100 * (cpu1[7] - cpu0[7]) / (sum(cpu1) - sum(cpu0)), 2)
-    res = {"clients": clients, "load_1m": load, "steal_pct": steal, "requests": int(len(lat)),
-           "errors": int(sum(r["errors"] for r in results)),
-           "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
-           "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
-           "gets_per_s": round(len(lat) / wall, 1), "users_per_s": round(len(lat) * batch / wall)}
+    res = {
+        "clients": clients,
+        "load_1m": load,
+        "steal_pct": steal,
+        "requests": int(len(lat)),
+        "errors": int(sum(r["errors"] for r in results)),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
+        "gets_per_s": round(len(lat) / wall, 1),
+        "users_per_s": round(len(lat) * batch / wall),
+    }
     if failures:
         res["failures"] = failures[:3]
     return res
@@ -172,8 +205,24 @@ def _start_redis(root: str) -> tuple[subprocess.Popen[bytes], int]:
     if exe is None:
         raise FileNotFoundError("redis-server")
     port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", root, "--save", "",
-                             "--appendonly", "no", "--protected-mode", "yes"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            root,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     import redis
 
     r = redis.Redis(port=port)
@@ -191,8 +240,24 @@ def _start_grpc(backend: str, root: str) -> tuple[subprocess.Popen[str], int]:
     tok = os.path.join(root, "reader.tokens")
     with open(tok, "w") as f:
         f.write(TOKEN + "\n")
-    proc = subprocess.Popen([sys.executable, "-m", "dv365.core.cli", "serve", "--backend", backend, "--port", "0",
-                             "--reader-token-file", tok, "--workers", "16"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dv365.core.cli",
+            "serve",
+            "--backend",
+            backend,
+            "--port",
+            "0",
+            "--reader-token-file",
+            tok,
+            "--workers",
+            "16",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline() if proc.stdout else ""
     if "listening on" not in line:
         proc.kill()
@@ -239,9 +304,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = os.environ.get("DV365_BENCH_DIR") or tempfile.mkdtemp(prefix="dv365-bench-store-")
     os.makedirs(root, exist_ok=True)
     fmt = RowFormat()
-    result: dict[str, Any] = {"users": users, "batch_users": batch, "seconds_per_run": seconds,
-                              "bytes_per_user": fmt.user_bytes, "snapshot_gb": round(users * fmt.user_bytes / 1e9, 2),
-                              "simulated": True}
+    result: dict[str, Any] = {
+        "users": users,
+        "batch_users": batch,
+        "seconds_per_run": seconds,
+        "bytes_per_user": fmt.user_bytes,
+        "snapshot_gb": round(users * fmt.user_bytes / 1e9, 2),
+        "simulated": True,
+    }
     procs: list[subprocess.Popen[Any]] = []
     try:
         snap = os.path.join(root, "snapshot")
@@ -271,8 +341,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if b in backends:
                         _say(f"{b}, {c} client(s): warm-up, then {seconds:g} s of gets of {batch:,} users")
                         r = runs[f"{b}_c{c}"] = _load(b, urls[b], users, batch, c, seconds, args.seed)
-                        _say(f"{b}, {c} client(s): p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['gets_per_s']} "
-                             f"gets/s, {r['errors']} errors (load {r['load_1m']}, steal {r['steal_pct']} %)")
+                        _say(
+                            f"{b}, {c} client(s): p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['gets_per_s']} "
+                            f"gets/s, {r['errors']} errors (load {r['load_1m']}, steal {r['steal_pct']} %)"
+                        )
 
         # phase 1: the embedded store, gRPC over it, and the bare-grpcio floor
         if {"embedded", "grpc", "grpc-raw"} & set(backends):
@@ -300,8 +372,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 phase.append(gproc)
                 urls["grpc"] = f"grpc://127.0.0.1:{gport}"
             if "grpc-raw" in backends:
-                raw = subprocess.Popen([sys.executable, "-m", "dv365.benchmarks.store", "--raw-grpc-server"],
-                                       stdout=subprocess.PIPE, text=True)
+                raw = subprocess.Popen(
+                    [sys.executable, "-m", "dv365.benchmarks.store", "--raw-grpc-server"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 phase.append(raw)
                 line = raw.stdout.readline() if raw.stdout else ""
                 urls["grpc-raw"] = line.strip().rsplit(" ", 1)[-1]
@@ -473,10 +548,13 @@ def run_kv_choice(args: argparse.Namespace) -> dict[str, Any]:
             with env.begin(buffers=True) as txn:
                 g = txn.get
                 return assemble((g(k, None, db) for k in record_keys(1, ids)), ids, fmt, "lmdb")[1]
+
         # SQLite
         con = sqlite3.connect(os.path.join(root, "emb.sqlite"), check_same_thread=False)
-        con.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA mmap_size=68719476736;"
-                          "CREATE TABLE emb (uid INTEGER PRIMARY KEY, rec BLOB NOT NULL);")
+        con.executescript(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA mmap_size=68719476736;"
+            "CREATE TABLE emb (uid INTEGER PRIMARY KEY, rec BLOB NOT NULL);"
+        )
         t = time.perf_counter()
         for ids, recs in chunks:
             with con:
@@ -500,9 +578,11 @@ def run_kv_choice(args: argparse.Namespace) -> dict[str, Any]:
         def rows_get(ids: np.ndarray) -> np.ndarray:
             return rf.lookup(ids)[1]
 
-        for name, fn, wr, path in (("lmdb", lmdb_get, lmdb_write, "lmdb/data.mdb"),
-                                   ("sqlite", sqlite_get, sqlite_write, "emb.sqlite"),
-                                   ("rows", rows_get, rows_write, "v.rows")):
+        for name, fn, wr, path in (
+            ("lmdb", lmdb_get, lmdb_write, "lmdb/data.mdb"),
+            ("sqlite", sqlite_get, sqlite_write, "emb.sqlite"),
+            ("rows", rows_get, rows_write, "v.rows"),
+        ):
             for _ in range(20):
                 fn(rng.integers(0, users, batch))
             lat = []
@@ -513,11 +593,14 @@ def run_kv_choice(args: argparse.Namespace) -> dict[str, Any]:
                 lat.append(time.perf_counter() - t0)
                 assert present.all()
             a = np.array(lat) * 1e3
-            out[name] = {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
-                         "write_users_per_s": round(users / wr), "file_mb": round(os.path.getsize(os.path.join(root, path)) / 1e6, 1)}
+            out[name] = {
+                "p50_ms": round(float(np.percentile(a, 50)), 3),
+                "p99_ms": round(float(np.percentile(a, 99)), 3),
+                "write_users_per_s": round(users / wr),
+                "file_mb": round(os.path.getsize(os.path.join(root, path)) / 1e6, 1),
+            }
         out["lmdb_over_sqlite_p50"] = round(out["lmdb"]["p50_ms"] / out["sqlite"]["p50_ms"], 2)
         out["rows_over_lmdb_p50"] = round(out["rows"]["p50_ms"] / out["lmdb"]["p50_ms"], 2)
-        del rf
         con.close()
         env.close()
     finally:

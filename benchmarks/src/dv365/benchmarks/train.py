@@ -25,7 +25,8 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -95,17 +96,33 @@ def run_fsa(args: argparse.Namespace) -> dict[str, Any]:
     tl2_qps, tl2_params = _tower_train_qps("tl_t", base, batch, repeats, args.seed)
     return {
         "data": "random [B, N, D] inputs (the towers' cost does not depend on the values)",
-        "N": N, "D": D, "n_out": 58, "batch": batch, "threads": threads,
-        "encoder": {"num_heads": base.encoder.num_heads, "head_dim": base.encoder.head_dim,
-                    "ff_mult": base.encoder.ff_mult},
-        "funnel": {"num_blocks": funnel.num_blocks, "layers_per_block": funnel.layers_per_block,
-                   "stride": funnel.stride},
-        "fsa_train_qps": fsa_qps, "fsa_params": fsa_params,
-        "tl_t_same_depth_layers": depth, "tl_t_same_depth_train_qps": tlt_qps, "tl_t_same_depth_params": tlt_params,
+        "N": N,
+        "D": D,
+        "n_out": 58,
+        "batch": batch,
+        "threads": threads,
+        "encoder": {
+            "num_heads": base.encoder.num_heads,
+            "head_dim": base.encoder.head_dim,
+            "ff_mult": base.encoder.ff_mult,
+        },
+        "funnel": {
+            "num_blocks": funnel.num_blocks,
+            "layers_per_block": funnel.layers_per_block,
+            "stride": funnel.stride,
+        },
+        "fsa_train_qps": fsa_qps,
+        "fsa_params": fsa_params,
+        "tl_t_same_depth_layers": depth,
+        "tl_t_same_depth_train_qps": tlt_qps,
+        "tl_t_same_depth_params": tlt_params,
         "fsa_over_tl_t_same_depth": fsa_qps / tlt_qps,
-        "tl_t_default_layers": base.encoder.num_layers, "tl_t_default_train_qps": tl2_qps,
-        "tl_t_default_params": tl2_params, "fsa_over_tl_t_default": fsa_qps / tl2_qps,
-        "target_ratio": 1.1, "meets_target": fsa_qps / tlt_qps >= 1.1,
+        "tl_t_default_layers": base.encoder.num_layers,
+        "tl_t_default_train_qps": tl2_qps,
+        "tl_t_default_params": tl2_params,
+        "fsa_over_tl_t_default": fsa_qps / tl2_qps,
+        "target_ratio": 1.1,
+        "meets_target": fsa_qps / tlt_qps >= 1.1,
         "timing": f"wall clock, best of {repeats} forward+backward+Adam steps after a warm-up",
     }
 
@@ -132,25 +149,43 @@ def impression_requests(table: Any, k: int) -> Any:
     for j in range(k):
         src = np.empty(len(u), np.int64)
         src[order] = order[start_of + (pos + j) % size_of]  # the item/labels of another request of the same user
-        cols = {name: (table.column(name) if name in keep else table.column(name).take(pa.array(src)))
-                for name in table.column_names}
+        cols = {
+            name: (table.column(name) if name in keep else table.column(name).take(pa.array(src)))
+            for name in table.column_names
+        }
         parts.append(pa.table(cols))
     return pa.concat_tables(parts)
 
 
-def write_impression_dataset(out_url: str, users: int, mean_events: int, requests_per_user: int, k: int,
-                             seed: int) -> str:
+def write_impression_dataset(
+    out_url: str, users: int, mean_events: int, requests_per_user: int, k: int, seed: int
+) -> str:
     """A SIMULATED dataset (``dv365.core.synth``) whose requests have ``k`` impressions each."""
     from dv365.core.synth import SynthConfig, generate
     from dv365.core.timeline import DatasetWriter
 
-    cfg = SynthConfig(users=users, mean_events=mean_events, max_events=max(2 * mean_events, 1000),
-                      min_events=min(100, mean_events), requests_per_user=requests_per_user, seed=seed)
+    cfg = SynthConfig(
+        users=users,
+        mean_events=mean_events,
+        max_events=max(2 * mean_events, 1000),
+        min_events=min(100, mean_events),
+        requests_per_user=requests_per_user,
+        seed=seed,
+    )
     tl, req = generate(cfg)
-    with DatasetWriter(out_url, vocab=tl.vocab, num_buckets=2, source="synth:kuairand-pure (bench)",
-                       simulated=True, extra={"simulated": SIMULATED, "impressions_per_request": k}) as w:
-        w.add(explicit=tl.explicit.to_arrow(tl.vocab), implicit=tl.implicit.to_arrow(tl.vocab),
-              requests=impression_requests(req, k))
+    with DatasetWriter(
+        out_url,
+        vocab=tl.vocab,
+        num_buckets=2,
+        source="synth:kuairand-pure (bench)",
+        simulated=True,
+        extra={"simulated": SIMULATED, "impressions_per_request": k},
+    ) as w:
+        w.add(
+            explicit=tl.explicit.to_arrow(tl.vocab),
+            implicit=tl.implicit.to_arrow(tl.vocab),
+            requests=impression_requests(req, k),
+        )
     return out_url
 
 
@@ -158,23 +193,41 @@ def _bench_config(url: str, quick: bool, batch: int, rows_per_user: int, dedup: 
     from dv365.train.config import TrainConfig
 
     dim, heads, hd = (16, 2, 8) if quick else (64, 4, 16)
-    return TrainConfig.from_dict({
-        "data": {"url": url, "spec": "kuairand", "hash_sizes": {"media": 20011, "author": 20011, "topic": 1009},
-                 "eval_fraction": 0.0, "slicer": "numpy", "dedup": dedup, "group_by_user": rows_per_user},
-        "model": {"kind": "fsa", "tower": {"dim": dim, "encoder": {"num_heads": heads, "head_dim": hd}},
-                  "backbone": {"embedding_dim": 32, "item_hash_size": 20011, "over_arch": [128, 64]}},
-        "run": {"batch_size": batch, "seed": seed, "device": "auto", "progress": False, "threads": 0,
-                "deterministic": False},
-        "checkpoint": {"dir": os.path.join(os.path.dirname(url), "ckpt-unused")},
-    })
+    return TrainConfig.from_dict(
+        {
+            "data": {
+                "url": url,
+                "spec": "kuairand",
+                "hash_sizes": {"media": 20011, "author": 20011, "topic": 1009},
+                "eval_fraction": 0.0,
+                "slicer": "numpy",
+                "dedup": dedup,
+                "group_by_user": rows_per_user,
+            },
+            "model": {
+                "kind": "fsa",
+                "tower": {"dim": dim, "encoder": {"num_heads": heads, "head_dim": hd}},
+                "backbone": {"embedding_dim": 32, "item_hash_size": 20011, "over_arch": [128, 64]},
+            },
+            "run": {
+                "batch_size": batch,
+                "seed": seed,
+                "device": "auto",
+                "progress": False,
+                "threads": 0,
+                "deterministic": False,
+            },
+            "checkpoint": {"dir": os.path.join(os.path.dirname(url), "ckpt-unused")},
+        }
+    )
 
 
 def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
+    import warnings
+
     import torch
 
     from dv365.train.trainer import Trainer
-
-    import warnings
 
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     quick = bool(getattr(args, "quick", False))
@@ -192,7 +245,7 @@ def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
             trainer.model.train()
             uniq: list[int] = []
 
-            def one(step: int) -> None:
+            def one(step: int, trainer: Trainer = trainer, uniq: list[int] = uniq) -> None:
                 b = trainer.batches[step % len(trainer.batches)]  # collate: slicing (of U rows with dedup) + KJTs
                 uniq.append(int(b.user_kjt.stride()))
                 trainer.train_step(b.to(trainer.device))
@@ -210,11 +263,18 @@ def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(threads)
     return {
         "data": SIMULATED + f"; each request shows {k} items (RecD's setting: {k} training rows per user slice)",
-        "users": users, "mean_events_per_user": mean_events, "rows_per_user": k, "batch_size": batch,
-        "steps_timed": steps, "threads": threads, "slicer": "numpy",
-        "model": "fsa, kuairand spec (201 features), D = %d" % (16 if quick else 64),
-        **result, "speedup": result["qps_dedup"] / result["qps_no_dedup"],
-        "target_speedup": 2.0, "meets_target": result["qps_dedup"] / result["qps_no_dedup"] >= 2.0,
+        "users": users,
+        "mean_events_per_user": mean_events,
+        "rows_per_user": k,
+        "batch_size": batch,
+        "steps_timed": steps,
+        "threads": threads,
+        "slicer": "numpy",
+        "model": f"fsa, kuairand spec (201 features), D = {16 if quick else 64}",
+        **result,
+        "speedup": result["qps_dedup"] / result["qps_no_dedup"],
+        "target_speedup": 2.0,
+        "meets_target": result["qps_dedup"] / result["qps_no_dedup"] >= 2.0,
         "natural_unique_fraction": natural,
         "timing": "wall clock of full training steps (collate + forward + backward + optimizer), after a warm-up",
     }
@@ -232,7 +292,7 @@ def _natural_unique_fraction(src: Any, k: int, batch: int) -> float:
     tl = src.timelines
     fracs = []
     for s in range(0, len(perm) - batch + 1, batch):
-        r = perm[s:s + batch]
+        r = perm[s : s + batch]
         urow = np.searchsorted(src._users, req.user_id[r])
         fracs.append(len(dedup_rows(slice_keys(tl, urow, req.ts[r], src.spec))[0]) / len(r))
     return float(np.mean(fracs)) if fracs else 1.0
@@ -256,8 +316,11 @@ def gather_bandwidth(rows: int, dim: int, lookups: int, repeats: int, seed: int 
     buf = torch.empty(lookups, dim)  # preallocated: time the row reads, not page faults of a fresh output
     sel = _best_seconds(lambda: torch.index_select(table, 0, idx, out=buf), repeats)
     bag = _best_seconds(lambda: F.embedding_bag(idx, table, offsets, mode="sum"), repeats)
-    return {"index_select_GBps": nbytes / sel / 1e9, "embedding_bag_GBps": nbytes / bag / 1e9,
-            "table_MB": rows * dim * 4 / 1e6}
+    return {
+        "index_select_GBps": nbytes / sel / 1e9,
+        "embedding_bag_GBps": nbytes / bag / 1e9,
+        "table_MB": rows * dim * 4 / 1e6,
+    }
 
 
 def run_tower(args: argparse.Namespace) -> dict[str, Any]:
@@ -279,14 +342,23 @@ def run_tower(args: argparse.Namespace) -> dict[str, Any]:
     media_rows = 20_011 if quick else 200_003  # tables far larger than the CPU caches (full runs)
     repeats = 1 if quick else 3
     spec = SliceSpec.load_default("kuairand")
-    id_types = {k: {**v, "hash_size": {"media": media_rows, "author": min(media_rows, 200_003)}.get(k, v["hash_size"])}
-                for k, v in spec.raw["id_types"].items()}
+    id_types = {
+        k: {**v, "hash_size": {"media": media_rows, "author": min(media_rows, 200_003)}.get(k, v["hash_size"])}
+        for k, v in spec.raw["id_types"].items()
+    }
     spec = SliceSpec.from_dict({**spec.raw, "id_types": id_types})
-    tl = generate_timelines(SynthConfig(users=users, mean_events=mean_events, seed=args.seed,
-                                        min_events=min(100, mean_events)))
-    last = np.array([max(tl.explicit.ts[tl.explicit.offsets[i + 1] - 1] if tl.explicit.lengths[i] else 0,
-                         tl.implicit.ts[tl.implicit.offsets[i + 1] - 1] if tl.implicit.lengths[i] else 0)
-                     for i in range(len(tl))])
+    tl = generate_timelines(
+        SynthConfig(users=users, mean_events=mean_events, seed=args.seed, min_events=min(100, mean_events))
+    )
+    last = np.array(
+        [
+            max(
+                tl.explicit.ts[tl.explicit.offsets[i + 1] - 1] if tl.explicit.lengths[i] else 0,
+                tl.implicit.ts[tl.implicit.offsets[i + 1] - 1] if tl.implicit.lengths[i] else 0,
+            )
+            for i in range(len(tl))
+        ]
+    )
     slicer = Slicer(spec, tl.vocab, backend="numpy")
     kjts = []
     for s in range(0, len(tl), batch_users):
@@ -309,6 +381,7 @@ def run_tower(args: argparse.Namespace) -> dict[str, Any]:
             with torch.no_grad():
                 for k in kjts:
                     fn(k)
+
         return go
 
     # the tower as dv365-export runs it: torchrec's per-feature EBC forward (pooling.grouped = False, the faster
@@ -319,8 +392,13 @@ def run_tower(args: argparse.Namespace) -> dict[str, Any]:
     pooling.grouped = True
     t_pool = _best_seconds(run_all(pooling), repeats)
     t_tower_grouped = _best_seconds(run_all(tower), repeats)
-    bw = gather_bandwidth(rows=media_rows * (5 if not quick else 1), dim=D, lookups=200_000 if quick else 2_000_000,
-                          repeats=repeats, seed=args.seed)
+    bw = gather_bandwidth(
+        rows=media_rows * (5 if not quick else 1),
+        dim=D,
+        lookups=200_000 if quick else 2_000_000,
+        repeats=repeats,
+        seed=args.seed,
+    )
     peak = max(bw["index_select_GBps"], bw["embedding_bag_GBps"]) * 1e9
     bytes_ids = ids * D * 4 / users  # every id entry of the (bag-deduplicated) KJT read once
     bytes_unique = unique_rows * D * 4 / users  # the grouped path: each distinct row once per batch and table
@@ -329,13 +407,22 @@ def run_tower(args: argparse.Namespace) -> dict[str, Any]:
         return (users / secs) * nbytes / peak
 
     return {
-        "data": SIMULATED, "users": users, "mean_events_per_user": float(tl.lengths().mean()),
-        "batch_users": batch_users, "D": D, "features": len(spec.features), "threads": threads,
+        "data": SIMULATED,
+        "users": users,
+        "mean_events_per_user": float(tl.lengths().mean()),
+        "batch_users": batch_users,
+        "D": D,
+        "features": len(spec.features),
+        "threads": threads,
         "media_table_rows": media_rows,
-        "users_per_s_pooling_plus_fsa": users / t_tower, "users_per_s_pooling_plus_fsa_grouped": users / t_tower_grouped,
-        "users_per_s_pooling": users / t_pool, "users_per_s_pooling_torchrec_ebc": users / t_ebc,
-        "kjt_ids_per_user": ids / users, "unique_rows_per_user_in_batch": unique_rows / users,
-        "bytes_per_user_kjt_ids": bytes_ids, "bytes_per_user_unique_rows": bytes_unique,
+        "users_per_s_pooling_plus_fsa": users / t_tower,
+        "users_per_s_pooling_plus_fsa_grouped": users / t_tower_grouped,
+        "users_per_s_pooling": users / t_pool,
+        "users_per_s_pooling_torchrec_ebc": users / t_ebc,
+        "kjt_ids_per_user": ids / users,
+        "unique_rows_per_user_in_batch": unique_rows / users,
+        "bytes_per_user_kjt_ids": bytes_ids,
+        "bytes_per_user_unique_rows": bytes_unique,
         "gather_bandwidth": bw,
         "roofline_users_per_s_kjt_ids": peak / bytes_ids,
         "roofline_fraction_pooling_plus_fsa": frac(t_tower, bytes_ids),
@@ -343,9 +430,10 @@ def run_tower(args: argparse.Namespace) -> dict[str, Any]:
         "roofline_fraction_pooling": frac(t_pool, bytes_ids),
         "roofline_fraction_torchrec_ebc": frac(t_ebc, bytes_ids),
         "roofline_fraction_pooling_unique_rows": frac(t_pool, bytes_unique),
-        "target_fraction": 0.5, "meets_target": frac(t_tower, bytes_ids) >= 0.5,
+        "target_fraction": 0.5,
+        "meets_target": frac(t_tower, bytes_ids) >= 0.5,
         "timing": f"wall clock, best of {repeats} passes over all users (inference, no grad), slicing excluded; "
-                  "pooling_plus_fsa = the export path (torchrec EBC pooling), _grouped = the training path",
+        "pooling_plus_fsa = the export path (torchrec EBC pooling), _grouped = the training path",
     }
 
 

@@ -21,7 +21,8 @@ def _full_stack() -> bool:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "demo", help="run the main job end to end on the shipped data (data -> train -> export -> publish -> serve)",
+        "demo",
+        help="run the main job end to end on the shipped data (data -> train -> export -> publish -> serve)",
         description=(
             "Fresh machine -> result. With every dv365 package installed: import the shipped MovieLens "
             "ml-latest-small ratings (REAL users) and generate a small SIMULATED long-history set, run the recurring "
@@ -29,8 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "stores; MovieLens runs two cycles, the second appends newer ratings, warm-starts and re-exports only "
             "active users), start `dv365 serve` on 127.0.0.1, fetch a few users' embeddings through the gRPC "
             "client, and write <out>/REPORT.md. Takes a few minutes on 2 CPU cores; reruns reuse finished work. "
-            "With dv365-core alone: import and slice MovieLens."),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+            "With dv365-core alone: import and slice MovieLens."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", default=None, help="MovieLens folder (default: the shipped shared/data copy)")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--user", type=int, default=1, help="(core-only demo) user whose per-feature counts are printed")
@@ -46,11 +49,19 @@ def _main(args: argparse.Namespace) -> int:
     if not args.core_only and _full_stack():
         from dv365.examples.demo import run
 
-        return run(out=args.out, movielens=args.data, synth_users=args.synth_users, synth_events=args.synth_events,
-                   ml_steps=args.ml_steps, synth_steps=args.synth_steps)
+        return run(
+            out=args.out,
+            movielens=args.data,
+            synth_users=args.synth_users,
+            synth_events=args.synth_events,
+            ml_steps=args.ml_steps,
+            synth_steps=args.synth_steps,
+        )
     if not args.core_only:
-        print("dv365 demo: dv365-train / dv365-export / dv365-store are not installed: running the dv365-core part "
-              "only (bash tools/setup.sh installs everything)")
+        print(
+            "dv365 demo: dv365-train / dv365-export / dv365-store are not installed: running the dv365-core part "
+            "only (bash tools/setup.sh installs everything)"
+        )
     return _core_demo(args)
 
 
@@ -72,6 +83,8 @@ def _core_demo(args: argparse.Namespace) -> int:
         rc = main(argv)
         if rc:
             return rc
-    print(f"\ndemo done in {time.perf_counter() - t0:.1f} s; dataset at {ds} "
-          f"(next: `dv365 slice {ds} --user 42`, `dv365 synth --out {out}/synth --users 20`)")
+    print(
+        f"\ndemo done in {time.perf_counter() - t0:.1f} s; dataset at {ds} "
+        f"(next: `dv365 slice {ds} --user 42`, `dv365 synth --out {out}/synth --users 20`)"
+    )
     return 0

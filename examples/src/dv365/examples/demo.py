@@ -47,10 +47,15 @@ def _train_configs(out: Path) -> tuple[Path, Path]:
 
 def _pipeline_config(out: Path, name: str, source: Path, train: Path, steps: int) -> Path:
     work = out / "pipeline" / name
-    cfg = {"name": name, "workdir": str(work), "source": str(source),
-           "train": {"config": str(train), "steps": steps},
-           "export": {"refresh": "active", "shard_users": 1024, "batch_users": 128},
-           "store": {"url": f"lmdb://{work / 'store'}", "keep": 3}, "retain": {"models": 2, "snapshots": 2}}
+    cfg = {
+        "name": name,
+        "workdir": str(work),
+        "source": str(source),
+        "train": {"config": str(train), "steps": steps},
+        "export": {"refresh": "active", "shard_users": 1024, "batch_users": 128},
+        "store": {"url": f"lmdb://{work / 'store'}", "keep": 3},
+        "retain": {"models": 2, "snapshots": 2},
+    }
     path = out / "configs" / f"pipeline-{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -63,11 +68,27 @@ def _data(out: Path, movielens: Path, synth_users: int, synth_events: int) -> tu
 
     ml, sy = out / "data" / "movielens", out / "data" / "synth"
     for path, argv, what in (
-            (ml, ["import", "movielens", str(movielens), "--out", str(ml), "--overwrite"],
-             "import the shipped MovieLens ml-latest-small ratings (REAL users)"),
-            (sy, ["synth", "--out", str(sy), "--users", str(synth_users), "--mean-events", str(synth_events),
-                  "--requests-per-user", "30"],
-             f"generate a SIMULATED long-history set ({synth_users} users x ~{synth_events:,} events)")):
+        (
+            ml,
+            ["import", "movielens", str(movielens), "--out", str(ml), "--overwrite"],
+            "import the shipped MovieLens ml-latest-small ratings (REAL users)",
+        ),
+        (
+            sy,
+            [
+                "synth",
+                "--out",
+                str(sy),
+                "--users",
+                str(synth_users),
+                "--mean-events",
+                str(synth_events),
+                "--requests-per-user",
+                "30",
+            ],
+            f"generate a SIMULATED long-history set ({synth_users} users x ~{synth_events:,} events)",
+        ),
+    ):
         try:
             TimelineDataset(str(path))
             _say(f"   {path}: already there (delete it to {what.split(' ')[0]} again)")
@@ -88,11 +109,26 @@ def _serve_and_fetch(store_url: str, users: list[int], out: Path) -> dict[str, A
     tok = out / "configs" / "reader.token"
     tok.write_text(token + "\n")
     tok.chmod(0o600)
-    cmd = [sys.executable, "-m", "dv365.core.cli", "serve", "--backend", store_url, "--host", "127.0.0.1",
-           "--port", "0", "--reader-token-file", str(tok), "--grace", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dv365.core.cli",
+        "serve",
+        "--backend",
+        store_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--reader-token-file",
+        str(tok),
+        "--grace",
+        "2",
+    ]
     _say(f"   starting: dv365 serve --backend {store_url} --host 127.0.0.1 --port 0 --reader-token-file {tok}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         assert proc.stdout is not None
         line = ""
@@ -111,17 +147,29 @@ def _serve_and_fetch(store_url: str, users: list[int], out: Path) -> dict[str, A
             flt = client.get_float(users)
         finally:
             client.close()
-        fetched = {"port": port, "users": users, "present": raw.present.tolist(), "snapshot_id": raw.snapshot_id,
-                   "age_h": round(raw.age_s / 3600, 1), "payload_shape": list(raw.payload.shape),
-                   "float_shape": list(flt.embeddings.shape), "get_ms": round(ms, 1),
-                   "first_values": {u: [round(float(v), 4) for v in flt.embeddings[i, 0, :4]]
-                                    for i, u in enumerate(users) if raw.present[i]}}
-        _say(f"   client.get({users}) over gRPC in {ms:.1f} ms: version {raw.snapshot_id}, "
-             f"present {raw.present.tolist()}, int4 payload {tuple(raw.payload.shape)} uint8 "
-             f"({raw.payload.shape[2]} B per row: {flt.embeddings.shape[2] // 2} B of 4-bit codes + fp16 scale + "
-             "fp16 bias; the paper's 58 x 256 tower gives 132 B rows, 7,656 B per user)")
-        _say(f"   client.get_float(...) de-quantized: {tuple(flt.embeddings.shape)} float32; user {users[0]} token 0 "
-             f"starts {fetched['first_values'].get(users[0])}; missing users get zeros + present=False")
+        fetched = {
+            "port": port,
+            "users": users,
+            "present": raw.present.tolist(),
+            "snapshot_id": raw.snapshot_id,
+            "age_h": round(raw.age_s / 3600, 1),
+            "payload_shape": list(raw.payload.shape),
+            "float_shape": list(flt.embeddings.shape),
+            "get_ms": round(ms, 1),
+            "first_values": {
+                u: [round(float(v), 4) for v in flt.embeddings[i, 0, :4]] for i, u in enumerate(users) if raw.present[i]
+            },
+        }
+        _say(
+            f"   client.get({users}) over gRPC in {ms:.1f} ms: version {raw.snapshot_id}, "
+            f"present {raw.present.tolist()}, int4 payload {tuple(raw.payload.shape)} uint8 "
+            f"({raw.payload.shape[2]} B per row: {flt.embeddings.shape[2] // 2} B of 4-bit codes + fp16 scale + "
+            "fp16 bias; the paper's 58 x 256 tower gives 132 B rows, 7,656 B per user)"
+        )
+        _say(
+            f"   client.get_float(...) de-quantized: {tuple(flt.embeddings.shape)} float32; user {users[0]} token 0 "
+            f"starts {fetched['first_values'].get(users[0])}; missing users get zeros + present=False"
+        )
         return fetched
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -131,11 +179,17 @@ def _serve_and_fetch(store_url: str, users: list[int], out: Path) -> dict[str, A
             proc.kill()
 
 
-def run(out: str = "out/demo", movielens: str | None = None, synth_users: int = 60, synth_events: int = 3000,
-        ml_steps: int = 150, synth_steps: int = 60) -> int:
+def run(
+    out: str = "out/demo",
+    movielens: str | None = None,
+    synth_users: int = 60,
+    synth_events: int = 3000,
+    ml_steps: int = 150,
+    synth_steps: int = 60,
+) -> int:
     from dv365.core.catalog import default_data_dir
-    from dv365.export.pipeline import Pipeline, PipelineConfig, parse_time, status
     from dv365.core.cli import log_to
+    from dv365.export.pipeline import Pipeline, PipelineConfig, parse_time, status
 
     log_to(sys.stdout)  # the pipeline's step lines go with the demo's own
 
@@ -152,8 +206,10 @@ def run(out: str = "out/demo", movielens: str | None = None, synth_users: int = 
     ml_train, synth_train = _train_configs(root)
     records: dict[str, list[dict[str, Any]]] = {}
 
-    _say(f"\n== 2/4 pipeline on MovieLens (REAL): cycle 1 up to {MOVIELENS_SPLIT}, cycle 2 appends the rest "
-         "(warm start, only active users re-exported)")
+    _say(
+        f"\n== 2/4 pipeline on MovieLens (REAL): cycle 1 up to {MOVIELENS_SPLIT}, cycle 2 appends the rest "
+        "(warm start, only active users re-exported)"
+    )
     t = time.perf_counter()
     ml_cfg = PipelineConfig.load(_pipeline_config(root, "movielens", ml_data, ml_train, ml_steps))
     p = Pipeline(ml_cfg)
@@ -164,8 +220,10 @@ def run(out: str = "out/demo", movielens: str | None = None, synth_users: int = 
             rec = p.records()[-1] if p.records() else None
         if rec:
             records["movielens"].append(rec)
-            _say(f"   -> cycle {rec['cycle']}: {rec['published_version']} published, "
-                 f"{rec['figures']['users']} users ({rec['figures']['export_counts']})\n")
+            _say(
+                f"   -> cycle {rec['cycle']}: {rec['published_version']} published, "
+                f"{rec['figures']['users']} users ({rec['figures']['export_counts']})\n"
+            )
     durations["pipeline_movielens"] = time.perf_counter() - t
 
     _say("\n== 3/4 pipeline on the generated long-history set (SIMULATED): one cycle")
@@ -189,16 +247,30 @@ def run(out: str = "out/demo", movielens: str | None = None, synth_users: int = 
     for name, recs in records.items():
         for r in recs:
             f = r["figures"]
-            _say(f"  {name:9} cycle {r['cycle']} (as of {r['as_of_utc']}): trained {r['model']} "
-                 f"(eval mean NE {_fmt(f.get('eval_mean_ne'))}), exported {f['users']} users at {f['bytes_per_user']} B "
-                 f"each ({f['export_counts']}), published {r['published_version']}")
-    _say(f"  served over gRPC on 127.0.0.1:{fetched['port']} and fetched users {fetched['users']} "
-         f"(present {fetched['present']})")
+            _say(
+                f"  {name:9} cycle {r['cycle']} (as of {r['as_of_utc']}): trained {r['model']} "
+                f"(eval mean NE {_fmt(f.get('eval_mean_ne'))}), exported {f['users']} users at {f['bytes_per_user']} B "
+                f"each ({f['export_counts']}), published {r['published_version']}"
+            )
+    _say(
+        f"  served over gRPC on 127.0.0.1:{fetched['port']} and fetched users {fetched['users']} "
+        f"(present {fetched['present']})"
+    )
     _say(f"Report: {report}   Status: dv365 status --config {root / 'configs' / 'pipeline-movielens.yaml'}")
-    _say(f"Next: dv365 pipeline run --config {root / 'configs' / 'pipeline-movielens.yaml'} (nothing new until the "
-         "source grows); docs/pipeline.md")
-    print(json.dumps({"demo": "ok", "seconds": round(durations["total"], 1), "report": str(report),
-                      "versions": {k: [r["published_version"] for r in v] for k, v in records.items()}}))
+    _say(
+        f"Next: dv365 pipeline run --config {root / 'configs' / 'pipeline-movielens.yaml'} (nothing new until the "
+        "source grows); docs/pipeline.md"
+    )
+    print(
+        json.dumps(
+            {
+                "demo": "ok",
+                "seconds": round(durations["total"], 1),
+                "report": str(report),
+                "versions": {k: [r["published_version"] for r in v] for k, v in records.items()},
+            }
+        )
+    )
     return 0
 
 
@@ -206,36 +278,57 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
-def _report(records: dict[str, list[dict[str, Any]]], statuses: dict[str, dict[str, Any]], fetched: dict[str, Any],
-            durations: dict[str, float]) -> str:
-    lines = ["# dv365 demo report", "",
-             f"Generated by `dv365 demo` on {time.strftime('%Y-%m-%d %H:%M:%S %Z')} ({os.cpu_count()} CPUs). "
-             "MovieLens = real ratings (ml-latest-small); synth = SIMULATED long histories (docs/synth.md). "
-             "The models are quick, small configurations: the figures show the system working, not model quality "
-             "(see `dv365 eval` for that).", "",
-             "## Cycles", "",
-             "| pipeline | cycle | as of | new rows | eval mean NE | users | encoded / carried / new | B/user | published | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def _report(
+    records: dict[str, list[dict[str, Any]]],
+    statuses: dict[str, dict[str, Any]],
+    fetched: dict[str, Any],
+    durations: dict[str, float],
+) -> str:
+    lines = [
+        "# dv365 demo report",
+        "",
+        f"Generated by `dv365 demo` on {time.strftime('%Y-%m-%d %H:%M:%S %Z')} ({os.cpu_count()} CPUs). "
+        "MovieLens = real ratings (ml-latest-small); synth = SIMULATED long histories (docs/synth.md). "
+        "The models are quick, small configurations: the figures show the system working, not model quality "
+        "(see `dv365 eval` for that).",
+        "",
+        "## Cycles",
+        "",
+        "| pipeline | cycle | as of | new rows | eval mean NE | users | encoded / carried / new | B/user | published | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, recs in records.items():
         for r in recs:
             f = r["figures"]
             c = f.get("export_counts") or {}
             rows = sum((f.get("new_rows") or {}).values())
             secs = sum(v for v in r["durations_s"].values() if v)
-            lines.append(f"| {name} | {r['cycle']} | {r['as_of_utc']} | {rows:,} | {_fmt(f.get('eval_mean_ne'))} | "
-                         f"{f['users']} | {c.get('users_encoded')} / {c.get('users_carried')} / {c.get('users_new')} | "
-                         f"{f['bytes_per_user']} | {r['published_version']} | {secs:.0f} |")
+            lines.append(
+                f"| {name} | {r['cycle']} | {r['as_of_utc']} | {rows:,} | {_fmt(f.get('eval_mean_ne'))} | "
+                f"{f['users']} | {c.get('users_encoded')} / {c.get('users_carried')} / {c.get('users_new')} | "
+                f"{f['bytes_per_user']} | {r['published_version']} | {secs:.0f} |"
+            )
     lines += ["", "## Store versions", ""]
     for name, st in statuses.items():
         vs = st.get("versions")
         if isinstance(vs, list):
             for v in vs:
-                lines.append(f"- {name}: `{v['version']}` {'(active) ' if v['active'] else ''}{v['user_count']} users, "
-                             f"data age {v['age_h']} h, model `{v['model_version']}`{' SIMULATED' if v['simulated'] else ''}")
-    lines += ["", "## Served over gRPC", "",
-              f"`dv365 serve` on 127.0.0.1:{fetched['port']}; `client.get({fetched['users']})` -> present "
-              f"{fetched['present']}, version `{fetched['snapshot_id']}`, int4 payload {fetched['payload_shape']}, "
-              f"de-quantized {fetched['float_shape']}, {fetched['get_ms']} ms.", "",
-              "## Durations (s)", "", "| step | seconds |", "|---|---|"]
+                lines.append(
+                    f"- {name}: `{v['version']}` {'(active) ' if v['active'] else ''}{v['user_count']} users, "
+                    f"data age {v['age_h']} h, model `{v['model_version']}`{' SIMULATED' if v['simulated'] else ''}"
+                )
+    lines += [
+        "",
+        "## Served over gRPC",
+        "",
+        f"`dv365 serve` on 127.0.0.1:{fetched['port']}; `client.get({fetched['users']})` -> present "
+        f"{fetched['present']}, version `{fetched['snapshot_id']}`, int4 payload {fetched['payload_shape']}, "
+        f"de-quantized {fetched['float_shape']}, {fetched['get_ms']} ms.",
+        "",
+        "## Durations (s)",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.1f} |" for k, v in durations.items()]
     return "\n".join(lines) + "\n"

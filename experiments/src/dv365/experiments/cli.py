@@ -19,14 +19,15 @@ The handler prints one JSON summary line **last** on stdout (:func:`print_summar
 
 from __future__ import annotations
 
-import logging
 import argparse
 import json
+import logging
 import math
 import os
 import shlex
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dv365.core.plugins import iter_plugins, load_ref
 
@@ -54,19 +55,32 @@ installed packages (entry-point group dv365.experiments).
 Run `dv365 eval <experiment> --help` for each."""
 
 
-def add_common_arguments(p: argparse.ArgumentParser, datasets: Sequence[str], default_dataset: str | None = None) -> None:
+def add_common_arguments(
+    p: argparse.ArgumentParser, datasets: Sequence[str], default_dataset: str | None = None
+) -> None:
     """The flags every ``dv365 eval`` experiment takes."""
-    p.add_argument("--dataset", choices=list(datasets), default=default_dataset or datasets[0],
-                   help=f"data set (default {default_dataset or datasets[0]})")
+    p.add_argument(
+        "--dataset",
+        choices=list(datasets),
+        default=default_dataset or datasets[0],
+        help=f"data set (default {default_dataset or datasets[0]})",
+    )
     p.add_argument("--quick", action="store_true", help="the small configuration (minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1; default from the config)")
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
-    p.add_argument("--data-dir", default="out/eval/data",
-                   help="where data sets are created and reused (default out/eval/data)")
-    p.add_argument("--config", default=None, help="experiment config YAML (default: the shipped one for the "
-                                                  "data set and --quick)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.run.steps=100 (repeatable)")
+    p.add_argument(
+        "--data-dir", default="out/eval/data", help="where data sets are created and reused (default out/eval/data)"
+    )
+    p.add_argument(
+        "--config", default=None, help="experiment config YAML (default: the shipped one for the data set and --quick)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.run.steps=100 (repeatable)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -96,8 +110,12 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("eval", help="offline experiments with reports (the paper's Tables 2-4, App. B-C)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "eval",
+        help="offline experiments with reports (the paper's Tables 2-4, App. B-C)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     esub = p.add_subparsers(dest="experiment", metavar="<experiment>")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     for ref in EXPERIMENTS.values():
@@ -126,15 +144,24 @@ before it (early stopping), training = the rest. Output: <out>/upstream-<dataset
 
 
 def register_upstream(esub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = esub.add_parser("upstream", help="Table 2: every user tower variant vs the baseline (NE delta %%)",
-                        description=UPSTREAM_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = esub.add_parser(
+        "upstream",
+        help="Table 2: every user tower variant vs the baseline (NE delta %%)",
+        description=UPSTREAM_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_arguments(p, ("synth", "movielens"))
-    p.add_argument("--variants", default=None,
-                   help="comma-separated tower kinds (default: all of Table 1), e.g. fsa,mlp_d")
+    p.add_argument(
+        "--variants", default=None, help="comma-separated tower kinds (default: all of Table 1), e.g. fsa,mlp_d"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch default)")
-    p.add_argument("--jobs", type=int, default=0,
-                   help="models trained at a time on CPU, in forked workers (default 0 = one per CPU core); the "
-                        "results do not depend on it")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="models trained at a time on CPU, in forked workers (default 0 = one per CPU core); the "
+        "results do not depend on it",
+    )
     p.set_defaults(func=_upstream)
 
 
@@ -151,10 +178,20 @@ def _upstream(args: argparse.Namespace) -> int:
     from dv365.core.cli import log_to
 
     log_to(sys.stderr)
-    rep = run_upstream(args.dataset, quick=args.quick, seeds=args.seeds, config=args.config,
-                       overrides=overrides(args.set), variants=variants, data_dir=args.data_dir, device=args.device,
-                       threads=args.threads or None, progress=not args.no_progress, command=command.strip(),
-                       jobs=args.jobs or (os.cpu_count() or 1))
+    rep = run_upstream(
+        args.dataset,
+        quick=args.quick,
+        seeds=args.seeds,
+        config=args.config,
+        overrides=overrides(args.set),
+        variants=variants,
+        data_dir=args.data_dir,
+        device=args.device,
+        threads=args.threads or None,
+        progress=not args.no_progress,
+        command=command.strip(),
+        jobs=args.jobs or (os.cpu_count() or 1),
+    )
     paths = write_report(rep, args.out)
     summary = rep.summary()
     summary["report"] = paths
@@ -165,4 +202,4 @@ def _upstream(args: argparse.Namespace) -> int:
 
 def _argv_tail() -> list[str]:
     argv = sys.argv[1:]
-    return argv[argv.index("upstream") + 1:] if "upstream" in argv else argv
+    return argv[argv.index("upstream") + 1 :] if "upstream" in argv else argv

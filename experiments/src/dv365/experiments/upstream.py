@@ -37,15 +37,16 @@ a non-empty history after the 24 h gap (returning users); on the synthetic data 
 
 from __future__ import annotations
 
-import logging
 import copy
 import json
+import logging
 import math
 import platform
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,18 +59,26 @@ from dv365.train.backbone import MultiTaskDLRM
 from dv365.train.config import TrainConfig, apply_overrides
 from dv365.train.data import NUM_DENSE, Batch, ExampleSource, dense_features, head_bias_from_labels, item_kjt, load_spec
 from dv365.train.errors import TrainConfigError
-from dv365.train.fsa import TOKEN_WISE_KINDS, canonical_kind
+from dv365.train.fsa import canonical_kind
 from dv365.train.losses import MultiTaskLoss, TaskSpec
 from dv365.train.metrics import MultiTaskMeter, mean_ne, mean_normalized_loss, seed_stats
-from dv365.train.model import BASELINE, DV365Model, build_model
+from dv365.train.model import BASELINE, build_model
 from dv365.train.trainer import build_optimizers, optimizer_step, seed_everything
 
 logger = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("pass_thru", "lce", "mlp_d", "mlp_t", "tl_d", "tl_t", "fsa")
 # Table-1 spellings for the report
-LABELS = {"baseline": "baseline", "pass_thru": "pass_thru", "lce": "LCE", "mlp_d": "MLP_d", "mlp_t": "MLP_t",
-          "tl_d": "T-L_d", "tl_t": "T-L_t", "fsa": "FSA"}
+LABELS = {
+    "baseline": "baseline",
+    "pass_thru": "pass_thru",
+    "lce": "LCE",
+    "mlp_d": "MLP_d",
+    "mlp_t": "MLP_t",
+    "tl_d": "T-L_d",
+    "tl_t": "T-L_t",
+    "fsa": "FSA",
+}
 DIM_TOKEN_PAIRS = (("mlp_d", "mlp_t"), ("tl_d", "tl_t"))
 DATASETS = ("synth", "movielens")
 
@@ -124,9 +133,10 @@ class UpstreamSettings:
     synth: SynthData = SynthData()
 
     @classmethod
-    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "UpstreamSettings":
-        out: UpstreamSettings = load_dataclass(cls, resolve_config(path, __package__, "configs/upstream", EvalError),
-                                               overrides, EvalError, "eval config")
+    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> UpstreamSettings:
+        out: UpstreamSettings = load_dataclass(
+            cls, resolve_config(path, __package__, "configs/upstream", EvalError), overrides, EvalError, "eval config"
+        )
         out = replace(out, variants=tuple(canonical_kind(v) for v in out.variants))
         out.validate()
         return out
@@ -177,12 +187,20 @@ def prepare_dataset(dataset: str, settings: UpstreamSettings, data_dir: Path, pr
             return path
         from dv365.core.synth import SynthConfig, write_synth_dataset
 
-        cfg = SynthConfig(users=s.users, mean_events=s.mean_events, max_events=s.max_events, days=s.days,
-                          requests_per_user=s.requests_per_user, seed=s.seed,
-                          min_events=min(SynthConfig.min_events, s.mean_events))
+        cfg = SynthConfig(
+            users=s.users,
+            mean_events=s.mean_events,
+            max_events=s.max_events,
+            days=s.days,
+            requests_per_user=s.requests_per_user,
+            seed=s.seed,
+            min_events=min(SynthConfig.min_events, s.mean_events),
+        )
         shutil.rmtree(path, ignore_errors=True)
-        logger.info(f"generating SIMULATED data: {s.users} users x ~{s.mean_events} events, {s.requests_per_user} requests "
-            f"each -> {path}")
+        logger.info(
+            f"generating SIMULATED data: {s.users} users x ~{s.mean_events} events, {s.requests_per_user} requests "
+            f"each -> {path}"
+        )
         write_synth_dataset(cfg, str(path), progress=progress)
         return path
     if dataset == "movielens":
@@ -234,8 +252,15 @@ class SlicedExamples(ExampleSource):
         batch = ex.collate(ex.train_rows[:256])
     """
 
-    def __init__(self, cfg: Any, tasks: Sequence[TaskSpec], spec: SliceSpec, item_hash_size: int,
-                 chunk: int = 512, progress: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        tasks: Sequence[TaskSpec],
+        spec: SliceSpec,
+        item_hash_size: int,
+        chunk: int = 512,
+        progress: bool = False,
+    ) -> None:
         super().__init__(cfg, tasks, spec, item_hash_size)
         from tqdm.auto import tqdm
 
@@ -251,8 +276,10 @@ class SlicedExamples(ExampleSource):
         for s in tqdm(range(0, R, chunk), desc="slice (once)", unit="chunk", disable=not progress, leave=False):
             rows = np.arange(s, min(s + chunk, R), dtype=np.int64)
             urow = np.searchsorted(self._users, req.user_id[rows])
-            sb = self.slicer.slice(Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow),
-                                             take_rows(tl.implicit, urow), tl.vocab), req.ts[rows])
+            sb = self.slicer.slice(
+                Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab),
+                req.ts[rows],
+            )
             B = len(rows)
             L = sb.lengths.reshape(N, B).astype(np.int64)  # key-major
             starts = (np.cumsum(L.ravel()) - L.ravel()).reshape(N, B)
@@ -280,18 +307,24 @@ class SlicedExamples(ExampleSource):
         idx = _ranges(starts.ravel(), L.ravel())
         lpk = L.sum(axis=1)
         return KeyedJaggedTensor(
-            keys=self.keys, values=torch.from_numpy(self.values[idx].astype(np.int64)),
-            weights=torch.from_numpy(self.weights[idx]), lengths=torch.from_numpy(L.ravel().astype(np.int32)),
-            stride=len(rows), length_per_key=[int(x) for x in lpk],
-            offset_per_key=[0, *np.cumsum(lpk).tolist()])
+            keys=self.keys,
+            values=torch.from_numpy(self.values[idx].astype(np.int64)),
+            weights=torch.from_numpy(self.weights[idx]),
+            lengths=torch.from_numpy(L.ravel().astype(np.int32)),
+            stride=len(rows),
+            length_per_key=[int(x) for x in lpk],
+            offset_per_key=[0, *np.cumsum(lpk).tolist()],
+        )
 
     def collate(self, rows: np.ndarray) -> Batch:
         rows = np.asarray(rows, np.int64)
         req = self.requests
-        return Batch(self.user_kjt(rows) if self.with_user_features else None,
-                     item_kjt(req, rows, self.item_hash_size, self.history_rows),
-                     torch.from_numpy(dense_features(req.ts[rows], req.video_duration[rows])),
-                     torch.from_numpy(np.ascontiguousarray(req.labels[rows])))
+        return Batch(
+            self.user_kjt(rows) if self.with_user_features else None,
+            item_kjt(req, rows, self.item_hash_size, self.history_rows),
+            torch.from_numpy(dense_features(req.ts[rows], req.video_duration[rows])),
+            torch.from_numpy(np.ascontiguousarray(req.labels[rows])),
+        )
 
 
 class _Rows:
@@ -324,7 +357,7 @@ class Splits:
     test_returning: np.ndarray  # test rows whose user has >= 1 event before request - gap
 
     @classmethod
-    def of(cls, ex: SlicedExamples, val_fraction: float) -> "Splits":
+    def of(cls, ex: SlicedExamples, val_fraction: float) -> Splits:
         pool = ex.train_rows  # time-sorted, everything before the test split
         n_val = max(1, int(math.ceil(val_fraction * len(pool))))
         test = ex.eval_rows
@@ -349,8 +382,9 @@ class RunResult:
     val: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task metrics of the kept step on validation
 
 
-def _evaluate(forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch], tasks: Sequence[TaskSpec]
-              ) -> dict[str, dict[str, Any]]:
+def _evaluate(
+    forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch], tasks: Sequence[TaskSpec]
+) -> dict[str, dict[str, Any]]:
     meter = MultiTaskMeter(tasks)
     with torch.no_grad():
         for b in batches:
@@ -360,14 +394,18 @@ def _evaluate(forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch]
 
 # early-stopping criteria (lower is better): UpstreamSettings.select_by
 SELECT_BY: dict[str, Callable[[Mapping[str, Mapping[str, Any]]], float]] = {
-    "all_tasks": mean_normalized_loss, "binary_ne": mean_ne}
-CRITERION_TEXT = {"all_tasks": "mean normalised loss over every task (NE; MSE / Var(label) for regression)",
-                  "binary_ne": "mean NE of the binary tasks"}
+    "all_tasks": mean_normalized_loss,
+    "binary_ne": mean_ne,
+}
+CRITERION_TEXT = {
+    "all_tasks": "mean normalised loss over every task (NE; MSE / Var(label) for regression)",
+    "binary_ne": "mean NE of the binary tasks",
+}
 
 
 def _batches(view: Any, rows: np.ndarray, bs: int, device: torch.device) -> Iterator[Batch]:
     for s in range(0, len(rows), bs):
-        yield _to(view.collate(rows[s:s + bs]), device)
+        yield _to(view.collate(rows[s : s + bs]), device)
 
 
 class _EpochBatches:
@@ -386,7 +424,7 @@ class _EpochBatches:
         if self._perm[0] != epoch:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
             self._perm = (epoch, rng.permutation(len(self.view.train_rows)))
-        idx = self._perm[1][b * self.batch_size:(b + 1) * self.batch_size]
+        idx = self._perm[1][b * self.batch_size : (b + 1) * self.batch_size]
         return self.view.collate(self.view.train_rows[idx])
 
 
@@ -394,15 +432,31 @@ class _Fit:
     """Trains ``model`` on ``view.train_rows`` with the optimizers / loss of ``cfg``; keeps the best
     validation state (lowest ``select_by`` criterion, see :data:`SELECT_BY`) in memory."""
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, forward: Callable[[Batch], torch.Tensor],
-                 view: Any, tasks: Sequence[TaskSpec], device: torch.device, select_by: str = "all_tasks") -> None:
-        self.cfg, self.model, self.forward, self.view, self.tasks, self.device = cfg, model, forward, view, tasks, device
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        forward: Callable[[Batch], torch.Tensor],
+        view: Any,
+        tasks: Sequence[TaskSpec],
+        device: torch.device,
+        select_by: str = "all_tasks",
+    ) -> None:
+        self.cfg, self.model, self.forward, self.view, self.tasks, self.device = (
+            cfg,
+            model,
+            forward,
+            view,
+            tasks,
+            device,
+        )
         self.criterion = SELECT_BY[select_by]
         self.loss_fn = MultiTaskLoss(tasks).to(device)
         self.optimizers = build_optimizers(model, cfg.optim)
 
-    def run(self, steps: int, val_rows: np.ndarray, val_every: int, progress: bool, desc: str
-            ) -> tuple[int, float, list[tuple[int, float]]]:
+    def run(
+        self, steps: int, val_rows: np.ndarray, val_every: int, progress: bool, desc: str
+    ) -> tuple[int, float, list[tuple[int, float]]]:
         from tqdm.auto import tqdm
 
         batches = _EpochBatches(self.view, self.cfg.run.batch_size, self.cfg.run.seed)
@@ -425,8 +479,9 @@ class _Fit:
 
     def _val(self, rows: np.ndarray) -> float:
         self.model.eval()
-        return self.criterion(_evaluate(self.forward, _batches(self.view, rows, self.cfg.run.eval_batch_size,
-                                                                self.device), self.tasks))
+        return self.criterion(
+            _evaluate(self.forward, _batches(self.view, rows, self.cfg.run.eval_batch_size, self.device), self.tasks)
+        )
 
 
 def _run_cfg(settings: UpstreamSettings, url: str, kind: str, seed: int, threads: int | None) -> TrainConfig:
@@ -452,8 +507,18 @@ class _TokenTable:
         self.shape = (int(self.tokens.shape[1]), int(self.tokens.shape[2]))
 
 
-def train_one(settings: UpstreamSettings, ex: SlicedExamples, splits: Splits, spec: SliceSpec, url: str, kind: str,
-              seed: int, device: torch.device, progress: bool, threads: int | None) -> RunResult:
+def train_one(
+    settings: UpstreamSettings,
+    ex: SlicedExamples,
+    splits: Splits,
+    spec: SliceSpec,
+    url: str,
+    kind: str,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    threads: int | None,
+) -> RunResult:
     """Trains one model (``kind`` = ``baseline`` or a tower variant) and evaluates it on the test split."""
     t0 = time.perf_counter()
     cfg = _run_cfg(settings, url, kind, seed, threads)
@@ -469,8 +534,9 @@ def train_one(settings: UpstreamSettings, ex: SlicedExamples, splits: Splits, sp
         up_view = _Rows(ex, splits.train[:n_up], True)
         model = build_model(cfg.model, spec, tasks, NUM_DENSE, device)
         model.backbone.init_head_bias(_head_bias(ex, splits.train[:n_up], tasks))
-        fit = _Fit(cfg, model, lambda b: model(b.user_kjt, b.item_kjt, b.dense), up_view, tasks, device,
-                   settings.select_by)
+        fit = _Fit(
+            cfg, model, lambda b: model(b.user_kjt, b.item_kjt, b.dense), up_view, tasks, device, settings.select_by
+        )
         fit.run(cfg.run.steps, splits.val, settings.val_every, progress, f"{kind} s{seed} upstream")
         assert model.user_tower is not None
         tokens = _TokenTable(model.user_tower, ex, bs_eval, device)
@@ -555,11 +621,19 @@ def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
     def per_seed(k: str) -> np.ndarray:  # mean delta over tasks of each seed (same seed order in every variant)
         return np.mean([v["values"] for v in d[k].values()], axis=0)
 
-    paired = {f"{t}-{dd}": seed_stats(per_seed(t) - per_seed(dd)) for dd, t in DIM_TOKEN_PAIRS
-              if t in avg and dd in avg and len({len(v["values"]) for k in (t, dd) for v in d[k].values()}) == 1}
-    return {"all_variants_beat_baseline": bool(beat) and all(beat.values()), "beats_baseline": beat,
-            "token_wise_beats_dim_wise": bool(pairs) and all(pairs.values()), "token_vs_dim": pairs,
-            "token_minus_dim_paired": paired, "mean_delta_pct": {k: round(v, 4) for k, v in avg.items()}}
+    paired = {
+        f"{t}-{dd}": seed_stats(per_seed(t) - per_seed(dd))
+        for dd, t in DIM_TOKEN_PAIRS
+        if t in avg and dd in avg and len({len(v["values"]) for k in (t, dd) for v in d[k].values()}) == 1
+    }
+    return {
+        "all_variants_beat_baseline": bool(beat) and all(beat.values()),
+        "beats_baseline": beat,
+        "token_wise_beats_dim_wise": bool(pairs) and all(pairs.values()),
+        "token_vs_dim": pairs,
+        "token_minus_dim_paired": paired,
+        "mean_delta_pct": {k: round(v, 4) for k, v in avg.items()},
+    }
 
 
 @dataclass
@@ -581,16 +655,22 @@ class UpstreamReport:
     def summary(self) -> dict[str, Any]:
         all_d = deltas(self.results, "test")
         out: dict[str, Any] = {
-            "experiment": "upstream", "dataset": self.dataset, "quick": self.quick, "simulated": self.simulated,
-            "seeds": sorted({r.seed for r in self.results}), "protocol": self.settings.protocol,
-            "delta_ne_pct": {k: {t: {"mean": v["mean"], "std": v["std"]} for t, v in tasks.items()}
-                             for k, tasks in all_d.items()},
+            "experiment": "upstream",
+            "dataset": self.dataset,
+            "quick": self.quick,
+            "simulated": self.simulated,
+            "seeds": sorted({r.seed for r in self.results}),
+            "protocol": self.settings.protocol,
+            "delta_ne_pct": {
+                k: {t: {"mean": v["mean"], "std": v["std"]} for t, v in tasks.items()} for k, tasks in all_d.items()
+            },
             "checks": checks(all_d),
         }
         if self.facts.get("test_empty_history_share", 0) > 0:
             ret = deltas(self.results, "test_returning")
-            out["delta_ne_pct_returning"] = {k: {t: {"mean": v["mean"], "std": v["std"]} for t, v in tasks.items()}
-                                             for k, tasks in ret.items()}
+            out["delta_ne_pct_returning"] = {
+                k: {t: {"mean": v["mean"], "std": v["std"]} for t, v in tasks.items()} for k, tasks in ret.items()
+            }
             out["checks_returning"] = checks(ret)
         out["seconds"] = round(self.seconds, 1)
         return out
@@ -602,13 +682,23 @@ def data_facts(ex: SlicedExamples, splits: Splits) -> dict[str, Any]:
     users = int(st.get("users", len(np.unique(ex.requests.user_id))))
     test_empty = float(np.mean(ex.history_events[splits.test] == 0)) if len(splits.test) else 0.0
     return {
-        "users": users, "events": int(st.get("events", 0)), "mean_events_per_user": float(st.get("mean_events", 0.0)),
-        "requests": len(ex.requests), "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
-        "test_returning": len(splits.test_returning), "test_empty_history_share": round(test_empty, 4),
+        "users": users,
+        "events": int(st.get("events", 0)),
+        "mean_events_per_user": float(st.get("mean_events", 0.0)),
+        "requests": len(ex.requests),
+        "train": len(splits.train),
+        "val": len(splits.val),
+        "test": len(splits.test),
+        "test_returning": len(splits.test_returning),
+        "test_empty_history_share": round(test_empty, 4),
         "train_empty_history_share": round(float(np.mean(ex.history_events[splits.train] == 0)), 4),
-        "features": len(ex.keys), "source": meta.source,
-        "base_rates_test": {t.name: round(float(ex.requests.labels[splits.test, k].mean()), 5)
-                            for k, t in enumerate(ex.tasks) if t.kind == "binary"},
+        "features": len(ex.keys),
+        "source": meta.source,
+        "base_rates_test": {
+            t.name: round(float(ex.requests.labels[splits.test, k].mean()), 5)
+            for k, t in enumerate(ex.tasks)
+            if t.kind == "binary"
+        },
     }
 
 
@@ -629,19 +719,33 @@ def _hide_cuda_in_cpu_worker() -> None:
 def _train_one_in_worker(job: tuple[str, int]) -> RunResult:
     kind, seed = job
     p = _POOL
-    return train_one(p["settings"], p["ex"], p["splits"], p["spec"], p["url"], kind, seed, p["dev"], False, p["threads"])
+    return train_one(
+        p["settings"], p["ex"], p["splits"], p["spec"], p["url"], kind, seed, p["dev"], False, p["threads"]
+    )
 
 
 def _log_run(r: RunResult) -> None:
-    logger.info(f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val {r.best_val:.4f} "
-                f"test mean NE {mean_ne(r.test):.4f} ({r.seconds:.0f} s)")
+    logger.info(
+        f"  seed {r.seed} {LABELS.get(r.kind, r.kind):9s} best step {r.best_step:4d} val {r.best_val:.4f} "
+        f"test mean NE {mean_ne(r.test):.4f} ({r.seconds:.0f} s)"
+    )
 
 
-def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None, config: str | Path | None = None,
-                 overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
-                 data_dir: str | Path = "out/eval/data", device: str = "cpu", threads: int | None = 1,
-                 progress: bool = True, command: str = "",
-                 jobs: int = 1) -> UpstreamReport:
+def run_upstream(
+    dataset: str,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    variants: Sequence[str] | None = None,
+    data_dir: str | Path = "out/eval/data",
+    device: str = "cpu",
+    threads: int | None = 1,
+    progress: bool = True,
+    command: str = "",
+    jobs: int = 1,
+) -> UpstreamReport:
     """Runs the experiment (datasets prepared, every model trained) and returns the report's content.
 
     ``jobs > 1`` (CPU only) trains that many models at a time in forked worker processes that share the
@@ -670,10 +774,12 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
     splits = Splits.of(ex, settings.val_fraction)
     facts = data_facts(ex, splits)
     facts["slice_seconds"] = round(time.perf_counter() - ts, 1)
-    logger.info(f"data: {facts['users']:,} users, {facts['requests']:,} requests (train {facts['train']:,} / val "
+    logger.info(
+        f"data: {facts['users']:,} users, {facts['requests']:,} requests (train {facts['train']:,} / val "
         f"{facts['val']:,} / test {facts['test']:,}), {facts['mean_events_per_user']:,.0f} events/user; "
         f"test requests with empty gapped history: {100 * facts['test_empty_history_share']:.1f}%"
-        + (" [SIMULATED]" if ex.simulated else ""))
+        + (" [SIMULATED]" if ex.simulated else "")
+    )
     results: list[RunResult] = []
     todo = [(kind, seed) for seed in range(n_seeds) for kind in (BASELINE, *settings.variants)]
     jobs = max(1, min(int(jobs), len(todo))) if dev.type == "cpu" else 1
@@ -684,8 +790,9 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
         logger.info(f"training {len(todo)} models, {jobs} at a time (forked CPU workers)")
         _POOL.update(settings=settings, ex=ex, splits=splits, spec=spec, url=url, dev=dev, threads=threads)
         try:
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
-                                     initializer=_hide_cuda_in_cpu_worker) as pool:  # the pool is CPU-only
+            with ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("fork"), initializer=_hide_cuda_in_cpu_worker
+            ) as pool:  # the pool is CPU-only
                 runs = pool.map(_train_one_in_worker, todo)
                 for r in runs:  # in submission order
                     results.append(r)
@@ -697,8 +804,19 @@ def run_upstream(dataset: str, *, quick: bool = False, seeds: int | None = None,
             r = train_one(settings, ex, splits, spec, url, kind, seed, dev, progress, threads)
             results.append(r)
             _log_run(r)
-    return UpstreamReport(dataset, quick, ex.simulated, settings, str(cfg_path), command, url, facts, results,
-                          time.perf_counter() - t0, str(dev))
+    return UpstreamReport(
+        dataset,
+        quick,
+        ex.simulated,
+        settings,
+        str(cfg_path),
+        command,
+        url,
+        facts,
+        results,
+        time.perf_counter() - t0,
+        str(dev),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -723,8 +841,12 @@ def _table(d: Mapping[str, Mapping[str, Mapping[str, Any]]], tasks: Sequence[Tas
 
 
 def _abs_table(results: Sequence[RunResult], subset: str, tasks: Sequence[TaskSpec], kinds: Sequence[str]) -> str:
-    lines = ["| model | " + " | ".join(t.name + (" MSE" if t.kind != "binary" else " NE") for t in tasks)
-             + " | best step (per seed) |", "|---|" + "---:|" * len(tasks) + "---|"]
+    lines = [
+        "| model | "
+        + " | ".join(t.name + (" MSE" if t.kind != "binary" else " NE") for t in tasks)
+        + " | best step (per seed) |",
+        "|---|" + "---:|" * len(tasks) + "---|",
+    ]
     for k in kinds:
         rs = [r for r in results if r.kind == k and getattr(r, subset)]
         if not rs:
@@ -733,7 +855,9 @@ def _abs_table(results: Sequence[RunResult], subset: str, tasks: Sequence[TaskSp
         for t in tasks:
             vals = [metric_of(getattr(r, subset)[t.name])[1] for r in rs]
             cells.append(f"{np.mean(vals):.4f}")
-        lines.append(f"| {LABELS.get(k, k)} | " + " | ".join(cells) + " | " + ", ".join(str(r.best_step) for r in rs) + " |")
+        lines.append(
+            f"| {LABELS.get(k, k)} | " + " | ".join(cells) + " | " + ", ".join(str(r.best_step) for r in rs) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -752,8 +876,9 @@ def plot(rep: UpstreamReport, path: Path) -> bool:
         panels.append(("test requests with a non-empty gapped history", deltas(rep.results, "test_returning")))
     tasks = [t for t in rep.results[0].test] if rep.results else []
     variants = [k for k in rep.settings.variants if k in panels[0][1]]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7.0, 1.3 * len(tasks) * len(variants) / 3), 3.6 * len(panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(7.0, 1.3 * len(tasks) * len(variants) / 3), 3.6 * len(panels)), squeeze=False
+    )
     width = 0.8 / max(len(variants), 1)
     cmap = plt.get_cmap("tab10")
     for ax, (title, d) in zip(axes[:, 0], panels):
@@ -761,8 +886,15 @@ def plot(rep: UpstreamReport, path: Path) -> bool:
         for i, k in enumerate(variants):
             m = [d[k].get(t, {}).get("mean", np.nan) for t in tasks]
             s = [d[k].get(t, {}).get("std") or 0.0 for t in tasks]
-            ax.bar(x + (i - (len(variants) - 1) / 2) * width, m, width, yerr=s, capsize=2, label=LABELS.get(k, k),
-                   color=cmap(i % 10))
+            ax.bar(
+                x + (i - (len(variants) - 1) / 2) * width,
+                m,
+                width,
+                yerr=s,
+                capsize=2,
+                label=LABELS.get(k, k),
+                color=cmap(i % 10),
+            )
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(x, [t + (" (MSE)" if "mse" in rep.results[0].test[t] else "") for t in tasks])
         ax.set_ylabel("Δ vs baseline (%)  ← better")
@@ -794,28 +926,38 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
     sim = " — SIMULATED data" if rep.simulated else " — real data"
     L.append(f"# dv365 eval upstream: {rep.dataset}{' (quick)' if rep.quick else ''}{sim}\n")
     if rep.simulated:
-        L.append("> **SIMULATED.** The users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
-                 "generator puts stable long-term interests into the histories *by construction*. "
-                 "**This run checks the implementation, not the method:** a gain here shows that the towers can "
-                 "read a signal that is known to be there; it says nothing about real users.\n")
+        L.append(
+            "> **SIMULATED.** The users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
+            "generator puts stable long-term interests into the histories *by construction*. "
+            "**This run checks the implementation, not the method:** a gain here shows that the towers can "
+            "read a signal that is known to be there; it says nothing about real users.\n"
+        )
     else:
-        L.append("> Real data: MovieLens ml-latest-small (real users' ratings). Everything that does not improve "
-                 "is reported as it came out.\n")
-    L.append("Paper Table 2 on this data: NE delta % of each user tower variant (Table 1) against the baseline "
-             "without DV365 timelines, per task (MSE delta % for regression tasks), mean ± std over "
-             f"{len(seeds)} seed(s) {seeds}, each variant compared with the baseline of the same seed. "
-             "Negative = better. **Bold**: better than the baseline beyond noise; `~`: within noise "
-             "(|mean| < 2·std/√n over the seeds, or a single seed); a plain positive value is worse than the "
-             "baseline beyond noise.\n")
+        L.append(
+            "> Real data: MovieLens ml-latest-small (real users' ratings). Everything that does not improve "
+            "is reported as it came out.\n"
+        )
+    L.append(
+        "Paper Table 2 on this data: NE delta % of each user tower variant (Table 1) against the baseline "
+        "without DV365 timelines, per task (MSE delta % for regression tasks), mean ± std over "
+        f"{len(seeds)} seed(s) {seeds}, each variant compared with the baseline of the same seed. "
+        "Negative = better. **Bold**: better than the baseline beyond noise; `~`: within noise "
+        "(|mean| < 2·std/√n over the seeds, or a single seed); a plain positive value is worse than the "
+        "baseline beyond noise.\n"
+    )
     L.append("## Results: all test requests\n")
     L.append(_table(deltas(rep.results, "test"), tasks, variants) + "\n")
     ck = summ["checks"]
     L.append(_check_line(ck) + "\n")
     if "delta_ne_pct_returning" in summ:
-        L.append(f"## Results: test requests with a non-empty gapped history ({f['test_returning']:,} of {f['test']:,})\n")
-        L.append(f"{100 * f['test_empty_history_share']:.1f}% of the test requests have no event before request − 24 h "
-                 "(the user's ratings come in bursts and the test split is the latest by time), so every tower "
-                 "sees an empty history there. These are the requests where a tower can help:\n")
+        L.append(
+            f"## Results: test requests with a non-empty gapped history ({f['test_returning']:,} of {f['test']:,})\n"
+        )
+        L.append(
+            f"{100 * f['test_empty_history_share']:.1f}% of the test requests have no event before request − 24 h "
+            "(the user's ratings come in bursts and the test split is the latest by time), so every tower "
+            "sees an empty history there. These are the requests where a tower can help:\n"
+        )
         L.append(_table(deltas(rep.results, "test_returning"), tasks, variants) + "\n")
         L.append(_check_line(summ["checks_returning"]) + " (returning users)\n")
     if has_png:
@@ -829,48 +971,87 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
         L.append(_abs_table(rep.results, "test_returning", tasks, (BASELINE, *variants)) + "\n")
     L.append("## Data\n")
     L.append(f"- dataset `{rep.data_url}` (source `{f['source']}`){' — SIMULATED' if rep.simulated else ''}")
-    L.append(f"- {f['users']:,} users, {f['events']:,} events ({f['mean_events_per_user']:,.1f} per user), "
-             f"{f['requests']:,} requests; slice spec `{tcfg.data.spec}` ({f['features']} features), 24 h gap")
-    L.append(f"- splits by request time: train {f['train']:,} / validation {f['val']:,} (latest {100 * s.val_fraction:g}% "
-             f"before the test split; early stopping) / test {f['test']:,} (latest {tcfg.data.eval_fraction:.0%}; "
-             "evaluated once per model, never used for a choice)")
-    L.append(f"- test requests with an empty gapped history: {100 * f['test_empty_history_share']:.1f}% "
-             f"(train: {100 * f['train_empty_history_share']:.1f}%)")
+    L.append(
+        f"- {f['users']:,} users, {f['events']:,} events ({f['mean_events_per_user']:,.1f} per user), "
+        f"{f['requests']:,} requests; slice spec `{tcfg.data.spec}` ({f['features']} features), 24 h gap"
+    )
+    L.append(
+        f"- splits by request time: train {f['train']:,} / validation {f['val']:,} (latest {100 * s.val_fraction:g}% "
+        f"before the test split; early stopping) / test {f['test']:,} (latest {tcfg.data.eval_fraction:.0%}; "
+        "evaluated once per model, never used for a choice)"
+    )
+    L.append(
+        f"- test requests with an empty gapped history: {100 * f['test_empty_history_share']:.1f}% "
+        f"(train: {100 * f['train_empty_history_share']:.1f}%)"
+    )
     L.append(f"- test base rates: {', '.join(f'{k} {v:.4f}' for k, v in f['base_rates_test'].items())}\n")
     L.append("## Setting\n")
     m = tcfg.model
-    L.append(f"- protocol `{s.protocol}`: " + (
-        "tower + backbone trained together on the training split; the step with the best validation "
-        f"{CRITERION_TEXT[s.select_by]} is kept (checked every {s.val_every} steps)" if s.protocol == "joint" else
-        f"an upstream model (tower + backbone) is trained on the first {s.upstream_fraction:.0%} of the training "
-        "split (early-stopped on validation); its tower is frozen and its output computed once per request; a "
-        "fresh backbone is trained on the whole training split with those tokens (the baseline: the same "
-        f"backbone training without tokens), early-stopped on the validation {CRITERION_TEXT[s.select_by]} every "
-        f"{s.val_every} steps"))
-    L.append(f"- tower D = {m.tower.dim}, N_out = {m.tower.n_out}, encoder {m.tower.encoder}, funnel {m.tower.funnel}; "
-             f"backbone E = {m.backbone.embedding_dim}, {m.backbone.interaction}, over-arch {list(m.backbone.over_arch)}, "
-             f"tokens `{m.backbone.token_mode}`; hash sizes {dict(tcfg.data.hash_sizes)}")
+    L.append(
+        f"- protocol `{s.protocol}`: "
+        + (
+            "tower + backbone trained together on the training split; the step with the best validation "
+            f"{CRITERION_TEXT[s.select_by]} is kept (checked every {s.val_every} steps)"
+            if s.protocol == "joint"
+            else f"an upstream model (tower + backbone) is trained on the first {s.upstream_fraction:.0%} of the training "
+            "split (early-stopped on validation); its tower is frozen and its output computed once per request; a "
+            "fresh backbone is trained on the whole training split with those tokens (the baseline: the same "
+            f"backbone training without tokens), early-stopped on the validation {CRITERION_TEXT[s.select_by]} every "
+            f"{s.val_every} steps"
+        )
+    )
+    L.append(
+        f"- tower D = {m.tower.dim}, N_out = {m.tower.n_out}, encoder {m.tower.encoder}, funnel {m.tower.funnel}; "
+        f"backbone E = {m.backbone.embedding_dim}, {m.backbone.interaction}, over-arch {list(m.backbone.over_arch)}, "
+        f"tokens `{m.backbone.token_mode}`; hash sizes {dict(tcfg.data.hash_sizes)}"
+    )
     o, r = tcfg.optim, tcfg.run
-    L.append(f"- optimizers: dense {o.dense} lr {o.lr}, sparse {o.sparse} lr {o.sparse_lr}; batch {r.batch_size}, "
-             f"at most {r.steps} steps ({r.steps * r.batch_size / max(f['train'], 1):.2f} passes over the training split; "
-             "id-embedding models tend to overfit from the second pass on)"
-             + (f" (downstream backbone: {s.backbone_steps})" if s.protocol == "frozen" and s.backbone_steps else ""))
-    L.append(f"- tasks: {', '.join(t.name + ('' if t.kind == 'binary' else f' ({t.kind}, {t.transform}, weight {t.weight})') for t in tasks)}")
-    L.append(f"- config `{rep.config_path}`; device {rep.device}; wall time {rep.seconds / 60:.1f} min "
-             f"(slicing once: {f['slice_seconds']} s); {platform.machine()}, torch {torch.__version__}\n")
+    L.append(
+        f"- optimizers: dense {o.dense} lr {o.lr}, sparse {o.sparse} lr {o.sparse_lr}; batch {r.batch_size}, "
+        f"at most {r.steps} steps ({r.steps * r.batch_size / max(f['train'], 1):.2f} passes over the training split; "
+        "id-embedding models tend to overfit from the second pass on)"
+        + (f" (downstream backbone: {s.backbone_steps})" if s.protocol == "frozen" and s.backbone_steps else "")
+    )
+    L.append(
+        f"- tasks: {', '.join(t.name + ('' if t.kind == 'binary' else f' ({t.kind}, {t.transform}, weight {t.weight})') for t in tasks)}"
+    )
+    L.append(
+        f"- config `{rep.config_path}`; device {rep.device}; wall time {rep.seconds / 60:.1f} min "
+        f"(slicing once: {f['slice_seconds']} s); {platform.machine()}, torch {torch.__version__}\n"
+    )
     L.append("## Command\n")
-    L.append(f"```bash\n{rep.command or f'dv365 eval upstream --dataset {rep.dataset}' + (' --quick' if rep.quick else '')}\n```\n")
+    L.append(
+        f"```bash\n{rep.command or f'dv365 eval upstream --dataset {rep.dataset}' + (' --quick' if rep.quick else '')}\n```\n"
+    )
     L.append("## Runs\n")
     L.append(f"| model | seed | best step | best val ({s.select_by}) | test mean NE (binary) | seconds |")
     L.append("|---|---:|---:|---:|---:|---:|")
     for x in rep.results:
-        L.append(f"| {LABELS.get(x.kind, x.kind)} | {x.seed} | {x.best_step} | {x.best_val:.4f} | "
-                 f"{mean_ne(x.test):.4f} | {x.seconds:.0f} |")
+        L.append(
+            f"| {LABELS.get(x.kind, x.kind)} | {x.seed} | {x.best_step} | {x.best_val:.4f} | "
+            f"{mean_ne(x.test):.4f} | {x.seconds:.0f} |"
+        )
     md.write_text("\n".join(L) + "\n")
-    full = {**summ, "facts": f, "config": rep.config_path, "command": rep.command,
-            "runs": [{"kind": x.kind, "seed": x.seed, "best_step": x.best_step, "best_val": x.best_val,
-                      "test": x.test, "test_returning": x.test_returning, "seconds": round(x.seconds, 1),
-                      "val_curve": x.val_curve, "val": x.val} for x in rep.results]}
+    full = {
+        **summ,
+        "facts": f,
+        "config": rep.config_path,
+        "command": rep.command,
+        "runs": [
+            {
+                "kind": x.kind,
+                "seed": x.seed,
+                "best_step": x.best_step,
+                "best_val": x.best_val,
+                "test": x.test,
+                "test_returning": x.test_returning,
+                "seconds": round(x.seconds, 1),
+                "val_curve": x.val_curve,
+                "val": x.val,
+            }
+            for x in rep.results
+        ],
+    }
     js.write_text(json.dumps(full, indent=1, allow_nan=True) + "\n")
     paths = {"markdown": str(md), "json": str(js)}
     if has_png:
@@ -885,13 +1066,21 @@ def _yes(v: bool) -> str:
 def _check_line(ck: Mapping[str, Any]) -> str:
     each = ", ".join(f"{LABELS.get(k, k)} {_yes(v)}" for k, v in ck["beats_baseline"].items())
     pairs = ", ".join(f"{p}: {_yes(v)}" for p, v in ck["token_vs_dim"].items()) or "pairs not run"
-    paired = "; ".join(f"{p} {v['mean']:+.2f} ± {v['std'] if v['std'] is not None else float('nan'):.2f}"
-                       f" ({'within noise' if v['noise'] else 'beyond noise'})"
-                       for p, v in ck.get("token_minus_dim_paired", {}).items())
-    return (f"Every variant beats the baseline on every task: **{_yes(ck['all_variants_beat_baseline'])}** ({each}). "
-            f"Token-wise beats dim-wise (mean delta over tasks): **{_yes(ck['token_wise_beats_dim_wise'])}** ({pairs})."
-            + (f" Seed-paired token − dim difference of the mean delta over tasks (percentage points, negative = "
-               f"token-wise better): {paired}." if paired else ""))
+    paired = "; ".join(
+        f"{p} {v['mean']:+.2f} ± {v['std'] if v['std'] is not None else float('nan'):.2f}"
+        f" ({'within noise' if v['noise'] else 'beyond noise'})"
+        for p, v in ck.get("token_minus_dim_paired", {}).items()
+    )
+    return (
+        f"Every variant beats the baseline on every task: **{_yes(ck['all_variants_beat_baseline'])}** ({each}). "
+        f"Token-wise beats dim-wise (mean delta over tasks): **{_yes(ck['token_wise_beats_dim_wise'])}** ({pairs})."
+        + (
+            f" Seed-paired token − dim difference of the mean delta over tasks (percentage points, negative = "
+            f"token-wise better): {paired}."
+            if paired
+            else ""
+        )
+    )
 
 
 def _tasks_of(rep: UpstreamReport) -> Iterator[TaskSpec]:

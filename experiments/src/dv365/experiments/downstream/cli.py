@@ -10,29 +10,30 @@ with, per data set, the headline figures.
 
 from __future__ import annotations
 
-import logging
 import argparse
+import logging
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 DESCRIPTIONS = {
     "ranking": "Paper Table 3: a multi-task DLRM ranker with an HSTU short-history encoder, with and without DV365 "
-               "(no projection / LinearProjection / HSTUPrefix); NE delta % per task, mean +- std over seeds.",
+    "(no projection / LinearProjection / HSTUPrefix); NE delta % per task, mean +- std over seeds.",
     "retrieval": "Paper Table 4: a two-tower retrieval model with and without DV365 (linear / GateNet fusion); "
-                 "HR@1 and HR@10 per task (and next-item) over the whole corpus, delta % vs the control.",
+    "HR@1 and HR@10 per task (and next-item) over the whole corpus, delta % vs the control.",
     "staleness": "Paper App. B: online training over consecutive windows with embeddings refreshed every window "
-                 "(fresh) vs frozen at the start (stale); NE gain vs the control per window; cosine similarity "
-                 "between embedding versions one window apart.",
+    "(fresh) vs frozen at the start (stale); NE gain vs the control per window; cosine similarity "
+    "between embedding versions one window apart.",
     "encoders": "Paper App. C: mean pooling vs learned position-weighted pooling vs HSTU over the same slice at "
-                "history caps up to the longest history; NE and measured cost per user (time, memory) vs length.",
+    "history caps up to the longest history; NE and measured cost per user (time, memory) vs length.",
     "all": "Every experiment on every data set (--datasets, default movielens,synth); one report per experiment "
-           "and data set, plus <out>/all[-quick].md and one JSON summary line.",
+    "and data set, plus <out>/all[-quick].md and one JSON summary line.",
 }
 COMMON = """
 
@@ -49,24 +50,41 @@ def _common(p: argparse.ArgumentParser, all_: bool = False) -> None:
 
     add_common_arguments(p, ("movielens", "synth", "kuairand"), default_dataset="movielens")
     if all_:
-        p.add_argument("--datasets", default="movielens,synth", help="comma-separated data sets (default movielens,synth)")
-        p.add_argument("--experiments", default="ranking,retrieval,staleness,encoders",
-                       help="comma-separated experiments (default all four)")
-        p.add_argument("--from-reports", action="store_true",
-                       help="train nothing: build <out>/all[-quick].md and the JSON line from the per-experiment "
-                            "reports already in --out (e.g. experiments run separately, with different --seeds)")
-        p.add_argument("--jobs", type=int, default=0,
-                       help="data sets run at a time, each in its own process (default 0 = one per CPU core, at most "
-                            "one per data set); every model seeds itself, so the results do not depend on it")
+        p.add_argument(
+            "--datasets", default="movielens,synth", help="comma-separated data sets (default movielens,synth)"
+        )
+        p.add_argument(
+            "--experiments",
+            default="ranking,retrieval,staleness,encoders",
+            help="comma-separated experiments (default all four)",
+        )
+        p.add_argument(
+            "--from-reports",
+            action="store_true",
+            help="train nothing: build <out>/all[-quick].md and the JSON line from the per-experiment "
+            "reports already in --out (e.g. experiments run separately, with different --seeds)",
+        )
+        p.add_argument(
+            "--jobs",
+            type=int,
+            default=0,
+            help="data sets run at a time, each in its own process (default 0 = one per CPU core, at most "
+            "one per data set); every model seeds itself, so the results do not depend on it",
+        )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
 def _register(name: str) -> Callable[[Any], None]:
     def register(esub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-        p = esub.add_parser(name, help=DESCRIPTIONS[name].split(":")[0].replace("%", "%%"),
-                            description=DESCRIPTIONS[name] + COMMON, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = esub.add_parser(
+            name,
+            help=DESCRIPTIONS[name].split(":")[0].replace("%", "%%"),
+            description=DESCRIPTIONS[name] + COMMON,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(p, all_=name == "all")
         p.set_defaults(func=lambda args: _handler(name, args))
+
     return register
 
 
@@ -79,7 +97,7 @@ register_all = _register("all")
 
 def _command(name: str) -> str:
     argv = sys.argv[1:]
-    tail = argv[argv.index(name) + 1:] if name in argv else argv
+    tail = argv[argv.index(name) + 1 :] if name in argv else argv
     return ("dv365 eval " + name + " " + " ".join(shlex.quote(a) for a in tail)).strip()
 
 
@@ -109,17 +127,43 @@ def _handler(name: str, args: argparse.Namespace) -> int:
         print_summary(summary)
         return 0
     jobs = getattr(args, "jobs", 1) or (os.cpu_count() or 1)
-    summary = run(exps, datasets, quick=args.quick, seeds=args.seeds, config=args.config, over=over,
-                  data_dir=Path(args.data_dir), out=Path(args.out), device=args.device,
-                  progress=not args.no_progress, command=command, write_all=name == "all", jobs=jobs,
-                  threads=args.threads)
+    summary = run(
+        exps,
+        datasets,
+        quick=args.quick,
+        seeds=args.seeds,
+        config=args.config,
+        over=over,
+        data_dir=Path(args.data_dir),
+        out=Path(args.out),
+        device=args.device,
+        progress=not args.no_progress,
+        command=command,
+        write_all=name == "all",
+        jobs=jobs,
+        threads=args.threads,
+    )
     print_summary(summary)
     return 0
 
 
-def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int | None, config: str | None,
-        over: dict[str, Any], data_dir: Path, out: Path, device: str, progress: bool, command: str,
-        write_all: bool, jobs: int = 1, threads: int = 1) -> dict[str, Any]:
+def run(
+    experiments: list[str],
+    datasets: list[str],
+    *,
+    quick: bool,
+    seeds: int | None,
+    config: str | None,
+    over: dict[str, Any],
+    data_dir: Path,
+    out: Path,
+    device: str,
+    progress: bool,
+    command: str,
+    write_all: bool,
+    jobs: int = 1,
+    threads: int = 1,
+) -> dict[str, Any]:
     """Runs ``experiments`` on ``datasets``; returns the JSON summary (per data set when several).
 
     ``jobs > 1`` runs that many data sets at a time, each in a fresh (spawned) process that builds its own
@@ -144,8 +188,15 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
             where = "--seeds" if seeds is not None else f"{cfg_path}: seeds"
             raise ExperimentError(f"{where} = {n_seeds}: must be >= 1")
         prepared.append((ds, settings, n_seeds))
-    job = dict(experiments=experiments, quick=quick, data_dir=data_dir, out=out, device=device, progress=progress,
-               command=command)
+    job = dict(
+        experiments=experiments,
+        quick=quick,
+        data_dir=data_dir,
+        out=out,
+        device=device,
+        progress=progress,
+        command=command,
+    )
     jobs = max(1, min(int(jobs), len(datasets)))
     if jobs > 1:
         import multiprocessing
@@ -160,16 +211,27 @@ def run(experiments: list[str], datasets: list[str], *, quick: bool, seeds: int 
     for ds, (entry, rep) in zip(datasets, results):
         per[ds] = entry
         reports.update(rep)
-    summary: dict[str, Any] = {"experiment": "all" if write_all else experiments[0], "quick": quick,
-                               "seeds": seeds, "datasets": per, "reports": reports,
-                               "seconds": round(time.perf_counter() - t_all, 1)}
+    summary: dict[str, Any] = {
+        "experiment": "all" if write_all else experiments[0],
+        "quick": quick,
+        "seeds": seeds,
+        "datasets": per,
+        "reports": reports,
+        "seconds": round(time.perf_counter() - t_all, 1),
+    }
     if write_all:
         from dv365.experiments.downstream.summary import write_all_report
 
         summary["report"] = write_all_report(summary, out, quick, command)
     elif len(datasets) == 1:
-        summary = {"experiment": experiments[0], "dataset": datasets[0], "quick": quick, **per[datasets[0]],
-                   "report": reports.get(f"{experiments[0]}-{datasets[0]}"), "seconds": summary["seconds"]}
+        summary = {
+            "experiment": experiments[0],
+            "dataset": datasets[0],
+            "quick": quick,
+            **per[datasets[0]],
+            "report": reports.get(f"{experiments[0]}-{datasets[0]}"),
+            "seconds": summary["seconds"],
+        }
     return summary
 
 
@@ -181,8 +243,9 @@ def _quiet_logs() -> None:
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
-def _dataset_in_worker(prepared: tuple[str, Any, int], job: dict[str, Any], threads: int
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _dataset_in_worker(
+    prepared: tuple[str, Any, int], job: dict[str, Any], threads: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
 
     _quiet_logs()
@@ -195,8 +258,19 @@ def _dataset_in_worker(prepared: tuple[str, Any, int], job: dict[str, Any], thre
     return _run_dataset(ds, settings, n_seeds, **job)
 
 
-def _run_dataset(ds: str, settings: Any, n_seeds: int, *, experiments: list[str], quick: bool, data_dir: Path,
-                 out: Path, device: str, progress: bool, command: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_dataset(
+    ds: str,
+    settings: Any,
+    n_seeds: int,
+    *,
+    experiments: list[str],
+    quick: bool,
+    data_dir: Path,
+    out: Path,
+    device: str,
+    progress: bool,
+    command: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every experiment of one data set (``settings``: its loaded, checked config): (its summary entry,
     {"<experiment>-<dataset>": report path})."""
     import importlib

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,13 +16,17 @@ from dv365.experiments.downstream.models import DownstreamConfig, DownstreamRank
 from dv365.train.losses import MultiTaskLoss, TaskSpec
 from dv365.train.metrics import MultiTaskMeter, mean_normalized_loss, seed_stats
 
-SIM_BANNER = ("> **SIMULATED data.** Users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
-              "generator puts stable long-term interests into the histories *by construction*. This run checks "
-              "the implementation and exercises the long-history regime; it says nothing about real users.\n")
-REAL_BANNER = ("> Real data: MovieLens ml-latest-small (610 users' ratings). It is small and bursty: many late "
-               "requests have no history older than 24 h, so every number is also given for returning users "
-               "(a non-empty gapped history, i.e. an embedding in the snapshot). Results are reported as "
-               "measured.\n")
+SIM_BANNER = (
+    "> **SIMULATED data.** Users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
+    "generator puts stable long-term interests into the histories *by construction*. This run checks "
+    "the implementation and exercises the long-history regime; it says nothing about real users.\n"
+)
+REAL_BANNER = (
+    "> Real data: MovieLens ml-latest-small (610 users' ratings). It is small and bursty: many late "
+    "requests have no history older than 24 h, so every number is also given for returning users "
+    "(a non-empty gapped history, i.e. an embedding in the snapshot). Results are reported as "
+    "measured.\n"
+)
 
 
 def banner(ctx_simulated: bool, dataset: str) -> str:
@@ -35,16 +40,31 @@ def banner(ctx_simulated: bool, dataset: str) -> str:
 def hstu_config(ctx: Context, chunk: int = 0) -> HSTUConfig:
     d = ctx.settings.downstream
     h = d.hstu
-    return HSTUConfig(dim=d.embedding_dim, num_layers=h.layers, num_heads=h.heads, qk_dim=h.qk_dim, v_dim=h.v_dim,
-                      dropout=h.dropout, chunk=chunk)
+    return HSTUConfig(
+        dim=d.embedding_dim,
+        num_layers=h.layers,
+        num_heads=h.heads,
+        qk_dim=h.qk_dim,
+        v_dim=h.v_dim,
+        dropout=h.dropout,
+        chunk=chunk,
+    )
 
 
 def ranker_config(ctx: Context, mode: str) -> DownstreamConfig:
     d = ctx.settings.downstream
-    return DownstreamConfig(num_tasks=len(ctx.tasks), embedding_dim=d.embedding_dim, item_hash_size=d.item_hash_size,
-                            hstu=hstu_config(ctx), dv365=mode, row_format=ctx.row_format, proj_tokens=d.proj_tokens,
-                            raw_tokens=d.no_projection, standardize=d.standardize_dv365,
-                            over_arch=tuple(d.over_arch))
+    return DownstreamConfig(
+        num_tasks=len(ctx.tasks),
+        embedding_dim=d.embedding_dim,
+        item_hash_size=d.item_hash_size,
+        hstu=hstu_config(ctx),
+        dv365=mode,
+        row_format=ctx.row_format,
+        proj_tokens=d.proj_tokens,
+        raw_tokens=d.no_projection,
+        standardize=d.standardize_dv365,
+        over_arch=tuple(d.over_arch),
+    )
 
 
 def fit_dv365_stats(model: torch.nn.Module, ctx: Context, train_rows: np.ndarray, schedule: str = "fresh") -> None:
@@ -57,7 +77,7 @@ def fit_dv365_stats(model: torch.nn.Module, ctx: Context, train_rows: np.ndarray
 
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
 
 
 def epochs(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
@@ -68,7 +88,7 @@ def epochs(rows: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]
         perm = np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(len(rows))
         n = max(len(rows) // batch_size, 1)
         for i in range(n):
-            yield rows[perm[i * batch_size:(i + 1) * batch_size]]
+            yield rows[perm[i * batch_size : (i + 1) * batch_size]]
         epoch += 1
 
 
@@ -79,12 +99,13 @@ def predict_ranker(model: torch.nn.Module, ctx: Context, rows: np.ndarray, sched
     outs = []
     with torch.no_grad():
         for s in range(0, len(rows), bs):
-            outs.append(model(ctx.batch(rows[s:s + bs], schedule)))
+            outs.append(model(ctx.batch(rows[s : s + bs], schedule)))
     return torch.cat(outs) if outs else torch.zeros(0, len(ctx.tasks))
 
 
-def ranker_metrics(ctx: Context, rows: np.ndarray, outputs: torch.Tensor, tasks: Sequence[TaskSpec]
-                   ) -> dict[str, dict[str, Any]]:
+def ranker_metrics(
+    ctx: Context, rows: np.ndarray, outputs: torch.Tensor, tasks: Sequence[TaskSpec]
+) -> dict[str, dict[str, Any]]:
     if not len(rows):
         return {}
     meter = MultiTaskMeter(tasks)
@@ -92,8 +113,9 @@ def ranker_metrics(ctx: Context, rows: np.ndarray, outputs: torch.Tensor, tasks:
     return meter.compute()
 
 
-def evaluate_ranker(model: torch.nn.Module, ctx: Context, rows: np.ndarray, schedule: str,
-                    tasks: Sequence[TaskSpec]) -> dict[str, dict[str, Any]]:
+def evaluate_ranker(
+    model: torch.nn.Module, ctx: Context, rows: np.ndarray, schedule: str, tasks: Sequence[TaskSpec]
+) -> dict[str, dict[str, Any]]:
     return ranker_metrics(ctx, rows, predict_ranker(model, ctx, rows, schedule), tasks)
 
 
@@ -131,8 +153,9 @@ class RankerFit:
             res[name] = ranker_metrics(self.ctx, rows[m], out[torch.from_numpy(m)], self.ctx.tasks)
         return res
 
-    def fit(self, train_rows: np.ndarray, val_rows: np.ndarray, steps: int, val_every: int
-            ) -> tuple[int, float, list[tuple[int, float]]]:
+    def fit(
+        self, train_rows: np.ndarray, val_rows: np.ndarray, steps: int, val_every: int
+    ) -> tuple[int, float, list[tuple[int, float]]]:
         d = self.ctx.settings.downstream
         best = (0, mean_normalized_loss(self.evaluate(val_rows)), copy.deepcopy(self.model.state_dict()))
         curve = [(0, best[1])]
@@ -161,12 +184,15 @@ def fmt_stat(v: Mapping[str, Any], unit: str = "") -> str:
     return f"{s} ~" if v.get("noise") else f"**{s}**"
 
 
-NOISE_NOTE = ("Mean ± std over seeds of the seed-paired deltas; **bold** = beyond noise, `~` = within noise "
-              "(|mean| ≤ 2·std/√n, or a single seed).")
+NOISE_NOTE = (
+    "Mean ± std over seeds of the seed-paired deltas; **bold** = beyond noise, `~` = within noise "
+    "(|mean| ≤ 2·std/√n, or a single seed)."
+)
 
 
-def plot_bars(path: Path, title: str, groups: Sequence[str], series: Mapping[str, Sequence[Mapping[str, Any]]],
-              ylabel: str) -> bool:
+def plot_bars(
+    path: Path, title: str, groups: Sequence[str], series: Mapping[str, Sequence[Mapping[str, Any]]], ylabel: str
+) -> bool:
     """Grouped bars with std error bars; False when matplotlib is missing."""
     try:
         import matplotlib
@@ -226,14 +252,19 @@ def report_paths(out_dir: Path, experiment: str, dataset: str, quick: bool) -> t
     return out_dir / f"{name}.md", out_dir / f"{name}.png", out_dir / f"{name}.json"
 
 
-def finish_report(ctx: Context, res: Mapping[str, Any], lines: list[str], md: Path, js: Path, png: Path, has_png: bool,
-                 command: str) -> dict[str, str]:
+def finish_report(
+    ctx: Context, res: Mapping[str, Any], lines: list[str], md: Path, js: Path, png: Path, has_png: bool, command: str
+) -> dict[str, str]:
     """Ends a report (wall time, the command), writes its Markdown and JSON; returns their paths."""
     import json
 
     lines.append(f"- wall time {res.get('seconds', 0):.0f} s\n")
     lines.append(f"## Command\n\n```bash\n{command}\n```\n")
     md.write_text("\n".join(lines) + "\n")
-    js.write_text(json.dumps({"dataset": ctx.dataset, "simulated": ctx.simulated, "facts": ctx.facts, **res},
-                             indent=1, default=str) + "\n")
+    js.write_text(
+        json.dumps(
+            {"dataset": ctx.dataset, "simulated": ctx.simulated, "facts": ctx.facts, **res}, indent=1, default=str
+        )
+        + "\n"
+    )
     return {"markdown": str(md), "json": str(js), **({"png": str(png)} if has_png else {})}

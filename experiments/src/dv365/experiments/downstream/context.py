@@ -22,14 +22,14 @@ Everything derived is cached under ``<data-dir>/experiments/`` (checkpoint, snap
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +56,10 @@ def prepare_url(dataset: str, synth: SynthSettings, data_url: str | None, data_d
             raise ExperimentError(f"data_url = {data_url!r}: no UniTi data set there (dv365 import / dv365 synth)")
         return data_url
     if dataset == "kuairand":
-        raise ExperimentError("--dataset kuairand needs --set data_url=<the folder written by `dv365 import "
-                              "kuairand ... --out <folder>`> (docs/experiments.md)")
+        raise ExperimentError(
+            "--dataset kuairand needs --set data_url=<the folder written by `dv365 import "
+            "kuairand ... --out <folder>`> (docs/experiments.md)"
+        )
     from dv365.experiments.upstream import UpstreamSettings, prepare_dataset
 
     return str(prepare_dataset(dataset, UpstreamSettings(train={}, synth=synth), data_dir, progress))
@@ -82,7 +84,7 @@ class Histories:
     ts: np.ndarray  # [n]
 
     @classmethod
-    def from_timelines(cls, tl: Timelines, sources: tuple[str, ...] = ("explicit", "implicit")) -> "Histories":
+    def from_timelines(cls, tl: Timelines, sources: tuple[str, ...] = ("explicit", "implicit")) -> Histories:
         parts = []
         for kind in sources:
             t = getattr(tl, kind)
@@ -92,9 +94,12 @@ class Histories:
                 act = 1 + (t.action.astype(np.int64) if t.action is not None else np.zeros(len(t.ts), np.int64))
                 act = np.minimum(act, IMPLICIT_ACTION_BASE - 1)
             else:
-                dwell = np.nan_to_num(t.dwell_time.astype(np.float64) if t.dwell_time is not None
-                                      else np.zeros(len(t.ts)), nan=0.0)
-                act = IMPLICIT_ACTION_BASE + np.minimum(np.floor(np.log2(1 + np.maximum(dwell, 0))), 15).astype(np.int64)
+                dwell = np.nan_to_num(
+                    t.dwell_time.astype(np.float64) if t.dwell_time is not None else np.zeros(len(t.ts)), nan=0.0
+                )
+                act = IMPLICIT_ACTION_BASE + np.minimum(np.floor(np.log2(1 + np.maximum(dwell, 0))), 15).astype(
+                    np.int64
+                )
             parts.append((uidx, t.ts.astype(np.int64), t.media_id.astype(np.int64), t.author_id.astype(np.int64), act))
         uidx, ts, media, author, act = (np.concatenate([p[i] for p in parts]) for i in range(5))
         order = np.lexsort((ts, uidx))
@@ -102,8 +107,9 @@ class Histories:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return cls(np.asarray(tl.user_ids, np.int64), offsets, media[order], author[order], act[order], ts[order])
 
-    def before(self, urow: np.ndarray, ts: np.ndarray, cap: int, gap_s: int = 0, strict: bool = True
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def before(
+        self, urow: np.ndarray, ts: np.ndarray, cap: int, gap_s: int = 0, strict: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(start, length) of the last ``cap`` events of user row ``urow`` with ``t < ts - gap_s`` (``<=``
         when not ``strict``), vectorised with one ``searchsorted`` on (user, ts) keys."""
         big = np.int64(1) << np.int64(40)
@@ -178,17 +184,21 @@ class Context:
     def dv365(self, rows: np.ndarray, schedule: str = "fresh") -> dict[str, torch.Tensor]:
         s = self.snapshot_index(rows, schedule)
         u = self.urow[rows]
-        return {"payload": torch.from_numpy(np.ascontiguousarray(self.snap_payload[s, u])),
-                "present": torch.from_numpy(self.snap_present[s, u]),
-                "age_s": torch.from_numpy((self.req.ts[rows] - self.snap_as_of[s]).astype(np.float32))}
+        return {
+            "payload": torch.from_numpy(np.ascontiguousarray(self.snap_payload[s, u])),
+            "present": torch.from_numpy(self.snap_present[s, u]),
+            "age_s": torch.from_numpy((self.req.ts[rows] - self.snap_as_of[s]).astype(np.float32)),
+        }
 
     def dv365_sample(self, rows: np.ndarray, schedule: str = "fresh") -> tuple[torch.Tensor, torch.Tensor]:
         """``(payload [P, N, row_bytes], present [P])``: each distinct (snapshot, user) embedding that ``rows``
         read under ``schedule`` once (the sample a downstream model's DV365 statistics are fitted on)."""
         pairs = np.unique(np.stack([self.snapshot_index(rows, schedule), self.urow[rows]], axis=1), axis=0)
         s, u = pairs[:, 0], pairs[:, 1]
-        return (torch.from_numpy(np.ascontiguousarray(self.snap_payload[s, u])),
-                torch.from_numpy(self.snap_present[s, u]))
+        return (
+            torch.from_numpy(np.ascontiguousarray(self.snap_payload[s, u])),
+            torch.from_numpy(self.snap_present[s, u]),
+        )
 
     def returning(self, rows: np.ndarray, schedule: str = "fresh") -> np.ndarray:
         """Rows whose user has an embedding (>= 1 event before the snapshot's cut-off: a non-empty gapped
@@ -201,12 +211,16 @@ class Context:
 
         r = self.req
         t0, t1 = r.topic_offsets[rows], r.topic_offsets[rows + 1]
-        topic = np.where(t1 > t0, r.topic_values[np.minimum(t0, max(len(r.topic_values) - 1, 0))] + 1, 0) \
-            if len(r.topic_values) else np.zeros(len(rows), np.int64)
+        topic = (
+            np.where(t1 > t0, r.topic_values[np.minimum(t0, max(len(r.topic_values) - 1, 0))] + 1, 0)
+            if len(r.topic_values)
+            else np.zeros(len(rows), np.int64)
+        )
         return {
             "media": torch.from_numpy(self.media_code(r.media_id[rows])),
             "author": torch.from_numpy(self.author_code(r.author_id[rows])),
-            "topic": torch.from_numpy(topic % 1009), "media_type": torch.from_numpy(r.media_type[rows] % 16),
+            "topic": torch.from_numpy(topic % 1009),
+            "media_type": torch.from_numpy(r.media_type[rows] % 16),
             "surface": torch.from_numpy(r.surface[rows] % 16),
             "dense": torch.from_numpy(dense_features(r.ts[rows], r.video_duration[rows])),
             "ts": torch.from_numpy(r.ts[rows]),
@@ -216,14 +230,19 @@ class Context:
         K = self.settings.downstream.history
         idx, valid = gather_right_aligned(self.hist_start[rows], self.hist_len[rows], K)
         h = self.hist
-        return {"h_media": torch.from_numpy(np.where(valid, self.media_code(h.media[idx]), 0)),
-                "h_action": torch.from_numpy(np.where(valid, h.action[idx], PAD)),
-                "h_ts": torch.from_numpy(np.where(valid, h.ts[idx], 0)),
-                "h_valid": torch.from_numpy(valid)}
+        return {
+            "h_media": torch.from_numpy(np.where(valid, self.media_code(h.media[idx]), 0)),
+            "h_action": torch.from_numpy(np.where(valid, h.action[idx], PAD)),
+            "h_ts": torch.from_numpy(np.where(valid, h.ts[idx], 0)),
+            "h_valid": torch.from_numpy(valid),
+        }
 
     def batch(self, rows: np.ndarray, schedule: str = "fresh", with_dv365: bool = True) -> dict[str, torch.Tensor]:
-        b = {**self.item_features(rows), **self.history(rows),
-             "labels": torch.from_numpy(np.ascontiguousarray(self.req.labels[rows]))}
+        b = {
+            **self.item_features(rows),
+            **self.history(rows),
+            "labels": torch.from_numpy(np.ascontiguousarray(self.req.labels[rows])),
+        }
         if with_dv365:
             b.update(self.dv365(rows, schedule))
         return b
@@ -233,8 +252,9 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def build_context(dataset: str, settings: Settings, data_dir: Path, *, progress: bool = False, device: str = "cpu"
-                  ) -> Context:
+def build_context(
+    dataset: str, settings: Settings, data_dir: Path, *, progress: bool = False, device: str = "cpu"
+) -> Context:
     """Prepares the data set, trains the upstream model (cached), exports one snapshot per window (cached)."""
     from dv365.train.data import Requests
 
@@ -252,8 +272,12 @@ def build_context(dataset: str, settings: Settings, data_dir: Path, *, progress:
     if n_train < settings.downstream.batch_size:
         raise ExperimentError(f"{url}: only {n_train} downstream training requests (split {sp})")
     ar = np.arange(R, dtype=np.int64)
-    rows = {"upstream": ar[:n_up], "train": ar[n_up:n_up + n_train], "val": ar[n_up + n_train:R - n_test],
-            "test": ar[R - n_test:]}
+    rows = {
+        "upstream": ar[:n_up],
+        "train": ar[n_up : n_up + n_train],
+        "val": ar[n_up + n_train : R - n_test],
+        "test": ar[R - n_test :],
+    }
     down = ar[n_up:]
     bounds = [(int(c[0]), int(c[-1]) + 1) for c in np.array_split(down, sp.windows)]
     window_of_row = np.full(R, -1, np.int64)
@@ -266,28 +290,58 @@ def build_context(dataset: str, settings: Settings, data_dir: Path, *, progress:
     hist = Histories.from_timelines(tl)
     urow = np.searchsorted(users, req.user_id)
     hs, hl = hist.before(urow, req.ts, settings.downstream.history)
-    logger.info(f"{dataset}: {len(users):,} users, {len(hist.ts):,} events, {R:,} requests (upstream {n_up:,} / train "
+    logger.info(
+        f"{dataset}: {len(users):,} users, {len(hist.ts):,} events, {R:,} requests (upstream {n_up:,} / train "
         f"{n_train:,} / val {n_val:,} / test {n_test:,}); {sp.windows} windows"
-        + (" [SIMULATED]" if ds.meta.simulated else ""))
+        + (" [SIMULATED]" if ds.meta.simulated else "")
+    )
 
     work = data_dir / "experiments" / f"{dataset}-{_digest([url, resolved_upstream(settings, url), sp.upstream])}"
     up = train_upstream(settings, url, work / "upstream", sp.upstream, progress, device)
     payload, present, fmt, snaps = export_snapshots(up["checkpoint"], url, users, as_of, work, device)
     facts = {
-        "users": int(len(users)), "events": int(len(hist.ts)), "mean_events_per_user": float(len(hist.ts) / max(len(users), 1)),
+        "users": int(len(users)),
+        "events": int(len(hist.ts)),
+        "mean_events_per_user": float(len(hist.ts) / max(len(users), 1)),
         "max_events_per_user": int(np.diff(hist.offsets).max()) if len(users) else 0,
-        "requests": R, **{k: int(len(v)) for k, v in rows.items()}, "source": ds.meta.source,
-        "simulated": bool(ds.meta.simulated), "windows": sp.windows,
-        "window_as_of": [int(x) for x in as_of], "snapshots": snaps,
+        "requests": R,
+        **{k: int(len(v)) for k, v in rows.items()},
+        "source": ds.meta.source,
+        "simulated": bool(ds.meta.simulated),
+        "windows": sp.windows,
+        "window_as_of": [int(x) for x in as_of],
+        "snapshots": snaps,
         "mean_short_history": float(hl[rows["test"]].mean()),
-        "base_rates_test": {t.name: round(float(req.labels[rows["test"], k].mean()), 5)
-                            for k, t in enumerate(tasks) if t.kind == "binary"},
+        "base_rates_test": {
+            t.name: round(float(req.labels[rows["test"], k].mean()), 5)
+            for k, t in enumerate(tasks)
+            if t.kind == "binary"
+        },
         "prepare_seconds": round(time.perf_counter() - t0, 1),
     }
-    ctx = Context(dataset, url, settings, bool(ds.meta.simulated), tasks, req, urow, hist, hs, hl, rows,
-                  window_of_row, bounds, as_of, payload, present, fmt, up, facts,
-                  media_vocab=np.unique(np.concatenate([req.media_id, hist.media]).astype(np.int64)),
-                  author_vocab=np.unique(np.concatenate([req.author_id, hist.author]).astype(np.int64)))
+    ctx = Context(
+        dataset,
+        url,
+        settings,
+        bool(ds.meta.simulated),
+        tasks,
+        req,
+        urow,
+        hist,
+        hs,
+        hl,
+        rows,
+        window_of_row,
+        bounds,
+        as_of,
+        payload,
+        present,
+        fmt,
+        up,
+        facts,
+        media_vocab=np.unique(np.concatenate([req.media_id, hist.media]).astype(np.int64)),
+        author_vocab=np.unique(np.concatenate([req.author_id, hist.author]).astype(np.int64)),
+    )
     au = ctx.author_vocab
     ctx.author_vocab = au[au >= 0]
     ctx.facts["items"], ctx.facts["authors"] = int(len(ctx.media_vocab)), int(len(ctx.author_vocab))
@@ -304,35 +358,60 @@ def resolved_upstream(settings: Settings, url: str) -> dict[str, Any]:
     from dv365.train.config import TrainConfig, apply_overrides
 
     d = TrainConfig.from_dict(apply_overrides(settings.upstream, {"data.url": url})).to_dict()
-    return {"data": d.get("data"), "tasks": d.get("tasks"), "model": d.get("model"), "optim": d.get("optim"),
-            "run": {k: v for k, v in (d.get("run") or {}).items() if k not in ("progress", "device", "threads")}}
+    return {
+        "data": d.get("data"),
+        "tasks": d.get("tasks"),
+        "model": d.get("model"),
+        "optim": d.get("optim"),
+        "run": {k: v for k, v in (d.get("run") or {}).items() if k not in ("progress", "device", "threads")},
+    }
 
 
-def train_upstream(settings: Settings, url: str, ckpt_dir: Path, fraction: float, progress: bool, device: str
-                   ) -> dict[str, Any]:
+def train_upstream(
+    settings: Settings, url: str, ckpt_dir: Path, fraction: float, progress: bool, device: str
+) -> dict[str, Any]:
     """The DV365 model on the upstream requests (dv365-train's Trainer; resumes / reuses ``ckpt_dir``)."""
     from dv365.train.config import TrainConfig, apply_overrides
     from dv365.train.trainer import Trainer
 
     if not settings.upstream:
         raise ExperimentError("upstream: the DV365 training config (a dv365-train TrainConfig mapping) is empty")
-    over = {"data.url": url, "data.eval_fraction": 0.0, "data.train_range": [0.0, fraction],
-            "checkpoint.dir": str(ckpt_dir), "checkpoint.every": 0, "checkpoint.keep": 1, "run.progress": progress,
-            "run.device": device, "run.eval_every": 0}
+    over = {
+        "data.url": url,
+        "data.eval_fraction": 0.0,
+        "data.train_range": [0.0, fraction],
+        "checkpoint.dir": str(ckpt_dir),
+        "checkpoint.every": 0,
+        "checkpoint.keep": 1,
+        "run.progress": progress,
+        "run.device": device,
+        "run.eval_every": 0,
+    }
     cfg = TrainConfig.from_dict(apply_overrides(settings.upstream, over))
     t0 = time.perf_counter()
     done = (ckpt_dir / "metrics.json").exists()
     res = Trainer(cfg, progress=progress).fit()
     secs = time.perf_counter() - t0
-    logger.info(f"  upstream DV365 ({cfg.model.kind}) {'reused' if done else 'trained'}: {res.steps} steps, "
-        f"{secs:.0f} s -> {res.checkpoint}")
-    return {"checkpoint": str(res.checkpoint), "kind": cfg.model.kind, "steps": res.steps,
-            "seconds": round(secs, 1), "reused": done, "train_loss": res.train_loss,
-            "examples_per_s": round(res.examples_per_s, 1), "dim": cfg.model.tower.dim, "n_out": cfg.model.tower.n_out}
+    logger.info(
+        f"  upstream DV365 ({cfg.model.kind}) {'reused' if done else 'trained'}: {res.steps} steps, "
+        f"{secs:.0f} s -> {res.checkpoint}"
+    )
+    return {
+        "checkpoint": str(res.checkpoint),
+        "kind": cfg.model.kind,
+        "steps": res.steps,
+        "seconds": round(secs, 1),
+        "reused": done,
+        "train_loss": res.train_loss,
+        "examples_per_s": round(res.examples_per_s, 1),
+        "dim": cfg.model.tower.dim,
+        "n_out": cfg.model.tower.n_out,
+    }
 
 
-def export_snapshots(checkpoint: str, url: str, users: np.ndarray, as_of: np.ndarray, work: Path, device: str
-                     ) -> tuple[np.ndarray, np.ndarray, Any, list[dict[str, Any]]]:
+def export_snapshots(
+    checkpoint: str, url: str, users: np.ndarray, as_of: np.ndarray, work: Path, device: str
+) -> tuple[np.ndarray, np.ndarray, Any, list[dict[str, Any]]]:
     """One snapshot per ``as_of`` (dv365 export, int4), read back into ``[W, U, N, row_bytes]`` + presence."""
     from dv365.core.snapshot import read_manifest, read_shard
     from dv365.export.job import ExportConfig, run_export
@@ -342,8 +421,18 @@ def export_snapshots(checkpoint: str, url: str, users: np.ndarray, as_of: np.nda
     t0 = time.perf_counter()
     for w, ts in enumerate(as_of):
         out = work / f"snapshot-w{w:02d}-{int(ts)}"
-        run_export(ExportConfig(checkpoint=checkpoint, out=str(out), data=url, as_of=int(ts), device=device,
-                                progress=False, overwrite=True, batch_users=64))
+        run_export(
+            ExportConfig(
+                checkpoint=checkpoint,
+                out=str(out),
+                data=url,
+                as_of=int(ts),
+                device=device,
+                progress=False,
+                overwrite=True,
+                batch_users=64,
+            )
+        )
         m = read_manifest(str(out))
         fmt = m.row_format
         P = np.zeros((len(users), fmt.rows_per_user, fmt.row_bytes), np.uint8)
@@ -357,6 +446,8 @@ def export_snapshots(checkpoint: str, url: str, users: np.ndarray, as_of: np.nda
         tables.append(P)
         present.append(have)
         info.append({"as_of": int(ts), "snapshot_id": m.snapshot_id, "users": int(have.sum()), "path": str(out)})
-    logger.info(f"  {len(as_of)} snapshots exported / read ({time.perf_counter() - t0:.0f} s; users with an embedding: "
-        f"{', '.join(str(i['users']) for i in info)})")
+    logger.info(
+        f"  {len(as_of)} snapshots exported / read ({time.perf_counter() - t0:.0f} s; users with an embedding: "
+        f"{', '.join(str(i['users']) for i in info)})"
+    )
     return np.stack(tables), np.stack(present), fmt, info

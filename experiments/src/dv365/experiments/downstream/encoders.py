@@ -17,14 +17,14 @@ measured length, exceeds ``cost_time_limit_s`` — the report says where and why
 
 from __future__ import annotations
 
-import logging
 import copy
 import json
+import logging
 import math
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,12 +89,16 @@ class Slices:
         users = np.unique(np.asarray(ds.user_ids(), np.int64))
         self.hist = Histories.from_timelines(ds.read_users(users), sources=(source,))
         self.urow = np.searchsorted(users, self.req.user_id)
-        self.start_all, self.len_all = self.hist.before(self.urow, self.req.ts, 10 ** 9, GAP_S, strict=False)
+        self.start_all, self.len_all = self.hist.before(self.urow, self.req.ts, 10**9, GAP_S, strict=False)
         self.longest = int(self.len_all.max()) if len(self.len_all) else 0
         R = len(self.req)
         n_test, n_val = int(math.ceil(0.2 * R)), int(math.ceil(0.1 * R))
         ar = np.arange(R)
-        self.rows = {"train": ar[:R - n_test - n_val], "val": ar[R - n_test - n_val:R - n_test], "test": ar[R - n_test:]}
+        self.rows = {
+            "train": ar[: R - n_test - n_val],
+            "val": ar[R - n_test - n_val : R - n_test],
+            "test": ar[R - n_test :],
+        }
         self.users, self.events = len(users), len(self.hist.ts)
 
     def spans(self, rows: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +107,10 @@ class Slices:
         return self.start_all[rows] + self.len_all[rows] - ln, ln
 
     def batch(self, rows: np.ndarray, cap: int, kind: str, H: int) -> dict[str, torch.Tensor]:
-        out = {"target": torch.from_numpy(self.req.media_id[rows] % H),
-               "labels": torch.from_numpy(np.ascontiguousarray(self.req.labels[rows]))}
+        out = {
+            "target": torch.from_numpy(self.req.media_id[rows] % H),
+            "labels": torch.from_numpy(np.ascontiguousarray(self.req.labels[rows])),
+        }
         return out | self.history(*self.spans(rows, cap), kind, H)
 
     def history(self, st: np.ndarray, ln: np.ndarray, kind: str, H: int) -> dict[str, torch.Tensor]:
@@ -112,15 +118,21 @@ class Slices:
         if kind == "hstu":
             L = max(int(ln.max()), 1)
             idx, valid = gather_right_aligned(st, ln, L)
-            return {"seq": torch.from_numpy(np.where(valid, self.hist.media[idx] % H, 0)),
-                    "valid": torch.from_numpy(valid), "seq_ts": torch.from_numpy(np.where(valid, self.hist.ts[idx], 0))}
+            return {
+                "seq": torch.from_numpy(np.where(valid, self.hist.media[idx] % H, 0)),
+                "valid": torch.from_numpy(valid),
+                "seq_ts": torch.from_numpy(np.where(valid, self.hist.ts[idx], 0)),
+            }
         counts = ln.astype(np.int64)
         total = int(counts.sum())
         ends = np.cumsum(counts)
         flat = np.repeat(st - (ends - counts), counts) + np.arange(total)
         rank = np.repeat(st + counts - 1, counts) - flat  # 0 = the latest event
-        return {"ids": torch.from_numpy(self.hist.media[flat] % H), "rank": torch.from_numpy(rank),
-                "offsets": torch.from_numpy(np.concatenate([[0], ends]).astype(np.int64))}
+        return {
+            "ids": torch.from_numpy(self.hist.media[flat] % H),
+            "rank": torch.from_numpy(rank),
+            "offsets": torch.from_numpy(np.concatenate([[0], ends]).astype(np.int64)),
+        }
 
 
 def evaluate(m: EncoderModel, sl: Slices, rows: np.ndarray, cap: int, kind: str, H: int) -> dict[str, Any]:
@@ -144,15 +156,17 @@ def evaluate(m: EncoderModel, sl: Slices, rows: np.ndarray, cap: int, kind: str,
         s = 0
         while s < len(order):
             k = min(4096, len(order) - s)  # sorted: the j-th candidate's length is the batch's longest
-            e = s + max(1, int(np.count_nonzero(np.arange(1, k + 1) * lens[s:s + k] <= budget)))
+            e = s + max(1, int(np.count_nonzero(np.arange(1, k + 1) * lens[s : s + k] <= budget)))
             part = order[s:e]
             u[torch.from_numpy(part)] = m.encoder(sl.history(key[part, 0], key[part, 1], kind, H))
             s = e
         for s in range(0, len(rows), 4096):
-            r = rows[s:s + 4096]
+            r = rows[s : s + 4096]
             target = torch.from_numpy(sl.req.media_id[r] % H)
-            meter.update(m.score(u[torch.from_numpy(inv[s:s + 4096])], target),
-                         torch.from_numpy(np.ascontiguousarray(sl.req.labels[r])))
+            meter.update(
+                m.score(u[torch.from_numpy(inv[s : s + 4096])], target),
+                torch.from_numpy(np.ascontiguousarray(sl.req.labels[r])),
+            )
     return meter.compute()
 
 
@@ -189,14 +203,24 @@ def train_eval(sl: Slices, kind: str, cap: int, seed: int, settings: Settings, H
     train_s = time.perf_counter() - t0
     m.load_state_dict(best[2])
     test = evaluate_rows(sl.rows["test"])
-    return {"test_ne": round(mean_ne(test), 5), "test": test, "best_step": best[0],
-            "train_s_per_step": round(train_s / max(es.steps, 1), 4)}
+    return {
+        "test_ne": round(mean_ne(test), 5),
+        "test": test,
+        "best_step": best[0],
+        "train_s_per_step": round(train_s / max(es.steps, 1), 4),
+    }
 
 
 def _hstu(settings: Settings, chunk: int) -> HSTUConfig:
     h = settings.downstream.hstu
-    return HSTUConfig(dim=settings.encoders.dim, num_layers=settings.encoders.hstu_layers, num_heads=h.heads, qk_dim=h.qk_dim,
-                      v_dim=h.v_dim, chunk=chunk)
+    return HSTUConfig(
+        dim=settings.encoders.dim,
+        num_layers=settings.encoders.hstu_layers,
+        num_heads=h.heads,
+        qk_dim=h.qk_dim,
+        v_dim=h.v_dim,
+        chunk=chunk,
+    )
 
 
 def measure_cost(sl: Slices, settings: Settings, H: int) -> list[dict[str, Any]]:
@@ -212,8 +236,11 @@ def measure_cost(sl: Slices, settings: Settings, H: int) -> list[dict[str, Any]]
             if kind == "hstu" and last_hstu is not None:
                 projected = last_hstu[1] * (L / last_hstu[0]) ** 2
                 if projected > es.cost_time_limit_s:
-                    rec.update(status="not run", reason=f"projected {projected:.1f} s per user (quadratic from "
-                               f"{last_hstu[1]:.2f} s measured at {last_hstu[0]:,}) > limit {es.cost_time_limit_s} s")
+                    rec.update(
+                        status="not run",
+                        reason=f"projected {projected:.1f} s per user (quadratic from "
+                        f"{last_hstu[1]:.2f} s measured at {last_hstu[0]:,}) > limit {es.cost_time_limit_s} s",
+                    )
                     out.append(rec)
                     continue
             m = _model(kind, L, es, _hstu(settings, es.hstu_chunk), len(sl.tasks), H).eval()
@@ -228,15 +255,26 @@ def measure_cost(sl: Slices, settings: Settings, H: int) -> list[dict[str, Any]]
                     secs = (time.perf_counter() - t0) / reps
                     with PeakMemory() as pm:
                         m(b)
-                rec.update(status="ok", seconds=round(secs, 5), peak_mb=round(pm.peak / 2 ** 20, 3))
+                rec.update(status="ok", seconds=round(secs, 5), peak_mb=round(pm.peak / 2**20, 3))
                 if kind == "hstu":
                     last_hstu = (L, secs)
             except (RuntimeError, MemoryError) as e:  # out of memory: recorded, not hidden
                 rec.update(status="failed", reason=f"{type(e).__name__}: {str(e)[:200]}")
             out.append(rec)
-        logger.info("  encoders cost at " + f"{L:,}: " + ", ".join(
-            f"{r['encoder']} " + (f"{1000 * r['seconds']:.1f} ms / {r['peak_mb']:.1f} MB" if r.get("status") == "ok"
-                                   else r.get("status", "?")) for r in out if r["length"] == L))
+        logger.info(
+            "  encoders cost at "
+            + f"{L:,}: "
+            + ", ".join(
+                f"{r['encoder']} "
+                + (
+                    f"{1000 * r['seconds']:.1f} ms / {r['peak_mb']:.1f} MB"
+                    if r.get("status") == "ok"
+                    else r.get("status", "?")
+                )
+                for r in out
+                if r["length"] == L
+            )
+        )
     return out
 
 
@@ -250,56 +288,83 @@ def run_encoders(dataset: str, settings: Settings, data_dir: Path, seeds: int, p
         raise ExperimentError(f"{url}: no request has a {es.source} history before request - 24 h")
     H = settings.downstream.item_hash_size
     caps = sorted({sl.longest if c == 0 else min(c, sl.longest) for c in es.caps})
-    logger.info(f"encoders {dataset}: {sl.users} users, {sl.events:,} {es.source} events, longest slice {sl.longest:,}, "
-        f"caps {caps}" + (" [SIMULATED]" if sl.simulated else ""))
+    logger.info(
+        f"encoders {dataset}: {sl.users} users, {sl.events:,} {es.source} events, longest slice {sl.longest:,}, "
+        f"caps {caps}" + (" [SIMULATED]" if sl.simulated else "")
+    )
     quality: dict[str, dict[str, Any]] = {}
     for cap in caps:
         for kind in KINDS:
             if kind == "hstu" and cap > es.hstu_train_max:
-                quality.setdefault(kind, {})[str(cap)] = {"status": "not trained", "reason":
-                                                          f"cap {cap:,} > hstu_train_max {es.hstu_train_max:,}"}
+                quality.setdefault(kind, {})[str(cap)] = {
+                    "status": "not trained",
+                    "reason": f"cap {cap:,} > hstu_train_max {es.hstu_train_max:,}",
+                }
                 continue
             t0 = time.perf_counter()
             rs = [train_eval(sl, kind, cap, seed, settings, H) for seed in range(seeds)]
             st = paired_stats([r["test_ne"] for r in rs])
-            quality.setdefault(kind, {})[str(cap)] = {"status": "ok", "ne": st,
-                                                      "train_s_per_step": float(np.mean([r["train_s_per_step"] for r in rs])),
-                                                      "runs": rs}
-            logger.info(f"  encoders {dataset} cap {cap:,} {kind:8s} test NE {st['mean']} ± {st['std']} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            quality.setdefault(kind, {})[str(cap)] = {
+                "status": "ok",
+                "ne": st,
+                "train_s_per_step": float(np.mean([r["train_s_per_step"] for r in rs])),
+                "runs": rs,
+            }
+            logger.info(
+                f"  encoders {dataset} cap {cap:,} {kind:8s} test NE {st['mean']} ± {st['std']} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     # delta vs mean pooling at the same cap, seed-paired
     for kind in ("position", "hstu"):
         for cap, q in quality.get(kind, {}).items():
             base = quality["mean"][cap]
             if q["status"] == "ok":
-                q["delta_vs_mean_pct"] = paired_stats([100 * (a["test_ne"] / b["test_ne"] - 1)
-                                                       for a, b in zip(q["runs"], base["runs"])])
+                q["delta_vs_mean_pct"] = paired_stats(
+                    [100 * (a["test_ne"] / b["test_ne"] - 1) for a, b in zip(q["runs"], base["runs"])]
+                )
     cost = measure_cost(sl, settings, H)
-    return {"url": url, "simulated": sl.simulated, "users": sl.users, "events": sl.events, "longest": sl.longest,
-            "caps": caps, "source": es.source, "tasks": list(names), "quality": quality, "cost": cost,
-            "requests": {k: int(len(v)) for k, v in sl.rows.items()}}
+    return {
+        "url": url,
+        "simulated": sl.simulated,
+        "users": sl.users,
+        "events": sl.events,
+        "longest": sl.longest,
+        "caps": caps,
+        "source": es.source,
+        "tasks": list(names),
+        "quality": quality,
+        "cost": cost,
+        "requests": {k: int(len(v)) for k, v in sl.rows.items()},
+    }
 
 
 def compact(res: dict[str, Any]) -> dict[str, Any]:
     table = [{k: r.get(k) for k in ("length", "encoder", "status", "seconds", "peak_mb")} for r in res["cost"]]
-    ne = {kind: {cap: (q["ne"]["mean"] if q["status"] == "ok" else None) for cap, q in caps.items()}
-          for kind, caps in res["quality"].items()}
+    ne = {
+        kind: {cap: (q["ne"]["mean"] if q["status"] == "ok" else None) for cap, q in caps.items()}
+        for kind, caps in res["quality"].items()
+    }
     return {"longest": res["longest"], "ne": ne, "cost_table": table}
 
 
-def write_report(dataset: str, settings: Settings, res: dict[str, Any], out_dir: Path, quick: bool,
-                 command: str) -> dict[str, str]:
+def write_report(
+    dataset: str, settings: Settings, res: dict[str, Any], out_dir: Path, quick: bool, command: str
+) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = stem("encoders", dataset, quick)
     md, png, js = out_dir / f"{name}.md", out_dir / f"{name}.png", out_dir / f"{name}.json"
     has_png = plot(dataset, res, png)
     sim = "SIMULATED" if res["simulated"] else "real data"
-    L = [f"# dv365 eval encoders (paper App. C): {dataset}{' (quick)' if quick else ''} — {sim}\n",
-         banner(res["simulated"], dataset)]
-    L.append(f"Mean pooling vs learned position-weighted pooling vs HSTU over the same slice (the `{res['source']}` "
-             f"timeline before request − 24 h, its last `cap` events), at caps {res['caps']} (longest history in the "
-             f"data: {res['longest']:,}). Test NE (mean over tasks {res['tasks']}), mean ± std over seeds; Δ vs mean "
-             "pooling at the same cap, seed-paired (negative = better than mean pooling).\n")
+    L = [
+        f"# dv365 eval encoders (paper App. C): {dataset}{' (quick)' if quick else ''} — {sim}\n",
+        banner(res["simulated"], dataset),
+    ]
+    L.append(
+        f"Mean pooling vs learned position-weighted pooling vs HSTU over the same slice (the `{res['source']}` "
+        f"timeline before request − 24 h, its last `cap` events), at caps {res['caps']} (longest history in the "
+        f"data: {res['longest']:,}). Test NE (mean over tasks {res['tasks']}), mean ± std over seeds; Δ vs mean "
+        "pooling at the same cap, seed-paired (negative = better than mean pooling).\n"
+    )
     L.append("| cap | mean NE | position NE | Δ position % | HSTU NE | Δ HSTU % |")
     L.append("|---:|---:|---:|---:|---:|---:|")
     q = res["quality"]
@@ -318,8 +383,10 @@ def write_report(dataset: str, settings: Settings, res: dict[str, Any], out_dir:
         return f"{s} ~" if x["noise"] else f"**{s}**"
 
     for cap in map(str, res["caps"]):
-        L.append(f"| {int(cap):,} | {ne('mean', cap)} | {ne('position', cap)} | {dl('position', cap)} | {ne('hstu', cap)} | "
-                 f"{dl('hstu', cap)} |")
+        L.append(
+            f"| {int(cap):,} | {ne('mean', cap)} | {ne('position', cap)} | {dl('position', cap)} | {ne('hstu', cap)} | "
+            f"{dl('hstu', cap)} |"
+        )
     L.append("\n## Measured cost per user (forward, batch 1, 1 thread)\n")
     L.append("| length | encoder | status | time (ms) | peak tensor memory (MB) | note |")
     L.append("|---:|---|---|---:|---:|---|")
@@ -327,16 +394,22 @@ def write_report(dataset: str, settings: Settings, res: dict[str, Any], out_dir:
         ms = "" if r.get("seconds") is None else f"{1000 * r['seconds']:.2f}"
         mb = "" if r.get("peak_mb") is None else f"{r['peak_mb']:.2f}"
         L.append(f"| {r['length']:,} | {r['encoder']} | {r['status']} | {ms} | {mb} | {r.get('reason', '')} |")
-    L.append("\nHSTU's attention is computed in query chunks (O(chunk·L) memory) but its time grows as L²: the "
-             "table shows the growth as measured; a length it was not run at is marked with the reason.\n")
+    L.append(
+        "\nHSTU's attention is computed in query chunks (O(chunk·L) memory) but its time grows as L²: the "
+        "table shows the growth as measured; a length it was not run at is marked with the reason.\n"
+    )
     L.append(f"![encoders]({png.name})\n" if has_png else "(No plot: matplotlib is not installed.)\n")
     es = settings.encoders
     L.append("## Setting\n")
-    L.append(f"- data set `{res['url']}`{' (**SIMULATED**)' if res['simulated'] else ''}: {res['users']} users, "
-             f"{res['events']:,} {res['source']} events; requests train/val/test {res['requests']} by time")
-    L.append(f"- D = {es.dim}; HSTU {settings.downstream.hstu} (chunk {es.hstu_chunk}); Adam lr {es.lr}, batch "
-             f"{es.batch_size}, at most {es.steps} steps, validation every {es.val_every}; HSTU trained up to cap "
-             f"{es.hstu_train_max:,}")
+    L.append(
+        f"- data set `{res['url']}`{' (**SIMULATED**)' if res['simulated'] else ''}: {res['users']} users, "
+        f"{res['events']:,} {res['source']} events; requests train/val/test {res['requests']} by time"
+    )
+    L.append(
+        f"- D = {es.dim}; HSTU {settings.downstream.hstu} (chunk {es.hstu_chunk}); Adam lr {es.lr}, batch "
+        f"{es.batch_size}, at most {es.steps} steps, validation every {es.val_every}; HSTU trained up to cap "
+        f"{es.hstu_train_max:,}"
+    )
     L.append(f"\n## Command\n\n```bash\n{command}\n```\n")
     md.write_text("\n".join(L) + "\n")
     js.write_text(json.dumps({"dataset": dataset, **res}, indent=1, default=str) + "\n")
@@ -356,8 +429,11 @@ def plot(dataset: str, res: dict[str, Any], path: Path) -> bool:
     ax2 = ax.twinx()
     colors = {"mean": "C0", "position": "C1", "hstu": "C2"}
     for kind in KINDS:
-        pts = [(int(c), q["ne"]["mean"], q["ne"]["std"] or 0) for c, q in res["quality"].get(kind, {}).items()
-               if q["status"] == "ok"]
+        pts = [
+            (int(c), q["ne"]["mean"], q["ne"]["std"] or 0)
+            for c, q in res["quality"].get(kind, {}).items()
+            if q["status"] == "ok"
+        ]
         if pts:
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, marker="o", color=colors[kind], label=f"{kind}: test NE", capsize=3)

@@ -126,8 +126,17 @@ class HSTULayer(nn.Module):
         self.rab = RelativeBias(cfg.position_buckets, cfg.time_buckets)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, ts: torch.Tensor,
-                q0: int, q1: int, cache: dict | None = None) -> torch.Tensor:
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+        ts: torch.Tensor,
+        q0: int,
+        q1: int,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
         """Attention output of query rows ``[q0, q1)`` over keys ``[0, q1)`` (causal): ``[B, q1-q0, H*dv]``.
 
         ``cache`` (dense path only): the bias buckets and the mask of ``(q0, q1)`` depend only on positions /
@@ -149,8 +158,9 @@ class HSTULayer(nn.Module):
         out = torch.einsum("bhqk,bkhd->bqhd", attn, v[:, :q1])  # [B, Lq, H, dv]
         return out.reshape(B, q1 - q0, -1)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, ts: torch.Tensor, q_from: int = 0,
-                cache: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor, ts: torch.Tensor, q_from: int = 0, cache: dict | None = None
+    ) -> torch.Tensor:
         """``[B, L, D]`` -> ``[B, L - q_from, D]``: the outputs of positions ``q_from..L-1`` (every position
         is still a key / value; ``q_from = L - 1`` gives the last position only, for the top layer)."""
         B, L, _ = x.shape
@@ -162,8 +172,9 @@ class HSTULayer(nn.Module):
         q = q.reshape(B, L, H, c.qk_dim)
         k = k.reshape(B, L, H, c.qk_dim)
         step = c.chunk if c.chunk > 0 else L
-        av = torch.cat([self._attend(q, k, v, valid, ts, s, min(s + step, L), cache)
-                        for s in range(q_from, L, step)], dim=1)
+        av = torch.cat(
+            [self._attend(q, k, v, valid, ts, s, min(s + step, L), cache) for s in range(q_from, L, step)], dim=1
+        )
         y = self.f2(self.norm_av(av) * u[:, q_from:])  # [B, L - q_from, D]
         return x[:, q_from:] + self.dropout(y)
 
@@ -203,8 +214,9 @@ class HSTUEncoder(nn.Module):
         return self.norm_out(x)
 
 
-def right_align(values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, length: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def right_align(
+    values: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jagged ``values [ΣL, D]`` (user-major, ``offsets [B+1]``) -> right-aligned ``[B, length, D]``, ``valid``
     and timestamps; each user's last ``length`` rows are kept (no Python loop over users)."""
     B = offsets.numel() - 1

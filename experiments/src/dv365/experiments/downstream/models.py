@@ -14,8 +14,9 @@ dv365-adapters (:class:`~dv365.adapters.DV365Input`, :class:`~dv365.adapters.Lin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +73,25 @@ class ItemEmbedding(nn.Module):
     def __init__(self, E: int, H: int) -> None:
         super().__init__()
         self.media, self.author = nn.Embedding(H, E), nn.Embedding(H + 1, E)
-        self.topic, self.media_type, self.surface = nn.Embedding(TOPIC_ROWS, E), nn.Embedding(16, E), nn.Embedding(16, E)
+        self.topic, self.media_type, self.surface = (
+            nn.Embedding(TOPIC_ROWS, E),
+            nn.Embedding(16, E),
+            nn.Embedding(16, E),
+        )
         for m in (self.media, self.author, self.topic, self.media_type, self.surface):
             nn.init.normal_(m.weight, std=0.05)
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([self.media(b["media"]), self.author(b["author"]), self.topic(b["topic"]),
-                            self.media_type(b["media_type"]), self.surface(b["surface"])], dim=1)
+        return torch.stack(
+            [
+                self.media(b["media"]),
+                self.author(b["author"]),
+                self.topic(b["topic"]),
+                self.media_type(b["media_type"]),
+                self.surface(b["surface"]),
+            ],
+            dim=1,
+        )
 
 
 class HistoryEncoder(nn.Module):
@@ -94,8 +107,14 @@ class HistoryEncoder(nn.Module):
     def tokens(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.media(b["h_media"]) + self.action(b["h_action"])  # [B, K, E]
 
-    def encode(self, x: torch.Tensor, valid: torch.Tensor, ts: torch.Tensor, prefix: HSTUPrefix | None,
-               dv_tokens: torch.Tensor | None) -> torch.Tensor:
+    def encode(
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor,
+        ts: torch.Tensor,
+        prefix: HSTUPrefix | None,
+        dv_tokens: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Output at the last position of ``x [B, L, E]`` (right-aligned), optionally with DV365 tokens
         prepended through :class:`HSTUPrefix` (jagged, GR layout)."""
         if prefix is None:
@@ -146,9 +165,11 @@ class DownstreamRanker(nn.Module):
         if self.raw and self.raw not in NO_PROJECTION_MODES:
             raise ValueError(f"DownstreamConfig.raw_tokens = {cfg.raw_tokens!r}: use one of {NO_PROJECTION_MODES}")
         if self.raw == "interact" and cfg.row_format.dim != E:
-            raise ValueError(f"no_projection with raw_tokens = 'interact' dots the DV365 rows with the model's "
-                             f"embeddings: the DV365 dim ({cfg.row_format.dim}) must equal embedding_dim ({E}); "
-                             f"use raw_tokens = 'flatten' or the linear projection")
+            raise ValueError(
+                f"no_projection with raw_tokens = 'interact' dots the DV365 rows with the model's "
+                f"embeddings: the DV365 dim ({cfg.row_format.dim}) must equal embedding_dim ({E}); "
+                f"use raw_tokens = 'flatten' or the linear projection"
+            )
         N = cfg.row_format.rows_per_user
         extra = {"interact": N * n_fields, "flatten": N * cfg.row_format.dim, "": 0}[self.raw]
         width = E + n_fields * (n_fields - 1) // 2 + extra
@@ -216,9 +237,16 @@ class TwoTower(nn.Module):
         self.dense = nn.Sequential(nn.Linear(NUM_DENSE + (2 if use_dv else 0), E), nn.ReLU())
         n_fields = 2 + (cfg.proj_tokens if use_dv else 0)
         gated = cfg.dv365 == "gatenet"
-        self.tower = GateNet(GateNetConfig(num_fields=n_fields, embedding_dim=E, output_dim=cfg.out_dim * cfg.num_tasks,
-                                           hidden_dims=tuple(cfg.over_arch), embedding_gate="field" if gated else None,
-                                           hidden_gate=gated))
+        self.tower = GateNet(
+            GateNetConfig(
+                num_fields=n_fields,
+                embedding_dim=E,
+                output_dim=cfg.out_dim * cfg.num_tasks,
+                hidden_dims=tuple(cfg.over_arch),
+                embedding_gate="field" if gated else None,
+                hidden_gate=gated,
+            )
+        )
 
     def item(self, media: torch.Tensor, author: torch.Tensor, topic: torch.Tensor) -> torch.Tensor:
         e = torch.cat([self.items.media(media), self.items.author(author), self.items.topic(topic)], dim=-1)

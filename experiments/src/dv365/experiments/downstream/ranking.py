@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -57,11 +57,22 @@ def run_ranking(ctx: Context, seeds: int) -> dict[str, Any]:
             best_step, best_val, curve = fit.fit(rows["train"], val, d.steps, d.val_every)
             ev = fit.evaluate_subsets(test_rows, {"returning": is_ret})  # one forward pass for both
             test, test_ret = ev["all"], ev["returning"]
-            runs.append({"kind": kind, "seed": seed, "best_step": best_step, "best_val": round(best_val, 5),
-                         "test": test, "test_returning": test_ret, "seconds": round(time.perf_counter() - t0, 1),
-                         "val_curve": curve})
-            logger.info(f"  ranking {ctx.dataset} seed {seed} {kind:13s} step {best_step:4d} val {best_val:.4f} "
-                f"test mean NE {mean_ne(test):.4f} ({time.perf_counter() - t0:.0f} s)")
+            runs.append(
+                {
+                    "kind": kind,
+                    "seed": seed,
+                    "best_step": best_step,
+                    "best_val": round(best_val, 5),
+                    "test": test,
+                    "test_returning": test_ret,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "val_curve": curve,
+                }
+            )
+            logger.info(
+                f"  ranking {ctx.dataset} seed {seed} {kind:13s} step {best_step:4d} val {best_val:.4f} "
+                f"test mean NE {mean_ne(test):.4f} ({time.perf_counter() - t0:.0f} s)"
+            )
     return summarize(ctx, runs)
 
 
@@ -88,16 +99,21 @@ def summarize(ctx: Context, runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"delta_ne_pct": d_all, "runs": runs}
     if ctx.facts["test_missing_share"] > 0:
         out["delta_ne_pct_returning"] = deltas(runs, "test_returning")
-    out["all_negative"] = {k: all((v["mean"] or 0) < 0 for t, v in ts.items() if t != "_mean_over_tasks")
-                           for k, ts in d_all.items()}
+    out["all_negative"] = {
+        k: all((v["mean"] or 0) < 0 for t, v in ts.items() if t != "_mean_over_tasks") for k, ts in d_all.items()
+    }
     return out
 
 
 def compact(res: dict[str, Any]) -> dict[str, Any]:
     """The JSON-line part: ``{variant: {task: {mean, std, noise}}}``."""
+
     def c(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: {t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]} for t, v in ts.items()}
-                for k, ts in d.items()}
+        return {
+            k: {t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]} for t, v in ts.items()}
+            for k, ts in d.items()
+        }
+
     out = {"delta_ne_pct": c(res["delta_ne_pct"]), "all_negative": res["all_negative"]}
     if "delta_ne_pct_returning" in res:
         out["delta_ne_pct_returning"] = c(res["delta_ne_pct_returning"])
@@ -110,8 +126,11 @@ _RAW = {"interact": "each dotted with the ranker's own fields", "flatten": "flat
 def _table(d: dict[str, dict[str, Any]], tasks: list[str], kinds: list[str]) -> str:
     lines = ["| task | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for t in [*tasks, "_mean_over_tasks"]:
-        lines.append(f"| {'*mean over tasks*' if t == '_mean_over_tasks' else t} | "
-                     + " | ".join(fmt_stat(d.get(k, {}).get(t, {})) for k in kinds) + " |")
+        lines.append(
+            f"| {'*mean over tasks*' if t == '_mean_over_tasks' else t} | "
+            + " | ".join(fmt_stat(d.get(k, {}).get(t, {})) for k in kinds)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -120,36 +139,54 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
     kinds = [k for k in ctx.settings.ranking.variants]
     tasks = [t.name for t in ctx.tasks]
     sim = "SIMULATED" if ctx.simulated else "real data"
-    has_png = plot_bars(png, f"dv365 eval ranking — {ctx.dataset} ({sim}): NE (MSE) delta % vs no-DV365 control, test",
-                        tasks, {k: [res["delta_ne_pct"][k].get(t, {}) for t in tasks] for k in kinds},
-                        "Δ vs control (%)  ← better")
-    L = [f"# dv365 eval ranking (paper Table 3): {ctx.dataset}{' (quick)' if quick else ''} — {sim}\n", banner(ctx.simulated, ctx.dataset)]
-    L.append("A multi-task DLRM ranker whose short history (the last K events, no gap) is encoded by HSTU together "
-             "with the target item, trained **with and without DV365** embeddings: `no_projection` (the de-quantized "
-             f"rows themselves, {_RAW[ctx.settings.downstream.no_projection]}), `linear` (dv365-adapters `LinearProjection` tokens in the dot "
-             "interaction), `hstu_prefix` (`HSTUPrefix`: tokens prepended to the HSTU sequence). NE delta % per task "
-             "vs the control of the same seed (MSE delta % for the regression task); negative = better. " + NOISE_NOTE + "\n")
+    has_png = plot_bars(
+        png,
+        f"dv365 eval ranking — {ctx.dataset} ({sim}): NE (MSE) delta % vs no-DV365 control, test",
+        tasks,
+        {k: [res["delta_ne_pct"][k].get(t, {}) for t in tasks] for k in kinds},
+        "Δ vs control (%)  ← better",
+    )
+    L = [
+        f"# dv365 eval ranking (paper Table 3): {ctx.dataset}{' (quick)' if quick else ''} — {sim}\n",
+        banner(ctx.simulated, ctx.dataset),
+    ]
+    L.append(
+        "A multi-task DLRM ranker whose short history (the last K events, no gap) is encoded by HSTU together "
+        "with the target item, trained **with and without DV365** embeddings: `no_projection` (the de-quantized "
+        f"rows themselves, {_RAW[ctx.settings.downstream.no_projection]}), `linear` (dv365-adapters `LinearProjection` tokens in the dot "
+        "interaction), `hstu_prefix` (`HSTUPrefix`: tokens prepended to the HSTU sequence). NE delta % per task "
+        "vs the control of the same seed (MSE delta % for the regression task); negative = better. " + NOISE_NOTE + "\n"
+    )
     L.append("## All test requests\n")
     L.append(_table(res["delta_ne_pct"], tasks, kinds) + "\n")
     if "delta_ne_pct_returning" in res:
         L.append(f"## Returning users ({ctx.facts['test_returning']:,} of {ctx.facts['test']:,} test requests)\n")
         L.append(_table(res["delta_ne_pct_returning"], tasks, kinds) + "\n")
-    L.append(f"Every task's delta negative: {', '.join(f'{k}: **{yes(v)}**' for k, v in res['all_negative'].items())}.\n")
+    L.append(
+        f"Every task's delta negative: {', '.join(f'{k}: **{yes(v)}**' for k, v in res['all_negative'].items())}.\n"
+    )
     L.append(f"![NE delta per task]({png.name})\n" if has_png else "(No plot: matplotlib is not installed.)\n")
     L.append("## Absolute test metrics (mean over seeds)\n")
     L.append("| model | " + " | ".join(tasks) + " | best steps |")
     L.append("|---|" + "---:|" * len(tasks) + "---|")
     for k in (BASELINE, *kinds):
         rs = [r for r in res["runs"] if r["kind"] == k]
-        L.append(f"| {k} | " + " | ".join(f"{np.mean([metric(r['test'][t]) for r in rs]):.4f}" for t in tasks)
-                 + " | " + ", ".join(str(r["best_step"]) for r in rs) + " |")
+        L.append(
+            f"| {k} | "
+            + " | ".join(f"{np.mean([metric(r['test'][t]) for r in rs]):.4f}" for t in tasks)
+            + " | "
+            + ", ".join(str(r["best_step"]) for r in rs)
+            + " |"
+        )
     L.append("\n(NE for binary tasks, MSE for regression.)\n")
     L += ["## Data and setting\n", *data_lines(ctx)]
     d = ctx.settings.downstream
-    L.append(f"- ranker: E = {d.embedding_dim}, HSTU {d.hstu}, over-arch {list(d.over_arch)}, DV365 projection tokens "
-             f"{d.proj_tokens}; Adam lr {d.lr}, batch {d.batch_size}, at most {d.steps} steps "
-             f"({d.steps * d.batch_size / max(len(ctx.rows['train']), 1):.2f} passes over the training split), "
-             f"validation every {d.val_every}; snapshot schedule: fresh (latest snapshot before the request)")
+    L.append(
+        f"- ranker: E = {d.embedding_dim}, HSTU {d.hstu}, over-arch {list(d.over_arch)}, DV365 projection tokens "
+        f"{d.proj_tokens}; Adam lr {d.lr}, batch {d.batch_size}, at most {d.steps} steps "
+        f"({d.steps * d.batch_size / max(len(ctx.rows['train']), 1):.2f} passes over the training split), "
+        f"validation every {d.val_every}; snapshot schedule: fresh (latest snapshot before the request)"
+    )
     return finish_report(ctx, res, L, md, js, png, has_png, command)
 
 

@@ -11,12 +11,12 @@ of the requests and histories); HR@K = share ranked in the top K. Early stopping
 
 from __future__ import annotations
 
-import logging
 import copy
+import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +27,8 @@ from dv365.experiments.downstream.common import (
     banner,
     data_lines,
     epochs,
-    fit_dv365_stats,
     finish_report,
+    fit_dv365_stats,
     fmt_stat,
     hstu_config,
     paired_stats,
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 BASELINE = "baseline"
 KS = (1, 10)
-MIN_CONTROL_HITS = 10   # relative HR deltas need this many control hits in every seed
+MIN_CONTROL_HITS = 10  # relative HR deltas need this many control hits in every seed
 
 
 class Corpus:
@@ -94,11 +94,20 @@ class RetrievalFit:
         s, d = ctx.settings.retrieval, ctx.settings.downstream
         self.ctx, self.seed, self.names, self.corpus = ctx, seed, names, corpus
         self.pos = positives(ctx, names)
-        self.model = TwoTower(DownstreamConfig(num_tasks=len(names), embedding_dim=d.embedding_dim,
-                                               item_hash_size=d.item_hash_size, hstu=hstu_config(ctx), dv365=mode,
-                                               row_format=ctx.row_format, proj_tokens=d.proj_tokens,
-                                               standardize=d.standardize_dv365, over_arch=tuple(s.hidden),
-                                               out_dim=s.dim))
+        self.model = TwoTower(
+            DownstreamConfig(
+                num_tasks=len(names),
+                embedding_dim=d.embedding_dim,
+                item_hash_size=d.item_hash_size,
+                hstu=hstu_config(ctx),
+                dv365=mode,
+                row_format=ctx.row_format,
+                proj_tokens=d.proj_tokens,
+                standardize=d.standardize_dv365,
+                over_arch=tuple(s.hidden),
+                out_dim=s.dim,
+            )
+        )
         fit_dv365_stats(self.model, ctx, ctx.rows["train"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=s.lr)
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
@@ -133,8 +142,7 @@ class RetrievalFit:
         self.opt.step()
         return float(loss.detach())
 
-    def evaluate(self, rows: np.ndarray, bs: int = 512, subsets: dict[str, np.ndarray] | None = None
-                 ) -> dict[str, Any]:
+    def evaluate(self, rows: np.ndarray, bs: int = 512, subsets: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """HR@1 / HR@10 per task over the whole corpus; with ``subsets`` (boolean masks over ``rows``):
         ``{"all": ..., name: ...}`` from the same forward pass."""
         self.model.eval()
@@ -144,7 +152,7 @@ class RetrievalFit:
         with torch.no_grad():
             V = self._items(np.arange(len(self.corpus)))  # [C, d]
             for s in range(0, len(rows), bs):
-                r = rows[s:s + bs]
+                r = rows[s : s + bs]
                 u = self.model.user(self.ctx.batch(r))  # [B, T, d]
                 tgt = torch.from_numpy(self.corpus.index_of_request[r])
                 for t, n in enumerate(self.names):
@@ -155,17 +163,28 @@ class RetrievalFit:
                     own = sc.gather(1, tgt[p][:, None])
                     rank = (sc > own).sum(1).numpy()  # [b]
                     for g, m in masks.items():
-                        sel = m[s:s + bs][p.numpy()]
+                        sel = m[s : s + bs][p.numpy()]
                         hits[g][n] += np.array([(rank[sel] < k).sum() for k in KS])
                         counts[g][n] += int(sel.sum())
-        res = {g: {n: {f"hr@{k}": (hits[g][n][i] / counts[g][n] if counts[g][n] else float("nan"))
-                       for i, k in enumerate(KS)} | {"count": counts[g][n]} for n in self.names} for g in masks}
+        res = {
+            g: {
+                n: {
+                    f"hr@{k}": (hits[g][n][i] / counts[g][n] if counts[g][n] else float("nan"))
+                    for i, k in enumerate(KS)
+                }
+                | {"count": counts[g][n]}
+                for n in self.names
+            }
+            for g in masks
+        }
         return res if subsets is not None else res["all"]
 
     def fit(self, train: np.ndarray, val: np.ndarray, steps: int, val_every: int) -> tuple[int, float]:
         s = self.ctx.settings.retrieval
+
         def score(m: dict[str, dict[str, float]]) -> float:
             return float(np.nanmean([v["hr@10"] for v in m.values()]))
+
         best = (0, score(self.evaluate(val)), copy.deepcopy(self.model.state_dict()))
         it = epochs(train, s.batch_size, self.seed)
         for step in range(1, steps + 1):
@@ -196,14 +215,29 @@ def run_retrieval(ctx: Context, seeds: int) -> dict[str, Any]:
             best_step, best_val = fit.fit(rows["train"], val, s.steps, s.val_every)
             ev = fit.evaluate(test_rows, subsets={"returning": is_ret})  # one forward pass for both
             test = ev["all"]
-            runs.append({"kind": kind, "seed": seed, "best_step": best_step, "best_val_hr10": round(best_val, 5),
-                         "test": test, "test_returning": ev["returning"] if is_ret.any() else {},
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            logger.info(f"  retrieval {ctx.dataset} seed {seed} {kind:8s} step {best_step:4d} val HR@10 {best_val:.4f} "
+            runs.append(
+                {
+                    "kind": kind,
+                    "seed": seed,
+                    "best_step": best_step,
+                    "best_val_hr10": round(best_val, 5),
+                    "test": test,
+                    "test_returning": ev["returning"] if is_ret.any() else {},
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+            logger.info(
+                f"  retrieval {ctx.dataset} seed {seed} {kind:8s} step {best_step:4d} val HR@10 {best_val:.4f} "
                 "test HR@10 " + ", ".join(f"{n} {v['hr@10']:.4f}" for n, v in test.items()) + f" "
-                f"({time.perf_counter() - t0:.0f} s)")
-    out: dict[str, Any] = {"tasks": names, "corpus": len(corpus), "runs": runs,
-                           "hr": absolute(runs, "test"), "delta_hr_pct": deltas(runs, "test")}
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
+    out: dict[str, Any] = {
+        "tasks": names,
+        "corpus": len(corpus),
+        "runs": runs,
+        "hr": absolute(runs, "test"),
+        "delta_hr_pct": deltas(runs, "test"),
+    }
     if ctx.facts["test_missing_share"] > 0:
         out["hr_returning"] = absolute(runs, "test_returning")
         out["delta_hr_pct_returning"] = deltas(runs, "test_returning")
@@ -218,8 +252,9 @@ def absolute(runs: list[dict[str, Any]], subset: str) -> dict[str, dict[str, dic
     return out
 
 
-def deltas(runs: list[dict[str, Any]], subset: str,
-           min_hits: int = MIN_CONTROL_HITS) -> dict[str, dict[str, dict[str, Any]]]:
+def deltas(
+    runs: list[dict[str, Any]], subset: str, min_hits: int = MIN_CONTROL_HITS
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Relative HR delta % vs the control of the same seed (positive = better).
 
     A relative delta is a ratio of hit counts, so a cell is only reported when the control has at least
@@ -258,12 +293,19 @@ def control_hits(hr: float, count: int) -> int:
 
 def compact(res: dict[str, Any]) -> dict[str, Any]:
     def c(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: {t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]}
-                    | ({"min_control_hits": v["min_control_hits"]} if "min_control_hits" in v else {})
-                    for t, v in ts.items()}
-                for k, ts in d.items()}
-    out = {"delta_hr_pct": c(res["delta_hr_pct"]),
-           "hr_baseline": {t: v["mean"] for t, v in res["hr"].get(BASELINE, {}).items()}}
+        return {
+            k: {
+                t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]}
+                | ({"min_control_hits": v["min_control_hits"]} if "min_control_hits" in v else {})
+                for t, v in ts.items()
+            }
+            for k, ts in d.items()
+        }
+
+    out = {
+        "delta_hr_pct": c(res["delta_hr_pct"]),
+        "hr_baseline": {t: v["mean"] for t, v in res["hr"].get(BASELINE, {}).items()},
+    }
     if "delta_hr_pct_returning" in res:
         out["delta_hr_pct_returning"] = c(res["delta_hr_pct_returning"])
     return out
@@ -274,38 +316,57 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
     kinds = list(ctx.settings.retrieval.variants)
     keys = [f"{n}@{k}" for n in res["tasks"] for k in KS]
     sim = "SIMULATED" if ctx.simulated else "real data"
-    has_png = plot_bars(png, f"dv365 eval retrieval — {ctx.dataset} ({sim}): HR delta % vs no-DV365 control, test",
-                        keys, {k: [res["delta_hr_pct"][k].get(t, {}) for t in keys] for k in kinds},
-                        "HR Δ vs control (%)  better →")
-    L = [f"# dv365 eval retrieval (paper Table 4): {ctx.dataset}{' (quick)' if quick else ''} — {sim}\n", banner(ctx.simulated, ctx.dataset)]
-    L.append("Two-tower retrieval, user tower = HSTU over the short history + request context, **with and without "
-             "DV365**: `linear` (LinearProjection tokens, plain MLP tower) and `gatenet` (the same tokens through a "
-             "GateNet: embedding gate + hidden gates). HR@K over the whole corpus "
-             f"({res['corpus']:,} items); `next_item` = every request's item (the HSTU paper's MovieLens protocol, on "
-             "a time split). Relative HR delta % vs the control of the same seed, positive = better. " + NOISE_NOTE +
-             f" A relative delta is a ratio of hit counts: it is shown only where the control has at least "
-             f"{MIN_CONTROL_HITS} hits in every seed, otherwise `n/a (h)` with h = the fewest control hits of a seed; "
-             "read the HR columns there.\n")
+    has_png = plot_bars(
+        png,
+        f"dv365 eval retrieval — {ctx.dataset} ({sim}): HR delta % vs no-DV365 control, test",
+        keys,
+        {k: [res["delta_hr_pct"][k].get(t, {}) for t in keys] for k in kinds},
+        "HR Δ vs control (%)  better →",
+    )
+    L = [
+        f"# dv365 eval retrieval (paper Table 4): {ctx.dataset}{' (quick)' if quick else ''} — {sim}\n",
+        banner(ctx.simulated, ctx.dataset),
+    ]
+    L.append(
+        "Two-tower retrieval, user tower = HSTU over the short history + request context, **with and without "
+        "DV365**: `linear` (LinearProjection tokens, plain MLP tower) and `gatenet` (the same tokens through a "
+        "GateNet: embedding gate + hidden gates). HR@K over the whole corpus "
+        f"({res['corpus']:,} items); `next_item` = every request's item (the HSTU paper's MovieLens protocol, on "
+        "a time split). Relative HR delta % vs the control of the same seed, positive = better. "
+        + NOISE_NOTE
+        + f" A relative delta is a ratio of hit counts: it is shown only where the control has at least "
+        f"{MIN_CONTROL_HITS} hits in every seed, otherwise `n/a (h)` with h = the fewest control hits of a seed; "
+        "read the HR columns there.\n"
+    )
 
     def table(ab: dict[str, Any], dl: dict[str, Any]) -> str:
-        lines = ["| task@K | HR control | " + " | ".join(f"HR {k} | Δ% {k}" for k in kinds) + " |",
-                 "|---|---:|" + "---:|---:|" * len(kinds)]
+        lines = [
+            "| task@K | HR control | " + " | ".join(f"HR {k} | Δ% {k}" for k in kinds) + " |",
+            "|---|---:|" + "---:|---:|" * len(kinds),
+        ]
         for t in keys:
             b = ab.get(BASELINE, {}).get(t, {})
             cells = [f"{b.get('mean', float('nan')):.4f}"]
             for k in kinds:
-                cells += [f"{ab.get(k, {}).get(t, {}).get('mean', float('nan')):.4f}", fmt_stat(dl.get(k, {}).get(t, {}))]
+                cells += [
+                    f"{ab.get(k, {}).get(t, {}).get('mean', float('nan')):.4f}",
+                    fmt_stat(dl.get(k, {}).get(t, {})),
+                ]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     L += ["## All test requests\n", table(res["hr"], res["delta_hr_pct"]) + "\n"]
     if "hr_returning" in res:
-        L += [f"## Returning users ({ctx.facts['test_returning']:,} of {ctx.facts['test']:,} test requests)\n",
-              table(res["hr_returning"], res["delta_hr_pct_returning"]) + "\n"]
+        L += [
+            f"## Returning users ({ctx.facts['test_returning']:,} of {ctx.facts['test']:,} test requests)\n",
+            table(res["hr_returning"], res["delta_hr_pct_returning"]) + "\n",
+        ]
     L.append(f"![HR delta per task]({png.name})\n" if has_png else "(No plot: matplotlib is not installed.)\n")
     L += ["## Data and setting\n", *data_lines(ctx)]
     s = ctx.settings.retrieval
-    L.append(f"- two-tower: d = {s.dim}, user MLP {list(s.hidden)}, τ = {s.temperature}, {s.sampled_negatives} sampled "
-             f"negatives + in-batch, Adam lr {s.lr}, batch {s.batch_size}, at most {s.steps} steps, validation HR@10 "
-             f"every {s.val_every}")
+    L.append(
+        f"- two-tower: d = {s.dim}, user MLP {list(s.hidden)}, τ = {s.temperature}, {s.sampled_negatives} sampled "
+        f"negatives + in-batch, Adam lr {s.lr}, batch {s.batch_size}, at most {s.steps} steps, validation HR@10 "
+        f"every {s.val_every}"
+    )
     return finish_report(ctx, res, L, md, js, png, has_png, command)

@@ -6,9 +6,10 @@ one; ``--set key.sub=value`` overrides a key). Unknown keys and wrong types are 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dv365.core.config import load_dataclass, resolve_config, shipped_file
 from dv365.core.errors import Dv365Error
@@ -183,15 +184,18 @@ class Settings:
         if self.staleness.variant not in ("no_projection", "linear", "hstu_prefix"):
             raise ExperimentError(f"staleness.variant {self.staleness.variant!r}: use a ranking variant")
         if self.downstream.no_projection not in NO_PROJECTION_MODES:
-            raise ExperimentError(f"downstream.no_projection = {self.downstream.no_projection!r}: use one of "
-                                  f"{NO_PROJECTION_MODES}")
+            raise ExperimentError(
+                f"downstream.no_projection = {self.downstream.no_projection!r}: use one of {NO_PROJECTION_MODES}"
+            )
         uses_raw = "no_projection" in self.ranking.variants or self.staleness.variant == "no_projection"
         tower_dim = ((self.upstream.get("model") or {}).get("tower") or {}).get("dim", TowerConfig.dim)
         if uses_raw and self.downstream.no_projection == "interact" and tower_dim != self.downstream.embedding_dim:
-            raise ExperimentError(f"downstream.no_projection = interact dots the raw DV365 rows with the ranker's "
-                                  f"embeddings: upstream.model.tower.dim ({tower_dim}) must equal "
-                                  f"downstream.embedding_dim ({self.downstream.embedding_dim}); set "
-                                  f"downstream.no_projection: flatten, or make the two equal")
+            raise ExperimentError(
+                f"downstream.no_projection = interact dots the raw DV365 rows with the ranker's "
+                f"embeddings: upstream.model.tower.dim ({tower_dim}) must equal "
+                f"downstream.embedding_dim ({self.downstream.embedding_dim}); set "
+                f"downstream.no_projection: flatten, or make the two equal"
+            )
         if self.encoders.source not in ("implicit", "explicit"):
             raise ExperimentError(f"encoders.source {self.encoders.source!r}: use implicit or explicit")
         if not self.downstream.tasks:

@@ -12,11 +12,18 @@ PAPER = {
     "retrieval": "HR@1 +3.8% … +7.9%, HR@10 +0.5% … +3.9% (GateNet: +4.5% … +7.5% / +1.3% … +3.9%)",
     "staleness": "fresh ≈ stale ≈ −0.35% NE over 7 days; cosine between versions 7 days apart > 0.9 for nearly all users",
     "encoders": "position-weighted pooling and HSTU add nothing over mean pooling once histories reach ~35K "
-                "(HSTU scaled to 1K only)",
+    "(HSTU scaled to 1K only)",
 }
 
 
-DATA_FACTS = ("users", "requests", "test", "test_returning", "test_missing_share", "max_events_per_user")  # per data set
+DATA_FACTS = (
+    "users",
+    "requests",
+    "test",
+    "test_returning",
+    "test_missing_share",
+    "max_events_per_user",
+)  # per data set
 
 
 def _f(v: Any) -> str:
@@ -31,11 +38,13 @@ def _f(v: Any) -> str:
 def write_all_report(summary: dict[str, Any], out: Path, quick: bool, command: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     name = f"all{'-quick' if quick else ''}"
-    L = [f"# dv365 eval all{' (quick)' if quick else ''}: the paper's downstream evidence on public data\n",
-         "Per data set, the headline figures of every experiment, next to the paper's. MovieLens is real data; "
-         "**synth is SIMULATED** (stable long-term interests by construction: it checks the implementation and "
-         "exercises the long-history regime). `~` = within noise over the seeds. The per-experiment reports have the "
-         "details, the settings and the returning-user breakdowns.\n"]
+    L = [
+        f"# dv365 eval all{' (quick)' if quick else ''}: the paper's downstream evidence on public data\n",
+        "Per data set, the headline figures of every experiment, next to the paper's. MovieLens is real data; "
+        "**synth is SIMULATED** (stable long-term interests by construction: it checks the implementation and "
+        "exercises the long-history regime). `~` = within noise over the seeds. The per-experiment reports have the "
+        "details, the settings and the returning-user breakdowns.\n",
+    ]
     for ds, e in summary["datasets"].items():
         sim = " — SIMULATED" if e.get("simulated") else " — real data"
         L.append(f"## {ds}{sim}\n")
@@ -59,15 +68,22 @@ def write_all_report(summary: dict[str, Any], out: Path, quick: bool, command: s
             L.append("")
         if "staleness" in e:
             s = e["staleness"]
-            L.append(f"**Staleness** (paper: {PAPER['staleness']}): mean NE gain fresh {_f(s['mean_gain_pct']['fresh'])}%, "
-                     f"stale {_f(s['mean_gain_pct']['stale'])}%; stale/fresh gain ratio **{s['stale_fresh_gain_ratio']}**; "
-                     f"median cosine between versions one window apart **{s['median_version_cosine']}** "
-                     f"(first vs last: {s['median_cosine_first_last']})\n")
+            L.append(
+                f"**Staleness** (paper: {PAPER['staleness']}): mean NE gain fresh {_f(s['mean_gain_pct']['fresh'])}%, "
+                f"stale {_f(s['mean_gain_pct']['stale'])}%; stale/fresh gain ratio **{s['stale_fresh_gain_ratio']}**; "
+                f"median cosine between versions one window apart **{s['median_version_cosine']}** "
+                f"(first vs last: {s['median_cosine_first_last']})\n"
+            )
         if "encoders" in e:
             c = e["encoders"]
-            L.append(f"**Encoders** (paper: {PAPER['encoders']}); longest history {c['longest']:,}; test NE by cap: "
-                     + "; ".join(f"{k}: " + ", ".join(f"{cap}→{v if v is None else round(v, 4)}" for cap, v in caps.items())
-                                 for k, caps in c["ne"].items()) + "\n")
+            L.append(
+                f"**Encoders** (paper: {PAPER['encoders']}); longest history {c['longest']:,}; test NE by cap: "
+                + "; ".join(
+                    f"{k}: " + ", ".join(f"{cap}→{v if v is None else round(v, 4)}" for cap, v in caps.items())
+                    for k, caps in c["ne"].items()
+                )
+                + "\n"
+            )
             L.append("| length | encoder | status | ms / user | peak MB |")
             L.append("|---:|---|---|---:|---:|")
             for r in c["cost_table"]:
@@ -79,8 +95,10 @@ def write_all_report(summary: dict[str, Any], out: Path, quick: bool, command: s
     for k, p in summary["reports"].items():
         L.append(f"- {k}: [{Path(p).name}]({Path(p).name})")
     if summary.get("commands"):  # assembled from reports made by separate runs: each one's own command
-        L.append(f"\nBuilt from the JSON of those reports (no model trained by this command). Their experiments took "
-                 f"{summary['seconds'] / 60:.1f} min in all (a sum: runs may have overlapped); they were made by:\n\n```bash")
+        L.append(
+            f"\nBuilt from the JSON of those reports (no model trained by this command). Their experiments took "
+            f"{summary['seconds'] / 60:.1f} min in all (a sum: runs may have overlapped); they were made by:\n\n```bash"
+        )
         L += sorted(set(summary["commands"].values()))
         L.append(f"```\n\n## Command\n\n```bash\n{command}\n```\n")
     else:
@@ -112,8 +130,10 @@ def from_reports(experiments: list[str], datasets: list[str], out: Path, quick: 
             stem = out / f"{exp}-{ds}{'-quick' if quick else ''}"
             js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
             if not js.exists() or not md.exists():
-                raise ExperimentError(f"{js}: no {exp} report for {ds} in {out} (run `dv365 eval {exp} --dataset {ds}"
-                                      f"{' --quick' if quick else ''} --out {out}` first)")
+                raise ExperimentError(
+                    f"{js}: no {exp} report for {ds} in {out} (run `dv365 eval {exp} --dataset {ds}"
+                    f"{' --quick' if quick else ''} --out {out}` first)"
+                )
             try:
                 res = json.loads(js.read_text())
                 compact = importlib.import_module(f"dv365.experiments.downstream.{exp}").compact(res)
@@ -129,5 +149,12 @@ def from_reports(experiments: list[str], datasets: list[str], out: Path, quick: 
             cmd = text.rsplit("```bash\n", 1)[-1].split("\n```", 1)[0].strip() if "```bash\n" in text else "(unknown)"
             commands[f"{exp}-{ds}"] = cmd
         per[ds] = entry
-    return {"experiment": "all", "quick": quick, "seeds": None, "datasets": per, "reports": reports,
-            "commands": commands, "seconds": round(total, 1)}
+    return {
+        "experiment": "all",
+        "quick": quick,
+        "seeds": None,
+        "datasets": per,
+        "reports": reports,
+        "commands": commands,
+        "seconds": round(total, 1),
+    }

@@ -19,7 +19,7 @@ module is the de-quantization step (bit-exact with fbgemm's ``FusedNBitRowwiseQu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ class DV365Input(nn.Module):
         out.side     # [B, 2]: missing indicator, log1p(age / 1 h)
     """
 
-    def __init__(self, config: Optional[DV365InputConfig] = None) -> None:
+    def __init__(self, config: DV365InputConfig | None = None) -> None:
         super().__init__()
         cfg = config if config is not None else DV365InputConfig()
         self.config = cfg
@@ -121,8 +121,9 @@ class DV365Input(nn.Module):
         self.register_buffer("token_std", torch.ones(fmt.rows_per_user, fmt.dim))  # [N, D]
 
     @torch.jit.unused
-    def fit_standardization(self, payload: torch.Tensor, present: Optional[torch.Tensor] = None,
-                            eps: float = 1e-6) -> "DV365Input":
+    def fit_standardization(
+        self, payload: torch.Tensor, present: torch.Tensor | None = None, eps: float = 1e-6
+    ) -> DV365Input:
         """Sets the standardisation statistics from a sample of stored embeddings (training users only).
 
         Args:
@@ -140,15 +141,21 @@ class DV365Input(nn.Module):
             dv_in.fit_standardization(train_payload)      # [U, 58, 132] uint8 of the training users
         """
         if not self._standardize:
-            raise AdapterError("DV365Input.fit_standardization: build the module with "
-                               "DV365InputConfig(standardize=True) to use the statistics")
+            raise AdapterError(
+                "DV365Input.fit_standardization: build the module with "
+                "DV365InputConfig(standardize=True) to use the statistics"
+            )
         if payload.dtype != torch.uint8 or payload.dim() != 3 or payload.shape[1:] != (self._rows, self._row_bytes):
-            raise AdapterError(f"DV365Input.fit_standardization: payload must be [U, {self._rows}, {self._row_bytes}] "
-                               f"uint8, got {tuple(payload.shape)} {payload.dtype}")
+            raise AdapterError(
+                f"DV365Input.fit_standardization: payload must be [U, {self._rows}, {self._row_bytes}] "
+                f"uint8, got {tuple(payload.shape)} {payload.dtype}"
+            )
         if present is not None:
             payload = payload[present.to(device=payload.device, dtype=torch.bool)]
         if payload.shape[0] < 2:
-            raise AdapterError(f"DV365Input.fit_standardization: needs at least 2 present users, got {payload.shape[0]}")
+            raise AdapterError(
+                f"DV365Input.fit_standardization: needs at least 2 present users, got {payload.shape[0]}"
+            )
         with torch.no_grad():
             x = dequantize_rows(payload, self._bits).to(torch.float64)  # [U, N, D]
             self.token_mean.copy_(x.mean(0))
@@ -163,8 +170,8 @@ class DV365Input(nn.Module):
     def forward(
         self,
         payload: torch.Tensor,
-        present: Optional[torch.Tensor] = None,
-        age_s: Optional[torch.Tensor] = None,
+        present: torch.Tensor | None = None,
+        age_s: torch.Tensor | None = None,
     ) -> DV365Features:
         """
         Args:
@@ -180,7 +187,8 @@ class DV365Input(nn.Module):
         if payload.dim() != 3 or payload.shape[1] != self._rows or payload.shape[2] != self._row_bytes:
             raise AdapterError(
                 f"DV365Input: payload shape {tuple(payload.shape)} does not match the row format "
-                f"[B, {self._rows}, {self._row_bytes}] ({self.config.row_format})")
+                f"[B, {self._rows}, {self._row_bytes}] ({self.config.row_format})"
+            )
         batch = payload.shape[0]
         if batch == 0:  # dv365.core's dequantize_rows cannot reshape zero rows (reported to dv365-core)
             tokens = self.default_embedding.new_zeros(0, self._rows, self.default_embedding.shape[1])
@@ -200,14 +208,16 @@ class DV365Input(nn.Module):
         if not self._use_age:
             return DV365Features(tokens, missing, missing_f)
         if age_s is None:
-            raise AdapterError("DV365Input: age_s is required because DV365InputConfig.use_age is True "
-                               "(pass LookupResult.age_s, or build the module with use_age=False)")
+            raise AdapterError(
+                "DV365Input: age_s is required because DV365InputConfig.use_age is True "
+                "(pass LookupResult.age_s, or build the module with use_age=False)"
+            )
         age = age_s.to(device=payload.device, dtype=tokens.dtype).reshape(-1).expand(batch)  # [B]
         age_feat = torch.log1p(age.clamp(min=0.0) / self._age_unit_s) * present_b.to(tokens.dtype)  # [B]
         return DV365Features(tokens, missing, torch.cat([missing_f, age_feat.unsqueeze(1)], dim=1))
 
     @torch.jit.unused
-    def forward_lookup(self, result: "LookupResult") -> DV365Features:
+    def forward_lookup(self, result: LookupResult) -> DV365Features:
         """Runs :meth:`forward` on a store answer (:class:`dv365.core.lookup.LookupResult`), on this module's device.
 
         Example::
@@ -216,7 +226,6 @@ class DV365Input(nn.Module):
         """
         from dv365.adapters.fetch import batch_from_lookup
 
-        batch = batch_from_lookup(result, device=self.default_embedding.device,
-                                  expected_format=self.config.row_format)
+        batch = batch_from_lookup(result, device=self.default_embedding.device, expected_format=self.config.row_format)
         out: DV365Features = self(batch.payload, batch.present, batch.age_s)
         return out

@@ -11,7 +11,8 @@ numpy (the store's array type, a dependency of dv365-core) is imported when a fe
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-Device = Union[str, torch.device, None]
+Device = str | torch.device | None
 
 
 class DV365Batch(NamedTuple):
@@ -51,7 +52,7 @@ def _to_device(t: torch.Tensor, device: Device) -> torch.Tensor:
     return t.to(dev)
 
 
-def _check_result(result: LookupResult, batch: Optional[int], expected_format: Optional[RowFormat]) -> None:
+def _check_result(result: LookupResult, batch: int | None, expected_format: RowFormat | None) -> None:
     import numpy as np
 
     fmt = result.row_format
@@ -69,7 +70,7 @@ def _check_result(result: LookupResult, batch: Optional[int], expected_format: O
 def batch_from_lookup(
     result: LookupResult,
     device: Device = None,
-    expected_format: Optional[RowFormat] = None,
+    expected_format: RowFormat | None = None,
 ) -> DV365Batch:
     """Turns a store answer into :class:`DV365Batch` tensors on ``device``.
 
@@ -94,19 +95,24 @@ def batch_from_lookup(
     if result.errors:
         bad = sorted(result.errors)
         present[bad] = False
-        logger.warning("snapshot %r: %d user(s) failed the integrity check and are treated as missing: %s",
-                       result.snapshot_id, len(bad), "; ".join(f"#{i}: {result.errors[i]}" for i in bad[:5]))
+        logger.warning(
+            "snapshot %r: %d user(s) failed the integrity check and are treated as missing: %s",
+            result.snapshot_id,
+            len(bad),
+            "; ".join(f"#{i}: {result.errors[i]}" for i in bad[:5]),
+        )
     payload = torch.from_numpy(np.ascontiguousarray(result.payload, dtype=np.uint8))  # [B, N, row_bytes]
     age = torch.full((present.shape[0],), float(result.age_s), dtype=torch.float32)  # [B]
-    return DV365Batch(_to_device(payload, device), _to_device(torch.from_numpy(present), device),
-                      _to_device(age, device))
+    return DV365Batch(
+        _to_device(payload, device), _to_device(torch.from_numpy(present), device), _to_device(age, device)
+    )
 
 
 def fetch_dv365(
     reader: EmbeddingReader,
     user_ids: Sequence[int] | np.ndarray | torch.Tensor,
     device: Device = None,
-    expected_format: Optional[RowFormat] = None,
+    expected_format: RowFormat | None = None,
     dedup: bool = True,
 ) -> DV365Batch:
     """Looks up a batch of users and returns the :class:`DV365Batch` tensors for :class:`~dv365.adapters.DV365Input`.
@@ -143,7 +149,12 @@ def fetch_dv365(
     _check_result(result, unique.shape[0], expected_format)
     inverse = inverse.reshape(-1)
     errors = {int(pos): msg for upos, msg in result.errors.items() for pos in np.flatnonzero(inverse == upos)}
-    expanded = LookupResult(payload=np.asarray(result.payload)[inverse], present=np.asarray(result.present)[inverse],
-                            snapshot_id=result.snapshot_id, age_s=result.age_s, row_format=result.row_format,
-                            errors=errors)
+    expanded = LookupResult(
+        payload=np.asarray(result.payload)[inverse],
+        present=np.asarray(result.present)[inverse],
+        snapshot_id=result.snapshot_id,
+        age_s=result.age_s,
+        row_format=result.row_format,
+        errors=errors,
+    )
     return batch_from_lookup(expanded, device, expected_format)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,8 +30,10 @@ _GRANULARITY = {"field": "field", "vector": "field", "element": "element", "bit"
 
 def _granularity(name: str) -> str:
     if name not in _GRANULARITY:
-        raise AdapterError(f"embedding gate granularity {name!r} is not one of 'field' (alias 'vector': one scalar "
-                           "per field) or 'element' (alias 'bit': one gate per embedding element)")
+        raise AdapterError(
+            f"embedding gate granularity {name!r} is not one of 'field' (alias 'vector': one scalar "
+            "per field) or 'element' (alias 'bit': one gate per embedding element)"
+        )
     return _GRANULARITY[name]
 
 
@@ -53,12 +54,14 @@ class EmbeddingGate(nn.Module):
         gated = gate(fields)              # [B, F, D]
     """
 
-    def __init__(self, num_fields: int, embedding_dim: int, granularity: str = "field",
-                 field_private: bool = True) -> None:
+    def __init__(
+        self, num_fields: int, embedding_dim: int, granularity: str = "field", field_private: bool = True
+    ) -> None:
         super().__init__()
         if num_fields <= 0 or embedding_dim <= 0:
-            raise AdapterError(f"EmbeddingGate: num_fields={num_fields!r} and embedding_dim={embedding_dim!r} "
-                               "must be positive")
+            raise AdapterError(
+                f"EmbeddingGate: num_fields={num_fields!r} and embedding_dim={embedding_dim!r} must be positive"
+            )
         self.granularity: str = _granularity(granularity)
         self.num_fields: int = num_fields
         self.embedding_dim: int = embedding_dim
@@ -69,8 +72,9 @@ class EmbeddingGate(nn.Module):
     def gates(self, fields: torch.Tensor) -> torch.Tensor:
         """The gate values ``σ(W_i e_i)``: ``[B, F, 1]`` (field) or ``[B, F, D]`` (element)."""
         if fields.dim() != 3 or fields.shape[1] != self.num_fields or fields.shape[2] != self.embedding_dim:
-            raise AdapterError(f"EmbeddingGate: fields shape {list(fields.shape)} is not "
-                               f"[B, {self.num_fields}, {self.embedding_dim}]")
+            raise AdapterError(
+                f"EmbeddingGate: fields shape {list(fields.shape)} is not [B, {self.num_fields}, {self.embedding_dim}]"
+            )
         logits = torch.matmul(fields.transpose(0, 1), self.weight)  # [F, B, D] @ [F|1, D, G] -> [F, B, G]
         return torch.sigmoid(logits.transpose(0, 1))  # [B, F, G]
 
@@ -134,8 +138,8 @@ class GateNetConfig:
     num_fields: int
     embedding_dim: int
     output_dim: int
-    hidden_dims: Tuple[int, ...] = (512, 256)
-    embedding_gate: Optional[str] = "field"
+    hidden_dims: tuple[int, ...] = (512, 256)
+    embedding_gate: str | None = "field"
     field_private: bool = True
     hidden_gate: bool = True
 
@@ -143,9 +147,11 @@ class GateNetConfig:
         if self.embedding_gate is not None:
             _granularity(self.embedding_gate)
         if min((self.num_fields, self.embedding_dim, self.output_dim, *self.hidden_dims)) <= 0:
-            raise AdapterError(f"GateNetConfig: sizes must be positive, got num_fields={self.num_fields}, "
-                               f"embedding_dim={self.embedding_dim}, output_dim={self.output_dim}, "
-                               f"hidden_dims={self.hidden_dims}")
+            raise AdapterError(
+                f"GateNetConfig: sizes must be positive, got num_fields={self.num_fields}, "
+                f"embedding_dim={self.embedding_dim}, output_dim={self.output_dim}, "
+                f"hidden_dims={self.hidden_dims}"
+            )
 
 
 class GateNet(nn.Module):
@@ -167,7 +173,9 @@ class GateNet(nn.Module):
         self.config = config
         self.embedding_gate: nn.Module = (
             EmbeddingGate(config.num_fields, config.embedding_dim, config.embedding_gate, config.field_private)
-            if config.embedding_gate is not None else nn.Identity())
+            if config.embedding_gate is not None
+            else nn.Identity()
+        )
         layers: list[nn.Module] = []
         width = config.num_fields * config.embedding_dim
         for hidden in config.hidden_dims:
@@ -189,8 +197,9 @@ class GateNet(nn.Module):
             ``[B, output_dim]``.
         """
         if fields.dim() != 3 or fields.shape[1] != self.num_fields or fields.shape[2] != self.embedding_dim:
-            raise AdapterError(f"GateNet: fields shape {list(fields.shape)} is not "
-                               f"[B, {self.num_fields}, {self.embedding_dim}]")
+            raise AdapterError(
+                f"GateNet: fields shape {list(fields.shape)} is not [B, {self.num_fields}, {self.embedding_dim}]"
+            )
         gated = self.embedding_gate(fields)  # [B, F, D]
         out: torch.Tensor = self.mlp(gated.flatten(1))  # [B, output_dim]
         return out

@@ -22,7 +22,6 @@ runs GR's own ``ContextualPreprocessor``, returning exactly what GR's HSTU (``HS
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -66,16 +65,18 @@ class GRContextConfig:
     output_embedding_dim: int
     num_tokens: int = 8
     name: str = "dv365"
-    other_contextual: Tuple[Tuple[str, int], ...] = ()
+    other_contextual: tuple[tuple[str, int], ...] = ()
     row_format: RowFormat = field(default_factory=RowFormat)
     is_inference: bool = False
 
-    def contextual_feature_to_max_length(self) -> Dict[str, int]:
+    def contextual_feature_to_max_length(self) -> dict[str, int]:
         """GR's ``contextual_feature_to_max_length``: the other features, then ``{name: K}``."""
         out = dict(self.other_contextual)
         if self.name in out:
-            raise AdapterError(f"GRContextConfig: contextual feature {self.name!r} is both DV365's and in "
-                               f"other_contextual={self.other_contextual!r}")
+            raise AdapterError(
+                f"GRContextConfig: contextual feature {self.name!r} is both DV365's and in "
+                f"other_contextual={self.other_contextual!r}"
+            )
         out[self.name] = self.num_tokens
         return out
 
@@ -107,26 +108,32 @@ class DV365ContextualPreprocessor(InputPreprocessor):  # type: ignore[misc]  # G
         # every sequence is now K tokens longer: lengths [B] + K, embeddings [ΣL + B·K, 64]
     """
 
-    def __init__(self, config: GRContextConfig, inner: Optional[ContextualPreprocessor] = None) -> None:
+    def __init__(self, config: GRContextConfig, inner: ContextualPreprocessor | None = None) -> None:
         super().__init__(is_inference=config.is_inference)
         self._name: str = config.name
         self._num_tokens: int = config.num_tokens
         self._dim: int = config.input_embedding_dim
         self.projection = LinearProjection(config.num_tokens, config.input_embedding_dim, config.row_format)
-        self.inner: ContextualPreprocessor = inner if inner is not None else ContextualPreprocessor(
-            input_embedding_dim=config.input_embedding_dim,
-            hidden_dim=config.hidden_dim,
-            output_embedding_dim=config.output_embedding_dim,
-            contextual_feature_to_max_length=config.contextual_feature_to_max_length(),
-            contextual_feature_to_min_uih_length={},
-            is_inference=config.is_inference,
+        self.inner: ContextualPreprocessor = (
+            inner
+            if inner is not None
+            else ContextualPreprocessor(
+                input_embedding_dim=config.input_embedding_dim,
+                hidden_dim=config.hidden_dim,
+                output_embedding_dim=config.output_embedding_dim,
+                contextual_feature_to_max_length=config.contextual_feature_to_max_length(),
+                contextual_feature_to_min_uih_length={},
+                is_inference=config.is_inference,
+            )
         )
         got = dict(getattr(self.inner, "_contextual_feature_to_max_length", {}))
         if got.get(config.name) != config.num_tokens:
-            raise AdapterError(f"DV365ContextualPreprocessor: the inner ContextualPreprocessor's contextual_feature_"
-                               f"to_max_length={got!r} lacks {{{config.name!r}: {config.num_tokens}}}")
+            raise AdapterError(
+                f"DV365ContextualPreprocessor: the inner ContextualPreprocessor's contextual_feature_"
+                f"to_max_length={got!r} lacks {{{config.name!r}: {config.num_tokens}}}"
+            )
 
-    def dv365_payloads(self, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def dv365_payloads(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[B, N, 256]`` DV365 tokens -> ``{name: [B·K, D_in], name + "_offsets": [B+1]}`` (GR's layout)."""
         projected = self.projection(tokens)  # [B, K, D_in]
         batch = projected.shape[0]
@@ -143,9 +150,10 @@ class DV365ContextualPreprocessor(InputPreprocessor):  # type: ignore[misc]  # G
         seq_timestamps: torch.Tensor,
         seq_embeddings: torch.Tensor,
         num_targets: torch.Tensor,
-        seq_payloads: Dict[str, torch.Tensor],
-    ) -> Tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-               Dict[str, torch.Tensor]]:
+        seq_payloads: dict[str, torch.Tensor],
+    ) -> tuple[
+        int, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]
+    ]:
         """GR's ``InputPreprocessor.forward``; ``seq_payloads[name]`` holds the ``[B, N, 256]`` DV365 tokens.
 
         Returns:
@@ -153,12 +161,15 @@ class DV365ContextualPreprocessor(InputPreprocessor):  # type: ignore[misc]  # G
             num_targets, payloads)`` with the contextual tokens (DV365's among them) in front of every user.
         """
         if self._name not in seq_payloads:
-            raise AdapterError(f"DV365ContextualPreprocessor: seq_payloads has no {self._name!r} entry (put "
-                               "DV365Input(...).tokens [B, 58, 256] there)")
-        payloads: Dict[str, torch.Tensor] = dict(seq_payloads)
+            raise AdapterError(
+                f"DV365ContextualPreprocessor: seq_payloads has no {self._name!r} entry (put "
+                "DV365Input(...).tokens [B, 58, 256] there)"
+            )
+        payloads: dict[str, torch.Tensor] = dict(seq_payloads)
         payloads.update(self.dv365_payloads(seq_payloads[self._name]))
-        out: Tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                   Dict[str, torch.Tensor]] = self.inner(
+        out: tuple[
+            int, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]
+        ] = self.inner(
             max_uih_len=max_uih_len,
             max_targets=max_targets,
             total_uih_len=total_uih_len,

@@ -21,7 +21,7 @@ that is later than some of the events after it. (GR's ContextualPreprocessor giv
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -69,14 +69,18 @@ def _check_jagged(prefix: torch.Tensor, values: torch.Tensor, offsets: torch.Ten
     if prefix.dim() != 3:
         raise AdapterError(f"prepend_jagged: prefix must be [B, K, D], got shape {list(prefix.shape)}")
     if values.dim() != 2 or values.shape[1] != prefix.shape[2]:
-        raise AdapterError(f"prepend_jagged: values must be [sum(L), D] with D = {prefix.shape[2]} (the prefix "
-                           f"dim), got shape {list(values.shape)}")
+        raise AdapterError(
+            f"prepend_jagged: values must be [sum(L), D] with D = {prefix.shape[2]} (the prefix "
+            f"dim), got shape {list(values.shape)}"
+        )
     if offsets.dim() != 1 or offsets.shape[0] != prefix.shape[0] + 1:
-        raise AdapterError(f"prepend_jagged: offsets must be [B+1] = [{prefix.shape[0] + 1}], "
-                           f"got shape {list(offsets.shape)}")
+        raise AdapterError(
+            f"prepend_jagged: offsets must be [B+1] = [{prefix.shape[0] + 1}], got shape {list(offsets.shape)}"
+        )
     if timestamps.dim() != 1 or timestamps.shape[0] != values.shape[0]:
-        raise AdapterError(f"prepend_jagged: timestamps must be [sum(L)] = [{values.shape[0]}], "
-                           f"got shape {list(timestamps.shape)}")
+        raise AdapterError(
+            f"prepend_jagged: timestamps must be [sum(L)] = [{values.shape[0]}], got shape {list(timestamps.shape)}"
+        )
 
 
 def prepend_jagged(
@@ -84,8 +88,8 @@ def prepend_jagged(
     values: torch.Tensor,
     offsets: torch.Tensor,
     timestamps: torch.Tensor,
-    prefix_timestamps: Optional[torch.Tensor] = None,
-) -> List[torch.Tensor]:
+    prefix_timestamps: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """Puts ``prefix[b]`` (K rows) in front of user b's rows of a jagged tensor; differentiable in both inputs.
 
     Args:
@@ -122,8 +126,9 @@ def prepend_jagged(
     # destination rows: user b's event j moves down by K·(b+1); its prefix starts at offsets[b] + K·b
     event_user = torch.searchsorted(offs[1:], torch.arange(total, device=device, dtype=torch.long), right=True)
     event_dst = torch.arange(total, device=device, dtype=torch.long) + k * (event_user + 1)  # [ΣL]
-    prefix_dst = ((offs[:-1] + k * users).unsqueeze(1)
-                  + torch.arange(k, device=device, dtype=torch.long).unsqueeze(0)).reshape(-1)  # [B·K]
+    prefix_dst = (
+        (offs[:-1] + k * users).unsqueeze(1) + torch.arange(k, device=device, dtype=torch.long).unsqueeze(0)
+    ).reshape(-1)  # [B·K]
     dst = torch.cat([prefix_dst, event_dst])  # [B·K + ΣL], a permutation
     src = torch.cat([prefix.reshape(batch * k, prefix.shape[2]).to(values.dtype), values])  # [B·K + ΣL, D]
     out_values = torch.zeros_like(src).index_copy(0, dst, src)  # [ΣL + B·K, D]
@@ -147,15 +152,15 @@ def prepend_jagged_reference(
     values: torch.Tensor,
     offsets: torch.Tensor,
     timestamps: torch.Tensor,
-    prefix_timestamps: Optional[torch.Tensor] = None,
-) -> List[torch.Tensor]:
+    prefix_timestamps: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """The same as :func:`prepend_jagged`, written as a plain loop over users (the test oracle)."""
     _check_jagged(prefix, values, offsets, timestamps)
     batch, k = prefix.shape[0], prefix.shape[1]
     offs = [int(o) for o in offsets.tolist()]
     out_v, out_t, lengths = [], [], []
     for b in range(batch):
-        seg_v, seg_t = values[offs[b]:offs[b + 1]], timestamps[offs[b]:offs[b + 1]]
+        seg_v, seg_t = values[offs[b] : offs[b + 1]], timestamps[offs[b] : offs[b + 1]]
         if prefix_timestamps is not None:
             pts = prefix_timestamps.reshape(-1).expand(batch)[b].to(timestamps.dtype)
         elif seg_t.numel() > 0:
@@ -198,7 +203,7 @@ class HSTUPrefix(nn.Module):
         self,
         hstu_dim: int,
         num_tokens: int = 8,
-        row_format: Optional[RowFormat] = None,
+        row_format: RowFormat | None = None,
         name: str = "dv365",
     ) -> None:
         super().__init__()
@@ -211,9 +216,9 @@ class HSTUPrefix(nn.Module):
         tokens: torch.Tensor,
         values: torch.Tensor,
         timestamps: torch.Tensor,
-        lengths: Optional[torch.Tensor] = None,
-        offsets: Optional[torch.Tensor] = None,
-        prefix_timestamps: Optional[torch.Tensor] = None,
+        lengths: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
+        prefix_timestamps: torch.Tensor | None = None,
     ) -> JaggedPrefixOutput:
         """
         Args:
@@ -243,6 +248,6 @@ class HSTUPrefix(nn.Module):
         return JaggedPrefixOutput(out[0], out[1], out[2], out[3], ctx_values, ctx_offsets)
 
     @torch.jit.export
-    def seq_payloads(self, out: JaggedPrefixOutput) -> Dict[str, torch.Tensor]:
+    def seq_payloads(self, out: JaggedPrefixOutput) -> dict[str, torch.Tensor]:
         """``{name: [B·K, D], name + "_offsets": [B+1]}``: merge into a GR model's ``seq_payloads``."""
         return {self.name: out.contextual_values, self.name + "_offsets": out.contextual_offsets}

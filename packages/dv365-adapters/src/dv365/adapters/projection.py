@@ -8,8 +8,6 @@ sparse embeddings (``[B, F, D]`` in torchrec's DLRM) before the interaction arch
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -42,14 +40,15 @@ class LinearProjection(nn.Module):
         self,
         num_tokens: int,
         embedding_dim: int,
-        row_format: Optional[RowFormat] = None,
+        row_format: RowFormat | None = None,
         bias: bool = True,
     ) -> None:
         super().__init__()
         fmt = row_format if row_format is not None else RowFormat()
         if num_tokens <= 0 or embedding_dim <= 0:
-            raise AdapterError(f"LinearProjection: num_tokens={num_tokens!r} and embedding_dim={embedding_dim!r} "
-                               "must be positive")
+            raise AdapterError(
+                f"LinearProjection: num_tokens={num_tokens!r} and embedding_dim={embedding_dim!r} must be positive"
+            )
         self.num_tokens: int = num_tokens
         self.embedding_dim: int = embedding_dim
         self.in_tokens: int = fmt.rows_per_user
@@ -66,8 +65,9 @@ class LinearProjection(nn.Module):
             ``[B, K, D]``.
         """
         if tokens.dim() != 3 or tokens.shape[1] != self.in_tokens or tokens.shape[2] != self.in_dim:
-            raise AdapterError(f"LinearProjection: tokens shape {list(tokens.shape)} is not "
-                               f"[B, {self.in_tokens}, {self.in_dim}]")
+            raise AdapterError(
+                f"LinearProjection: tokens shape {list(tokens.shape)} is not [B, {self.in_tokens}, {self.in_dim}]"
+            )
         mixed = self.token_mix(tokens.transpose(1, 2))  # [B, D_in, K]
         out: torch.Tensor = self.dim_proj(mixed.transpose(1, 2))  # [B, K, D]
         return out

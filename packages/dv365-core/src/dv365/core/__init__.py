@@ -13,13 +13,29 @@ from typing import Any
 from dv365.core.__about__ import __version__
 
 _LAZY = {
-    "DatasetError": "errors", "Dv365Error": "errors", "SliceSpecError": "errors", "TimelineError": "errors",
-    "EXPLICIT_SCHEMA": "schema", "IMPLICIT_SCHEMA": "schema", "REQUEST_SCHEMA": "schema",
-    "DatasetWriter": "timeline", "EventTable": "timeline", "TimelineDataset": "timeline", "Timelines": "timeline",
-    "ValidationPolicy": "validation", "ValidationReport": "validation", "validate_table": "validation",
-    "Vocabulary": "vocab", "SliceSpec": "slicing", "Slicer": "slicing", "SlicedBatch": "slicing",
-    "RowFormat": "quantize", "quantize_rows": "quantize", "dequantize_rows": "quantize",
-    "LookupResult": "lookup", "EmbeddingReader": "lookup",
+    "DatasetError": "errors",
+    "Dv365Error": "errors",
+    "SliceSpecError": "errors",
+    "TimelineError": "errors",
+    "EXPLICIT_SCHEMA": "schema",
+    "IMPLICIT_SCHEMA": "schema",
+    "REQUEST_SCHEMA": "schema",
+    "DatasetWriter": "timeline",
+    "EventTable": "timeline",
+    "TimelineDataset": "timeline",
+    "Timelines": "timeline",
+    "ValidationPolicy": "validation",
+    "ValidationReport": "validation",
+    "validate_table": "validation",
+    "Vocabulary": "vocab",
+    "SliceSpec": "slicing",
+    "Slicer": "slicing",
+    "SlicedBatch": "slicing",
+    "RowFormat": "quantize",
+    "quantize_rows": "quantize",
+    "dequantize_rows": "quantize",
+    "LookupResult": "lookup",
+    "EmbeddingReader": "lookup",
 }
 
 __all__ = ["__version__", *_LAZY]

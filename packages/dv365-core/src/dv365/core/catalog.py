@@ -77,7 +77,9 @@ def load_kuairand_catalog(path: str | os.PathLike[str] | None = None) -> Catalog
     f = folder / KUAIRAND_VIDEO_FILE if folder.is_dir() else folder
     if not f.exists():
         raise DatasetError(f"KuaiRand catalog not found: {f}")
-    t = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={"tag": pa.string(), "video_type": pa.string()}))
+    t = pacsv.read_csv(
+        f, convert_options=pacsv.ConvertOptions(column_types={"tag": pa.string(), "video_type": pa.string()})
+    )
     need = {"video_id", "author_id", "video_type", "video_duration", "tag"}
     missing = need - set(t.column_names)
     if missing:

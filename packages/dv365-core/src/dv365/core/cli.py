@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 from dv365.core.__about__ import __version__
 from dv365.core.errors import Dv365Error

@@ -19,9 +19,10 @@ import collections.abc
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import yaml
 
@@ -48,8 +49,9 @@ def read_yaml_mapping(path: str | Path, error: ErrorType, what: str = "config") 
     return dict(d)
 
 
-def load_dataclass(tp: Any, path: str | Path, overrides: Mapping[str, Any] | None, error: ErrorType,
-                   what: str = "config") -> Any:
+def load_dataclass(
+    tp: Any, path: str | Path, overrides: Mapping[str, Any] | None, error: ErrorType, what: str = "config"
+) -> Any:
     """YAML file -> ``--set`` overrides applied -> strict dataclass (:func:`build_dataclass`)."""
     d = apply_overrides(read_yaml_mapping(path, error, what), overrides or {}, error)
     return build_dataclass(tp, d, str(path), error)
@@ -147,8 +149,10 @@ def build_dataclass(tp: Any, value: Any, where: str, error: ErrorType) -> Any:
         if not isinstance(value, Mapping):
             raise error(f"{where}: expected a mapping, got {value!r}")
         kt, vt = typing.get_args(tp) or (str, Any)
-        return {build_dataclass(kt, k, f"{where}.{k}", error): build_dataclass(vt, v, f"{where}.{k}", error)
-                for k, v in value.items()}
+        return {
+            build_dataclass(kt, k, f"{where}.{k}", error): build_dataclass(vt, v, f"{where}.{k}", error)
+            for k, v in value.items()
+        }
     if tp is Any:
         return value
     if tp is bool:
@@ -156,7 +160,11 @@ def build_dataclass(tp: Any, value: Any, where: str, error: ErrorType) -> Any:
             raise error(f"{where}: expected true/false, got {value!r}")
         return value
     if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (tp is int and not float(value).is_integer())
+        ):
             raise error(f"{where}: expected {tp.__name__}, got {value!r}")
         return tp(value)
     if tp is str:

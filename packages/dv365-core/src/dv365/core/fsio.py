@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -37,8 +38,9 @@ def url_to_fs(url: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, s
 
 
 @contextmanager
-def open_atomic(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb", *,
-                tmp_suffix: str = TMP_SUFFIX) -> Iterator[IO[Any]]:
+def open_atomic(
+    fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb", *, tmp_suffix: str = TMP_SUFFIX
+) -> Iterator[IO[Any]]:
     """A file opened for writing (``"wb"`` or ``"w"``) that appears at ``path`` only when the block ends without error.
 
     Args:
@@ -71,8 +73,14 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *,
         f.write(data)
 
 
-def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any, *, tmp_suffix: str = TMP_SUFFIX,
-                      default: Callable[[Any], Any] | None = None) -> None:
+def write_json_atomic(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    obj: Any,
+    *,
+    tmp_suffix: str = TMP_SUFFIX,
+    default: Callable[[Any], Any] | None = None,
+) -> None:
     """Writes ``json.dumps(obj, indent=2, sort_keys=True, default=default)`` to ``path`` atomically (UTF-8)."""
     text = json.dumps(obj, indent=2, sort_keys=True, default=default)
     write_bytes_atomic(fs, path, text.encode(), tmp_suffix=tmp_suffix)

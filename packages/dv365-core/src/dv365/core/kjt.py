@@ -36,8 +36,10 @@ def _torchrec() -> Any:
     try:
         import torchrec
     except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("dv365.core.kjt needs torchrec: pip install 'dv365-core[torchrec]' "
-                          "(on CPU: torchrec --no-deps plus fbgemm-gpu-cpu, see the README)") from e
+        raise ImportError(
+            "dv365.core.kjt needs torchrec: pip install 'dv365-core[torchrec]' "
+            "(on CPU: torchrec --no-deps plus fbgemm-gpu-cpu, see the README)"
+        ) from e
     return torchrec
 
 
@@ -70,7 +72,12 @@ def embedding_bag_configs(spec: SliceSpec, embedding_dim: int) -> list[Any]:
     from torchrec.modules.embedding_configs import PoolingType
 
     return [
-        torchrec.EmbeddingBagConfig(name=t.name, embedding_dim=embedding_dim, num_embeddings=t.hash_size,
-                                    feature_names=list(t.features), pooling=PoolingType.SUM)
+        torchrec.EmbeddingBagConfig(
+            name=t.name,
+            embedding_dim=embedding_dim,
+            num_embeddings=t.hash_size,
+            feature_names=list(t.features),
+            pooling=PoolingType.SUM,
+        )
         for t in spec.tables.values()
     ]

@@ -6,8 +6,9 @@ fetch helpers accept any :class:`EmbeddingReader`, so neither package imports th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
 from importlib.metadata import entry_points
-from typing import Any, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,14 @@ def iter_plugins(group: str, skip: frozenset[str] | set[str] = frozenset()) -> I
         try:
             obj = ep.load()
         except Exception as e:  # noqa: BLE001 - any failure of a third-party import is reported the same way
-            logger.warning("dv365: %s plug-in %r (%s) could not be loaded and is left out: %s: %s", group, ep.name,
-                           ep.value, type(e).__name__, e)
+            logger.warning(
+                "dv365: %s plug-in %r (%s) could not be loaded and is left out: %s: %s",
+                group,
+                ep.name,
+                ep.value,
+                type(e).__name__,
+                e,
+            )
             continue
         yield ep.name, obj
 
@@ -62,6 +69,7 @@ def open_store(url: str, **options: Any) -> Any:
 
     Lets the packages below dv365-store (the export job's publish step) write to a store without importing it.
     """
-    opener = load_plugin("dv365.stores", "open_store",
-                         f"{url}: publishing to a store needs dv365-store: pip install dv365-store")
+    opener = load_plugin(
+        "dv365.stores", "open_store", f"{url}: publishing to a store needs dv365-store: pip install dv365-store"
+    )
     return opener(url, **options)

@@ -54,8 +54,10 @@ class RowFormat:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"RowFormat.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.dim <= 0 or (self.dim * self.bits) % 16:
-            raise ValueError(f"RowFormat.dim={self.dim} must be positive and pack into an even number of bytes "
-                             f"at {self.bits} bits (fbgemm keeps the fp16 scale/bias 2-byte aligned)")
+            raise ValueError(
+                f"RowFormat.dim={self.dim} must be positive and pack into an even number of bytes "
+                f"at {self.bits} bits (fbgemm keeps the fp16 scale/bias 2-byte aligned)"
+            )
         if self.rows_per_user <= 0:
             raise ValueError(f"RowFormat.rows_per_user must be positive, got {self.rows_per_user}")
 
@@ -77,11 +79,17 @@ class RowFormat:
         return self.rows_per_user * self.dim * 4
 
     def to_dict(self) -> dict[str, int | str]:
-        return {"name": FORMAT_NAME, "dim": self.dim, "bits": self.bits, "rows_per_user": self.rows_per_user,
-                "row_bytes": self.row_bytes, "user_bytes": self.user_bytes}
+        return {
+            "name": FORMAT_NAME,
+            "dim": self.dim,
+            "bits": self.bits,
+            "rows_per_user": self.rows_per_user,
+            "row_bytes": self.row_bytes,
+            "user_bytes": self.user_bytes,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> "RowFormat":
+    def from_dict(cls, d: dict[str, object]) -> RowFormat:
         if d.get("name", FORMAT_NAME) != FORMAT_NAME:
             raise ValueError(f"unknown row format {d.get('name')!r}; this dv365 reads {FORMAT_NAME!r}")
         fmt = cls(dim=int(d["dim"]), bits=int(d["bits"]), rows_per_user=int(d["rows_per_user"]))  # type: ignore[call-overload]
@@ -106,15 +114,19 @@ def quantize_rows(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
         raise TypeError(f"quantize_rows needs a floating tensor, got {x.dtype}")
     D = x.shape[-1]
     if (D * bits) % 16:
-        raise ValueError(f"last dimension {D} does not pack into an even number of bytes at {bits} bits "
-                         "(fbgemm keeps the fp16 scale/bias 2-byte aligned)")
+        raise ValueError(
+            f"last dimension {D} does not pack into an even number of bytes at {bits} bits "
+            "(fbgemm keeps the fp16 scale/bias 2-byte aligned)"
+        )
     xf = x.to(torch.float32)
     rows = xf.reshape(-1, D)  # [R, D]
     bad_rows = ~(torch.isfinite(rows) & (rows.abs() <= FP16_MAX)).all(dim=1)
     if bool(bad_rows.any()):
         r = int(bad_rows.nonzero()[0, 0])
-        raise ValueError(f"quantize_rows: row {r} has a non-finite value or one beyond the fp16 range "
-                         f"(|x| > {FP16_MAX:g}): {rows[r][~(torch.isfinite(rows[r]) & (rows[r].abs() <= FP16_MAX))][:3].tolist()}")
+        raise ValueError(
+            f"quantize_rows: row {r} has a non-finite value or one beyond the fp16 range "
+            f"(|x| > {FP16_MAX:g}): {rows[r][~(torch.isfinite(rows[r]) & (rows[r].abs() <= FP16_MAX))][:3].tolist()}"
+        )
     qmax = (1 << bits) - 1
     bias = rows.amin(dim=1).to(torch.float16).to(torch.float32)  # [R]
     top = rows.amax(dim=1)
@@ -157,6 +169,8 @@ def dequantize_rows(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     packed = rows[:, :nbytes]
-    codes = torch.stack([(packed >> (k * bits)) & mask for k in range(per_byte)], dim=2).reshape(rows.shape[0], nbytes * per_byte)
+    codes = torch.stack([(packed >> (k * bits)) & mask for k in range(per_byte)], dim=2).reshape(
+        rows.shape[0], nbytes * per_byte
+    )
     out = codes.to(torch.float32) * scale + bias
     return out.reshape(*q.shape[:-1], out.shape[-1])

@@ -20,8 +20,12 @@ history is visible. --spec auto picks 'movielens' for MovieLens imports and 'kua
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("slice", help="slice timelines into features (per-user counts, whole-dataset pass)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "slice",
+        help="slice timelines into features (per-user counts, whole-dataset pass)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dataset", nargs="?", help="UniTi dataset path or fsspec URL")
     p.add_argument("--spec", default="auto", help="shipped spec name (kuairand, movielens), a YAML path, or auto")
     p.add_argument("--user", type=int, action="append", default=[], help="user id (repeatable)")
@@ -55,19 +59,25 @@ def _main(args: argparse.Namespace) -> int:
     if not args.user and not args.all:
         raise SystemExit("dv365 slice: give --user ID (repeatable) or --all")
     req = args.request_ts if args.request_ts is not None else int(ds.meta.stats.get("last_ts", 0)) + spec.gap_s
-    print(f"dataset {args.dataset}: {ds.meta.stats.get('users', '?')} users, source {ds.meta.source!r}"
-          f"{' (SIMULATED)' if ds.meta.simulated else ''}; spec {spec.name!r}: {len(spec.features)} features, "
-          f"{len(spec.tables)} tables; request ts {req} (gap {spec.gap_s // 3600} h)")
+    print(
+        f"dataset {args.dataset}: {ds.meta.stats.get('users', '?')} users, source {ds.meta.source!r}"
+        f"{' (SIMULATED)' if ds.meta.simulated else ''}; spec {spec.name!r}: {len(spec.features)} features, "
+        f"{len(spec.tables)} tables; request ts {req} (gap {spec.gap_s // 3600} h)"
+    )
     if args.all:
         return _all(args, ds, spec, req)
     return _users(args, ds, spec, req)
 
 
 def _list(spec: Any) -> int:
-    print(f"spec {spec.name!r}: {len(spec.features)} features, {len(spec.tables)} shared tables, "
-          f"gap {spec.gap_s / 3600:g} h, cap {spec.cap:,} events per timeline")
+    print(
+        f"spec {spec.name!r}: {len(spec.features)} features, {len(spec.tables)} shared tables, "
+        f"gap {spec.gap_s / 3600:g} h, cap {spec.cap:,} events per timeline"
+    )
     for t in spec.tables.values():
-        print(f"  table {t.name:<28} id={t.id_type:<7} rows={t.hash_size:>9,} dedup={t.dedup} features={len(t.features)}")
+        print(
+            f"  table {t.name:<28} id={t.id_type:<7} rows={t.hash_size:>9,} dedup={t.dedup} features={len(t.features)}"
+        )
         for f in t.features:
             print(f"      {f}")
     return 0
@@ -86,8 +96,10 @@ def _users(args: argparse.Namespace, ds: Any, spec: Any, req: int) -> int:
     out: dict[str, Any] = {}
     for row, uid in enumerate(tl.user_ids):
         n_ex, n_im = int(tl.explicit.lengths[row]), int(tl.implicit.lengths[row])
-        print(f"\nuser {uid}: {n_ex:,} explicit + {n_im:,} implicit events; "
-              f"{int((lengths[:, row] > 0).sum())}/{len(batch.keys)} features non-empty")
+        print(
+            f"\nuser {uid}: {n_ex:,} explicit + {n_im:,} implicit events; "
+            f"{int((lengths[:, row] > 0).sum())}/{len(batch.keys)} features non-empty"
+        )
         print(f"  {'feature':<34} {'occurrences':>11} {'unique ids':>10}")
         rows = {}
         for k, name in enumerate(batch.keys):
@@ -125,16 +137,23 @@ def _all(args: argparse.Namespace, ds: Any, spec: Any, req: int) -> int:
             bar.set_postfix(ev_s=f"{events / max(slice_s, 1e-9):.3g}")
     wall = time.perf_counter() - t0
     summary = {
-        "users": users, "events": events, "features": len(spec.features),
-        "kjt_ids_per_user": ids / max(users, 1), "occurrences_per_user": raw / max(users, 1),
-        "dedup_ratio": raw / max(ids, 1), "nonempty_features_per_user": nonempty / max(users, 1),
-        "slice_seconds": round(slice_s, 3), "wall_seconds": round(wall, 3),
+        "users": users,
+        "events": events,
+        "features": len(spec.features),
+        "kjt_ids_per_user": ids / max(users, 1),
+        "occurrences_per_user": raw / max(users, 1),
+        "dedup_ratio": raw / max(ids, 1),
+        "nonempty_features_per_user": nonempty / max(users, 1),
+        "slice_seconds": round(slice_s, 3),
+        "wall_seconds": round(wall, 3),
         "events_per_s": events / max(slice_s, 1e-9),
     }
-    print(f"sliced {users:,} users ({events:,} events) into {len(spec.features)} features: "
-          f"{summary['kjt_ids_per_user']:.1f} KJT ids/user, dedup ratio {summary['dedup_ratio']:.2f}, "
-          f"{summary['nonempty_features_per_user']:.1f} non-empty features/user, {slice_s:.2f} s slicing "
-          f"({summary['events_per_s']:.3g} events/s), {wall:.2f} s total")
+    print(
+        f"sliced {users:,} users ({events:,} events) into {len(spec.features)} features: "
+        f"{summary['kjt_ids_per_user']:.1f} KJT ids/user, dedup ratio {summary['dedup_ratio']:.2f}, "
+        f"{summary['nonempty_features_per_user']:.1f} non-empty features/user, {slice_s:.2f} s slicing "
+        f"({summary['events_per_s']:.3g} events/s), {wall:.2f} s total"
+    )
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -79,16 +79,24 @@ class SnapshotManifest:
 
     def to_json(self) -> str:
         d = {
-            "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "snapshot_id": self.snapshot_id,
-            "model_version": self.model_version, "data_cutoff_ts": self.data_cutoff_ts, "gap_hours": self.gap_hours,
-            "created_at": self.created_at, "row_format": self.row_format.to_dict(), "user_count": self.user_count,
-            "bytes_per_user": self.row_format.user_bytes, "simulated": self.simulated,
-            "shards": [asdict(s) for s in self.shards], "extra": self.extra,
+            "format": SNAPSHOT_FORMAT,
+            "version": SNAPSHOT_VERSION,
+            "snapshot_id": self.snapshot_id,
+            "model_version": self.model_version,
+            "data_cutoff_ts": self.data_cutoff_ts,
+            "gap_hours": self.gap_hours,
+            "created_at": self.created_at,
+            "row_format": self.row_format.to_dict(),
+            "user_count": self.user_count,
+            "bytes_per_user": self.row_format.user_bytes,
+            "simulated": self.simulated,
+            "shards": [asdict(s) for s in self.shards],
+            "extra": self.extra,
         }
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> "SnapshotManifest":
+    def from_json(cls, text: str, where: str = "manifest") -> SnapshotManifest:
         try:
             d = json.loads(text)
             if d.get("format") != SNAPSHOT_FORMAT:
@@ -96,10 +104,14 @@ class SnapshotManifest:
             if int(d["version"]) > SNAPSHOT_VERSION:
                 raise SnapshotError(f"{where}: snapshot format version {d['version']} is newer than this dv365")
             m = cls(
-                snapshot_id=str(d["snapshot_id"]), model_version=str(d["model_version"]),
-                data_cutoff_ts=int(d["data_cutoff_ts"]), row_format=RowFormat.from_dict(d["row_format"]),
-                shards=tuple(ShardInfo(**s) for s in d["shards"]), gap_hours=float(d.get("gap_hours", 24.0)),
-                created_at=float(d.get("created_at", 0.0)), simulated=bool(d.get("simulated", False)),
+                snapshot_id=str(d["snapshot_id"]),
+                model_version=str(d["model_version"]),
+                data_cutoff_ts=int(d["data_cutoff_ts"]),
+                row_format=RowFormat.from_dict(d["row_format"]),
+                shards=tuple(ShardInfo(**s) for s in d["shards"]),
+                gap_hours=float(d.get("gap_hours", 24.0)),
+                created_at=float(d.get("created_at", 0.0)),
+                simulated=bool(d.get("simulated", False)),
                 extra=dict(d.get("extra", {})),
             )
         except SnapshotError:
@@ -129,8 +141,12 @@ def write_shard(url: str, name: str, user_ids: np.ndarray, payload: np.ndarray, 
     if len(ids) > 1 and (np.diff(ids) == 0).any():
         dup = int(ids[1:][np.diff(ids) == 0][0])
         raise SnapshotError(f"shard {name}: user {dup} appears more than once")
-    emb = pa.FixedSizeBinaryArray.from_buffers(pa.binary(fmt.user_bytes), len(ids), [None, pa.py_buffer(data.tobytes())])
-    table = pa.table({"user_id": pa.array(ids, pa.int64()), "embedding": emb, "crc32": pa.array(_crc32(data), pa.uint32())})
+    emb = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(fmt.user_bytes), len(ids), [None, pa.py_buffer(data.tobytes())]
+    )
+    table = pa.table(
+        {"user_id": pa.array(ids, pa.int64()), "embedding": emb, "crc32": pa.array(_crc32(data), pa.uint32())}
+    )
     fs, root = url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
     path = posixpath.join(root, name)
@@ -138,8 +154,14 @@ def write_shard(url: str, name: str, user_ids: np.ndarray, payload: np.ndarray, 
     pq.write_table(table, sink, compression="none")
     blob = sink.getvalue().to_pybytes()
     write_bytes_atomic(fs, path, blob)
-    return ShardInfo(name, len(ids), len(blob), hashlib.sha256(blob).hexdigest(),
-                     int(ids[0]) if len(ids) else -1, int(ids[-1]) if len(ids) else -1)
+    return ShardInfo(
+        name,
+        len(ids),
+        len(blob),
+        hashlib.sha256(blob).hexdigest(),
+        int(ids[0]) if len(ids) else -1,
+        int(ids[-1]) if len(ids) else -1,
+    )
 
 
 def read_shard(url: str, info: ShardInfo, fmt: RowFormat, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +177,9 @@ def read_shard(url: str, info: ShardInfo, fmt: RowFormat, *, verify: bool = True
     table = pq.read_table(pa.BufferReader(blob))
     ids = table.column("user_id").to_numpy()
     emb = table.column("embedding").combine_chunks()
-    data = np.frombuffer(emb.buffers()[1], dtype=np.uint8, count=len(ids) * fmt.user_bytes,
-                         offset=emb.offset * fmt.user_bytes).reshape(len(ids), fmt.user_bytes)
+    data = np.frombuffer(
+        emb.buffers()[1], dtype=np.uint8, count=len(ids) * fmt.user_bytes, offset=emb.offset * fmt.user_bytes
+    ).reshape(len(ids), fmt.user_bytes)
     if verify:
         crc = table.column("crc32").to_numpy()
         bad = np.flatnonzero(_crc32(data) != crc)

@@ -23,8 +23,9 @@ import json
 import posixpath
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,6 @@ from dv365.core.schema import IMPLICIT_SCHEMA as IMPLICIT_SCHEMA
 from dv365.core.schema import REQUEST_SCHEMA as REQUEST_SCHEMA
 from dv365.core.schema import schema_for as schema_for
 from dv365.core.validation import (
-    Kind,
     ValidationPolicy,
     ValidationReport,
     check_timeline_lengths,
@@ -98,18 +98,31 @@ class EventTable:
         return np.diff(self.offsets)
 
     @classmethod
-    def empty(cls, kind: str, user_ids: np.ndarray | None = None) -> "EventTable":
+    def empty(cls, kind: str, user_ids: np.ndarray | None = None) -> EventTable:
         u = np.zeros(0, np.int64) if user_ids is None else np.asarray(user_ids, np.int64)
         z64, z16, zf = np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0, np.float32)
         explicit = kind == "explicit"
         return cls(
-            kind, u, np.zeros(len(u) + 1, np.int64), z64, z64, z64, np.zeros(1, np.int64), z64, z16, z16,
-            action=z16 if explicit else None, value=zf if explicit else None,
-            video_duration=None if explicit else zf, dwell_time=None if explicit else zf,
+            kind,
+            u,
+            np.zeros(len(u) + 1, np.int64),
+            z64,
+            z64,
+            z64,
+            np.zeros(1, np.int64),
+            z64,
+            z16,
+            z16,
+            action=z16 if explicit else None,
+            value=zf if explicit else None,
+            video_duration=None if explicit else zf,
+            dwell_time=None if explicit else zf,
         )
 
     @classmethod
-    def from_arrow(cls, table: pa.Table, kind: str, vocab: Vocabulary, user_ids: np.ndarray | None = None) -> "EventTable":
+    def from_arrow(
+        cls, table: pa.Table, kind: str, vocab: Vocabulary, user_ids: np.ndarray | None = None
+    ) -> EventTable:
         """Builds from a *validated* table (any row order). ``user_ids`` fixes the row order and may
         include users without events here (empty ranges); by default, the users present, ascending."""
         uid = table.column("user_id").to_numpy().astype(np.int64, copy=False)
@@ -143,11 +156,16 @@ class EventTable:
 
         author = t.column("author_id").fill_null(-1).to_numpy().astype(np.int64, copy=False)
         out = cls(
-            kind=kind, user_ids=user_ids, offsets=offsets,
+            kind=kind,
+            user_ids=user_ids,
+            offsets=offsets,
             ts=t.column("ts").to_numpy().astype(np.int64, copy=False),
             media_id=t.column("media_id").to_numpy().astype(np.int64, copy=False),
-            author_id=author, topic_offsets=toff, topic_values=tvals,
-            media_type=codes("media_type", "media_types"), surface=codes("surface", "surfaces"),
+            author_id=author,
+            topic_offsets=toff,
+            topic_values=tvals,
+            media_type=codes("media_type", "media_types"),
+            surface=codes("surface", "surfaces"),
         )
         if kind == "explicit":
             out.action = codes("action", "actions")
@@ -160,7 +178,9 @@ class EventTable:
     def to_arrow(self, vocab: Vocabulary) -> pa.Table:
         """Back to the UniTi Arrow schema (one row per event)."""
         uid = np.repeat(self.user_ids, self.lengths)
-        topics = pa.ListArray.from_arrays(pa.array(self.topic_offsets.astype(np.int32)), pa.array(self.topic_values, pa.int64()))
+        topics = pa.ListArray.from_arrays(
+            pa.array(self.topic_offsets.astype(np.int32)), pa.array(self.topic_values, pa.int64())
+        )
         cols: dict[str, Any] = {
             "user_id": pa.array(uid, pa.int64()),
             "ts": pa.array(self.ts, pa.int64()),
@@ -220,7 +240,7 @@ class Timelines:
         *,
         validate: bool = True,
         policy: ValidationPolicy = ValidationPolicy(),
-    ) -> "Timelines":
+    ) -> Timelines:
         """Builds aligned timelines from (optionally unvalidated) Arrow tables of events."""
         vocab = vocab or Vocabulary()
         tables: dict[str, pa.Table] = {}
@@ -229,7 +249,9 @@ class Timelines:
                 t = schema_for(kind).empty_table()
             tables[kind] = validate_table(t, kind, vocab, policy) if validate else t  # type: ignore[arg-type]
         if user_ids is None:
-            ids = np.unique(np.concatenate([tables[k].column("user_id").to_numpy() for k in EVENT_KINDS]).astype(np.int64))
+            ids = np.unique(
+                np.concatenate([tables[k].column("user_id").to_numpy() for k in EVENT_KINDS]).astype(np.int64)
+            )
         else:
             ids = np.asarray(user_ids, dtype=np.int64)
         ex = EventTable.from_arrow(tables["explicit"], "explicit", vocab, ids)
@@ -259,15 +281,22 @@ class DatasetMeta:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "format": self.format, "version": self.version, "num_buckets": self.num_buckets,
-                "vocab": self.vocab.to_dict(), "source": self.source, "simulated": self.simulated,
-                "created_at": self.created_at, "stats": self.stats, "extra": self.extra,
+                "format": self.format,
+                "version": self.version,
+                "num_buckets": self.num_buckets,
+                "vocab": self.vocab.to_dict(),
+                "source": self.source,
+                "simulated": self.simulated,
+                "created_at": self.created_at,
+                "stats": self.stats,
+                "extra": self.extra,
             },
-            indent=2, sort_keys=True,
+            indent=2,
+            sort_keys=True,
         )
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "DatasetMeta":
+    def from_json(cls, text: str, where: str) -> DatasetMeta:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -277,12 +306,20 @@ class DatasetMeta:
         if not isinstance(d.get("version"), int):
             raise DatasetError(f"{where}: _dataset.json has no integer 'version'")
         if int(d["version"]) > FORMAT_VERSION:
-            raise DatasetError(f"{where}: dataset format version {d['version']} is newer than this dv365 ({FORMAT_VERSION})")
+            raise DatasetError(
+                f"{where}: dataset format version {d['version']} is newer than this dv365 ({FORMAT_VERSION})"
+            )
         try:
             return cls(
-                num_buckets=int(d["num_buckets"]), vocab=Vocabulary.from_dict(d["vocab"]), source=d.get("source", ""),
-                simulated=bool(d.get("simulated", False)), created_at=float(d.get("created_at", 0.0)),
-                stats=d.get("stats", {}), extra=d.get("extra", {}), format=d["format"], version=int(d["version"]),
+                num_buckets=int(d["num_buckets"]),
+                vocab=Vocabulary.from_dict(d["vocab"]),
+                source=d.get("source", ""),
+                simulated=bool(d.get("simulated", False)),
+                created_at=float(d.get("created_at", 0.0)),
+                stats=d.get("stats", {}),
+                extra=d.get("extra", {}),
+                format=d["format"],
+                version=int(d["version"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{where}: _dataset.json is incomplete or malformed: {type(e).__name__}: {e}") from e
@@ -334,12 +371,19 @@ class DatasetWriter:
         elif mode in ("create", "overwrite"):
             if self.fs.exists(meta_path):
                 if mode == "create":
-                    raise DatasetError(f"{url}: a dataset already exists here; choose another output, or overwrite "
-                                       "it (--overwrite on the command line, mode='overwrite' in Python)")
+                    raise DatasetError(
+                        f"{url}: a dataset already exists here; choose another output, or overwrite "
+                        "it (--overwrite on the command line, mode='overwrite' in Python)"
+                    )
                 self.fs.rm(meta_path)  # first: an interrupted overwrite leaves an incomplete (invisible) dataset
             self._remove_leftovers(url)
-            self.meta = DatasetMeta(num_buckets=num_buckets, vocab=vocab or Vocabulary(), source=source,
-                                    simulated=simulated, extra=dict(extra or {}))
+            self.meta = DatasetMeta(
+                num_buckets=num_buckets,
+                vocab=vocab or Vocabulary(),
+                source=source,
+                simulated=simulated,
+                extra=dict(extra or {}),
+            )
         else:
             raise ValueError(f"mode must be 'create', 'overwrite' or 'append', got {mode!r}")
         self._append = mode == "append"
@@ -360,26 +404,40 @@ class DatasetWriter:
         entries = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
         foreign = sorted(set(entries) - {"explicit", "implicit", "requests"})
         if foreign:
-            raise DatasetError(f"{url}: folder is not empty and is not a dv365 dataset (found {foreign[:5]}); "
-                               "choose an empty or new folder")
+            raise DatasetError(
+                f"{url}: folder is not empty and is not a dv365 dataset (found {foreign[:5]}); "
+                "choose an empty or new folder"
+            )
         for e in entries:
             self.fs.rm(posixpath.join(self.root, e), recursive=True)
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is None:
             self.close()
 
-    def add(self, explicit: pa.Table | None = None, implicit: pa.Table | None = None, requests: pa.Table | None = None,
-            *, source: str | None = None) -> None:
+    def add(
+        self,
+        explicit: pa.Table | None = None,
+        implicit: pa.Table | None = None,
+        requests: pa.Table | None = None,
+        *,
+        source: str | None = None,
+    ) -> None:
         """Validates and buffers tables of events (any order, any users)."""
         for kind, t in (("explicit", explicit), ("implicit", implicit), ("requests", requests)):
             if t is None or t.num_rows == 0:
                 continue
-            clean = validate_table(t, kind, self.meta.vocab, self.policy, source=source or kind,  # type: ignore[arg-type]
-                                   report=self.report[kind])
+            clean = validate_table(
+                t,
+                kind,
+                self.meta.vocab,
+                self.policy,
+                source=source or kind,  # type: ignore[arg-type]
+                report=self.report[kind],
+            )
             buckets = user_bucket(clean.column("user_id").to_numpy(), self.meta.num_buckets)
             order = np.argsort(buckets, kind="stable")
             sb = buckets[order]
@@ -521,7 +579,11 @@ class TimelineDataset:
     # --- timelines -----------------------------------------------------------------------------------
     def user_ids(self) -> np.ndarray:
         """Every user with at least one event, ascending."""
-        ids = [self.read_bucket(k, b).column("user_id").to_numpy() for k in EVENT_KINDS for b in range(self.meta.num_buckets)]
+        ids = [
+            self.read_bucket(k, b).column("user_id").to_numpy()
+            for k in EVENT_KINDS
+            for b in range(self.meta.num_buckets)
+        ]
         return np.unique(np.concatenate(ids + [np.zeros(0, np.int64)]).astype(np.int64))
 
     def read_users(self, user_ids: Sequence[int] | np.ndarray) -> Timelines:
@@ -529,15 +591,21 @@ class TimelineDataset:
         ids = np.asarray(user_ids, dtype=np.int64)
         ex = self.read_table("explicit", ids)
         im = self.read_table("implicit", ids)
-        return Timelines(ids, EventTable.from_arrow(ex, "explicit", self.vocab, ids),
-                         EventTable.from_arrow(im, "implicit", self.vocab, ids), self.vocab)
+        return Timelines(
+            ids,
+            EventTable.from_arrow(ex, "explicit", self.vocab, ids),
+            EventTable.from_arrow(im, "implicit", self.vocab, ids),
+            self.vocab,
+        )
 
     def iter_timelines(self, batch_users: int = 256) -> Iterator[Timelines]:
         """Every user's timelines, one bucket at a time, ``batch_users`` users per :class:`Timelines`."""
         for b in range(self.meta.num_buckets):
             ex = self.read_bucket("explicit", b)
             im = self.read_bucket("implicit", b)
-            ids = np.unique(np.concatenate([ex.column("user_id").to_numpy(), im.column("user_id").to_numpy()]).astype(np.int64))
+            ids = np.unique(
+                np.concatenate([ex.column("user_id").to_numpy(), im.column("user_id").to_numpy()]).astype(np.int64)
+            )
             if not len(ids):
                 continue
             ext = EventTable.from_arrow(ex, "explicit", self.vocab, ids)
@@ -564,8 +632,12 @@ class TimelineDataset:
         n = np.array(list(lengths.values()), dtype=np.int64)
         stats: dict[str, Any] = {"users": int(len(n)), "events": int(n.sum()) if len(n) else 0}
         if len(n):
-            stats.update(mean_events=float(n.mean()), median_events=float(np.median(n)), max_events=int(n.max()),
-                         p99_events=float(np.percentile(n, 99)))
+            stats.update(
+                mean_events=float(n.mean()),
+                median_events=float(np.median(n)),
+                max_events=int(n.max()),
+                p99_events=float(np.percentile(n, 99)),
+            )
         span = []
         for k in EVENT_KINDS:
             rows = 0
@@ -592,7 +664,9 @@ def remove_dataset(url: str) -> bool:
     entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
     foreign = sorted(set(entries) - {"_dataset.json", "explicit", "implicit", "requests"})
     if foreign:
-        raise DatasetError(f"{url}: not removed: the folder holds files that are not part of a dv365 dataset {foreign[:5]}")
+        raise DatasetError(
+            f"{url}: not removed: the folder holds files that are not part of a dv365 dataset {foreign[:5]}"
+        )
     if "_dataset.json" in entries:
         fs.rm(posixpath.join(root, "_dataset.json"))
     for e in entries:
@@ -609,10 +683,16 @@ def take_rows(t: EventTable, rows: np.ndarray) -> EventTable:
     tstart, tend = t.topic_offsets[idx], t.topic_offsets[idx + 1]
     tidx = _ranges(tstart, tend - tstart)
     out = EventTable(
-        t.kind, t.user_ids[rows], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        t.ts[idx], t.media_id[idx], t.author_id[idx],
-        np.concatenate([[0], np.cumsum(tend - tstart)]).astype(np.int64), t.topic_values[tidx],
-        t.media_type[idx], t.surface[idx],
+        t.kind,
+        t.user_ids[rows],
+        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        t.ts[idx],
+        t.media_id[idx],
+        t.author_id[idx],
+        np.concatenate([[0], np.cumsum(tend - tstart)]).astype(np.int64),
+        t.topic_values[tidx],
+        t.media_type[idx],
+        t.surface[idx],
     )
     for name in ("action", "value", "video_duration", "dwell_time"):
         v = getattr(t, name)

@@ -28,8 +28,9 @@ timeline is rejected where a timeline is required (:func:`check_timeline_lengths
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,15 @@ ID_FIELDS = ("user_id", "media_id", "author_id")
 FIELD_ORDER: dict[str, tuple[str, ...]] = {
     "explicit": ("user_id", "ts", "media_id", "author_id", "topic_ids", "action", "media_type", "surface", "value"),
     "implicit": (
-        "user_id", "ts", "media_id", "author_id", "topic_ids", "media_type", "surface", "video_duration", "dwell_time",
+        "user_id",
+        "ts",
+        "media_id",
+        "author_id",
+        "topic_ids",
+        "media_type",
+        "surface",
+        "video_duration",
+        "dwell_time",
     ),
     "requests": ("user_id", "ts", "media_id", "author_id", "topic_ids", "media_type", "surface", "video_duration"),
 }
@@ -102,7 +111,7 @@ class ValidationReport:
     clamped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
 
-    def merge(self, other: "ValidationReport") -> None:
+    def merge(self, other: ValidationReport) -> None:
         self.records_in += other.records_in
         self.records_out += other.records_out
         for src, dst in ((other.dropped, self.dropped), (other.clamped, self.clamped)):
@@ -391,10 +400,12 @@ def validate_table(
     schema = schema_for(kind)
     for name in REQUIRED[kind]:
         if name not in table.column_names:
-            raise TimelineError(name, None, "missing_column", source=source,
-                                detail=f"columns present: {table.column_names}")
-    labels = [c for c in table.column_names
-              if kind == "requests" and c.startswith(LABEL_PREFIX) and c not in schema.names]
+            raise TimelineError(
+                name, None, "missing_column", source=source, detail=f"columns present: {table.column_names}"
+            )
+    labels = [
+        c for c in table.column_names if kind == "requests" and c.startswith(LABEL_PREFIX) and c not in schema.names
+    ]
     chk = _Checker(table, schema.names + labels, FIELD_ORDER[kind] + tuple(labels), source)
 
     users, user_ok = chk.ints("user_id", True, "negative_id")
@@ -503,7 +514,12 @@ def check_timeline_lengths(
         n = int(n)
         uid = uid.item() if isinstance(uid, np.generic) else uid  # message shows 9, not np.int64(9)
         if n > policy.max_events:
-            raise TimelineError("<timeline>", n, "absurd_length", user_id=uid,
-                                detail=f"more than max_events={policy.max_events:,} events")
+            raise TimelineError(
+                "<timeline>",
+                n,
+                "absurd_length",
+                user_id=uid,
+                detail=f"more than max_events={policy.max_events:,} events",
+            )
         if n == 0 and not allow_empty:
             raise TimelineError("<timeline>", 0, "empty_timeline", user_id=uid)

@@ -8,8 +8,9 @@ dataset's metadata and is stored with it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ class Vocabulary:
         return {k: list(v) for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Sequence[str]]) -> "Vocabulary":
+    def from_dict(cls, d: Mapping[str, Sequence[str]]) -> Vocabulary:
         unknown = set(d) - {"actions", "media_types", "surfaces"}
         if unknown:
             raise ValueError(f"unknown vocabulary keys {sorted(unknown)}")

@@ -10,6 +10,7 @@
 The row and snapshot formats are core's (:mod:`dv365.core.quantize`, :mod:`dv365.core.snapshot`): readers
 need neither this package nor fbgemm.
 """
+
 from dv365.export.__about__ import __version__
 
 __all__ = ["__version__"]

@@ -53,43 +53,68 @@ def parse_time(value: str) -> int:
     try:
         dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not unix seconds or an ISO date/time (2025-01-01T06:00Z)") from None
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not unix seconds or an ISO date/time (2025-01-01T06:00Z)"
+        ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return int(dt.timestamp())
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("export", help="export every user's embedding into a versioned int4 snapshot",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="export every user's embedding into a versioned int4 snapshot",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     ex = p.add_subparsers(dest="export_command", metavar="<subcommand>")
 
-    r = ex.add_parser("run", help="export a snapshot (resumable, incremental, sharded)", description=RUN_DESCRIPTION,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = ex.add_parser(
+        "run",
+        help="export a snapshot (resumable, incremental, sharded)",
+        description=RUN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("--checkpoint", required=True, help="training checkpoint: a step_*.pt file or its folder (latest)")
     r.add_argument("--out", required=True, help="snapshot folder (local path or fsspec URL); one snapshot per folder")
     r.add_argument("--data", help="UniTi dataset to read timelines from (default: the checkpoint's data.url)")
-    r.add_argument("--as-of", type=parse_time, metavar="TIME",
-                   help="snapshot time = data cut-off (unix s or ISO, UTC); timelines are cut 24 h (the spec's gap) "
-                        "before it. Default: the dataset's newest event")
+    r.add_argument(
+        "--as-of",
+        type=parse_time,
+        metavar="TIME",
+        help="snapshot time = data cut-off (unix s or ISO, UTC); timelines are cut 24 h (the spec's gap) "
+        "before it. Default: the dataset's newest event",
+    )
     r.add_argument("--snapshot-id", help="snapshot name (default <as-of UTC>-<model sha256 prefix>)")
-    r.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per value (default 4: 132 B per 256-dim row)")
-    r.add_argument("--quantizer", choices=("fbgemm", "torch"), default="fbgemm",
-                   help="fbgemm's FloatToFusedNBitRowwiseQuantizedSBHalf (default) or core's pure-PyTorch "
-                        "quantizer (same format)")
+    r.add_argument(
+        "--bits", type=int, choices=(4, 8), default=4, help="bits per value (default 4: 132 B per 256-dim row)"
+    )
+    r.add_argument(
+        "--quantizer",
+        choices=("fbgemm", "torch"),
+        default="fbgemm",
+        help="fbgemm's FloatToFusedNBitRowwiseQuantizedSBHalf (default) or core's pure-PyTorch quantizer (same format)",
+    )
     r.add_argument("--shard-users", type=int, default=1024, help="users per shard, the unit of resume (default 1024)")
     r.add_argument("--batch-users", type=int, default=64, help="users per tower call (default 64)")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
     inc = r.add_argument_group("incremental refresh")
     inc.add_argument("--previous", metavar="SNAPSHOT", help="a complete earlier snapshot of the same model to refresh")
-    inc.add_argument("--refresh", choices=("active", "activity", "all"), default="active",
-                     help="with --previous: re-encode users with any new event (active, default), with at least "
-                          "--min-new-events new events (activity), or everyone (all); the others keep their bytes")
+    inc.add_argument(
+        "--refresh",
+        choices=("active", "activity", "all"),
+        default="active",
+        help="with --previous: re-encode users with any new event (active, default), with at least "
+        "--min-new-events new events (activity), or everyone (all); the others keep their bytes",
+    )
     inc.add_argument("--min-new-events", type=int, default=10, help="threshold of --refresh activity (default 10)")
     sh = r.add_argument_group("sharded export")
-    sh.add_argument("--num-workers", type=int, default=1, help="workers sharing this export (default 1, or torchrun's WORLD_SIZE)")
+    sh.add_argument(
+        "--num-workers", type=int, default=1, help="workers sharing this export (default 1, or torchrun's WORLD_SIZE)"
+    )
     sh.add_argument("--worker-rank", type=int, default=0, help="this worker, 0..N-1 (default 0, or torchrun's RANK)")
     sh.add_argument("--no-merge", action="store_true", help="do not write the manifest, even when all shards are done")
     r.add_argument("--overwrite", action="store_true", help="replace a different snapshot / unfinished export in --out")
@@ -97,28 +122,37 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
     r.set_defaults(func=_run)
 
-    m = ex.add_parser("merge", help="write the manifest of a sharded export whose workers are all done",
-                      description="Checks every planned shard against its done record (sha256) and writes "
-                                  "manifest.json, making the snapshot visible.\n\nExample:\n  dv365 export merge out/export/synth-v1",
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = ex.add_parser(
+        "merge",
+        help="write the manifest of a sharded export whose workers are all done",
+        description="Checks every planned shard against its done record (sha256) and writes "
+        "manifest.json, making the snapshot visible.\n\nExample:\n  dv365 export merge out/export/synth-v1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     m.add_argument("snapshot", help="snapshot folder of the export")
     m.set_defaults(func=_merge)
 
-    v = ex.add_parser("verify", help="check a snapshot's manifest, shard sha256s and user crc32s",
-                      description="Validates manifest.json and every shard (sha256, crc32 of every user, ids, "
-                                  "sizes). Exit code 1 with the shard and user named when anything is wrong.\n\n"
-                                  "Example:\n  dv365 export verify out/export/synth-v1",
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    v = ex.add_parser(
+        "verify",
+        help="check a snapshot's manifest, shard sha256s and user crc32s",
+        description="Validates manifest.json and every shard (sha256, crc32 of every user, ids, "
+        "sizes). Exit code 1 with the shard and user named when anything is wrong.\n\n"
+        "Example:\n  dv365 export verify out/export/synth-v1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     v.add_argument("snapshot", help="snapshot folder (local path or fsspec URL)")
     v.add_argument("--json", action="store_true", help="print the manifest facts as one JSON line")
     v.set_defaults(func=_verify)
 
-    c = ex.add_parser("compare", help="embedding stability between two snapshots (cosine per common user)",
-                      description="Cosine similarity of the de-quantized, flattened N_out x D embeddings of every "
-                                  "user present in both snapshots (paper App. B / Fig. 4: > 0.9 at 7 days apart). "
-                                  "Writes compare.json, compare.md and cosine_hist.png.\n\nExample:\n"
-                                  "  dv365 export compare out/export/synth-v1 out/export/synth-v2 --out out/export/cmp",
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = ex.add_parser(
+        "compare",
+        help="embedding stability between two snapshots (cosine per common user)",
+        description="Cosine similarity of the de-quantized, flattened N_out x D embeddings of every "
+        "user present in both snapshots (paper App. B / Fig. 4: > 0.9 at 7 days apart). "
+        "Writes compare.json, compare.md and cosine_hist.png.\n\nExample:\n"
+        "  dv365 export compare out/export/synth-v1 out/export/synth-v2 --out out/export/cmp",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("a", help="the older snapshot")
     c.add_argument("b", help="the newer snapshot")
     c.add_argument("--out", help="report folder (default: ./export-compare-<A id>-<B id>)")
@@ -131,31 +165,52 @@ def _run(args: argparse.Namespace) -> int:
     from dv365.export.job import ExportConfig, iso, run_export
 
     cfg = ExportConfig(
-        checkpoint=args.checkpoint, out=args.out, data=args.data, as_of=args.as_of, snapshot_id=args.snapshot_id,
-        bits=args.bits, quantizer=args.quantizer, shard_users=args.shard_users, batch_users=args.batch_users,
-        device=args.device, previous=args.previous, refresh=args.refresh, min_new_events=args.min_new_events,
-        num_workers=args.num_workers, worker_rank=args.worker_rank, merge=not args.no_merge,
-        overwrite=args.overwrite, progress=not args.no_progress, threads=args.threads)
+        checkpoint=args.checkpoint,
+        out=args.out,
+        data=args.data,
+        as_of=args.as_of,
+        snapshot_id=args.snapshot_id,
+        bits=args.bits,
+        quantizer=args.quantizer,
+        shard_users=args.shard_users,
+        batch_users=args.batch_users,
+        device=args.device,
+        previous=args.previous,
+        refresh=args.refresh,
+        min_new_events=args.min_new_events,
+        num_workers=args.num_workers,
+        worker_rank=args.worker_rank,
+        merge=not args.no_merge,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
     log_to(sys.stderr)
     res = run_export(cfg)
     m = res.manifest
     if res.already_complete and m is not None:
         line = f"export: snapshot {m.snapshot_id!r} is already complete in {args.out} ({m.user_count:,} users); nothing to do"
     else:
-        part = (f"wrote {res.shards_written} shards ({res.users_written:,} users, {res.users_encoded:,} encoded) in "
-                f"{res.seconds:.1f} s = {res.users_per_s:,.1f} users/s")
+        part = (
+            f"wrote {res.shards_written} shards ({res.users_written:,} users, {res.users_encoded:,} encoded) in "
+            f"{res.seconds:.1f} s = {res.users_per_s:,.1f} users/s"
+        )
         if res.shards_resumed:
             part += f", {res.shards_resumed} shards were already done"
         if m is None:
-            line = (f"export: {res.snapshot_id} worker {cfg.worker_rank}/{cfg.num_workers}: {part}; other shards are "
-                    "not done yet (the last worker, or `dv365 export merge`, writes the manifest)")
+            line = (
+                f"export: {res.snapshot_id} worker {cfg.worker_rank}/{cfg.num_workers}: {part}; other shards are "
+                "not done yet (the last worker, or `dv365 export merge`, writes the manifest)"
+            )
         else:
             c = res.counts
             sim = " (SIMULATED data)" if m.simulated else ""
-            line = (f"export: snapshot {m.snapshot_id!r}{sim} complete: {m.user_count:,} users "
-                    f"({c.get('users_encoded', 0):,} encoded, {c.get('users_carried', 0):,} carried) in "
-                    f"{len(m.shards)} shards, {m.row_format.user_bytes:,} B/user, cut-off {iso(m.data_cutoff_ts)}; "
-                    f"{part} -> {args.out}")
+            line = (
+                f"export: snapshot {m.snapshot_id!r}{sim} complete: {m.user_count:,} users "
+                f"({c.get('users_encoded', 0):,} encoded, {c.get('users_carried', 0):,} carried) in "
+                f"{len(m.shards)} shards, {m.row_format.user_bytes:,} B/user, cut-off {iso(m.data_cutoff_ts)}; "
+                f"{part} -> {args.out}"
+            )
     print(line)
     if args.json:
         print(json.dumps(_result_json(res)))
@@ -164,11 +219,20 @@ def _run(args: argparse.Namespace) -> int:
 
 def _result_json(res: Any) -> dict[str, Any]:
     m = res.manifest
-    return {"out": res.out, "snapshot_id": res.snapshot_id, "complete": m is not None,
-            "already_complete": res.already_complete, "users": m.user_count if m else None,
-            "shards_written": res.shards_written, "shards_resumed": res.shards_resumed,
-            "users_written": res.users_written, "users_encoded": res.users_encoded, "seconds": round(res.seconds, 3),
-            "users_per_s": round(res.users_per_s, 2), **res.counts}
+    return {
+        "out": res.out,
+        "snapshot_id": res.snapshot_id,
+        "complete": m is not None,
+        "already_complete": res.already_complete,
+        "users": m.user_count if m else None,
+        "shards_written": res.shards_written,
+        "shards_resumed": res.shards_resumed,
+        "users_written": res.users_written,
+        "users_encoded": res.users_encoded,
+        "seconds": round(res.seconds, 3),
+        "users_per_s": round(res.users_per_s, 2),
+        **res.counts,
+    }
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -176,8 +240,10 @@ def _merge(args: argparse.Namespace) -> int:
 
     m = merge_snapshot(args.snapshot)
     assert m is not None
-    print(f"export merge: snapshot {m.snapshot_id!r} complete: {m.user_count:,} users in {len(m.shards)} shards "
-          f"-> {args.snapshot}")
+    print(
+        f"export merge: snapshot {m.snapshot_id!r} complete: {m.user_count:,} users in {len(m.shards)} shards "
+        f"-> {args.snapshot}"
+    )
     return 0
 
 

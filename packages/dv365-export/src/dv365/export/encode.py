@@ -20,9 +20,10 @@ number of rows may round differently).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
 import numpy as np
 import torch
 
@@ -47,9 +48,11 @@ def quantize_fbgemm(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     try:
         import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
     except ImportError as e:
-        raise ExportError("the fbgemm quantizer needs fbgemm-gpu (pip install fbgemm-gpu-cpu, or fbgemm-gpu on "
-                          "CUDA hosts); or export with --quantizer torch (core's bit-compatible pure-PyTorch "
-                          "quantizer)") from e
+        raise ExportError(
+            "the fbgemm quantizer needs fbgemm-gpu (pip install fbgemm-gpu-cpu, or fbgemm-gpu on "
+            "CUDA hosts); or export with --quantizer torch (core's bit-compatible pure-PyTorch "
+            "quantizer)"
+        ) from e
     if bits not in (4, 8):
         raise ExportError(f"--bits must be 4 or 8, got {bits}")
     D = x.shape[-1]
@@ -167,11 +170,14 @@ class UserEncoder:
         payload = enc.encode(timelines, cutoff_ts)     # [U, 7656] uint8 at 58 x 256, 4 bits
     """
 
-    def __init__(self, model: TowerModel, vocab: Vocabulary, fmt: RowFormat, batch_users: int = 64,
-                 quantizer: str = "fbgemm") -> None:
+    def __init__(
+        self, model: TowerModel, vocab: Vocabulary, fmt: RowFormat, batch_users: int = 64, quantizer: str = "fbgemm"
+    ) -> None:
         if (fmt.dim, fmt.rows_per_user) != (model.dim, model.out_tokens):
-            raise ExportError(f"row format {fmt.rows_per_user} x {fmt.dim} does not match the tower's output "
-                              f"{model.out_tokens} x {model.dim}")
+            raise ExportError(
+                f"row format {fmt.rows_per_user} x {fmt.dim} does not match the tower's output "
+                f"{model.out_tokens} x {model.dim}"
+            )
         if batch_users <= 0:
             raise ExportError(f"--batch-users must be positive, got {batch_users}")
         if quantizer not in QUANTIZERS:
@@ -179,8 +185,9 @@ class UserEncoder:
         self.model, self.fmt, self.batch_users, self.quantizer = model, fmt, batch_users, quantizer
         self.slicer = Slicer(model.spec, vocab, backend="numpy")  # the numba backend is experimental
 
-    def embed(self, timelines: Timelines, cutoff_ts: int,
-              on_batch: Callable[[int], object] | None = None) -> torch.Tensor:
+    def embed(
+        self, timelines: Timelines, cutoff_ts: int, on_batch: Callable[[int], object] | None = None
+    ) -> torch.Tensor:
         """Float tower outputs ``[U, N_out, D]`` (CPU) of every user of ``timelines`` at ``cutoff_ts``;
         ``on_batch(n)`` is called after each batch of ``n`` users (progress)."""
         from dv365.core.kjt import to_kjt
@@ -191,11 +198,15 @@ class UserEncoder:
             for s in range(0, U, B):
                 rows = np.arange(s, min(s + B, U))
                 padded = np.concatenate([rows, np.full(B - len(rows), rows[0])])  # fixed batch size
-                batch = Timelines(timelines.user_ids[padded], take_rows(timelines.explicit, padded),
-                                  take_rows(timelines.implicit, padded), timelines.vocab)
+                batch = Timelines(
+                    timelines.user_ids[padded],
+                    take_rows(timelines.explicit, padded),
+                    take_rows(timelines.implicit, padded),
+                    timelines.vocab,
+                )
                 sliced = self.slicer.slice(batch, np.full(B, cutoff_ts, dtype=np.int64))
                 y = self.model.tower(to_kjt(sliced, self.model.device))  # [B, N_out, D]
-                out[s:s + len(rows)] = y[: len(rows)].float().cpu()
+                out[s : s + len(rows)] = y[: len(rows)].float().cpu()
                 if on_batch is not None:
                     on_batch(len(rows))
         return out
@@ -207,13 +218,16 @@ class UserEncoder:
         bad = ~(torch.isfinite(flat) & (flat.abs() <= FP16_MAX)).all(dim=1)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ExportError(f"user {int(user_ids[i])}: the tower's output has a non-finite value or one beyond "
-                              f"the fp16 range ({flat[i][~torch.isfinite(flat[i])][:3].tolist()}...); "
-                              "the checkpoint may be broken")
+            raise ExportError(
+                f"user {int(user_ids[i])}: the tower's output has a non-finite value or one beyond "
+                f"the fp16 range ({flat[i][~torch.isfinite(flat[i])][:3].tolist()}...); "
+                "the checkpoint may be broken"
+            )
         q = quantize(emb, self.fmt.bits, self.quantizer)  # [U, N_out, row_bytes]
         return np.ascontiguousarray(q.numpy().reshape(len(emb), self.fmt.user_bytes))
 
-    def encode(self, timelines: Timelines, cutoff_ts: int,
-               on_batch: Callable[[int], object] | None = None) -> np.ndarray:
+    def encode(
+        self, timelines: Timelines, cutoff_ts: int, on_batch: Callable[[int], object] | None = None
+    ) -> np.ndarray:
         """Quantized embeddings ``[U, user_bytes]`` uint8 of every user of ``timelines`` at ``cutoff_ts``."""
         return self.quantize(self.embed(timelines, cutoff_ts, on_batch), timelines.user_ids)

@@ -33,7 +33,7 @@ import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -190,8 +190,9 @@ def _worker_from_env(cfg: ExportConfig) -> tuple[int, int]:
         try:
             return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         except ValueError as e:
-            raise ExportError(f"RANK / WORLD_SIZE are not integers: {os.environ['RANK']!r}, "
-                              f"{os.environ['WORLD_SIZE']!r}") from e
+            raise ExportError(
+                f"RANK / WORLD_SIZE are not integers: {os.environ['RANK']!r}, {os.environ['WORLD_SIZE']!r}"
+            ) from e
     return cfg.worker_rank, cfg.num_workers
 
 
@@ -206,8 +207,10 @@ class _Job:
             raise ExportError(f"--refresh must be one of {REFRESH_POLICIES}, got {cfg.refresh!r}")
         self.rank, self.world = _worker_from_env(cfg)
         if self.world > 1 and cfg.overwrite:
-            raise ExportError("--overwrite with several workers would let one worker delete another's shards: "
-                              "clear the folder (or run with --overwrite and one worker) first")
+            raise ExportError(
+                "--overwrite with several workers would let one worker delete another's shards: "
+                "clear the folder (or run with --overwrite and one worker) first"
+            )
         self.device = resolve_device(cfg.device)
         self.model: TowerModel = load_tower_model(cfg.checkpoint, self.device)
         data = cfg.data or self.model.data_url
@@ -225,11 +228,18 @@ class _Job:
             raise ExportError(f"{data}: the dataset records no newest event time (stats.last_ts); pass --as-of")
         self.cut = self.as_of - self.gap_s
         self.snapshot_id = cfg.snapshot_id or (
-            datetime.fromtimestamp(self.as_of, timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-"
+            datetime.fromtimestamp(self.as_of, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            + "-"
             + self.model.model_version.rsplit(":", 1)[-1][:8]
             # an incremental snapshot carries stale users: never the same default id as a full rebuild
-            + ("" if not cfg.previous or cfg.refresh == "all" else
-               "-active" if cfg.refresh == "active" else f"-activity{cfg.min_new_events}"))
+            + (
+                ""
+                if not cfg.previous or cfg.refresh == "all"
+                else "-active"
+                if cfg.refresh == "active"
+                else f"-activity{cfg.min_new_events}"
+            )
+        )
         self.prev: SnapshotIndex | None = None
         self.prev_manifest: SnapshotManifest | None = None
         if cfg.previous:
@@ -242,16 +252,22 @@ class _Job:
         pm = read_manifest(url)  # SnapshotError: "no complete snapshot here"
         where = f"--previous {url} (snapshot {pm.snapshot_id!r})"
         if pm.data_cutoff_ts >= self.as_of:
-            raise ExportError(f"{where}: its data cut-off {iso(pm.data_cutoff_ts)} is not before this export's "
-                              f"{iso(self.as_of)} (--as-of)")
+            raise ExportError(
+                f"{where}: its data cut-off {iso(pm.data_cutoff_ts)} is not before this export's "
+                f"{iso(self.as_of)} (--as-of)"
+            )
         if self.cfg.refresh != "all":
             if pm.row_format != self.fmt:
-                raise ExportError(f"{where}: row format {pm.row_format.to_dict()} differs from this export's "
-                                  f"{self.fmt.to_dict()}; carried bytes would not match: use --refresh all")
+                raise ExportError(
+                    f"{where}: row format {pm.row_format.to_dict()} differs from this export's "
+                    f"{self.fmt.to_dict()}; carried bytes would not match: use --refresh all"
+                )
             if pm.model_version != self.model.model_version and not self.cfg.carry_across_models:
-                raise ExportError(f"{where}: made by model {pm.model_version!r}, this export uses "
-                                  f"{self.model.model_version!r}; carrying its embeddings forward would mix model "
-                                  "versions: use --refresh all after a model change")
+                raise ExportError(
+                    f"{where}: made by model {pm.model_version!r}, this export uses "
+                    f"{self.model.model_version!r}; carrying its embeddings forward would mix model "
+                    "versions: use --refresh all after a model change"
+                )
             if abs(pm.gap_hours * 3600 - self.gap_s) > 1e-6:
                 raise ExportError(f"{where}: gap_hours {pm.gap_hours} differs from the spec's {self.gap_s / 3600}")
         self.prev_manifest = pm
@@ -266,29 +282,42 @@ class _Job:
         prev_ids = self.prev.user_ids if (self.prev is not None and self.cfg.refresh != "all") else None
         users, encode = select_encode(activity, prev_ids, self.cfg.refresh, self.cfg.min_new_events)
         if not len(users):
-            raise ExportError(f"{self.data_url}: no user has an event at or before the cut {iso(self.cut)} "
-                              f"(--as-of {iso(self.as_of)} minus the {self.gap_s / 3600:g} h gap)")
+            raise ExportError(
+                f"{self.data_url}: no user has an event at or before the cut {iso(self.cut)} "
+                f"(--as-of {iso(self.as_of)} minus the {self.gap_s / 3600:g} h gap)"
+            )
         self.new_users = int((~np.isin(users, prev_ids)).sum()) if prev_ids is not None else len(users)
         return make_plan(users, encode, self.ds.meta.num_buckets, self.cfg.shard_users)
 
     def identity(self, plan: list[PlannedShard]) -> dict[str, Any]:
         """Everything that determines the snapshot's bytes: a restart must match it exactly."""
         return {
-            "snapshot_id": self.snapshot_id, "model_version": self.model.model_version,
-            "data": _abs_url(self.data_url), "dataset_created_at": self.ds.meta.created_at,
-            "data_cutoff_ts": self.as_of, "gap_s": self.gap_s, "row_format": self.fmt.to_dict(),
-            "quantizer": self.cfg.quantizer, "shard_users": self.cfg.shard_users,
-            "batch_users": self.cfg.batch_users, "device_type": self.device.type,
+            "snapshot_id": self.snapshot_id,
+            "model_version": self.model.model_version,
+            "data": _abs_url(self.data_url),
+            "dataset_created_at": self.ds.meta.created_at,
+            "data_cutoff_ts": self.as_of,
+            "gap_s": self.gap_s,
+            "row_format": self.fmt.to_dict(),
+            "quantizer": self.cfg.quantizer,
+            "shard_users": self.cfg.shard_users,
+            "batch_users": self.cfg.batch_users,
+            "device_type": self.device.type,
             "previous": self.prev_manifest.snapshot_id if self.prev_manifest else None,
             "refresh": self.cfg.refresh if self.prev_manifest else None,
-            "min_new_events": self.cfg.min_new_events if self.prev_manifest and self.cfg.refresh == "activity" else None,
+            "min_new_events": self.cfg.min_new_events
+            if self.prev_manifest and self.cfg.refresh == "activity"
+            else None,
             "plan_digest": plan_digest(plan),
         }
 
     # -- output folder --------------------------------------------------------------------------------
     def _ours(self, name: str) -> bool:
-        return (name in (MANIFEST, JOURNAL) or name.startswith(MANIFEST + ".tmp")
-                or (name.startswith("shard-") and (name.endswith(".parquet") or name.endswith(".parquet.tmp"))))
+        return (
+            name in (MANIFEST, JOURNAL)
+            or name.startswith(MANIFEST + ".tmp")
+            or (name.startswith("shard-") and (name.endswith(".parquet") or name.endswith(".parquet.tmp")))
+        )
 
     def _clear(self) -> None:
         man = posixpath.join(self.root, MANIFEST)
@@ -307,8 +336,10 @@ class _Job:
             names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
             foreign = sorted(n for n in names if not self._ours(n))
             if foreign:
-                raise ExportError(f"{cfg.out}: the folder holds files dv365 export did not write ({foreign[:5]}); "
-                                  "export into an empty or new folder")
+                raise ExportError(
+                    f"{cfg.out}: the folder holds files dv365 export did not write ({foreign[:5]}); "
+                    "export into an empty or new folder"
+                )
             man = posixpath.join(self.root, MANIFEST)
             if self.fs.exists(man):
                 m = read_manifest(cfg.out)
@@ -318,7 +349,8 @@ class _Job:
                     raise ExportError(
                         f"{cfg.out}: holds a complete snapshot {m.snapshot_id!r} (model {m.model_version!r}, "
                         f"data cut-off {iso(m.data_cutoff_ts)}) made with other settings"
-                        f"{_diff(m.extra.get('job'), ident)}; export into a new folder, or pass --overwrite")
+                        f"{_diff(m.extra.get('job'), ident)}; export into a new folder, or pass --overwrite"
+                    )
                 self._clear()
             job = posixpath.join(self.journal, JOB_FILE)
             if self.fs.exists(job):
@@ -327,7 +359,8 @@ class _Job:
                     if not cfg.overwrite:
                         raise ExportError(
                             f"{cfg.out}: holds an unfinished export with other settings{_diff(old.get('identity'), ident)}; "
-                            "rerun it with its own settings to finish it, or pass --overwrite to start over")
+                            "rerun it with its own settings to finish it, or pass --overwrite to start over"
+                        )
                     self._clear()
             elif cfg.overwrite:
                 self._clear()
@@ -339,14 +372,25 @@ class _Job:
 
     def _job_record(self, ident: dict[str, Any], plan: list[PlannedShard]) -> dict[str, Any]:
         return {
-            "format": JOB_FORMAT, "identity": ident, "exporter": f"dv365-export {__version__}",
-            "manifest": {"snapshot_id": self.snapshot_id, "model_version": self.model.model_version,
-                         "data_cutoff_ts": self.as_of, "gap_hours": self.gap_s / 3600,
-                         "row_format": self.fmt.to_dict(), "simulated": bool(self.ds.meta.simulated)},
+            "format": JOB_FORMAT,
+            "identity": ident,
+            "exporter": f"dv365-export {__version__}",
+            "manifest": {
+                "snapshot_id": self.snapshot_id,
+                "model_version": self.model.model_version,
+                "data_cutoff_ts": self.as_of,
+                "gap_hours": self.gap_s / 3600,
+                "row_format": self.fmt.to_dict(),
+                "simulated": bool(self.ds.meta.simulated),
+            },
             "extra": {
-                "exporter": f"dv365-export {__version__}", "checkpoint": self.model.checkpoint,
-                "dataset": self.data_url, "data_cutoff": iso(self.as_of), "cut_ts": self.cut,
-                "quantizer": self.cfg.quantizer, "shard_users": self.cfg.shard_users,
+                "exporter": f"dv365-export {__version__}",
+                "checkpoint": self.model.checkpoint,
+                "dataset": self.data_url,
+                "data_cutoff": iso(self.as_of),
+                "cut_ts": self.cut,
+                "quantizer": self.cfg.quantizer,
+                "shard_users": self.cfg.shard_users,
                 "parent_snapshot_id": self.prev_manifest.snapshot_id if self.prev_manifest else None,
                 # carried users' bytes come from this model (differs from model_version with carry_across_models)
                 "parent_model_version": self.prev_manifest.model_version if self.prev_manifest else None,
@@ -380,8 +424,12 @@ class _Job:
 
     def _bucket_timelines(self, bucket: int, users: np.ndarray) -> Timelines:
         tables = {k: self.ds.read_bucket(k, bucket, users) for k in ("explicit", "implicit")}
-        return Timelines(users, EventTable.from_arrow(tables["explicit"], "explicit", self.ds.vocab, users),
-                         EventTable.from_arrow(tables["implicit"], "implicit", self.ds.vocab, users), self.ds.vocab)
+        return Timelines(
+            users,
+            EventTable.from_arrow(tables["explicit"], "explicit", self.ds.vocab, users),
+            EventTable.from_arrow(tables["implicit"], "implicit", self.ds.vocab, users),
+            self.ds.vocab,
+        )
 
     def write_shard(self, shard: PlannedShard, encoded: np.ndarray) -> dict[str, Any]:
         """Writes one shard from its encoded users' payload ``[shard.encoded, user_bytes]`` and the previous
@@ -412,8 +460,9 @@ class _Job:
             groups.append(cur)
         return groups
 
-    def _group_timelines(self, group: list[PlannedShard], todo: list[PlannedShard],
-                         cache: dict[int, Timelines]) -> Timelines:
+    def _group_timelines(
+        self, group: list[PlannedShard], todo: list[PlannedShard], cache: dict[int, Timelines]
+    ) -> Timelines:
         """Timelines of the group's encoded users (in group order). Each bucket is read once per run: all of
         this run's users of that bucket; buckets the group does not touch are dropped from ``cache``."""
         buckets = sorted({s.bucket for s in group if s.encoded})
@@ -435,7 +484,10 @@ class _Job:
         return Timelines.from_arrow(  # several buckets: concatenated through Arrow (lossless)
             pa.concat_tables([p.explicit.to_arrow(vocab) for p in parts]),
             pa.concat_tables([p.implicit.to_arrow(vocab) for p in parts]),
-            vocab, np.concatenate([p.user_ids for p in parts]), validate=False)
+            vocab,
+            np.concatenate([p.user_ids for p in parts]),
+            validate=False,
+        )
 
     def run(self) -> ExportResult:
         t0 = time.perf_counter()
@@ -445,11 +497,21 @@ class _Job:
         complete = self.prepare_output(ident, plan)
         users_mine = sum(len(s.users) for s in mine)
         if complete is not None:
-            return ExportResult(self.cfg.out, self.snapshot_id, complete, shards_total=len(plan),
-                                shards_mine=len(mine), shards_written=0, shards_resumed=len(mine),
-                                users_mine=users_mine, users_written=0, users_encoded=0,
-                                seconds=time.perf_counter() - t0, already_complete=True,
-                                counts=_counts(complete.extra))
+            return ExportResult(
+                self.cfg.out,
+                self.snapshot_id,
+                complete,
+                shards_total=len(plan),
+                shards_mine=len(mine),
+                shards_written=0,
+                shards_resumed=len(mine),
+                users_mine=users_mine,
+                users_written=0,
+                users_encoded=0,
+                seconds=time.perf_counter() - t0,
+                already_complete=True,
+                counts=_counts(complete.extra),
+            )
         todo = [s for s in mine if self.done_info(s.name) is None]
         resumed = len(mine) - len(todo)
         users_todo = sum(len(s.users) for s in todo)
@@ -459,8 +521,15 @@ class _Job:
         from tqdm.auto import tqdm
 
         tag = f" [worker {self.rank}/{self.world}]" if self.world > 1 else ""
-        bar = tqdm(total=users_mine, initial=users_mine - users_todo, unit=" users", unit_scale=False,
-                   desc=f"export {self.snapshot_id}{tag}", disable=not self.cfg.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=users_mine,
+            initial=users_mine - users_todo,
+            unit=" users",
+            unit_scale=False,
+            desc=f"export {self.snapshot_id}{tag}",
+            disable=not self.cfg.progress,
+            dynamic_ncols=True,
+        )
         written = encoded = 0
         t_work = time.perf_counter()
         try:
@@ -473,7 +542,7 @@ class _Job:
                     payload = encoder.encode(tl, self.as_of, on_batch=bar.update)
                 start = 0
                 for s in group:
-                    self.write_shard(s, payload[start:start + s.encoded])
+                    self.write_shard(s, payload[start : start + s.encoded])
                     start += s.encoded
                     written += len(s.users)
                     encoded += s.encoded
@@ -482,10 +551,20 @@ class _Job:
             bar.close()
         seconds = time.perf_counter() - t_work
         manifest = merge_snapshot(self.cfg.out, missing_ok=True) if self.cfg.merge else None
-        return ExportResult(self.cfg.out, self.snapshot_id, manifest, shards_total=len(plan), shards_mine=len(mine),
-                            shards_written=len(todo), shards_resumed=resumed, users_mine=users_mine,
-                            users_written=written, users_encoded=encoded, seconds=seconds,
-                            counts=_counts(manifest.extra) if manifest else {})
+        return ExportResult(
+            self.cfg.out,
+            self.snapshot_id,
+            manifest,
+            shards_total=len(plan),
+            shards_mine=len(mine),
+            shards_written=len(todo),
+            shards_resumed=resumed,
+            users_mine=users_mine,
+            users_written=written,
+            users_encoded=encoded,
+            seconds=seconds,
+            counts=_counts(manifest.extra) if manifest else {},
+        )
 
 
 def _counts(extra: dict[str, Any]) -> dict[str, int]:
@@ -546,22 +625,31 @@ def merge_snapshot(out: str, *, missing_ok: bool = False) -> SnapshotManifest | 
         rec = _read_json(fs, rec_path)
         info = ShardInfo(**rec["shard"])
         if _sha256(fs.cat_file(path)) != info.sha256:
-            raise SnapshotError(f"{out}: shard {name} does not match its done record (sha256): rerun the export "
-                                "command to redo it")
+            raise SnapshotError(
+                f"{out}: shard {name} does not match its done record (sha256): rerun the export command to redo it"
+            )
         shards.append(info)
         encoded += int(rec["encoded"])
         carried += int(rec["carried"])
     if missing:
         if missing_ok:
             return None
-        raise SnapshotError(f"{out}: {len(missing)} of {len(job['shards'])} shards are not done yet "
-                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): run the missing workers")
+        raise SnapshotError(
+            f"{out}: {len(missing)} of {len(job['shards'])} shards are not done yet "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): run the missing workers"
+        )
     m = job["manifest"]
     extra = {**job["extra"], "job": job["identity"], "users_encoded": encoded, "users_carried": carried}
     manifest = SnapshotManifest(
-        snapshot_id=m["snapshot_id"], model_version=m["model_version"], data_cutoff_ts=int(m["data_cutoff_ts"]),
-        row_format=RowFormat.from_dict(m["row_format"]), shards=tuple(shards), gap_hours=float(m["gap_hours"]),
-        simulated=bool(m["simulated"]), extra=extra)
+        snapshot_id=m["snapshot_id"],
+        model_version=m["model_version"],
+        data_cutoff_ts=int(m["data_cutoff_ts"]),
+        row_format=RowFormat.from_dict(m["row_format"]),
+        shards=tuple(shards),
+        gap_hours=float(m["gap_hours"]),
+        simulated=bool(m["simulated"]),
+        extra=extra,
+    )
     if fs.exists(man):  # another worker merged meanwhile
         return read_manifest(out)
     # as core's write_manifest (written last, renamed into place), with a per-process temporary name: two

@@ -35,10 +35,11 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -88,17 +89,26 @@ class PipelineConfig:
     keep_snapshots: int = 2
     path: str = ""
 
-    EXPORT_KEYS = ("refresh", "shard_users", "batch_users", "bits", "device", "min_new_events", "quantizer", "threads",
-                   "full_refresh_every")
+    EXPORT_KEYS = (
+        "refresh",
+        "shard_users",
+        "batch_users",
+        "bits",
+        "device",
+        "min_new_events",
+        "quantizer",
+        "threads",
+        "full_refresh_every",
+    )
 
     @classmethod
-    def load(cls, path: str | Path) -> "PipelineConfig":
+    def load(cls, path: str | Path) -> PipelineConfig:
         from dv365.core.config import read_yaml_mapping
 
         return cls.from_dict(read_yaml_mapping(path, PipelineError, "pipeline config"), str(path))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "pipeline config") -> "PipelineConfig":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "pipeline config") -> PipelineConfig:
         if not isinstance(d, Mapping):
             raise PipelineError(f"{where}: expected a mapping at the top level")
         known = {"name", "workdir", "source", "train", "export", "store", "retain"}
@@ -132,13 +142,26 @@ class PipelineConfig:
         bad = sorted(set(retain) - {"models", "snapshots"})
         if bad:
             raise PipelineError(f"{where}: unknown retain key(s) {bad}; known: models, snapshots")
-        cfg = cls(name=name, workdir=str(need("workdir")), source=str(need("source")),
-                  train_config=str(train["config"]), train_steps=int(train.get("steps", 300)),
-                  train_set=dict(train.get("set") or {}), export=export, store_url=store.get("url"),
-                  store_keep=int(store.get("keep", 3)), keep_models=int(retain.get("models", 2)),
-                  keep_snapshots=int(retain.get("snapshots", 2)), path=where)
-        for key, v, lo in (("train.steps", cfg.train_steps, 1), ("store.keep", cfg.store_keep, 1),
-                           ("retain.models", cfg.keep_models, 1), ("retain.snapshots", cfg.keep_snapshots, 1)):
+        cfg = cls(
+            name=name,
+            workdir=str(need("workdir")),
+            source=str(need("source")),
+            train_config=str(train["config"]),
+            train_steps=int(train.get("steps", 300)),
+            train_set=dict(train.get("set") or {}),
+            export=export,
+            store_url=store.get("url"),
+            store_keep=int(store.get("keep", 3)),
+            keep_models=int(retain.get("models", 2)),
+            keep_snapshots=int(retain.get("snapshots", 2)),
+            path=where,
+        )
+        for key, v, lo in (
+            ("train.steps", cfg.train_steps, 1),
+            ("store.keep", cfg.store_keep, 1),
+            ("retain.models", cfg.keep_models, 1),
+            ("retain.snapshots", cfg.keep_snapshots, 1),
+        ):
             if v < lo:
                 raise PipelineError(f"{where}: {key} = {v}: must be >= {lo}")
         return cfg
@@ -244,8 +267,16 @@ class Pipeline:
         for d in sorted((self.work / "cycles").glob("c[0-9][0-9][0-9][0-9]")):
             if (d / "cycle.json").exists():
                 j = _read_json(d / "cycle.json")
-                out.append(Cycle(int(j["number"]), int(j["as_of"]), j.get("previous"), j.get("previous_as_of"),
-                                 float(j["created_at"]), d))
+                out.append(
+                    Cycle(
+                        int(j["number"]),
+                        int(j["as_of"]),
+                        j.get("previous"),
+                        j.get("previous_as_of"),
+                        float(j["created_at"]),
+                        d,
+                    )
+                )
         return out
 
     def last_complete(self) -> Cycle | None:
@@ -266,8 +297,10 @@ class Pipeline:
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "unknown"
-                raise PipelineError(f"{path}: another cycle of this pipeline is running ({holder}); "
-                                    "cycles never overlap: wait for it to finish") from None
+                raise PipelineError(
+                    f"{path}: another cycle of this pipeline is running ({holder}); "
+                    "cycles never overlap: wait for it to finish"
+                ) from None
             f.seek(0)
             f.truncate()
             f.write(f"pid {os.getpid()} on {socket.gethostname()} since {_iso(time.time())}\n")
@@ -280,9 +313,9 @@ class Pipeline:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def source_newest_ts(self) -> int:
-        from dv365.core.timeline import EVENT_KINDS, TimelineDataset
-
         import pyarrow.parquet as pq
+
+        from dv365.core.timeline import EVENT_KINDS, TimelineDataset
 
         src = TimelineDataset(self.cfg.source)
         newest = None
@@ -303,24 +336,38 @@ class Pipeline:
         if cycles and not cycles[-1].complete:
             c = cycles[-1]
             if as_of is not None and as_of != c.as_of:
-                raise PipelineError(f"cycle {c.tag} (as of {_iso(c.as_of)}) is unfinished: run again without --as-of "
-                                    f"(or with --as-of {c.as_of}) to finish it before starting another")
+                raise PipelineError(
+                    f"cycle {c.tag} (as of {_iso(c.as_of)}) is unfinished: run again without --as-of "
+                    f"(or with --as-of {c.as_of}) to finish it before starting another"
+                )
             logger.info(f"dv365 pipeline: finishing unfinished cycle {c.tag} (as of {_iso(c.as_of)})")
             return c
         prev = cycles[-1] if cycles else None
         if as_of is None:
             as_of = self.source_newest_ts()
         if prev is not None and as_of <= prev.as_of:
-            logger.info(f"dv365 pipeline: nothing new: cycle {prev.tag} already covers the source up to "
-                     f"{_iso(prev.as_of)} (as of {_iso(as_of)} asked)")
+            logger.info(
+                f"dv365 pipeline: nothing new: cycle {prev.tag} already covers the source up to "
+                f"{_iso(prev.as_of)} (as of {_iso(as_of)} asked)"
+            )
             return None
         n = prev.number + 1 if prev else 1
         d = self.work / "cycles" / f"c{n:04d}"
         c = Cycle(n, int(as_of), prev.number if prev else None, prev.as_of if prev else None, time.time(), d)
-        _write_json(d / "cycle.json", {"number": n, "as_of": c.as_of, "as_of_utc": _iso(c.as_of),
-                                       "previous": c.previous, "previous_as_of": c.previous_as_of,
-                                       "created_at": c.created_at, "config": self.cfg.path,
-                                       "name": self.cfg.name, "source": self.cfg.source})
+        _write_json(
+            d / "cycle.json",
+            {
+                "number": n,
+                "as_of": c.as_of,
+                "as_of_utc": _iso(c.as_of),
+                "previous": c.previous,
+                "previous_as_of": c.previous_as_of,
+                "created_at": c.created_at,
+                "config": self.cfg.path,
+                "name": self.cfg.name,
+                "source": self.cfg.source,
+            },
+        )
         return c
 
     def run_cycle(self, as_of: int | None = None) -> dict[str, Any] | None:
@@ -372,11 +419,16 @@ class Pipeline:
         if first:
             if complete:
                 remove_dataset(self.data_url)  # not this cycle's: the pipeline's data is rebuilt from the source
-            writer = DatasetWriter(self.data_url, vocab=src.vocab, num_buckets=src.meta.num_buckets,
-                                   source=f"pipeline {self.cfg.name} <- {src.meta.source or self.cfg.source}",
-                                   simulated=src.meta.simulated, run_id=run_id, mode="create",
-                                   extra={"pipeline": self.cfg.name, "source_url": self.cfg.source,
-                                          "created_by_run": run_id})
+            writer = DatasetWriter(
+                self.data_url,
+                vocab=src.vocab,
+                num_buckets=src.meta.num_buckets,
+                source=f"pipeline {self.cfg.name} <- {src.meta.source or self.cfg.source}",
+                simulated=src.meta.simulated,
+                run_id=run_id,
+                mode="create",
+                extra={"pipeline": self.cfg.name, "source_url": self.cfg.source, "created_by_run": run_id},
+            )
         else:
             removed = remove_run_parts(self.data_url, run_id)
             if removed:
@@ -408,8 +460,13 @@ class Pipeline:
         from dv365.core.timeline import TimelineDataset
 
         st = TimelineDataset(self.data_url).meta.stats
-        return {"dataset": self.data_url, "dataset_users": st.get("users"), "dataset_events": st.get("events"),
-                "already_appended": already, "run_id": run_id}
+        return {
+            "dataset": self.data_url,
+            "dataset_users": st.get("users"),
+            "dataset_events": st.get("events"),
+            "already_appended": already,
+            "run_id": run_id,
+        }
 
     def _step_train(self, c: Cycle) -> dict[str, Any]:
         from dv365.train.config import TrainConfig
@@ -417,19 +474,30 @@ class Pipeline:
 
         prev_model = self._previous_done(c, "train")
         overrides: dict[str, Any] = dict(self.cfg.train_set)
-        overrides.update({"data.url": self.data_url, "checkpoint.dir": str(self.model_dir(c)),
-                          "run.steps": self.cfg.train_steps,
-                          "checkpoint.warm_start": prev_model["model_dir"] if prev_model else None})
+        overrides.update(
+            {
+                "data.url": self.data_url,
+                "checkpoint.dir": str(self.model_dir(c)),
+                "run.steps": self.cfg.train_steps,
+                "checkpoint.warm_start": prev_model["model_dir"] if prev_model else None,
+            }
+        )
         cfg = TrainConfig.load(self.cfg.train_config, overrides)
         trainer = Trainer(cfg, progress=self.progress)
         res = trainer.fit()
         ev = res.eval or {}
-        return {"model_dir": str(self.model_dir(c)), "checkpoint": str(res.checkpoint), "steps": res.steps,
-                "warm_started_from": cfg.checkpoint.warm_start, "resumed_from": res.resumed_from,
-                "examples_per_s": round(res.examples_per_s, 1), "eval_examples": ev.get("examples"),
-                "eval_mean_ne": ev.get("mean_ne"),
-                "eval_ne": {k: v.get("ne") for k, v in (ev.get("tasks") or {}).items() if "ne" in v},
-                "model_kind": cfg.model.kind}
+        return {
+            "model_dir": str(self.model_dir(c)),
+            "checkpoint": str(res.checkpoint),
+            "steps": res.steps,
+            "warm_started_from": cfg.checkpoint.warm_start,
+            "resumed_from": res.resumed_from,
+            "examples_per_s": round(res.examples_per_s, 1),
+            "eval_examples": ev.get("examples"),
+            "eval_mean_ne": ev.get("mean_ne"),
+            "eval_ne": {k: v.get("ne") for k, v in (ev.get("tasks") or {}).items() if "ne" in v},
+            "model_kind": cfg.model.kind,
+        }
 
     def _step_export(self, c: Cycle) -> dict[str, Any]:
         from dv365.export.job import ExportConfig, run_export
@@ -443,17 +511,32 @@ class Pipeline:
         if previous and every > 0 and (c.number - 1) % every == 0:
             logger.info(f"   cycle {c.number}: a full refresh (every {every} cycles: export.full_refresh_every)")
             opts["refresh"] = "all"
-        cfg = ExportConfig(checkpoint=model["model_dir"], out=str(self.snapshot_dir(c)), data=self.data_url,
-                           as_of=c.as_of, snapshot_id=self.snapshot_id(c), previous=previous,
-                           progress=self.progress, carry_across_models=True, **opts)
+        cfg = ExportConfig(
+            checkpoint=model["model_dir"],
+            out=str(self.snapshot_dir(c)),
+            data=self.data_url,
+            as_of=c.as_of,
+            snapshot_id=self.snapshot_id(c),
+            previous=previous,
+            progress=self.progress,
+            carry_across_models=True,
+            **opts,
+        )
         res = run_export(cfg)
         if res.manifest is None:
             raise PipelineError(f"export {cfg.out}: the snapshot is not complete after the export step")
         m = res.manifest
-        return {"snapshot": str(self.snapshot_dir(c)), "snapshot_id": m.snapshot_id, "users": m.user_count,
-                "previous": previous, "counts": res.counts, "users_encoded": res.users_encoded,
-                "users_per_s": round(res.users_per_s, 1), "bytes_per_user": m.row_format.user_bytes,
-                "model_version": m.model_version}
+        return {
+            "snapshot": str(self.snapshot_dir(c)),
+            "snapshot_id": m.snapshot_id,
+            "users": m.user_count,
+            "previous": previous,
+            "counts": res.counts,
+            "users_encoded": res.users_encoded,
+            "users_per_s": round(res.users_per_s, 1),
+            "bytes_per_user": m.row_format.user_bytes,
+            "model_version": m.model_version,
+        }
 
     def _step_publish(self, c: Cycle) -> dict[str, Any]:
         exp = c.done("export")
@@ -476,8 +559,15 @@ class Pipeline:
             versions = [v.version for v in store.versions()]
         finally:
             store.close()
-        return {"store": self.cfg.store_url, "version": info.version, "how": how, "users": info.user_count,
-                "active": info.version, "versions": versions, "pruned": pruned}
+        return {
+            "store": self.cfg.store_url,
+            "version": info.version,
+            "how": how,
+            "users": info.user_count,
+            "active": info.version,
+            "versions": versions,
+            "pruned": pruned,
+        }
 
     def _step_retain(self, c: Cycle) -> dict[str, Any]:
         removed: list[str] = []
@@ -501,14 +591,20 @@ class Pipeline:
     def _describe(step: str, out: dict[str, Any]) -> str:
         if step == "ingest":
             r = out.get("rows", {})
-            return (f"{sum(r.values()) if r else 0:,} new rows ({r}) from {out.get('active_users', 0):,} users; "
-                    f"dataset now {out.get('dataset_users')} users, {out.get('dataset_events')} events")
+            return (
+                f"{sum(r.values()) if r else 0:,} new rows ({r}) from {out.get('active_users', 0):,} users; "
+                f"dataset now {out.get('dataset_users')} users, {out.get('dataset_events')} events"
+            )
         if step == "train":
-            return (f"{out['steps']} steps (warm start: {out['warm_started_from'] or 'none'}); "
-                    f"eval mean NE {out['eval_mean_ne']}")
+            return (
+                f"{out['steps']} steps (warm start: {out['warm_started_from'] or 'none'}); "
+                f"eval mean NE {out['eval_mean_ne']}"
+            )
         if step == "export":
-            return (f"snapshot {out['snapshot_id']}: {out['users']:,} users ({out['counts']}), "
-                    f"{out['bytes_per_user']} B/user")
+            return (
+                f"snapshot {out['snapshot_id']}: {out['users']:,} users ({out['counts']}), "
+                f"{out['bytes_per_user']} B/user"
+            )
         if step == "publish":
             return f"{out.get('how', 'skipped')} {out.get('version')} to {out.get('store')}; versions {out.get('versions')}"
         return f"removed {len(out['removed'])} old folder(s)"
@@ -517,16 +613,34 @@ class Pipeline:
         steps = {s: c.done(s) for s in STEPS}
         exp, pub, tr = steps["export"] or {}, steps["publish"] or {}, steps["train"] or {}
         return {
-            "format": RECORD_FORMAT, "pipeline": self.cfg.name, "config": self.cfg.path, "cycle": c.number,
-            "as_of": c.as_of, "as_of_utc": _iso(c.as_of), "previous_cycle": c.previous,
-            "finished_at": _iso(time.time()), "seconds_this_run": round(seconds, 3),
-            "inputs": {"source": self.cfg.source, "train_config": self.cfg.train_config,
-                       "warm_start": tr.get("warm_started_from"), "previous_snapshot": exp.get("previous")},
-            "model": tr.get("model_dir"), "snapshot_id": exp.get("snapshot_id"), "snapshot": exp.get("snapshot"),
-            "store": pub.get("store"), "published_version": pub.get("version"),
-            "figures": {"new_rows": (steps["ingest"] or {}).get("rows"), "eval_mean_ne": tr.get("eval_mean_ne"),
-                        "eval_ne": tr.get("eval_ne"), "users": exp.get("users"), "export_counts": exp.get("counts"),
-                        "bytes_per_user": exp.get("bytes_per_user")},
+            "format": RECORD_FORMAT,
+            "pipeline": self.cfg.name,
+            "config": self.cfg.path,
+            "cycle": c.number,
+            "as_of": c.as_of,
+            "as_of_utc": _iso(c.as_of),
+            "previous_cycle": c.previous,
+            "finished_at": _iso(time.time()),
+            "seconds_this_run": round(seconds, 3),
+            "inputs": {
+                "source": self.cfg.source,
+                "train_config": self.cfg.train_config,
+                "warm_start": tr.get("warm_started_from"),
+                "previous_snapshot": exp.get("previous"),
+            },
+            "model": tr.get("model_dir"),
+            "snapshot_id": exp.get("snapshot_id"),
+            "snapshot": exp.get("snapshot"),
+            "store": pub.get("store"),
+            "published_version": pub.get("version"),
+            "figures": {
+                "new_rows": (steps["ingest"] or {}).get("rows"),
+                "eval_mean_ne": tr.get("eval_mean_ne"),
+                "eval_ne": tr.get("eval_ne"),
+                "users": exp.get("users"),
+                "export_counts": exp.get("counts"),
+                "bytes_per_user": exp.get("bytes_per_user"),
+            },
             "durations_s": {s: (steps[s] or {}).get("seconds") for s in STEPS},
         }
 
@@ -536,8 +650,15 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
     p = Pipeline(cfg, progress=False)
     out: dict[str, Any] = {"pipeline": cfg.name, "workdir": cfg.workdir, "store": cfg.store_url}
     cycles = p.cycles()
-    out["cycles"] = [{"cycle": c.number, "as_of_utc": _iso(c.as_of), "complete": c.complete,
-                      "steps_done": [s for s in STEPS if c.marker(s).exists()]} for c in cycles]
+    out["cycles"] = [
+        {
+            "cycle": c.number,
+            "as_of_utc": _iso(c.as_of),
+            "complete": c.complete,
+            "steps_done": [s for s in STEPS if c.marker(s).exists()],
+        }
+        for c in cycles
+    ]
     records = p.records()
     out["last_cycle"] = records[-1] if records else None
     if cfg.store_url:
@@ -550,9 +671,14 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
         else:
             now = time.time()
             try:
-                out["versions"] = [{**{k: v for k, v in asdict(x).items() if k != "row_format"},
-                                    "age_h": round((now - x.data_cutoff_ts) / 3600, 1),
-                                    "published_utc": _iso(x.published_at)} for x in store.versions()]
+                out["versions"] = [
+                    {
+                        **{k: v for k, v in asdict(x).items() if k != "row_format"},
+                        "age_h": round((now - x.data_cutoff_ts) / 3600, 1),
+                        "published_utc": _iso(x.published_at),
+                    }
+                    for x in store.versions()
+                ]
             except Dv365Error as e:
                 out["versions"] = f"store not readable: {e}"
             finally:

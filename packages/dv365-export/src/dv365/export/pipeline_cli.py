@@ -30,19 +30,33 @@ and refuses to start while another cycle holds the lock. docs/pipeline.md has th
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("pipeline", help="the recurring job: ingest -> train -> export -> publish, one cycle or scheduled",
-                       description=PIPELINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "pipeline",
+        help="the recurring job: ingest -> train -> export -> publish, one cycle or scheduled",
+        description=PIPELINE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ps = p.add_subparsers(dest="pipeline_command", metavar="<run|schedule>")
-    r = ps.add_parser("run", help="run (or finish) one cycle", description=PIPELINE_HELP,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = ps.add_parser(
+        "run",
+        help="run (or finish) one cycle",
+        description=PIPELINE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(r)
-    r.add_argument("--as-of", help="the cycle's data cut-off: unix seconds or an ISO date (default: the newest "
-                                   "event of the source); an unfinished cycle is always finished first")
+    r.add_argument(
+        "--as-of",
+        help="the cycle's data cut-off: unix seconds or an ISO date (default: the newest "
+        "event of the source); an unfinished cycle is always finished first",
+    )
     r.set_defaults(func=_run)
-    s = ps.add_parser("schedule", help="run a cycle every period (a long-running loop)",
-                      description="Runs `pipeline run` now and then every --every (e.g. 30m, 6h, 1d) until stopped "
-                                  "(SIGTERM / Ctrl-C stop it between cycles; a running cycle is finished first). "
-                                  "Each cycle takes the source up to its newest event.")
+    s = ps.add_parser(
+        "schedule",
+        help="run a cycle every period (a long-running loop)",
+        description="Runs `pipeline run` now and then every --every (e.g. 30m, 6h, 1d) until stopped "
+        "(SIGTERM / Ctrl-C stop it between cycles; a running cycle is finished first). "
+        "Each cycle takes the source up to its newest event.",
+    )
     _common(s)
     s.add_argument("--every", required=True, help="period: a number with s, m, h or d (e.g. 6h)")
     s.add_argument("--max-cycles", type=int, default=0, help="stop after this many cycles (0: never)")
@@ -51,10 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def register_status(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("status", help="published versions, their age and users, and the last cycle's figures",
-                       description="Shows a pipeline's store versions (age = now - data cut-off, users covered, "
-                                   "which is active), its cycles (complete or where an unfinished one stopped) "
-                                   "and the last complete cycle's run record.")
+    p = sub.add_parser(
+        "status",
+        help="published versions, their age and users, and the last cycle's figures",
+        description="Shows a pipeline's store versions (age = now - data cut-off, users covered, "
+        "which is active), its cycles (complete or where an unfinished one stopped) "
+        "and the last complete cycle's run record.",
+    )
     p.add_argument("--config", required=True, help="the pipeline config (YAML)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_status)
@@ -86,10 +103,12 @@ def _print_record(record: dict[str, Any] | None, as_json: bool) -> None:
             print(json.dumps({"cycle": None, "note": "nothing new"}))
         return
     f = record["figures"]
-    print(f"cycle {record['cycle']} of {record['pipeline']} complete (as of {record['as_of_utc']}): "
-          f"snapshot {record['snapshot_id']} ({f.get('users')} users, {f.get('bytes_per_user')} B/user, "
-          f"{f.get('export_counts')}), published {record.get('published_version')} to {record.get('store')}; "
-          f"eval mean NE {f.get('eval_mean_ne')}; step seconds {record['durations_s']}")
+    print(
+        f"cycle {record['cycle']} of {record['pipeline']} complete (as of {record['as_of_utc']}): "
+        f"snapshot {record['snapshot_id']} ({f.get('users')} users, {f.get('bytes_per_user')} B/user, "
+        f"{f.get('export_counts')}), published {record.get('published_version')} to {record.get('store')}; "
+        f"eval mean NE {f.get('eval_mean_ne')}; step seconds {record['durations_s']}"
+    )
     if as_json:
         print(json.dumps(record, sort_keys=True, default=str))
 
@@ -150,17 +169,23 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(f"  {len(versions)} version(s) published:")
         for v in versions:
-            print(f"    {'*' if v['active'] else ' '} {v['version']:<28} {v['state']:<8} users {v['user_count']:>9,}  "
-                  f"age {v['age_h']:>8.1f} h  published {v['published_utc']}  model {v['model_version']}"
-                  f"{'  SIMULATED' if v.get('simulated') else ''}")
+            print(
+                f"    {'*' if v['active'] else ' '} {v['version']:<28} {v['state']:<8} users {v['user_count']:>9,}  "
+                f"age {v['age_h']:>8.1f} h  published {v['published_utc']}  model {v['model_version']}"
+                f"{'  SIMULATED' if v.get('simulated') else ''}"
+            )
     for c in st["cycles"][-5:]:
-        print(f"  cycle {c['cycle']}: as of {c['as_of_utc']}, {'complete' if c['complete'] else 'UNFINISHED'} "
-              f"(steps done: {', '.join(c['steps_done']) or 'none'})")
+        print(
+            f"  cycle {c['cycle']}: as of {c['as_of_utc']}, {'complete' if c['complete'] else 'UNFINISHED'} "
+            f"(steps done: {', '.join(c['steps_done']) or 'none'})"
+        )
     rec = st.get("last_cycle")
     if rec:
         f = rec["figures"]
-        print(f"  last cycle {rec['cycle']}: eval mean NE {f.get('eval_mean_ne')}, {f.get('users')} users exported "
-              f"({f.get('export_counts')}), new rows {f.get('new_rows')}, seconds {rec['durations_s']}")
+        print(
+            f"  last cycle {rec['cycle']}: eval mean NE {f.get('eval_mean_ne')}, {f.get('users')} users exported "
+            f"({f.get('export_counts')}), new rows {f.get('new_rows')}, seconds {rec['durations_s']}"
+        )
     else:
         print("  no complete cycle yet: dv365 pipeline run --config ...")
     return 0

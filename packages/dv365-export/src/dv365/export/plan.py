@@ -83,8 +83,9 @@ def shard_name(bucket: int, chunk: int) -> str:
     return f"shard-b{bucket:05d}-{chunk:05d}.parquet"
 
 
-def select_encode(activity: UserActivity, previous_ids: np.ndarray | None, refresh: str,
-                  min_new_events: int) -> tuple[np.ndarray, np.ndarray]:
+def select_encode(
+    activity: UserActivity, previous_ids: np.ndarray | None, refresh: str, min_new_events: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(all users of the snapshot, ascending; bool mask of those to encode)."""
     if refresh not in REFRESH_POLICIES:
         raise ExportError(f"--refresh must be one of {REFRESH_POLICIES}, got {refresh!r}")
@@ -109,7 +110,7 @@ def make_plan(users: np.ndarray, encode: np.ndarray, num_buckets: int, shard_use
     for b in range(num_buckets):
         sel = np.flatnonzero(buckets == b)  # users is ascending, so sel is too
         for k, s in enumerate(range(0, len(sel), shard_users)):
-            rows = sel[s:s + shard_users]
+            rows = sel[s : s + shard_users]
             plan.append(PlannedShard(shard_name(b, k), b, users[rows], encode[rows]))
     return plan
 
@@ -194,8 +195,9 @@ class SnapshotIndex:
             return out
         present = self.contains(user_ids)
         if not present.all():
-            raise SnapshotError(f"{self.url}: user {int(user_ids[~present][0])} is not in snapshot "
-                                f"{self.manifest.snapshot_id!r}")
+            raise SnapshotError(
+                f"{self.url}: user {int(user_ids[~present][0])} is not in snapshot {self.manifest.snapshot_id!r}"
+            )
         pos = np.searchsorted(self.user_ids, user_ids)
         shards, rows = self._shard[pos], self._row[pos]
         for k in np.unique(shards):
@@ -203,6 +205,6 @@ class SnapshotIndex:
             out[sel] = self._shard_payload(int(k))[rows[sel]]
         return out
 
-    def iter_shards(self) -> "list[tuple[int, np.ndarray]]":
+    def iter_shards(self) -> list[tuple[int, np.ndarray]]:
         """Shard indices with their user ids (manifest order)."""
         return [(k, self.user_ids[self._shard == k]) for k in range(len(self.manifest.shards))]

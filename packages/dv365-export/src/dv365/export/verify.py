@@ -37,10 +37,12 @@ class VerifyReport:
 
         m, f = self.manifest, self.manifest.row_format
         sim = " SIMULATED data," if m.simulated else ""
-        return (f"snapshot {m.snapshot_id!r} OK:{sim} {self.users:,} users in {self.shards} shards, "
-                f"{f.rows_per_user} x {f.dim} at {f.bits} bits = {f.user_bytes:,} B/user, {self.bytes:,} B of "
-                f"shards; model {m.model_version!r}, data cut-off {iso(m.data_cutoff_ts)} (gap {m.gap_hours:g} h), "
-                f"created {iso(m.created_at)}; every sha256 and crc32 checked")
+        return (
+            f"snapshot {m.snapshot_id!r} OK:{sim} {self.users:,} users in {self.shards} shards, "
+            f"{f.rows_per_user} x {f.dim} at {f.bits} bits = {f.user_bytes:,} B/user, {self.bytes:,} B of "
+            f"shards; model {m.model_version!r}, data cut-off {iso(m.data_cutoff_ts)} (gap {m.gap_hours:g} h), "
+            f"created {iso(m.created_at)}; every sha256 and crc32 checked"
+        )
 
 
 def _crc32(rows: np.ndarray) -> np.ndarray:
@@ -70,17 +72,24 @@ def verify_snapshot(url: str) -> VerifyReport:
         except (pa.ArrowException, KeyError, OSError) as e:
             raise SnapshotError(f"{where} is not a readable snapshot shard ({type(e).__name__}: {e})") from e
         if emb.type.byte_width != fmt.user_bytes:
-            raise SnapshotError(f"{where}: embeddings of {emb.type.byte_width} B, the row format needs {fmt.user_bytes}")
-        data = np.frombuffer(emb.buffers()[1], np.uint8, count=len(ids) * fmt.user_bytes,
-                             offset=emb.offset * fmt.user_bytes).reshape(len(ids), fmt.user_bytes)
+            raise SnapshotError(
+                f"{where}: embeddings of {emb.type.byte_width} B, the row format needs {fmt.user_bytes}"
+            )
+        data = np.frombuffer(
+            emb.buffers()[1], np.uint8, count=len(ids) * fmt.user_bytes, offset=emb.offset * fmt.user_bytes
+        ).reshape(len(ids), fmt.user_bytes)
         bad = np.flatnonzero(_crc32(data) != crc)
         sha_ok = hashlib.sha256(blob).hexdigest() == info.sha256 and len(blob) == info.bytes
         if len(bad):
-            raise SnapshotError(f"{where} is corrupted: the embedding of user {int(ids[bad[0]])} fails its crc32 "
-                                f"check ({len(bad)} user(s) in all){'' if sha_ok else '; sha256 mismatch too'}")
+            raise SnapshotError(
+                f"{where} is corrupted: the embedding of user {int(ids[bad[0]])} fails its crc32 "
+                f"check ({len(bad)} user(s) in all){'' if sha_ok else '; sha256 mismatch too'}"
+            )
         if not sha_ok:
-            raise SnapshotError(f"{where} is corrupted: its sha256 / size does not match the manifest "
-                                "(every embedding passes its crc32: the damage is in the file's other bytes)")
+            raise SnapshotError(
+                f"{where} is corrupted: its sha256 / size does not match the manifest "
+                "(every embedding passes its crc32: the damage is in the file's other bytes)"
+            )
         if len(ids) != info.users:
             raise SnapshotError(f"{where}: {len(ids)} users, the manifest says {info.users}")
         if len(ids) and ((np.diff(ids) <= 0).any() or ids[0] != info.first_user or ids[-1] != info.last_user):

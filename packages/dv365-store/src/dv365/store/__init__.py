@@ -27,7 +27,17 @@ from dv365.store.errors import (
 from dv365.store.factory import open_store
 
 __all__ = [
-    "__version__", "open_store", "EmbeddingStore", "VersionInfo", "FloatLookupResult", "MAX_BATCH", "StoreError",
-    "InvalidRequestError", "NoActiveVersionError", "PublishError", "StoreAuthError", "StoreUnavailableError",
+    "__version__",
+    "open_store",
+    "EmbeddingStore",
+    "VersionInfo",
+    "FloatLookupResult",
+    "MAX_BATCH",
+    "StoreError",
+    "InvalidRequestError",
+    "NoActiveVersionError",
+    "PublishError",
+    "StoreAuthError",
+    "StoreUnavailableError",
     "VersionNotFoundError",
 ]

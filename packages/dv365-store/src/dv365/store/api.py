@@ -14,8 +14,9 @@ import abc
 import json
 import re
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class VersionInfo:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str = "version") -> "VersionInfo":
+    def from_json(cls, text: str | bytes, where: str = "version") -> VersionInfo:
         try:
             d: dict[str, Any] = json.loads(text)
             d["row_format"] = RowFormat.from_dict(d["row_format"])
@@ -81,10 +82,18 @@ class VersionInfo:
             raise StoreError(f"{where}: malformed version record: {type(e).__name__}: {e}") from e
 
     @classmethod
-    def from_manifest(cls, m: SnapshotManifest, source: str) -> "VersionInfo":
-        return cls(version=m.snapshot_id, model_version=m.model_version, data_cutoff_ts=m.data_cutoff_ts,
-                   user_count=m.user_count, row_format=m.row_format, published_at=time.time(), source=source,
-                   state="loading", simulated=m.simulated)
+    def from_manifest(cls, m: SnapshotManifest, source: str) -> VersionInfo:
+        return cls(
+            version=m.snapshot_id,
+            model_version=m.model_version,
+            data_cutoff_ts=m.data_cutoff_ts,
+            user_count=m.user_count,
+            row_format=m.row_format,
+            published_at=time.time(),
+            source=source,
+            state="loading",
+            simulated=m.simulated,
+        )
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ class RawLookup:
     errors: dict[int, str]
     info: VersionInfo
 
-    def part(self, lo: int, hi: int) -> "RawLookup":
+    def part(self, lo: int, hi: int) -> RawLookup:
         """Users ``lo:hi`` of this answer (views; ``errors`` re-keyed to positions within the part)."""
         errors = {k - lo: v for k, v in self.errors.items() if lo <= k < hi}
         return RawLookup(self.payload[lo:hi], self.present[lo:hi], self.checksums[lo:hi], errors, self.info)
@@ -121,9 +130,14 @@ class RawLookup:
     def to_result(self, now: float | None = None) -> LookupResult:
         fmt = self.info.row_format
         now = time.time() if now is None else now
-        return LookupResult(payload=self.payload.reshape(len(self.present), fmt.rows_per_user, fmt.row_bytes),
-                            present=self.present, snapshot_id=self.info.version,
-                            age_s=now - self.info.data_cutoff_ts, row_format=fmt, errors=self.errors)
+        return LookupResult(
+            payload=self.payload.reshape(len(self.present), fmt.rows_per_user, fmt.row_bytes),
+            present=self.present,
+            snapshot_id=self.info.version,
+            age_s=now - self.info.data_cutoff_ts,
+            row_format=fmt,
+            errors=self.errors,
+        )
 
 
 def as_user_ids(user_ids: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
@@ -147,8 +161,10 @@ def chunk_users(chunk_bytes: int, fmt: RowFormat) -> int:
 
 def check_version_name(version: str, where: str) -> None:
     if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise InvalidRequestError(f"{where}: version {version!r} is not a valid name (letters, digits and ._:+- , "
-                         "first a letter or digit, at most 128 characters)")
+        raise InvalidRequestError(
+            f"{where}: version {version!r} is not a valid name (letters, digits and ._:+- , "
+            "first a letter or digit, at most 128 characters)"
+        )
 
 
 class EmbeddingStore(abc.ABC):
@@ -232,8 +248,10 @@ class EmbeddingStore(abc.ABC):
             raise NoActiveVersionError(f"{self.url}: no active version to roll back from")
         older = [v for v in vs if v.state == "ready" and v.published_at < cur.published_at]
         if not older:
-            raise StoreError(f"{self.url}: cannot roll back from {cur.version!r}: no older ready version is retained "
-                             f"(keep={self.keep})")
+            raise StoreError(
+                f"{self.url}: cannot roll back from {cur.version!r}: no older ready version is retained "
+                f"(keep={self.keep})"
+            )
         return self.activate(older[-1].version)
 
     @abc.abstractmethod
@@ -266,8 +284,10 @@ class EmbeddingStore(abc.ABC):
         existing = {v.version: v for v in self.versions()}
         if info.version in existing:
             if existing[info.version].state == "ready":
-                raise PublishError(f"{where}: the store already has this version (versions are immutable; "
-                                   "export under a new snapshot id, or delete it first)")
+                raise PublishError(
+                    f"{where}: the store already has this version (versions are immutable; "
+                    "export under a new snapshot id, or delete it first)"
+                )
             self.delete_version(info.version)  # left half-published by an earlier crash
         self._begin_version(info)
         try:
@@ -306,14 +326,14 @@ class EmbeddingStore(abc.ABC):
         except StoreError:
             pass
 
-    def _persist(self) -> None:
+    def _persist(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Makes what was written durable (a backend whose writes are not durable on commit overrides it)."""
 
     # ---- life cycle --------------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op for backends that hold nothing
         """Releases connections / maps; the store object is unusable afterwards."""
 
-    def __enter__(self) -> "EmbeddingStore":
+    def __enter__(self) -> EmbeddingStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -329,8 +349,8 @@ def _shard_chunks(url: str, shard: Any, fmt: RowFormat, where: str) -> Iterator[
     except SnapshotError as e:
         raise PublishError(f"{where}: shard {shard.path}: {e}") from e
     for s in range(0, len(ids), WRITE_CHUNK):
-        chunk_ids = ids[s:s + WRITE_CHUNK]
-        yield chunk_ids, encode_records(chunk_ids, payload[s:s + WRITE_CHUNK])
+        chunk_ids = ids[s : s + WRITE_CHUNK]
+        yield chunk_ids, encode_records(chunk_ids, payload[s : s + WRITE_CHUNK])
 
 
 def no_active(url: str) -> NoActiveVersionError:

@@ -11,8 +11,10 @@ import os
 import sys
 from typing import Any
 
-STORE_HELP = ("store URL: lmdb:///path (embedded), redis://[user:pass@]host:port/db, grpc[s]://host:port; "
-              "default $DV365_STORE_URL")
+STORE_HELP = (
+    "store URL: lmdb:///path (embedded), redis://[user:pass@]host:port/db, grpc[s]://host:port; "
+    "default $DV365_STORE_URL"
+)
 
 
 def _tokens(env: str, path: str | None) -> frozenset[str]:
@@ -25,20 +27,30 @@ def _tokens(env: str, path: str | None) -> frozenset[str]:
 
 def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "serve", help="serve a store over gRPC (TLS, reader/writer tokens, health)",
-        description=("Serve an embedding store over gRPC: batched Get, Versions, and writer-only Publish/Activate/"
-                     "Rollback/Delete/Prune. Tokens: files with one token per line, or comma-separated in "
-                     "DV365_STORE_READER_TOKENS / DV365_STORE_WRITER_TOKENS. SIGTERM: health NOT_SERVING, in-flight "
-                     "calls get --grace seconds, exit 0. See docs/store.md."))
-    p.add_argument("--backend", default=os.environ.get("DV365_STORE_URL"), required="DV365_STORE_URL" not in os.environ,
-                   help=STORE_HELP)
+        "serve",
+        help="serve a store over gRPC (TLS, reader/writer tokens, health)",
+        description=(
+            "Serve an embedding store over gRPC: batched Get, Versions, and writer-only Publish/Activate/"
+            "Rollback/Delete/Prune. Tokens: files with one token per line, or comma-separated in "
+            "DV365_STORE_READER_TOKENS / DV365_STORE_WRITER_TOKENS. SIGTERM: health NOT_SERVING, in-flight "
+            "calls get --grace seconds, exit 0. See docs/store.md."
+        ),
+    )
+    p.add_argument(
+        "--backend",
+        default=os.environ.get("DV365_STORE_URL"),
+        required="DV365_STORE_URL" not in os.environ,
+        help=STORE_HELP,
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7365, help="port (0 = any free port; the bound one is printed)")
     p.add_argument("--tls-cert", help="server certificate chain (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--reader-token-file", help="file of reader tokens (one per line)")
     p.add_argument("--writer-token-file", help="file of writer tokens (one per line; writers can read too)")
-    p.add_argument("--allow-anonymous", action="store_true", help="no tokens needed (everyone is a writer): development only")
+    p.add_argument(
+        "--allow-anonymous", action="store_true", help="no tokens needed (everyone is a writer): development only"
+    )
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (needs a reader token)")
     p.add_argument("--workers", type=int, default=16, help="request threads (default 16)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM (default 10)")
@@ -48,24 +60,43 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 def _serve(args: argparse.Namespace) -> int:
     from dv365.store.server import ServeConfig, serve_forever
 
-    cfg = ServeConfig(backend=args.backend, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                      reader_tokens=_tokens("DV365_STORE_READER_TOKENS", args.reader_token_file),
-                      writer_tokens=_tokens("DV365_STORE_WRITER_TOKENS", args.writer_token_file),
-                      allow_anonymous=args.allow_anonymous, reflection=args.reflection, workers=args.workers,
-                      grace_s=args.grace)
+    cfg = ServeConfig(
+        backend=args.backend,
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        reader_tokens=_tokens("DV365_STORE_READER_TOKENS", args.reader_token_file),
+        writer_tokens=_tokens("DV365_STORE_WRITER_TOKENS", args.writer_token_file),
+        allow_anonymous=args.allow_anonymous,
+        reflection=args.reflection,
+        workers=args.workers,
+        grace_s=args.grace,
+    )
     return serve_forever(cfg)
 
 
 def _version_row(v: Any) -> dict[str, Any]:
-    return {"version": v.version, "active": v.active, "state": v.state, "users": v.user_count,
-            "model_version": v.model_version, "data_cutoff_ts": v.data_cutoff_ts, "published_at": round(v.published_at, 3),
-            "simulated": v.simulated, "source": v.source}
+    return {
+        "version": v.version,
+        "active": v.active,
+        "state": v.state,
+        "users": v.user_count,
+        "model_version": v.model_version,
+        "data_cutoff_ts": v.data_cutoff_ts,
+        "published_at": round(v.published_at, 3),
+        "simulated": v.simulated,
+        "source": v.source,
+    }
 
 
 def register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("store", help="publish snapshots into a store and manage its versions",
-                       description="Manage an embedding store: publish a snapshot, list/activate/roll back/prune "
-                                   "versions, look users up. The store is chosen by URL (--store or $DV365_STORE_URL).")
+    p = sub.add_parser(
+        "store",
+        help="publish snapshots into a store and manage its versions",
+        description="Manage an embedding store: publish a snapshot, list/activate/roll back/prune "
+        "versions, look users up. The store is chosen by URL (--store or $DV365_STORE_URL).",
+    )
     p.add_argument("--store", default=os.environ.get("DV365_STORE_URL"), help=STORE_HELP)
     p.add_argument("--token", default=None, help="gRPC bearer token (default $DV365_STORE_TOKEN)")
     ss = p.add_subparsers(dest="store_command", metavar="<action>")
@@ -106,12 +137,18 @@ def _publish(args: argparse.Namespace) -> int:
 
     kw = {"keep": args.keep} if args.keep is not None else {}
     with _open(args, **kw) as store:
-        total = read_manifest(args.snapshot).user_count if "://" not in args.snapshot or args.snapshot.startswith("file") else None
+        total = (
+            read_manifest(args.snapshot).user_count
+            if "://" not in args.snapshot or args.snapshot.startswith("file")
+            else None
+        )
         with tqdm(total=total, unit="user", desc="publish", disable=not sys.stderr.isatty()) as bar:
             info = store.publish(args.snapshot, activate=not args.no_activate, progress=bar.update)
         names = [v.version for v in store.versions()]
-    print(f"dv365 store publish: {info.version} ({info.user_count} users) into {store.url}; "
-          f"active={info.active}; versions now {names}")
+    print(
+        f"dv365 store publish: {info.version} ({info.user_count} users) into {store.url}; "
+        f"active={info.active}; versions now {names}"
+    )
     return 0
 
 
@@ -150,6 +187,8 @@ def _get(args: argparse.Namespace) -> int:
         r = store.get(args.user_ids)
     for i, uid in enumerate(args.user_ids):
         print(json.dumps({"user_id": uid, "present": bool(r.present[i]), "error": r.errors.get(i)}))
-    print(f"dv365 store get: {int(r.present.sum())}/{len(args.user_ids)} present, version {r.snapshot_id}, "
-          f"age {r.age_s / 3600:.1f} h")
+    print(
+        f"dv365 store get: {int(r.present.sum())}/{len(args.user_ids)} present, version {r.snapshot_id}, "
+        f"age {r.age_s / 3600:.1f} h"
+    )
     return 0 if not r.errors else 1

@@ -42,15 +42,17 @@ def open_store(url: str, **options: Any) -> EmbeddingStore:
     """
     scheme = scheme_of(url)
     if scheme not in BACKENDS:
-        raise StoreError(f"{url}: unknown store scheme {scheme!r}; use one of {sorted(BACKENDS)} "
-                         "(lmdb:///path, redis://host:port/db, grpc://host:port)")
+        raise StoreError(
+            f"{url}: unknown store scheme {scheme!r}; use one of {sorted(BACKENDS)} "
+            "(lmdb:///path, redis://host:port/db, grpc://host:port)"
+        )
     module, cls_name, extra = BACKENDS[scheme]
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise StoreError(f"{url}: the {scheme} backend needs {e.name or 'its client library'}: "
-                         f"pip install 'dv365-store[{extra}]'") from e
+        raise StoreError(
+            f"{url}: the {scheme} backend needs {e.name or 'its client library'}: pip install 'dv365-store[{extra}]'"
+        ) from e
     cls = getattr(mod, cls_name)
     base, query = split_url(url)
     return cls.from_url(base, **{**query, **options})  # type: ignore[no-any-return]
-

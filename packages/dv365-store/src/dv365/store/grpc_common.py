@@ -25,8 +25,12 @@ STREAM_CHUNK_BYTES = 1 << 20
 # keeps the transport out of that state; a fixed 16 MiB window (more than a whole 1,000-user answer) stands in for
 # what probing would have grown, so that links with a larger bandwidth-delay product than loopback are not throttled.
 FLOW_CONTROL_WINDOW = 16 << 20
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", FLOW_CONTROL_WINDOW)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", FLOW_CONTROL_WINDOW),
+]
 ERROR_KEY = "dv365-error"  # trailing metadata: the StoreError subclass name
 
 _CODES: list[tuple[type[E.StoreError], grpc.StatusCode]] = [
@@ -57,24 +61,41 @@ def error_class(name: str | None, code: grpc.StatusCode) -> type[E.StoreError]:
 
 def version_to_pb(v: VersionInfo) -> pb.VersionInfo:
     f = v.row_format
-    return pb.VersionInfo(version=v.version, model_version=v.model_version, data_cutoff_ts=v.data_cutoff_ts,
-                          user_count=v.user_count, published_at=v.published_at, source=v.source, state=v.state,
-                          active=v.active, simulated=v.simulated,
-                          row_format=pb.RowFormat(dim=f.dim, bits=f.bits, rows_per_user=f.rows_per_user))
+    return pb.VersionInfo(
+        version=v.version,
+        model_version=v.model_version,
+        data_cutoff_ts=v.data_cutoff_ts,
+        user_count=v.user_count,
+        published_at=v.published_at,
+        source=v.source,
+        state=v.state,
+        active=v.active,
+        simulated=v.simulated,
+        row_format=pb.RowFormat(dim=f.dim, bits=f.bits, rows_per_user=f.rows_per_user),
+    )
 
 
 def version_from_pb(m: pb.VersionInfo) -> VersionInfo:
     f = m.row_format
-    return VersionInfo(version=m.version, model_version=m.model_version, data_cutoff_ts=m.data_cutoff_ts,
-                       user_count=m.user_count, row_format=RowFormat(f.dim, f.bits, f.rows_per_user),
-                       published_at=m.published_at, source=m.source, state=m.state, active=m.active,
-                       simulated=m.simulated)
+    return VersionInfo(
+        version=m.version,
+        model_version=m.model_version,
+        data_cutoff_ts=m.data_cutoff_ts,
+        user_count=m.user_count,
+        row_format=RowFormat(f.dim, f.bits, f.rows_per_user),
+        published_at=m.published_at,
+        source=m.source,
+        state=m.state,
+        active=m.active,
+        simulated=m.simulated,
+    )
 
 
 # ---- GetResponse on the wire without extra copies -------------------------------------------------------
 # GetResponse's three big fields are written/read directly (protobuf wire format: the message is the
 # concatenation of its fields, in any order); the small ones (version, errors) go through the generated
 # class. The bytes are exactly a serialized GetResponse, so clients built from store.proto read them as usual.
+
 
 def _varint(n: int) -> bytes:
     out = bytearray()

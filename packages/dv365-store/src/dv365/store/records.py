@@ -8,7 +8,7 @@ read time because it is ~8x faster than zlib.crc32 on 7.6 KB values (0.5 ms vs 4
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import xxhash
@@ -34,7 +34,9 @@ def encode_records(user_ids: np.ndarray, payload: np.ndarray) -> list[bytes]:
     return out
 
 
-def verify_payloads(payload: np.ndarray, user_ids: np.ndarray, checksums: np.ndarray, present: np.ndarray) -> np.ndarray:
+def verify_payloads(
+    payload: np.ndarray, user_ids: np.ndarray, checksums: np.ndarray, present: np.ndarray
+) -> np.ndarray:
     """Positions (among ``present``) whose ``[B, user_bytes]`` payload row does not match its checksum
     (used by the gRPC client to check what crossed the wire)."""
     idx = np.flatnonzero(present)
@@ -53,8 +55,9 @@ def verify_payloads(payload: np.ndarray, user_ids: np.ndarray, checksums: np.nda
     return idx[got != checksums[idx]]
 
 
-def assemble(values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, fmt: RowFormat,
-             where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+def assemble(
+    values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, fmt: RowFormat, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
     """Verifies stored records and assembles one batch answer, copying each payload once.
 
     Args:
@@ -95,14 +98,16 @@ def assemble(values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, 
         if v is None:
             continue
         if len(v) != size:
-            errors[i] = (f"{where}: user {int(ids[i])}: stored value is {len(v)} bytes, a record of this format is "
-                         f"{size}: corrupted, not returned")
+            errors[i] = (
+                f"{where}: user {int(ids[i])}: stored value is {len(v)} bytes, a record of this format is "
+                f"{size}: corrupted, not returned"
+            )
             continue
         if type(v) is not memoryview:
             v = memoryview(v)  # slicing bytes would copy
         body = v[:n]
-        out[o:o + n] = body
-        tails[8 * i:8 * i + 8] = v[n:]
+        out[o : o + n] = body
+        tails[8 * i : 8 * i + 8] = v[n:]
         computed[i] = h(body, seed)
         found[i] = 1
     if i != B - 1:
@@ -113,8 +118,15 @@ def assemble(values: Iterable[bytes | memoryview | None], user_ids: np.ndarray, 
     return payload, present, stored.astype(np.uint64, copy=False), errors
 
 
-def drop_corrupted(payload: np.ndarray, present: np.ndarray, stored: np.ndarray, user_ids: np.ndarray,
-                   bad: np.ndarray, where: str, errors: dict[int, str]) -> None:
+def drop_corrupted(
+    payload: np.ndarray,
+    present: np.ndarray,
+    stored: np.ndarray,
+    user_ids: np.ndarray,
+    bad: np.ndarray,
+    where: str,
+    errors: dict[int, str],
+) -> None:
     """Reports the users at positions ``bad`` as corrupted (``errors``) and clears them: not present, zero
     payload and checksum, as for every user not returned (in place)."""
     for k in bad.tolist():

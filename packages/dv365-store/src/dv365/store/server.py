@@ -20,9 +20,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -34,7 +35,6 @@ from dv365.store.factory import open_store
 from dv365.store.grpc_common import (
     CHANNEL_OPTIONS,
     ERROR_KEY,
-    READER_METHODS,
     SERVICE,
     STREAM_CHUNK_BYTES,
     WRITER_METHODS,
@@ -78,8 +78,10 @@ class ServeConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise StoreError("dv365 serve: --tls-cert and --tls-key go together")
         if not (self.reader_tokens or self.writer_tokens or self.allow_anonymous):
-            raise StoreError("dv365 serve: no tokens configured: give --reader-token-file/--writer-token-file (or "
-                             "DV365_STORE_READER_TOKENS/DV365_STORE_WRITER_TOKENS), or --allow-anonymous for development")
+            raise StoreError(
+                "dv365 serve: no tokens configured: give --reader-token-file/--writer-token-file (or "
+                "DV365_STORE_READER_TOKENS/DV365_STORE_WRITER_TOKENS), or --allow-anonymous for development"
+            )
         if any(len(t) < 16 for t in self.reader_tokens | self.writer_tokens):
             raise StoreError("dv365 serve: every token must be at least 16 characters")
 
@@ -126,11 +128,17 @@ class TokenAuth(grpc.ServerInterceptor):
         if role is None and self.anonymous and not token:
             role = "writer"
         if role is None:
-            return _abort_handler(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+            return _abort_handler(
+                continuation(details),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown bearer token (metadata 'authorization: Bearer <token>')",
+            )
         if service == f"/{SERVICE}" and method in WRITER_METHODS and role != "writer":
-            return _abort_handler(continuation(details), grpc.StatusCode.PERMISSION_DENIED,
-                                  f"{method} needs a writer token; this is a reader token")
+            return _abort_handler(
+                continuation(details),
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} needs a writer token; this is a reader token",
+            )
         return continuation(details)
 
 
@@ -173,11 +181,14 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
             _abort(context, e)
 
     def Versions(self, request: pb.VersionsRequest, context: grpc.ServicerContext) -> pb.VersionsResponse:
-        return self._run(context, lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()]))
+        return self._run(
+            context, lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()])
+        )
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
-        return self._run(context, lambda: version_to_pb(
-            self.store.publish(request.snapshot_url, activate=not request.no_activate)))
+        return self._run(
+            context, lambda: version_to_pb(self.store.publish(request.snapshot_url, activate=not request.no_activate))
+        )
 
     def Activate(self, request: pb.ActivateRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
         return self._run(context, lambda: version_to_pb(self.store.activate(request.version)))
@@ -199,11 +210,15 @@ def _abort(context: grpc.ServicerContext, e: StoreError) -> None:
 
 def _encode(raw: RawLookup, offset: int) -> bytes:
     """A serialized GetResponse of ``raw`` (``offset``: the batch position of its first user, for error keys)."""
-    small = pb.GetResponse(version=version_to_pb(raw.info),
-                           errors={offset + int(k): v for k, v in raw.errors.items()}).SerializeToString()
-    return encode_get_response(memoryview(np.ascontiguousarray(raw.payload).reshape(-1)),
-                               memoryview(np.ascontiguousarray(raw.present).view(np.uint8)),
-                               memoryview(raw.checksums.astype("<u8").view(np.uint8)), small)
+    small = pb.GetResponse(
+        version=version_to_pb(raw.info), errors={offset + int(k): v for k, v in raw.errors.items()}
+    ).SerializeToString()
+    return encode_get_response(
+        memoryview(np.ascontiguousarray(raw.payload).reshape(-1)),
+        memoryview(np.ascontiguousarray(raw.present).view(np.uint8)),
+        memoryview(raw.checksums.astype("<u8").view(np.uint8)),
+        small,
+    )
 
 
 def _method_handlers(servicer: StoreServicer) -> dict[str, grpc.RpcMethodHandler]:
@@ -212,8 +227,11 @@ def _method_handlers(servicer: StoreServicer) -> dict[str, grpc.RpcMethodHandler
     for m in pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods:
         req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
         make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=req.FromString,
-                                response_serializer=None if m.name in ("Get", "GetStream") else resp.SerializeToString)
+        handlers[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=req.FromString,
+            response_serializer=None if m.name in ("Get", "GetStream") else resp.SerializeToString,
+        )
     return handlers
 
 
@@ -223,9 +241,12 @@ class RunningServer:
     def __init__(self, config: ServeConfig, store: EmbeddingStore) -> None:
         config.check()
         self.config, self.store = config, store
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dv365-serve"),
-                                  interceptors=[TokenAuth(config.reader_tokens, config.writer_tokens, config.allow_anonymous)],
-                                  options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=config.workers * 8)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dv365-serve"),
+            interceptors=[TokenAuth(config.reader_tokens, config.writer_tokens, config.allow_anonymous)],
+            options=CHANNEL_OPTIONS,
+            maximum_concurrent_rpcs=config.workers * 8,
+        )
         self.servicer = StoreServicer(store)
         self.server.add_registered_method_handlers(SERVICE, _method_handlers(self.servicer))
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -233,8 +254,11 @@ class RunningServer:
         if config.reflection:
             from grpc_reflection.v1alpha import reflection
 
-            names = (pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name,
-                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            names = (
+                pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
             reflection.enable_server_reflection(names, self.server)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
@@ -247,7 +271,7 @@ class RunningServer:
             raise StoreError(f"dv365 serve: cannot listen on {address}")
         self.stopped = threading.Event()
 
-    def start(self) -> "RunningServer":
+    def start(self) -> RunningServer:
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -281,13 +305,24 @@ def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
         signal.signal(sig, on_signal)
     active = running.store.active()
     tls = "TLS" if config.tls_cert else "plaintext"
-    auth = ("anonymous allowed" if config.allow_anonymous else
-            f"{len(config.reader_tokens)} reader / {len(config.writer_tokens)} writer tokens")
-    print(f"dv365 serve: listening on {config.host}:{running.port} ({tls}, {auth}, pid {os.getpid()}), backend "
-          f"{running.store.url}, active version {active.version if active else None!r}", file=out, flush=True)
+    auth = (
+        "anonymous allowed"
+        if config.allow_anonymous
+        else f"{len(config.reader_tokens)} reader / {len(config.writer_tokens)} writer tokens"
+    )
+    print(
+        f"dv365 serve: listening on {config.host}:{running.port} ({tls}, {auth}, pid {os.getpid()}), backend "
+        f"{running.store.url}, active version {active.version if active else None!r}",
+        file=out,
+        flush=True,
+    )
     t0 = time.time()
     while not running.stopped.wait(0.5):
         pass
-    print(f"dv365 serve: stopped on {cause[0] if cause else 'request'} after {time.time() - t0:.0f} s and "
-          f"{running.servicer.calls} calls (grace {config.grace_s:g} s)", file=out, flush=True)
+    print(
+        f"dv365 serve: stopped on {cause[0] if cause else 'request'} after {time.time() - t0:.0f} s and "
+        f"{running.servicer.calls} calls (grace {config.grace_s:g} s)",
+        file=out,
+        flush=True,
+    )
     return 0

@@ -30,8 +30,9 @@ The baseline model (Table 1 "no DV365") is the same backbone built with ``user_t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +43,11 @@ from dv365.train.losses import TaskSpec
 ITEM_FEATURES: tuple[str, ...] = ("item.media", "item.author", "item.topic", "item.media_type", "item.surface")
 # item-KJT keys of the target's ids hashed like the history (``id % spec hash size``), per id type: what a
 # tower-sharing backbone looks up in the user tower's tables instead of its own item.media/author/topic tables
-SHARED_ITEM_FEATURES: dict[str, str] = {"shared.item.media": "media", "shared.item.author": "author",
-                                         "shared.item.topic": "topic"}
+SHARED_ITEM_FEATURES: dict[str, str] = {
+    "shared.item.media": "media",
+    "shared.item.author": "author",
+    "shared.item.topic": "topic",
+}
 OWN_WHEN_SHARED = {"item.media": "media", "item.author": "author", "item.topic": "topic"}
 # rows of the item tables that are not cfg.item_hash_size (media type / surface are vocabulary codes)
 SMALL_ITEM_TABLES = {"item.topic": 1009, "item.media_type": 16, "item.surface": 16}
@@ -80,8 +84,9 @@ class BackboneConfig:
         if isinstance(self.share_item_tables, bool):  # YAML true / false
             object.__setattr__(self, "share_item_tables", "main" if self.share_item_tables else "none")
         if self.share_item_tables not in ("none", "main", "all"):
-            raise TrainConfigError(f"model.backbone.share_item_tables = {self.share_item_tables!r}: use none, main "
-                                   "or all (true = main)")
+            raise TrainConfigError(
+                f"model.backbone.share_item_tables = {self.share_item_tables!r}: use none, main or all (true = main)"
+            )
         if self.interaction not in ("dot", "dcn"):
             raise TrainConfigError(f"model.backbone.interaction = {self.interaction!r}: use dot or dcn")
         if self.token_mode not in ("interact", "flatten"):
@@ -96,10 +101,16 @@ def item_embedding_configs(cfg: BackboneConfig, shared_id_types: Sequence[str] =
     from torchrec import EmbeddingBagConfig
     from torchrec.modules.embedding_configs import PoolingType
 
-    return [EmbeddingBagConfig(name=f.replace(".", "_"), embedding_dim=cfg.embedding_dim,
-                               num_embeddings=SMALL_ITEM_TABLES.get(f, cfg.item_hash_size), feature_names=[f],
-                               pooling=PoolingType.MEAN)
-            for f in own_item_features(shared_id_types)]
+    return [
+        EmbeddingBagConfig(
+            name=f.replace(".", "_"),
+            embedding_dim=cfg.embedding_dim,
+            num_embeddings=SMALL_ITEM_TABLES.get(f, cfg.item_hash_size),
+            feature_names=[f],
+            pooling=PoolingType.MEAN,
+        )
+        for f in own_item_features(shared_id_types)
+    ]
 
 
 def own_item_features(shared_id_types: Sequence[str] = ()) -> list[str]:
@@ -126,8 +137,14 @@ class MultiTaskDLRM(nn.Module):
         out.shape                             # [B, K]: a logit per binary task, a prediction per regression
     """
 
-    def __init__(self, cfg: BackboneConfig, num_dense: int, tasks: Sequence[TaskSpec],
-                 user_tokens: tuple[int, int] | None, shared_lookups: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        cfg: BackboneConfig,
+        num_dense: int,
+        tasks: Sequence[TaskSpec],
+        user_tokens: tuple[int, int] | None,
+        shared_lookups: Sequence[tuple[str, str]] = (),
+    ) -> None:
         super().__init__()
         from torchrec import EmbeddingBagCollection
         from torchrec.models.dlrm import DenseArch, InteractionArch, InteractionDCNArch, SparseArch
@@ -163,14 +180,21 @@ class MultiTaskDLRM(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
-    def forward(self, item_kjt: Any, dense: torch.Tensor, user_tokens: torch.Tensor | None = None,
-                item_shared: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        item_kjt: Any,
+        dense: torch.Tensor,
+        user_tokens: torch.Tensor | None = None,
+        item_shared: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         d = self.dense_arch(dense)  # [B, E]
         s = self.sparse_arch(item_kjt)  # [B, F_x, E]
         if self.shared_lookups:
             if item_shared is None or item_shared.shape[1] != len(self.shared_lookups):
-                raise TrainConfigError(f"this backbone reads the item's ids in the user tower's tables "
-                                       f"{list(self.shared_lookups)}: pass item_shared [B, S, D] (DV365Model does)")
+                raise TrainConfigError(
+                    f"this backbone reads the item's ids in the user tower's tables "
+                    f"{list(self.shared_lookups)}: pass item_shared [B, S, D] (DV365Model does)"
+                )
             proj = self.token_proj if self.token_proj is not None else self.item_proj
             assert proj is not None
             s = torch.cat([s, proj(item_shared)], dim=1)  # [B, F_x + S, E]

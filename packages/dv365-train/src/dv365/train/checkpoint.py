@@ -39,8 +39,13 @@ def capture_rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": _to_lists(random.getstate()),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -50,7 +55,9 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     random.setstate(_to_tuples(state["python"]))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -79,7 +86,7 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any], k
     latest_tmp = d / "latest.tmp"
     latest_tmp.write_text(path.name + "\n")
     os.replace(latest_tmp, d / "latest")
-    for old in list_checkpoints(d)[:-max(keep, 1)]:
+    for old in list_checkpoints(d)[: -max(keep, 1)]:
         old.unlink(missing_ok=True)
     return path
 
@@ -133,18 +140,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, source: str) -> int:
     """Loads the ``prefix.*`` entries of a model state dict into ``module``; every key must match in name
     and shape (a clear :class:`CheckpointError` otherwise). Returns the number of tensors loaded."""
-    sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not sub:
         raise CheckpointError(f"{source}: holds no {prefix!r} weights (was it trained with model.kind: baseline?)")
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: {prefix} weights do not fit this model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]} (different tower kind or slice spec?)")
+        raise CheckpointError(
+            f"{source}: {prefix} weights do not fit this model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (different tower kind or slice spec?)"
+        )
     for k, v in sub.items():
         if own[k].shape != v.shape:
-            raise CheckpointError(f"{source}: {prefix}.{k} has shape {tuple(v.shape)}, this model needs "
-                                  f"{tuple(own[k].shape)} (different dims, n_out or hash sizes?)")
+            raise CheckpointError(
+                f"{source}: {prefix}.{k} has shape {tuple(v.shape)}, this model needs "
+                f"{tuple(own[k].shape)} (different dims, n_out or hash sizes?)"
+            )
     module.load_state_dict(sub)
     return len(sub)
 

@@ -22,15 +22,28 @@ See docs/train.md for the config keys."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("train", help="train the DV365 user tower inside the multi-task DLRM backbone",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML training config, or the name of a shipped one (synth-quick, movielens-quick)")
+    p = sub.add_parser(
+        "train",
+        help="train the DV365 user tower inside the multi-task DLRM backbone",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML training config, or the name of a shipped one (synth-quick, movielens-quick)",
+    )
     p.add_argument("--steps", type=int, help="override run.steps (total steps; a resumed run continues to it)")
     p.add_argument("--checkpoint-dir", help="override checkpoint.dir")
     p.add_argument("--warm-start", help="override checkpoint.warm_start (a checkpoint file or folder)")
     p.add_argument("--device", help="override run.device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set model.kind=lce --set run.batch_size=64 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set model.kind=lce --set run.batch_size=64 (repeatable)",
+    )
     p.add_argument("--eval-only", action="store_true", help="only evaluate the latest checkpoint of checkpoint.dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)
@@ -45,8 +58,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise TrainConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. run.steps=100")
         out[key.strip()] = yaml.safe_load(value)
-    for key, value in (("run.steps", args.steps), ("checkpoint.dir", args.checkpoint_dir),
-                       ("checkpoint.warm_start", args.warm_start), ("run.device", args.device)):
+    for key, value in (
+        ("run.steps", args.steps),
+        ("checkpoint.dir", args.checkpoint_dir),
+        ("checkpoint.warm_start", args.warm_start),
+        ("run.device", args.device),
+    ):
         if value is not None:
             out[key] = value
     if args.no_progress:

@@ -14,9 +14,10 @@ Unknown keys are errors that name the key and the section (:class:`TrainConfigEr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dv365.core import config as core_config
 from dv365.core.config import read_yaml_mapping
@@ -171,13 +172,13 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         cfg = _build(cls, d, "config")
         cfg.validate()
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
+    def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
         """Reads a YAML file, or a config shipped in ``dv365/train/configs`` by name (``"synth-quick"``);
         ``overrides`` maps dotted keys (``run.steps``) to values."""
         p = config_path(path)
@@ -194,19 +195,31 @@ class TrainConfig:
         _need(r.eval_batch_size >= 1, "run.eval_batch_size", r.eval_batch_size, "must be >= 1")
         _need(r.log_every >= 1, "run.log_every", r.log_every, "must be >= 1")
         _need(r.eval_every >= 0, "run.eval_every", r.eval_every, "must be >= 0")
-        _need(r.threads >= 0 and r.num_workers >= 0, "run.threads / run.num_workers", (r.threads, r.num_workers),
-              "must be >= 0")
+        _need(
+            r.threads >= 0 and r.num_workers >= 0,
+            "run.threads / run.num_workers",
+            (r.threads, r.num_workers),
+            "must be >= 0",
+        )
         _need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
         _need(d.slicer in ("auto", "numpy", "numba"), "data.slicer", d.slicer, "use auto, numpy or numba")
         _need(d.group_by_user >= 0, "data.group_by_user", d.group_by_user, "must be >= 0 (0: off)")
-        _need(r.sharding in ("table_wise", "row_wise", "data_parallel"), "run.sharding", r.sharding,
-              "use table_wise, row_wise or data_parallel")
+        _need(
+            r.sharding in ("table_wise", "row_wise", "data_parallel"),
+            "run.sharding",
+            r.sharding,
+            "use table_wise, row_wise or data_parallel",
+        )
         lo, hi = d.train_range
         _need(0.0 <= lo < hi <= 1.0, "data.train_range", d.train_range, "must be [lo, hi) with 0 <= lo < hi <= 1")
         _need(self.optim.lr > 0 and self.optim.sparse_lr > 0, "optim.lr", self.optim.lr, "learning rates must be > 0")
         _need(self.optim.dense in ("adam", "adamw", "sgd"), "optim.dense", self.optim.dense, "use adam, adamw or sgd")
-        _need(self.optim.sparse in ("adagrad", "sparse_adam", "sgd"), "optim.sparse", self.optim.sparse,
-              "use adagrad, sparse_adam or sgd")
+        _need(
+            self.optim.sparse in ("adagrad", "sparse_adam", "sgd"),
+            "optim.sparse",
+            self.optim.sparse,
+            "use adagrad, sparse_adam or sgd",
+        )
         for m in self.checkpoint.warm_start_modules:
             _need(m in ("user_tower", "backbone"), "checkpoint.warm_start_modules", m, "use user_tower and/or backbone")
         labels = [t.label for t in self.tasks]
@@ -237,7 +250,17 @@ def _plain(x: Any) -> Any:
 
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "EncoderConfig", "FunnelConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "TaskSpec", "TowerConfig", "TrainConfig", "TrainConfigError", "apply_overrides",
+    "CheckpointConfig",
+    "DataConfig",
+    "EncoderConfig",
+    "FunnelConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TaskSpec",
+    "TowerConfig",
+    "TrainConfig",
+    "TrainConfigError",
+    "apply_overrides",
     "config_path",
 ]

@@ -25,8 +25,9 @@ sliced once; ``data.group_by_user`` keeps a user's consecutive requests together
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +55,9 @@ def load_spec(cfg: DataConfig) -> SliceSpec:
     id_types = {k: dict(v or {}) for k, v in spec.raw["id_types"].items()}
     for id_type, rows in cfg.hash_sizes.items():
         if id_type not in id_types:
-            raise TrainConfigError(f"data.hash_sizes.{id_type}: spec {spec.name!r} has no such id type; "
-                                   f"it has {sorted(id_types)}")
+            raise TrainConfigError(
+                f"data.hash_sizes.{id_type}: spec {spec.name!r} has no such id type; it has {sorted(id_types)}"
+            )
         id_types[id_type]["hash_size"] = int(rows)
     return SliceSpec.from_dict({**spec.raw, "id_types": id_types})
 
@@ -71,8 +73,14 @@ def dense_features(request_ts: np.ndarray, video_duration: np.ndarray) -> np.nda
     ts = np.asarray(request_ts, np.int64)
     hour = (ts % 86_400) / 86_400 * 2 * np.pi
     weekday = ((ts // 86_400 + 3) % 7) / 7 * 2 * np.pi  # 1970-01-01 was a Thursday: Monday = 0
-    cols = [np.log1p(np.maximum(dur, 0)), (dur > 0).astype(np.float64), np.sin(hour), np.cos(hour),
-            np.sin(weekday), np.cos(weekday)]
+    cols = [
+        np.log1p(np.maximum(dur, 0)),
+        (dur > 0).astype(np.float64),
+        np.sin(hour),
+        np.cos(hour),
+        np.sin(weekday),
+        np.cos(weekday),
+    ]
     return np.stack(cols, axis=1).astype(np.float32)
 
 
@@ -113,20 +121,27 @@ class Batch(Pipelineable):
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         dev = torch.device(device)
-        return Batch(None if self.user_kjt is None else self.user_kjt.to(dev, non_blocking=non_blocking),
-                     self.item_kjt.to(dev, non_blocking=non_blocking),
-                     self.dense.to(dev, non_blocking=non_blocking), self.labels.to(dev, non_blocking=non_blocking))
+        return Batch(
+            None if self.user_kjt is None else self.user_kjt.to(dev, non_blocking=non_blocking),
+            self.item_kjt.to(dev, non_blocking=non_blocking),
+            self.dense.to(dev, non_blocking=non_blocking),
+            self.labels.to(dev, non_blocking=non_blocking),
+        )
 
     def record_stream(self, stream: Any) -> None:
         for x in (self.user_kjt, self.item_kjt, self.dense, self.labels):
             if x is not None:
                 x.record_stream(stream)
 
-    def pin_memory(self) -> "Batch":
-        return Batch(None if self.user_kjt is None else self.user_kjt.pin_memory(), self.item_kjt.pin_memory(),
-                     self.dense.pin_memory(), self.labels.pin_memory())
+    def pin_memory(self) -> Batch:
+        return Batch(
+            None if self.user_kjt is None else self.user_kjt.pin_memory(),
+            self.item_kjt.pin_memory(),
+            self.dense.pin_memory(),
+            self.labels.pin_memory(),
+        )
 
 
 @dataclass
@@ -145,7 +160,7 @@ class Requests:
     labels: np.ndarray  # [R, K] float32
 
     @classmethod
-    def from_arrow(cls, table: pa.Table, tasks: Sequence[TaskSpec], vocab: Any) -> "Requests":
+    def from_arrow(cls, table: pa.Table, tasks: Sequence[TaskSpec], vocab: Any) -> Requests:
         missing = [t.label for t in tasks if t.label not in table.column_names]
         if missing:
             have = [c for c in table.column_names if c.startswith("label_")]
@@ -159,15 +174,21 @@ class Requests:
         if topics.null_count:
             topics = topics.fill_null(pa.scalar([], topics.type))
         toff = topics.offsets.to_numpy().astype(np.int64)
-        labels = np.stack([col(t.label).astype(np.float32) for t in tasks], axis=1) if tasks else np.zeros((len(table), 0), np.float32)
+        labels = (
+            np.stack([col(t.label).astype(np.float32) for t in tasks], axis=1)
+            if tasks
+            else np.zeros((len(table), 0), np.float32)
+        )
         if not np.isfinite(labels).all():
             bad = [t.label for k, t in enumerate(tasks) if not np.isfinite(labels[:, k]).all()]
             raise DatasetError(f"requests: label columns {bad} hold null / NaN / inf values")
         return cls(
-            user_id=col("user_id").astype(np.int64), ts=col("ts").astype(np.int64),
+            user_id=col("user_id").astype(np.int64),
+            ts=col("ts").astype(np.int64),
             media_id=col("media_id").astype(np.int64),
             author_id=np.asarray(table.column("author_id").fill_null(-1).to_numpy(), np.int64),
-            topic_offsets=toff - toff[0], topic_values=topics.flatten().to_numpy().astype(np.int64),
+            topic_offsets=toff - toff[0],
+            topic_values=topics.flatten().to_numpy().astype(np.int64),
             media_type=vocab.codes("media_types", col("media_type")).astype(np.int64),
             surface=vocab.codes("surfaces", col("surface")).astype(np.int64),
             video_duration=np.asarray(table.column("video_duration").to_numpy(zero_copy_only=False), np.float64),
@@ -178,7 +199,9 @@ class Requests:
         return len(self.ts)
 
 
-def item_kjt(req: Requests, rows: np.ndarray, item_hash_size: int, history_rows: Mapping[str, int] | None = None) -> Any:
+def item_kjt(
+    req: Requests, rows: np.ndarray, item_hash_size: int, history_rows: Mapping[str, int] | None = None
+) -> Any:
     """The target items of ``rows`` as a KJT over :data:`ITEM_FEATURES` (ids hashed to the table rows).
 
     ``history_rows`` (id type -> the slice spec's hash size): the KJT also holds the keys
@@ -191,7 +214,9 @@ def item_kjt(req: Requests, rows: np.ndarray, item_hash_size: int, history_rows:
     author = req.author_id[rows]
     t0, t1 = req.topic_offsets[rows], req.topic_offsets[rows + 1]
     n_topics = t1 - t0
-    topic_idx = np.arange(int(n_topics.sum()), dtype=np.int64) + np.repeat(t0 - (np.cumsum(n_topics) - n_topics), n_topics)
+    topic_idx = np.arange(int(n_topics.sum()), dtype=np.int64) + np.repeat(
+        t0 - (np.cumsum(n_topics) - n_topics), n_topics
+    )
     per_key = [
         (req.media_id[rows] % item_hash_size, ones),
         (author[author >= 0] % item_hash_size, (author >= 0).astype(np.int64)),
@@ -200,8 +225,11 @@ def item_kjt(req: Requests, rows: np.ndarray, item_hash_size: int, history_rows:
         (req.surface[rows] % SMALL_ITEM_TABLES["item.surface"], ones),
     ]
     keys = list(ITEM_FEATURES)
-    raw = {"media": (req.media_id[rows], ones), "author": (author[author >= 0], (author >= 0).astype(np.int64)),
-           "topic": (req.topic_values[topic_idx], t1 - t0)}
+    raw = {
+        "media": (req.media_id[rows], ones),
+        "author": (author[author >= 0], (author >= 0).astype(np.int64)),
+        "topic": (req.topic_values[topic_idx], t1 - t0),
+    }
     for key, id_type in SHARED_ITEM_FEATURES.items():
         if history_rows and id_type in history_rows:
             ids, lengths = raw[id_type]
@@ -212,7 +240,9 @@ def item_kjt(req: Requests, rows: np.ndarray, item_hash_size: int, history_rows:
         keys=keys,
         values=torch.from_numpy(np.concatenate([v for v, _ in per_key]).astype(np.int64)),
         lengths=torch.from_numpy(np.concatenate([n for _, n in per_key]).astype(np.int32)),
-        stride=B, length_per_key=lpk, offset_per_key=[0, *np.cumsum(lpk).tolist()],
+        stride=B,
+        length_per_key=lpk,
+        offset_per_key=[0, *np.cumsum(lpk).tolist()],
     )
 
 
@@ -249,7 +279,9 @@ class ExampleSource:
 
     def __init__(self, cfg: DataConfig, tasks: Sequence[TaskSpec], spec: SliceSpec | None, item_hash_size: int) -> None:
         if not cfg.url:
-            raise TrainConfigError("data.url is not set: name a UniTi dataset with requests (dv365 synth / dv365 import)")
+            raise TrainConfigError(
+                "data.url is not set: name a UniTi dataset with requests (dv365 synth / dv365 import)"
+            )
         self.dataset = TimelineDataset(cfg.url)
         table = self.dataset.requests()
         if table.num_rows == 0:
@@ -302,19 +334,25 @@ class ExampleSource:
                 first, inv = dedup_rows(slice_keys(tl, urow, ts, self.spec))
                 if len(first) < len(rows):
                     urow, ts, inverse = urow[first], ts[first], inv
-            batch_tl = Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab)
+            batch_tl = Timelines(
+                tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab
+            )
             sliced = self.slicer.slice(batch_tl, ts)
             if len(sliced.values) and (sliced.values.min() < 0 or sliced.values.max() >= self._max_rows):
                 raise DatasetError(
                     f"the slicer ({getattr(self.slicer, 'backend', 'default')} backend) produced ids outside "
                     f"[0, {self._max_rows}) for users {np.unique(req.user_id[rows])[:5].tolist()}...: "
-                    "a slicer bug; try data.slicer: numpy")
+                    "a slicer bug; try data.slicer: numpy"
+                )
             user_kjt = sliced.to_kjt()
             if inverse is not None:
                 user_kjt = with_inverse(user_kjt, torch.from_numpy(inverse))
-        return Batch(user_kjt, item_kjt(req, rows, self.item_hash_size, self.history_rows),
-                     torch.from_numpy(dense_features(req.ts[rows], req.video_duration[rows])),
-                     torch.from_numpy(np.ascontiguousarray(req.labels[rows])))
+        return Batch(
+            user_kjt,
+            item_kjt(req, rows, self.item_hash_size, self.history_rows),
+            torch.from_numpy(dense_features(req.ts[rows], req.video_duration[rows])),
+            torch.from_numpy(np.ascontiguousarray(req.labels[rows])),
+        )
 
     def head_bias(self) -> list[float]:
         """Initial head biases from the training rows: base-rate logits (binary), target means (regression)."""
@@ -323,7 +361,7 @@ class ExampleSource:
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """The evaluation rows in time order (the last batch may be partial)."""
         for s in range(0, len(self.eval_rows), batch_size):
-            yield self.collate(self.eval_rows[s:s + batch_size])
+            yield self.collate(self.eval_rows[s : s + batch_size])
 
 
 class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -344,8 +382,14 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
         loader = DataLoader(batches, batch_size=None, sampler=range(start, steps), num_workers=2)
     """
 
-    def __init__(self, source: ExampleSource, batch_size: int, seed: int, group_by_user: int | None = None,
-                 part: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self,
+        source: ExampleSource,
+        batch_size: int,
+        seed: int,
+        group_by_user: int | None = None,
+        part: tuple[int, int] = (0, 1),
+    ) -> None:
         n = len(source.train_rows)
         if n < batch_size:
             raise TrainConfigError(f"run.batch_size = {batch_size} but the training range has only {n} requests")
@@ -364,8 +408,9 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
             if self.group_by_user > 0:
                 rows = self.source.train_rows
-                perm = grouped_permutation(self.source.requests.user_id[rows], self.source.requests.ts[rows],
-                                           self.group_by_user, rng)
+                perm = grouped_permutation(
+                    self.source.requests.user_id[rows], self.source.requests.ts[rows], self.group_by_user, rng
+                )
             else:
                 perm = rng.permutation(len(self.source.train_rows))
             self._perm = (epoch, perm)
@@ -374,14 +419,14 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def rows(self, step: int) -> np.ndarray:
         """Request rows of the step's batch."""
         epoch, b = self.position(step)
-        idx = self.permutation(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+        idx = self.permutation(epoch)[b * self.batch_size : (b + 1) * self.batch_size]
         return self.source.train_rows[idx]
 
     def local_rows(self, step: int) -> np.ndarray:
         """This rank's part of the step's batch (all of it in a single process)."""
         rank, world = self.part
         n = self.batch_size // world
-        return self.rows(step)[rank * n:(rank + 1) * n]
+        return self.rows(step)[rank * n : (rank + 1) * n]
 
     def __getitem__(self, step: int) -> Batch:
         return self.source.collate(self.local_rows(step))

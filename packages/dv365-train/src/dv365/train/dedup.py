@@ -50,7 +50,7 @@ def _searchsorted_rows(t: EventTable, urow: np.ndarray, thresholds: np.ndarray, 
     order = np.argsort(inv, kind="stable")
     bounds = np.searchsorted(inv[order], np.arange(len(users) + 1))
     for j, u in enumerate(users):  # one vectorised searchsorted per distinct user of the batch
-        sel = order[bounds[j]:bounds[j + 1]]
+        sel = order[bounds[j] : bounds[j + 1]]
         lo, hi = int(t.offsets[u]), int(t.offsets[u + 1])
         out[sel] = lo + np.searchsorted(t.ts[lo:hi], thresholds[sel], side=side)  # type: ignore[call-overload]
     return out
@@ -97,10 +97,17 @@ def with_inverse(kjt: Any, inverse: torch.Tensor) -> Any:
 
     keys = kjt.keys()
     inv = inverse.to(torch.long).view(1, -1).expand(len(keys), -1).contiguous()  # [F, B]
-    return KeyedJaggedTensor(keys=keys, values=kjt.values(), weights=kjt.weights_or_none(),
-                             lengths=kjt.lengths_or_none(), offsets=kjt.offsets_or_none(), stride=kjt.stride(),
-                             length_per_key=kjt.length_per_key_or_none(),
-                             offset_per_key=kjt.offset_per_key_or_none(), inverse_indices=(keys, inv))
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=kjt.values(),
+        weights=kjt.weights_or_none(),
+        lengths=kjt.lengths_or_none(),
+        offsets=kjt.offsets_or_none(),
+        stride=kjt.stride(),
+        length_per_key=kjt.length_per_key_or_none(),
+        offset_per_key=kjt.offset_per_key_or_none(),
+        inverse_indices=(keys, inv),
+    )
 
 
 def strip_inverse(kjt: Any) -> tuple[Any, torch.Tensor | None]:
@@ -110,10 +117,16 @@ def strip_inverse(kjt: Any) -> tuple[Any, torch.Tensor | None]:
         return kjt, None
     from torchrec import KeyedJaggedTensor
 
-    plain = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), weights=kjt.weights_or_none(),
-                              lengths=kjt.lengths_or_none(), offsets=kjt.offsets_or_none(), stride=kjt.stride(),
-                              length_per_key=kjt.length_per_key_or_none(),
-                              offset_per_key=kjt.offset_per_key_or_none())
+    plain = KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=kjt.values(),
+        weights=kjt.weights_or_none(),
+        lengths=kjt.lengths_or_none(),
+        offsets=kjt.offsets_or_none(),
+        stride=kjt.stride(),
+        length_per_key=kjt.length_per_key_or_none(),
+        offset_per_key=kjt.offset_per_key_or_none(),
+    )
     return plain, found[1][0]
 
 

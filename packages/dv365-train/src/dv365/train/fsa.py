@@ -101,7 +101,7 @@ class TowerConfig:
     encoder: EncoderConfig = EncoderConfig()
     funnel: FunnelConfig = FunnelConfig()
 
-    def with_tokens(self, num_tokens: int) -> "TowerConfig":
+    def with_tokens(self, num_tokens: int) -> TowerConfig:
         return replace(self, num_tokens=num_tokens)
 
 
@@ -110,8 +110,10 @@ def canonical_kind(kind: str) -> str:
     k = kind.strip().lower().replace("-", "").replace(" ", "")
     k = {"passthru": "pass_thru", "pass_through": "pass_thru"}.get(k, k)
     if k not in TOWER_KINDS:
-        raise TrainConfigError(f"user tower kind {kind!r} is unknown; choose one of {list(TOWER_KINDS)} "
-                               "(or 'baseline' for the model without a tower)")
+        raise TrainConfigError(
+            f"user tower kind {kind!r} is unknown; choose one of {list(TOWER_KINDS)} "
+            "(or 'baseline' for the model without a tower)"
+        )
     return k
 
 
@@ -135,17 +137,25 @@ def token_split(cfg: TowerConfig) -> tuple[int, int]:
         raise TrainConfigError(
             f"model.tower.n_out = {cfg.n_out} is smaller than the funnel's output width {main} "
             f"(N = {cfg.num_tokens}, {cfg.funnel.num_blocks} blocks, stride {cfg.funnel.stride}); "
-            "add funnel blocks, raise the stride or raise n_out")
+            "add funnel blocks, raise the stride or raise n_out"
+        )
     return main, lce
 
 
 def _check(cfg: TowerConfig) -> None:
     e, f = cfg.encoder, cfg.funnel
-    for name, v in (("num_tokens", cfg.num_tokens), ("dim", cfg.dim), ("n_out", cfg.n_out),
-                    ("encoder.num_heads", e.num_heads), ("encoder.head_dim", e.head_dim),
-                    ("encoder.ff_mult", e.ff_mult), ("encoder.num_layers", e.num_layers),
-                    ("funnel.num_blocks", f.num_blocks), ("funnel.layers_per_block", f.layers_per_block),
-                    ("funnel.stride", f.stride)):
+    for name, v in (
+        ("num_tokens", cfg.num_tokens),
+        ("dim", cfg.dim),
+        ("n_out", cfg.n_out),
+        ("encoder.num_heads", e.num_heads),
+        ("encoder.head_dim", e.head_dim),
+        ("encoder.ff_mult", e.ff_mult),
+        ("encoder.num_layers", e.num_layers),
+        ("funnel.num_blocks", f.num_blocks),
+        ("funnel.layers_per_block", f.layers_per_block),
+        ("funnel.stride", f.stride),
+    ):
         if v < 1:
             raise TrainConfigError(f"model.tower.{name} = {v}: must be >= 1")
     if not 0.0 <= e.dropout < 1.0:
@@ -169,7 +179,7 @@ def funnel_pool(x: torch.Tensor, stride: int) -> torch.Tensor:
     if full:
         parts.append(x[..., : full * stride].unflatten(-1, (full, stride)).mean(-1))
     if w % stride:
-        parts.append(x[..., full * stride:].mean(-1, keepdim=True))
+        parts.append(x[..., full * stride :].mean(-1, keepdim=True))
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
@@ -244,7 +254,8 @@ class FunnelEncoder(nn.Module):
         self.stride = funnel.stride
         self.widths = funnel_widths(num_tokens, funnel)
         self.blocks = nn.ModuleList(
-            nn.Sequential(*(EncoderLayer(w, encoder) for _ in range(funnel.layers_per_block))) for w in self.widths)
+            nn.Sequential(*(EncoderLayer(w, encoder) for _ in range(funnel.layers_per_block))) for w in self.widths
+        )
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
@@ -345,8 +356,12 @@ class DimWiseMLP(UserTowerArch):
         super().__init__()
         self.out_tokens, self.dim = cfg.n_out, cfg.dim
         hidden = cfg.encoder.ff_mult * cfg.dim
-        self.mlp = nn.Sequential(nn.Linear(cfg.num_tokens * cfg.dim, hidden), nn.GELU(), nn.Dropout(cfg.encoder.dropout),
-                                 nn.Linear(hidden, cfg.n_out * cfg.dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.num_tokens * cfg.dim, hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.encoder.dropout),
+            nn.Linear(hidden, cfg.n_out * cfg.dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x.flatten(1)).view(x.shape[0], self.out_tokens, self.dim)  # [B, N*D] -> [B, N_out, D]
@@ -369,8 +384,9 @@ class TokenWiseMLP(UserTowerArch):
         super().__init__()
         self.out_tokens = cfg.n_out
         hidden = cfg.encoder.ff_mult * cfg.num_tokens
-        self.mlp = nn.Sequential(nn.Linear(cfg.num_tokens, hidden), nn.GELU(), nn.Dropout(cfg.encoder.dropout),
-                                 nn.Linear(hidden, cfg.n_out))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.num_tokens, hidden), nn.GELU(), nn.Dropout(cfg.encoder.dropout), nn.Linear(hidden, cfg.n_out)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x.transpose(1, 2)).transpose(1, 2)  # [B, D, N] -> [B, D, N_out] -> [B, N_out, D]
@@ -401,7 +417,7 @@ class DimWiseTransformer(UserTowerArch):
         self.lce = LinearCompression(cfg.num_tokens, n_lce) if n_lce else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.layers(x + self.pos)[:, -self.main:, :]  # [B, N, D] -> [B, main, D]
+        h = self.layers(x + self.pos)[:, -self.main :, :]  # [B, N, D] -> [B, main, D]
         return h if self.lce is None else torch.cat([h, self.lce(x)], dim=1)  # [B, N_out, D]
 
 
@@ -427,7 +443,7 @@ class TokenWiseTransformer(UserTowerArch):
         self.lce = LinearCompression(cfg.num_tokens, n_lce) if n_lce else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.layers(x.transpose(1, 2))[:, :, -self.main:]  # [B, D, N] -> [B, D, main]
+        u = self.layers(x.transpose(1, 2))[:, :, -self.main :]  # [B, D, N] -> [B, D, main]
         h = u.transpose(1, 2)  # [B, main, D]
         return h if self.lce is None else torch.cat([h, self.lce(x)], dim=1)  # [B, N_out, D]
 
@@ -461,8 +477,13 @@ class FunnelSummarization(UserTowerArch):
 
 
 _ARCHS: dict[str, type[UserTowerArch]] = {
-    "pass_thru": PassThru, "lce": LCETower, "mlp_d": DimWiseMLP, "mlp_t": TokenWiseMLP,
-    "tl_d": DimWiseTransformer, "tl_t": TokenWiseTransformer, "fsa": FunnelSummarization,
+    "pass_thru": PassThru,
+    "lce": LCETower,
+    "mlp_d": DimWiseMLP,
+    "mlp_t": TokenWiseMLP,
+    "tl_d": DimWiseTransformer,
+    "tl_t": TokenWiseTransformer,
+    "fsa": FunnelSummarization,
 }
 
 

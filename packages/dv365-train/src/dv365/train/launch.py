@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dv365.train.config import TrainConfig
 from dv365.train.errors import CheckpointError
@@ -46,13 +47,17 @@ def summary(trainer: Trainer, result: TrainResult | None, ev: dict[str, Any]) ->
     if result is not None:
         how = f" resumed at step {result.start_step}" if result.resumed_from else ""
         how += " warm-started" if result.warm_started_from else ""
-        parts.append(f"steps {result.start_step}->{result.steps}{how} in {result.seconds:.1f} s "
-                     f"({result.examples_per_s:,.0f} examples/s), last train loss {result.train_loss:.4f}")
+        parts.append(
+            f"steps {result.start_step}->{result.steps}{how} in {result.seconds:.1f} s "
+            f"({result.examples_per_s:,.0f} examples/s), last train loss {result.train_loss:.4f}"
+        )
     if ev:
         tasks = ev["tasks"]
         nes = ", ".join(f"{k} {v['ne']:.4f}" for k, v in tasks.items() if "ne" in v and not math.isnan(v["ne"]))
         mses = ", ".join(f"{k} MSE {v['mse']:.4f}" for k, v in tasks.items() if "mse" in v)
-        parts.append(f"eval on {ev['examples']:,} requests: mean NE {ev['mean_ne']:.4f} ({nes})" + (f"; {mses}" if mses else ""))
+        parts.append(
+            f"eval on {ev['examples']:,} requests: mean NE {ev['mean_ne']:.4f} ({nes})" + (f"; {mses}" if mses else "")
+        )
     ckpt = result.checkpoint if result is not None else None
     if ckpt:
         parts.append(f"checkpoint {ckpt}")

@@ -12,8 +12,8 @@ Each task is one label column of the requests (``label_*``) and one output of th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +84,9 @@ class MultiTaskLoss(nn.Module):
         self.tasks = tuple(tasks)
         binary = torch.tensor([t.kind == "binary" for t in self.tasks])
         self.register_buffer("binary", binary, persistent=False)
-        self.register_buffer("weights", torch.tensor([t.weight for t in self.tasks], dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer(
+            "weights", torch.tensor([t.weight for t in self.tasks], dtype=torch.float32), persistent=False
+        )
         self._log1p = [i for i, t in enumerate(self.tasks) if t.transform == "log1p"]
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ NE is undefined (NaN) when the evaluated data has no positives or no negatives; 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,9 @@ class MultiTaskMeter:
     def update(self, outputs: torch.Tensor, labels: torch.Tensor) -> None:
         out, lab = outputs.detach().double().cpu(), labels.detach().double().cpu()
         y = self._loss.targets(lab)  # [B, K]
-        per_ex = torch.where(self._loss.binary.cpu(), F.binary_cross_entropy_with_logits(out, y, reduction="none"),
-                             (out - y).pow(2))  # [B, K]
+        per_ex = torch.where(
+            self._loss.binary.cpu(), F.binary_cross_entropy_with_logits(out, y, reduction="none"), (out - y).pow(2)
+        )  # [B, K]
         self.loss_sum += per_ex.sum(0)
         self.label_sum += y.sum(0)
         self.label_sq_sum += y.pow(2).sum(0)
@@ -78,13 +80,22 @@ class MultiTaskMeter:
             if t.kind == "binary":
                 p = float(self.label_sum[k]) / n
                 h = binary_entropy(p)
-                res[t.name] = {"ne": mean_loss / h if h > 0 else math.nan, "bce": mean_loss, "base_rate": p,
-                               "count": self.count}
+                res[t.name] = {
+                    "ne": mean_loss / h if h > 0 else math.nan,
+                    "bce": mean_loss,
+                    "base_rate": p,
+                    "count": self.count,
+                }
             else:
                 mean = float(self.label_sum[k]) / n
                 var = max(float(self.label_sq_sum[k]) / n - mean * mean, 0.0)
-                res[t.name] = {"mse": mean_loss, "nmse": mean_loss / var if var > 0 else math.nan, "label_var": var,
-                               "target": t.transform, "count": self.count}
+                res[t.name] = {
+                    "mse": mean_loss,
+                    "nmse": mean_loss / var if var > 0 else math.nan,
+                    "label_var": var,
+                    "target": t.transform,
+                    "count": self.count,
+                }
         return res
 
     def mean_ne(self) -> float:
@@ -129,5 +140,10 @@ def seed_stats(values: Sequence[float]) -> dict[str, Any]:
     mean = float(a.mean())
     std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
     noise = bool(len(a) < 2 or abs(mean) <= 2 * std / math.sqrt(len(a)) * (1 + 1e-9))
-    return {"mean": round(mean, 4), "std": round(std, 4) if math.isfinite(std) else None, "n": int(len(a)),
-            "values": [round(float(v), 4) for v in a], "noise": noise}
+    return {
+        "mean": round(mean, 4),
+        "std": round(std, 4) if math.isfinite(std) else None,
+        "n": int(len(a)),
+        "values": [round(float(v), 4) for v in a],
+        "noise": noise,
+    }

@@ -13,7 +13,8 @@ backbone; the tables stay inside the tower (one parameter, two readers), so the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,8 +83,13 @@ class DV365Model(nn.Module):
         return self.backbone(item_kjt, dense, tokens, shared)  # [B, K]
 
 
-def build_model(cfg: ModelConfig, spec: SliceSpec | None, tasks: Sequence[TaskSpec], num_dense: int,
-                device: torch.device | str | None = None) -> DV365Model:
+def build_model(
+    cfg: ModelConfig,
+    spec: SliceSpec | None,
+    tasks: Sequence[TaskSpec],
+    num_dense: int,
+    device: torch.device | str | None = None,
+) -> DV365Model:
     """Builds the model of ``cfg`` (``spec`` may be ``None`` only for the baseline), on ``device``."""
     if not tasks:
         raise TrainConfigError("no tasks: list label columns under `tasks:` (or let the trainer infer them)")
@@ -93,13 +99,17 @@ def build_model(cfg: ModelConfig, spec: SliceSpec | None, tasks: Sequence[TaskSp
             raise TrainConfigError(f"model.kind = {cfg.kind!r} needs a slice spec")
         tcfg = cfg.tower
         if tcfg.num_tokens not in (0, len(spec.features)):
-            raise TrainConfigError(f"model.tower.num_tokens = {tcfg.num_tokens} but spec {spec.name!r} has "
-                                   f"{len(spec.features)} features (leave num_tokens out)")
+            raise TrainConfigError(
+                f"model.tower.num_tokens = {tcfg.num_tokens} but spec {spec.name!r} has "
+                f"{len(spec.features)} features (leave num_tokens out)"
+            )
         tcfg = tcfg.with_tokens(len(spec.features))
         tower = DV365UserTower(SlicedPooling(spec, tcfg.dim), build_user_tower(cfg.kind, tcfg))
     shape = (tower.out_tokens, tower.dim) if tower is not None else None
     shared: list[tuple[str, str]] = []
-    if tower is not None and spec is not None:  # the target item's ids looked up in the tower's tables (share_item_tables)
+    if (
+        tower is not None and spec is not None
+    ):  # the target item's ids looked up in the tower's tables (share_item_tables)
         known = set(SHARED_ITEM_FEATURES.values())
         shared = [(i, t) for i, t in shared_item_tables(spec, cfg.backbone.share_item_tables) if i in known]
     model = DV365Model(tower, MultiTaskDLRM(cfg.backbone, num_dense, tasks, shape, shared))

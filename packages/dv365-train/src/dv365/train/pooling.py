@@ -35,12 +35,12 @@ the history and the candidate), so the tables get gradients from both paths.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torchrec import EmbeddingBagCollection
 
 from dv365.core.kjt import embedding_bag_configs
@@ -64,13 +64,16 @@ class SlicedPooling(nn.Module):
         pooling(kjt).shape                                                 # [B, 201, 256]
     """
 
-    def __init__(self, spec: SliceSpec, dim: int, device: torch.device | str | None = None, grouped: bool = True) -> None:
+    def __init__(
+        self, spec: SliceSpec, dim: int, device: torch.device | str | None = None, grouped: bool = True
+    ) -> None:
         super().__init__()
         self.feature_names: list[str] = spec.feature_names
         self.num_tokens, self.dim = len(self.feature_names), dim
         tables = embedding_bag_configs(spec, dim)
-        self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=True,
-                                          device=torch.device(device) if device is not None else None)
+        self.ebc = EmbeddingBagCollection(
+            tables=tables, is_weighted=True, device=torch.device(device) if device is not None else None
+        )
         ebc_order = {name: i for i, name in enumerate(n for t in tables for n in t.feature_names)}
         perm = torch.tensor([ebc_order[name] for name in self.feature_names], dtype=torch.long)
         self.register_buffer("perm", perm, persistent=False)  # EBC (table-grouped) position of each token
@@ -108,19 +111,26 @@ class SlicedPooling(nn.Module):
             pooling.item_embeddings(batch.item_kjt, lookups).shape   # [B, 3, D]
         """
         if not isinstance(self.ebc, EmbeddingBagCollection):
-            raise TrainConfigError("model.backbone.share_item_tables: the tower's tables are sharded (DMP); "
-                                   "item lookups into them are only supported unsharded")
+            raise TrainConfigError(
+                "model.backbone.share_item_tables: the tower's tables are sharded (DMP); "
+                "item lookups into them are only supported unsharded"
+            )
         d = item_kjt.to_dict()
         outs = []
         for id_type, table in lookups:
             key = f"shared.item.{id_type}"
             if key not in d or self.id_types.get(table) != id_type:
-                raise TrainConfigError(f"model.backbone.share_item_tables: no item key {key!r} or no {id_type!r} "
-                                       f"table {table!r} in the slice spec (tables: {self.id_types})")
+                raise TrainConfigError(
+                    f"model.backbone.share_item_tables: no item key {key!r} or no {id_type!r} "
+                    f"table {table!r} in the slice spec (tables: {self.id_types})"
+                )
             bag = self.ebc.embedding_bags[table]
             jt = d[key]
-            outs.append(F.embedding_bag(jt.values(), bag.weight, jt.offsets(), mode="mean", sparse=bag.sparse,
-                                        include_last_offset=True))  # [B, D]
+            outs.append(
+                F.embedding_bag(
+                    jt.values(), bag.weight, jt.offsets(), mode="mean", sparse=bag.sparse, include_last_offset=True
+                )
+            )  # [B, D]
         return torch.stack(outs, dim=1)  # [B, S, D]
 
     def _token_perm(self, keys: list[str]) -> torch.Tensor:
@@ -129,7 +139,9 @@ class SlicedPooling(nn.Module):
             return self.perm
         if self._out_keys != list(keys):
             pos = {k: i for i, k in enumerate(keys)}
-            self._out_perm = torch.tensor([pos[f] for f in self.feature_names], dtype=torch.long, device=self.perm.device)
+            self._out_perm = torch.tensor(
+                [pos[f] for f in self.feature_names], dtype=torch.long, device=self.perm.device
+            )
             self._out_keys = list(keys)
         return self._out_perm
 
@@ -145,10 +157,10 @@ class SlicedPooling(nn.Module):
         outs, f0 = [], 0
         for bag, names in zip(self.ebc.embedding_bags.values(), self._ebc_features):
             f1 = f0 + len(names)
-            offsets = F.pad(lengths[f0 * B:f1 * B].long().cumsum(0), (1, 0))  # [nf*B + 1]
-            ids, inverse = unique_ids(values[opk[f0]:opk[f1]], bag.num_embeddings)  # [U], [L]
+            offsets = F.pad(lengths[f0 * B : f1 * B].long().cumsum(0), (1, 0))  # [nf*B + 1]
+            ids, inverse = unique_ids(values[opk[f0] : opk[f1]], bag.num_embeddings)  # [U], [L]
             rows = F.embedding(ids, bag.weight, sparse=bag.sparse)  # [U, D]: each row read once per batch
-            outs.append(bag_sums(rows, inverse, offsets, weights[opk[f0]:opk[f1]]))  # [nf*B, D]
+            outs.append(bag_sums(rows, inverse, offsets, weights[opk[f0] : opk[f1]]))  # [nf*B, D]
             f0 = f1
         pooled = torch.cat(outs).view(self.num_tokens, B, self.dim)  # [N, B, D], EBC order
         return pooled.transpose(0, 1).index_select(1, self.perm)  # [B, N, D] in spec order
@@ -179,8 +191,9 @@ class _CsrBagSums(torch.autograd.Function):
     """``S @ rows`` with ``S`` the CSR matrix of the bags; backward ``S^T @ grad`` (no gradient for the weights)."""
 
     @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, rows: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(index, offsets, weights)
         ctx.num_rows = rows.shape[0]
         return _csr(offsets, index, weights, (len(offsets) - 1, rows.shape[0])) @ rows  # [bags, D]

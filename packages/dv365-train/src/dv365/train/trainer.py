@@ -23,20 +23,38 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dv365.train.checkpoint import capture_rng_state, checkpoint_path, latest_checkpoint, load_checkpoint, \
-    load_module_state, restore_rng_state, save_checkpoint
+from dv365.train.checkpoint import (
+    capture_rng_state,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    load_module_state,
+    restore_rng_state,
+    save_checkpoint,
+)
 from dv365.train.config import OptimConfig, TrainConfig
-from dv365.train.distributed import DistContext, all_gather_objects, all_reduce_sum, dense_checksum, \
-    env_world_size, gather_state, init_from_env, scatter_optimizer_state, scatter_state, shard_model
 from dv365.train.data import NUM_DENSE, Batch, ExampleSource, TrainBatches, load_spec
+from dv365.train.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    dense_checksum,
+    env_world_size,
+    gather_state,
+    init_from_env,
+    scatter_optimizer_state,
+    scatter_state,
+    shard_model,
+)
 from dv365.train.errors import CheckpointError, TrainConfigError
 from dv365.train.losses import MultiTaskLoss, TaskSpec
 from dv365.train.metrics import MultiTaskMeter
@@ -67,7 +85,10 @@ def seed_everything(seed: int) -> None:
 def deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[None]:
     """``torch.use_deterministic_algorithms`` for the block, restored after (it is process-global). On CUDA
     it warns instead of failing for an op without a deterministic kernel, and cuBLAS gets a fixed workspace."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    prev, prev_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     if enabled:
         if device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -94,10 +115,14 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> dict[str, torch.opti
     opts: dict[str, torch.optim.Optimizer] = {}
     if dense:
         opts["dense"] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.dense](
-            dense, lr=cfg.lr)
+            dense, lr=cfg.lr
+        )
     if sparse:
-        opts["sparse"] = {"adagrad": torch.optim.Adagrad, "sparse_adam": torch.optim.SparseAdam,
-                          "sgd": torch.optim.SGD}[cfg.sparse](sparse, lr=cfg.sparse_lr)
+        opts["sparse"] = {
+            "adagrad": torch.optim.Adagrad,
+            "sparse_adam": torch.optim.SparseAdam,
+            "sgd": torch.optim.SGD,
+        }[cfg.sparse](sparse, lr=cfg.sparse_lr)
     return opts
 
 
@@ -143,15 +168,19 @@ class Trainer:
         result.eval["mean_ne"], result.checkpoint
     """
 
-    def __init__(self, cfg: TrainConfig, device: str | torch.device | None = None, progress: bool | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, device: str | torch.device | None = None, progress: bool | None = None
+    ) -> None:
         self.cfg = cfg
         # under torchrun (WORLD_SIZE > 1): join the process group, one device per process (dv365.train.distributed)
         self.dist: DistContext | None = None
         if env_world_size() > 1:
             self.dist = init_from_env(str(device) if device is not None else cfg.run.device)
             if cfg.run.batch_size % self.dist.world_size:
-                raise TrainConfigError(f"run.batch_size = {cfg.run.batch_size} must be a multiple of the "
-                                       f"world size {self.dist.world_size} (each rank reads an equal part)")
+                raise TrainConfigError(
+                    f"run.batch_size = {cfg.run.batch_size} must be a multiple of the "
+                    f"world size {self.dist.world_size} (each rank reads an equal part)"
+                )
             self.device = self.dist.device
         else:
             self.device = resolve_device(device if device is not None else cfg.run.device)
@@ -198,9 +227,13 @@ class Trainer:
     def _batches(self, start: int, stop: int) -> Iterator[Batch]:
         if self.cfg.run.num_workers <= 0:
             return (self.batches[s] for s in range(start, stop))
-        loader = torch.utils.data.DataLoader(self.batches, batch_size=None, sampler=range(start, stop),
-                                             num_workers=self.cfg.run.num_workers,
-                                             pin_memory=self.device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            self.batches,
+            batch_size=None,
+            sampler=range(start, stop),
+            num_workers=self.cfg.run.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         return iter(loader)
 
     def fit(self) -> TrainResult:
@@ -212,8 +245,14 @@ class Trainer:
         last_loss, saved = math.nan, None
         with deterministic_algorithms(run.deterministic, self.device):
             self.net.train()
-            bar = tqdm(total=run.steps, initial=start, unit="step", desc=f"train {self.cfg.model.kind}",
-                       disable=not self.progress, dynamic_ncols=True)
+            bar = tqdm(
+                total=run.steps,
+                initial=start,
+                unit="step",
+                desc=f"train {self.cfg.model.kind}",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
             for batch in self._batches(start, run.steps):
                 batch = batch.to(self.device, non_blocking=True)
                 loss, out = self.train_step(batch)
@@ -242,16 +281,27 @@ class Trainer:
         ev = self.evaluate() if len(self.source.eval_rows) else {}
         if ev and run.eval_every and self.step > start:
             self._log_eval(ev)
-        result = TrainResult(start, self.step, seconds, done * run.batch_size / seconds if done else 0.0, last_loss,
-                             ev, saved or latest_checkpoint(self.ckpt_dir), self.resumed_from, self.warm_started_from)
+        result = TrainResult(
+            start,
+            self.step,
+            seconds,
+            done * run.batch_size / seconds if done else 0.0,
+            last_loss,
+            ev,
+            saved or latest_checkpoint(self.ckpt_dir),
+            self.resumed_from,
+            self.warm_started_from,
+        )
         self._write_metrics(result)
         return result
 
     def _log(self, bar: Any) -> float:
         if self.dist is not None:  # the window over every rank's rows (sums), then only rank 0 writes
             self._reduce_meter(self.meter)
-            self._window_loss[0] = float(all_reduce_sum(torch.tensor([self._window_loss[0]], dtype=torch.float64),
-                                                        self.dist)) / self.dist.world_size
+            self._window_loss[0] = (
+                float(all_reduce_sum(torch.tensor([self._window_loss[0]], dtype=torch.float64), self.dist))
+                / self.dist.world_size
+            )
         loss = self._window_loss[0] / max(self._window_loss[1], 1)
         metrics = self.meter.compute()
         ne = self.meter.mean_ne()
@@ -261,9 +311,13 @@ class Trainer:
         if not self.is_main:
             return loss
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        line = {"step": self.step, "loss": loss, "mean_ne": ne,
-                "ne": {k: v["ne"] for k, v in metrics.items() if "ne" in v},
-                "mse": {k: v["mse"] for k, v in metrics.items() if "mse" in v}}
+        line = {
+            "step": self.step,
+            "loss": loss,
+            "mean_ne": ne,
+            "ne": {k: v["ne"] for k, v in metrics.items() if "ne" in v},
+            "mse": {k: v["mse"] for k, v in metrics.items() if "mse" in v},
+        }
         with open(self.ckpt_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps(line, allow_nan=True) + "\n")
         return loss
@@ -279,9 +333,13 @@ class Trainer:
         """Appends one evaluation to ``eval_log.jsonl`` (evaluation uses no RNG: resume stays exact)."""
         if not self.is_main:
             return
-        line = {"step": self.step, "examples": ev["examples"], "mean_ne": ev["mean_ne"],
-                "ne": {k: v["ne"] for k, v in ev["tasks"].items() if "ne" in v},
-                "mse": {k: v["mse"] for k, v in ev["tasks"].items() if "mse" in v}}
+        line = {
+            "step": self.step,
+            "examples": ev["examples"],
+            "mean_ne": ev["mean_ne"],
+            "ne": {k: v["ne"] for k, v in ev["tasks"].items() if "ne" in v},
+            "mse": {k: v["mse"] for k, v in ev["tasks"].items() if "mse" in v},
+        }
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         with open(self.ckpt_dir / "eval_log.jsonl", "a") as f:
             f.write(json.dumps(line, allow_nan=True) + "\n")
@@ -297,8 +355,15 @@ class Trainer:
         self.net.eval()
         bs = self.cfg.run.eval_batch_size
         total = math.ceil(len(self.source.eval_rows) / bs)
-        for batch, n in tqdm(self._eval_batches(bs), total=total, unit="batch", desc="eval",
-                             disable=not self.progress, dynamic_ncols=True, leave=False):
+        for batch, n in tqdm(
+            self._eval_batches(bs),
+            total=total,
+            unit="batch",
+            desc="eval",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        ):
             b = batch.to(self.device)
             out = self.net(b.user_kjt, b.item_kjt, b.dense)
             if n:
@@ -317,8 +382,8 @@ class Trainer:
             return
         rows = self.source.eval_rows
         for s in range(0, len(rows), bs):
-            part = np.array_split(rows[s:s + bs], self.dist.world_size)[self.dist.rank]
-            yield (self.source.collate(part), len(part)) if len(part) else (self.source.collate(rows[s:s + 1]), 0)
+            part = np.array_split(rows[s : s + bs], self.dist.world_size)[self.dist.rank]
+            yield (self.source.collate(part), len(part)) if len(part) else (self.source.collate(rows[s : s + 1]), 0)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -332,21 +397,32 @@ class Trainer:
             optims = {k: o.state_dict() for k, o in self.optimizers.items()}
             optims["fused"] = gather_state(self.net.fused_optimizer.state_dict(), main)  # type: ignore[operator]
             rng = capture_rng_state()
-            extra["distributed"] = {"world_size": self.dist.world_size, "backend": self.dist.backend,
-                                    "sharding": self.cfg.run.sharding,
-                                    "rng_per_rank": all_gather_objects(rng),
-                                    "dense_checksums": all_gather_objects(dense_checksum(self.net))}
+            extra["distributed"] = {
+                "world_size": self.dist.world_size,
+                "backend": self.dist.backend,
+                "sharding": self.cfg.run.sharding,
+                "rng_per_rank": all_gather_objects(rng),
+                "dense_checksums": all_gather_objects(dense_checksum(self.net)),
+            }
         else:
             model_state, rng = self.model.state_dict(), capture_rng_state()
             optims = {k: o.state_dict() for k, o in self.optimizers.items()}
         return {
-            "epoch": epoch, "batch_in_epoch": b,
-            "config": self.cfg.to_dict(), "tasks": [t.label for t in self.tasks],
+            "epoch": epoch,
+            "batch_in_epoch": b,
+            "config": self.cfg.to_dict(),
+            "tasks": [t.label for t in self.tasks],
             "model": model_state,
             "optimizers": optims,
-            "rng": rng, **extra,
-            "meter": {"loss_sum": self.meter.loss_sum, "label_sum": self.meter.label_sum, "count": self.meter.count,
-                      "window_loss": self._window_loss[0], "window_steps": self._window_loss[1]},
+            "rng": rng,
+            **extra,
+            "meter": {
+                "loss_sum": self.meter.loss_sum,
+                "label_sum": self.meter.label_sum,
+                "count": self.meter.count,
+                "window_loss": self._window_loss[0],
+                "window_steps": self._window_loss[1],
+            },
         }
 
     def save(self) -> Path:
@@ -365,14 +441,18 @@ class Trainer:
         here, there = self.cfg.to_dict(), _normalised(ckpt["config"])
         changed = [".".join(k) for k in _RESUME_KEYS if _get(here, k) != _get(there, k)]
         if changed:
-            raise CheckpointError(f"{ckpt['path']}: cannot resume: this run's {changed} differ from the checkpoint's; "
-                                  "use another checkpoint.dir (and checkpoint.warm_start to start from it)")
+            raise CheckpointError(
+                f"{ckpt['path']}: cannot resume: this run's {changed} differ from the checkpoint's; "
+                "use another checkpoint.dir (and checkpoint.warm_start to start from it)"
+            )
         if self.dist is None:
             self.model.load_state_dict(ckpt["model"])
         else:
             scatter_state(self.net, ckpt["model"])
-            scatter_optimizer_state(self.net.fused_optimizer.state_dict(),  # type: ignore[operator]
-                                    ckpt["optimizers"].get("fused", {}))
+            scatter_optimizer_state(
+                self.net.fused_optimizer.state_dict(),  # type: ignore[operator]
+                ckpt["optimizers"].get("fused", {}),
+            )
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
         per_rank = (ckpt.get("distributed") or {}).get("rng_per_rank")
@@ -393,8 +473,9 @@ class Trainer:
         for name in modules:
             module = getattr(self.model, name, None)
             if module is None:
-                raise TrainConfigError(f"checkpoint.warm_start_modules: this model has no {name!r} (model.kind: "
-                                       f"{self.cfg.model.kind})")
+                raise TrainConfigError(
+                    f"checkpoint.warm_start_modules: this model has no {name!r} (model.kind: {self.cfg.model.kind})"
+                )
             load_module_state(module, ckpt["model"], name, ckpt["path"])
         self.warm_started_from = ckpt["path"]
 
@@ -403,19 +484,31 @@ class Trainer:
             return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         info = {
-            "model": self.cfg.model.kind, "dataset": self.cfg.data.url, "simulated": self.source.simulated,
-            "device": str(self.device), "steps": result.steps, "start_step": result.start_step,
-            "batch_size": self.cfg.run.batch_size, "seconds": round(result.seconds, 3),
-            "examples_per_s": round(result.examples_per_s, 1), "train_loss_last_window": result.train_loss,
-            "train_examples": int(len(self.source.train_rows)), "eval": result.eval,
-            "resumed_from": result.resumed_from, "warm_started_from": result.warm_started_from,
+            "model": self.cfg.model.kind,
+            "dataset": self.cfg.data.url,
+            "simulated": self.source.simulated,
+            "device": str(self.device),
+            "steps": result.steps,
+            "start_step": result.start_step,
+            "batch_size": self.cfg.run.batch_size,
+            "seconds": round(result.seconds, 3),
+            "examples_per_s": round(result.examples_per_s, 1),
+            "train_loss_last_window": result.train_loss,
+            "train_examples": int(len(self.source.train_rows)),
+            "eval": result.eval,
+            "resumed_from": result.resumed_from,
+            "warm_started_from": result.warm_started_from,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         }
         if self.dist is not None:
             d = dict(getattr(self, "_dist_info", None) or {})
             d.pop("rng_per_rank", None)
-            info["distributed"] = {"world_size": self.dist.world_size, "backend": self.dist.backend,
-                                   "sharding": self.cfg.run.sharding, **d}
+            info["distributed"] = {
+                "world_size": self.dist.world_size,
+                "backend": self.dist.backend,
+                "sharding": self.cfg.run.sharding,
+                **d,
+            }
         (self.ckpt_dir / "metrics.json").write_text(json.dumps(info, indent=2, allow_nan=True) + "\n")
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -77,10 +78,14 @@ examples:
 """
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds ``dv365 import`` and its sub-commands ``movielens``, ``kuairand``, ``generic``."""
-    p = sub.add_parser("import", help="import MovieLens, KuaiRand logs or any CSV/Parquet table as UniTi timelines",
-                       description=IMPORT_HELP, formatter_class=_RAW)
+    p = sub.add_parser(
+        "import",
+        help="import MovieLens, KuaiRand logs or any CSV/Parquet table as UniTi timelines",
+        description=IMPORT_HELP,
+        formatter_class=_RAW,
+    )
     isub = p.add_subparsers(dest="import_format", metavar="<format>")
     p.set_defaults(func=_usage(p))
     _add_movielens(isub)
@@ -97,58 +102,124 @@ def _usage(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="URL",
-                   help="where to write the UniTi dataset: a folder or fsspec URL that holds no dataset yet")
-    p.add_argument("--buckets", type=int, default=16, metavar="N",
-                   help="number of user hash buckets (Parquet partitions) of the dataset (default: 16)")
-    p.add_argument("--on-error", choices=("raise", "drop"), default="raise",
-                   help="bad record: stop with an error naming it (raise, default) or drop and count it (drop)")
-    p.add_argument("--source", default=None, metavar="TAG",
-                   help="source tag stored in the dataset (default: derived from the input names)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dv365 dataset already at --out (never deletes other files)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="URL",
+        help="where to write the UniTi dataset: a folder or fsspec URL that holds no dataset yet",
+    )
+    p.add_argument(
+        "--buckets",
+        type=int,
+        default=16,
+        metavar="N",
+        help="number of user hash buckets (Parquet partitions) of the dataset (default: 16)",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "drop"),
+        default="raise",
+        help="bad record: stop with an error naming it (raise, default) or drop and count it (drop)",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        metavar="TAG",
+        help="source tag stored in the dataset (default: derived from the input names)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a dv365 dataset already at --out (never deletes other files)"
+    )
 
 
-def _add_movielens(isub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = isub.add_parser("movielens", help="a MovieLens folder (modern CSV layout, ml-100k or ml-1m)",
-                        description=MOVIELENS_HELP, epilog=MOVIELENS_EPILOG, formatter_class=_RAW)
+def _add_movielens(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = isub.add_parser(
+        "movielens",
+        help="a MovieLens folder (modern CSV layout, ml-100k or ml-1m)",
+        description=MOVIELENS_HELP,
+        epilog=MOVIELENS_EPILOG,
+        formatter_class=_RAW,
+    )
     p.add_argument("dir", help="the MovieLens folder (local path or fsspec URL)")
-    p.add_argument("--layout", choices=("auto", "latest", "100k", "1m"), default="auto",
-                   help="file layout; auto (default) detects it from the files present")
+    p.add_argument(
+        "--layout",
+        choices=("auto", "latest", "100k", "1m"),
+        default="auto",
+        help="file layout; auto (default) detects it from the files present",
+    )
     _add_common(p)
     p.set_defaults(func=_run_movielens)
 
 
-def _add_kuairand(isub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = isub.add_parser("kuairand", help="KuaiRand interaction logs joined with the KuaiRand video catalog",
-                        description=KUAIRAND_HELP, epilog=KUAIRAND_EPILOG, formatter_class=_RAW)
+def _add_kuairand(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = isub.add_parser(
+        "kuairand",
+        help="KuaiRand interaction logs joined with the KuaiRand video catalog",
+        description=KUAIRAND_HELP,
+        epilog=KUAIRAND_EPILOG,
+        formatter_class=_RAW,
+    )
     p.add_argument("logs", nargs="+", metavar="LOG_CSV", help="one or more KuaiRand log_*.csv files, read in order")
-    p.add_argument("--catalog", default=None, metavar="DIR",
-                   help="folder (or file) with video_features_basic*.csv; default: the shipped KuaiRand-Pure catalog")
-    p.add_argument("--tab-map", action="append", default=[], metavar="TAB=SURFACE",
-                   help="override the surface of a tab, e.g. --tab-map 1=feed (repeatable; surfaces: other feed "
-                        "explore reels profile search stories web)")
+    p.add_argument(
+        "--catalog",
+        default=None,
+        metavar="DIR",
+        help="folder (or file) with video_features_basic*.csv; default: the shipped KuaiRand-Pure catalog",
+    )
+    p.add_argument(
+        "--tab-map",
+        action="append",
+        default=[],
+        metavar="TAB=SURFACE",
+        help="override the surface of a tab, e.g. --tab-map 1=feed (repeatable; surfaces: other feed "
+        "explore reels profile search stories web)",
+    )
     _add_common(p)
     p.set_defaults(func=_run_kuairand)
 
 
-def _add_generic(isub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = isub.add_parser("generic", help="any CSV/TSV/Parquet file of events, columns mapped to UniTi fields",
-                        description=GENERIC_HELP, epilog=GENERIC_EPILOG, formatter_class=_RAW)
+def _add_generic(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = isub.add_parser(
+        "generic",
+        help="any CSV/TSV/Parquet file of events, columns mapped to UniTi fields",
+        description=GENERIC_HELP,
+        epilog=GENERIC_EPILOG,
+        formatter_class=_RAW,
+    )
     p.add_argument("file", help="the input file (local path or fsspec URL); .csv, .tsv, .parquet, .pq")
-    p.add_argument("--kind", choices=("explicit", "implicit"), default=None,
-                   help="event kind of every row (required here or in the mapping file)")
-    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
-                   help="take UniTi FIELD from source COLUMN (repeatable)")
-    p.add_argument("--const", action="append", default=[], metavar="FIELD=VALUE",
-                   help="set UniTi FIELD to VALUE on every row, e.g. --const action=like (repeatable)")
+    p.add_argument(
+        "--kind",
+        choices=("explicit", "implicit"),
+        default=None,
+        help="event kind of every row (required here or in the mapping file)",
+    )
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="take UniTi FIELD from source COLUMN (repeatable)",
+    )
+    p.add_argument(
+        "--const",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set UniTi FIELD to VALUE on every row, e.g. --const action=like (repeatable)",
+    )
     p.add_argument("--mapping-file", default=None, metavar="YAML", help="YAML file with the mapping (see above)")
-    p.add_argument("--time-unit", choices=("s", "ms", "us", "ns"), default=None,
-                   help="unit of numeric timestamps (default: s)")
-    p.add_argument("--duration-unit", choices=("s", "ms"), default=None,
-                   help="unit of dwell_time / video_duration (default: s)")
-    p.add_argument("--list-sep", default=None, metavar="SEP",
-                   help="separator of topic ids given as one string, e.g. '|' (default: ',')")
+    p.add_argument(
+        "--time-unit", choices=("s", "ms", "us", "ns"), default=None, help="unit of numeric timestamps (default: s)"
+    )
+    p.add_argument(
+        "--duration-unit", choices=("s", "ms"), default=None, help="unit of dwell_time / video_duration (default: s)"
+    )
+    p.add_argument(
+        "--list-sep",
+        default=None,
+        metavar="SEP",
+        help="separator of topic ids given as one string, e.g. '|' (default: ',')",
+    )
     _add_common(p)
     p.set_defaults(func=_run_generic)
 
@@ -192,8 +263,17 @@ def _finish(summary: Any) -> int:
 def _run_movielens(args: argparse.Namespace) -> int:
     from dv365.core.importers.movielens import import_movielens
 
-    return _finish(import_movielens(args.dir, args.out, layout=args.layout, num_buckets=args.buckets,
-                                    policy=_policy(args), source=args.source, log=_progress))
+    return _finish(
+        import_movielens(
+            args.dir,
+            args.out,
+            layout=args.layout,
+            num_buckets=args.buckets,
+            policy=_policy(args),
+            source=args.source,
+            log=_progress,
+        )
+    )
 
 
 def _run_kuairand(args: argparse.Namespace) -> int:
@@ -205,8 +285,18 @@ def _run_kuairand(args: argparse.Namespace) -> int:
         if not tab.isdigit():
             raise MappingError(f"--tab-map {tab}={surface}: the tab must be a non-negative integer")
         tabs[int(tab)] = surface
-    return _finish(import_kuairand(args.logs, args.out, catalog=args.catalog, tab_surfaces=tabs,
-                                   num_buckets=args.buckets, policy=_policy(args), source=args.source, log=_progress))
+    return _finish(
+        import_kuairand(
+            args.logs,
+            args.out,
+            catalog=args.catalog,
+            tab_surfaces=tabs,
+            num_buckets=args.buckets,
+            policy=_policy(args),
+            source=args.source,
+            log=_progress,
+        )
+    )
 
 
 def _run_generic(args: argparse.Namespace) -> int:
@@ -223,8 +313,18 @@ def _run_generic(args: argparse.Namespace) -> int:
     def pick(flag: str, default: str) -> str:
         return str(getattr(args, flag) or conf.get(flag) or default)
 
-    summary = import_generic(args.file, args.out, kind=str(kind), mapping=mapping, constants=constants,
-                             time_unit=pick("time_unit", "s"), duration_unit=pick("duration_unit", "s"),
-                             list_sep=pick("list_sep", ","), num_buckets=args.buckets, policy=_policy(args),
-                             source=args.source, log=_progress)
+    summary = import_generic(
+        args.file,
+        args.out,
+        kind=str(kind),
+        mapping=mapping,
+        constants=constants,
+        time_unit=pick("time_unit", "s"),
+        duration_unit=pick("duration_unit", "s"),
+        list_sep=pick("list_sep", ","),
+        num_buckets=args.buckets,
+        policy=_policy(args),
+        source=args.source,
+        log=_progress,
+    )
     return _finish(summary)

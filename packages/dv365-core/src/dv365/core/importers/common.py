@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence, cast
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -104,14 +106,14 @@ def read_bytes(url: str) -> bytes:
         return cast(bytes, f.read())
 
 
-def open_input(url: str, data: bytes | None) -> ContextManager[Any]:
+def open_input(url: str, data: bytes | None) -> AbstractContextManager[Any]:
     """``url`` opened for binary reading (decompressed by its suffix), or ``data`` when given."""
     if data is not None:
         return io.BytesIO(data)
     fs, path = url_to_fs(url)
     if not fs.exists(path):
         raise DatasetError(f"{url}: file not found")
-    return cast(ContextManager[Any], fs.open(path, "rb", compression="infer"))
+    return cast(AbstractContextManager[Any], fs.open(path, "rb", compression="infer"))
 
 
 def csv_header(url: str, delimiter: str = ",", data: bytes | None = None) -> list[str]:
@@ -127,8 +129,10 @@ def require_columns(present: Sequence[str], needed: Iterable[str], where: str) -
     missing = [c for c in dict.fromkeys(needed) if c not in present]
     if missing:
         names = ", ".join(repr(c) for c in missing)
-        raise DatasetError(f"{where}: missing column{'s' if len(missing) > 1 else ''} {names} "
-                           f"(columns present: {', '.join(present) or 'none'})")
+        raise DatasetError(
+            f"{where}: missing column{'s' if len(missing) > 1 else ''} {names} "
+            f"(columns present: {', '.join(present) or 'none'})"
+        )
 
 
 def iter_csv(
@@ -160,8 +164,9 @@ def iter_csv(
         require_columns(column_names, columns, url)
     read = pacsv.ReadOptions(column_names=list(column_names) if column_names else None, block_size=block_size)
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False)
-    conv = pacsv.ConvertOptions(include_columns=list(dict.fromkeys(columns)), column_types=dict(column_types or {}),
-                                strings_can_be_null=True)
+    conv = pacsv.ConvertOptions(
+        include_columns=list(dict.fromkeys(columns)), column_types=dict(column_types or {}), strings_can_be_null=True
+    )
     try:
         with open_input(url, data) as f:
             for batch in pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv):
@@ -202,11 +207,16 @@ def write_parts(
 
     Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
     """
-    w = DatasetWriter(str(out_url), num_buckets=num_buckets, source=source, simulated=False, policy=policy,
-                      extra=dict(extra))
+    w = DatasetWriter(
+        str(out_url), num_buckets=num_buckets, source=source, simulated=False, policy=policy, extra=dict(extra)
+    )
     for kind, table, origin in parts:
-        w.add(explicit=table if kind == "explicit" else None, implicit=table if kind == "implicit" else None,
-              requests=table if kind == "requests" else None, source=origin)
+        w.add(
+            explicit=table if kind == "explicit" else None,
+            implicit=table if kind == "implicit" else None,
+            requests=table if kind == "requests" else None,
+            source=origin,
+        )
     stats = w.close().stats
     return {
         "source": source,

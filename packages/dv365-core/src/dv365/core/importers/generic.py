@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -89,16 +90,23 @@ class ColumnMapping:
         for what, d in (("mapping", self.columns), ("constants", self.constants)):
             unknown = sorted(set(d) - set(valid))
             if unknown:
-                raise MappingError(f"unknown UniTi field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the "
-                                   f"{what} of {self.kind} events; valid fields: {', '.join(valid)}")
+                raise MappingError(
+                    f"unknown UniTi field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in the "
+                    f"{what} of {self.kind} events; valid fields: {', '.join(valid)}"
+                )
         both = sorted(set(self.columns) & set(self.constants))
         if both:
             raise MappingError(f"field(s) {', '.join(both)} both mapped to a column and given a constant; keep one")
         missing = [f for f in REQUIRED[self.kind] if f not in self.columns and f not in self.constants]
         if missing:
-            raise MappingError(f"required {self.kind} field(s) {', '.join(missing)} neither mapped to a column "
-                               f"(--map FIELD=COLUMN) nor given a constant (--const FIELD=VALUE)")
-        for name, value, allowed in (("time_unit", self.time_unit, TIME_UNITS), ("duration_unit", self.duration_unit, DURATION_UNITS)):
+            raise MappingError(
+                f"required {self.kind} field(s) {', '.join(missing)} neither mapped to a column "
+                f"(--map FIELD=COLUMN) nor given a constant (--const FIELD=VALUE)"
+            )
+        for name, value, allowed in (
+            ("time_unit", self.time_unit, TIME_UNITS),
+            ("duration_unit", self.duration_unit, DURATION_UNITS),
+        ):
             if value not in allowed:
                 raise MappingError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not self.list_sep:
@@ -253,16 +261,19 @@ def file_format(url: str) -> str:
         return "tsv"
     if name.endswith((".csv", ".txt")):
         return "csv"
-    raise DatasetError(f"{url}: cannot tell the file type from its name; expected .csv, .tsv, .parquet or .pq "
-                       f"(CSV/TSV optionally compressed: {', '.join(_COMPRESSION_SUFFIXES)})")
+    raise DatasetError(
+        f"{url}: cannot tell the file type from its name; expected .csv, .tsv, .parquet or .pq "
+        f"(CSV/TSV optionally compressed: {', '.join(_COMPRESSION_SUFFIXES)})"
+    )
 
 
 def iter_table_file(url: str, columns: Sequence[str], *, batch_rows: int = 1 << 20) -> Iterator[pa.Table]:
     """The given columns of a CSV/TSV (read as strings) or Parquet file, block by block."""
     fmt = file_format(url)
     if fmt != "parquet":
-        yield from iter_csv(url, columns, column_types={c: pa.string() for c in columns},
-                            delimiter="\t" if fmt == "tsv" else ",")
+        yield from iter_csv(
+            url, columns, column_types={c: pa.string() for c in columns}, delimiter="\t" if fmt == "tsv" else ","
+        )
         return
     with open_input(url, None) as f:
         try:
@@ -324,9 +335,15 @@ def import_generic(
         if log:
             log(f"{path}: {counts['rows']:,} rows of {kind} events")
 
-    extra = {"importer": "generic", "file": str(path), "kind": kind, "mapping": dict(cm.columns),
-             "constants": {k: _jsonable(v) for k, v in cm.constants.items()}, "time_unit": time_unit,
-             "duration_unit": duration_unit}
+    extra = {
+        "importer": "generic",
+        "file": str(path),
+        "kind": kind,
+        "mapping": dict(cm.columns),
+        "constants": {k: _jsonable(v) for k, v in cm.constants.items()},
+        "time_unit": time_unit,
+        "duration_unit": duration_unit,
+    }
     base = write_parts(out_url, parts(), source=src, extra=extra, num_buckets=num_buckets, policy=policy)
     return GenericSummary(**base, rows=counts["rows"])
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,9 +69,9 @@ LABELS: dict[str, str] = {
     "label_watch_time": "play_time_ms",
 }
 VIDEO_TYPES: dict[str, str] = {"NORMAL": "video", "AD": "ad"}
-LOG_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys(
-    ["user_id", "video_id", "time_ms", "play_time_ms", "duration_ms", "tab", "is_click", *FLAG_ACTIONS]
-))
+LOG_COLUMNS: tuple[str, ...] = tuple(
+    dict.fromkeys(["user_id", "video_id", "time_ms", "play_time_ms", "duration_ms", "tab", "is_click", *FLAG_ACTIONS])
+)
 _LOG_TYPES = {c: (pa.int64() if c in ("user_id", "video_id") else pa.float64()) for c in LOG_COLUMNS}
 
 
@@ -101,7 +101,7 @@ class _Join:
     tabs: Mapping[int, str]
 
     @classmethod
-    def build(cls, catalog: Catalog, tabs: Mapping[int, str]) -> "_Join":
+    def build(cls, catalog: Catalog, tabs: Mapping[int, str]) -> _Join:
         types = [VIDEO_TYPES.get(str(v), "other") for v in catalog.video_type] + ["other"]
         return cls(catalog, np.array(types, dtype=object), dict(tabs))
 
@@ -156,7 +156,8 @@ def _flag_events(media: Mapping[str, pa.Array], t: pa.Table) -> pa.Table:
     actions = np.repeat(np.array(list(FLAG_ACTIONS.values()), dtype=object), [len(h) for h in hits])
     events = pa.table(dict(media)).take(pa.array(idx))
     return events.append_column("action", pa.array(actions, pa.string())).append_column(
-        "value", pa.nulls(len(idx), pa.float32()))
+        "value", pa.nulls(len(idx), pa.float32())
+    )
 
 
 def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table) -> pa.Table:
@@ -174,8 +175,13 @@ def _log_parts(t: pa.Table, origin: str, j: _Join) -> tuple[list[Part], np.ndarr
     media, rows = _media(t, j)
     duration = _durations(t, rows, j)
     play = _f64(t, "play_time_ms") / 1000.0
-    implicit = pa.table({**media, "video_duration": duration,
-                         "dwell_time": pa.array(play.astype(np.float32), pa.float32(), mask=np.isnan(play))})
+    implicit = pa.table(
+        {
+            **media,
+            "video_duration": duration,
+            "dwell_time": pa.array(play.astype(np.float32), pa.float32(), mask=np.isnan(play)),
+        }
+    )
     parts: list[Part] = [
         ("implicit", implicit, origin),  # first: its records are the log rows, so errors point at them
         ("explicit", _flag_events(media, t), f"{origin} (flag events)"),
@@ -243,10 +249,26 @@ def import_kuairand(
                 log(f"{path}: {start:,} log rows")
 
     names = [posixpath.basename(f) for f in files]
-    extra = {"importer": "kuairand", "files": names, "catalog_videos": len(cat),
-             "tab_surfaces": {str(k): v for k, v in sorted(tabs.items())}, "flag_actions": FLAG_ACTIONS,
-             "labels": LABELS}
-    base = write_parts(out_url, parts(), source=source or f"kuairand:{'+'.join(names)}", extra=extra,
-                       num_buckets=num_buckets, policy=policy)
-    return KuaiRandSummary(**base, files=len(files), log_rows=counts["log_rows"],
-                           rows_not_in_catalog=counts["rows_not_in_catalog"], videos_not_in_catalog=len(missing))
+    extra = {
+        "importer": "kuairand",
+        "files": names,
+        "catalog_videos": len(cat),
+        "tab_surfaces": {str(k): v for k, v in sorted(tabs.items())},
+        "flag_actions": FLAG_ACTIONS,
+        "labels": LABELS,
+    }
+    base = write_parts(
+        out_url,
+        parts(),
+        source=source or f"kuairand:{'+'.join(names)}",
+        extra=extra,
+        num_buckets=num_buckets,
+        policy=policy,
+    )
+    return KuaiRandSummary(
+        **base,
+        files=len(files),
+        log_rows=counts["log_rows"],
+        rows_not_in_catalog=counts["rows_not_in_catalog"],
+        videos_not_in_catalog=len(missing),
+    )

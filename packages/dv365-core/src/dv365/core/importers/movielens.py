@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,16 +41,54 @@ from dv365.core.importers.common import (
 from dv365.core.validation import ValidationPolicy
 
 NO_GENRE = "(no genres listed)"
-GENRES: tuple[str, ...] = tuple(sorted((
-    NO_GENRE, "Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
-    "Western",
-)))
+GENRES: tuple[str, ...] = tuple(
+    sorted(
+        (
+            NO_GENRE,
+            "Action",
+            "Adventure",
+            "Animation",
+            "Children",
+            "Comedy",
+            "Crime",
+            "Documentary",
+            "Drama",
+            "Fantasy",
+            "Film-Noir",
+            "Horror",
+            "IMAX",
+            "Musical",
+            "Mystery",
+            "Romance",
+            "Sci-Fi",
+            "Thriller",
+            "War",
+            "Western",
+        )
+    )
+)
 GENRE_ALIASES: dict[str, str] = {"Children's": "Children", "unknown": NO_GENRE}
 # u.item's 19 genre flag columns, in file order (used when u.genre is absent)
 ML100K_GENRES: tuple[str, ...] = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 # layout -> (ratings file, movies file); detection looks for both
 LAYOUT_FILES: dict[str, tuple[str, str]] = {
@@ -102,8 +140,9 @@ def detect_movielens_layout(src_dir: str) -> str:
     if len(found) == 1:
         return found[0]
     if found:
-        raise DatasetError(f"{src_dir}: files of several MovieLens layouts ({', '.join(found)}); choose one with "
-                           f"layout= / --layout")
+        raise DatasetError(
+            f"{src_dir}: files of several MovieLens layouts ({', '.join(found)}); choose one with layout= / --layout"
+        )
     expected = "; ".join(f"{' + '.join(files)} ({lay})" for lay, files in LAYOUT_FILES.items())
     raise DatasetError(f"{src_dir}: not a MovieLens folder: expected {expected}")
 
@@ -197,8 +236,10 @@ def _movies_100k(src: str) -> list[tuple[int, list[str]]]:
     for lineno, line in _latin1_lines(url):
         parts = line.split("|")
         if len(parts) < 1 + len(names) or not parts[0].strip().isdigit():
-            raise DatasetError(f"{url}: line {lineno}: expected movie id|title|...|{len(names)} genre flags, got {line!r}")
-        flags = parts[-len(names):]
+            raise DatasetError(
+                f"{url}: line {lineno}: expected movie id|title|...|{len(names)} genre flags, got {line!r}"
+            )
+        flags = parts[-len(names) :]
         out.append((int(parts[0]), [g for g, f in zip(names, flags) if f.strip() == "1"]))
     return out
 
@@ -210,12 +251,20 @@ def _ratings(src: str, layout: str) -> Iterator[tuple[pa.Table, str]]:
     if layout == "latest":
         cols = ["userId", "movieId", "rating", "timestamp"]
         types = dict(zip(cols, _RATING_TYPES.values()))
-        blocks: Iterator[pa.Table] = (t.rename_columns(list(_RATING_COLUMNS))
-                                      for t in iter_csv(url, cols, column_types=types))
+        blocks: Iterator[pa.Table] = (
+            t.rename_columns(list(_RATING_COLUMNS)) for t in iter_csv(url, cols, column_types=types)
+        )
     else:  # classic layouts: header-less, unquoted, all numbers
         data = None if layout == "100k" else read_bytes(url).replace(b"::", b"\t")  # 1m: '::' -> tab is safe
-        blocks = iter_csv(url, _RATING_COLUMNS, column_types=_RATING_TYPES, delimiter="\t",
-                          column_names=_RATING_COLUMNS, quoted=False, data=data)
+        blocks = iter_csv(
+            url,
+            _RATING_COLUMNS,
+            column_types=_RATING_TYPES,
+            delimiter="\t",
+            column_names=_RATING_COLUMNS,
+            quoted=False,
+            data=data,
+        )
     start = 0
     for t in blocks:
         yield t, block_origin(name, start)
@@ -268,11 +317,16 @@ def _rating_parts(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) ->
 
     media = _media_columns(t, movies, unknown)
     explicit = pa.table({**media, "action": pa.array(action, pa.string()), "value": rating.cast(pa.float32())})
-    requests = pa.table({
-        **media, "video_duration": pa.nulls(t.num_rows, pa.float32()),
-        "label_rating": label(r), "label_rate_ge4": label(r >= 4), "label_rate_5": label(r == 5),
-        "label_rate_le2": label(r <= 2),
-    })
+    requests = pa.table(
+        {
+            **media,
+            "video_duration": pa.nulls(t.num_rows, pa.float32()),
+            "label_rating": label(r),
+            "label_rate_ge4": label(r >= 4),
+            "label_rate_5": label(r == 5),
+            "label_rate_le2": label(r <= 2),
+        }
+    )
     return [("explicit", explicit, name), ("requests", requests, name)]
 
 
@@ -280,7 +334,11 @@ def _tag_part(t: pa.Table, origin: str, movies: Catalog, unknown: set[int]) -> P
     """One block of tag applications -> explicit ``tag`` events (no value)."""
     n = t.num_rows
     media = _media_columns(t, movies, unknown)
-    return "explicit", pa.table({**media, "action": pa.repeat(pa.scalar("tag"), n), "value": pa.nulls(n, pa.float32())}), origin
+    return (
+        "explicit",
+        pa.table({**media, "action": pa.repeat(pa.scalar("tag"), n), "value": pa.nulls(n, pa.float32())}),
+        origin,
+    )
 
 
 def import_movielens(
@@ -345,8 +403,19 @@ def import_movielens(
             log(f"{join_url(src, 'tags.csv')}: {counts['tags']:,} tag applications")
 
     tag = source or f"movielens:{posixpath.basename(src) or src}"
-    extra = {"importer": "movielens", "layout": layout, "genres": genres.names,
-             "topic_ids": "index into extra.genres", "labels": LABELS}
+    extra = {
+        "importer": "movielens",
+        "layout": layout,
+        "genres": genres.names,
+        "topic_ids": "index into extra.genres",
+        "labels": LABELS,
+    }
     base = write_parts(out_url, parts(), source=tag, extra=extra, num_buckets=num_buckets, policy=policy)
-    return MovieLensSummary(**base, layout=layout, ratings=counts["ratings"], tags=counts["tags"],
-                            movies=len(movies), unknown_movies=len(unknown))
+    return MovieLensSummary(
+        **base,
+        layout=layout,
+        ratings=counts["ratings"],
+        tags=counts["tags"],
+        movies=len(movies),
+        unknown_movies=len(unknown),
+    )

@@ -37,8 +37,8 @@ Semantics in one place (both backends and the reference follow them):
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 import numpy as np
 
@@ -75,7 +75,8 @@ def _numba_backend() -> ModuleType:
     except ImportError as e:
         raise ImportError(
             "Slicer(backend='numba') needs numba: pip install 'dv365-core[fast]' "
-            f"(or use backend='numpy'); import failed: {e}") from e
+            f"(or use backend='numpy'); import failed: {e}"
+        ) from e
 
 
 def resolve_backend(backend: str) -> str:

@@ -34,7 +34,7 @@ class SlicedBatch:
         flat = k * self.batch_size + row
         start = int(self.lengths[:flat].sum())
         n = int(self.lengths[flat])
-        return self.values[start:start + n], self.weights[start:start + n]
+        return self.values[start : start + n], self.weights[start : start + n]
 
     def to_kjt(self) -> Any:
         """A torchrec ``KeyedJaggedTensor`` (needs the ``dv365-core[torchrec]`` extra; see :mod:`dv365.core.kjt`)."""

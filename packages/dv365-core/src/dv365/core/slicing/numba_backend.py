@@ -45,7 +45,8 @@ import os
 import tempfile
 import threading
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -94,8 +95,12 @@ def _jit(fn: Callable[..., Any]) -> Any:
                 except RuntimeError:
                     pass
             CACHE_ENABLED = False
-            warnings.warn("dv365 slicing: numba found no writable cache directory (set NUMBA_CACHE_DIR); the numba "
-                          "kernels will be compiled in every process", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "dv365 slicing: numba found no writable cache directory (set NUMBA_CACHE_DIR); the numba "
+                "kernels will be compiled in every process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return njit(cache=False, **_NJIT_OPTS)(fn)
 
 
@@ -110,7 +115,7 @@ def _fallback_cache_dir() -> bool:
         os.makedirs(path, exist_ok=True)
     except OSError:
         return False
-    setattr(config, "CACHE_DIR", path)
+    config.CACHE_DIR = path
     return True
 
 
@@ -132,8 +137,18 @@ def _search(ts: np.ndarray, a: int, z: int, x: int, right: bool) -> int:
 
 
 @_jit
-def _codes_of(hid: np.ndarray, m: int, direct: bool, cmap: np.ndarray, keys: np.ndarray, kval: np.ndarray,
-              slots: np.ndarray, uniq: np.ndarray, codes: np.ndarray, first: np.ndarray) -> int:
+def _codes_of(
+    hid: np.ndarray,
+    m: int,
+    direct: bool,
+    cmap: np.ndarray,
+    keys: np.ndarray,
+    kval: np.ndarray,
+    slots: np.ndarray,
+    uniq: np.ndarray,
+    codes: np.ndarray,
+    first: np.ndarray,
+) -> int:
     """``codes[j]`` = dense code of hashed id ``hid[j]`` (-1 stays -1), in first-seen order; returns #unique.
     ``uniq[c]`` is code c's id and ``first[c]`` its first position; ``uniq`` may be ``hid`` (in place)."""
     nu = 0
@@ -197,8 +212,7 @@ def _hash_flat(ids: np.ndarray, lo: int, hi: int, hs: int, hid: np.ndarray) -> N
 
 
 @_jit
-def _hash_csr(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, eoff: np.ndarray,
-              hid: np.ndarray) -> int:
+def _hash_csr(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, eoff: np.ndarray, hid: np.ndarray) -> int:
     """Valid hashed topic ids of events ``lo..hi`` as CSR (``eoff`` relative); returns #entries."""
     base = toff[lo]
     ne = toff[hi] - base
@@ -274,8 +288,18 @@ def _pack_topics(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, 
 
 
 @_jit
-def _expand_sigs(st: np.ndarray, ns: int, scnt: np.ndarray, sacc: np.ndarray, weighted: bool,
-                 sig_codes: np.ndarray, kt: int, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray) -> int:
+def _expand_sigs(
+    st: np.ndarray,
+    ns: int,
+    scnt: np.ndarray,
+    sacc: np.ndarray,
+    weighted: bool,
+    sig_codes: np.ndarray,
+    kt: int,
+    cnt: np.ndarray,
+    acc: np.ndarray,
+    touched: np.ndarray,
+) -> int:
     """A topic bag from a bag of topic-list signatures: each signature's count (and weight) goes to each
     of its topics (``sig_codes[s * kt + j]``, -1 = none), read in reverse list order."""
     nt = 0
@@ -295,10 +319,26 @@ def _expand_sigs(st: np.ndarray, ns: int, scnt: np.ndarray, sacc: np.ndarray, we
 
 
 @_jit
-def _author_codes(author: np.ndarray, lo: int, hi: int, hs: int, direct: bool, cmap: np.ndarray, keys: np.ndarray,
-                  kval: np.ndarray, slots: np.ndarray, uniq: np.ndarray, nus: np.ndarray, may_derive: bool,
-                  cev: np.ndarray, nu_m: int, first: np.ndarray, hid: np.ndarray, amap: np.ndarray,
-                  fdummy: np.ndarray) -> bool:
+def _author_codes(
+    author: np.ndarray,
+    lo: int,
+    hi: int,
+    hs: int,
+    direct: bool,
+    cmap: np.ndarray,
+    keys: np.ndarray,
+    kval: np.ndarray,
+    slots: np.ndarray,
+    uniq: np.ndarray,
+    nus: np.ndarray,
+    may_derive: bool,
+    cev: np.ndarray,
+    nu_m: int,
+    first: np.ndarray,
+    hid: np.ndarray,
+    amap: np.ndarray,
+    fdummy: np.ndarray,
+) -> bool:
     """Author codes of the row: per media code (``amap``, returns True) when every event of an item has
     the item's author, else per event (``cev[AUTHOR]``)."""
     n = hi - lo
@@ -317,12 +357,36 @@ def _author_codes(author: np.ndarray, lo: int, hi: int, hs: int, direct: bool, c
 
 
 @_jit
-def _topic_codes(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, direct: bool, cmap: np.ndarray,
-                 keys: np.ndarray, kval: np.ndarray, slots: np.ndarray, uniq: np.ndarray, nus: np.ndarray,
-                 may_derive: bool, mcode: np.ndarray, nu_m: int, first: np.ndarray, tkey: np.ndarray,
-                 skeys: np.ndarray, skval: np.ndarray, sslots: np.ndarray, sig_key: np.ndarray, smap: np.ndarray,
-                 sig_codes: np.ndarray, sig_hid: np.ndarray, teoff: np.ndarray, tcodes: np.ndarray,
-                 hid: np.ndarray, fdummy: np.ndarray) -> tuple[bool, int, np.ndarray, np.ndarray]:
+def _topic_codes(
+    toff: np.ndarray,
+    tval: np.ndarray,
+    lo: int,
+    hi: int,
+    hs: int,
+    direct: bool,
+    cmap: np.ndarray,
+    keys: np.ndarray,
+    kval: np.ndarray,
+    slots: np.ndarray,
+    uniq: np.ndarray,
+    nus: np.ndarray,
+    may_derive: bool,
+    mcode: np.ndarray,
+    nu_m: int,
+    first: np.ndarray,
+    tkey: np.ndarray,
+    skeys: np.ndarray,
+    skval: np.ndarray,
+    sslots: np.ndarray,
+    sig_key: np.ndarray,
+    smap: np.ndarray,
+    sig_codes: np.ndarray,
+    sig_hid: np.ndarray,
+    teoff: np.ndarray,
+    tcodes: np.ndarray,
+    hid: np.ndarray,
+    fdummy: np.ndarray,
+) -> tuple[bool, int, np.ndarray, np.ndarray]:
     """Topic codes of the row. When every event of an item has the item's topic list: per media code its
     topic-list *signature* (``smap``), and per signature its topic codes (``sig_codes[s * kt + j]``, -1 =
     none); returns ``(True, kt, sig_codes, sig_hid)`` (the last two possibly reallocated). Else per event,
@@ -378,8 +442,15 @@ def _bins_lt(n: int, thr: np.ndarray, j: int, m: int, x: np.ndarray, out: np.nda
 
 
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
-_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01, 2.222219843214978396e-01,
-       1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01)
+_LG = (
+    6.666666666666735130e-01,
+    3.999999999940941908e-01,
+    2.857142874366239149e-01,
+    2.222219843214978396e-01,
+    1.818357216161805012e-01,
+    1.531383769920937332e-01,
+    1.479819860511658591e-01,
+)
 
 
 @_jit
@@ -430,8 +501,16 @@ def _duration_slot(dd: float, bits: int, betas: np.ndarray, gammas: np.ndarray, 
 
 
 @_inline
-def _duration_terms(dd: float, bits: int, betas: np.ndarray, gammas: np.ndarray, dcache: np.ndarray,
-                    pw: np.ndarray, lgw: np.ndarray, p: int) -> None:
+def _duration_terms(
+    dd: float,
+    bits: int,
+    betas: np.ndarray,
+    gammas: np.ndarray,
+    dcache: np.ndarray,
+    pw: np.ndarray,
+    lgw: np.ndarray,
+    p: int,
+) -> None:
     """``pw[j, p] = duration**beta_j``, ``lgw[k, p] = log1p(gamma_k * duration)``; NaN for non-videos."""
     slot = _duration_slot(dd, bits, betas, gammas, dcache) if dd > 0 else dcache.shape[0] - 1
     for j in range(betas.size):
@@ -445,11 +524,34 @@ BLOCK = 1024
 
 
 @_jit
-def _event_bins(lo: int, hi: int, dwell: np.ndarray, dur: np.ndarray, d_thr: np.ndarray, betas: np.ndarray,
-                r_thr: np.ndarray, gammas: np.ndarray, s_thr: np.ndarray, dcache: np.ndarray,
-                mcode: np.ndarray, nu_m: int, first: np.ndarray, m_dur: np.ndarray, mslot: np.ndarray,
-                m_pow: np.ndarray, m_lg: np.ndarray, xs: np.ndarray, vs: np.ndarray, pw: np.ndarray, lgw: np.ndarray, tmp: np.ndarray,
-                dbins: np.ndarray, rbins: np.ndarray, sbins: np.ndarray, score: np.ndarray) -> None:
+def _event_bins(
+    lo: int,
+    hi: int,
+    dwell: np.ndarray,
+    dur: np.ndarray,
+    d_thr: np.ndarray,
+    betas: np.ndarray,
+    r_thr: np.ndarray,
+    gammas: np.ndarray,
+    s_thr: np.ndarray,
+    dcache: np.ndarray,
+    mcode: np.ndarray,
+    nu_m: int,
+    first: np.ndarray,
+    m_dur: np.ndarray,
+    mslot: np.ndarray,
+    m_pow: np.ndarray,
+    m_lg: np.ndarray,
+    xs: np.ndarray,
+    vs: np.ndarray,
+    pw: np.ndarray,
+    lgw: np.ndarray,
+    tmp: np.ndarray,
+    dbins: np.ndarray,
+    rbins: np.ndarray,
+    sbins: np.ndarray,
+    score: np.ndarray,
+) -> None:
     """Bins of events ``lo..hi``: dwell ``dbins[0, p]``, watch ratio per beta ``rbins[j, p]``, debiased
     score per gamma ``sbins[k, p]`` (0 = below every lower bound, NaN, or not a video), and the scores
     ``score[k, p]`` (NaN where none). Values are computed as numpy does (``dwell / duration**beta``,
@@ -539,9 +641,24 @@ def _event_bins(lo: int, hi: int, dwell: np.ndarray, dur: np.ndarray, d_thr: np.
 
 
 @_jit
-def _word_mask(w: int, lo: int, hi: int, act: np.ndarray, mtype: np.ndarray, surf: np.ndarray,
-               act_m: np.ndarray, mt_m: np.ndarray, sf_m: np.ndarray, d_m: np.ndarray, r_m: np.ndarray,
-               s_m: np.ndarray, dbins: np.ndarray, rbins: np.ndarray, sbins: np.ndarray, emask: np.ndarray) -> None:
+def _word_mask(
+    w: int,
+    lo: int,
+    hi: int,
+    act: np.ndarray,
+    mtype: np.ndarray,
+    surf: np.ndarray,
+    act_m: np.ndarray,
+    mt_m: np.ndarray,
+    sf_m: np.ndarray,
+    d_m: np.ndarray,
+    r_m: np.ndarray,
+    s_m: np.ndarray,
+    dbins: np.ndarray,
+    rbins: np.ndarray,
+    sbins: np.ndarray,
+    emask: np.ndarray,
+) -> None:
     """``emask[p]`` = bits of groups ``64w .. 64w + 63`` passed by event ``lo + p`` (from the LUTs and bins)."""
     n = hi - lo
     if act_m.shape[0] > 0:
@@ -562,8 +679,9 @@ def _word_mask(w: int, lo: int, hi: int, act: np.ndarray, mtype: np.ndarray, sur
 
 
 @_jit
-def _passing(emask: np.ndarray, g: int, n: int, wstart: np.ndarray, lo: int, L: int, P: np.ndarray,
-             cuts: np.ndarray) -> None:
+def _passing(
+    emask: np.ndarray, g: int, n: int, wstart: np.ndarray, lo: int, L: int, P: np.ndarray, cuts: np.ndarray
+) -> None:
     """``P[:cuts[0]]``: the row's events passing group g (ascending; ``emask`` is g's 64-group word);
     ``cuts[lvl + 1]``: first one inside window lvl (so window lvl holds ``P[cuts[lvl + 1]:cuts[0]]``)."""
     bit = np.uint64(1) << np.uint64(g & 63)
@@ -588,8 +706,18 @@ def _passing(emask: np.ndarray, g: int, n: int, wstart: np.ndarray, lo: int, L: 
 # Accumulation (newest first) and emission of dedup'd bags
 # ------------------------------------------------------------------------------------------------------
 @_jit
-def _acc_flat(P: np.ndarray, q_hi: int, q_lo: int, cev: np.ndarray, weighted: bool, sc: np.ndarray,
-              cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray, nt: int) -> int:
+def _acc_flat(
+    P: np.ndarray,
+    q_hi: int,
+    q_lo: int,
+    cev: np.ndarray,
+    weighted: bool,
+    sc: np.ndarray,
+    cnt: np.ndarray,
+    acc: np.ndarray,
+    touched: np.ndarray,
+    nt: int,
+) -> int:
     """Counts the one-id-per-event codes ``cev`` of ``P[q_lo:q_hi]``, newest first; returns the new #touched."""
     q = q_hi
     if weighted:
@@ -616,8 +744,19 @@ def _acc_flat(P: np.ndarray, q_hi: int, q_lo: int, cev: np.ndarray, weighted: bo
 
 
 @_jit
-def _acc_csr(P: np.ndarray, q_hi: int, q_lo: int, eoff: np.ndarray, codes: np.ndarray, weighted: bool,
-             sc: np.ndarray, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray, nt: int) -> int:
+def _acc_csr(
+    P: np.ndarray,
+    q_hi: int,
+    q_lo: int,
+    eoff: np.ndarray,
+    codes: np.ndarray,
+    weighted: bool,
+    sc: np.ndarray,
+    cnt: np.ndarray,
+    acc: np.ndarray,
+    touched: np.ndarray,
+    nt: int,
+) -> int:
     """As :func:`_acc_flat` for several ids per event (topics), each event's list read backwards."""
     q = q_hi
     while q > q_lo:
@@ -638,8 +777,18 @@ def _acc_csr(P: np.ndarray, q_hi: int, q_lo: int, eoff: np.ndarray, codes: np.nd
 
 
 @_jit
-def _derive(mt: np.ndarray, nt_m: int, mcnt: np.ndarray, macc: np.ndarray, weighted: bool, xmap: np.ndarray,
-            sink: int, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray) -> int:
+def _derive(
+    mt: np.ndarray,
+    nt_m: int,
+    mcnt: np.ndarray,
+    macc: np.ndarray,
+    weighted: bool,
+    xmap: np.ndarray,
+    sink: int,
+    cnt: np.ndarray,
+    acc: np.ndarray,
+    touched: np.ndarray,
+) -> int:
     """A bag of codes ``xmap[m]`` (authors, or topic-list signatures) from a media bag: each media's count
     (and weight) goes to its code; one step per unique media instead of one per occurrence."""
     nt = 0
@@ -658,9 +807,23 @@ def _derive(mt: np.ndarray, nt_m: int, mcnt: np.ndarray, macc: np.ndarray, weigh
 
 
 @_jit
-def _derive2(mt: np.ndarray, nt_m: int, mcnt: np.ndarray, macc: np.ndarray, weighted: bool, amap: np.ndarray,
-             a_sink: int, acnt: np.ndarray, aacc: np.ndarray, atouched: np.ndarray, smap: np.ndarray, s_sink: int,
-             scnt: np.ndarray, sacc: np.ndarray, stouched: np.ndarray) -> tuple[int, int]:
+def _derive2(
+    mt: np.ndarray,
+    nt_m: int,
+    mcnt: np.ndarray,
+    macc: np.ndarray,
+    weighted: bool,
+    amap: np.ndarray,
+    a_sink: int,
+    acnt: np.ndarray,
+    aacc: np.ndarray,
+    atouched: np.ndarray,
+    smap: np.ndarray,
+    s_sink: int,
+    scnt: np.ndarray,
+    sacc: np.ndarray,
+    stouched: np.ndarray,
+) -> tuple[int, int]:
     """:func:`_derive` for authors and topic-list signatures in one pass over the media bag."""
     na = 0
     ns = 0
@@ -699,9 +862,22 @@ def _grow(vals: np.ndarray, wts: np.ndarray, used: int, need: int) -> tuple[np.n
 
 
 @_jit
-def _emit(touched: np.ndarray, nt: int, cnt: np.ndarray, acc: np.ndarray, weighted: bool, uniq: np.ndarray,
-          k: int, b: int, seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
-          vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _emit(
+    touched: np.ndarray,
+    nt: int,
+    cnt: np.ndarray,
+    acc: np.ndarray,
+    weighted: bool,
+    uniq: np.ndarray,
+    k: int,
+    b: int,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    seg_raw: np.ndarray,
+    vals: np.ndarray,
+    wts: np.ndarray,
+    used: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Writes one bag: ids ``uniq[touched]``, weights ``count / occurrences`` or ``sum(s) / sum(s)``."""
     vals, wts = _grow(vals, wts, used, nt)
     nocc = 0
@@ -741,10 +917,25 @@ def _reset(touched: np.ndarray, nt: int, cnt: np.ndarray, acc: np.ndarray, weigh
 
 
 @_jit
-def _bags_plain(P: np.ndarray, cuts: np.ndarray, feat_row: np.ndarray, flat: bool, cev: np.ndarray,
-                eoff: np.ndarray, codes: np.ndarray, uniq: np.ndarray, weighted: bool, sc: np.ndarray, b: int,
-                seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
-                vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _bags_plain(
+    P: np.ndarray,
+    cuts: np.ndarray,
+    feat_row: np.ndarray,
+    flat: bool,
+    cev: np.ndarray,
+    eoff: np.ndarray,
+    codes: np.ndarray,
+    uniq: np.ndarray,
+    weighted: bool,
+    sc: np.ndarray,
+    b: int,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    seg_raw: np.ndarray,
+    vals: np.ndarray,
+    wts: np.ndarray,
+    used: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """No dedup: every occurrence, in time order, one bag per window that has a feature."""
     for lvl in range(feat_row.size):
         k = feat_row[lvl]
@@ -780,58 +971,184 @@ def _bags_plain(P: np.ndarray, cuts: np.ndarray, feat_row: np.ndarray, flat: boo
 
 
 @_jit
-def _media_bags(P: np.ndarray, cuts: np.ndarray, fr: np.ndarray, dedup: np.ndarray, der_a: bool, der_t: bool,
-                weighted: bool, sc: np.ndarray, mcode: np.ndarray, cnt: np.ndarray, acc: np.ndarray,
-                touched: np.ndarray, uniqs: np.ndarray, amap: np.ndarray, a_sink: int, smap: np.ndarray,
-                s_sink: int, scnt: np.ndarray, sacc: np.ndarray, stouched: np.ndarray, sig_codes: np.ndarray,
-                kt: int, b: int, seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
-                vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _media_bags(
+    P: np.ndarray,
+    cuts: np.ndarray,
+    fr: np.ndarray,
+    dedup: np.ndarray,
+    der_a: bool,
+    der_t: bool,
+    weighted: bool,
+    sc: np.ndarray,
+    mcode: np.ndarray,
+    cnt: np.ndarray,
+    acc: np.ndarray,
+    touched: np.ndarray,
+    uniqs: np.ndarray,
+    amap: np.ndarray,
+    a_sink: int,
+    smap: np.ndarray,
+    s_sink: int,
+    scnt: np.ndarray,
+    sacc: np.ndarray,
+    stouched: np.ndarray,
+    sig_codes: np.ndarray,
+    kt: int,
+    b: int,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    seg_raw: np.ndarray,
+    vals: np.ndarray,
+    wts: np.ndarray,
+    used: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """One group's media pass (newest first); at each window start its media bag, and the author / topic
     bags derived from it (``der_a`` / ``der_t``). ``fr[id_type, lvl]``: the group's features."""
     nlev = 0
     for lvl in range(fr.shape[1]):
-        if ((fr[MEDIA, lvl] >= 0 and dedup[MEDIA]) or (der_a and fr[AUTHOR, lvl] >= 0)
-                or (der_t and fr[TOPIC, lvl] >= 0)):
+        if (
+            (fr[MEDIA, lvl] >= 0 and dedup[MEDIA])
+            or (der_a and fr[AUTHOR, lvl] >= 0)
+            or (der_t and fr[TOPIC, lvl] >= 0)
+        ):
             nlev = lvl + 1
     nt = np.int64(0)
     for lvl in range(nlev):
-        nt = _acc_flat(P, cuts[0] if lvl == 0 else cuts[lvl], cuts[lvl + 1], mcode, weighted, sc,
-                       cnt[MEDIA], acc[MEDIA], touched[MEDIA], nt)
+        nt = _acc_flat(
+            P,
+            cuts[0] if lvl == 0 else cuts[lvl],
+            cuts[lvl + 1],
+            mcode,
+            weighted,
+            sc,
+            cnt[MEDIA],
+            acc[MEDIA],
+            touched[MEDIA],
+            nt,
+        )
         if fr[MEDIA, lvl] >= 0 and dedup[MEDIA]:
-            vals, wts, used = _emit(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, uniqs[MEDIA],
-                                    fr[MEDIA, lvl], b, seg_start, seg_len, seg_raw, vals, wts, used)
+            vals, wts, used = _emit(
+                touched[MEDIA],
+                nt,
+                cnt[MEDIA],
+                acc[MEDIA],
+                weighted,
+                uniqs[MEDIA],
+                fr[MEDIA, lvl],
+                b,
+                seg_start,
+                seg_len,
+                seg_raw,
+                vals,
+                wts,
+                used,
+            )
         da = der_a and fr[AUTHOR, lvl] >= 0
         dt = der_t and fr[TOPIC, lvl] >= 0
         na = nsb = np.int64(0)
         if da and dt:  # one pass over the media bag for both
-            na, nsb = _derive2(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, amap, a_sink,
-                               cnt[AUTHOR], acc[AUTHOR], touched[AUTHOR], smap, s_sink, scnt, sacc, stouched)
+            na, nsb = _derive2(
+                touched[MEDIA],
+                nt,
+                cnt[MEDIA],
+                acc[MEDIA],
+                weighted,
+                amap,
+                a_sink,
+                cnt[AUTHOR],
+                acc[AUTHOR],
+                touched[AUTHOR],
+                smap,
+                s_sink,
+                scnt,
+                sacc,
+                stouched,
+            )
         elif da:
-            na = _derive(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, amap, a_sink,
-                         cnt[AUTHOR], acc[AUTHOR], touched[AUTHOR])
+            na = _derive(
+                touched[MEDIA],
+                nt,
+                cnt[MEDIA],
+                acc[MEDIA],
+                weighted,
+                amap,
+                a_sink,
+                cnt[AUTHOR],
+                acc[AUTHOR],
+                touched[AUTHOR],
+            )
         elif dt:
             nsb = _derive(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted, smap, s_sink, scnt, sacc, stouched)
         if da:
-            vals, wts, used = _emit(touched[AUTHOR], na, cnt[AUTHOR], acc[AUTHOR], weighted, uniqs[AUTHOR],
-                                    fr[AUTHOR, lvl], b, seg_start, seg_len, seg_raw, vals, wts, used)
+            vals, wts, used = _emit(
+                touched[AUTHOR],
+                na,
+                cnt[AUTHOR],
+                acc[AUTHOR],
+                weighted,
+                uniqs[AUTHOR],
+                fr[AUTHOR, lvl],
+                b,
+                seg_start,
+                seg_len,
+                seg_raw,
+                vals,
+                wts,
+                used,
+            )
             _reset(touched[AUTHOR], na, cnt[AUTHOR], acc[AUTHOR], weighted)
         if dt:  # media -> signatures -> topics
-            nx = _expand_sigs(stouched, nsb, scnt, sacc, weighted, sig_codes, kt, cnt[TOPIC], acc[TOPIC],
-                              touched[TOPIC])
+            nx = _expand_sigs(
+                stouched, nsb, scnt, sacc, weighted, sig_codes, kt, cnt[TOPIC], acc[TOPIC], touched[TOPIC]
+            )
             _reset(stouched, nsb, scnt, sacc, weighted)
-            vals, wts, used = _emit(touched[TOPIC], nx, cnt[TOPIC], acc[TOPIC], weighted, uniqs[TOPIC],
-                                    fr[TOPIC, lvl], b, seg_start, seg_len, seg_raw, vals, wts, used)
+            vals, wts, used = _emit(
+                touched[TOPIC],
+                nx,
+                cnt[TOPIC],
+                acc[TOPIC],
+                weighted,
+                uniqs[TOPIC],
+                fr[TOPIC, lvl],
+                b,
+                seg_start,
+                seg_len,
+                seg_raw,
+                vals,
+                wts,
+                used,
+            )
             _reset(touched[TOPIC], nx, cnt[TOPIC], acc[TOPIC], weighted)
     _reset(touched[MEDIA], nt, cnt[MEDIA], acc[MEDIA], weighted)
     return vals, wts, used
 
 
 @_jit
-def _direct_bags(P: np.ndarray, cuts: np.ndarray, fr: np.ndarray, dedup: np.ndarray, need_m: bool, der_a: bool,
-                 der_t: bool, weighted: bool, sc: np.ndarray, cev: np.ndarray, teoff: np.ndarray,
-                 tcodes: np.ndarray, cnt: np.ndarray, acc: np.ndarray, touched: np.ndarray, uniqs: np.ndarray,
-                 b: int, seg_start: np.ndarray, seg_len: np.ndarray, seg_raw: np.ndarray,
-                 vals: np.ndarray, wts: np.ndarray, used: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _direct_bags(
+    P: np.ndarray,
+    cuts: np.ndarray,
+    fr: np.ndarray,
+    dedup: np.ndarray,
+    need_m: bool,
+    der_a: bool,
+    der_t: bool,
+    weighted: bool,
+    sc: np.ndarray,
+    cev: np.ndarray,
+    teoff: np.ndarray,
+    tcodes: np.ndarray,
+    cnt: np.ndarray,
+    acc: np.ndarray,
+    touched: np.ndarray,
+    uniqs: np.ndarray,
+    b: int,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    seg_raw: np.ndarray,
+    vals: np.ndarray,
+    wts: np.ndarray,
+    used: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """One group's bags of the id types not covered by :func:`_media_bags`: each from its own pass over
     the occurrences (no-dedup tables: every occurrence in time order)."""
     L = fr.shape[1]
@@ -841,8 +1158,25 @@ def _direct_bags(P: np.ndarray, cuts: np.ndarray, fr: np.ndarray, dedup: np.ndar
         if (it == AUTHOR and der_a) or (it == TOPIC and der_t) or (it == MEDIA and dedup[MEDIA]):
             continue
         if not dedup[it]:
-            vals, wts, used = _bags_plain(P, cuts, fr[it], it != TOPIC, cev[min(it, 1)], teoff, tcodes,
-                                          uniqs[it], weighted, sc, b, seg_start, seg_len, seg_raw, vals, wts, used)
+            vals, wts, used = _bags_plain(
+                P,
+                cuts,
+                fr[it],
+                it != TOPIC,
+                cev[min(it, 1)],
+                teoff,
+                tcodes,
+                uniqs[it],
+                weighted,
+                sc,
+                b,
+                seg_start,
+                seg_len,
+                seg_raw,
+                vals,
+                wts,
+                used,
+            )
             continue
         nt = np.int64(0)
         for lvl in range(L):
@@ -857,8 +1191,22 @@ def _direct_bags(P: np.ndarray, cuts: np.ndarray, fr: np.ndarray, dedup: np.ndar
                 nt = _acc_csr(P, q_hi, cuts[lvl + 1], teoff, tcodes, weighted, sc, cnt[it], acc[it], touched[it], nt)
             else:
                 nt = _acc_flat(P, q_hi, cuts[lvl + 1], cev[it], weighted, sc, cnt[it], acc[it], touched[it], nt)
-            vals, wts, used = _emit(touched[it], nt, cnt[it], acc[it], weighted, uniqs[it], fr[it, lvl], b,
-                                    seg_start, seg_len, seg_raw, vals, wts, used)
+            vals, wts, used = _emit(
+                touched[it],
+                nt,
+                cnt[it],
+                acc[it],
+                weighted,
+                uniqs[it],
+                fr[it, lvl],
+                b,
+                seg_start,
+                seg_len,
+                seg_raw,
+                vals,
+                wts,
+                used,
+            )
         _reset(touched[it], nt, cnt[it], acc[it], weighted)
     return vals, wts, used
 
@@ -867,16 +1215,47 @@ def _direct_bags(P: np.ndarray, cuts: np.ndarray, fr: np.ndarray, dedup: np.ndar
 # One source (explicit or implicit) of a batch
 # ------------------------------------------------------------------------------------------------------
 @_jit
-def slice_source(ts: np.ndarray, offsets: np.ndarray, media: np.ndarray, author: np.ndarray,
-                 toff: np.ndarray, tval: np.ndarray, act: np.ndarray, mtype: np.ndarray, surf: np.ndarray,
-                 dwell: np.ndarray, dur: np.ndarray, request: np.ndarray, gap: int, cap: int,
-                 horizons: np.ndarray, act_m: np.ndarray, mt_m: np.ndarray, sf_m: np.ndarray,
-                 d_thr: np.ndarray, d_m: np.ndarray, betas: np.ndarray, r_thr: np.ndarray, r_m: np.ndarray,
-                 gammas: np.ndarray, s_thr: np.ndarray, s_m: np.ndarray, g_gamma: np.ndarray,
-                 feat: np.ndarray, hash_size: np.ndarray, dedup: np.ndarray, direct: np.ndarray, cmaps: Any,
-                 allow_derive: bool, dcache: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray,
-                 seg_raw: np.ndarray,
-                 vals: np.ndarray, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def slice_source(
+    ts: np.ndarray,
+    offsets: np.ndarray,
+    media: np.ndarray,
+    author: np.ndarray,
+    toff: np.ndarray,
+    tval: np.ndarray,
+    act: np.ndarray,
+    mtype: np.ndarray,
+    surf: np.ndarray,
+    dwell: np.ndarray,
+    dur: np.ndarray,
+    request: np.ndarray,
+    gap: int,
+    cap: int,
+    horizons: np.ndarray,
+    act_m: np.ndarray,
+    mt_m: np.ndarray,
+    sf_m: np.ndarray,
+    d_thr: np.ndarray,
+    d_m: np.ndarray,
+    betas: np.ndarray,
+    r_thr: np.ndarray,
+    r_m: np.ndarray,
+    gammas: np.ndarray,
+    s_thr: np.ndarray,
+    s_m: np.ndarray,
+    g_gamma: np.ndarray,
+    feat: np.ndarray,
+    hash_size: np.ndarray,
+    dedup: np.ndarray,
+    direct: np.ndarray,
+    cmaps: Any,
+    allow_derive: bool,
+    dcache: np.ndarray,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    seg_raw: np.ndarray,
+    vals: np.ndarray,
+    wts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Bags of every feature of one source for every row; fills ``seg_*[k, b]`` for this source's features.
 
     ``feat[g, lvl, id_type]`` is the feature of group g, window level lvl and id type (-1: none);
@@ -971,29 +1350,109 @@ def slice_source(ts: np.ndarray, offsets: np.ndarray, media: np.ndarray, author:
         nu_m = zero
         if need_m:
             _hash_flat(media, lo, hi, hash_size[MEDIA], hid)
-            nu_m = _codes_of(hid, n, direct[MEDIA], cmaps[MEDIA], keys[MEDIA], kval[MEDIA], slots[MEDIA],
-                             uniqs[MEDIA], cev[MEDIA], first)
+            nu_m = _codes_of(
+                hid,
+                n,
+                direct[MEDIA],
+                cmaps[MEDIA],
+                keys[MEDIA],
+                kval[MEDIA],
+                slots[MEDIA],
+                uniqs[MEDIA],
+                cev[MEDIA],
+                first,
+            )
             nus[MEDIA] = nu_m
         # author / topic bags derivable from media bags in this row? (then only the first event of each
         # media code needs its author / topics factorised)
         der_a = False
         if has[AUTHOR]:
-            der_a = _author_codes(author, lo, hi, hash_size[AUTHOR], direct[AUTHOR], cmaps[AUTHOR], keys[AUTHOR],
-                                  kval[AUTHOR], slots[AUTHOR], uniqs[AUTHOR], nus, need_m and want_derive and
-                                  dedup[AUTHOR], cev, nu_m, first, hid, amap, fdummy)
+            der_a = _author_codes(
+                author,
+                lo,
+                hi,
+                hash_size[AUTHOR],
+                direct[AUTHOR],
+                cmaps[AUTHOR],
+                keys[AUTHOR],
+                kval[AUTHOR],
+                slots[AUTHOR],
+                uniqs[AUTHOR],
+                nus,
+                need_m and want_derive and dedup[AUTHOR],
+                cev,
+                nu_m,
+                first,
+                hid,
+                amap,
+                fdummy,
+            )
         der_t = False
         kt = zero
         if has[TOPIC]:
             der_t, kt, sig_codes, sig_hid = _topic_codes(
-                toff, tval, lo, hi, hash_size[TOPIC], direct[TOPIC], cmaps[TOPIC], keys[TOPIC], kval[TOPIC],
-                slots[TOPIC], uniqs[TOPIC], nus, need_m and want_derive and dedup[TOPIC], cev[MEDIA], nu_m, first,
-                tkey, skeys, skval, sslots, sig_key, smap, sig_codes, sig_hid, teoff, tcodes, hid, fdummy)
-        _event_bins(lo, hi, dwell, dur, d_thr, betas, r_thr, gammas, s_thr, dcache, cev[MEDIA], nu_m, first,
-                    m_dur, mslot, m_pow, m_lg, xs, vs, pw, lgw, tmp, dbins, rbins, sbins, score)
+                toff,
+                tval,
+                lo,
+                hi,
+                hash_size[TOPIC],
+                direct[TOPIC],
+                cmaps[TOPIC],
+                keys[TOPIC],
+                kval[TOPIC],
+                slots[TOPIC],
+                uniqs[TOPIC],
+                nus,
+                need_m and want_derive and dedup[TOPIC],
+                cev[MEDIA],
+                nu_m,
+                first,
+                tkey,
+                skeys,
+                skval,
+                sslots,
+                sig_key,
+                smap,
+                sig_codes,
+                sig_hid,
+                teoff,
+                tcodes,
+                hid,
+                fdummy,
+            )
+        _event_bins(
+            lo,
+            hi,
+            dwell,
+            dur,
+            d_thr,
+            betas,
+            r_thr,
+            gammas,
+            s_thr,
+            dcache,
+            cev[MEDIA],
+            nu_m,
+            first,
+            m_dur,
+            mslot,
+            m_pow,
+            m_lg,
+            xs,
+            vs,
+            pw,
+            lgw,
+            tmp,
+            dbins,
+            rbins,
+            sbins,
+            score,
+        )
         for g in range(G):
             if g & 63 == 0:
-                _word_mask(g >> 6, lo, hi, act, mtype, surf, act_m, mt_m, sf_m, d_m, r_m, s_m, dbins, rbins, sbins,
-                           emask)
+                _word_mask(
+                    g >> 6, lo, hi, act, mtype, surf, act_m, mt_m, sf_m, d_m, r_m, s_m, dbins, rbins, sbins, emask
+                )
             for it in range(3):
                 for lvl in range(L):
                     fr[it, lvl] = feat[g, lvl, it]
@@ -1001,11 +1460,62 @@ def slice_source(ts: np.ndarray, offsets: np.ndarray, media: np.ndarray, author:
             weighted = kw >= 0
             sc = score[max(kw, 0)]
             _passing(emask, g, n, wstart, lo, L, P, cuts)
-            vals, wts, used = _media_bags(P, cuts, fr, dedup, der_a, der_t, weighted, sc, cev[MEDIA], cnt, acc,
-                                          touched, uniqs, amap, nus[AUTHOR], smap, n_max, scnt, sacc, stouched,
-                                          sig_codes, kt, b, seg_start, seg_len, seg_raw, vals, wts, used)
-            vals, wts, used = _direct_bags(P, cuts, fr, dedup, need_m, der_a, der_t, weighted, sc, cev, teoff, tcodes,
-                                           cnt, acc, touched, uniqs, b, seg_start, seg_len, seg_raw, vals, wts, used)
+            vals, wts, used = _media_bags(
+                P,
+                cuts,
+                fr,
+                dedup,
+                der_a,
+                der_t,
+                weighted,
+                sc,
+                cev[MEDIA],
+                cnt,
+                acc,
+                touched,
+                uniqs,
+                amap,
+                nus[AUTHOR],
+                smap,
+                n_max,
+                scnt,
+                sacc,
+                stouched,
+                sig_codes,
+                kt,
+                b,
+                seg_start,
+                seg_len,
+                seg_raw,
+                vals,
+                wts,
+                used,
+            )
+            vals, wts, used = _direct_bags(
+                P,
+                cuts,
+                fr,
+                dedup,
+                need_m,
+                der_a,
+                der_t,
+                weighted,
+                sc,
+                cev,
+                teoff,
+                tcodes,
+                cnt,
+                acc,
+                touched,
+                uniqs,
+                b,
+                seg_start,
+                seg_len,
+                seg_raw,
+                vals,
+                wts,
+                used,
+            )
         if need[MEDIA]:
             _uncode(nus[MEDIA], direct[MEDIA], cmaps[MEDIA], keys[MEDIA], slots[MEDIA], uniqs[MEDIA])
         if need[AUTHOR]:
@@ -1016,8 +1526,15 @@ def slice_source(ts: np.ndarray, offsets: np.ndarray, media: np.ndarray, author:
 
 
 @_jit
-def assemble(seg_src: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray,
-             vals0: np.ndarray, wts0: np.ndarray, vals1: np.ndarray, wts1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def assemble(
+    seg_src: np.ndarray,
+    seg_start: np.ndarray,
+    seg_len: np.ndarray,
+    vals0: np.ndarray,
+    wts0: np.ndarray,
+    vals1: np.ndarray,
+    wts1: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Key-major (KJT) values/weights from the two sources' row-major buffers."""
     N, B = seg_len.shape
     total = 0
@@ -1077,8 +1594,8 @@ def _padded(parts: list[tuple[np.ndarray, np.ndarray]], G: int) -> tuple[np.ndar
     thr = np.full((len(parts), M), np.inf)
     passes = np.ones((len(parts), M + 1, G), bool)
     for j, (t, p) in enumerate(parts):
-        thr[j, :len(t)] = t
-        passes[j, :len(p)] = p
+        thr[j, : len(t)] = t
+        passes[j, : len(p)] = p
     return thr, _pack_bits(passes)
 
 
@@ -1109,15 +1626,24 @@ class _FusedSource:
             return _pack_bits(passes)
 
         actions = [f.actions for f in flts]
-        self.act_m = lut(actions, vocab.actions) if any(a is not None for a in actions) else np.zeros((0, max(1, (G + 63) // 64)), np.uint64)
+        self.act_m = (
+            lut(actions, vocab.actions)
+            if any(a is not None for a in actions)
+            else np.zeros((0, max(1, (G + 63) // 64)), np.uint64)
+        )
         self.mt_m = lut([f.media_types for f in flts], vocab.media_types)
         self.sf_m = lut([f.surfaces for f in flts], vocab.surfaces)
         d_thr, d_pass = _band_bins([f.dwell for f in flts])
         self.d_thr, self.d_m = d_thr[None, :], _pack_bits(d_pass)[None]
         betas = sorted({f.beta for f in flts if f.watch_ratio is not None})
         self.betas = np.array(betas, np.float64)
-        self.r_thr, self.r_m = _padded([_band_bins([f.watch_ratio if f.watch_ratio is not None and f.beta == b else None
-                                                    for f in flts]) for b in betas], G)
+        self.r_thr, self.r_m = _padded(
+            [
+                _band_bins([f.watch_ratio if f.watch_ratio is not None and f.beta == b else None for f in flts])
+                for b in betas
+            ],
+            G,
+        )
         gammas = sorted({f.debiased[0] for f in flts if f.debiased is not None})
         self.gammas = np.array(gammas, np.float64)
         deb = []
@@ -1223,13 +1749,46 @@ class NumbaSlicer:
                 vals, wts = self._buffers(source, 4 * t.num_events)
                 try:
                     vals, wts, _used = slice_source(
-                        _i64(t.ts), _i64(t.offsets), _i64(t.media_id), _i64(t.author_id), _i64(t.topic_offsets),
-                        _i64(t.topic_values), _i16(t.action), _i16(t.media_type), _i16(t.surface),
-                        _f32(t.dwell_time), _f32(t.video_duration), _i64(r), self.spec.gap_s, self.spec.cap,
-                        self.horizons, src.act_m, src.mt_m, src.sf_m, src.d_thr, src.d_m, src.betas, src.r_thr,
-                        src.r_m, src.gammas, src.s_thr, src.s_m, src.g_gamma, src.feat, self.hash_size,
-                        self.dedup, self.direct, cmaps, self.derive, self._duration_cache(src), seg_start, seg_len,
-                        seg_raw, vals, wts)
+                        _i64(t.ts),
+                        _i64(t.offsets),
+                        _i64(t.media_id),
+                        _i64(t.author_id),
+                        _i64(t.topic_offsets),
+                        _i64(t.topic_values),
+                        _i16(t.action),
+                        _i16(t.media_type),
+                        _i16(t.surface),
+                        _f32(t.dwell_time),
+                        _f32(t.video_duration),
+                        _i64(r),
+                        self.spec.gap_s,
+                        self.spec.cap,
+                        self.horizons,
+                        src.act_m,
+                        src.mt_m,
+                        src.sf_m,
+                        src.d_thr,
+                        src.d_m,
+                        src.betas,
+                        src.r_thr,
+                        src.r_m,
+                        src.gammas,
+                        src.s_thr,
+                        src.s_m,
+                        src.g_gamma,
+                        src.feat,
+                        self.hash_size,
+                        self.dedup,
+                        self.direct,
+                        cmaps,
+                        self.derive,
+                        self._duration_cache(src),
+                        seg_start,
+                        seg_len,
+                        seg_raw,
+                        vals,
+                        wts,
+                    )
                 except BaseException:  # e.g. MemoryError mid-row: the code tables may not be all -1 any more
                     _WORKSPACE.__dict__.pop("cmaps", None)
                     raise
@@ -1238,8 +1797,16 @@ class NumbaSlicer:
                     seg_start[k], seg_len[k], seg_raw[k] = seg_start[first], seg_len[first], seg_raw[first]
             bufs.extend((vals, wts))
         values, weights = assemble(self.seg_src, seg_start, seg_len, *bufs)
-        return SlicedBatch(list(self.spec.feature_names), B, values, weights, seg_len.reshape(-1),
-                           seg_raw.reshape(-1), r, np.asarray(timelines.user_ids, np.int64))
+        return SlicedBatch(
+            list(self.spec.feature_names),
+            B,
+            values,
+            weights,
+            seg_len.reshape(-1),
+            seg_raw.reshape(-1),
+            r,
+            np.asarray(timelines.user_ids, np.int64),
+        )
 
 
 def _ro(a: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ class NumpySlicer:
         lengths = np.zeros((N, B), dtype=np.int64)
         raw = np.zeros((N, B), dtype=np.int64)
         last = len(plan.horizons) - 1
-        for (source, flt, weighted), feats in plan.groups.items():
+        for (source, flt, _weighted), feats in plan.groups.items():
             s = sel[source]
             mask, w = self._predicate(s, flt)
             passing = np.flatnonzero(mask)
@@ -61,8 +61,16 @@ class NumpySlicer:
                 out_vals[k], out_w[k], lengths[k], raw[k] = _bags(codes, wts, ids, B, table.dedup)
         values = np.concatenate([v for v in out_vals if v is not None] or [np.zeros(0, np.int64)])
         weights = np.concatenate([v for v in out_w if v is not None] or [np.zeros(0, np.float32)])
-        return SlicedBatch(list(spec.feature_names), B, values, weights.astype(np.float32, copy=False),
-                           lengths.reshape(-1), raw.reshape(-1), r, np.asarray(timelines.user_ids, np.int64))
+        return SlicedBatch(
+            list(spec.feature_names),
+            B,
+            values,
+            weights.astype(np.float32, copy=False),
+            lengths.reshape(-1),
+            raw.reshape(-1),
+            r,
+            np.asarray(timelines.user_ids, np.int64),
+        )
 
     def _predicate(self, s: _Selection, flt: SliceFilter) -> tuple[np.ndarray, np.ndarray | None]:
         vocab = self.plan.vocab
@@ -142,7 +150,7 @@ class _Selection:
             self._by_level[lvl] = np.flatnonzero(self.level <= lvl)
         return self._by_level[lvl]
 
-    def codes(self, id_type: str, hash_size: int) -> "_IdCodes":
+    def codes(self, id_type: str, hash_size: int) -> _IdCodes:
         if id_type not in self._codes:
             self._codes[id_type] = _IdCodes(self, id_type, hash_size)
         return self._codes[id_type]
@@ -201,8 +209,13 @@ def _row_searchsorted(t: EventTable, thresholds: np.ndarray, side: str) -> np.nd
         key = row * span + (t.ts - tmin)
         q = np.arange(B, dtype=np.int64) * span + (np.asarray(thresholds, np.int64) - tmin)
         return np.searchsorted(key, q, side=side).astype(np.int64)  # type: ignore[call-overload]
-    return np.array([t.offsets[b] + np.searchsorted(t.ts[t.offsets[b]:t.offsets[b + 1]], thresholds[b], side=side)
-                     for b in range(B)], dtype=np.int64)
+    return np.array(
+        [
+            t.offsets[b] + np.searchsorted(t.ts[t.offsets[b] : t.offsets[b + 1]], thresholds[b], side=side)
+            for b in range(B)
+        ],
+        dtype=np.int64,
+    )
 
 
 def _in_band(x: np.ndarray, band: tuple[float, float | None]) -> np.ndarray:
@@ -213,8 +226,9 @@ def _in_band(x: np.ndarray, band: tuple[float, float | None]) -> np.ndarray:
     return m
 
 
-def _bags(codes: np.ndarray, w: np.ndarray | None, ids: _IdCodes, B: int,
-          dedup: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _bags(
+    codes: np.ndarray, w: np.ndarray | None, ids: _IdCodes, B: int, dedup: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bags per row from dense codes: (values, weights, lengths [B], occurrences [B]).
 
     ``codes`` are ordered by row (positions are row-major), so without dedup the bags are already in

@@ -34,7 +34,7 @@ class SlicePlan:
     groups: dict[tuple[str, SliceFilter, bool], list[int]]
 
     @classmethod
-    def build(cls, spec: SliceSpec, vocab: Vocabulary) -> "SlicePlan":
+    def build(cls, spec: SliceSpec, vocab: Vocabulary) -> SlicePlan:
         order = sorted(spec.windows, key=lambda w: math.inf if spec.windows[w] is None else spec.windows[w])  # type: ignore[operator]
         groups: dict[tuple[str, SliceFilter, bool], list[int]] = {}
         for k, f in enumerate(spec.features):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from dv365.core.slicing.spec import SliceFilter, SliceSpec
 from dv365.core.timeline import EventTable, Timelines
 from dv365.core.vocab import Vocabulary
 
 
-def reference_slice(spec: SliceSpec, timelines: Timelines, request_ts: Sequence[int]) -> dict[tuple[str, int], list[tuple[int, float]]]:
+def reference_slice(
+    spec: SliceSpec, timelines: Timelines, request_ts: Sequence[int]
+) -> dict[tuple[str, int], list[tuple[int, float]]]:
     """The slicing semantics in plain Python: ``{(feature, row): [(hashed id, weight), ...]}``.
 
     Slow and obvious on purpose; every backend of :class:`~dv365.core.slicing.Slicer` must agree with it.
@@ -22,7 +24,7 @@ def reference_slice(spec: SliceSpec, timelines: Timelines, request_ts: Sequence[
         for f in spec.features:
             t: EventTable = getattr(timelines, f.source)
             start, end = int(t.offsets[b]), int(t.offsets[b + 1])
-            kept = [i for i in range(start, end) if int(t.ts[i]) <= r - spec.gap_s][-spec.cap:]
+            kept = [i for i in range(start, end) if int(t.ts[i]) <= r - spec.gap_s][-spec.cap :]
             horizon = spec.windows[f.window]
             occurrences: list[tuple[int, float]] = []
             for i in kept:
@@ -58,7 +60,7 @@ def _ref_match(t: EventTable, i: int, flt: SliceFilter, vocab: Vocabulary) -> tu
         video = not math.isnan(dur) and dur > 0
         if flt.dwell is not None and not _ref_band(dwell, flt.dwell):
             return False, 0.0
-        if flt.watch_ratio is not None and not (video and _ref_band(dwell / dur ** flt.beta, flt.watch_ratio)):
+        if flt.watch_ratio is not None and not (video and _ref_band(dwell / dur**flt.beta, flt.watch_ratio)):
             return False, 0.0
         if flt.debiased is not None:
             gamma, s0 = flt.debiased
@@ -80,4 +82,4 @@ def _ref_ids(t: EventTable, i: int, id_type: str) -> list[int]:
         return [int(t.media_id[i])]
     if id_type == "author":
         return [int(t.author_id[i])] if t.author_id[i] >= 0 else []
-    return [int(x) for x in t.topic_values[t.topic_offsets[i]:t.topic_offsets[i + 1]]]
+    return [int(x) for x in t.topic_values[t.topic_offsets[i] : t.topic_offsets[i + 1]]]

@@ -12,10 +12,11 @@ weighted...).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -98,7 +99,7 @@ class SliceSpec:
 
     # -- loading ---------------------------------------------------------------------------------------
     @classmethod
-    def load_default(cls, name: str) -> "SliceSpec":
+    def load_default(cls, name: str) -> SliceSpec:
         """A spec shipped with dv365-core: ``"kuairand"`` (201 features) or ``"movielens"``."""
         try:
             text = resources.files("dv365.core").joinpath("specs", f"{name}.yaml").read_text()
@@ -107,7 +108,7 @@ class SliceSpec:
         return cls.from_dict(yaml.safe_load(text))
 
     @classmethod
-    def load(cls, name_or_path: str | Path) -> "SliceSpec":
+    def load(cls, name_or_path: str | Path) -> SliceSpec:
         """A shipped spec by name, or a YAML file path."""
         p = Path(name_or_path)
         if p.suffix in (".yaml", ".yml") or p.exists():
@@ -117,7 +118,7 @@ class SliceSpec:
         return cls.load_default(str(name_or_path))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SliceSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> SliceSpec:
         if not isinstance(d, Mapping):
             raise SliceSpecError(f"a slice spec must be a mapping, got {type(d).__name__}")
         for key in ("name", "windows", "id_types", "families"):
@@ -136,7 +137,8 @@ class SliceSpec:
                 if feat.table in table_ids and table_ids[feat.table] != feat.id_type:
                     raise SliceSpecError(
                         f"feature {feat.name!r}: table {feat.table!r} would mix id types "
-                        f"{table_ids[feat.table]!r} and {feat.id_type!r}; put {{id}} in the table template")
+                        f"{table_ids[feat.table]!r} and {feat.id_type!r}; put {{id}} in the table template"
+                    )
                 table_ids[feat.table] = feat.id_type
                 table_feats.setdefault(feat.table, []).append(feat.name)
                 features.append(feat)
@@ -164,11 +166,15 @@ class SliceSpec:
             ):
                 for v in values or ():
                     if v not in known:
-                        raise SliceSpecError(f"feature {f.name!r}: {what} {v!r} is not in the dataset vocabulary {list(known)}")
+                        raise SliceSpecError(
+                            f"feature {f.name!r}: {what} {v!r} is not in the dataset vocabulary {list(known)}"
+                        )
 
 
 def default_spec_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("dv365.core").joinpath("specs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("dv365.core").joinpath("specs").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _parse_id_types(d: Mapping[str, Any]) -> dict[str, tuple[int, bool]]:
@@ -193,8 +199,9 @@ def _band(feature: str, key: str, v: Any) -> tuple[float, float | None]:
     return lb, ub
 
 
-def _expand_family(fam: Mapping[str, Any], windows: Mapping[str, int | None],
-                   id_types: Mapping[str, tuple[int, bool]]) -> Iterable[Feature]:
+def _expand_family(
+    fam: Mapping[str, Any], windows: Mapping[str, int | None], id_types: Mapping[str, tuple[int, bool]]
+) -> Iterable[Feature]:
     fname = fam.get("name")
     if not fname:
         raise SliceSpecError(f"a family has no name: {dict(fam)!r}")
@@ -223,18 +230,29 @@ def _expand_family(fam: Mapping[str, Any], windows: Mapping[str, int | None],
         feature = f"{fname}.{sname}"
         bad = set(s) - _SLICE_KEYS
         if bad:
-            raise SliceSpecError(f"feature {feature!r}: unknown slice keys {sorted(bad)}; allowed {sorted(_SLICE_KEYS)}")
+            raise SliceSpecError(
+                f"feature {feature!r}: unknown slice keys {sorted(bad)}; allowed {sorted(_SLICE_KEYS)}"
+            )
         flt = _parse_filter(feature, s, source, beta)
         if weighted != (flt.debiased is not None):
-            raise SliceSpecError(f"feature {feature!r}: a weighted family needs a 'debiased' filter on every slice, "
-                                 "and only weighted families may use one")
+            raise SliceSpecError(
+                f"feature {feature!r}: a weighted family needs a 'debiased' filter on every slice, "
+                "and only weighted families may use one"
+            )
         for w in fam_windows:
             for i in ids:
                 try:
-                    table = template.format(id=i, polarity=s.get("polarity", "neu"), source=source, family=fname,
-                                            weighted="w" if weighted else "u")
+                    table = template.format(
+                        id=i,
+                        polarity=s.get("polarity", "neu"),
+                        source=source,
+                        family=fname,
+                        weighted="w" if weighted else "u",
+                    )
                 except KeyError as e:
-                    raise SliceSpecError(f"family {fname!r}: table template {template!r} uses unknown field {e}") from None
+                    raise SliceSpecError(
+                        f"family {fname!r}: table template {template!r} uses unknown field {e}"
+                    ) from None
                 yield Feature(f"{feature}.{w}.{i}", source, flt, w, i, table, weighted)
 
 
@@ -260,8 +278,11 @@ def _parse_filter(feature: str, s: Mapping[str, Any], source: str, beta: float) 
             raise SliceSpecError(f"feature {feature!r}: debiased.gamma must be > 0, got {gamma}")
         deb = (gamma, s0)
     return SliceFilter(
-        actions=names("action"), media_types=names("media_type"), surfaces=names("surface"),
+        actions=names("action"),
+        media_types=names("media_type"),
+        surfaces=names("surface"),
         dwell=_band(feature, "dwell", s["dwell"]) if "dwell" in s else None,
         watch_ratio=_band(feature, "watch_ratio", s["watch_ratio"]) if "watch_ratio" in s else None,
-        beta=beta, debiased=deb,
+        beta=beta,
+        debiased=deb,
     )

@@ -28,19 +28,38 @@ from dv365.core.synth.cli import register
 
 if TYPE_CHECKING:
     from dv365.core.synth.assemble import (
-        generate, generate_requests, generate_timelines, generate_user, histories_to_timelines, iter_users,
-        requests_table, universe_for, write_synth_dataset,
+        generate,
+        generate_requests,
+        generate_timelines,
+        generate_user,
+        histories_to_timelines,
+        iter_users,
+        requests_table,
+        universe_for,
+        write_synth_dataset,
     )
     from dv365.core.synth.config import (
-        DEFAULT_END_TS, LABELS, SIMULATED_NOTE, SOURCE, ActionSpec, SynthConfig,
+        DEFAULT_END_TS,
+        LABELS,
+        SIMULATED_NOTE,
+        SOURCE,
+        ActionSpec,
+        SynthConfig,
     )
     from dv365.core.synth.universe import ItemUniverse, prepare_universe
     from dv365.core.synth.user import UserHistory, UserProfile, affinity, label_names
 
 _EXPORTS = {
     "dv365.core.synth.assemble": (
-        "generate", "generate_requests", "generate_timelines", "generate_user", "histories_to_timelines",
-        "iter_users", "requests_table", "universe_for", "write_synth_dataset",
+        "generate",
+        "generate_requests",
+        "generate_timelines",
+        "generate_user",
+        "histories_to_timelines",
+        "iter_users",
+        "requests_table",
+        "universe_for",
+        "write_synth_dataset",
     ),
     "dv365.core.synth.config": ("DEFAULT_END_TS", "LABELS", "SIMULATED_NOTE", "SOURCE", "ActionSpec", "SynthConfig"),
     "dv365.core.synth.universe": ("ItemUniverse", "prepare_universe"),

@@ -7,7 +7,7 @@ All output of this module is SIMULATED (see ``docs/synth.md``); datasets are wri
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -49,8 +49,9 @@ def generate_user(cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = Non
     return generate_user_history(cfg, universe_for(cfg, catalog), int(user_id))
 
 
-def iter_users(cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
-               ) -> Iterator[UserHistory]:
+def iter_users(
+    cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
+) -> Iterator[UserHistory]:
     """Generates users one at a time (``user_ids`` default: ``0..cfg.users-1``)."""
     uni = universe_for(cfg, catalog)
     for u in _user_ids(cfg, user_ids).tolist():
@@ -78,13 +79,31 @@ def _topics(uni: ItemUniverse, items: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return offsets, cat.tag_values[_ranges(cat.tag_offsets[items], lens)]
 
 
-def _event_table(kind: str, uni: ItemUniverse, user_ids: np.ndarray, lengths: np.ndarray, ts: np.ndarray,
-                 items: np.ndarray, surface: np.ndarray, extra: np.ndarray) -> EventTable:
+def _event_table(
+    kind: str,
+    uni: ItemUniverse,
+    user_ids: np.ndarray,
+    lengths: np.ndarray,
+    ts: np.ndarray,
+    items: np.ndarray,
+    surface: np.ndarray,
+    extra: np.ndarray,
+) -> EventTable:
     offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     toff, tval = _topics(uni, items)
-    t = EventTable(kind, user_ids, offsets, ts, uni.catalog.video_id[items], uni.catalog.author_id[items], toff, tval,
-                   uni.media_type[items], surface)
+    t = EventTable(
+        kind,
+        user_ids,
+        offsets,
+        ts,
+        uni.catalog.video_id[items],
+        uni.catalog.author_id[items],
+        toff,
+        tval,
+        uni.media_type[items],
+        surface,
+    )
     if kind == "explicit":
         t.action, t.value = extra, np.full(len(items), np.nan, dtype=np.float32)
     else:
@@ -92,8 +111,9 @@ def _event_table(kind: str, uni: ItemUniverse, user_ids: np.ndarray, lengths: np
     return t
 
 
-def histories_to_timelines(histories: Sequence[UserHistory], catalog: Catalog | ItemUniverse,
-                           vocab: Vocabulary | None = None) -> Timelines:
+def histories_to_timelines(
+    histories: Sequence[UserHistory], catalog: Catalog | ItemUniverse, vocab: Vocabulary | None = None
+) -> Timelines:
     """Row-aligned :class:`Timelines` of generated users (built from numpy directly, no Arrow round trip)."""
     uni = catalog if isinstance(catalog, ItemUniverse) else prepare_universe(catalog)
     ids = np.array([h.user_id for h in histories], dtype=np.int64)
@@ -102,15 +122,32 @@ def histories_to_timelines(histories: Sequence[UserHistory], catalog: Catalog | 
         arrays = [getattr(h, name) for h in histories]
         return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
-    ex = _event_table("explicit", uni, ids, np.array([len(h.exp_ts) for h in histories], np.int64), cat("exp_ts", np.int64),
-                      cat("exp_item", np.int64), cat("exp_surface", np.int16), cat("exp_action", np.int16))
-    im = _event_table("implicit", uni, ids, np.array([len(h.imp_ts) for h in histories], np.int64), cat("imp_ts", np.int64),
-                      cat("imp_item", np.int64), cat("imp_surface", np.int16), cat("imp_dwell", np.float32))
+    ex = _event_table(
+        "explicit",
+        uni,
+        ids,
+        np.array([len(h.exp_ts) for h in histories], np.int64),
+        cat("exp_ts", np.int64),
+        cat("exp_item", np.int64),
+        cat("exp_surface", np.int16),
+        cat("exp_action", np.int16),
+    )
+    im = _event_table(
+        "implicit",
+        uni,
+        ids,
+        np.array([len(h.imp_ts) for h in histories], np.int64),
+        cat("imp_ts", np.int64),
+        cat("imp_item", np.int64),
+        cat("imp_surface", np.int16),
+        cat("imp_dwell", np.float32),
+    )
     return Timelines(ids, ex, im, vocab or Vocabulary())
 
 
-def requests_table(histories: Sequence[UserHistory], catalog: Catalog | ItemUniverse, cfg: SynthConfig,
-                   vocab: Vocabulary | None = None) -> pa.Table:
+def requests_table(
+    histories: Sequence[UserHistory], catalog: Catalog | ItemUniverse, cfg: SynthConfig, vocab: Vocabulary | None = None
+) -> pa.Table:
     """Training requests of generated users: ``REQUEST_SCHEMA`` columns plus float32 ``label_*`` columns."""
     uni = catalog if isinstance(catalog, ItemUniverse) else prepare_universe(catalog)
     vocab = vocab or Vocabulary()
@@ -129,7 +166,9 @@ def requests_table(histories: Sequence[UserHistory], catalog: Catalog | ItemUniv
         "author_id": pa.array(uni.catalog.author_id[items], pa.int64()),
         "topic_ids": uni.catalog.topic_lists(items),
         "media_type": pa.array(np.asarray(vocab.media_types, dtype=object)[uni.media_type[items]], pa.string()),
-        "surface": pa.array(np.asarray(vocab.surfaces, dtype=object)[cat(lambda h: h.req_surface, np.int16)], pa.string()),
+        "surface": pa.array(
+            np.asarray(vocab.surfaces, dtype=object)[cat(lambda h: h.req_surface, np.int16)], pa.string()
+        ),
         "video_duration": pa.array(dur, pa.float32(), mask=np.isnan(dur)),
     }
     arrays = [cols[f.name] for f in REQUEST_SCHEMA]
@@ -143,16 +182,18 @@ def requests_table(histories: Sequence[UserHistory], catalog: Catalog | ItemUniv
 # --------------------------------------------------------------------------------------------------------
 # public entry points
 # --------------------------------------------------------------------------------------------------------
-def generate(cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
-             ) -> tuple[Timelines, pa.Table]:
+def generate(
+    cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
+) -> tuple[Timelines, pa.Table]:
     """SIMULATED timelines and training requests of ``user_ids`` (default ``0..cfg.users-1``), in memory."""
     uni = universe_for(cfg, catalog)
     hs = list(iter_users(cfg, uni, user_ids))
     return histories_to_timelines(hs, uni), requests_table(hs, uni, cfg)
 
 
-def generate_timelines(cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
-                       ) -> Timelines:
+def generate_timelines(
+    cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
+) -> Timelines:
     """SIMULATED explicit + implicit :class:`Timelines` of ``user_ids`` (default ``0..cfg.users-1``), in memory.
 
     Example::
@@ -164,8 +205,9 @@ def generate_timelines(cfg: SynthConfig, catalog: Catalog | ItemUniverse | None 
     return histories_to_timelines(list(iter_users(cfg, uni, user_ids)), uni)
 
 
-def generate_requests(cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
-                      ) -> pa.Table:
+def generate_requests(
+    cfg: SynthConfig, catalog: Catalog | ItemUniverse | None = None, user_ids: UserIds = None
+) -> pa.Table:
     """SIMULATED training requests with labels (same users and values as :func:`generate`; this regenerates
     the users' histories, whose draws precede the requests in each user's random stream)."""
     uni = universe_for(cfg, catalog)
@@ -174,12 +216,19 @@ def generate_requests(cfg: SynthConfig, catalog: Catalog | ItemUniverse | None =
 
 def _chunks(ids: np.ndarray, size: int) -> Iterable[np.ndarray]:
     for s in range(0, len(ids), size):
-        yield ids[s:s + size]
+        yield ids[s : s + size]
 
 
-def write_synth_dataset(cfg: SynthConfig, out_url: str, catalog: Catalog | ItemUniverse | None = None,
-                        progress: bool = True, *, num_buckets: int = 16, user_ids: UserIds = None,
-                        chunk_events: int = 1_000_000) -> DatasetMeta:
+def write_synth_dataset(
+    cfg: SynthConfig,
+    out_url: str,
+    catalog: Catalog | ItemUniverse | None = None,
+    progress: bool = True,
+    *,
+    num_buckets: int = 16,
+    user_ids: UserIds = None,
+    chunk_events: int = 1_000_000,
+) -> DatasetMeta:
     """Generates users in chunks of about ``chunk_events`` events and streams them into a UniTi dataset.
 
     The dataset is labelled SIMULATED: ``simulated=True``, source ``synth:kuairand-pure``, and
@@ -207,8 +256,9 @@ def write_synth_dataset(cfg: SynthConfig, out_url: str, catalog: Catalog | ItemU
             hs = [generate_user_history(cfg, uni, int(u)) for u in chunk]
             tl = histories_to_timelines(hs, uni, vocab)
             req = requests_table(hs, uni, cfg, vocab)
-            writer.add(explicit=tl.explicit.to_arrow(vocab), implicit=tl.implicit.to_arrow(vocab), requests=req,
-                       source=SOURCE)
+            writer.add(
+                explicit=tl.explicit.to_arrow(vocab), implicit=tl.implicit.to_arrow(vocab), requests=req, source=SOURCE
+            )
             n_ex, n_im, n_req = n_ex + tl.explicit.num_events, n_im + tl.implicit.num_events, n_req + req.num_rows
             bar.update(len(chunk))
             bar.set_postfix_str(f"{(n_ex + n_im) / max(time.perf_counter() - t0, 1e-9):,.0f} events/s")

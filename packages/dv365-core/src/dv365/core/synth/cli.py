@@ -27,20 +27,37 @@ Example:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("synth", help="generate a SIMULATED long-history dataset on the real KuaiRand-Pure catalog",
-                       description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "synth",
+        help="generate a SIMULATED long-history dataset on the real KuaiRand-Pure catalog",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="output dataset URL (local path or fsspec URL, e.g. memory://x)")
     p.add_argument("--users", type=int, default=100, help="number of users (ids 0..N-1; default 100)")
-    p.add_argument("--mean-events", type=int, default=40_000, help="mean events per user, explicit + implicit (default 40000)")
+    p.add_argument(
+        "--mean-events", type=int, default=40_000, help="mean events per user, explicit + implicit (default 40000)"
+    )
     p.add_argument("--max-events", type=int, default=70_000, help="cap on events per user (default 70000)")
     p.add_argument("--days", type=int, default=400, help="history span in days, ending 2025-01-01 UTC (default 400)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
-    p.add_argument("--requests-per-user", type=int, default=20,
-                   help="labelled training requests per user, in the last 60 days (default 20)")
-    p.add_argument("--short-term-weight", type=float, default=0.3,
-                   help="weight of the drifting short-term interests vs the stable long-term ones (default 0.3)")
-    p.add_argument("--catalog", default=None,
-                   help="folder with video_features_basic_pure.csv (default: the shipped KuaiRand-Pure catalog)")
+    p.add_argument(
+        "--requests-per-user",
+        type=int,
+        default=20,
+        help="labelled training requests per user, in the last 60 days (default 20)",
+    )
+    p.add_argument(
+        "--short-term-weight",
+        type=float,
+        default=0.3,
+        help="weight of the drifting short-term interests vs the stable long-term ones (default 0.3)",
+    )
+    p.add_argument(
+        "--catalog",
+        default=None,
+        help="folder with video_features_basic_pure.csv (default: the shipped KuaiRand-Pure catalog)",
+    )
     p.add_argument("--buckets", type=int, default=16, help="user hash buckets of the dataset (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
@@ -52,10 +69,16 @@ def _main(args: argparse.Namespace) -> int:
     from dv365.core.synth.config import SynthConfig
 
     try:
-        cfg = SynthConfig(users=args.users, mean_events=args.mean_events, max_events=args.max_events, days=args.days,
-                          seed=args.seed, requests_per_user=args.requests_per_user,
-                          short_term_weight=args.short_term_weight,
-                          min_events=min(SynthConfig.min_events, max(args.mean_events, 1)))
+        cfg = SynthConfig(
+            users=args.users,
+            mean_events=args.mean_events,
+            max_events=args.max_events,
+            days=args.days,
+            seed=args.seed,
+            requests_per_user=args.requests_per_user,
+            short_term_weight=args.short_term_weight,
+            min_events=min(SynthConfig.min_events, max(args.mean_events, 1)),
+        )
     except ValueError as e:
         print(f"dv365 synth: error: {e}", file=sys.stderr)
         return 2
@@ -68,8 +91,10 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     catalog = load_kuairand_catalog(args.catalog)
     where = "the shipped KuaiRand-Pure catalog" if args.catalog is None else f"the catalog {args.catalog}"
-    print(f"dv365 synth: generating SIMULATED data for {cfg.users:,} users (seed {cfg.seed}) on real items of "
-          f"{where} ({len(catalog):,} items) -> {args.out}")
+    print(
+        f"dv365 synth: generating SIMULATED data for {cfg.users:,} users (seed {cfg.seed}) on real items of "
+        f"{where} ({len(catalog):,} items) -> {args.out}"
+    )
     meta = write_synth_dataset(cfg, args.out, catalog, progress=not args.no_progress, num_buckets=args.buckets)
     print(format_stats(meta.stats, meta.extra))
     import gc
@@ -90,8 +115,10 @@ def _unsafe_output(url: str) -> str:
     entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     foreign = [e for e in entries if e not in ("explicit", "implicit", "requests")]
     if foreign:
-        return (f"{url} is a non-empty folder that is not a dv365 dataset (contains {sorted(foreign)[:3]}); "
-                "choose a new or empty --out")
+        return (
+            f"{url} is a non-empty folder that is not a dv365 dataset (contains {sorted(foreign)[:3]}); "
+            "choose a new or empty --out"
+        )
     return ""  # leftovers of an interrupted dv365 write: the writer replaces them
 
 

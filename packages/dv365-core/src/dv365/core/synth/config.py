@@ -18,8 +18,15 @@ SIMULATED_NOTE = (
 # Label columns of the generated requests with the default actions (float32: 0/1, seconds for watch time):
 # ``label_<action>`` for every modelled action, then ``label_watch_time`` (see user.label_names).
 LABELS: tuple[str, ...] = (
-    "label_like", "label_follow", "label_comment", "label_forward", "label_save", "label_hate",
-    "label_profile_enter", "label_long_view", "label_watch_time",
+    "label_like",
+    "label_follow",
+    "label_comment",
+    "label_forward",
+    "label_save",
+    "label_hate",
+    "label_profile_enter",
+    "label_long_view",
+    "label_watch_time",
 )
 
 
@@ -132,10 +139,16 @@ class SynthConfig:
 
         need(self.users >= 0, f"users must be >= 0, got {self.users}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        need(1 <= self.min_events <= self.mean_events, f"need 1 <= min_events ({self.min_events}) <= mean_events ({self.mean_events})")
+        need(
+            1 <= self.min_events <= self.mean_events,
+            f"need 1 <= min_events ({self.min_events}) <= mean_events ({self.mean_events})",
+        )
         need(self.max_implicit >= 1 and self.max_explicit >= 0, "max_implicit must be >= 1 and max_explicit >= 0")
-        need(self.mean_events < self.events_cap, f"mean_events ({self.mean_events}) must be below the per-user cap "
-             f"min(max_events, max_implicit + max_explicit) = {self.events_cap}")
+        need(
+            self.mean_events < self.events_cap,
+            f"mean_events ({self.mean_events}) must be below the per-user cap "
+            f"min(max_events, max_implicit + max_explicit) = {self.events_cap}",
+        )
         need(self.events_sigma > 0, "events_sigma must be > 0")
         need(0.0 < self.explicit_fraction < 1.0, "explicit_fraction must be in (0, 1)")
         need(self.explicit_concentration > 0, "explicit_concentration must be > 0")
@@ -150,11 +163,19 @@ class SynthConfig:
         need(self.short_term_days >= 1.0, "short_term_days must be >= 1")
         need(self.favourite_authors >= 1, "favourite_authors must be >= 1")
         names = [a.name for a in self.actions]
-        need(len(set(names)) == len(names) and "long_view" not in names, f"actions must be unique and exclude long_view: {names}")
-        need(all(a.rate >= 0 and a.skip_factor >= 0 for a in self.actions), "action rates and skip factors must be >= 0")
+        need(
+            len(set(names)) == len(names) and "long_view" not in names,
+            f"actions must be unique and exclude long_view: {names}",
+        )
+        need(
+            all(a.rate >= 0 and a.skip_factor >= 0 for a in self.actions), "action rates and skip factors must be >= 0"
+        )
         need(self.requests_per_user >= 0, "requests_per_user must be >= 0")
         if self.requests_per_user:
-            need(self.days > self.min_history_days, f"requests need days ({self.days}) > min_history_days ({self.min_history_days})")
+            need(
+                self.days > self.min_history_days,
+                f"requests need days ({self.days}) > min_history_days ({self.min_history_days})",
+            )
             need(self.request_window_days >= 1, "request_window_days must be >= 1")
 
     @property

@@ -102,8 +102,9 @@ def alias_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return prob, alias
 
 
-def _alias_draw(prob: np.ndarray, alias: np.ndarray, lo: np.ndarray | int, n: np.ndarray | int, u: np.ndarray
-                ) -> np.ndarray:
+def _alias_draw(
+    prob: np.ndarray, alias: np.ndarray, lo: np.ndarray | int, n: np.ndarray | int, u: np.ndarray
+) -> np.ndarray:
     """Positions drawn from alias tables ``lo:lo+n`` (one uniform each: integer part picks, fraction accepts)."""
     x = u * n
     j = np.minimum(x.astype(np.int64), np.asarray(n) - 1)
@@ -153,9 +154,11 @@ def _build(catalog: Catalog, seed: int) -> ItemUniverse:
     duration = catalog.duration_s.astype(np.float32)
     duration = np.where(np.isfinite(duration) & (duration > 0), duration, np.nan).astype(np.float32)
     vocab = Vocabulary()
-    media_type = np.where(is_ad, vocab.code("media_types", "ad"),
-                          np.where(np.isnan(duration), vocab.code("media_types", "image"),
-                                   vocab.code("media_types", "video"))).astype(np.int16)
+    media_type = np.where(
+        is_ad,
+        vocab.code("media_types", "ad"),
+        np.where(np.isnan(duration), vocab.code("media_types", "image"), vocab.code("media_types", "video")),
+    ).astype(np.int16)
 
     # topic blocks (ads excluded: they are drawn through ad slots only)
     pair_ok = ~is_ad[item_of_pair]
@@ -181,11 +184,26 @@ def _build(catalog: Catalog, seed: int) -> ItemUniverse:
     author_offsets = np.searchsorted(author[author_rows], np.arange(len(authors) + 1)).astype(np.int64)
     explore_prob, explore_alias = alias_table(popularity[explore_rows])
     return ItemUniverse(
-        catalog=catalog, seed=seed, topics=topics.astype(np.int64), topic_prevalence=prevalence,
-        item_topics=item_topics, item_ntopics=np.maximum(ntop, 1), author=author.astype(np.int64),
-        author_offsets=author_offsets, author_rows=author_rows, topic_rows=p_item.astype(np.int64),
-        topic_prob=topic_prob, topic_alias=topic_alias, topic_start=topic_start, explore_rows=explore_rows,
-        explore_prob=explore_prob, explore_alias=explore_alias,
-        ad_rows=np.flatnonzero(is_ad).astype(np.int64), popularity=popularity, quality=quality.astype(np.float32),
-        media_type=media_type, duration=duration, is_ad=is_ad,
+        catalog=catalog,
+        seed=seed,
+        topics=topics.astype(np.int64),
+        topic_prevalence=prevalence,
+        item_topics=item_topics,
+        item_ntopics=np.maximum(ntop, 1),
+        author=author.astype(np.int64),
+        author_offsets=author_offsets,
+        author_rows=author_rows,
+        topic_rows=p_item.astype(np.int64),
+        topic_prob=topic_prob,
+        topic_alias=topic_alias,
+        topic_start=topic_start,
+        explore_rows=explore_rows,
+        explore_prob=explore_prob,
+        explore_alias=explore_alias,
+        ad_rows=np.flatnonzero(is_ad).astype(np.int64),
+        popularity=popularity,
+        quality=quality.astype(np.float32),
+        media_type=media_type,
+        duration=duration,
+        is_ad=is_ad,
     )

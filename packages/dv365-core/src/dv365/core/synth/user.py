@@ -206,10 +206,22 @@ def _draw_profile(cfg: SynthConfig, uni: ItemUniverse, rng: np.random.Generator,
     n_events = int(np.clip(round(math.exp(mu + cfg.events_sigma * rng.standard_normal())), lo, hi))
     n_im, n_ex, n_full = split_counts(n_events, share, cfg.max_implicit, cfg.max_explicit)
     return UserProfile(
-        user_id=user_id, theta_long=theta_l, fav_authors=fav, fav_weights=fav_w, epoch_of_day=epoch_of_day,
-        theta_short=theta_s, trend_authors=trend, propensity=propensity, skip_bias=float(skip_bias),
-        watch_bias=float(watch_bias), surface_p=surface_p, explicit_share=share, n_events=n_im + n_ex,
-        n_implicit=n_im, n_explicit=n_ex, n_impressions=n_full,
+        user_id=user_id,
+        theta_long=theta_l,
+        fav_authors=fav,
+        fav_weights=fav_w,
+        epoch_of_day=epoch_of_day,
+        theta_short=theta_s,
+        trend_authors=trend,
+        propensity=propensity,
+        skip_bias=float(skip_bias),
+        watch_bias=float(watch_bias),
+        surface_p=surface_p,
+        explicit_share=share,
+        n_events=n_im + n_ex,
+        n_implicit=n_im,
+        n_explicit=n_ex,
+        n_impressions=n_full,
     )
 
 
@@ -226,15 +238,22 @@ def _user_tables(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile) -> _Tab
     cum_s /= cum_s[:, -1:]
     trend = np.zeros((n_ep, uni.num_authors), dtype=bool)
     trend[np.repeat(np.arange(n_ep), TREND_AUTHORS), prof.trend_authors.ravel()] = True
-    return _Tables(long_item_affinity=long_aff.astype(np.float32), short_topic_table=short_table, short_cum=cum_s,
-                   trend_table=trend, long_alias=alias_table(prof.theta_long), fav_alias=alias_table(prof.fav_weights))
+    return _Tables(
+        long_item_affinity=long_aff.astype(np.float32),
+        short_topic_table=short_table,
+        short_cum=cum_s,
+        trend_table=trend,
+        long_alias=alias_table(prof.theta_long),
+        fav_alias=alias_table(prof.fav_weights),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
 # activity: days, sessions, surfaces
 # --------------------------------------------------------------------------------------------------------
-def _draw_sessions(cfg: SynthConfig, rng: np.random.Generator, prof: UserProfile, n: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _draw_sessions(
+    cfg: SynthConfig, rng: np.random.Generator, prof: UserProfile, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per event (in session order): day, session index; per session: planned start ts, surface index."""
     d = cfg.days
     first_day = cfg.start_ts // 86_400
@@ -292,8 +311,15 @@ def _source_tables(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cumsum(p, axis=1), author
 
 
-def _draw_items(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, tab: _Tables, rng: np.random.Generator,
-                epoch: np.ndarray, surface: np.ndarray) -> np.ndarray:
+def _draw_items(
+    cfg: SynthConfig,
+    uni: ItemUniverse,
+    prof: UserProfile,
+    tab: _Tables,
+    rng: np.random.Generator,
+    epoch: np.ndarray,
+    surface: np.ndarray,
+) -> np.ndarray:
     """Catalog rows of impressions: ads, long-term / short-term interests (topic or author), exploration."""
     n = len(epoch)
     u_src, u_way, u_a, u_b, u_ad = rng.random((5, n))
@@ -323,8 +349,14 @@ def _draw_items(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, tab: _Ta
     return items
 
 
-def affinity(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, items: np.ndarray, epoch: np.ndarray,
-             tables: _Tables | None = None) -> np.ndarray:
+def affinity(
+    cfg: SynthConfig,
+    uni: ItemUniverse,
+    prof: UserProfile,
+    items: np.ndarray,
+    epoch: np.ndarray,
+    tables: _Tables | None = None,
+) -> np.ndarray:
     """Affinity of the user to each item (catalog rows) at its epoch: float32, ~0 = none, 1 = top interest.
 
     ``(1-w) * m_long + w * m_short + 0.3 [favourite author] + 0.15 [author trending in the epoch]`` with
@@ -339,8 +371,9 @@ def affinity(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, items: np.n
     return tab.long_item_affinity[items] + short + np.float32(AUTHOR_BONUS_SHORT) * trend
 
 
-def _watch(uni: ItemUniverse, prof: UserProfile, items: np.ndarray, aff: np.ndarray, rng: np.random.Generator
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _watch(
+    uni: ItemUniverse, prof: UserProfile, items: np.ndarray, aff: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dwell seconds float32, skipped, watch ratio float32) per impression: the watch model of docs/synth.md."""
     n = len(items)
     f32 = np.float32
@@ -358,8 +391,9 @@ def _watch(uni: ItemUniverse, prof: UserProfile, items: np.ndarray, aff: np.ndar
     loops = np.zeros(n, dtype=f32)
     loops[loop] = rng.poisson(0.2 + 0.8 * np.maximum(aff[loop], 0.0))
     video_dwell = np.maximum(d * (ratio + loops), f32(SKIP_S))
-    image_dwell = np.maximum(np.exp(np.log(f32(1.5) + f32(8.0) * np.maximum(aff, f32(0.0))) + f32(0.5) * q
-                                    + f32(0.75) * noise), f32(SKIP_S))
+    image_dwell = np.maximum(
+        np.exp(np.log(f32(1.5) + f32(8.0) * np.maximum(aff, f32(0.0))) + f32(0.5) * q + f32(0.75) * noise), f32(SKIP_S)
+    )
     skip_dwell = f32(0.2) + u_dwell * np.where(video, f32(SKIP_S - 0.2), f32(1.3))
     dwell = np.where(skip, skip_dwell, np.where(video, video_dwell, image_dwell))
     dwell = np.minimum(dwell, f32(4 * 3600.0))
@@ -372,8 +406,15 @@ def action_names(cfg: SynthConfig) -> tuple[str, ...]:
     return tuple(a.name for a in cfg.actions) + (LONG_VIEW,)
 
 
-def _action_probs(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, items: np.ndarray, aff: np.ndarray,
-                  skip: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+def _action_probs(
+    cfg: SynthConfig,
+    uni: ItemUniverse,
+    prof: UserProfile,
+    items: np.ndarray,
+    aff: np.ndarray,
+    skip: np.ndarray,
+    ratio: np.ndarray,
+) -> np.ndarray:
     """[A+1, n] float32 unscaled probabilities of each explicit action (``cfg.actions`` then long_view)."""
     f32 = np.float32
     specs = cfg.actions
@@ -428,10 +469,18 @@ def generate_user_history(cfg: SynthConfig, uni: ItemUniverse, user_id: int) -> 
     keep_imp = slice(n - prof.n_implicit, n)  # the implicit timeline keeps the most recent impressions
     req = _requests(cfg, uni, prof, tab, rng, scale)
     return UserHistory(
-        user_id=int(user_id), profile=prof, engagement_scale=scale,
-        imp_ts=ts[keep_imp], imp_item=items[keep_imp], imp_surface=SURFACE_CODES[surface[keep_imp]],
-        imp_dwell=dwell[keep_imp], imp_affinity=aff[keep_imp],
-        exp_ts=ex_ts, exp_item=items[imp], exp_surface=SURFACE_CODES[surface[imp]], exp_action=_action_codes(cfg)[act],
+        user_id=int(user_id),
+        profile=prof,
+        engagement_scale=scale,
+        imp_ts=ts[keep_imp],
+        imp_item=items[keep_imp],
+        imp_surface=SURFACE_CODES[surface[keep_imp]],
+        imp_dwell=dwell[keep_imp],
+        imp_affinity=aff[keep_imp],
+        exp_ts=ex_ts,
+        exp_item=items[imp],
+        exp_surface=SURFACE_CODES[surface[imp]],
+        exp_action=_action_codes(cfg)[act],
         **req,
     )
 
@@ -457,14 +506,20 @@ def _action_codes(cfg: SynthConfig) -> np.ndarray:
     return np.array([_VOCAB.code("actions", a) for a in action_names(cfg)], dtype=np.int16)
 
 
-def _requests(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, tab: _Tables, rng: np.random.Generator,
-              scale: float) -> dict[str, Any]:
+def _requests(
+    cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, tab: _Tables, rng: np.random.Generator, scale: float
+) -> dict[str, Any]:
     """Training requests: target drawn like an impression, labels from the same affinity/watch/action model."""
     r = cfg.requests_per_user
     if r == 0:
         z = np.zeros(0, np.int64)
-        return {"req_ts": z, "req_item": z, "req_surface": np.zeros(0, np.int16), "req_affinity": np.zeros(0, np.float32),
-                "req_labels": {name: np.zeros(0, np.float32) for name in label_names(cfg)}}
+        return {
+            "req_ts": z,
+            "req_item": z,
+            "req_surface": np.zeros(0, np.int16),
+            "req_affinity": np.zeros(0, np.float32),
+            "req_labels": {name: np.zeros(0, np.float32) for name in label_names(cfg)},
+        }
     lo, hi = cfg.request_window()
     ts = np.sort(rng.integers(lo, hi, r))
     epoch = prof.epoch_of_day[np.minimum((ts - cfg.start_ts) // 86_400, cfg.days - 1)]
@@ -476,8 +531,13 @@ def _requests(cfg: SynthConfig, uni: ItemUniverse, prof: UserProfile, tab: _Tabl
     hits = (rng.random(probs.shape, dtype=np.float32) < probs).astype(np.float32)
     labels = {f"label_{a}": hits[j] for j, a in enumerate(action_names(cfg))}
     labels["label_watch_time"] = dwell
-    return {"req_ts": ts.astype(np.int64), "req_item": items, "req_surface": SURFACE_CODES[surface],
-            "req_affinity": aff, "req_labels": labels}
+    return {
+        "req_ts": ts.astype(np.int64),
+        "req_item": items,
+        "req_surface": SURFACE_CODES[surface],
+        "req_affinity": aff,
+        "req_labels": labels,
+    }
 
 
 def label_names(cfg: SynthConfig) -> tuple[str, ...]:

@@ -9,15 +9,15 @@ Publishing sends the snapshot URL: the *server* reads the snapshot, so it must b
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from dv365.store.api import DEFAULT_KEEP, EmbeddingStore, Progress, RawLookup, VersionInfo
 from dv365.store.errors import StoreError, StoreUnavailableError
-from google.protobuf.message import DecodeError
-
 from dv365.store.grpc_common import (
     CHANNEL_OPTIONS,
     ERROR_KEY,
@@ -51,8 +51,17 @@ class GrpcStore(EmbeddingStore):
 
     OPTIONS = {"keep", "ca", "token", "token_file", "server_name", "timeout"}
 
-    def __init__(self, target: str, *, tls: bool = False, ca: str | None = None, token: str | None = None,
-                 server_name: str | None = None, timeout: float = 30.0, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        ca: str | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        timeout: float = 30.0,
+        keep: int = DEFAULT_KEEP,
+    ) -> None:
         super().__init__(f"{'grpcs' if tls else 'grpc'}://{target}", keep)
         options = list(CHANNEL_OPTIONS)
         if tls:
@@ -68,18 +77,19 @@ class GrpcStore(EmbeddingStore):
         self.stub = pb_grpc.EmbeddingStoreStub(self.channel)
         # Get/GetStream without the generated deserializer: the big fields are read in place
         # (grpc_common.decode_get_response)
-        self._get_raw = self.channel.unary_unary(f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
-                                                 response_deserializer=None)
-        self._get_stream = self.channel.unary_stream(f"/{SERVICE}/GetStream",
-                                                     request_serializer=pb.GetRequest.SerializeToString,
-                                                     response_deserializer=None)
+        self._get_raw = self.channel.unary_unary(
+            f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString, response_deserializer=None
+        )
+        self._get_stream = self.channel.unary_stream(
+            f"/{SERVICE}/GetStream", request_serializer=pb.GetRequest.SerializeToString, response_deserializer=None
+        )
         self._stream = True
         token = token if token is not None else os.environ.get("DV365_STORE_TOKEN")
         self._md = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = float(timeout)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> "GrpcStore":
+    def from_url(cls, url: str, **options: Any) -> GrpcStore:
         reject_unknown(options, url, cls.OPTIONS)
         scheme, _, rest = url.partition("://")
         target = rest.rstrip("/")
@@ -89,9 +99,15 @@ class GrpcStore(EmbeddingStore):
         if options.get("token_file"):
             with open(options["token_file"], encoding="utf-8") as f:
                 token = f.read().strip()
-        return cls(target, tls=scheme == "grpcs", ca=options.get("ca"), token=token,
-                   server_name=options.get("server_name"), timeout=float(options.get("timeout", 30.0)),
-                   keep=int(options.get("keep", DEFAULT_KEEP)))
+        return cls(
+            target,
+            tls=scheme == "grpcs",
+            ca=options.get("ca"),
+            token=token,
+            server_name=options.get("server_name"),
+            timeout=float(options.get("timeout", 30.0)),
+            keep=int(options.get("keep", DEFAULT_KEEP)),
+        )
 
     def _call(self, what: str, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         try:
@@ -140,22 +156,37 @@ class GrpcStore(EmbeddingStore):
                 raise StoreError(f"{self.url}: malformed answer for {B} users: {e}") from e
             if out is None:
                 info = version_from_pb(resp.version)
-                out = RawLookup(np.empty((B, info.row_format.user_bytes), dtype=np.uint8), np.zeros(B, dtype=bool),
-                                np.zeros(B, dtype=np.uint64), errors, info)
+                out = RawLookup(
+                    np.empty((B, info.row_format.user_bytes), dtype=np.uint8),
+                    np.zeros(B, dtype=bool),
+                    np.zeros(B, dtype=np.uint64),
+                    errors,
+                    info,
+                )
             n, k = out.payload.shape[1], pres.nbytes
-            if (resp.version.version != out.info.version or pos + k > B or pay.nbytes != k * n
-                    or sums.nbytes != 8 * k or (k == 0 and B)):
-                raise StoreError(f"{self.url}: malformed answer for {B} users from version {out.info.version!r} "
-                                 f"(a piece of {k} users at position {pos}, version {resp.version.version!r})")
+            if (
+                resp.version.version != out.info.version
+                or pos + k > B
+                or pay.nbytes != k * n
+                or sums.nbytes != 8 * k
+                or (k == 0 and B)
+            ):
+                raise StoreError(
+                    f"{self.url}: malformed answer for {B} users from version {out.info.version!r} "
+                    f"(a piece of {k} users at position {pos}, version {resp.version.version!r})"
+                )
             end = pos + k
             out.payload[pos:end] = np.frombuffer(pay, dtype=np.uint8).reshape(k, n)
             out.present[pos:end] = np.frombuffer(pres, dtype=bool)
             out.checksums[pos:end] = np.frombuffer(sums, dtype="<u8")
             errors.update((int(i), msg) for i, msg in resp.errors.items())
-            for i in verify_payloads(out.payload[pos:end], ids[pos:end], out.checksums[pos:end],
-                                     out.present[pos:end]).tolist():
-                errors[pos + i] = (f"{self.url} version {out.info.version!r}: user {int(ids[pos + i])}: payload fails "
-                                   "its checksum after transfer")
+            for i in verify_payloads(
+                out.payload[pos:end], ids[pos:end], out.checksums[pos:end], out.present[pos:end]
+            ).tolist():
+                errors[pos + i] = (
+                    f"{self.url} version {out.info.version!r}: user {int(ids[pos + i])}: payload fails "
+                    "its checksum after transfer"
+                )
                 out.present[pos + i] = False
                 out.payload[pos + i] = 0
             pos = end
@@ -169,8 +200,9 @@ class GrpcStore(EmbeddingStore):
         return [version_from_pb(v) for v in resp.versions]
 
     def activate(self, version: str) -> VersionInfo:
-        return version_from_pb(self._call(f"activate {version!r}", self.stub.Activate,
-                                          pb.ActivateRequest(version=version), self.timeout))
+        return version_from_pb(
+            self._call(f"activate {version!r}", self.stub.Activate, pb.ActivateRequest(version=version), self.timeout)
+        )
 
     def rollback(self) -> VersionInfo:
         return version_from_pb(self._call("rollback", self.stub.Rollback, pb.RollbackRequest(), self.timeout))
@@ -184,8 +216,14 @@ class GrpcStore(EmbeddingStore):
 
     def publish(self, snapshot_url: str, *, activate: bool = True, progress: Progress | None = None) -> VersionInfo:
         """Asks the server to publish ``snapshot_url`` (a path/URL the server can read); retention is the server's."""
-        return version_from_pb(self._call(f"publish {snapshot_url}", self.stub.Publish,
-                                          pb.PublishRequest(snapshot_url=snapshot_url, no_activate=not activate), None))
+        return version_from_pb(
+            self._call(
+                f"publish {snapshot_url}",
+                self.stub.Publish,
+                pb.PublishRequest(snapshot_url=snapshot_url, no_activate=not activate),
+                None,
+            )
+        )
 
     def close(self) -> None:
         self.channel.close()

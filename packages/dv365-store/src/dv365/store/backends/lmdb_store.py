@@ -35,8 +35,9 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -78,7 +79,7 @@ def record_keys(seq: int, ids: np.ndarray) -> list[bytes]:
     k["seq"] = seq
     k["uid"] = ids.astype(np.int64).view(np.uint64) ^ _SIGN
     raw = k.tobytes()
-    return [raw[i:i + 12] for i in range(0, len(raw), 12)]
+    return [raw[i : i + 12] for i in range(0, len(raw), 12)]
 
 
 class LmdbStore(EmbeddingStore):
@@ -108,8 +109,9 @@ class LmdbStore(EmbeddingStore):
 
     OPTIONS = {"keep", "mode", "map_size_gb", "readonly", "prefault", "layout"}
 
-    def __init__(self, path: str, *, keep: int = DEFAULT_KEEP, mode: str = "rw", map_size_gb: float = 1024,
-                 layout: str = ROWS) -> None:
+    def __init__(
+        self, path: str, *, keep: int = DEFAULT_KEEP, mode: str = "rw", map_size_gb: float = 1024, layout: str = ROWS
+    ) -> None:
         path = os.path.abspath(path)
         super().__init__(f"lmdb://{path}", keep)
         if mode not in ("rw", "ro"):
@@ -121,7 +123,9 @@ class LmdbStore(EmbeddingStore):
         self.path = path
         self.readonly = mode == "ro"
         if self.readonly and not os.path.exists(os.path.join(path, "data.mdb")):
-            raise StoreError(f"{self.url}: no dv365 store here (data.mdb not found); open it read-write once or publish")
+            raise StoreError(
+                f"{self.url}: no dv365 store here (data.mdb not found); open it read-write once or publish"
+            )
         self._shared = _open_env(path, self.readonly, int(map_size_gb * (1 << 30)), self.url)
         self.env, self.meta, self.data = self._shared.env, self._shared.meta, self._shared.data
         self._lock = self._shared.lock
@@ -129,16 +133,21 @@ class LmdbStore(EmbeddingStore):
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> "LmdbStore":
+    def from_url(cls, url: str, **options: Any) -> LmdbStore:
         reject_unknown(options, url, cls.OPTIONS)
-        path = url[len("lmdb://"):] if url.startswith("lmdb://") else url  # lmdb:///abs/path, lmdb://rel/path
+        path = url[len("lmdb://") :] if url.startswith("lmdb://") else url  # lmdb:///abs/path, lmdb://rel/path
         if not path:
             raise StoreError(f"{url}: no directory in the URL (lmdb:///absolute/path)")
         mode = str(options.get("mode", "rw"))
         if "readonly" in options and parse_bool(options["readonly"], "readonly", url):
             mode = "ro"
-        store = cls(path, keep=int(options.get("keep", DEFAULT_KEEP)), mode=mode,
-                    map_size_gb=float(options.get("map_size_gb", 1024)), layout=str(options.get("layout", ROWS)))
+        store = cls(
+            path,
+            keep=int(options.get("keep", DEFAULT_KEEP)),
+            mode=mode,
+            map_size_gb=float(options.get("map_size_gb", 1024)),
+            layout=str(options.get("layout", ROWS)),
+        )
         if parse_bool(options.get("prefault", False), "prefault", url):
             store.prefault()
         return store
@@ -164,8 +173,11 @@ class LmdbStore(EmbeddingStore):
         hit = self._entries.get(raw)
         if hit is None:
             d = json.loads(raw)
-            hit = _Version(VersionInfo.from_json(json.dumps(d["info"]), f"{self.url} version {name.decode()!r}"),
-                           int(d["seq"]), d.get("layout"))
+            hit = _Version(
+                VersionInfo.from_json(json.dumps(d["info"]), f"{self.url} version {name.decode()!r}"),
+                int(d["seq"]),
+                d.get("layout"),
+            )
             if len(self._entries) > 64:
                 self._entries.clear()
             self._entries[raw] = hit
@@ -183,8 +195,9 @@ class LmdbStore(EmbeddingStore):
                 cache.move_to_end(ver.seq)
                 return rf
         fmt = ver.info.row_format
-        rf = RowFile(self._row_path(ver.seq), ver.info.user_count, fmt.user_bytes,
-                     f"{self.url} version {ver.info.version!r}")
+        rf = RowFile(
+            self._row_path(ver.seq), ver.info.user_count, fmt.user_bytes, f"{self.url} version {ver.info.version!r}"
+        )
         if self._prefault:
             rf.populate()
         with self._shared.row_lock:
@@ -214,8 +227,9 @@ class LmdbStore(EmbeddingStore):
     def _read_records(self, txn: lmdb.Transaction, info: VersionInfo, seq: int, ids: np.ndarray) -> RawLookup:
         # the records layout (per-user LMDB values). map(txn.get, keys): values are zero-copy views into the map,
         # fetched one at a time as assemble copies them
-        payload, present, checksums, errors = assemble(map(txn.get, record_keys(seq, ids)), ids, info.row_format,
-                                                       f"{self.url} version {info.version!r}")
+        payload, present, checksums, errors = assemble(
+            map(txn.get, record_keys(seq, ids)), ids, info.row_format, f"{self.url} version {info.version!r}"
+        )
         return RawLookup(payload, present, checksums, errors, info)
 
     @contextlib.contextmanager
@@ -230,10 +244,11 @@ class LmdbStore(EmbeddingStore):
                     rf = self._row_file(ver)
                 except FileNotFoundError:
                     continue  # deleted after this snapshot was taken: resolve the active version again
-            yield info, lambda ids: RawLookup(*rf.lookup(ids), info)  # an immutable file: no transaction needed
+            yield info, lambda ids, rf=rf: RawLookup(*rf.lookup(ids), info)  # an immutable file: no transaction needed
             return
-        raise StoreError(f"{self.url}: the row file of the active version {info.version!r} is missing "
-                         f"({self._row_path(ver.seq)})")
+        raise StoreError(
+            f"{self.url}: the row file of the active version {info.version!r} is missing ({self._row_path(ver.seq)})"
+        )
 
     def lookup(self, ids: np.ndarray) -> RawLookup:
         with self._reader() as (_, read):
@@ -244,7 +259,7 @@ class LmdbStore(EmbeddingStore):
         with self._reader() as (info, read):
             step = chunk_users(chunk_bytes, info.row_format)
             for s in range(0, max(len(ids), 1), step):
-                yield read(ids[s:s + step])
+                yield read(ids[s : s + step])
 
     # ---- versions ----------------------------------------------------------------------------------
     def _records(self, txn: lmdb.Transaction) -> Iterator[_Version]:
@@ -255,13 +270,15 @@ class LmdbStore(EmbeddingStore):
             key = bytes(key)
             if not key.startswith(_VPREFIX):
                 break
-            yield self._entry(bytes(raw), key[len(_VPREFIX):])
+            yield self._entry(bytes(raw), key[len(_VPREFIX) :])
 
     def versions(self) -> list[VersionInfo]:
         with self.env.begin() as txn:
             active = txn.get(_ACTIVE, db=self.meta)
-            out = [replace(v.info, active=active is not None and v.info.version == active.decode())
-                   for v in self._records(txn)]
+            out = [
+                replace(v.info, active=active is not None and v.info.version == active.decode())
+                for v in self._records(txn)
+            ]
         return sorted(out, key=lambda v: v.published_at)
 
     def _writable(self, what: str) -> None:
@@ -315,7 +332,9 @@ class LmdbStore(EmbeddingStore):
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise PublishError(f"{self.url}: another process is publishing into this store; try again later") from None
+                raise PublishError(
+                    f"{self.url}: another process is publishing into this store; try again later"
+                ) from None
             try:
                 self._remove_orphans()
                 return super().publish(snapshot_url, activate=activate, progress=progress)
@@ -346,8 +365,12 @@ class LmdbStore(EmbeddingStore):
         self._writer: RowFileWriter | None = None
         if self.layout == ROWS:
             os.makedirs(os.path.join(self.path, "rows"), exist_ok=True)
-            self._writer = RowFileWriter(self._row_path(seq), info.user_count, info.row_format.user_bytes,
-                                         f"{self.url}: version {info.version!r}")
+            self._writer = RowFileWriter(
+                self._row_path(seq),
+                info.user_count,
+                info.row_format.user_bytes,
+                f"{self.url}: version {info.version!r}",
+            )
 
     def _put_info(self, txn: lmdb.Transaction, info: VersionInfo, seq: int) -> None:
         rec: dict[str, Any] = {"info": json.loads(info.to_json()), "seq": seq}
@@ -369,11 +392,15 @@ class LmdbStore(EmbeddingStore):
                 _, added = txn.cursor(db=self.data).putmulti(zip(keys, records), overwrite=False, append=append)
                 if added != len(keys):
                     txn.abort()
-                    raise PublishError(f"{self.url}: version {info.version!r}: user {self._duplicate(ids, keys)} "
-                                       "appears more than once in the snapshot (in two shards?)")
+                    raise PublishError(
+                        f"{self.url}: version {info.version!r}: user {self._duplicate(ids, keys)} "
+                        "appears more than once in the snapshot (in two shards?)"
+                    )
         except lmdb.MapFullError as e:
-            raise PublishError(f"{self.url}: version {info.version!r}: the LMDB map is full: open the store with a "
-                               f"larger map_size_gb ({e})") from e
+            raise PublishError(
+                f"{self.url}: version {info.version!r}: the LMDB map is full: open the store with a "
+                f"larger map_size_gb ({e})"
+            ) from e
         self._last_key = max(self._last_key, keys[-1])
 
     def _duplicate(self, ids: np.ndarray, keys: list[bytes]) -> int:
@@ -439,8 +466,17 @@ class _SharedEnv:
         # writer of the same directory in the same process can share the environment
         self.readonly = readonly and not os.access(path, os.W_OK)
         try:
-            self.env = lmdb.open(path, map_size=map_size, max_dbs=4, max_readers=1024, readonly=self.readonly,
-                                 readahead=False, meminit=False, lock=True, subdir=True)
+            self.env = lmdb.open(
+                path,
+                map_size=map_size,
+                max_dbs=4,
+                max_readers=1024,
+                readonly=self.readonly,
+                readahead=False,
+                meminit=False,
+                lock=True,
+                subdir=True,
+            )
             self.meta = self.env.open_db(b"meta", create=not self.readonly)
             self.data = self.env.open_db(b"data", create=not self.readonly)
         except lmdb.Error as e:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import redis
@@ -73,9 +74,18 @@ class RedisStore(EmbeddingStore):
 
     OPTIONS = {"keep", "prefix", "persist", "socket_timeout", "bgsave_timeout", "password", "username"}
 
-    def __init__(self, url: str, *, keep: int = DEFAULT_KEEP, prefix: str = "dv365", persist: str = "auto",
-                 socket_timeout: float = 30.0, bgsave_timeout: float = 600.0, username: str | None = None,
-                 password: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep: int = DEFAULT_KEEP,
+        prefix: str = "dv365",
+        persist: str = "auto",
+        socket_timeout: float = 30.0,
+        bgsave_timeout: float = 600.0,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         super().__init__(_redact(url), keep)
         if not PREFIX_RE.match(prefix):
             raise StoreError(f"{self.url}: prefix {prefix!r} must be letters, digits and ._:- (at most 64)")
@@ -86,8 +96,14 @@ class RedisStore(EmbeddingStore):
         extra = {k: v for k, v in (("username", username), ("password", password)) if v is not None}
         # a server that just restarted answers LOADING until its dump is read: wait for it (up to ~30 s)
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), 25, supported_errors=(rx.BusyLoadingError,))
-        self.r = redis.Redis.from_url(url, socket_timeout=float(socket_timeout), socket_connect_timeout=5.0,
-                                      retry=retry, retry_on_error=[rx.BusyLoadingError], **extra)
+        self.r = redis.Redis.from_url(
+            url,
+            socket_timeout=float(socket_timeout),
+            socket_connect_timeout=5.0,
+            retry=retry,
+            retry_on_error=[rx.BusyLoadingError],
+            **extra,
+        )
         self._active_key = f"{prefix}:active"
         self._versions_key = f"{prefix}:versions"
         self._seen: str | None = None  # last active version seen by this client
@@ -95,7 +111,7 @@ class RedisStore(EmbeddingStore):
         self._infos: dict[bytes, VersionInfo] = {}
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> "RedisStore":
+    def from_url(cls, url: str, **options: Any) -> RedisStore:
         reject_unknown(options, url, cls.OPTIONS)
         kw: dict[str, Any] = {k: options[k] for k in ("prefix", "persist", "username", "password") if k in options}
         for k in ("socket_timeout", "bgsave_timeout"):
@@ -158,8 +174,9 @@ class RedisStore(EmbeddingStore):
                     continue
                 self._seen = version
                 info = self._info(raw_info, version)
-                payload, present, checksums, errors = assemble(iter(values), ids, info.row_format,
-                                                               f"{self.url} version {version!r}")
+                payload, present, checksums, errors = assemble(
+                    iter(values), ids, info.row_format, f"{self.url} version {version!r}"
+                )
                 return RawLookup(payload, present, checksums, errors, replace(info, active=True))
         raise StoreError(f"{self.url}: the active version kept changing during 8 read attempts")
 
@@ -203,7 +220,9 @@ class RedisStore(EmbeddingStore):
                     pipe.watch(self._versions_key)
                     info = self._record(pipe, version)
                     if info.state != "ready":
-                        raise StoreError(f"{self.url}: version {version!r} is {info.state}, not ready: cannot activate it")
+                        raise StoreError(
+                            f"{self.url}: version {version!r} is {info.state}, not ready: cannot activate it"
+                        )
                     pipe.multi()
                     pipe.set(self._active_key, version)
                     pipe.execute()
@@ -220,8 +239,9 @@ class RedisStore(EmbeddingStore):
                         pipe.watch(self._active_key, self._versions_key)
                         active = pipe.get(self._active_key)
                         if active is not None and active.decode() == version:
-                            raise StoreError(f"{self.url}: version {version!r} is active; activate another one "
-                                             "before deleting it")
+                            raise StoreError(
+                                f"{self.url}: version {version!r} is active; activate another one before deleting it"
+                            )
                         info = self._record(pipe, version)
                         pipe.multi()
                         pipe.hset(self._versions_key, version, replace(info, state="deleting").to_json())
@@ -244,8 +264,9 @@ class RedisStore(EmbeddingStore):
     def _begin_version(self, info: VersionInfo) -> None:
         with self._errors(f"publish {info.version!r}"):
             if not self.r.hsetnx(self._versions_key, info.version, info.to_json()):
-                raise PublishError(f"{self.url}: version {info.version!r} appeared while publishing it "
-                                   "(another publisher?)")
+                raise PublishError(
+                    f"{self.url}: version {info.version!r} appeared while publishing it (another publisher?)"
+                )
 
     def _write_records(self, info: VersionInfo, ids: np.ndarray, records: list[bytes]) -> None:
         pre = self._key_prefix(info.version)
@@ -253,11 +274,13 @@ class RedisStore(EmbeddingStore):
         with self._errors(f"publish {info.version!r}"):
             pipe = self.r.pipeline(transaction=False)
             for s in range(0, len(keys), MSET_KEYS):
-                pipe.msetnx(dict(zip(keys[s:s + MSET_KEYS], records[s:s + MSET_KEYS])))
+                pipe.msetnx(dict(zip(keys[s : s + MSET_KEYS], records[s : s + MSET_KEYS])))
             if not all(pipe.execute()):
                 dup = next(int(u) for u, k in zip(ids.tolist(), keys) if self.r.exists(k))
-                raise PublishError(f"{self.url}: version {info.version!r}: user {dup} appears more than once in the "
-                                   "snapshot (in two shards?)")
+                raise PublishError(
+                    f"{self.url}: version {info.version!r}: user {dup} appears more than once in the "
+                    "snapshot (in two shards?)"
+                )
 
     def _commit_version(self, info: VersionInfo) -> None:
         with self._errors(f"publish {info.version!r}"):
@@ -300,8 +323,10 @@ class RedisStore(EmbeddingStore):
                 raise StoreError(f"{self.url}: BGSAVE did not finish within {self.bgsave_timeout:.0f} s")
             time.sleep(0.02)
         if p.get("rdb_last_bgsave_status") != "ok":
-            raise StoreError(f"{self.url}: BGSAVE failed (rdb_last_bgsave_status={p.get('rdb_last_bgsave_status')}): "
-                             "the publish is not durable; check the server's dir and disk")
+            raise StoreError(
+                f"{self.url}: BGSAVE failed (rdb_last_bgsave_status={p.get('rdb_last_bgsave_status')}): "
+                "the publish is not durable; check the server's dir and disk"
+            )
 
     def close(self) -> None:
         self.r.close()

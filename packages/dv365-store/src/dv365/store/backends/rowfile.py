@@ -82,12 +82,13 @@ class RowFileWriter:
         """Adds users ``ids`` with their stored records (``payload || xxh3``, :func:`~dv365.store.records.encode_records`)."""
         k = len(ids)
         if self.count + k > self.users:
-            raise PublishError(f"{self.where}: the snapshot holds more users than its manifest's user_count "
-                               f"{self.users:,}")
+            raise PublishError(
+                f"{self.where}: the snapshot holds more users than its manifest's user_count {self.users:,}"
+            )
         rec = np.frombuffer(b"".join(records), dtype=np.uint8).reshape(k, self.n + CHECKSUM_BYTES)
         _, _, sums, payload, _ = self.offsets
-        _pwrite_all(self.fd, np.ascontiguousarray(rec[:, :self.n]).data, payload + self.count * self.n)
-        _pwrite_all(self.fd, np.ascontiguousarray(rec[:, self.n:]).data, sums + self.count * 8)
+        _pwrite_all(self.fd, np.ascontiguousarray(rec[:, : self.n]).data, payload + self.count * self.n)
+        _pwrite_all(self.fd, np.ascontiguousarray(rec[:, self.n :]).data, sums + self.count * 8)
         self.ids.append(np.asarray(ids, dtype=np.int64))
         self.count += k
 
@@ -98,15 +99,17 @@ class RowFileWriter:
             PublishError: a user appears twice, or fewer users came than the manifest promised.
         """
         if self.count != self.users:
-            raise PublishError(f"{self.where}: the snapshot held {self.count:,} users, its manifest says "
-                               f"{self.users:,}")
+            raise PublishError(
+                f"{self.where}: the snapshot held {self.count:,} users, its manifest says {self.users:,}"
+            )
         ids = np.concatenate(self.ids) if self.ids else np.empty(0, np.int64)
         slots = np.argsort(ids, kind="stable")
         sorted_ids = ids[slots]
         dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
         if len(dup):
-            raise PublishError(f"{self.where}: user {int(sorted_ids[dup[0]])} appears more than once in the "
-                               "snapshot (in two shards?)")
+            raise PublishError(
+                f"{self.where}: user {int(sorted_ids[dup[0]])} appears more than once in the snapshot (in two shards?)"
+            )
         o_ids, o_slots, o_sums, o_payload, _ = self.offsets
         _pwrite_all(self.fd, sorted_ids.data, o_ids)
         _pwrite_all(self.fd, slots.astype(np.int64).data, o_slots)
@@ -147,12 +150,20 @@ class RowFile:
         except struct.error:
             magic, fmt, U, n, offs = b"", 0, -1, -1, [0, 0, 0, 0]
         want = layout(users, user_bytes)
-        if magic != MAGIC or fmt != FORMAT or U != users or n != user_bytes or tuple(offs) != want[:4] \
-                or len(self._map) != want[4]:
+        if (
+            magic != MAGIC
+            or fmt != FORMAT
+            or U != users
+            or n != user_bytes
+            or tuple(offs) != want[:4]
+            or len(self._map) != want[4]
+        ):
             size = len(self._map)
             self._map.close()
-            raise StoreError(f"{where}: row file {path} is damaged (header or size does not match the version: "
-                             f"{size:,} bytes, expected {want[4]:,} for {users:,} users x {user_bytes} bytes)")
+            raise StoreError(
+                f"{where}: row file {path} is damaged (header or size does not match the version: "
+                f"{size:,} bytes, expected {want[4]:,} for {users:,} users x {user_bytes} bytes)"
+            )
         self.users, self.n = users, user_bytes
         buf = memoryview(self._map)
         o_ids, o_slots, o_sums, o_payload = offs
@@ -190,8 +201,7 @@ class RowFile:
         payload = np.take(self.payload, slot, axis=0, mode="clip")
         stored = self.sums[slot].astype(np.uint64)
         errors: dict[int, str] = {}
-        bad = np.union1d(np.flatnonzero(present & bad_slot),
-                         verify_payloads(payload, q, stored, present & ~bad_slot))
+        bad = np.union1d(np.flatnonzero(present & bad_slot), verify_payloads(payload, q, stored, present & ~bad_slot))
         drop_corrupted(payload, present, stored, q, bad, self.where, errors)
         return payload, present, stored, errors
 

@@ -37,8 +37,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,8 +76,9 @@ def select_device_and_backend(device: str, local_rank: int) -> tuple[torch.devic
     ``(cpu, "gloo")``. ``cuda:N`` is refused: under torchrun each process owns the GPU of its local rank."""
     name = str(device)
     if name.startswith("cuda:"):
-        raise TrainConfigError(f"run.device = {name!r}: under torchrun every process uses cuda:LOCAL_RANK; "
-                               "use auto or cuda")
+        raise TrainConfigError(
+            f"run.device = {name!r}: under torchrun every process uses cuda:LOCAL_RANK; use auto or cuda"
+        )
     if name in ("auto", "cuda") and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise TrainConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices")
@@ -128,8 +130,11 @@ def shard_model(model: nn.Module, cfg: Any, ctx: DistContext) -> tuple[nn.Module
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
     kernel = EmbeddingComputeKernel.DENSE.value if sharding == "data_parallel" else EmbeddingComputeKernel.FUSED.value
-    constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=[kernel])
-                   for ebc in ebcs for t in ebc.embedding_bag_configs()}
+    constraints = {
+        t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=[kernel])
+        for ebc in ebcs
+        for t in ebc.embedding_bag_configs()
+    }
     if sharding != "data_parallel":
         opt_cls = _sparse_optimizer(cfg.optim.sparse)
         for ebc in ebcs:
@@ -140,9 +145,12 @@ def shard_model(model: nn.Module, cfg: Any, ctx: DistContext) -> tuple[nn.Module
     pg = dist.group.WORLD
     with _quiet():
         topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
-        plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(model, _sharders(), pg)
-        dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=ctx.device, plan=plan,
-                                       sharders=_sharders())
+        plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+            model, _sharders(), pg
+        )
+        dmp = DistributedModelParallel(
+            model, env=ShardingEnv.from_process_group(pg), device=ctx.device, plan=plan, sharders=_sharders()
+        )
     scatter_state(dmp, full)
     sharded_params = {id(p) for ebc in ebcs for p in ebc.parameters()}
     if sharding == "data_parallel":  # replicated tables: trained by the sparse optimizer (dense gradients)
@@ -168,9 +176,15 @@ def _quiet() -> Iterator[None]:
     import logging
     import warnings
 
-    loggers = [logging.getLogger(n) for n in ("torchrec.distributed.planner", "torchrec.distributed.planner.types",
-                                                "torchrec.distributed.planner.storage_reservations",
-                                                "torchrec.distributed.planner.stats")]
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "torchrec.distributed.planner",
+            "torchrec.distributed.planner.types",
+            "torchrec.distributed.planner.storage_reservations",
+            "torchrec.distributed.planner.stats",
+        )
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -303,8 +317,10 @@ def scatter_optimizer_state(live: Any, saved: Any, _path: str = "") -> None:
             scatter_optimizer_state(v, saved[k], f"{_path}/{k}")
     elif _is_sharded(live) or torch.is_tensor(live):
         if not torch.is_tensor(saved) or tuple(saved.shape) != tuple(live.size()):
-            raise CheckpointError(f"the checkpoint's fused-optimizer state {_path} does not fit: "
-                                  f"{getattr(saved, 'shape', saved)} vs {tuple(live.size())}")
+            raise CheckpointError(
+                f"the checkpoint's fused-optimizer state {_path} does not fit: "
+                f"{getattr(saved, 'shape', saved)} vs {tuple(live.size())}"
+            )
         with torch.no_grad():
             _copy_into(live, saved)
 
@@ -329,4 +345,3 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     x = t.to(ctx.device)
     dist.all_reduce(x)
     return x.to(t.device)
-

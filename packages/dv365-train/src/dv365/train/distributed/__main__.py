@@ -20,8 +20,9 @@ from dv365.train.cli import register
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="torchrun ... -m dv365.train.distributed",
-                                     description="dv365 train under torchrun (see docs/train.md)")
+    parser = argparse.ArgumentParser(
+        prog="torchrun ... -m dv365.train.distributed", description="dv365 train under torchrun (see docs/train.md)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
