@@ -124,6 +124,7 @@ def test_sources_never_import_forbidden_packages() -> None:
                 "__future__",
                 "dataclasses",
                 "typing",
+                "collections",
                 "logging",
                 "math",
                 "numpy",

@@ -110,8 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 shard_users=64,
                 batch_users=batch_users,
                 progress=False,
-            ),
-            log=lambda _: None,
+            )
         )
         t_export = time.perf_counter() - t
         m = res.manifest

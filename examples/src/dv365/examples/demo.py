@@ -188,7 +188,7 @@ def run(
     synth_steps: int = 60,
 ) -> int:
     from dv365.core.catalog import default_data_dir
-    from dv365.core.cli import log_to
+    from dv365.core.logs import log_to
     from dv365.export.pipeline import Pipeline, PipelineConfig, parse_time, status
 
     log_to(sys.stdout)  # the pipeline's step lines go with the demo's own

@@ -175,7 +175,7 @@ def _upstream(args: argparse.Namespace) -> int:
 
     command = "dv365 eval upstream " + " ".join(shlex.quote(a) for a in _argv_tail())
     variants = [v for v in args.variants.split(",") if v.strip()] if args.variants else None
-    from dv365.core.cli import log_to
+    from dv365.core.logs import log_to
 
     log_to(sys.stderr)
     rep = run_upstream(

@@ -109,7 +109,7 @@ def _handler(name: str, args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dv365.core.cli import log_to
+    from dv365.core.logs import log_to
 
     log_to(sys.stderr)
     over = overrides(args.set)
@@ -252,7 +252,7 @@ def _dataset_in_worker(
     if threads:
         torch.set_num_threads(threads)
     ds, settings, n_seeds = prepared
-    from dv365.core.cli import log_to
+    from dv365.core.logs import log_to
 
     log_to(sys.stderr, prefix=f"[{ds}] ")  # this process runs one data set
     return _run_dataset(ds, settings, n_seeds, **job)

@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,14 @@ from dv365.experiments.downstream.common import (
     finish_report,
     fit_dv365_stats,
     fmt_stat,
-    hstu_config,
     paired_stats,
     plot_bars,
+    ranker_config,
     report_paths,
     seed_all,
 )
 from dv365.experiments.downstream.context import Context
-from dv365.experiments.downstream.models import DownstreamConfig, TwoTower
+from dv365.experiments.downstream.models import TwoTower
 
 logger = logging.getLogger(__name__)
 
@@ -91,23 +92,12 @@ def task_names(ctx: Context) -> list[str]:
 class RetrievalFit:
     def __init__(self, ctx: Context, mode: str, seed: int, names: list[str], corpus: Corpus) -> None:
         seed_all(seed)
-        s, d = ctx.settings.retrieval, ctx.settings.downstream
+        s = ctx.settings.retrieval
         self.ctx, self.seed, self.names, self.corpus = ctx, seed, names, corpus
         self.pos = positives(ctx, names)
-        self.model = TwoTower(
-            DownstreamConfig(
-                num_tasks=len(names),
-                embedding_dim=d.embedding_dim,
-                item_hash_size=d.item_hash_size,
-                hstu=hstu_config(ctx),
-                dv365=mode,
-                row_format=ctx.row_format,
-                proj_tokens=d.proj_tokens,
-                standardize=d.standardize_dv365,
-                over_arch=tuple(s.hidden),
-                out_dim=s.dim,
-            )
-        )
+        # the ranker's encoder settings with the retrieval tower's tasks, hidden layers and output width
+        cfg = replace(ranker_config(ctx, mode), num_tasks=len(names), over_arch=tuple(s.hidden), out_dim=s.dim)
+        self.model = TwoTower(cfg)
         fit_dv365_stats(self.model, ctx, ctx.rows["train"])
         self.opt = torch.optim.Adam(self.model.parameters(), lr=s.lr)
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))

@@ -10,10 +10,8 @@ modules lazily so ``dv365 --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
-from typing import IO
 
 from dv365.core.__about__ import __version__
 from dv365.core.errors import Dv365Error
@@ -23,24 +21,8 @@ from dv365.core.plugins import iter_plugins, load_ref
 CORE_COMMANDS = (
     "dv365.core.importers.cli:register",
     "dv365.core.synth:register",
-    "dv365.core.slicing_cli:register",
+    "dv365.core.slicing.cli:register",
 )
-
-
-def log_to(stream: IO[str], prefix: str = "", level: int = logging.INFO) -> None:
-    """Prints what the ``dv365.*`` loggers report (INFO and up) on ``stream``: how a command shows its progress.
-
-    The libraries only log; each command handler decides where its messages go (``stream`` as it is when
-    called). Calling it again replaces the handler a previous call installed.
-    """
-    root = logging.getLogger("dv365")
-    for h in [h for h in root.handlers if getattr(h, "dv365_cli", False)]:
-        root.removeHandler(h)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
-    handler.dv365_cli = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Tower outputs -> quantized rows: the export's encoder (paper §2.3.2, App. A.2.2).
 
-:func:`quantize_fbgemm` is the export path the issue asks for: fbgemm's fused n-bit row-wise op
+:func:`quantize_fbgemm` is the export path: fbgemm's fused n-bit row-wise op
 ``FloatToFusedNBitRowwiseQuantizedSBHalf`` (4 bits default, 8 as an option; for 8 bits the *n-bit* op with
 ``bit_rate=8`` is used, whose fp16 scale/bias rows are :class:`dv365.core.quantize.RowFormat`'s, 260 B at
 D = 256 -- fbgemm's other 8-bit op ``FloatToFused8BitRowwiseQuantized`` writes fp32 scale/bias, 264 B, a
@@ -183,7 +183,7 @@ class UserEncoder:
         if quantizer not in QUANTIZERS:
             raise ExportError(f"--quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         self.model, self.fmt, self.batch_users, self.quantizer = model, fmt, batch_users, quantizer
-        self.slicer = Slicer(model.spec, vocab, backend="numpy")  # the numba backend is experimental
+        self.slicer = Slicer(model.spec, vocab, backend="numpy")  # the reference backend
 
     def embed(
         self, timelines: Timelines, cutoff_ts: int, on_batch: Callable[[int], object] | None = None

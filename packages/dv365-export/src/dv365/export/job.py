@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dv365.core.fsio import open_atomic, url_to_fs, write_json_atomic
 from dv365.core.quantize import RowFormat
 from dv365.core.snapshot import (
     MANIFEST,
@@ -149,16 +150,11 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------------------
 # small fsspec helpers
 # ------------------------------------------------------------------------------------------------------
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/") or "/"
 
 
 def _write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True))
-    fs.mv(tmp, path)
+    # per-process temporary name: workers of a sharded export may write the same record at once
+    write_json_atomic(fs, path, obj, tmp_suffix=f".tmp-{os.getpid()}")
 
 
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
@@ -176,7 +172,7 @@ def _sha256(blob: bytes) -> str:
 
 
 def _abs_url(url: str) -> str:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
@@ -244,7 +240,7 @@ class _Job:
         self.prev_manifest: SnapshotManifest | None = None
         if cfg.previous:
             self._load_previous(cfg.previous)
-        self.fs, self.root = _fs(cfg.out)
+        self.fs, self.root = url_to_fs(cfg.out)
         self.journal = posixpath.join(self.root, JOURNAL)
 
     # -- previous snapshot ----------------------------------------------------------------------------
@@ -603,7 +599,7 @@ def merge_snapshot(out: str, *, missing_ok: bool = False) -> SnapshotManifest | 
     """Writes ``manifest.json`` once every planned shard is done (checked against its sha256), making the
     snapshot visible. Returns the manifest (also when it was already there); with ``missing_ok``, ``None``
     while shards are missing (otherwise a :class:`SnapshotError` lists them)."""
-    fs, root = _fs(out)
+    fs, root = url_to_fs(out)
     man = posixpath.join(root, MANIFEST)
     if fs.exists(man):
         return read_manifest(out)
@@ -654,8 +650,6 @@ def merge_snapshot(out: str, *, missing_ok: bool = False) -> SnapshotManifest | 
         return read_manifest(out)
     # as core's write_manifest (written last, renamed into place), with a per-process temporary name: two
     # workers that finish together may both merge; each rename installs a complete manifest
-    tmp = f"{man}.tmp-{os.getpid()}"
-    with fs.open(tmp, "w") as f:
+    with open_atomic(fs, man, "w", tmp_suffix=f".tmp-{os.getpid()}") as f:
         f.write(manifest.to_json())
-    fs.mv(tmp, man)
     return manifest

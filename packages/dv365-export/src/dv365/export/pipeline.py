@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from dv365.core.errors import Dv365Error
+from dv365.core.fsio import url_to_fs, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,8 @@ class PipelineConfig:
 def _write_json(path: Path, obj: Any) -> None:
     """Atomic (tmp + rename): a killed write never leaves a truncated marker."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    fs, local = url_to_fs(path)
+    write_json_atomic(fs, local, obj, default=str)
 
 
 def _read_json(path: Path) -> Any:

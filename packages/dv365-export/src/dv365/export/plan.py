@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from dv365.core.fsio import url_to_fs
 from dv365.core.quantize import RowFormat
 from dv365.core.snapshot import SnapshotError, SnapshotManifest, read_manifest, read_shard
 from dv365.core.timeline import EVENT_KINDS, TimelineDataset, user_bucket
@@ -145,15 +146,14 @@ class SnapshotIndex:
     """
 
     def __init__(self, url: str, manifest: SnapshotManifest | None = None, cache_shards: int = 2) -> None:
-        import fsspec
 
         self.url = url
         self.manifest = manifest or read_manifest(url)
         self.fmt: RowFormat = self.manifest.row_format
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = url_to_fs(url)
         ids, shard = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         for k, info in enumerate(self.manifest.shards):
-            path = posixpath.join(root.rstrip("/"), info.path)
+            path = posixpath.join(root, info.path)
             if not fs.exists(path):
                 raise SnapshotError(f"{url}: shard {info.path} is missing")
             with fs.open(path, "rb") as f:

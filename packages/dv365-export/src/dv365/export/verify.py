@@ -14,11 +14,11 @@ import posixpath
 import zlib
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dv365.core.fsio import url_to_fs
 from dv365.core.snapshot import SnapshotError, SnapshotManifest, read_manifest
 
 
@@ -53,8 +53,7 @@ def verify_snapshot(url: str) -> VerifyReport:
     """Verifies everything listed in the module docstring; returns the facts or raises SnapshotError."""
     m = read_manifest(url)  # SnapshotError for a missing / malformed manifest
     fmt = m.row_format
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
+    fs, root = url_to_fs(url)
     seen: list[np.ndarray] = []
     total = 0
     for info in m.shards:

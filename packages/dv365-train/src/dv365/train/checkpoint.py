@@ -19,7 +19,6 @@ It is written to ``<file>.tmp`` and renamed (an interrupted save never leaves a 
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dv365.core.fsio import open_atomic, url_to_fs, write_bytes_atomic
 from dv365.train.errors import CheckpointError
 
 FORMAT = "dv365.train.checkpoint/1"
@@ -80,12 +80,10 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any], k
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(d, step)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "step": step, **payload}, tmp)
-    os.replace(tmp, path)
-    latest_tmp = d / "latest.tmp"
-    latest_tmp.write_text(path.name + "\n")
-    os.replace(latest_tmp, d / "latest")
+    fs, _ = url_to_fs(d)
+    with open_atomic(fs, str(path)) as f:
+        torch.save({"format": FORMAT, "step": step, **payload}, f)
+    write_bytes_atomic(fs, str(d / "latest"), (path.name + "\n").encode())
     for old in list_checkpoints(d)[: -max(keep, 1)]:
         old.unlink(missing_ok=True)
     return path

@@ -90,34 +90,11 @@ def expand(x: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
     return x if inverse is None else x.index_select(0, inverse)
 
 
-def with_inverse(kjt: Any, inverse: torch.Tensor) -> Any:
-    """The KJT (``U`` rows per key) with torchrec ``inverse_indices``: every key maps the ``B`` batch rows
-    to its ``U`` unique rows (the same ``[B]`` map for every key)."""
+def _rebuilt(kjt: Any, inverse_indices: tuple[list[str], torch.Tensor] | None) -> Any:
+    """The same KJT with ``inverse_indices`` set (or dropped when ``None``)."""
     from torchrec import KeyedJaggedTensor
 
-    keys = kjt.keys()
-    inv = inverse.to(torch.long).view(1, -1).expand(len(keys), -1).contiguous()  # [F, B]
     return KeyedJaggedTensor(
-        keys=keys,
-        values=kjt.values(),
-        weights=kjt.weights_or_none(),
-        lengths=kjt.lengths_or_none(),
-        offsets=kjt.offsets_or_none(),
-        stride=kjt.stride(),
-        length_per_key=kjt.length_per_key_or_none(),
-        offset_per_key=kjt.offset_per_key_or_none(),
-        inverse_indices=(keys, inv),
-    )
-
-
-def strip_inverse(kjt: Any) -> tuple[Any, torch.Tensor | None]:
-    """``(kjt without inverse indices, inverse [B] or None)``: the ``U``-row KJT to pool, and the map back."""
-    found = kjt.inverse_indices_or_none()
-    if found is None:
-        return kjt, None
-    from torchrec import KeyedJaggedTensor
-
-    plain = KeyedJaggedTensor(
         keys=kjt.keys(),
         values=kjt.values(),
         weights=kjt.weights_or_none(),
@@ -126,8 +103,24 @@ def strip_inverse(kjt: Any) -> tuple[Any, torch.Tensor | None]:
         stride=kjt.stride(),
         length_per_key=kjt.length_per_key_or_none(),
         offset_per_key=kjt.offset_per_key_or_none(),
+        inverse_indices=inverse_indices,
     )
-    return plain, found[1][0]
+
+
+def with_inverse(kjt: Any, inverse: torch.Tensor) -> Any:
+    """The KJT (``U`` rows per key) with torchrec ``inverse_indices``: every key maps the ``B`` batch rows
+    to its ``U`` unique rows (the same ``[B]`` map for every key)."""
+    keys = kjt.keys()
+    inv = inverse.to(torch.long).view(1, -1).expand(len(keys), -1).contiguous()  # [F, B]
+    return _rebuilt(kjt, (keys, inv))
+
+
+def strip_inverse(kjt: Any) -> tuple[Any, torch.Tensor | None]:
+    """``(kjt without inverse indices, inverse [B] or None)``: the ``U``-row KJT to pool, and the map back."""
+    found = kjt.inverse_indices_or_none()
+    if found is None:
+        return kjt, None
+    return _rebuilt(kjt, None), found[1][0]
 
 
 def grouped_permutation(user_ids: np.ndarray, ts: np.ndarray, group: int, rng: np.random.Generator) -> np.ndarray:

@@ -227,8 +227,11 @@ def _add_generic(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 # ------------------------------------------------------------------------------------------------------
 # handlers
 # ------------------------------------------------------------------------------------------------------
-def _progress(msg: str) -> None:
-    print(f"[import] {msg}", flush=True)
+def _show_progress() -> None:
+    """The importers' per-file lines (they log them) on stdout, as ``[import] ...``."""
+    from dv365.core.logs import log_to
+
+    log_to(sys.stdout, prefix="[import] ")
 
 
 def _policy(args: argparse.Namespace) -> Any:
@@ -263,6 +266,8 @@ def _finish(summary: Any) -> int:
 def _run_movielens(args: argparse.Namespace) -> int:
     from dv365.core.importers.movielens import import_movielens
 
+    _show_progress()
+
     return _finish(
         import_movielens(
             args.dir,
@@ -271,7 +276,6 @@ def _run_movielens(args: argparse.Namespace) -> int:
             num_buckets=args.buckets,
             policy=_policy(args),
             source=args.source,
-            log=_progress,
         )
     )
 
@@ -279,6 +283,8 @@ def _run_movielens(args: argparse.Namespace) -> int:
 def _run_kuairand(args: argparse.Namespace) -> int:
     from dv365.core.importers.common import MappingError
     from dv365.core.importers.kuairand import DEFAULT_TAB_SURFACES, import_kuairand
+
+    _show_progress()
 
     tabs: dict[int, str] = dict(DEFAULT_TAB_SURFACES)
     for tab, surface in _pairs(args.tab_map, "--tab-map").items():
@@ -294,7 +300,6 @@ def _run_kuairand(args: argparse.Namespace) -> int:
             num_buckets=args.buckets,
             policy=_policy(args),
             source=args.source,
-            log=_progress,
         )
     )
 
@@ -302,6 +307,8 @@ def _run_kuairand(args: argparse.Namespace) -> int:
 def _run_generic(args: argparse.Namespace) -> int:
     from dv365.core.importers.common import MappingError
     from dv365.core.importers.generic import import_generic, read_mapping_file
+
+    _show_progress()
 
     conf: dict[str, Any] = read_mapping_file(args.mapping_file) if args.mapping_file else {}
     mapping = {**conf.get("map", {}), **_pairs(args.map, "--map")}
@@ -325,6 +332,5 @@ def _run_generic(args: argparse.Namespace) -> int:
         num_buckets=args.buckets,
         policy=_policy(args),
         source=args.source,
-        log=_progress,
     )
     return _finish(summary)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from typing import Any, cast
@@ -25,7 +25,6 @@ from dv365.core.fsio import url_to_fs
 from dv365.core.timeline import DatasetWriter
 from dv365.core.validation import ValidationPolicy
 
-Log = Callable[[str], None]
 # One table for the writer: (kind, table, name of its origin for error messages, e.g. "ratings.csv").
 Part = tuple[str, pa.Table, str]
 

@@ -14,6 +14,7 @@ may be larger than memory; ``.gz``/``.bz2``/``.zst``/``.xz`` CSVs are decompress
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +30,6 @@ import yaml
 from dv365.core.errors import DatasetError
 from dv365.core.importers.common import (
     ImportSummary,
-    Log,
     MappingError,
     Part,
     iter_csv,
@@ -40,6 +40,8 @@ from dv365.core.importers.common import (
 )
 from dv365.core.schema import schema_for
 from dv365.core.validation import REQUIRED, ValidationPolicy
+
+logger = logging.getLogger(__name__)
 
 TIME_UNITS: dict[str, int] = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 DURATION_UNITS: dict[str, float] = {"s": 1.0, "ms": 1_000.0}
@@ -298,7 +300,6 @@ def import_generic(
     num_buckets: int = 16,
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
-    log: Log | None = None,
 ) -> GenericSummary:
     """Imports one CSV/TSV/Parquet file of events of one kind, columns mapped to UniTi fields.
 
@@ -315,7 +316,6 @@ def import_generic(
         num_buckets: user hash buckets of the dataset.
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"generic:<file name>"``).
-        log: called with one progress line per file.
 
     Example::
 
@@ -332,8 +332,7 @@ def import_generic(
         for batch in iter_table_file(str(path), cm.source_columns):
             counts["rows"] += batch.num_rows
             yield kind, cm.to_uniti(batch), name
-        if log:
-            log(f"{path}: {counts['rows']:,} rows of {kind} events")
+        logger.info(f"{path}: {counts['rows']:,} rows of {kind} events")
 
     extra = {
         "importer": "generic",

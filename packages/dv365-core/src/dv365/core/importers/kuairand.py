@@ -20,6 +20,7 @@ Logs are streamed block by block, so the multi-GB KuaiRand-27K logs import in bo
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,6 @@ import pyarrow as pa
 from dv365.core.catalog import Catalog, load_kuairand_catalog
 from dv365.core.importers.common import (
     ImportSummary,
-    Log,
     MappingError,
     Part,
     block_origin,
@@ -72,6 +72,8 @@ VIDEO_TYPES: dict[str, str] = {"NORMAL": "video", "AD": "ad"}
 LOG_COLUMNS: tuple[str, ...] = tuple(
     dict.fromkeys(["user_id", "video_id", "time_ms", "play_time_ms", "duration_ms", "tab", "is_click", *FLAG_ACTIONS])
 )
+
+logger = logging.getLogger(__name__)
 _LOG_TYPES = {c: (pa.int64() if c in ("user_id", "video_id") else pa.float64()) for c in LOG_COLUMNS}
 
 
@@ -200,7 +202,6 @@ def import_kuairand(
     num_buckets: int = 16,
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
-    log: Log | None = None,
 ) -> KuaiRandSummary:
     """Imports KuaiRand log CSVs into one UniTi dataset (implicit + explicit events, requests).
 
@@ -213,7 +214,6 @@ def import_kuairand(
         num_buckets: user hash buckets of the dataset.
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"kuairand:<file names>"``).
-        log: called with one progress line per file.
 
     Raises:
         DatasetError: a missing file, a missing log column (named, with the file), an unparsable value.
@@ -245,8 +245,7 @@ def import_kuairand(
                 missing.update(np.unique(not_found).tolist())
                 yield from block
             counts["log_rows"] += start
-            if log:
-                log(f"{path}: {start:,} log rows")
+            logger.info(f"{path}: {start:,} log rows")
 
     names = [posixpath.basename(f) for f in files]
     extra = {

@@ -16,6 +16,7 @@ written to the dataset's ``extra["genres"]``.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,6 @@ from dv365.core.catalog import Catalog
 from dv365.core.errors import DatasetError
 from dv365.core.importers.common import (
     ImportSummary,
-    Log,
     Part,
     block_origin,
     gather_topics,
@@ -90,6 +90,8 @@ ML100K_GENRES: tuple[str, ...] = (
     "War",
     "Western",
 )
+
+logger = logging.getLogger(__name__)
 # layout -> (ratings file, movies file); detection looks for both
 LAYOUT_FILES: dict[str, tuple[str, str]] = {
     "latest": ("ratings.csv", "movies.csv"),
@@ -349,7 +351,6 @@ def import_movielens(
     num_buckets: int = 16,
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
-    log: Log | None = None,
 ) -> MovieLensSummary:
     """Imports a MovieLens folder into a UniTi dataset (explicit events + rating requests).
 
@@ -361,7 +362,6 @@ def import_movielens(
         num_buckets: user hash buckets of the dataset.
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"movielens:<folder name>"``).
-        log: called with one progress line per file read.
 
     Returns:
         A :class:`MovieLensSummary`; on ml-latest-small: 610 users, 100,836 ratings, 3,683 tags.
@@ -385,8 +385,7 @@ def import_movielens(
     genres = GenreIds()
     read_movies = {"latest": _movies_latest, "100k": _movies_100k, "1m": _movies_1m}[layout]
     movies = _movie_catalog(read_movies(src), genres)
-    if log:
-        log(f"{join_url(src, LAYOUT_FILES[layout][1])}: {len(movies):,} movies, {len(genres.names)} genres")
+    logger.info(f"{join_url(src, LAYOUT_FILES[layout][1])}: {len(movies):,} movies, {len(genres.names)} genres")
     counts = {"ratings": 0, "tags": 0}
     unknown: set[int] = set()
 
@@ -394,13 +393,12 @@ def import_movielens(
         for t, name in _ratings(src, layout):
             counts["ratings"] += t.num_rows
             yield from _rating_parts(t, name, movies, unknown)
-        if log:
-            log(f"{join_url(src, LAYOUT_FILES[layout][0])}: {counts['ratings']:,} ratings")
+        logger.info(f"{join_url(src, LAYOUT_FILES[layout][0])}: {counts['ratings']:,} ratings")
         for t, origin in _tags(src, layout):
             counts["tags"] += t.num_rows
             yield _tag_part(t, origin, movies, unknown)
-        if log and counts["tags"]:
-            log(f"{join_url(src, 'tags.csv')}: {counts['tags']:,} tag applications")
+        if counts["tags"]:
+            logger.info(f"{join_url(src, 'tags.csv')}: {counts['tags']:,} tag applications")
 
     tag = source or f"movielens:{posixpath.basename(src) or src}"
     extra = {
