@@ -258,3 +258,28 @@ def test_batch_composition_does_not_change_a_row(trained: dict[str, Any], synth:
     provider.clear_cache()
     again, _ = provider.embed(mix_u[perm], mix_c[perm])
     assert torch.equal(again[np.argsort(perm)][: len(users)], ref)
+
+
+def test_numpy_backend_gives_the_bytes_of_dv365_export(trained: dict[str, Any], synth: str) -> None:
+    """At one cut with no event exactly at it, the embedding is the de-quantized row of the export's encoder
+    at ``as_of = cut + gap`` (numpy slicer, as UserEncoder): byte for byte."""
+    from dv365.core.quantize import RowFormat, dequantize_rows
+    from dv365.export.encode import UserEncoder
+
+    provider: DistantEmbedder = trained["provider"]
+    tl = provider.timelines
+    every_ts = np.concatenate([tl.explicit.ts, tl.implicit.ts])
+    cut = int(np.median(every_ts))
+    while (every_ts == cut).any():
+        cut += 1
+    enc = UserEncoder(provider.model, tl.vocab, RowFormat(dim=provider.dim, rows_per_user=provider.out_tokens, bits=4))
+    ref = dequantize_rows(
+        torch.from_numpy(enc.encode(tl, cut + provider.gap_s)).reshape(len(tl), provider.out_tokens, -1), 4
+    )
+    mine = DistantEmbedder(provider.model, tl, batch_rows=enc.batch_users, backend="numpy")
+    x, present = mine.embed(tl.user_ids, np.full(len(tl), cut))
+    assert present.all() and torch.equal(x, ref)
+    # the default slicer (numba when it imports) is within one int4 step of it
+    y, _ = provider.embed(tl.user_ids, np.full(len(tl), cut))
+    step = (ref.amax(dim=-1, keepdim=True) - ref.amin(dim=-1, keepdim=True)) / 15
+    assert ((y - ref).abs() <= step * 1.01 + 1e-6).all()
