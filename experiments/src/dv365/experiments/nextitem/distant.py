@@ -193,11 +193,12 @@ def train_distant_upstream(
         return info
     data = work / "data"
     t0 = time.perf_counter()
-    if not (data / "_dataset.json").exists():
-        counts = write_filtered_dataset(dataset_url, str(data), val_target_ts)
+    counts_path = work / "requests.json"  # written after the filtered copy is complete
+    if counts_path.exists() and (data / "_dataset.json").exists():
+        counts = json.loads(counts_path.read_text())
     else:
-        counts = json.loads((work / "requests.json").read_text())
-    (work / "requests.json").write_text(json.dumps(counts))
+        counts = write_filtered_dataset(dataset_url, str(data), val_target_ts)
+        counts_path.write_text(json.dumps(counts))
     cfg = TrainConfig.from_dict(
         apply_overrides(_plain(settings), _overrides(str(data), work / "upstream", seed, device))
     )
