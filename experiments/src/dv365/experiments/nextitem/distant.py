@@ -258,9 +258,10 @@ class DistantEmbedder:
         timelines: every user's timelines (the full data set: each row keeps only its events before its cut).
         batch_rows: rows per tower call; every call is padded to exactly this many (results do not depend on
             which rows share a batch).
-        backend: the slicer backend: ``auto`` (numba when it imports, ~2x faster here) or ``numpy`` (what
-            ``dv365 export``'s :class:`~dv365.export.encode.UserEncoder` uses: the same bytes as a snapshot; the
-            backends order a bag's ids differently, so ~1% of rows may differ by one int4 step).
+        backend: the slicer backend: ``numpy`` (default: what ``dv365 export``'s
+            :class:`~dv365.export.encode.UserEncoder` uses, so the rows are the bytes a snapshot would serve) or
+            ``auto`` (numba when it imports, ~2x faster; it orders a bag's ids differently, so ~1% of rows may
+            differ by one int4 step).
         threads: CPU intra-op threads while the tower runs (``torch.set_num_threads``, restored after; 0: leave
             torch's setting). On a small shared machine 1 thread is several times faster than 2.
 
@@ -271,7 +272,7 @@ class DistantEmbedder:
     """
 
     def __init__(
-        self, model: Any, timelines: Timelines, batch_rows: int = 256, backend: str = "auto", threads: int = 0
+        self, model: Any, timelines: Timelines, batch_rows: int = 256, backend: str = "numpy", threads: int = 0
     ) -> None:
         if batch_rows <= 0:
             raise ExperimentError(f"batch_rows must be positive, got {batch_rows}")
