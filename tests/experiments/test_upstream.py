@@ -221,7 +221,6 @@ def test_checks_pair_token_and_dim_wise_by_seed() -> None:
         for r in rep["runs"]
     ]
     ck = checks(deltas(runs, "test"))
-    assert ck["token_vs_dim"] == rep["checks"]["token_vs_dim"]
     assert ck["token_minus_dim_paired"] == rep["checks"]["token_minus_dim_paired"]
     for tok, dim in (("mlp_t", "mlp_d"), ("tl_t", "tl_d")):
         pair = ck["token_minus_dim_paired"][f"{tok}-{dim}"]
@@ -229,5 +228,23 @@ def test_checks_pair_token_and_dim_wise_by_seed() -> None:
         assert n == len(rep["seeds"])
         # the paired mean is the difference of the two variants' mean deltas (same seeds, same tasks)
         assert abs(pair["mean"] - (ck["mean_delta_pct"][tok] - ck["mean_delta_pct"][dim])) < 1e-3
-        assert (pair["mean"] < 0) == ck["token_vs_dim"][f"{tok}<{dim}"]  # negative = token-wise better
+        # negative = token-wise better; the verdict counts it only beyond noise
+        assert ck["token_vs_dim"][f"{tok}<{dim}"] == (pair["mean"] < 0 and not pair["noise"])
         assert pair["noise"] == (abs(pair["mean"]) <= 2 * pair["std"] / n**0.5)
+
+
+def test_verdicts_count_only_deltas_beyond_noise() -> None:
+    """A negative mean delta within noise is not "beats the baseline" (the sign of the mean alone said yes)."""
+    from dv365.experiments.upstream import checks
+    from dv365.train.metrics import seed_stats
+
+    clear = {"like": seed_stats([-1.0, -1.2, -0.9]), "click": seed_stats([-2.0, -2.1, -1.8])}
+    noisy = {"like": seed_stats([-0.15 + x for x in (0.6, -0.5, -0.55)]), "click": seed_stats([-2.0, -2.1, -1.8])}
+    assert noisy["like"]["mean"] < 0 and noisy["like"]["noise"]
+    ck = checks({"mlp_d": noisy, "mlp_t": clear})
+    assert ck["beats_baseline"] == {"mlp_d": False, "mlp_t": True}
+    assert not ck["all_variants_beat_baseline"]
+    # mlp_t - mlp_d per seed (-0.73, -0.28, -0.10 pp): token-wise better on the mean, but within noise
+    pair = ck["token_minus_dim_paired"]["mlp_t-mlp_d"]
+    assert pair["mean"] < 0 and pair["noise"]
+    assert ck["token_vs_dim"] == {"mlp_t<mlp_d": False} and not ck["token_wise_beats_dim_wise"]

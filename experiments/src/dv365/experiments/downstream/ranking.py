@@ -99,8 +99,10 @@ def summarize(ctx: Context, runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"delta_ne_pct": d_all, "runs": runs}
     if ctx.facts["test_missing_share"] > 0:
         out["delta_ne_pct_returning"] = deltas(runs, "test_returning")
+    # a verdict counts only deltas beyond noise: a negative mean within noise is not a gain
     out["all_negative"] = {
-        k: all((v["mean"] or 0) < 0 for t, v in ts.items() if t != "_mean_over_tasks") for k, ts in d_all.items()
+        k: all((v["mean"] or 0) < 0 and not v["noise"] for t, v in ts.items() if t != "_mean_over_tasks")
+        for k, ts in d_all.items()
     }
     return out
 
@@ -163,7 +165,7 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
         L.append(f"## Returning users ({ctx.facts['test_returning']:,} of {ctx.facts['test']:,} test requests)\n")
         L.append(_table(res["delta_ne_pct_returning"], tasks, kinds) + "\n")
     L.append(
-        f"Every task's delta negative: {', '.join(f'{k}: **{yes(v)}**' for k, v in res['all_negative'].items())}.\n"
+        f"Every task's delta negative beyond noise: {', '.join(f'{k}: **{yes(v)}**' for k, v in res['all_negative'].items())}.\n"
     )
     L.append(f"![NE delta per task]({png.name})\n" if has_png else "(No plot: matplotlib is not installed.)\n")
     L.append("## Absolute test metrics (mean over seeds)\n")
