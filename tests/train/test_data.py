@@ -117,3 +117,17 @@ def test_splits_are_by_request_time(synth_url: str) -> None:
     assert kinds["label_watch_time"] == ("regression", "log1p")
     with pytest.raises(TrainConfigError, match="label_click"):
         ExampleSource(DataConfig(url=synth_url), (TaskSpec("label_click"),), None, 1009)
+
+
+def test_sample_per_user_keeps_at_most_n_rows_of_each_user_in_order() -> None:
+    import pyarrow as pa
+
+    from dv365.train.data import sample_per_user
+
+    users = [1, 2, 1, 1, 3, 2, 1, 2, 2, 2]
+    t = pa.table({"user_id": users, "ts": list(range(len(users)))})
+    s = sample_per_user(t, 2, 0)
+    got = s.column("user_id").to_pylist()
+    assert {u: got.count(u) for u in set(got)} == {1: 2, 2: 2, 3: 1}
+    assert s.column("ts").to_pylist() == sorted(s.column("ts").to_pylist())  # original order kept
+    assert s.equals(sample_per_user(t, 2, 0)) and sample_per_user(t, 9, 0).equals(t)

@@ -61,9 +61,11 @@ def add_common_arguments(
     """The flags every ``dv365 eval`` experiment takes."""
     p.add_argument(
         "--dataset",
-        choices=list(datasets),
         default=default_dataset or datasets[0],
-        help=f"data set (default {default_dataset or datasets[0]})",
+        metavar="NAME|PATH",
+        help=f"data set: {', '.join(datasets)} (default {default_dataset or datasets[0]}), or the folder of any dataset "
+        "written by `dv365 import movielens|kuairand|generic` or `dv365 synth` (its metadata says REAL or SIMULATED, "
+        "its source picks the shipped config)",
     )
     p.add_argument("--quick", action="store_true", help="the small configuration (minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1; default from the config)")

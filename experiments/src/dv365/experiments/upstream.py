@@ -55,6 +55,7 @@ from dv365.core.config import load_dataclass, resolve_config, shipped_file
 from dv365.core.errors import DatasetError, Dv365Error
 from dv365.core.slicing import SliceSpec
 from dv365.core.timeline import Timelines, take_rows
+from dv365.experiments.datasets import KINDS, DataChoice, data_banner, resolve_dataset
 from dv365.train.backbone import MultiTaskDLRM
 from dv365.train.config import TrainConfig, apply_overrides
 from dv365.train.data import NUM_DENSE, Batch, ExampleSource, dense_features, head_bias_from_labels, item_kjt, load_spec
@@ -142,6 +143,11 @@ class UpstreamSettings:
         return out
 
     def validate(self) -> None:
+        if (self.train.get("data") or {}).get("url"):
+            raise EvalError(
+                "train.data.url: the data set comes from --dataset (synth, movielens or a dataset folder); "
+                "remove train.data.url from the config / --set"
+            )
         if self.protocol not in ("joint", "frozen"):
             raise EvalError(f"protocol = {self.protocol!r}: use joint or frozen")
         if self.select_by not in SELECT_BY:
@@ -155,9 +161,15 @@ class UpstreamSettings:
         TrainConfig.from_dict(apply_overrides(self.train, {"data.url": "x"}))  # the shared config is valid
 
 
-def default_config(dataset: str, quick: bool) -> Path:
-    """The shipped ``configs/upstream/<dataset>[-quick].yaml``."""
-    return shipped_file(__package__, "configs", "upstream", f"{dataset}{'-quick' if quick else ''}.yaml")
+def default_config(kind: str, quick: bool) -> Path:
+    """The shipped ``configs/upstream/<kind>[-quick].yaml`` for a dataset family (:data:`~.datasets.KINDS`)."""
+    if kind not in KINDS:
+        raise EvalError(
+            f"no shipped eval upstream config fits this dataset (its source is not one of {list(KINDS)}): "
+            "pass --config with the tasks (label columns) and slice spec that fit it"
+        )
+    path = shipped_file(__package__, "configs", "upstream", f"{kind}{'-quick' if quick else ''}.yaml")
+    return path if path.exists() or not quick else default_config(kind, False)  # kuairand: one config
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -176,9 +188,15 @@ def _valid_dataset(path: Path) -> bool:
 
 
 def prepare_dataset(dataset: str, settings: UpstreamSettings, data_dir: Path, progress: bool) -> Path:
-    """The UniTi dataset of ``dataset`` under ``data_dir`` (generated / imported when missing or invalid)."""
+    """The UniTi dataset of ``dataset``: a dataset folder as it is, or a built-in one under ``data_dir``
+    (generated / imported when missing or invalid)."""
     import shutil
 
+    if dataset not in DATASETS:
+        choice = resolve_dataset(dataset, EvalError)
+        if not _valid_dataset(Path(str(choice.url))):
+            raise EvalError(f"--dataset {dataset}: the dataset has no requests (training examples)")
+        return Path(str(choice.url))
     data_dir.mkdir(parents=True, exist_ok=True)
     if dataset == "synth":
         s = settings.synth
@@ -665,6 +683,7 @@ class UpstreamReport:
     results: list[RunResult]
     seconds: float
     device: str
+    data: DataChoice
 
     def summary(self) -> dict[str, Any]:
         all_d = deltas(self.results, "test")
@@ -770,7 +789,8 @@ def run_upstream(
     from dv365.train.trainer import resolve_device
 
     t0 = time.perf_counter()
-    cfg_path = config or default_config(dataset, quick)
+    choice = resolve_dataset(dataset, EvalError)
+    cfg_path = config or default_config(choice.kind, quick)
     settings = UpstreamSettings.load(cfg_path, overrides)
     if variants:
         settings = replace(settings, variants=tuple(canonical_kind(v) for v in variants))
@@ -819,7 +839,7 @@ def run_upstream(
             results.append(r)
             _log_run(r)
     return UpstreamReport(
-        dataset,
+        choice.name,
         quick,
         ex.simulated,
         settings,
@@ -830,6 +850,7 @@ def run_upstream(
         results,
         time.perf_counter() - t0,
         str(dev),
+        replace(choice, simulated=ex.simulated),
     )
 
 
@@ -939,18 +960,7 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
     L: list[str] = []
     sim = " — SIMULATED data" if rep.simulated else " — real data"
     L.append(f"# dv365 eval upstream: {rep.dataset}{' (quick)' if rep.quick else ''}{sim}\n")
-    if rep.simulated:
-        L.append(
-            "> **SIMULATED.** The users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
-            "generator puts stable long-term interests into the histories *by construction*. "
-            "**This run checks the implementation, not the method:** a gain here shows that the towers can "
-            "read a signal that is known to be there; it says nothing about real users.\n"
-        )
-    else:
-        L.append(
-            "> Real data: MovieLens ml-latest-small (real users' ratings). Everything that does not improve "
-            "is reported as it came out.\n"
-        )
+    L.append(data_banner(rep.data))
     L.append(
         "Paper Table 2 on this data: NE delta % of each user tower variant (Table 1) against the baseline "
         "without DV365 timelines, per task (MSE delta % for regression tasks), mean ± std over "
@@ -1049,6 +1059,7 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
     full = {
         **summ,
         "facts": f,
+        "data": {"name": rep.data.name, "url": rep.data_url, "source": rep.data.source, "simulated": rep.simulated},
         "config": rep.config_path,
         "command": rep.command,
         "runs": [

@@ -17,6 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,14 @@ def run(
     ``jobs > 1`` runs that many data sets at a time, each in a fresh (spawned) process that builds its own
     context; every model seeds itself, so the figures are those of a serial run. Settings are loaded and
     checked for every data set before anything starts."""
-    from dv365.experiments.downstream.settings import EXPERIMENTS, ExperimentError, default_config, load_settings
+    from dv365.experiments.datasets import resolve_dataset
+    from dv365.experiments.downstream.settings import (
+        DATASETS,
+        EXPERIMENTS,
+        ExperimentError,
+        default_config,
+        load_settings,
+    )
 
     bad = [e for e in experiments if e not in EXPERIMENTS]
     if bad:
@@ -178,11 +186,23 @@ def run(
     per: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     prepared = []  # (data set, settings, seeds): every config / --set / --seeds checked before any data set runs
-    for ds in datasets:
-        cfg_path = config or default_config(ds, quick)
+    names = []
+    for arg in datasets:
+        # a built-in name, or a dataset folder: its source picks the shipped config, its folder is the data
+        choice = resolve_dataset(arg, ExperimentError) if arg != "kuairand" else None
+        kind = choice.kind if choice is not None else arg
+        if config is None and kind not in DATASETS:
+            raise ExperimentError(
+                f"--dataset {arg}: no shipped config fits its source {choice.source!r}: pass --config"
+            )
+        cfg_path = config or default_config(kind, quick)
         settings = load_settings(cfg_path, over)
-        if settings.dataset != ds:
-            raise ExperimentError(f"{cfg_path}: dataset {settings.dataset!r} does not match --dataset {ds!r}")
+        if choice is not None and choice.url is not None:
+            settings = replace(settings, data_url=choice.url)
+        elif settings.dataset != arg:
+            raise ExperimentError(f"{cfg_path}: dataset {settings.dataset!r} does not match --dataset {arg!r}")
+        ds = choice.name if choice is not None else arg
+        names.append(ds)
         n_seeds = seeds if seeds is not None else settings.seeds
         if n_seeds < 1:
             where = "--seeds" if seeds is not None else f"{cfg_path}: seeds"
@@ -208,7 +228,7 @@ def run(
             results = [f.result() for f in futures]
     else:
         results = [_run_dataset(ds, settings, n, **job) for ds, settings, n in prepared]  # type: ignore[arg-type]
-    for ds, (entry, rep) in zip(datasets, results):
+    for ds, (entry, rep) in zip(names, results):
         per[ds] = entry
         reports.update(rep)
     summary: dict[str, Any] = {
@@ -223,13 +243,13 @@ def run(
         from dv365.experiments.downstream.summary import write_all_report
 
         summary["report"] = write_all_report(summary, out, quick, command)
-    elif len(datasets) == 1:
+    elif len(names) == 1:
         summary = {
             "experiment": experiments[0],
-            "dataset": datasets[0],
+            "dataset": names[0],
             "quick": quick,
-            **per[datasets[0]],
-            "report": reports.get(f"{experiments[0]}-{datasets[0]}"),
+            **per[names[0]],
+            "report": reports.get(f"{experiments[0]}-{names[0]}"),
             "seconds": summary["seconds"],
         }
     return summary

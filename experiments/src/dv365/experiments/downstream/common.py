@@ -31,7 +31,12 @@ REAL_BANNER = (
 
 def banner(ctx_simulated: bool, dataset: str) -> str:
     if ctx_simulated:
-        return SIM_BANNER
+        if dataset == "synth":
+            return SIM_BANNER
+        return (
+            f"> **SIMULATED data** ({dataset}: a simulator's output, marked SIMULATED in its metadata). This run "
+            "checks the implementation, not the method; it says nothing about real users.\n"
+        )
     if dataset == "movielens":
         return REAL_BANNER
     return f"> Real data ({dataset}). Results are reported as measured.\n"

@@ -57,8 +57,8 @@ def prepare_url(dataset: str, synth: SynthSettings, data_url: str | None, data_d
         return data_url
     if dataset == "kuairand":
         raise ExperimentError(
-            "--dataset kuairand needs --set data_url=<the folder written by `dv365 import "
-            "kuairand ... --out <folder>`> (docs/experiments.md)"
+            "--dataset kuairand needs the data: pass --dataset <the folder written by `dv365 import kuairand ... "
+            "--out <folder>`> instead (docs/experiments.md)"
         )
     from dv365.experiments.upstream import UpstreamSettings, prepare_dataset
 

@@ -46,6 +46,10 @@ class DataConfig:
         group_by_user: 0 (default): each epoch is a plain permutation of the requests. ``G > 0``: a user's
             time-consecutive requests stay together in groups of up to ``G`` rows (the groups are shuffled),
             so a batch holds several rows per user (more to deduplicate when their slices coincide).
+        max_requests_per_user: 0 (default): every request. ``N > 0``: at most ``N`` requests of each user, drawn
+            uniformly at random (seeded by ``sample_seed``, the same draw every run), before the splits: bounds
+            the work and memory of impression logs with thousands of requests per user.
+        sample_seed: the seed of that draw.
     """
 
     url: str = ""
@@ -56,6 +60,8 @@ class DataConfig:
     slicer: str = "auto"
     dedup: bool = True
     group_by_user: int = 0
+    max_requests_per_user: int = 0
+    sample_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,9 @@ class TrainConfig:
         _need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
         _need(d.slicer in ("auto", "numpy", "numba"), "data.slicer", d.slicer, "use auto, numpy or numba")
         _need(d.group_by_user >= 0, "data.group_by_user", d.group_by_user, "must be >= 0 (0: off)")
+        _need(
+            d.max_requests_per_user >= 0, "data.max_requests_per_user", d.max_requests_per_user, "must be >= 0 (0: all)"
+        )
         _need(
             r.sharding in ("table_wise", "row_wise", "data_parallel"),
             "run.sharding",

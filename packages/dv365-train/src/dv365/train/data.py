@@ -261,6 +261,21 @@ def head_bias_from_labels(labels: np.ndarray, tasks: Sequence[TaskSpec]) -> list
     return out
 
 
+def sample_per_user(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """At most ``n`` rows of each ``user_id``, drawn uniformly at random with ``seed``; rows keep their order.
+
+    Example::
+
+        sample_per_user(requests, 2, 0)     # every user's requests, at most 2 of each
+    """
+    users = table.column("user_id").to_numpy()
+    order = np.lexsort((np.random.default_rng(seed).random(len(users)), users))  # by user, random within
+    sorted_users = users[order]
+    first = np.r_[0, np.flatnonzero(sorted_users[1:] != sorted_users[:-1]) + 1]
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    return table.take(np.sort(order[rank < n]))
+
+
 class ExampleSource:
     """The examples of a run: a dataset's requests joined with its users' timelines.
 
@@ -286,6 +301,8 @@ class ExampleSource:
         table = self.dataset.requests()
         if table.num_rows == 0:
             raise DatasetError(f"{cfg.url}: the dataset has no requests (training examples)")
+        if cfg.max_requests_per_user > 0:
+            table = sample_per_user(table, cfg.max_requests_per_user, cfg.sample_seed)
         self.tasks = tuple(tasks) or infer_tasks(table)
         self.requests = Requests.from_arrow(table, self.tasks, self.dataset.vocab)
         R = len(self.requests)

@@ -128,6 +128,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="source tag stored in the dataset (default: derived from the input names)",
     )
     p.add_argument(
+        "--simulated",
+        action="store_true",
+        help="the input was written by a simulator: mark the dataset SIMULATED (every report on it says so)",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace a dv365 dataset already at --out (never deletes other files)"
     )
 
@@ -276,6 +281,7 @@ def _run_movielens(args: argparse.Namespace) -> int:
             num_buckets=args.buckets,
             policy=_policy(args),
             source=args.source,
+            simulated=args.simulated,
         )
     )
 
@@ -300,6 +306,7 @@ def _run_kuairand(args: argparse.Namespace) -> int:
             num_buckets=args.buckets,
             policy=_policy(args),
             source=args.source,
+            simulated=args.simulated,
         )
     )
 
@@ -332,5 +339,6 @@ def _run_generic(args: argparse.Namespace) -> int:
         num_buckets=args.buckets,
         policy=_policy(args),
         source=args.source,
+        simulated=args.simulated,
     )
     return _finish(summary)

@@ -201,13 +201,15 @@ def write_parts(
     extra: Mapping[str, Any],
     num_buckets: int,
     policy: ValidationPolicy,
+    simulated: bool = False,
 ) -> dict[str, Any]:
-    """Feeds ``(kind, table, origin)`` parts to a :class:`DatasetWriter` (real data: ``simulated=False``).
+    """Feeds ``(kind, table, origin)`` parts to a :class:`DatasetWriter`; ``simulated`` marks a dataset that a
+    simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
 
     Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
     """
     w = DatasetWriter(
-        str(out_url), num_buckets=num_buckets, source=source, simulated=False, policy=policy, extra=dict(extra)
+        str(out_url), num_buckets=num_buckets, source=source, simulated=simulated, policy=policy, extra=dict(extra)
     )
     for kind, table, origin in parts:
         w.add(

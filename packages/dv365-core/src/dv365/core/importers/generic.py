@@ -300,6 +300,7 @@ def import_generic(
     num_buckets: int = 16,
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
+    simulated: bool = False,
 ) -> GenericSummary:
     """Imports one CSV/TSV/Parquet file of events of one kind, columns mapped to UniTi fields.
 
@@ -316,6 +317,7 @@ def import_generic(
         num_buckets: user hash buckets of the dataset.
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"generic:<file name>"``).
+        simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
 
     Example::
 
@@ -343,7 +345,9 @@ def import_generic(
         "time_unit": time_unit,
         "duration_unit": duration_unit,
     }
-    base = write_parts(out_url, parts(), source=src, extra=extra, num_buckets=num_buckets, policy=policy)
+    base = write_parts(
+        out_url, parts(), source=src, extra=extra, num_buckets=num_buckets, policy=policy, simulated=simulated
+    )
     return GenericSummary(**base, rows=counts["rows"])
 
 

@@ -202,6 +202,7 @@ def import_kuairand(
     num_buckets: int = 16,
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
+    simulated: bool = False,
 ) -> KuaiRandSummary:
     """Imports KuaiRand log CSVs into one UniTi dataset (implicit + explicit events, requests).
 
@@ -214,6 +215,7 @@ def import_kuairand(
         num_buckets: user hash buckets of the dataset.
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"kuairand:<file names>"``).
+        simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
 
     Raises:
         DatasetError: a missing file, a missing log column (named, with the file), an unparsable value.
@@ -263,6 +265,7 @@ def import_kuairand(
         extra=extra,
         num_buckets=num_buckets,
         policy=policy,
+        simulated=simulated,
     )
     return KuaiRandSummary(
         **base,

@@ -351,6 +351,7 @@ def import_movielens(
     num_buckets: int = 16,
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
+    simulated: bool = False,
 ) -> MovieLensSummary:
     """Imports a MovieLens folder into a UniTi dataset (explicit events + rating requests).
 
@@ -362,6 +363,7 @@ def import_movielens(
         num_buckets: user hash buckets of the dataset.
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"movielens:<folder name>"``).
+        simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
 
     Returns:
         A :class:`MovieLensSummary`; on ml-latest-small: 610 users, 100,836 ratings, 3,683 tags.
@@ -408,7 +410,9 @@ def import_movielens(
         "topic_ids": "index into extra.genres",
         "labels": LABELS,
     }
-    base = write_parts(out_url, parts(), source=tag, extra=extra, num_buckets=num_buckets, policy=policy)
+    base = write_parts(
+        out_url, parts(), source=tag, extra=extra, num_buckets=num_buckets, policy=policy, simulated=simulated
+    )
     return MovieLensSummary(
         **base,
         layout=layout,
