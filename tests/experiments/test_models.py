@@ -108,3 +108,16 @@ def test_no_projection_interact_needs_equal_dims() -> None:
     _ranker("no_projection", RowFormat(dim=32, rows_per_user=N), raw_tokens="flatten")  # flatten has no such need
     with pytest.raises(ValueError, match="raw_tokens = 'concat'"):
         _ranker("no_projection", RowFormat(dim=E, rows_per_user=N), raw_tokens="concat")
+
+
+def test_dv365_dropout_reads_dropped_examples_as_missing_users_in_training_only() -> None:
+    fmt = RowFormat(dim=E, rows_per_user=N, bits=4)
+    b = _batch(fmt)
+    plain, dropped = _ranker("linear", fmt), _ranker("linear", fmt, dv365_dropout=0.999999)
+    dropped.load_state_dict(plain.state_dict())
+    missing = dict(b, present=torch.zeros_like(b["present"]))
+    plain.train(), dropped.train()
+    torch.manual_seed(1)
+    assert torch.allclose(dropped(b), plain(missing))  # every example dropped: as if no user had DV365
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped(b), plain(b))  # evaluation reads every embedding

@@ -68,6 +68,7 @@ def ranker_config(ctx: Context, mode: str) -> DownstreamConfig:
         proj_tokens=d.proj_tokens,
         raw_tokens=d.no_projection,
         standardize=d.standardize_dv365,
+        dv365_dropout=d.dv365_dropout,
         over_arch=tuple(d.over_arch),
     )
 

@@ -50,6 +50,8 @@ class DownstreamConfig:
             ``flatten`` (the N·D values concatenated after the interaction, into the over-arch).
         standardize: standardise the DV365 tokens (``DV365InputConfig.standardize``; the statistics are set
             with ``model.dv_input.fit_standardization`` before training).
+        dv365_dropout: in training, the share of examples whose DV365 input is dropped (read as a missing user:
+            the learned default), so the model cannot lean on a per-user vector as on a user id.
         over_arch: ranker over-arch / two-tower user MLP hidden sizes.
         out_dim: two-tower embedding dim.
     """
@@ -63,6 +65,7 @@ class DownstreamConfig:
     proj_tokens: int = 4
     raw_tokens: str = "interact"
     standardize: bool = False
+    dv365_dropout: float = 0.0
     over_arch: tuple[int, ...] = (64, 32)
     out_dim: int = 32
 
@@ -129,6 +132,15 @@ def _dv365_input(cfg: DownstreamConfig) -> DV365Input:
     return DV365Input(DV365InputConfig(row_format=cfg.row_format, standardize=cfg.standardize))
 
 
+def _dv365_features(model: nn.Module, b: dict[str, torch.Tensor]) -> Any:
+    """The batch's DV365 features; in training, ``cfg.dv365_dropout`` of the examples read as missing users."""
+    present = b["present"]
+    p = model.cfg.dv365_dropout
+    if model.training and p > 0:
+        present = present & (torch.rand(present.shape, device=present.device) >= p)
+    return model.dv_input(b["payload"], present, b["age_s"])
+
+
 def _mlp(widths: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(widths[:-1], widths[1:]):
@@ -188,7 +200,7 @@ class DownstreamRanker(nn.Module):
         dense_in = b["dense"]
         dv = None
         if self.dv_input is not None:
-            dv = self.dv_input(b["payload"], b["present"], b["age_s"])
+            dv = _dv365_features(self, b)
             dense_in = torch.cat([dense_in, dv.side], dim=1)
         dense = self.dense(dense_in)  # [B, E]
         target = item[:, 0] + item[:, 1] + item[:, 2] + self.target_marker  # [B, E]
@@ -256,7 +268,7 @@ class TwoTower(nn.Module):
         dense_in = b["dense"]
         fields = []
         if self.dv_input is not None:
-            dv = self.dv_input(b["payload"], b["present"], b["age_s"])
+            dv = _dv365_features(self, b)
             dense_in = torch.cat([dense_in, dv.side], dim=1)
         h = self.history.encode(self.history.tokens(b), b["h_valid"], b["h_ts"], None, None)  # [B, E]
         fields = [h[:, None], self.dense(dense_in)[:, None]]

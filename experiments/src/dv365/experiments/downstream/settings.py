@@ -67,6 +67,8 @@ class DownstreamSettings:
         standardize_dv365: standardise the de-quantized DV365 tokens per (row, dim) with statistics of the
             training requests' embeddings (dv365-adapters ``DV365InputConfig(standardize=True)``; ranker,
             staleness and two-tower models).
+        dv365_dropout: in training, the share of examples whose DV365 input is read as a missing user's
+            (dropout of the whole embedding; a regulariser chosen on validation).
         lr / batch_size / steps / val_every / eval_batch_size: Adam training with early stopping on the
             validation split (mean normalised loss over every task).
     """
@@ -80,6 +82,7 @@ class DownstreamSettings:
     proj_tokens: int = 4
     no_projection: str = "interact"
     standardize_dv365: bool = False
+    dv365_dropout: float = 0.0
     lr: float = 0.002
     batch_size: int = 128
     steps: int = 200
@@ -171,6 +174,8 @@ class Settings:
         s = self.split
         if not (0 < s.upstream and 0 < s.val and 0 < s.test and s.upstream + s.val + s.test < 1):
             raise ExperimentError(f"split = {s}: fractions must be positive and sum to < 1")
+        if not 0.0 <= self.downstream.dv365_dropout < 1.0:
+            raise ExperimentError(f"downstream.dv365_dropout = {self.downstream.dv365_dropout}: must be in [0, 1)")
         if s.windows < 2:
             raise ExperimentError(f"split.windows = {s.windows}: must be >= 2")
         if self.seeds < 1:

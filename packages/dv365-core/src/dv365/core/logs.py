@@ -24,3 +24,4 @@ def log_to(stream: IO[str], prefix: str = "", level: int = logging.INFO) -> None
     handler.dv365_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    root.propagate = False  # printed once, here (not again by a handler on the root logger)
