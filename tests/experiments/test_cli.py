@@ -244,3 +244,24 @@ def test_all_from_reports_rebuilds_the_summary(run_all: tuple[dict, Path], tmp_p
     (copy / "staleness-synth-quick.json").unlink()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "staleness-synth-quick.json: no staleness report for synth" in p.stderr
+
+
+def test_diagnose_runs_controls_and_candidates(tmp_path: Path) -> None:
+    """`dv365 eval diagnose`: the control, linear, the two content controls and the candidate fixes, each a
+    row of the report; the choice is one of linear / the candidates; the JSON line carries the verdicts."""
+    cmd = [sys.executable, "-m", "dv365.core.cli", "eval", "diagnose", "--dataset", "synth", "--quick"]
+    cmd += ["--seeds", "2", "--out", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d"), "--no-progress"]
+    for s in TINY + ["diagnose.candidates=[{dv365_dropout: 0.5}]", "diagnose.train_sample=200"]:
+        cmd += ["--set", s]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])["diagnose"]
+    assert set(last["delta_val_ret_pct"]) == {
+        "linear",
+        "linear shuffled",
+        "linear constant",
+        "linear dv365_dropout=0.5",
+    }
+    assert last["verdicts"]["chosen"] in ("linear", "linear dv365_dropout=0.5")
+    text = (tmp_path / "r" / "diagnose-synth-quick.md").read_text()
+    assert "| linear shuffled |" in text and "Chosen on validation" in text and "SIMULATED" in text

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 EXPERIMENTS: dict[str, str] = {
     "upstream": "dv365.experiments.cli:register_upstream",
     "ranking": "dv365.experiments.downstream.cli:register_ranking",
+    "diagnose": "dv365.experiments.downstream.cli:register_diagnose",
     "retrieval": "dv365.experiments.downstream.cli:register_retrieval",
     "staleness": "dv365.experiments.downstream.cli:register_staleness",
     "encoders": "dv365.experiments.downstream.cli:register_encoders",

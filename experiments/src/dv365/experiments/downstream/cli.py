@@ -33,6 +33,9 @@ DESCRIPTIONS = {
     "between embedding versions one window apart.",
     "encoders": "Paper App. C: mean pooling vs learned position-weighted pooling vs HSTU over the same slice at "
     "history caps up to the longest history; NE and measured cost per user (time, memory) vs length.",
+    "diagnose": "Why DV365 changes the ranker on returning users: the control and linear rankers, content "
+    "controls (another user's rows, one user's rows for all) and candidate fixes chosen on validation; training "
+    "vs validation loss on returning requests.",
     "all": "Every experiment on every data set (--datasets, default movielens,synth); one report per experiment "
     "and data set, plus <out>/all[-quick].md and one JSON summary line.",
 }
@@ -90,6 +93,7 @@ def _register(name: str) -> Callable[[Any], None]:
 
 
 register_ranking = _register("ranking")
+register_diagnose = _register("diagnose")
 register_retrieval = _register("retrieval")
 register_staleness = _register("staleness")
 register_encoders = _register("encoders")

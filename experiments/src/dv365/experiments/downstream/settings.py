@@ -19,7 +19,7 @@ from dv365.train.fsa import TowerConfig
 NO_PROJECTION_MODES = ("interact", "flatten")  # how the no_projection ranker uses the raw rows
 CONFIG_PACKAGE, CONFIG_FOLDER = "dv365.experiments", "configs/downstream"
 DATASETS = ("movielens", "synth", "kuairand")
-EXPERIMENTS = ("ranking", "retrieval", "staleness", "encoders")
+EXPERIMENTS = ("ranking", "retrieval", "staleness", "encoders", "diagnose")
 
 
 class ExperimentError(Dv365Error, ValueError):
@@ -96,6 +96,28 @@ class RankingSettings:
 
 
 @dataclass(frozen=True)
+class DiagnoseSettings:
+    """``dv365 eval diagnose`` (:mod:`~dv365.experiments.downstream.diagnose`).
+
+    Args:
+        controls: DV365 content controls: ``shuffled`` (another present user's rows), ``constant`` (one
+            user's rows for everyone).
+        candidates: candidate fixes, each a mapping of ``downstream`` overrides for the ``linear`` ranker;
+            the one with the lowest validation loss on returning requests is chosen.
+        train_sample: training-split returning requests on which the training loss is measured.
+    """
+
+    controls: tuple[str, ...] = ("shuffled", "constant")
+    candidates: tuple[Mapping[str, Any], ...] = (
+        {"dv365_dropout": 0.25},
+        {"dv365_dropout": 0.5},
+        {"standardize_dv365": True},
+        {"proj_tokens": 1},
+    )
+    train_sample: int = 5000
+
+
+@dataclass(frozen=True)
 class RetrievalSettings:
     """Two-tower retrieval (Table 4): ``tasks`` = labels whose positives are retrieval targets (plus
     ``next_item``: every request's item, the HSTU paper's next-item protocol), in-batch + sampled softmax."""
@@ -166,6 +188,7 @@ class Settings:
     upstream: Mapping[str, Any] = field(default_factory=dict)
     downstream: DownstreamSettings = DownstreamSettings()
     ranking: RankingSettings = RankingSettings()
+    diagnose: DiagnoseSettings = DiagnoseSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     staleness: StalenessSettings = StalenessSettings()
     encoders: EncoderSettings = EncoderSettings()
@@ -183,6 +206,13 @@ class Settings:
         bad = [v for v in self.ranking.variants if v not in ("no_projection", "linear", "hstu_prefix")]
         if bad:
             raise ExperimentError(f"ranking.variants {bad}: use no_projection, linear, hstu_prefix")
+        bad = [c for c in self.diagnose.controls if c not in ("shuffled", "constant")]
+        if bad:
+            raise ExperimentError(f"diagnose.controls {bad}: use shuffled, constant")
+        known = set(DownstreamSettings.__dataclass_fields__)
+        bad = sorted({k for cand in self.diagnose.candidates for k in cand} - known)
+        if bad:
+            raise ExperimentError(f"diagnose.candidates: unknown downstream keys {bad}; known: {sorted(known)}")
         bad = [v for v in self.retrieval.variants if v not in ("linear", "gatenet")]
         if bad:
             raise ExperimentError(f"retrieval.variants {bad}: use linear, gatenet")
