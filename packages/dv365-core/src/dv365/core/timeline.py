@@ -4,13 +4,15 @@ The Arrow schemas of the three table kinds are defined in :mod:`dv365.core.schem
 
 On disk a UniTi dataset is a directory (any fsspec URL: a local path, ``memory://``, ``s3://``...)::
 
-    <root>/_dataset.json                      # format, vocabulary, labels (simulated?), stats
+    <root>/_dataset.json                      # format, vocabulary, labels (simulated?), stats, committed parts
     <root>/explicit/bucket=00007/part-*.parquet  # explicit events of the users hashed to bucket 7
     <root>/implicit/bucket=00007/part-*.parquet
     <root>/requests/bucket=00007/part-*.parquet  # optional: training requests with label_* columns
 
 Users are hash-partitioned into buckets so one user's events live in one bucket; inside a part file
-rows are sorted by (user_id, ts). ``_dataset.json`` is written last: a dataset without it is incomplete.
+rows are sorted by (user_id, ts). ``_dataset.json`` is written last (atomically): a dataset without it is
+incomplete. It lists the part files it commits (``parts``); a reader reads exactly those, so the parts of an
+append that failed or was killed stay invisible (datasets written before the list existed are globbed).
 
 In memory, :class:`EventTable` holds one kind of event for many users in CSR form (``offsets``),
 categoricals as int16 codes of a :class:`~dv365.core.vocab.Vocabulary`. :class:`Timelines` pairs the
@@ -50,8 +52,16 @@ FORMAT_VERSION = 1
 EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
 
 
+def check_num_buckets(num_buckets: Any, where: str) -> int:
+    """``num_buckets`` if it is an integer >= 1; else :class:`DatasetError` naming ``where`` and the value."""
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
+        raise DatasetError(f"{where}: num_buckets must be an integer >= 1, got {num_buckets!r}")
+    return int(num_buckets)
+
+
 def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
     """Bucket of each user id: a 64-bit mix (splitmix64 finaliser) modulo ``num_buckets``."""
+    check_num_buckets(num_buckets, "user_bucket")
     x = np.asarray(user_ids, dtype=np.uint64).copy()
     with np.errstate(over="ignore"):
         x ^= x >> np.uint64(30)
@@ -277,10 +287,13 @@ class DatasetMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = FORMAT_VERSION
+    parts: list[str] | None = None  # committed part files, relative to the root; None: glob (older datasets)
 
     def to_json(self) -> str:
+        parts = {} if self.parts is None else {"parts": sorted(self.parts)}
         return json.dumps(
             {
+                **parts,
                 "format": self.format,
                 "version": self.version,
                 "num_buckets": self.num_buckets,
@@ -309,8 +322,14 @@ class DatasetMeta:
             raise DatasetError(
                 f"{where}: dataset format version {d['version']} is newer than this dv365 ({FORMAT_VERSION})"
             )
+        parts = d.get("parts")
+        if parts is not None and not (isinstance(parts, list) and all(isinstance(p, str) for p in parts)):
+            raise DatasetError(f"{where}: _dataset.json 'parts' must be a list of part file paths")
+        if "num_buckets" in d:
+            check_num_buckets(d["num_buckets"], f"{where}: _dataset.json")
         try:
             return cls(
+                parts=parts,
                 num_buckets=int(d["num_buckets"]),
                 vocab=Vocabulary.from_dict(d["vocab"]),
                 source=d.get("source", ""),
@@ -361,6 +380,10 @@ class DatasetWriter:
     ) -> None:
         if run_id is not None and not (run_id and all(c.isalnum() or c in "_." for c in run_id)):
             raise ValueError(f"run_id must be letters, digits, '_' or '.', got {run_id!r}")
+        if mode not in ("create", "overwrite", "append"):
+            raise ValueError(f"mode must be 'create', 'overwrite' or 'append', got {mode!r}")
+        if mode != "append":
+            check_num_buckets(num_buckets, url)  # before anything is removed
         self.url = url
         self.fs, self.root = url_to_fs(url)
         meta_path = posixpath.join(self.root, "_dataset.json")
@@ -368,7 +391,15 @@ class DatasetWriter:
             if not self.fs.exists(meta_path):
                 raise DatasetError(f"{url}: cannot append, no complete dataset here (no _dataset.json)")
             self.meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
-        elif mode in ("create", "overwrite"):
+            if self.meta.parts is None:  # an older dataset: what is there now is what it committed
+                reader = TimelineDataset(url, _meta=self.meta)
+                self.meta.parts = [
+                    posixpath.relpath(p, self.root)
+                    for k in ("explicit", "implicit", "requests")
+                    for b in range(self.meta.num_buckets)
+                    for p in reader.part_files(k, b)
+                ]
+        else:
             if self.fs.exists(meta_path):
                 if mode == "create":
                     raise DatasetError(
@@ -383,9 +414,8 @@ class DatasetWriter:
                 source=source,
                 simulated=simulated,
                 extra=dict(extra or {}),
+                parts=[],
             )
-        else:
-            raise ValueError(f"mode must be 'create', 'overwrite' or 'append', got {mode!r}")
         self._append = mode == "append"
         self.policy = policy
         self.flush_rows = flush_rows
@@ -394,6 +424,7 @@ class DatasetWriter:
         self._buf_rows = 0
         self._run = run_id or uuid.uuid4().hex[:8]
         self._part = 0
+        self._written: list[str] = []  # part files of this writer, relative to the root
         self._closed = False
 
     def _remove_leftovers(self, url: str) -> None:
@@ -459,15 +490,18 @@ class DatasetWriter:
             path = posixpath.join(d, f"part-{self._run}-{self._part:05d}.parquet")
             with open_atomic(self.fs, path) as f:
                 pq.write_table(t, f, compression="zstd", row_group_size=256_000)
+            self._written.append(posixpath.relpath(path, self.root))
         self._part += 1
         self._buf.clear()
         self._buf_rows = 0
 
     def close(self) -> DatasetMeta:
-        """Flushes, checks timeline lengths, writes ``_dataset.json`` (the dataset becomes complete)."""
+        """Flushes, checks timeline lengths, writes ``_dataset.json`` atomically, listing the committed part
+        files (the dataset, or the append, becomes visible)."""
         if self._closed:
             return self.meta
         self.flush()
+        self.meta.parts = sorted(set(self.meta.parts or []) | set(self._written))
         ds = TimelineDataset(self.url, _meta=self.meta)
         lengths = ds.compute_stats()
         check_timeline_lengths(lengths.keys(), lengths.values(), self.policy)
@@ -481,7 +515,7 @@ class DatasetWriter:
             runs = [r for r in self.meta.extra.get("appends", []) if r != self._run]
             self.meta.extra["appends"] = runs + [self._run]
         self.fs.makedirs(self.root, exist_ok=True)
-        with self.fs.open(posixpath.join(self.root, "_dataset.json"), "w") as f:
+        with open_atomic(self.fs, posixpath.join(self.root, "_dataset.json"), "w") as f:
             f.write(self.meta.to_json())
         self._closed = True
         return self.meta
@@ -532,10 +566,19 @@ class TimelineDataset:
             _meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
         self.meta = _meta
         self.vocab = _meta.vocab
+        self._parts_by_dir: dict[str, list[str]] | None = None
 
     # --- raw tables ----------------------------------------------------------------------------------
     def part_files(self, kind: str, bucket: int) -> list[str]:
-        """The Parquet part files of one kind (``explicit``/``implicit``/``requests``) and bucket, sorted."""
+        """The committed Parquet part files of one kind (``explicit``/``implicit``/``requests``) and bucket,
+        sorted: those ``_dataset.json`` lists (other files in the folder are not part of the dataset), or,
+        for a dataset written before the list existed, every part file there."""
+        if self.meta.parts is not None:
+            if self._parts_by_dir is None:
+                self._parts_by_dir = {}
+                for p in sorted(self.meta.parts):
+                    self._parts_by_dir.setdefault(posixpath.dirname(p), []).append(posixpath.join(self.root, p))
+            return list(self._parts_by_dir.get(f"{kind}/bucket={bucket:05d}", []))
         d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
         if not self.fs.exists(d):
             return []

@@ -101,6 +101,17 @@ def _usage(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     return show
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
@@ -110,7 +121,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--buckets",
-        type=int,
+        type=_positive_int,
         default=16,
         metavar="N",
         help="number of user hash buckets (Parquet partitions) of the dataset (default: 16)",
