@@ -46,8 +46,9 @@ time_ms // 1000, dwell_time = play_time_ms / 1000, video_duration = duration_ms 
 surface from tab), one explicit event per positive flag (is_like -> like, is_follow -> follow, is_comment
 -> comment, is_forward -> forward, is_hate -> hate, long_view -> long_view, is_profile_enter ->
 profile_enter) and one request labelled label_click, label_like, label_follow, label_comment,
-label_forward, label_hate, label_long_view, label_watch_time (seconds). Videos missing from the catalog
-are kept (no author, no topics) and counted. Logs are streamed: multi-GB files are fine.
+label_forward, label_hate, label_long_view, label_profile_enter, label_watch_time (seconds). Videos
+missing from the catalog are kept (no author, no topics) and counted. Logs are streamed: multi-GB files
+are fine.
 Default tab -> surface: 0 feed, 1 reels, 2 explore, 3 profile, 4 search, 5 stories, other tabs 'other'
 (a convention: KuaiRand does not name its tabs); change it with --tab-map.
 """

@@ -66,6 +66,7 @@ LABELS: dict[str, str] = {
     "label_forward": "is_forward",
     "label_hate": "is_hate",
     "label_long_view": "long_view",
+    "label_profile_enter": "is_profile_enter",
     "label_watch_time": "play_time_ms",
 }
 VIDEO_TYPES: dict[str, str] = {"NORMAL": "video", "AD": "ad"}
