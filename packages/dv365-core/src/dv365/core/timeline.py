@@ -25,7 +25,7 @@ import json
 import posixpath
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from dv365.core.validation import (
     ValidationPolicy,
     ValidationReport,
     check_timeline_lengths,
+    validate_rows,
     validate_table,
 )
 from dv365.core.vocab import Vocabulary
@@ -425,6 +426,7 @@ class DatasetWriter:
         self._run = run_id or uuid.uuid4().hex[:8]
         self._part = 0
         self._written: list[str] = []  # part files of this writer, relative to the root
+        self._kept_events = np.zeros(0, dtype=bool)  # rows kept by the last validation of a requests_of table
         self._closed = False
 
     def _remove_leftovers(self, url: str) -> None:
@@ -455,31 +457,72 @@ class DatasetWriter:
         implicit: pa.Table | None = None,
         requests: pa.Table | None = None,
         *,
-        source: str | None = None,
+        source: str | Mapping[str, str] | None = None,
+        requests_of: str | None = None,
+        policy: ValidationPolicy | None = None,
     ) -> None:
-        """Validates and buffers tables of events (any order, any users)."""
-        for kind, t in (("explicit", explicit), ("implicit", implicit), ("requests", requests)):
+        """Validates and buffers tables of events (any order, any users).
+
+        Args:
+            explicit, implicit, requests: the tables (any may be ``None``).
+            source: named in validation errors: one name, or one per kind (default: the kind).
+            requests_of: ``"explicit"`` or ``"implicit"``: request row ``i`` was made from row ``i`` of that
+                table (same length), so a record validation drops there takes its request with it (counted in
+                the requests report as ``<kind>_event:dropped``); that table is validated first.
+            policy: this call's validation policy (default: the writer's; its ``on_error`` should match).
+        """
+        policy = policy or self.policy
+        tables = {"explicit": explicit, "implicit": implicit, "requests": requests}
+        order = ["explicit", "implicit", "requests"]
+        if requests_of is not None:
+            if requests_of not in ("explicit", "implicit"):
+                raise ValueError(f"requests_of must be 'explicit' or 'implicit', got {requests_of!r}")
+            ev, rq = tables[requests_of], tables["requests"]
+            if (ev.num_rows if ev is not None else 0) != (rq.num_rows if rq is not None else 0):
+                raise ValueError(f"requests_of={requests_of!r}: the {requests_of} and requests tables differ in length")
+            order = [requests_of] + [k for k in order if k != requests_of]
+        for kind in order:
+            t = tables[kind]
             if t is None or t.num_rows == 0:
                 continue
-            clean = validate_table(
+            if kind == "requests" and requests_of is not None:
+                t = self._drop_orphans(t, requests_of)
+            name = source.get(kind, kind) if isinstance(source, Mapping) else (source or kind)
+            clean, kept = validate_rows(
                 t,
-                kind,
+                kind,  # type: ignore[arg-type]
                 self.meta.vocab,
-                self.policy,
-                source=source or kind,  # type: ignore[arg-type]
+                policy,
+                source=name,
                 report=self.report[kind],
             )
-            buckets = user_bucket(clean.column("user_id").to_numpy(), self.meta.num_buckets)
-            order = np.argsort(buckets, kind="stable")
-            sb = buckets[order]
-            bounds = np.flatnonzero(np.diff(sb)) + 1
-            for part in np.split(order, bounds):
-                if len(part):
-                    key = (kind, int(buckets[part[0]]))
-                    self._buf.setdefault(key, []).append(clean.take(pa.array(part)))
-            self._buf_rows += clean.num_rows
+            if kind == requests_of:
+                self._kept_events = kept
+            self._buffer(kind, clean)
         if self._buf_rows >= self.flush_rows:
             self.flush()
+
+    def _drop_orphans(self, requests: pa.Table, events_kind: str) -> pa.Table:
+        """The requests whose event row was kept by the last validation of ``events_kind`` (the rest counted)."""
+        kept = self._kept_events
+        dropped = int((~kept).sum())
+        if not dropped:
+            return requests
+        self.report["requests"].merge(
+            ValidationReport(records_in=dropped, records_out=0, dropped={f"{events_kind}_event:dropped": dropped})
+        )
+        return requests.filter(pa.array(kept))
+
+    def _buffer(self, kind: str, clean: pa.Table) -> None:
+        buckets = user_bucket(clean.column("user_id").to_numpy(), self.meta.num_buckets)
+        order = np.argsort(buckets, kind="stable")
+        sb = buckets[order]
+        bounds = np.flatnonzero(np.diff(sb)) + 1
+        for part in np.split(order, bounds):
+            if len(part):
+                key = (kind, int(buckets[part[0]]))
+                self._buf.setdefault(key, []).append(clean.take(pa.array(part)))
+        self._buf_rows += clean.num_rows
 
     def flush(self) -> None:
         for (kind, bucket), parts in sorted(self._buf.items()):

@@ -82,6 +82,8 @@ class ValidationPolicy:
         max_duration_s: video durations above this are clamped to it (default 24 h).
         max_topics: topic ids beyond this many per event are dropped (first ones kept).
         max_events: a timeline longer than this is rejected (default 10M; the paper's max is 70K).
+        value_range: ``(lo, hi)``: the explicit ``value`` is required and must lie in ``[lo, hi]`` (a rating
+            scale; missing -> ``missing``, NaN -> ``nan``, outside -> ``out_of_range``). ``None``: optional, any.
     """
 
     on_error: Literal["raise", "drop"] = "raise"
@@ -90,10 +92,15 @@ class ValidationPolicy:
     max_duration_s: float = 24 * 3600.0
     max_topics: int = 16
     max_events: int = 10_000_000
+    value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "drop"):
             raise ValueError(f"ValidationPolicy.on_error must be 'raise' or 'drop', got {self.on_error!r}")
+        if self.value_range is not None and not (
+            len(self.value_range) == 2 and float(self.value_range[0]) <= float(self.value_range[1])
+        ):
+            raise ValueError(f"ValidationPolicy.value_range must be (lo, hi) with lo <= hi, got {self.value_range!r}")
 
 
 @dataclass
@@ -332,6 +339,15 @@ class _Checker:
         self.clamp(f"{name}:null", nan)
         self.out[name] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=nulls | notnum | nan)
 
+    def in_range(self, name: str, lo: float, hi: float) -> None:
+        """A required number in ``[lo, hi]``: missing, NaN and values outside are rejected."""
+        vals_raw, nulls, raw = self.column(name)
+        vals, notnum = _float_column(vals_raw, nulls)
+        self.add(name, nulls, "missing", raw)
+        with np.errstate(invalid="ignore"):
+            self.add(name, np.isnan(vals) & ~nulls & ~notnum, "nan", raw)
+            self.add(name, np.isfinite(vals) & ((vals < lo) | (vals > hi)), "out_of_range", raw)
+
     # --- resolution ---------------------------------------------------------------------------------
     def first_failures(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Mask of bad rows, and for each ``"field:reason"`` the rows whose *first* failure it is."""
@@ -381,6 +397,19 @@ def validate_table(
     source: str | None = None,
     report: ValidationReport | None = None,
 ) -> pa.Table:
+    """:func:`validate_rows` without the mask of kept rows."""
+    return validate_rows(table, kind, vocab, policy, source=source, report=report)[0]
+
+
+def validate_rows(
+    table: pa.Table,
+    kind: Kind,
+    vocab: Vocabulary,
+    policy: ValidationPolicy = ValidationPolicy(),
+    *,
+    source: str | None = None,
+    report: ValidationReport | None = None,
+) -> tuple[pa.Table, np.ndarray]:
     """Checks and canonicalises a table of ``kind`` events; returns it in the UniTi schema.
 
     Columns not in the schema are ignored, except ``label_*`` columns of ``requests`` tables, which are kept
@@ -393,6 +422,10 @@ def validate_table(
         policy: limits and the error mode.
         source: named in error messages (e.g. the input file).
         report: if given, this call's :class:`ValidationReport` is merged into it.
+
+    Returns:
+        The valid records in the UniTi schema, and the mask of the input rows they come from ([n] bool;
+        all true unless drop mode dropped some), so that rows made from the same input can be dropped too.
 
     Raises:
         TimelineError: in ``raise`` mode, for the first bad record; in any mode for a missing required column.
@@ -426,6 +459,8 @@ def validate_table(
         chk.durations("dwell_time", True, policy.max_dwell_s)
     if kind == "explicit":
         chk.floats("value")
+        if policy.value_range is not None:
+            chk.in_range("value", float(policy.value_range[0]), float(policy.value_range[1]))
     for name in labels:
         chk.floats(name)
 
@@ -438,7 +473,7 @@ def validate_table(
         result = result.filter(pa.array(~bad))
     if report is not None:
         report.merge(chk.report(bad, firsts))
-    return result
+    return result, ~bad
 
 
 def _topics(col: pa.Array | None, chk: _Checker, max_topics: int) -> pa.Array:

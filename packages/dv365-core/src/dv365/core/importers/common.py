@@ -12,7 +12,7 @@ import io
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 import numpy as np
@@ -27,6 +27,24 @@ from dv365.core.validation import ValidationPolicy
 
 # One table for the writer: (kind, table, name of its origin for error messages, e.g. "ratings.csv").
 Part = tuple[str, pa.Table, str]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Tables made from the same input rows, added in one :meth:`DatasetWriter.add` call.
+
+    Args:
+        tables: ``{kind: table}``.
+        origins: ``{kind: name for error messages}``.
+        requests_of: request row ``i`` was made from row ``i`` of this kind's table: a record that validation
+            drops there takes its request with it (never a request without its event).
+        value_range: the explicit ``value`` must lie in it (see :class:`ValidationPolicy`), e.g. a rating scale.
+    """
+
+    tables: Mapping[str, pa.Table]
+    origins: Mapping[str, str]
+    requests_of: str | None = None
+    value_range: tuple[float, float] | None = None
 
 
 class MappingError(Dv365Error, ValueError):
@@ -195,7 +213,7 @@ def gather_topics(catalog: Catalog, rows: np.ndarray) -> pa.ListArray:
 
 def write_parts(
     out_url: str | os.PathLike[str],
-    parts: Iterable[Part],
+    parts: Iterable[Part | Block],
     *,
     source: str,
     extra: Mapping[str, Any],
@@ -203,7 +221,7 @@ def write_parts(
     policy: ValidationPolicy,
     simulated: bool = False,
 ) -> dict[str, Any]:
-    """Feeds ``(kind, table, origin)`` parts to a :class:`DatasetWriter`; ``simulated`` marks a dataset that a
+    """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`; ``simulated`` marks a dataset that a
     simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
 
     Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
@@ -211,13 +229,13 @@ def write_parts(
     w = DatasetWriter(
         str(out_url), num_buckets=num_buckets, source=source, simulated=simulated, policy=policy, extra=dict(extra)
     )
-    for kind, table, origin in parts:
-        w.add(
-            explicit=table if kind == "explicit" else None,
-            implicit=table if kind == "implicit" else None,
-            requests=table if kind == "requests" else None,
-            source=origin,
-        )
+    for item in parts:
+        if isinstance(item, Block):
+            block_policy = policy if item.value_range is None else replace(policy, value_range=item.value_range)
+            w.add(**item.tables, source=item.origins, requests_of=item.requests_of, policy=block_policy)
+            continue
+        kind, table, origin = item
+        w.add(**{kind: table}, source=origin)
     stats = w.close().stats
     return {
         "source": source,

@@ -28,6 +28,7 @@ import pyarrow as pa
 from dv365.core.catalog import Catalog
 from dv365.core.errors import DatasetError
 from dv365.core.importers.common import (
+    Block,
     ImportSummary,
     Part,
     block_origin,
@@ -104,6 +105,7 @@ LABELS: dict[str, str] = {
     "label_rate_5": "1.0 if rating == 5",
     "label_rate_le2": "1.0 if rating <= 2",
 }
+RATING_SCALE: tuple[float, float] = (0.5, 5.0)  # every MovieLens layout rates on (a part of) this scale
 _RATING_COLUMNS = ("user_id", "media_id", "rating", "ts")
 _RATING_TYPES = {"user_id": pa.int64(), "media_id": pa.int64(), "rating": pa.float64(), "ts": pa.int64()}
 
@@ -306,13 +308,16 @@ def _media_columns(t: pa.Table, movies: Catalog, unknown: set[int]) -> dict[str,
     }
 
 
-def _rating_parts(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) -> list[Part]:
-    """One block of ratings -> explicit events (rating bands) and requests (rating labels)."""
+def _rating_block(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) -> Block:
+    """One block of ratings -> explicit events (rating bands) and their requests (rating labels).
+
+    The rating must lie on :data:`RATING_SCALE` (validated as the event's ``value``; missing, NaN or outside
+    is rejected naming it); a rating event that validation drops takes its request with it."""
     rating = t.column("rating").combine_chunks().cast(pa.float64())
     r = rating.fill_null(np.nan).to_numpy(zero_copy_only=False)
     missing = np.isnan(r)
+    # a missing rating gets a band too: its record is rejected for its value, not for a missing action
     action = np.where(r >= 4, "rate_high", np.where(r <= 2, "rate_low", "rate_mid")).astype(object)
-    action[missing] = None
 
     def label(x: np.ndarray) -> pa.Array:
         return pa.array(x.astype(np.float32), pa.float32(), mask=missing)
@@ -329,7 +334,12 @@ def _rating_parts(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) ->
             "label_rate_le2": label(r <= 2),
         }
     )
-    return [("explicit", explicit, name), ("requests", requests, name)]
+    return Block(
+        {"explicit": explicit, "requests": requests},
+        {"explicit": name, "requests": f"{name} (requests)"},
+        requests_of="explicit",
+        value_range=RATING_SCALE,
+    )
 
 
 def _tag_part(t: pa.Table, origin: str, movies: Catalog, unknown: set[int]) -> Part:
@@ -391,10 +401,10 @@ def import_movielens(
     counts = {"ratings": 0, "tags": 0}
     unknown: set[int] = set()
 
-    def parts() -> Iterator[Part]:
+    def parts() -> Iterator[Part | Block]:
         for t, name in _ratings(src, layout):
             counts["ratings"] += t.num_rows
-            yield from _rating_parts(t, name, movies, unknown)
+            yield _rating_block(t, name, movies, unknown)
         logger.info(f"{join_url(src, LAYOUT_FILES[layout][0])}: {counts['ratings']:,} ratings")
         for t, origin in _tags(src, layout):
             counts["tags"] += t.num_rows
