@@ -381,6 +381,8 @@ def import_generic(
         for batch in iter_table_file(str(path), cm.source_columns):
             yield kind, cm.to_uniti(batch), block_origin(name, counts["rows"])
             counts["rows"] += batch.num_rows
+        if not counts["rows"]:
+            raise DatasetError(f"{path}: no rows")
         logger.info(f"{path}: {counts['rows']:,} rows of {kind} events")
 
     extra = {

@@ -194,7 +194,10 @@ def _movie_catalog(movies: list[tuple[int, list[str]]], genres: GenreIds) -> Cat
 # ------------------------------------------------------------------------------------------------------
 def _latin1_lines(url: str) -> list[tuple[int, str]]:
     text = read_bytes(url).decode("latin-1")
-    return [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DatasetError(f"{url}: no rows (the file is empty)")
+    return lines
 
 
 def _movies_latest(src: str) -> list[tuple[int, list[str]]]:
@@ -282,7 +285,7 @@ def _tags(src: str, layout: str) -> Iterator[tuple[pa.Table, str]]:
         return
     cols = ["userId", "movieId", "timestamp"]
     start = 0
-    for t in iter_csv(url, cols, column_types={c: pa.int64() for c in cols}):
+    for t in iter_csv(url, cols, column_types={c: pa.int64() for c in cols}, allow_empty=True):  # optional file
         yield t.rename_columns(["user_id", "media_id", "ts"]), block_origin("tags.csv", start)
         start += t.num_rows
 
