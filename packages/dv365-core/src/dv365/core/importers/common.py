@@ -25,7 +25,7 @@ from dv365.core.catalog import Catalog
 from dv365.core.errors import DatasetError, Dv365Error
 from dv365.core.fsio import url_to_fs
 from dv365.core.timeline import DatasetWriter
-from dv365.core.validation import ValidationPolicy
+from dv365.core.validation import ValidationPolicy, plausible_ts_range
 
 # One table for the writer: (kind, table, name of its origin for error messages, e.g. "ratings.csv").
 Part = tuple[str, pa.Table, str]
@@ -287,11 +287,14 @@ def write_parts(
     policy: ValidationPolicy,
     simulated: bool = False,
 ) -> dict[str, Any]:
-    """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`; ``simulated`` marks a dataset that a
+    """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`, with the policy's
+    ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set; ``simulated`` marks a dataset that a
     simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
 
     Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
     """
+    if policy.ts_range is None:
+        policy = replace(policy, ts_range=plausible_ts_range())
     w = DatasetWriter(
         str(out_url), num_buckets=num_buckets, source=source, simulated=simulated, policy=policy, extra=dict(extra)
     )

@@ -408,7 +408,7 @@ def import_generic(
             user_id=e.user_id,
             record=e.record,
             source=e.source,
-            detail=f"source column {cm.columns[e.field]!r}",
+            detail="; ".join(filter(None, [e.detail, f"source column {cm.columns[e.field]!r}"])),
         ) from None
     return GenericSummary(**base, rows=counts["rows"])
 
