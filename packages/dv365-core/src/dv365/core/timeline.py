@@ -48,6 +48,8 @@ from dv365.core.validation import (
 )
 from dv365.core.vocab import Vocabulary
 
+# what a dataset folder may hold (the .tmp file: a _dataset.json write that was interrupted)
+_DATASET_ENTRIES = ("_dataset.json", "_dataset.json.tmp", "explicit", "implicit", "requests")
 FORMAT = "dv365.uniti"
 FORMAT_VERSION = 1
 EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
@@ -385,6 +387,7 @@ class DatasetWriter:
             raise ValueError(f"mode must be 'create', 'overwrite' or 'append', got {mode!r}")
         if mode != "append":
             check_num_buckets(num_buckets, url)  # before anything is removed
+        self._replaces = False  # overwriting a dataset: its files are deleted when the new one is committed
         self.url = url
         self.fs, self.root = url_to_fs(url)
         meta_path = posixpath.join(self.root, "_dataset.json")
@@ -393,13 +396,7 @@ class DatasetWriter:
                 raise DatasetError(f"{url}: cannot append, no complete dataset here (no _dataset.json)")
             self.meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
             if self.meta.parts is None:  # an older dataset: what is there now is what it committed
-                reader = TimelineDataset(url, _meta=self.meta)
-                self.meta.parts = [
-                    posixpath.relpath(p, self.root)
-                    for k in ("explicit", "implicit", "requests")
-                    for b in range(self.meta.num_buckets)
-                    for p in reader.part_files(k, b)
-                ]
+                self.meta.parts = self._committed_now(self.meta)
         else:
             if self.fs.exists(meta_path):
                 if mode == "create":
@@ -407,8 +404,10 @@ class DatasetWriter:
                         f"{url}: a dataset already exists here; choose another output, or overwrite "
                         "it (--overwrite on the command line, mode='overwrite' in Python)"
                     )
-                self.fs.rm(meta_path)  # first: an interrupted overwrite leaves an incomplete (invisible) dataset
-            self._remove_leftovers(url)
+                self._replaces = True
+                self._keep_until_close(url, meta_path)
+            else:
+                self._remove_leftovers(url)
             self.meta = DatasetMeta(
                 num_buckets=num_buckets,
                 vocab=vocab or Vocabulary(),
@@ -429,19 +428,63 @@ class DatasetWriter:
         self._kept_events = np.zeros(0, dtype=bool)  # rows kept by the last validation of a requests_of table
         self._closed = False
 
-    def _remove_leftovers(self, url: str) -> None:
-        """An interrupted write leaves kind folders without ``_dataset.json``: remove those, and refuse to
-        write into a folder that holds anything else (never delete files dv365 did not write)."""
-        if not self.fs.exists(self.root):
+    def _committed_now(self, meta: DatasetMeta) -> list[str]:
+        """The part files a dataset without a ``parts`` list holds now (relative paths): what it committed."""
+        reader = TimelineDataset(self.url, _meta=meta)
+        return [
+            posixpath.relpath(p, self.root)
+            for k in ("explicit", "implicit", "requests")
+            for b in range(meta.num_buckets)
+            for p in reader.part_files(k, b)
+        ]
+
+    def _keep_until_close(self, url: str, meta_path: str) -> None:
+        """``mode="overwrite"`` of a dataset: the old one stays readable until :meth:`close` commits the new one
+        (then its files are deleted). An old ``_dataset.json`` without a ``parts`` list gets one first, so
+        the new parts stay invisible; an unreadable one is removed (that dataset was lost already)."""
+        self._check_not_foreign(url)
+        try:
+            old = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
+        except DatasetError:
+            self.fs.rm(meta_path)
+            self._replaces = False
+            self._remove_leftovers(url)
             return
+        if old.parts is None:
+            old.parts = self._committed_now(old)
+            with open_atomic(self.fs, meta_path, "w") as f:
+                f.write(old.to_json())
+
+    def _check_not_foreign(self, url: str) -> list[str]:
+        """The entries of the dataset folder; :class:`DatasetError` if it holds files dv365 did not write."""
+        if not self.fs.exists(self.root):
+            return []
         entries = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
-        foreign = sorted(set(entries) - {"explicit", "implicit", "requests"})
+        foreign = sorted(set(entries) - set(_DATASET_ENTRIES))
         if foreign:
             raise DatasetError(
                 f"{url}: folder is not empty and is not a dv365 dataset (found {foreign[:5]}); "
                 "choose an empty or new folder"
             )
-        for e in entries:
+        return entries
+
+    def _remove_unlisted(self) -> None:
+        """After an overwrite is committed: deletes the part files ``_dataset.json`` does not list."""
+        listed = set(self.meta.parts or [])
+        for kind in ("explicit", "implicit", "requests"):
+            d = posixpath.join(self.root, kind)
+            if not self.fs.exists(d):
+                continue
+            for bucket in self.fs.ls(d, detail=False):
+                for p in self.fs.ls(bucket, detail=False):
+                    rel = posixpath.relpath(p, self.root)
+                    if rel not in listed and (p.endswith(".parquet") or p.endswith(".parquet.tmp")):
+                        self.fs.rm(p)
+
+    def _remove_leftovers(self, url: str) -> None:
+        """An interrupted write leaves kind folders without ``_dataset.json``: remove those, and refuse to
+        write into a folder that holds anything else (never delete files dv365 did not write)."""
+        for e in self._check_not_foreign(url):
             self.fs.rm(posixpath.join(self.root, e), recursive=True)
 
     def __enter__(self) -> DatasetWriter:
@@ -560,6 +603,8 @@ class DatasetWriter:
         self.fs.makedirs(self.root, exist_ok=True)
         with open_atomic(self.fs, posixpath.join(self.root, "_dataset.json"), "w") as f:
             f.write(self.meta.to_json())
+        if self._replaces:
+            self._remove_unlisted()
         self._closed = True
         return self.meta
 
@@ -748,7 +793,7 @@ def remove_dataset(url: str) -> bool:
     if not fs.exists(root):
         return False
     entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
-    foreign = sorted(set(entries) - {"_dataset.json", "explicit", "implicit", "requests"})
+    foreign = sorted(set(entries) - set(_DATASET_ENTRIES))
     if foreign:
         raise DatasetError(
             f"{url}: not removed: the folder holds files that are not part of a dv365 dataset {foreign[:5]}"

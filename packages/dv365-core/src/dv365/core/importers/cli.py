@@ -145,7 +145,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="the input was written by a simulator: mark the dataset SIMULATED (every report on it says so)",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a dv365 dataset already at --out (never deletes other files)"
+        "--overwrite",
+        action="store_true",
+        help="replace a dv365 dataset already at --out once the new one is complete (a failed import leaves it "
+        "as it was; never deletes other files)",
     )
 
 
@@ -252,12 +255,9 @@ def _show_progress() -> None:
 
 
 def _policy(args: argparse.Namespace) -> Any:
-    """The validation policy of the run; with ``--overwrite``, removes the dataset at ``--out`` first."""
-    from dv365.core.timeline import remove_dataset
+    """The validation policy of the run."""
     from dv365.core.validation import ValidationPolicy
 
-    if args.overwrite:
-        remove_dataset(args.out)
     return ValidationPolicy(on_error=args.on_error)
 
 
@@ -294,6 +294,7 @@ def _run_movielens(args: argparse.Namespace) -> int:
             policy=_policy(args),
             source=args.source,
             simulated=args.simulated,
+            overwrite=args.overwrite,
         )
     )
 
@@ -319,6 +320,7 @@ def _run_kuairand(args: argparse.Namespace) -> int:
             policy=_policy(args),
             source=args.source,
             simulated=args.simulated,
+            overwrite=args.overwrite,
         )
     )
 
@@ -352,5 +354,6 @@ def _run_generic(args: argparse.Namespace) -> int:
         policy=_policy(args),
         source=args.source,
         simulated=args.simulated,
+        overwrite=args.overwrite,
     )
     return _finish(summary)

@@ -286,17 +286,27 @@ def write_parts(
     num_buckets: int,
     policy: ValidationPolicy,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`, with the policy's
     ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set; ``simulated`` marks a dataset that a
     simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
+
+    ``overwrite`` replaces a dataset at ``out_url`` when the new one is complete (until then, and if the import
+    fails, the old one stays as it was).
 
     Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
     """
     if policy.ts_range is None:
         policy = replace(policy, ts_range=plausible_ts_range())
     w = DatasetWriter(
-        str(out_url), num_buckets=num_buckets, source=source, simulated=simulated, policy=policy, extra=dict(extra)
+        str(out_url),
+        num_buckets=num_buckets,
+        source=source,
+        simulated=simulated,
+        policy=policy,
+        extra=dict(extra),
+        mode="overwrite" if overwrite else "create",
     )
     for item in parts:
         if isinstance(item, Block):

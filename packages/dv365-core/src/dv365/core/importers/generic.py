@@ -348,6 +348,7 @@ def import_generic(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> GenericSummary:
     """Imports one CSV/TSV/Parquet file of events of one kind, columns mapped to UniTi fields.
 
@@ -365,6 +366,7 @@ def import_generic(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"generic:<file name>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Example::
 
@@ -396,7 +398,14 @@ def import_generic(
     }
     try:
         base = write_parts(
-            out_url, parts(), source=src, extra=extra, num_buckets=num_buckets, policy=policy, simulated=simulated
+            out_url,
+            parts(),
+            source=src,
+            extra=extra,
+            num_buckets=num_buckets,
+            policy=policy,
+            simulated=simulated,
+            overwrite=overwrite,
         )
     except TimelineError as e:
         if e.record is None or e.field not in cm.columns:

@@ -206,6 +206,7 @@ def import_kuairand(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> KuaiRandSummary:
     """Imports KuaiRand log CSVs into one UniTi dataset (implicit + explicit events, requests).
 
@@ -219,6 +220,7 @@ def import_kuairand(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"kuairand:<file names>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Raises:
         DatasetError: a missing file, a missing log column (named, with the file), an unparsable value.
@@ -269,6 +271,7 @@ def import_kuairand(
         num_buckets=num_buckets,
         policy=policy,
         simulated=simulated,
+        overwrite=overwrite,
     )
     return KuaiRandSummary(
         **base,

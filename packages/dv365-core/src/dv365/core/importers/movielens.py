@@ -365,6 +365,7 @@ def import_movielens(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> MovieLensSummary:
     """Imports a MovieLens folder into a UniTi dataset (explicit events + rating requests).
 
@@ -377,6 +378,7 @@ def import_movielens(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"movielens:<folder name>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Returns:
         A :class:`MovieLensSummary`; on ml-latest-small: 610 users, 100,836 ratings, 3,683 tags.
@@ -424,7 +426,14 @@ def import_movielens(
         "labels": LABELS,
     }
     base = write_parts(
-        out_url, parts(), source=tag, extra=extra, num_buckets=num_buckets, policy=policy, simulated=simulated
+        out_url,
+        parts(),
+        source=tag,
+        extra=extra,
+        num_buckets=num_buckets,
+        policy=policy,
+        simulated=simulated,
+        overwrite=overwrite,
     )
     return MovieLensSummary(
         **base,
