@@ -94,3 +94,20 @@ def test_millisecond_column_with_one_bad_value_keeps_the_unit(tmp_path: Path) ->
     assert "10/11 records kept" in s.validation
     ts = TimelineDataset(str(tmp_path / "ds")).read_table("explicit").column("ts").to_pylist()
     assert set(ts) == {1_700_000_000}  # converted from ms, not read as seconds
+
+
+def test_float_id_column_beyond_2_53_is_rejected_not_merged(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "ev.parquet"
+    ids = [float(2**53), float(2**53 + 2), 7.0]  # 2**53 + 2 is a float; as ids they may stand for merged users
+    pq.write_table(pa.table({"uid": ids, "time": [100, 101, 102], "item": [1, 1, 1]}), f)
+    with pytest.raises(TimelineError) as e:
+        import_generic(f, str(tmp_path / "ds"), kind="explicit", mapping=MAP, constants=CONST)
+    assert (e.value.record, e.value.field, e.value.reason) == (1, "user_id", "not_an_integer")
+    assert "source column 'uid'" in str(e.value)
+    ok = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"uid": [5.0, 7.0], "time": [100, 101], "item": [1, 1]}), ok)
+    s = import_generic(ok, str(tmp_path / "ok"), kind="explicit", mapping=MAP, constants=CONST)
+    assert s.users == 2

@@ -142,7 +142,7 @@ class ColumnMapping:
         if name == "topic_ids":
             return to_id_lists(arr, self.list_sep)
         if name in _INT_FIELDS:  # exact: strings that are not integers stay strings (validation names them)
-            return _try_cast(arr, pa.int64())
+            return _exact_float_ids(arr) if pa.types.is_floating(arr.type) else _try_cast(arr, pa.int64())
         if name in _DURATION_FIELDS:
             return _scale(_try_cast(arr, pa.float64()), DURATION_UNITS[self.duration_unit])
         if name == "value":
@@ -195,6 +195,19 @@ def _try_cast(arr: pa.Array, *types: pa.DataType) -> pa.Array:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             continue
     return arr
+
+
+def _exact_float_ids(arr: pa.Array) -> pa.Array:
+    """A float column of ids (e.g. Parquet float64) unchanged, unless it holds values beyond 2^53, which a
+    float cannot hold exactly (two ids may have become one): then ids as text, those values as the float's
+    text, so validation rejects them by name."""
+    f64 = arr.cast(pa.float64())
+    inexact = pc.fill_null(pc.and_(pc.is_finite(f64), pc.greater(pc.abs(f64), float(2**53))), False)
+    if not pc.any(inexact).as_py():
+        return arr
+    exact = pc.fill_null(pc.and_(pc.invert(inexact), pc.equal(pc.floor(f64), f64)), False)
+    as_int = pc.if_else(exact, f64, 0.0).cast(pa.int64()).cast(pa.string())
+    return pc.if_else(exact, as_int, f64.cast(pa.string()))
 
 
 def _scale(arr: pa.Array, divisor: float) -> pa.Array:
