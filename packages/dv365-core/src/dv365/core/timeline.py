@@ -351,9 +351,11 @@ class DatasetWriter:
     """Writes a UniTi dataset: validates, hash-partitions by user, sorts, writes Parquet parts.
 
     Buffered: call :meth:`add` any number of times (e.g. one chunk of users at a time); rows are
-    flushed per bucket when ``flush_rows`` accumulate, and :meth:`close` writes ``_dataset.json``.
-    ``mode="create"`` refuses an existing dataset, ``mode="overwrite"`` replaces it, ``mode="append"`` adds
-    new parts to a finished one (meta stats updated).
+    flushed per bucket when ``flush_rows`` accumulate, and :meth:`close` writes ``_dataset.json``, which lists
+    the committed part files: until then nothing this writer wrote is visible to readers.
+    ``mode="create"`` refuses an existing dataset, ``mode="overwrite"`` replaces it when :meth:`close` commits
+    (the old dataset stays readable until then, and if the writer fails), ``mode="append"`` adds new parts to a
+    finished one (meta stats updated).
 
     ``run_id`` names this writer's part files (``part-<run_id>-<n>.parquet``; default: random). A recurring
     job that appends with a deterministic ``run_id`` can make its append idempotent: if it was killed
