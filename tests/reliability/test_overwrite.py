@@ -83,3 +83,15 @@ def test_cli_overwrite_with_bad_input_keeps_the_old_dataset(tmp_path: Path, caps
     (bad / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1000\n")
     assert main(["import", "movielens", str(bad), "--out", out, "--overwrite"]) == 0
     assert _state(out) == ([1], 1)
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+def test_a_reused_run_id_never_writes_over_committed_files(tmp_path: Path, mode: str) -> None:
+    url = str(tmp_path / "ds")
+    with DatasetWriter(url, num_buckets=1, run_id="daily") as w:
+        w.add(explicit=_events(range(3)))
+    with pytest.raises(RuntimeError):
+        with DatasetWriter(url, num_buckets=1, mode=mode, run_id="daily", flush_rows=1) as w:
+            w.add(explicit=_events(range(10, 20)))  # flushed: must not replace part-daily-00000.parquet
+            raise RuntimeError("crash")
+    assert _state(url) == ([0, 1, 2], 3)

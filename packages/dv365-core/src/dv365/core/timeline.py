@@ -390,6 +390,7 @@ class DatasetWriter:
         if mode != "append":
             check_num_buckets(num_buckets, url)  # before anything is removed
         self._replaces = False  # overwriting a dataset: its files are deleted when the new one is committed
+        self._old_parts: list[str] = []  # the part files of the dataset being overwritten
         self.url = url
         self.fs, self.root = url_to_fs(url)
         meta_path = posixpath.join(self.root, "_dataset.json")
@@ -425,6 +426,10 @@ class DatasetWriter:
         self._buf: dict[tuple[str, int], list[pa.Table]] = {}
         self._buf_rows = 0
         self._run = run_id or uuid.uuid4().hex[:8]
+        # never write over a committed file (a run_id reused after its run was committed): then a fresh name
+        committed = self.meta.parts if self._append else self._old_parts
+        clash = any(posixpath.basename(p).startswith(f"part-{self._run}-") for p in committed)
+        self._file_run = f"{self._run}.{uuid.uuid4().hex[:8]}" if clash else self._run
         self._part = 0
         self._written: list[str] = []  # part files of this writer, relative to the root
         self._kept_events = np.zeros(0, dtype=bool)  # rows kept by the last validation of a requests_of table
@@ -456,6 +461,7 @@ class DatasetWriter:
             old.parts = self._committed_now(old)
             with open_atomic(self.fs, meta_path, "w") as f:
                 f.write(old.to_json())
+        self._old_parts = list(old.parts)
 
     def _check_not_foreign(self, url: str) -> list[str]:
         """The entries of the dataset folder; :class:`DatasetError` if it holds files dv365 did not write."""
@@ -575,7 +581,7 @@ class DatasetWriter:
             t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
             d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
             self.fs.makedirs(d, exist_ok=True)
-            path = posixpath.join(d, f"part-{self._run}-{self._part:05d}.parquet")
+            path = posixpath.join(d, f"part-{self._file_run}-{self._part:05d}.parquet")
             with open_atomic(self.fs, path) as f:
                 pq.write_table(t, f, compression="zstd", row_group_size=256_000)
             self._written.append(posixpath.relpath(path, self.root))
