@@ -27,6 +27,7 @@ _LAZY = {
     "ValidationPolicy": "validation",
     "ValidationReport": "validation",
     "validate_table": "validation",
+    "validate_rows": "validation",
     "Vocabulary": "vocab",
     "SliceSpec": "slicing",
     "Slicer": "slicing",

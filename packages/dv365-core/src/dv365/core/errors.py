@@ -18,6 +18,7 @@ class TimelineError(Dv365Error, ValueError):
         value: the offending value, as read.
         record: index of the record in its input (row number), when known.
         reason: short machine-readable reason (``"nan"``, ``"negative"``, ``"unknown_action"``, ...).
+        detail: the explanation the message ends with, in parentheses (``""`` if none).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class TimelineError(Dv365Error, ValueError):
         self.user_id = user_id
         self.record = record
         self.source = source
+        self.detail = detail
         where = []
         if source:
             where.append(source)

@@ -4,13 +4,15 @@ The Arrow schemas of the three table kinds are defined in :mod:`dv365.core.schem
 
 On disk a UniTi dataset is a directory (any fsspec URL: a local path, ``memory://``, ``s3://``...)::
 
-    <root>/_dataset.json                      # format, vocabulary, labels (simulated?), stats
+    <root>/_dataset.json                      # format, vocabulary, labels (simulated?), stats, committed parts
     <root>/explicit/bucket=00007/part-*.parquet  # explicit events of the users hashed to bucket 7
     <root>/implicit/bucket=00007/part-*.parquet
     <root>/requests/bucket=00007/part-*.parquet  # optional: training requests with label_* columns
 
 Users are hash-partitioned into buckets so one user's events live in one bucket; inside a part file
-rows are sorted by (user_id, ts). ``_dataset.json`` is written last: a dataset without it is incomplete.
+rows are sorted by (user_id, ts). ``_dataset.json`` is written last (atomically): a dataset without it is
+incomplete. It lists the part files it commits (``parts``); a reader reads exactly those, so the parts of an
+append that failed or was killed stay invisible (datasets written before the list existed are globbed).
 
 In memory, :class:`EventTable` holds one kind of event for many users in CSR form (``offsets``),
 categoricals as int16 codes of a :class:`~dv365.core.vocab.Vocabulary`. :class:`Timelines` pairs the
@@ -23,7 +25,7 @@ import json
 import posixpath
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,17 +43,28 @@ from dv365.core.validation import (
     ValidationPolicy,
     ValidationReport,
     check_timeline_lengths,
+    validate_rows,
     validate_table,
 )
 from dv365.core.vocab import Vocabulary
 
+# what a dataset folder may hold (the .tmp file: a _dataset.json write that was interrupted)
+_DATASET_ENTRIES = ("_dataset.json", "_dataset.json.tmp", "explicit", "implicit", "requests")
 FORMAT = "dv365.uniti"
 FORMAT_VERSION = 1
 EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
 
 
+def check_num_buckets(num_buckets: Any, where: str) -> int:
+    """``num_buckets`` if it is an integer >= 1; else :class:`DatasetError` naming ``where`` and the value."""
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
+        raise DatasetError(f"{where}: num_buckets must be an integer >= 1, got {num_buckets!r}")
+    return int(num_buckets)
+
+
 def user_bucket(user_ids: np.ndarray, num_buckets: int) -> np.ndarray:
     """Bucket of each user id: a 64-bit mix (splitmix64 finaliser) modulo ``num_buckets``."""
+    check_num_buckets(num_buckets, "user_bucket")
     x = np.asarray(user_ids, dtype=np.uint64).copy()
     with np.errstate(over="ignore"):
         x ^= x >> np.uint64(30)
@@ -277,10 +290,13 @@ class DatasetMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = FORMAT_VERSION
+    parts: list[str] | None = None  # committed part files, relative to the root; None: glob (older datasets)
 
     def to_json(self) -> str:
+        parts = {} if self.parts is None else {"parts": sorted(self.parts)}
         return json.dumps(
             {
+                **parts,
                 "format": self.format,
                 "version": self.version,
                 "num_buckets": self.num_buckets,
@@ -309,8 +325,14 @@ class DatasetMeta:
             raise DatasetError(
                 f"{where}: dataset format version {d['version']} is newer than this dv365 ({FORMAT_VERSION})"
             )
+        parts = d.get("parts")
+        if parts is not None and not (isinstance(parts, list) and all(isinstance(p, str) for p in parts)):
+            raise DatasetError(f"{where}: _dataset.json 'parts' must be a list of part file paths")
+        if "num_buckets" in d:
+            check_num_buckets(d["num_buckets"], f"{where}: _dataset.json")
         try:
             return cls(
+                parts=parts,
                 num_buckets=int(d["num_buckets"]),
                 vocab=Vocabulary.from_dict(d["vocab"]),
                 source=d.get("source", ""),
@@ -329,9 +351,11 @@ class DatasetWriter:
     """Writes a UniTi dataset: validates, hash-partitions by user, sorts, writes Parquet parts.
 
     Buffered: call :meth:`add` any number of times (e.g. one chunk of users at a time); rows are
-    flushed per bucket when ``flush_rows`` accumulate, and :meth:`close` writes ``_dataset.json``.
-    ``mode="create"`` refuses an existing dataset, ``mode="overwrite"`` replaces it, ``mode="append"`` adds
-    new parts to a finished one (meta stats updated).
+    flushed per bucket when ``flush_rows`` accumulate, and :meth:`close` writes ``_dataset.json``, which lists
+    the committed part files: until then nothing this writer wrote is visible to readers.
+    ``mode="create"`` refuses an existing dataset, ``mode="overwrite"`` replaces it when :meth:`close` commits
+    (the old dataset stays readable until then, and if the writer fails), ``mode="append"`` adds new parts to a
+    finished one (meta stats updated).
 
     ``run_id`` names this writer's part files (``part-<run_id>-<n>.parquet``; default: random). A recurring
     job that appends with a deterministic ``run_id`` can make its append idempotent: if it was killed
@@ -361,6 +385,12 @@ class DatasetWriter:
     ) -> None:
         if run_id is not None and not (run_id and all(c.isalnum() or c in "_." for c in run_id)):
             raise ValueError(f"run_id must be letters, digits, '_' or '.', got {run_id!r}")
+        if mode not in ("create", "overwrite", "append"):
+            raise ValueError(f"mode must be 'create', 'overwrite' or 'append', got {mode!r}")
+        if mode != "append":
+            check_num_buckets(num_buckets, url)  # before anything is removed
+        self._replaces = False  # overwriting a dataset: its files are deleted when the new one is committed
+        self._old_parts: list[str] = []  # the part files of the dataset being overwritten
         self.url = url
         self.fs, self.root = url_to_fs(url)
         meta_path = posixpath.join(self.root, "_dataset.json")
@@ -368,24 +398,27 @@ class DatasetWriter:
             if not self.fs.exists(meta_path):
                 raise DatasetError(f"{url}: cannot append, no complete dataset here (no _dataset.json)")
             self.meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
-        elif mode in ("create", "overwrite"):
+            if self.meta.parts is None:  # an older dataset: what is there now is what it committed
+                self.meta.parts = self._committed_now(self.meta)
+        else:
             if self.fs.exists(meta_path):
                 if mode == "create":
                     raise DatasetError(
                         f"{url}: a dataset already exists here; choose another output, or overwrite "
                         "it (--overwrite on the command line, mode='overwrite' in Python)"
                     )
-                self.fs.rm(meta_path)  # first: an interrupted overwrite leaves an incomplete (invisible) dataset
-            self._remove_leftovers(url)
+                self._replaces = True
+                self._keep_until_close(url, meta_path)
+            else:
+                self._remove_leftovers(url)
             self.meta = DatasetMeta(
                 num_buckets=num_buckets,
                 vocab=vocab or Vocabulary(),
                 source=source,
                 simulated=simulated,
                 extra=dict(extra or {}),
+                parts=[],
             )
-        else:
-            raise ValueError(f"mode must be 'create', 'overwrite' or 'append', got {mode!r}")
         self._append = mode == "append"
         self.policy = policy
         self.flush_rows = flush_rows
@@ -393,22 +426,73 @@ class DatasetWriter:
         self._buf: dict[tuple[str, int], list[pa.Table]] = {}
         self._buf_rows = 0
         self._run = run_id or uuid.uuid4().hex[:8]
+        # never write over a committed file (a run_id reused after its run was committed): then a fresh name
+        committed = self.meta.parts if self._append else self._old_parts
+        clash = any(posixpath.basename(p).startswith(f"part-{self._run}-") for p in committed)
+        self._file_run = f"{self._run}.{uuid.uuid4().hex[:8]}" if clash else self._run
         self._part = 0
+        self._written: list[str] = []  # part files of this writer, relative to the root
+        self._kept_events = np.zeros(0, dtype=bool)  # rows kept by the last validation of a requests_of table
         self._closed = False
 
-    def _remove_leftovers(self, url: str) -> None:
-        """An interrupted write leaves kind folders without ``_dataset.json``: remove those, and refuse to
-        write into a folder that holds anything else (never delete files dv365 did not write)."""
-        if not self.fs.exists(self.root):
+    def _committed_now(self, meta: DatasetMeta) -> list[str]:
+        """The part files a dataset without a ``parts`` list holds now (relative paths): what it committed."""
+        reader = TimelineDataset(self.url, _meta=meta)
+        return [
+            posixpath.relpath(p, self.root)
+            for k in ("explicit", "implicit", "requests")
+            for b in range(meta.num_buckets)
+            for p in reader.part_files(k, b)
+        ]
+
+    def _keep_until_close(self, url: str, meta_path: str) -> None:
+        """``mode="overwrite"`` of a dataset: the old one stays readable until :meth:`close` commits the new one
+        (then its files are deleted). An old ``_dataset.json`` without a ``parts`` list gets one first, so
+        the new parts stay invisible; an unreadable one is removed (that dataset was lost already)."""
+        self._check_not_foreign(url)
+        try:
+            old = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
+        except DatasetError:
+            self.fs.rm(meta_path)
+            self._replaces = False
+            self._remove_leftovers(url)
             return
+        if old.parts is None:
+            old.parts = self._committed_now(old)
+            with open_atomic(self.fs, meta_path, "w") as f:
+                f.write(old.to_json())
+        self._old_parts = list(old.parts)
+
+    def _check_not_foreign(self, url: str) -> list[str]:
+        """The entries of the dataset folder; :class:`DatasetError` if it holds files dv365 did not write."""
+        if not self.fs.exists(self.root):
+            return []
         entries = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
-        foreign = sorted(set(entries) - {"explicit", "implicit", "requests"})
+        foreign = sorted(set(entries) - set(_DATASET_ENTRIES))
         if foreign:
             raise DatasetError(
                 f"{url}: folder is not empty and is not a dv365 dataset (found {foreign[:5]}); "
                 "choose an empty or new folder"
             )
-        for e in entries:
+        return entries
+
+    def _remove_unlisted(self) -> None:
+        """After an overwrite is committed: deletes the part files ``_dataset.json`` does not list."""
+        listed = set(self.meta.parts or [])
+        for kind in ("explicit", "implicit", "requests"):
+            d = posixpath.join(self.root, kind)
+            if not self.fs.exists(d):
+                continue
+            for bucket in self.fs.ls(d, detail=False):
+                for p in self.fs.ls(bucket, detail=False):
+                    rel = posixpath.relpath(p, self.root)
+                    if rel not in listed and (p.endswith(".parquet") or p.endswith(".parquet.tmp")):
+                        self.fs.rm(p)
+
+    def _remove_leftovers(self, url: str) -> None:
+        """An interrupted write leaves kind folders without ``_dataset.json``: remove those, and refuse to
+        write into a folder that holds anything else (never delete files dv365 did not write)."""
+        for e in self._check_not_foreign(url):
             self.fs.rm(posixpath.join(self.root, e), recursive=True)
 
     def __enter__(self) -> DatasetWriter:
@@ -424,31 +508,72 @@ class DatasetWriter:
         implicit: pa.Table | None = None,
         requests: pa.Table | None = None,
         *,
-        source: str | None = None,
+        source: str | Mapping[str, str] | None = None,
+        requests_of: str | None = None,
+        policy: ValidationPolicy | None = None,
     ) -> None:
-        """Validates and buffers tables of events (any order, any users)."""
-        for kind, t in (("explicit", explicit), ("implicit", implicit), ("requests", requests)):
+        """Validates and buffers tables of events (any order, any users).
+
+        Args:
+            explicit, implicit, requests: the tables (any may be ``None``).
+            source: named in validation errors: one name, or one per kind (default: the kind).
+            requests_of: ``"explicit"`` or ``"implicit"``: request row ``i`` was made from row ``i`` of that
+                table (same length), so a record validation drops there takes its request with it (counted in
+                the requests report as ``<kind>_event:dropped``); that table is validated first.
+            policy: this call's validation policy (default: the writer's; its ``on_error`` should match).
+        """
+        policy = policy or self.policy
+        tables = {"explicit": explicit, "implicit": implicit, "requests": requests}
+        order = ["explicit", "implicit", "requests"]
+        if requests_of is not None:
+            if requests_of not in ("explicit", "implicit"):
+                raise ValueError(f"requests_of must be 'explicit' or 'implicit', got {requests_of!r}")
+            ev, rq = tables[requests_of], tables["requests"]
+            if (ev.num_rows if ev is not None else 0) != (rq.num_rows if rq is not None else 0):
+                raise ValueError(f"requests_of={requests_of!r}: the {requests_of} and requests tables differ in length")
+            order = [requests_of] + [k for k in order if k != requests_of]
+        for kind in order:
+            t = tables[kind]
             if t is None or t.num_rows == 0:
                 continue
-            clean = validate_table(
+            if kind == "requests" and requests_of is not None:
+                t = self._drop_orphans(t, requests_of)
+            name = source.get(kind, kind) if isinstance(source, Mapping) else (source or kind)
+            clean, kept = validate_rows(
                 t,
-                kind,
+                kind,  # type: ignore[arg-type]
                 self.meta.vocab,
-                self.policy,
-                source=source or kind,  # type: ignore[arg-type]
+                policy,
+                source=name,
                 report=self.report[kind],
             )
-            buckets = user_bucket(clean.column("user_id").to_numpy(), self.meta.num_buckets)
-            order = np.argsort(buckets, kind="stable")
-            sb = buckets[order]
-            bounds = np.flatnonzero(np.diff(sb)) + 1
-            for part in np.split(order, bounds):
-                if len(part):
-                    key = (kind, int(buckets[part[0]]))
-                    self._buf.setdefault(key, []).append(clean.take(pa.array(part)))
-            self._buf_rows += clean.num_rows
+            if kind == requests_of:
+                self._kept_events = kept
+            self._buffer(kind, clean)
         if self._buf_rows >= self.flush_rows:
             self.flush()
+
+    def _drop_orphans(self, requests: pa.Table, events_kind: str) -> pa.Table:
+        """The requests whose event row was kept by the last validation of ``events_kind`` (the rest counted)."""
+        kept = self._kept_events
+        dropped = int((~kept).sum())
+        if not dropped:
+            return requests
+        self.report["requests"].merge(
+            ValidationReport(records_in=dropped, records_out=0, dropped={f"{events_kind}_event:dropped": dropped})
+        )
+        return requests.filter(pa.array(kept))
+
+    def _buffer(self, kind: str, clean: pa.Table) -> None:
+        buckets = user_bucket(clean.column("user_id").to_numpy(), self.meta.num_buckets)
+        order = np.argsort(buckets, kind="stable")
+        sb = buckets[order]
+        bounds = np.flatnonzero(np.diff(sb)) + 1
+        for part in np.split(order, bounds):
+            if len(part):
+                key = (kind, int(buckets[part[0]]))
+                self._buf.setdefault(key, []).append(clean.take(pa.array(part)))
+        self._buf_rows += clean.num_rows
 
     def flush(self) -> None:
         for (kind, bucket), parts in sorted(self._buf.items()):
@@ -456,18 +581,21 @@ class DatasetWriter:
             t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
             d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
             self.fs.makedirs(d, exist_ok=True)
-            path = posixpath.join(d, f"part-{self._run}-{self._part:05d}.parquet")
+            path = posixpath.join(d, f"part-{self._file_run}-{self._part:05d}.parquet")
             with open_atomic(self.fs, path) as f:
                 pq.write_table(t, f, compression="zstd", row_group_size=256_000)
+            self._written.append(posixpath.relpath(path, self.root))
         self._part += 1
         self._buf.clear()
         self._buf_rows = 0
 
     def close(self) -> DatasetMeta:
-        """Flushes, checks timeline lengths, writes ``_dataset.json`` (the dataset becomes complete)."""
+        """Flushes, checks timeline lengths, writes ``_dataset.json`` atomically, listing the committed part
+        files (the dataset, or the append, becomes visible)."""
         if self._closed:
             return self.meta
         self.flush()
+        self.meta.parts = sorted(set(self.meta.parts or []) | set(self._written))
         ds = TimelineDataset(self.url, _meta=self.meta)
         lengths = ds.compute_stats()
         check_timeline_lengths(lengths.keys(), lengths.values(), self.policy)
@@ -481,8 +609,10 @@ class DatasetWriter:
             runs = [r for r in self.meta.extra.get("appends", []) if r != self._run]
             self.meta.extra["appends"] = runs + [self._run]
         self.fs.makedirs(self.root, exist_ok=True)
-        with self.fs.open(posixpath.join(self.root, "_dataset.json"), "w") as f:
+        with open_atomic(self.fs, posixpath.join(self.root, "_dataset.json"), "w") as f:
             f.write(self.meta.to_json())
+        if self._replaces:
+            self._remove_unlisted()
         self._closed = True
         return self.meta
 
@@ -532,10 +662,19 @@ class TimelineDataset:
             _meta = DatasetMeta.from_json(self.fs.cat_file(meta_path).decode(), url)
         self.meta = _meta
         self.vocab = _meta.vocab
+        self._parts_by_dir: dict[str, list[str]] | None = None
 
     # --- raw tables ----------------------------------------------------------------------------------
     def part_files(self, kind: str, bucket: int) -> list[str]:
-        """The Parquet part files of one kind (``explicit``/``implicit``/``requests``) and bucket, sorted."""
+        """The committed Parquet part files of one kind (``explicit``/``implicit``/``requests``) and bucket,
+        sorted: those ``_dataset.json`` lists (other files in the folder are not part of the dataset), or,
+        for a dataset written before the list existed, every part file there."""
+        if self.meta.parts is not None:
+            if self._parts_by_dir is None:
+                self._parts_by_dir = {}
+                for p in sorted(self.meta.parts):
+                    self._parts_by_dir.setdefault(posixpath.dirname(p), []).append(posixpath.join(self.root, p))
+            return list(self._parts_by_dir.get(f"{kind}/bucket={bucket:05d}", []))
         d = posixpath.join(self.root, kind, f"bucket={bucket:05d}")
         if not self.fs.exists(d):
             return []
@@ -662,7 +801,7 @@ def remove_dataset(url: str) -> bool:
     if not fs.exists(root):
         return False
     entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
-    foreign = sorted(set(entries) - {"_dataset.json", "explicit", "implicit", "requests"})
+    foreign = sorted(set(entries) - set(_DATASET_ENTRIES))
     if foreign:
         raise DatasetError(
             f"{url}: not removed: the folder holds files that are not part of a dv365 dataset {foreign[:5]}"

@@ -28,6 +28,7 @@ timeline is rejected where a timeline is required (:func:`check_timeline_lengths
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,6 +68,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 LABEL_PREFIX = "label_"
 MAX_ID = np.iinfo(np.int64).max
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+MS_THRESHOLD = 100_000_000_000  # 1e11 s is the year 5138; 1e11 ms is 1973: above it, seconds are milliseconds
+DAY_S = 86_400
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _MAX_EXAMPLES = 10
 
@@ -82,6 +85,11 @@ class ValidationPolicy:
         max_duration_s: video durations above this are clamped to it (default 24 h).
         max_topics: topic ids beyond this many per event are dropped (first ones kept).
         max_events: a timeline longer than this is rejected (default 10M; the paper's max is 70K).
+        ts_range: ``(lo, hi)``: plausible timestamps (unix s; the importers use ``(1, now + 1 day)``). Outside is
+            rejected: ``implausible_timestamp``, or ``milliseconds`` for a value above :data:`MS_THRESHOLD`
+            (a time in milliseconds given as seconds). ``None``: no check.
+        value_range: ``(lo, hi)``: the explicit ``value`` is required and must lie in ``[lo, hi]`` (a rating
+            scale; missing -> ``missing``, NaN -> ``nan``, outside -> ``out_of_range``). ``None``: optional, any.
     """
 
     on_error: Literal["raise", "drop"] = "raise"
@@ -90,10 +98,18 @@ class ValidationPolicy:
     max_duration_s: float = 24 * 3600.0
     max_topics: int = 16
     max_events: int = 10_000_000
+    ts_range: tuple[int, int] | None = None
+    value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "drop"):
             raise ValueError(f"ValidationPolicy.on_error must be 'raise' or 'drop', got {self.on_error!r}")
+        if self.ts_range is not None and not (len(self.ts_range) == 2 and self.ts_range[0] <= self.ts_range[1]):
+            raise ValueError(f"ValidationPolicy.ts_range must be (lo, hi) with lo <= hi, got {self.ts_range!r}")
+        if self.value_range is not None and not (
+            len(self.value_range) == 2 and float(self.value_range[0]) <= float(self.value_range[1])
+        ):
+            raise ValueError(f"ValidationPolicy.value_range must be (lo, hi) with lo <= hi, got {self.value_range!r}")
 
 
 @dataclass
@@ -273,6 +289,7 @@ class _Checker:
         self.clamps: dict[str, np.ndarray] = {}
         self.out: dict[str, pa.Array] = {}
         self.user_ids = np.full(self.n, None, dtype=object)  # for messages; set by the user_id check
+        self.details: dict[str, str] = {}  # "field:reason" -> the explanation its message adds
 
     def column(self, name: str) -> tuple[np.ndarray, np.ndarray, pa.Array | None]:
         """Values, null mask and Arrow column of ``name`` (all-null if the column is absent)."""
@@ -332,6 +349,15 @@ class _Checker:
         self.clamp(f"{name}:null", nan)
         self.out[name] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=nulls | notnum | nan)
 
+    def in_range(self, name: str, lo: float, hi: float) -> None:
+        """A required number in ``[lo, hi]``: missing, NaN and values outside are rejected."""
+        vals_raw, nulls, raw = self.column(name)
+        vals, notnum = _float_column(vals_raw, nulls)
+        self.add(name, nulls, "missing", raw)
+        with np.errstate(invalid="ignore"):
+            self.add(name, np.isnan(vals) & ~nulls & ~notnum, "nan", raw)
+            self.add(name, np.isfinite(vals) & ((vals < lo) | (vals > hi)), "out_of_range", raw)
+
     # --- resolution ---------------------------------------------------------------------------------
     def first_failures(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Mask of bad rows, and for each ``"field:reason"`` the rows whose *first* failure it is."""
@@ -353,7 +379,10 @@ class _Checker:
                 if mask[row]:
                     value = raw[row].as_py() if raw is not None else None
                     user = None if name == "user_id" else self.user_ids[row]
-                    return TimelineError(name, value, reason, user_id=user, record=row, source=self.source)
+                    detail = self.details.get(f"{name}:{reason}", "")
+                    return TimelineError(
+                        name, value, reason, user_id=user, record=row, source=self.source, detail=detail
+                    )
         raise AssertionError(f"unreachable: row {row} has no failing field")  # pragma: no cover
 
     def report(self, bad: np.ndarray, firsts: dict[str, np.ndarray]) -> ValidationReport:
@@ -381,6 +410,19 @@ def validate_table(
     source: str | None = None,
     report: ValidationReport | None = None,
 ) -> pa.Table:
+    """:func:`validate_rows` without the mask of kept rows."""
+    return validate_rows(table, kind, vocab, policy, source=source, report=report)[0]
+
+
+def validate_rows(
+    table: pa.Table,
+    kind: Kind,
+    vocab: Vocabulary,
+    policy: ValidationPolicy = ValidationPolicy(),
+    *,
+    source: str | None = None,
+    report: ValidationReport | None = None,
+) -> tuple[pa.Table, np.ndarray]:
     """Checks and canonicalises a table of ``kind`` events; returns it in the UniTi schema.
 
     Columns not in the schema are ignored, except ``label_*`` columns of ``requests`` tables, which are kept
@@ -393,6 +435,10 @@ def validate_table(
         policy: limits and the error mode.
         source: named in error messages (e.g. the input file).
         report: if given, this call's :class:`ValidationReport` is merged into it.
+
+    Returns:
+        The valid records in the UniTi schema, and the mask of the input rows they come from ([n] bool;
+        all true unless drop mode dropped some), so that rows made from the same input can be dropped too.
 
     Raises:
         TimelineError: in ``raise`` mode, for the first bad record; in any mode for a missing required column.
@@ -413,6 +459,8 @@ def validate_table(
     ts, ts_ok = chk.ints("ts", True, "negative_timestamp")
     if policy.as_of is not None:
         chk.add("ts", (ts > policy.as_of) & ts_ok, "after_request_time", chk.raw.get("ts"))
+    if policy.ts_range is not None:
+        _plausible_ts(chk, ts, ts_ok, policy.ts_range)
     chk.ints("media_id", True, "negative_id")
     chk.ints("author_id", False, "negative_id")
     chk.out["topic_ids"] = _topics(chk.raw.get("topic_ids"), chk, policy.max_topics)
@@ -426,6 +474,8 @@ def validate_table(
         chk.durations("dwell_time", True, policy.max_dwell_s)
     if kind == "explicit":
         chk.floats("value")
+        if policy.value_range is not None:
+            chk.in_range("value", float(policy.value_range[0]), float(policy.value_range[1]))
     for name in labels:
         chk.floats(name)
 
@@ -438,7 +488,22 @@ def validate_table(
         result = result.filter(pa.array(~bad))
     if report is not None:
         report.merge(chk.report(bad, firsts))
-    return result
+    return result, ~bad
+
+
+def plausible_ts_range(now: float | None = None) -> tuple[int, int]:
+    """The timestamps an importer accepts (unix s): after the epoch's first second, at most a day from now."""
+    return 1, int(time.time() if now is None else now) + DAY_S
+
+
+def _plausible_ts(chk: _Checker, ts: np.ndarray, ok: np.ndarray, bounds: tuple[int, int]) -> None:
+    """Rejects timestamps outside ``bounds``; those above :data:`MS_THRESHOLD` as (probably) milliseconds."""
+    lo, hi = int(bounds[0]), int(bounds[1])
+    ms = ok & (ts > max(hi, MS_THRESHOLD))
+    chk.add("ts", ms, "milliseconds", chk.raw.get("ts"))
+    chk.add("ts", ok & ~ms & ((ts < lo) | (ts > hi)), "implausible_timestamp", chk.raw.get("ts"))
+    chk.details["ts:milliseconds"] = "milliseconds? a time in seconds above 1e11 is after the year 5000"
+    chk.details["ts:implausible_timestamp"] = f"plausible: {lo} to {hi} (now + 1 day)"
 
 
 def _topics(col: pa.Array | None, chk: _Checker, max_topics: int) -> pa.Array:

@@ -46,8 +46,9 @@ time_ms // 1000, dwell_time = play_time_ms / 1000, video_duration = duration_ms 
 surface from tab), one explicit event per positive flag (is_like -> like, is_follow -> follow, is_comment
 -> comment, is_forward -> forward, is_hate -> hate, long_view -> long_view, is_profile_enter ->
 profile_enter) and one request labelled label_click, label_like, label_follow, label_comment,
-label_forward, label_hate, label_long_view, label_watch_time (seconds). Videos missing from the catalog
-are kept (no author, no topics) and counted. Logs are streamed: multi-GB files are fine.
+label_forward, label_hate, label_long_view, label_profile_enter, label_watch_time (seconds). Videos
+missing from the catalog are kept (no author, no topics) and counted. Logs are streamed: multi-GB files
+are fine.
 Default tab -> surface: 0 feed, 1 reels, 2 explore, 3 profile, 4 search, 5 stories, other tabs 'other'
 (a convention: KuaiRand does not name its tabs); change it with --tab-map.
 """
@@ -101,6 +102,17 @@ def _usage(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     return show
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
@@ -110,7 +122,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--buckets",
-        type=int,
+        type=_positive_int,
         default=16,
         metavar="N",
         help="number of user hash buckets (Parquet partitions) of the dataset (default: 16)",
@@ -133,7 +145,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="the input was written by a simulator: mark the dataset SIMULATED (every report on it says so)",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a dv365 dataset already at --out (never deletes other files)"
+        "--overwrite",
+        action="store_true",
+        help="replace a dv365 dataset already at --out once the new one is complete (a failed import leaves it "
+        "as it was; never deletes other files)",
     )
 
 
@@ -240,12 +255,9 @@ def _show_progress() -> None:
 
 
 def _policy(args: argparse.Namespace) -> Any:
-    """The validation policy of the run; with ``--overwrite``, removes the dataset at ``--out`` first."""
-    from dv365.core.timeline import remove_dataset
+    """The validation policy of the run."""
     from dv365.core.validation import ValidationPolicy
 
-    if args.overwrite:
-        remove_dataset(args.out)
     return ValidationPolicy(on_error=args.on_error)
 
 
@@ -282,6 +294,7 @@ def _run_movielens(args: argparse.Namespace) -> int:
             policy=_policy(args),
             source=args.source,
             simulated=args.simulated,
+            overwrite=args.overwrite,
         )
     )
 
@@ -307,6 +320,7 @@ def _run_kuairand(args: argparse.Namespace) -> int:
             policy=_policy(args),
             source=args.source,
             simulated=args.simulated,
+            overwrite=args.overwrite,
         )
     )
 
@@ -340,5 +354,6 @@ def _run_generic(args: argparse.Namespace) -> int:
         policy=_policy(args),
         source=args.source,
         simulated=args.simulated,
+        overwrite=args.overwrite,
     )
     return _finish(summary)

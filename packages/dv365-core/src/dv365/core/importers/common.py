@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 import numpy as np
@@ -23,10 +25,28 @@ from dv365.core.catalog import Catalog
 from dv365.core.errors import DatasetError, Dv365Error
 from dv365.core.fsio import url_to_fs
 from dv365.core.timeline import DatasetWriter
-from dv365.core.validation import ValidationPolicy
+from dv365.core.validation import ValidationPolicy, plausible_ts_range
 
 # One table for the writer: (kind, table, name of its origin for error messages, e.g. "ratings.csv").
 Part = tuple[str, pa.Table, str]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Tables made from the same input rows, added in one :meth:`DatasetWriter.add` call.
+
+    Args:
+        tables: ``{kind: table}``.
+        origins: ``{kind: name for error messages}``.
+        requests_of: request row ``i`` was made from row ``i`` of this kind's table: a record that validation
+            drops there takes its request with it (never a request without its event).
+        value_range: the explicit ``value`` must lie in it (see :class:`ValidationPolicy`), e.g. a rating scale.
+    """
+
+    tables: Mapping[str, pa.Table]
+    origins: Mapping[str, str]
+    requests_of: str | None = None
+    value_range: tuple[float, float] | None = None
 
 
 class MappingError(Dv365Error, ValueError):
@@ -96,29 +116,52 @@ def url_exists(url: str) -> bool:
     return bool(fs.exists(path))
 
 
-def read_bytes(url: str) -> bytes:
-    """Whole content of a file; :class:`DatasetError` naming it if it is not there."""
+# what reading a truncated or corrupt compressed file raises (gzip/bz2/lzma: EOFError, OSError; zlib.error)
+_READ_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+
+
+def _input_path(url: str) -> tuple[Any, str]:
+    """The file system and path of an input file; :class:`DatasetError` if it is missing or a folder."""
     fs, path = url_to_fs(url)
     if not fs.exists(path):
         raise DatasetError(f"{url}: file not found")
-    with fs.open(path, "rb", compression="infer") as f:
-        return cast(bytes, f.read())
+    if fs.isdir(path):
+        raise DatasetError(f"{url}: is a folder, expected a file")
+    return fs, path
+
+
+def unreadable(url: str, e: BaseException) -> DatasetError:
+    """The error for a file that cannot be read to its end (truncated or corrupt compression, I/O error)."""
+    return DatasetError(f"{url}: cannot read the file to its end (truncated or corrupt?): {type(e).__name__}: {e}")
+
+
+def read_bytes(url: str) -> bytes:
+    """Whole content of a file; :class:`DatasetError` naming it if it is not there, is a folder or is truncated."""
+    fs, path = _input_path(url)
+    try:
+        with fs.open(path, "rb", compression="infer") as f:
+            return cast(bytes, f.read())
+    except _READ_ERRORS as e:
+        raise unreadable(url, e) from e
 
 
 def open_input(url: str, data: bytes | None) -> AbstractContextManager[Any]:
     """``url`` opened for binary reading (decompressed by its suffix), or ``data`` when given."""
     if data is not None:
         return io.BytesIO(data)
-    fs, path = url_to_fs(url)
-    if not fs.exists(path):
-        raise DatasetError(f"{url}: file not found")
+    fs, path = _input_path(url)
     return cast(AbstractContextManager[Any], fs.open(path, "rb", compression="infer"))
 
 
 def csv_header(url: str, delimiter: str = ",", data: bytes | None = None) -> list[str]:
     """Column names in the first line of a delimited file (a UTF-8 BOM is ignored)."""
-    with open_input(url, data) as f:
-        first = f.readline()
+    try:
+        with open_input(url, data) as f:
+            first = f.readline()
+    except DatasetError:
+        raise
+    except _READ_ERRORS as e:
+        raise unreadable(url, e) from e
     text = first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
     return next(csv.reader([text], delimiter=delimiter), [])
 
@@ -144,6 +187,7 @@ def iter_csv(
     quoted: bool = True,
     data: bytes | None = None,
     block_size: int = 1 << 24,
+    allow_empty: bool = False,
 ) -> Iterator[pa.Table]:
     """Reads ``columns`` of a delimited file block by block (pyarrow.csv, constant memory).
 
@@ -156,6 +200,11 @@ def iter_csv(
         quoted: whether ``"`` quotes fields.
         data: parse these bytes instead of reading ``url``.
         block_size: bytes per block (one yielded table per block).
+        allow_empty: a file without data rows is fine (else :class:`DatasetError`: "no rows").
+
+    Raises:
+        DatasetError: naming the file: a missing column, no data rows, a folder, a truncated or corrupt
+            file, or a line that does not parse (named by its line number where it can be found).
     """
     if column_names is None:
         require_columns(csv_header(url, delimiter, data), columns, url)
@@ -166,12 +215,47 @@ def iter_csv(
     conv = pacsv.ConvertOptions(
         include_columns=list(dict.fromkeys(columns)), column_types=dict(column_types or {}), strings_can_be_null=True
     )
+    rows = 0
     try:
         with open_input(url, data) as f:
             for batch in pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv):
+                rows += batch.num_rows
                 yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{url}: cannot parse: {e}") from e
+        line = _bad_line(url, data, str(e), delimiter, quoted, has_header=column_names is None)
+        raise DatasetError(f"{url}: cannot parse{f' line {line}' if line else ''}: {e}") from e
+    except DatasetError:
+        raise
+    except _READ_ERRORS as e:
+        raise unreadable(url, e) from e
+    if not rows and not allow_empty:
+        raise DatasetError(f"{url}: no rows (the file has {'only a header' if column_names is None else 'no lines'})")
+
+
+_TOO_MANY = re.compile(r"Expected (\d+) columns, got (\d+)")
+_BAD_VALUE = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'$", re.S)
+
+
+def _bad_line(url: str, data: bytes | None, message: str, delimiter: str, quoted: bool, has_header: bool) -> int | None:
+    """Line number (1-based, counting the header) of the line an Arrow CSV error is about: the first line
+    with the field count or the invalid value it quotes; ``None`` if it cannot be found."""
+    count, value = _TOO_MANY.search(message), _BAD_VALUE.search(message)
+    if count is None and value is None:
+        return None
+    try:
+        with open_input(url, data) as f:
+            text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
+            reader = csv.reader(text, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
+            for row in reader:
+                if has_header and reader.line_num == 1:
+                    continue
+                if count is not None and len(row) == int(count.group(2)):
+                    return reader.line_num
+                if value is not None and int(value.group(1)) < len(row) and row[int(value.group(1))] == value.group(2):
+                    return reader.line_num
+    except (*_READ_ERRORS, csv.Error):
+        return None
+    return None
 
 
 def block_origin(name: str, first_row: int) -> str:
@@ -195,29 +279,42 @@ def gather_topics(catalog: Catalog, rows: np.ndarray) -> pa.ListArray:
 
 def write_parts(
     out_url: str | os.PathLike[str],
-    parts: Iterable[Part],
+    parts: Iterable[Part | Block],
     *,
     source: str,
     extra: Mapping[str, Any],
     num_buckets: int,
     policy: ValidationPolicy,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Feeds ``(kind, table, origin)`` parts to a :class:`DatasetWriter`; ``simulated`` marks a dataset that a
+    """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`, with the policy's
+    ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set; ``simulated`` marks a dataset that a
     simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
+
+    ``overwrite`` replaces a dataset at ``out_url`` when the new one is complete (until then, and if the import
+    fails, the old one stays as it was).
 
     Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
     """
+    if policy.ts_range is None:
+        policy = replace(policy, ts_range=plausible_ts_range())
     w = DatasetWriter(
-        str(out_url), num_buckets=num_buckets, source=source, simulated=simulated, policy=policy, extra=dict(extra)
+        str(out_url),
+        num_buckets=num_buckets,
+        source=source,
+        simulated=simulated,
+        policy=policy,
+        extra=dict(extra),
+        mode="overwrite" if overwrite else "create",
     )
-    for kind, table, origin in parts:
-        w.add(
-            explicit=table if kind == "explicit" else None,
-            implicit=table if kind == "implicit" else None,
-            requests=table if kind == "requests" else None,
-            source=origin,
-        )
+    for item in parts:
+        if isinstance(item, Block):
+            block_policy = policy if item.value_range is None else replace(policy, value_range=item.value_range)
+            w.add(**item.tables, source=item.origins, requests_of=item.requests_of, policy=block_policy)
+            continue
+        kind, table, origin = item
+        w.add(**{kind: table}, source=origin)
     stats = w.close().stats
     return {
         "source": source,

@@ -4,9 +4,11 @@ A :class:`ColumnMapping` says which source column feeds each UniTi field of one 
 (``{"user_id": "uid", "ts": "time", ...}``), which fields are constants (``{"action": "like"}``), the
 unit of the timestamps (s/ms/us/ns) and of durations (s/ms), and the separator of topic ids given as one
 delimited string. Values are converted as far as cleanly possible (strings of digits -> ints, ISO dates
--> unix seconds, ``"3|5"`` -> ``[3, 5]``); anything that does not convert is passed on unchanged so the
-writer's validation rejects it with a :class:`~dv365.core.errors.TimelineError` naming the user, the
-field and the value.
+-> unix seconds, ``"3|5"`` -> ``[3, 5]``), value by value: a value that does not convert is passed on
+unchanged, so the writer's validation rejects that record alone with a
+:class:`~dv365.core.errors.TimelineError` naming the record, the user, the field (and its source column)
+and the value. Ids are never read through float64: a column of ids that holds ``"5.0"`` keeps every id exact
+and rejects the ``"5.0"`` record.
 
 Files are read through fsspec (a local path, ``memory://``, ``s3://``, ...), in blocks, so the input
 may be larger than memory; ``.gz``/``.bz2``/``.zst``/``.xz`` CSVs are decompressed on the fly.
@@ -27,11 +29,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from dv365.core.errors import DatasetError
+from dv365.core.errors import DatasetError, TimelineError
 from dv365.core.importers.common import (
     ImportSummary,
     MappingError,
     Part,
+    block_origin,
     iter_csv,
     open_input,
     read_bytes,
@@ -138,8 +141,8 @@ class ColumnMapping:
             return to_unix_seconds(arr, self.time_unit)
         if name == "topic_ids":
             return to_id_lists(arr, self.list_sep)
-        if name in _INT_FIELDS:
-            return _try_cast(arr, pa.int64(), pa.float64())
+        if name in _INT_FIELDS:  # exact: strings that are not integers stay strings (validation names them)
+            return _exact_float_ids(arr) if pa.types.is_floating(arr.type) else _try_cast(arr, pa.int64())
         if name in _DURATION_FIELDS:
             return _scale(_try_cast(arr, pa.float64()), DURATION_UNITS[self.duration_unit])
         if name == "value":
@@ -194,6 +197,19 @@ def _try_cast(arr: pa.Array, *types: pa.DataType) -> pa.Array:
     return arr
 
 
+def _exact_float_ids(arr: pa.Array) -> pa.Array:
+    """A float column of ids (e.g. Parquet float64) unchanged, unless it holds values beyond 2^53, which a
+    float cannot hold exactly (two ids may have become one): then ids as text, those values as the float's
+    text, so validation rejects them by name."""
+    f64 = arr.cast(pa.float64())
+    inexact = pc.fill_null(pc.and_(pc.is_finite(f64), pc.greater(pc.abs(f64), float(2**53))), False)
+    if not pc.any(inexact).as_py():
+        return arr
+    exact = pc.fill_null(pc.and_(pc.invert(inexact), pc.equal(pc.floor(f64), f64)), False)
+    as_int = pc.if_else(exact, f64, 0.0).cast(pa.int64()).cast(pa.string())
+    return pc.if_else(exact, as_int, f64.cast(pa.string()))
+
+
 def _scale(arr: pa.Array, divisor: float) -> pa.Array:
     if divisor == 1.0 or not pa.types.is_floating(arr.type):
         return arr
@@ -208,8 +224,7 @@ def to_unix_seconds(arr: pa.Array, unit: str = "s") -> pa.Array:
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
         return arr.cast(pa.timestamp("s"), safe=False).cast(pa.int64())
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        num = _try_cast(arr, pa.int64(), pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"))
-        return arr if num is arr else to_unix_seconds(num, unit)
+        return _text_to_unix_seconds(arr, unit)
     scale = TIME_UNITS[unit]
     if pa.types.is_integer(t):
         vals = arr.fill_null(0).to_numpy().astype(np.int64) // scale
@@ -217,6 +232,51 @@ def to_unix_seconds(arr: pa.Array, unit: str = "s") -> pa.Array:
     if pa.types.is_floating(t):
         return pc.floor(pc.divide(arr.cast(pa.float64()), float(scale)))
     return arr
+
+
+_TIME_TEXT_TYPES = (pa.int64(), pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", tz="UTC"))
+
+
+def _text_to_unix_seconds(arr: pa.Array, unit: str) -> pa.Array:
+    """Timestamp strings as unix seconds: the whole column if it casts cleanly to one of the time types.
+    Otherwise value by value: values that cannot be a time (not starting with a digit) are left as read at
+    once, the others are converted in halves, down to single values, so a bad (or differently written) value
+    leaves only itself unconverted. The result is then a string column: converted values as decimal
+    seconds, the others as read (validation rejects those records alone, naming the value)."""
+    num = _try_cast(arr, *_TIME_TEXT_TYPES)
+    if num is not arr:
+        return to_unix_seconds(num, unit)
+    text = arr.cast(pa.string())
+    plausible = pc.fill_null(pc.match_substring_regex(text, r"^\s*[+-]?\.?[0-9]"), False)
+    idx = np.flatnonzero(plausible.to_numpy(zero_copy_only=False))
+    if not len(idx):
+        return arr
+    converted = _as_text(_halves_to_unix_seconds(text.take(pa.array(idx)), unit))
+    return pc.replace_with_mask(text, plausible, converted)
+
+
+def _halves_to_unix_seconds(arr: pa.Array, unit: str) -> pa.Array:
+    """:func:`to_unix_seconds` of ``arr`` if it casts cleanly, else of each half (recursively); see above."""
+    num = _try_cast(arr, *_TIME_TEXT_TYPES)
+    if num is not arr:
+        return to_unix_seconds(num, unit)
+    if len(arr) <= 1:
+        return arr
+    half = len(arr) // 2
+    pieces = [_halves_to_unix_seconds(arr.slice(0, half), unit), _halves_to_unix_seconds(arr.slice(half), unit)]
+    if all(pa.types.is_integer(p.type) for p in pieces):
+        return pa.concat_arrays(pieces)
+    return pa.concat_arrays([_as_text(p) for p in pieces])
+
+
+def _as_text(arr: pa.Array) -> pa.Array:
+    """Seconds (int or float) as decimal strings (integral floats without ``.0``); strings unchanged."""
+    if pa.types.is_floating(arr.type):
+        exact = pc.and_(pc.is_finite(arr), pc.less(pc.abs(arr), 2.0**63))
+        integral = pc.fill_null(pc.and_(exact, pc.equal(pc.floor(arr), arr)), False)
+        as_int = pc.if_else(integral, arr, 0.0).cast(pa.int64()).cast(pa.string())
+        return pc.if_else(integral, as_int, arr.cast(pa.string()))
+    return arr.cast(pa.string())
 
 
 def to_id_lists(arr: pa.Array, sep: str = ",") -> pa.Array:
@@ -301,6 +361,7 @@ def import_generic(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> GenericSummary:
     """Imports one CSV/TSV/Parquet file of events of one kind, columns mapped to UniTi fields.
 
@@ -318,6 +379,7 @@ def import_generic(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"generic:<file name>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Example::
 
@@ -332,8 +394,10 @@ def import_generic(
 
     def parts() -> Iterator[Part]:
         for batch in iter_table_file(str(path), cm.source_columns):
+            yield kind, cm.to_uniti(batch), block_origin(name, counts["rows"])
             counts["rows"] += batch.num_rows
-            yield kind, cm.to_uniti(batch), name
+        if not counts["rows"]:
+            raise DatasetError(f"{path}: no rows")
         logger.info(f"{path}: {counts['rows']:,} rows of {kind} events")
 
     extra = {
@@ -345,9 +409,29 @@ def import_generic(
         "time_unit": time_unit,
         "duration_unit": duration_unit,
     }
-    base = write_parts(
-        out_url, parts(), source=src, extra=extra, num_buckets=num_buckets, policy=policy, simulated=simulated
-    )
+    try:
+        base = write_parts(
+            out_url,
+            parts(),
+            source=src,
+            extra=extra,
+            num_buckets=num_buckets,
+            policy=policy,
+            simulated=simulated,
+            overwrite=overwrite,
+        )
+    except TimelineError as e:
+        if e.record is None or e.field not in cm.columns:
+            raise
+        raise TimelineError(
+            e.field,
+            e.value,
+            e.reason,
+            user_id=e.user_id,
+            record=e.record,
+            source=e.source,
+            detail="; ".join(filter(None, [e.detail, f"source column {cm.columns[e.field]!r}"])),
+        ) from None
     return GenericSummary(**base, rows=counts["rows"])
 
 

@@ -31,9 +31,9 @@ import pyarrow as pa
 
 from dv365.core.catalog import Catalog, load_kuairand_catalog
 from dv365.core.importers.common import (
+    Block,
     ImportSummary,
     MappingError,
-    Part,
     block_origin,
     gather_topics,
     iter_csv,
@@ -66,6 +66,7 @@ LABELS: dict[str, str] = {
     "label_forward": "is_forward",
     "label_hate": "is_hate",
     "label_long_view": "long_view",
+    "label_profile_enter": "is_profile_enter",
     "label_watch_time": "play_time_ms",
 }
 VIDEO_TYPES: dict[str, str] = {"NORMAL": "video", "AD": "ad"}
@@ -172,8 +173,10 @@ def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table) ->
     return pa.table(cols)
 
 
-def _log_parts(t: pa.Table, origin: str, j: _Join) -> tuple[list[Part], np.ndarray]:
-    """One block of log rows -> implicit events, flag events, requests; plus the video ids not in the catalog."""
+def _log_block(t: pa.Table, origin: str, j: _Join) -> tuple[Block, np.ndarray]:
+    """One block of log rows -> implicit events, flag events, requests; plus the video ids not in the catalog.
+
+    An impression that validation drops (e.g. NaN dwell) takes its request with it."""
     media, rows = _media(t, j)
     duration = _durations(t, rows, j)
     play = _f64(t, "play_time_ms") / 1000.0
@@ -184,13 +187,13 @@ def _log_parts(t: pa.Table, origin: str, j: _Join) -> tuple[list[Part], np.ndarr
             "dwell_time": pa.array(play.astype(np.float32), pa.float32(), mask=np.isnan(play)),
         }
     )
-    parts: list[Part] = [
-        ("implicit", implicit, origin),  # first: its records are the log rows, so errors point at them
-        ("explicit", _flag_events(media, t), f"{origin} (flag events)"),
-        ("requests", _requests(media, duration, t), f"{origin} (requests)"),
-    ]
+    block = Block(
+        {"implicit": implicit, "explicit": _flag_events(media, t), "requests": _requests(media, duration, t)},
+        {"implicit": origin, "explicit": f"{origin} (flag events)", "requests": f"{origin} (requests)"},
+        requests_of="implicit",  # validated first: its records are the log rows, so errors point at them
+    )
     vids = media["media_id"].fill_null(-1).to_numpy(zero_copy_only=False)
-    return parts, vids[(rows < 0) & (vids >= 0)]
+    return block, vids[(rows < 0) & (vids >= 0)]
 
 
 def import_kuairand(
@@ -203,6 +206,7 @@ def import_kuairand(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> KuaiRandSummary:
     """Imports KuaiRand log CSVs into one UniTi dataset (implicit + explicit events, requests).
 
@@ -216,6 +220,7 @@ def import_kuairand(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"kuairand:<file names>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Raises:
         DatasetError: a missing file, a missing log column (named, with the file), an unparsable value.
@@ -237,15 +242,15 @@ def import_kuairand(
     counts = {"log_rows": 0, "rows_not_in_catalog": 0}
     missing: set[int] = set()
 
-    def parts() -> Iterator[Part]:
+    def parts() -> Iterator[Block]:
         for path in files:
             name, start = posixpath.basename(path), 0
             for t in iter_csv(path, LOG_COLUMNS, column_types=_LOG_TYPES):
-                block, not_found = _log_parts(t, block_origin(name, start), join)
+                block, not_found = _log_block(t, block_origin(name, start), join)
                 start += t.num_rows
                 counts["rows_not_in_catalog"] += len(not_found)
                 missing.update(np.unique(not_found).tolist())
-                yield from block
+                yield block
             counts["log_rows"] += start
             logger.info(f"{path}: {start:,} log rows")
 
@@ -266,6 +271,7 @@ def import_kuairand(
         num_buckets=num_buckets,
         policy=policy,
         simulated=simulated,
+        overwrite=overwrite,
     )
     return KuaiRandSummary(
         **base,

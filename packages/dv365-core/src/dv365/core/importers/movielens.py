@@ -28,6 +28,7 @@ import pyarrow as pa
 from dv365.core.catalog import Catalog
 from dv365.core.errors import DatasetError
 from dv365.core.importers.common import (
+    Block,
     ImportSummary,
     Part,
     block_origin,
@@ -104,6 +105,7 @@ LABELS: dict[str, str] = {
     "label_rate_5": "1.0 if rating == 5",
     "label_rate_le2": "1.0 if rating <= 2",
 }
+RATING_SCALE: tuple[float, float] = (0.5, 5.0)  # every MovieLens layout rates on (a part of) this scale
 _RATING_COLUMNS = ("user_id", "media_id", "rating", "ts")
 _RATING_TYPES = {"user_id": pa.int64(), "media_id": pa.int64(), "rating": pa.float64(), "ts": pa.int64()}
 
@@ -192,7 +194,10 @@ def _movie_catalog(movies: list[tuple[int, list[str]]], genres: GenreIds) -> Cat
 # ------------------------------------------------------------------------------------------------------
 def _latin1_lines(url: str) -> list[tuple[int, str]]:
     text = read_bytes(url).decode("latin-1")
-    return [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DatasetError(f"{url}: no rows (the file is empty)")
+    return lines
 
 
 def _movies_latest(src: str) -> list[tuple[int, list[str]]]:
@@ -280,7 +285,7 @@ def _tags(src: str, layout: str) -> Iterator[tuple[pa.Table, str]]:
         return
     cols = ["userId", "movieId", "timestamp"]
     start = 0
-    for t in iter_csv(url, cols, column_types={c: pa.int64() for c in cols}):
+    for t in iter_csv(url, cols, column_types={c: pa.int64() for c in cols}, allow_empty=True):  # optional file
         yield t.rename_columns(["user_id", "media_id", "ts"]), block_origin("tags.csv", start)
         start += t.num_rows
 
@@ -306,13 +311,16 @@ def _media_columns(t: pa.Table, movies: Catalog, unknown: set[int]) -> dict[str,
     }
 
 
-def _rating_parts(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) -> list[Part]:
-    """One block of ratings -> explicit events (rating bands) and requests (rating labels)."""
+def _rating_block(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) -> Block:
+    """One block of ratings -> explicit events (rating bands) and their requests (rating labels).
+
+    The rating must lie on :data:`RATING_SCALE` (validated as the event's ``value``; missing, NaN or outside
+    is rejected naming it); a rating event that validation drops takes its request with it."""
     rating = t.column("rating").combine_chunks().cast(pa.float64())
     r = rating.fill_null(np.nan).to_numpy(zero_copy_only=False)
     missing = np.isnan(r)
+    # a missing rating gets a band too: its record is rejected for its value, not for a missing action
     action = np.where(r >= 4, "rate_high", np.where(r <= 2, "rate_low", "rate_mid")).astype(object)
-    action[missing] = None
 
     def label(x: np.ndarray) -> pa.Array:
         return pa.array(x.astype(np.float32), pa.float32(), mask=missing)
@@ -329,7 +337,12 @@ def _rating_parts(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) ->
             "label_rate_le2": label(r <= 2),
         }
     )
-    return [("explicit", explicit, name), ("requests", requests, name)]
+    return Block(
+        {"explicit": explicit, "requests": requests},
+        {"explicit": name, "requests": f"{name} (requests)"},
+        requests_of="explicit",
+        value_range=RATING_SCALE,
+    )
 
 
 def _tag_part(t: pa.Table, origin: str, movies: Catalog, unknown: set[int]) -> Part:
@@ -352,6 +365,7 @@ def import_movielens(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    overwrite: bool = False,
 ) -> MovieLensSummary:
     """Imports a MovieLens folder into a UniTi dataset (explicit events + rating requests).
 
@@ -364,6 +378,7 @@ def import_movielens(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"movielens:<folder name>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Returns:
         A :class:`MovieLensSummary`; on ml-latest-small: 610 users, 100,836 ratings, 3,683 tags.
@@ -391,10 +406,10 @@ def import_movielens(
     counts = {"ratings": 0, "tags": 0}
     unknown: set[int] = set()
 
-    def parts() -> Iterator[Part]:
+    def parts() -> Iterator[Part | Block]:
         for t, name in _ratings(src, layout):
             counts["ratings"] += t.num_rows
-            yield from _rating_parts(t, name, movies, unknown)
+            yield _rating_block(t, name, movies, unknown)
         logger.info(f"{join_url(src, LAYOUT_FILES[layout][0])}: {counts['ratings']:,} ratings")
         for t, origin in _tags(src, layout):
             counts["tags"] += t.num_rows
@@ -411,7 +426,14 @@ def import_movielens(
         "labels": LABELS,
     }
     base = write_parts(
-        out_url, parts(), source=tag, extra=extra, num_buckets=num_buckets, policy=policy, simulated=simulated
+        out_url,
+        parts(),
+        source=tag,
+        extra=extra,
+        num_buckets=num_buckets,
+        policy=policy,
+        simulated=simulated,
+        overwrite=overwrite,
     )
     return MovieLensSummary(
         **base,
