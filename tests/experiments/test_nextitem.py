@@ -193,6 +193,7 @@ def test_recovered_fraction_on_made_up_numbers() -> None:
     }
     s = summarize(res)["sasrec/K=20"]
     assert s["R"]["all"]["short-20+dv365"]["HR@10"]["mean"] == pytest.approx(0.4333, abs=1e-4)
+    assert s["verdicts"]["full beats short-20 (HR@10)"] is True
     assert s["verdicts"]["short-20+dv365 beats short-20 (HR@10)"] is True
     assert s["verdicts"]["short-20+dv365 beats short-20+mean (HR@10)"] is True
     assert s["verdicts"]["short-20+mean beats short-20 (HR@10)"] is False  # +0.0067 ± 0.0058: noise

@@ -84,6 +84,11 @@ def summarize(res: Mapping[str, Any]) -> dict[str, Any]:
                             block["R"].setdefault(subset, {}).setdefault(arm, {})[mt] = recovered_fraction(
                                 m["full"][mt], m[short][mt], m[arm][mt]
                             )
+                if "full" in m and short in m:
+                    for mt in HEADLINE:
+                        block["deltas"].setdefault(subset, {}).setdefault("full", {})[mt] = paired_delta(
+                            m["full"][mt], m[short][mt]
+                        )
                 if f"{short}+dv365" in m and f"{short}+mean" in m:
                     for mt in HEADLINE:
                         block["deltas"][subset].setdefault("dv365-vs-mean", {})[mt] = paired_delta(
@@ -92,6 +97,8 @@ def summarize(res: Mapping[str, Any]) -> dict[str, Any]:
             d = block["deltas"].get("all", {})
             v = block["verdicts"]
             for mt in HEADLINE:
+                if "full" in d:  # R is only meaningful where the long history helps beyond noise
+                    v[f"full beats {short} ({mt})"] = beyond(d["full"][mt])
                 if f"{short}+dv365" in d:
                     v[f"{short}+dv365 beats {short} ({mt})"] = beyond(d[f"{short}+dv365"][mt])
                 if f"{short}+mean" in d:
@@ -146,7 +153,8 @@ def markdown(res: Mapping[str, Any], summary: Mapping[str, Any], png: str | None
         f"{res['model']['heads']} head, dropout {res['model']['dropout']}; sampled softmax "
         f"({res['train']['negatives']} uniform negatives per position), temperature {res['train']['temperature']}, "
         f"AdamW lr {res['train']['lr']}, batch {res['train']['batch_size']}, up to {res['train']['epochs']} epochs "
-        f"(validation every {res['train']['val_every']} steps, patience {res['train']['patience']})",
+        + (f"(full arm: {res['train']['full_epochs']}) " if res["train"].get("full_epochs") else "")
+        + f"(validation every {res['train']['val_every']} steps, patience {res['train']['patience']})",
         f"- arms: full (last {res['max_len']} items) | short-K (last K) | short-K+mean (mean of the model's item "
         "embeddings of every item older than the window) | short-K+dv365 (the DV365 embedding of every event older "
         "than the window: cut at the window's first item). Training windows: consecutive chunks of K (full: "
@@ -167,6 +175,10 @@ def markdown(res: Mapping[str, Any], summary: Mapping[str, Any], png: str | None
     if png:
         L.append(f"![HR@10 per arm]({png})\n")
     L.append("## Verdicts (counted only beyond noise: |mean| > 2·std/√n of the seed-paired difference)\n")
+    L.append(
+        "R is read only where `full beats short-K` is yes: otherwise the long history adds nothing measurable "
+        "to recover (e.g. under-trained quick models).\n"
+    )
     for key, block in summary.items():
         for name, ok in block["verdicts"].items():
             L.append(f"- {key}: {name} beyond noise: **{'yes' if ok else 'no'}**")
@@ -180,7 +192,8 @@ def markdown(res: Mapping[str, Any], summary: Mapping[str, Any], png: str | None
             sel = fus.get(f"{k}/{extra}")
             if sel:
                 vals = ", ".join(f"{m} {v:.4f}" for m, v in sel["val_hr10"].items())
-                L.append(f"- fusion for +{extra}: **{sel['chosen']}** (validation HR@10 over the first seeds: {vals})")
+                why = f"validation HR@10 over the first seeds: {vals}" if vals else "the only mode configured"
+                L.append(f"- fusion for +{extra}: **{sel['chosen']}** ({why})")
         L.append("")
         for subset, title in (("all", "all users"), ("long", f"users with more than {k + res['long_margin']} items")):
             arms = block["arms"][subset]
@@ -200,8 +213,7 @@ def markdown(res: Mapping[str, Any], summary: Mapping[str, Any], png: str | None
                 L.append("|---|---|---|---|---|")
                 for arm, dd in d.items():
                     rr = r.get(arm, {})
-                    label = arm if arm != "dv365-vs-mean" else f"short-{k}+dv365 − short-{k}+mean"
-                    label = label if arm == "dv365-vs-mean" else f"{arm} − short-{k}"
+                    label = f"short-{k}+dv365 − short-{k}+mean" if arm == "dv365-vs-mean" else f"{arm} − short-{k}"
                     L.append(
                         f"| {label} | {_stat(dd['HR@10'], 4)} | {_stat(dd['NDCG@10'], 4)} | "
                         f"{_stat(rr['HR@10'], 2) if rr else ''} | {_stat(rr['NDCG@10'], 2) if rr else ''} |"

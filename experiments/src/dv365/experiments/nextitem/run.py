@@ -3,6 +3,7 @@ user's older history (``nextitem`` package docstring)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -99,7 +100,10 @@ class _Runner:
         if extra == "dv365" and data.cache is not None:
             rows = torch.from_numpy(data.cache.index["train"])
             model.fit_standardization(data.cache.tokens[rows], data.cache.present[rows])
-        fr = fit(model, data, self.s.train, seed, self.progress)
+        fs = self.s.train
+        if k == self.s.sequence.max_len and extra == "none" and fs.full_epochs:
+            fs = dataclasses.replace(fs, epochs=fs.full_epochs)
+        fr = fit(model, data, fs, seed, self.progress)
         val = mean_metrics(evaluate(model, data, "val", self.s.train.eval_batch_size))
         ranks = evaluate(model, data, "test", self.s.train.eval_batch_size)
         logger.info(

@@ -96,6 +96,8 @@ class Settings:
             raise NextItemError(f"sequence.min_items = {self.sequence.min_items}: leave-one-out needs >= 3")
         if self.model.dim % self.model.heads:
             raise NextItemError(f"model.dim = {self.model.dim} is not divisible by model.heads = {self.model.heads}")
+        if self.train.full_epochs < 0:
+            raise NextItemError(f"train.full_epochs = {self.train.full_epochs}: must be >= 0 (0: train.epochs)")
         if self.train.epochs < 1 or self.train.val_every < 1 or self.train.batch_size < 1:
             raise NextItemError(f"train = {self.train}: epochs, val_every and batch_size must be >= 1")
 

@@ -141,6 +141,7 @@ class FitSettings:
     weight_decay: float = 0.0
     batch_size: int = 128
     epochs: int = 101
+    full_epochs: int = 0  # epochs of the ``full`` arm (0: ``epochs``); its epoch has ~K/200 of a short arm's steps
     val_every: int = 50
     patience: int = 0  # validations without improvement before stopping (0: never)
     eval_batch_size: int = 512
