@@ -255,3 +255,31 @@ def test_cli_end_to_end_with_fake_provider(
     )
     # the provider was trained only up to each user's validation target
     assert isinstance(seen["val"], dict) and len(seen["val"]) == res["facts"]["users"]
+
+
+def test_training_is_reproducible_for_a_seed() -> None:
+    from dv365.experiments.nextitem.train import FitSettings, fit
+
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.arange(6), 12)
+    s = Sequences.from_events(user, rng.integers(0, 15, len(user)), np.tile(np.arange(12) * 60, 6))
+    data = ArmData(s, {"train": s.train_windows(4), "val": s.eval_windows("val", 4), "test": s.eval_windows("test", 4)})
+    fs = FitSettings(negatives=4, batch_size=4, epochs=2, val_every=2)
+
+    def run(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        m = NextItemModel(ModelConfig(EncoderConfig(dim=8, ffn_hidden=8, dropout=0.2), s.num_items, 4))
+        fit(m, data, fs, seed)
+        return m.state_dict()
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_dataset_path_without_uniti_data_is_refused(tmp_path: Path) -> None:
+    from dv365.experiments.nextitem.data import NextItemError
+    from dv365.experiments.nextitem.run import dataset_url
+
+    with pytest.raises(NextItemError, match="UniTi folder"):
+        dataset_url(str(tmp_path), load_settings(default_config("movielens", True)), tmp_path, False)
