@@ -24,8 +24,8 @@ from dv365.experiments.nextitem.train import ArmData, mean_metrics, per_user_met
 
 
 class FakeProvider:
-    """A :class:`DistantHistoryProvider` without DV365: a fixed function of (user, cut); users divisible by 3
-    are missing. Records every call."""
+    """A :class:`DistantHistoryProvider` without DV365: a fixed function of (user, cut), so a wrong cut shows;
+    users divisible by 3 are missing. Records every call."""
 
     out_tokens, dim = 58, 8
 
@@ -35,8 +35,9 @@ class FakeProvider:
     def embed(self, user_ids: np.ndarray, cut_ts: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         self.calls.append((np.asarray(user_ids).copy(), np.asarray(cut_ts).copy()))
         u = torch.as_tensor(np.asarray(user_ids, np.float64))[:, None, None]
+        c = torch.as_tensor(np.asarray(cut_ts, np.float64))[:, None, None]
         grid = torch.arange(self.out_tokens * self.dim, dtype=torch.float64).reshape(1, self.out_tokens, self.dim)
-        return torch.sin(u + 0.1 * grid).float(), np.asarray(user_ids) % 3 != 0
+        return torch.sin(u + 0.1 * grid + 1e-3 * c).float(), np.asarray(user_ids) % 3 != 0
 
 
 def _seqs() -> Sequences:
