@@ -169,7 +169,8 @@ def markdown(res: Mapping[str, Any], summary: Mapping[str, Any], png: str | None
         )
         + "; share of windows with an embedding (present): "
         + ", ".join(f"K={k}: {v:.2f}" for k, v in res["provider"]["present_share"].items()),
-        f"- seeds {res['seeds']}; long-history users: more than K + {res['long_margin']} items",
+        f"- seeds {res['seeds']}; long-history users: more than K + {res['long_margin']} items; models trained on "
+        f"`{res.get('device', 'cpu')}`, serving cost measured on the CPU",
         "",
     ]
     if png:

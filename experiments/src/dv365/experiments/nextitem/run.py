@@ -72,9 +72,16 @@ def facts(seqs: Sequences, s: Settings) -> dict[str, Any]:
     }
 
 
-def arm_data(seqs: Sequences, k: int, extra: str, cache: DistantCache | None = None) -> ArmData:
+def arm_data(seqs: Sequences, k: int, extra: str, cache: DistantCache | None = None, device: str = "cpu") -> ArmData:
     windows = {"train": seqs.train_windows(k), "val": seqs.eval_windows("val", k), "test": seqs.eval_windows("test", k)}
-    return ArmData(seqs, windows, extra, cache)
+    return ArmData(seqs, windows, extra, cache, device=device)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 class _Runner:
@@ -96,7 +103,7 @@ class _Runner:
     ) -> tuple[NextItemModel, dict[str, Any]]:
         torch.manual_seed(seed)
         np.random.seed(seed)
-        model = self.model(enc, k, extra, fusion, dv_shape)
+        model = self.model(enc, k, extra, fusion, dv_shape).to(data.device)
         if extra == "dv365" and data.cache is not None:
             rows = torch.from_numpy(data.cache.index["train"])
             model.fit_standardization(data.cache.tokens[rows], data.cache.present[rows])
@@ -171,6 +178,7 @@ def run_nextitem(
     if seeds is not None and seeds < 1:
         raise NextItemError(f"--seeds {seeds}: must be >= 1")
     seed_list = list(range(seeds if seeds is not None else s.seeds))
+    device = resolve_device(device)
     name, url = dataset_url(dataset, s, Path(data_dir), progress)
     seqs, simulated = load_sequences(url, s.sequence.source, tuple(s.sequence.actions), s.sequence.min_items)
     logger.info(f"nextitem: {len(seqs.user_ids)} users, {seqs.num_items} items, {len(seqs.items)} events ({url})")
@@ -193,7 +201,7 @@ def run_nextitem(
         for k in s.short:
             plan += [(arm_name(k, e), k, e) for e in ("none", "mean", "dv365")]
         for aname, k, extra in plan:
-            data = arm_data(seqs, k, extra, caches.get(k) if extra == "dv365" else None)
+            data = arm_data(seqs, k, extra, caches.get(k) if extra == "dv365" else None, device)
             fusions = tuple(s.fusion) if extra != "none" else ("none",)
             runs, sel, model0 = runner.run_arm(enc, data, k, extra, fusions, dv_shape)
             if sel:
@@ -217,6 +225,7 @@ def run_nextitem(
         "simulated": simulated,
         "label": "SIMULATED" if simulated else "REAL",
         "seeds": seed_list,
+        "device": device,
         "short": list(s.short),
         "max_len": s.sequence.max_len,
         "long_margin": s.long_margin,

@@ -107,6 +107,7 @@ class ArmData:
     extra: str = "none"
     cache: DistantCache | None = None
     dist_end: dict[str, np.ndarray] = field(default_factory=dict)
+    device: str = "cpu"  # where batches are put (the cache stays on the CPU)
 
     def __post_init__(self) -> None:
         if self.extra == "mean":
@@ -127,7 +128,7 @@ class ArmData:
             rows = torch.from_numpy(self.cache.index[split][idx])
             b["dv365"] = self.cache.tokens[rows]
             b["present"] = self.cache.present[rows]
-        return b
+        return {k: v.to(self.device) for k, v in b.items()} if self.device != "cpu" else b
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -161,12 +162,12 @@ def sampled_softmax_loss(
     ``items [N+1, d]`` L2-normalised item table (row 0 = padding, never sampled), ``h [P, d]`` normalised user
     vectors, ``targets [P]``; ``negatives`` ids per position, uniform over 1..N; a negative equal to the
     positive is masked out."""
-    neg = torch.randint(1, items.shape[0], (len(targets), negatives), generator=gen)  # [P, R]
+    neg = torch.randint(1, items.shape[0], (len(targets), negatives), generator=gen, device=items.device)  # [P, R]
     pos_l = (h * F.embedding(targets, items)).sum(-1, keepdim=True)  # [P, 1]
     neg_l = torch.bmm(F.embedding(neg, items), h[:, :, None])[:, :, 0]  # [P, R]
     neg_l = neg_l.masked_fill(neg == targets[:, None], -5e4 * temperature)
     logits = torch.cat([pos_l, neg_l], dim=1) / temperature  # [P, 1 + R]
-    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long), reduction="sum")
+    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device), reduction="sum")
 
 
 def train_step(
@@ -204,7 +205,7 @@ def evaluate(model: NextItemModel, data: ArmData, split: str, batch_size: int = 
     n = len(data.windows[split])
     for s in range(0, n, batch_size):
         b = data.batch(split, np.arange(s, min(s + batch_size, n)))
-        out.append(ranks_of(model(b)[:, -1], items, b["target"]).numpy())
+        out.append(ranks_of(model(b)[:, -1], items, b["target"]).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -221,7 +222,7 @@ def fit(model: NextItemModel, data: ArmData, fs: FitSettings, seed: int, progres
     """Trains ``model`` on ``data``'s training windows, keeps the state of the best validation HR@10."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
-    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    gen = torch.Generator(device=model.item_emb.weight.device).manual_seed(seed + 1_000_003)
     opt = torch.optim.AdamW(model.parameters(), lr=fs.lr, weight_decay=fs.weight_decay)
     n = len(data.windows["train"])
     per_epoch = max(math.ceil(n / fs.batch_size), 1)
@@ -291,16 +292,16 @@ class _PeakBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def serving_cost(model: NextItemModel, data: ArmData, users: int = 16, repeats: int = 3) -> dict[str, float]:
-    """Per-user forward cost at batch 1 on the test windows: median time (ms) and peak bytes of the tensors
-    the forward creates plus its inputs (the scoring against the catalogue is the same for every arm and
-    left out)."""
-    model.eval()
+    """Per-user forward cost at batch 1 on the test windows, on the CPU (a copy of the model): median time (ms)
+    and peak bytes of the tensors the forward creates plus its inputs (the scoring against the catalogue is the
+    same for every arm and left out)."""
+    model = copy.deepcopy(model).cpu().eval()
     n = len(data.windows["test"])
     pick = np.linspace(0, n - 1, min(users, n)).astype(np.int64)
     times, peaks, inputs = [], [], []
     with torch.no_grad():
         for i in pick:
-            b = data.batch("test", np.array([i]))
+            b = {k: v.cpu() for k, v in data.batch("test", np.array([i])).items()}
             model(b)  # warm-up
             for _ in range(repeats):
                 t0 = time.perf_counter()
