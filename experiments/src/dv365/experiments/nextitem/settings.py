@@ -59,7 +59,8 @@ class Settings:
         fusion: fusion modes tried for ``+mean`` and ``+dv365``; the one with the best validation HR@10 on the
             first ``fusion_select_seeds`` seeds is used for every seed.
         long_margin: the long-history subset is the users with more than K + ``long_margin`` items.
-        provider: settings passed to ``nextitem.distant.build_distant_provider``.
+        provider: the upstream DV365 model of ``nextitem.distant.build_distant_provider`` (a dv365-train
+            TrainConfig mapping); empty: its ``DEFAULT_SETTINGS``.
         provider_seed: the seed the (frozen) DV365 provider is built with, once per run.
         cost_users: test users whose batch-1 forward is timed per arm.
     """
