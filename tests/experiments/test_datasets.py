@@ -105,3 +105,43 @@ def test_downstream_ranking_on_an_imported_dataset(
     assert last["experiment"] == "ranking" and last["dataset"] == "kuairand-sim"
     text = (tmp_path / "rep" / "ranking-kuairand-sim.md").read_text()
     assert "SIMULATED" in text and "kuairand-sim" in text
+
+
+def test_nextitem_on_an_imported_kuairand_log_with_the_real_provider(
+    kuairand_sim: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Next-item on the KuaiRand-layout import: sequences of impressions (implicit events), the real DV365
+    provider trained (a few steps) on the requests before each user's validation target."""
+    import yaml
+
+    provider = {
+        "data": {"spec": "kuairand", "hash_sizes": {"media": 1009, "author": 1009, "topic": 101}, "slicer": "numpy"},
+        "tasks": [{"label": "label_click"}, {"label": "label_long_view"}],
+        "model": {
+            "kind": "fsa",
+            "tower": {"dim": 8, "n_out": 58, "encoder": {"num_heads": 1, "head_dim": 8, "num_layers": 1}},
+            "backbone": {"embedding_dim": 8, "item_hash_size": 1009, "over_arch": [8]},
+        },
+        "run": {"steps": 3, "batch_size": 16, "threads": 1},
+    }
+    cfg = {
+        "dataset": "movielens",
+        "seeds": 1,
+        "sequence": {"source": "implicit", "actions": [], "max_len": 16, "min_items": 3},
+        "model": {"dim": 8, "blocks": 1, "heads": 1, "ffn_hidden": 8, "dropout": 0.0, "prefix_tokens": 2},
+        "train": {"negatives": 8, "batch_size": 16, "epochs": 1, "val_every": 2, "eval_batch_size": 64},
+        "encoders": ["sasrec"],
+        "short": [4],
+        "fusion": ["linear"],
+        "cost_users": 2,
+        "provider": provider,
+    }
+    path = tmp_path / "nextitem.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    argv = ["eval", "nextitem", "--dataset", str(kuairand_sim), "--config", str(path), "--out", str(tmp_path / "r")]
+    rc, out, err = _eval([*argv, "--data-dir", str(tmp_path / "d"), "--no-progress"], capsys)
+    assert rc == 0, err[-3000:]
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["dataset"] == "kuairand-sim" and last["simulated"] is True
+    assert set(last["sasrec/K=4"]["HR@10"]) == {"full", "short-4", "short-4+mean", "short-4+dv365"}
+    assert "SIMULATED" in (tmp_path / "r" / "nextitem-kuairand-sim.md").read_text()
