@@ -41,11 +41,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dv365.core.quantize import dequantize_rows
-from dv365.core.slicing import Slicer
+from dv365.core.quantize import RowFormat, dequantize_rows
 from dv365.core.timeline import DatasetWriter, EventTable, TimelineDataset, Timelines, take_rows
 from dv365.core.vocab import Vocabulary
 from dv365.experiments.downstream.settings import ExperimentError
+from dv365.export.encode import UserEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,9 @@ class DistantEmbedder:
         self.model, self.timelines, self.batch_rows, self.threads = model, timelines, batch_rows, threads
         self.out_tokens, self.dim = int(model.out_tokens), int(model.dim)
         self.gap_s = int(model.spec.gap_s)
-        self.slicer = Slicer(model.spec, timelines.vocab, backend=backend)
+        fmt = RowFormat(dim=self.dim, rows_per_user=self.out_tokens, bits=BITS)
+        # the export's encoder (fixed-size padded batches, per-row cut-offs); quantisation stays in embed()
+        self.encoder = UserEncoder(model, timelines.vocab, fmt, batch_users=batch_rows, backend=backend)
         self.info: dict[str, Any] = {}
         self._cache: dict[tuple[int, int], torch.Tensor | None] = {}
 
@@ -343,25 +345,9 @@ class DistantEmbedder:
 
     def _tower(self, rows: Timelines, cut_ts: np.ndarray) -> torch.Tensor:
         """Tower outputs of prefix timelines, sliced at ``cut + gap`` (every event kept), in padded batches."""
-        from dv365.core.kjt import to_kjt
-
-        n, B = len(rows), self.batch_rows
-        out = torch.empty(n, self.out_tokens, self.dim, dtype=torch.float32)
-        tower = self.model.tower.eval()
-        with torch.inference_mode(), _threads(self.threads):
-            for s in range(0, n, B):
-                idx = np.arange(s, min(s + B, n))
-                padded = np.concatenate([idx, np.full(B - len(idx), idx[0])])  # fixed batch size
-                batch = Timelines(
-                    rows.user_ids[padded],
-                    take_rows(rows.explicit, padded),
-                    take_rows(rows.implicit, padded),
-                    rows.vocab,
-                )
-                sliced = self.slicer.slice(batch, cut_ts[padded] + self.gap_s)
-                y = tower(to_kjt(sliced, self.model.device))  # [B, N_out, D]
-                out[s : s + len(idx)] = y[: len(idx)].float().cpu()
-        return out
+        self.model.tower.eval()
+        with _threads(self.threads):
+            return self.encoder.embed(rows, cut_ts + self.gap_s)
 
     def _rows(self, user_ids: np.ndarray, cut_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         u = np.asarray(user_ids, np.int64).reshape(-1)

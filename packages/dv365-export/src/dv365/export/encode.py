@@ -163,15 +163,24 @@ class UserEncoder:
         fmt: the row format (``dim`` and ``rows_per_user`` must match the tower).
         batch_users: users per tower call (every call is padded to exactly this many).
         quantizer: ``"fbgemm"`` (default) or ``"torch"``.
+        backend: the slicer backend: ``numpy`` (default: the reference, whose bytes the export tests hold) or
+            ``auto`` / ``numba``.
 
     Example::
 
         enc = UserEncoder(model, dataset.vocab, RowFormat(dim=model.dim, rows_per_user=model.out_tokens))
         payload = enc.encode(timelines, cutoff_ts)     # [U, 7656] uint8 at 58 x 256, 4 bits
+        floats = enc.embed(timelines, per_user_cutoffs)  # [U, 58, 256]: one cut-off per user
     """
 
     def __init__(
-        self, model: TowerModel, vocab: Vocabulary, fmt: RowFormat, batch_users: int = 64, quantizer: str = "fbgemm"
+        self,
+        model: TowerModel,
+        vocab: Vocabulary,
+        fmt: RowFormat,
+        batch_users: int = 64,
+        quantizer: str = "fbgemm",
+        backend: str = "numpy",
     ) -> None:
         if (fmt.dim, fmt.rows_per_user) != (model.dim, model.out_tokens):
             raise ExportError(
@@ -183,16 +192,17 @@ class UserEncoder:
         if quantizer not in QUANTIZERS:
             raise ExportError(f"--quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         self.model, self.fmt, self.batch_users, self.quantizer = model, fmt, batch_users, quantizer
-        self.slicer = Slicer(model.spec, vocab, backend="numpy")  # the reference backend
+        self.slicer = Slicer(model.spec, vocab, backend=backend)
 
     def embed(
-        self, timelines: Timelines, cutoff_ts: int, on_batch: Callable[[int], object] | None = None
+        self, timelines: Timelines, cutoff_ts: int | np.ndarray, on_batch: Callable[[int], object] | None = None
     ) -> torch.Tensor:
-        """Float tower outputs ``[U, N_out, D]`` (CPU) of every user of ``timelines`` at ``cutoff_ts``;
-        ``on_batch(n)`` is called after each batch of ``n`` users (progress)."""
+        """Float tower outputs ``[U, N_out, D]`` (CPU) of every user of ``timelines`` at ``cutoff_ts`` (one time
+        for all, or one per user); ``on_batch(n)`` is called after each batch of ``n`` users (progress)."""
         from dv365.core.kjt import to_kjt
 
         U, B = len(timelines), self.batch_users
+        cuts = np.broadcast_to(np.asarray(cutoff_ts, dtype=np.int64), (U,))
         out = torch.empty(U, self.fmt.rows_per_user, self.fmt.dim, dtype=torch.float32)
         with torch.inference_mode():
             for s in range(0, U, B):
@@ -204,7 +214,7 @@ class UserEncoder:
                     take_rows(timelines.implicit, padded),
                     timelines.vocab,
                 )
-                sliced = self.slicer.slice(batch, np.full(B, cutoff_ts, dtype=np.int64))
+                sliced = self.slicer.slice(batch, np.ascontiguousarray(cuts[padded]))
                 y = self.model.tower(to_kjt(sliced, self.model.device))  # [B, N_out, D]
                 out[s : s + len(rows)] = y[: len(rows)].float().cpu()
                 if on_batch is not None:
