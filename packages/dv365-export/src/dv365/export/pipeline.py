@@ -50,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("ingest", "train", "export", "publish", "retain")
 RECORD_FORMAT = "dv365.pipeline.record/1"
+FUTURE_TOLERANCE_S = 86_400  # a cut-off or a source row later than now + this is refused (clock skew allowance)
+
+
+def future_limit(now: float | None = None) -> int:
+    """The latest timestamp a cycle accepts: now + :data:`FUTURE_TOLERANCE_S` (what the importers accept too)."""
+    return int(time.time() if now is None else now) + FUTURE_TOLERANCE_S
 
 
 class PipelineError(Dv365Error, RuntimeError):
@@ -318,16 +324,24 @@ class Pipeline:
         from dv365.core.timeline import EVENT_KINDS, TimelineDataset
 
         src = TimelineDataset(self.cfg.source)
-        newest = None
+        limit = future_limit()
+        newest, future = None, 0
         for kind in (*EVENT_KINDS, "requests"):
             for b in range(src.meta.num_buckets):
                 for path in src.part_files(kind, b):  # only the ts column is read
                     with src.fs.open(path, "rb") as f:
                         t = pq.read_table(f, columns=["ts"]).column("ts").to_numpy()
+                    future += int((t > limit).sum())
+                    t = t[t <= limit]  # a row from the future never moves the cut-off
                     if len(t):
                         newest = int(t.max()) if newest is None else max(newest, int(t.max()))
+        if future:
+            logger.warning(
+                f"source {self.cfg.source}: {future} row(s) later than now + {FUTURE_TOLERANCE_S} s "
+                f"({_iso(limit)}) are ignored for the cut-off and rejected at ingest"
+            )
         if newest is None:
-            raise PipelineError(f"source {self.cfg.source}: the dataset has no events")
+            raise PipelineError(f"source {self.cfg.source}: the dataset has no events up to {_iso(limit)}")
         return newest
 
     def next_cycle(self, as_of: int | None) -> Cycle | None:
@@ -345,6 +359,11 @@ class Pipeline:
         prev = cycles[-1] if cycles else None
         if as_of is None:
             as_of = self.source_newest_ts()
+        elif as_of > future_limit():
+            raise PipelineError(
+                f"--as-of {as_of} ({_iso(as_of)}) is later than now + {FUTURE_TOLERANCE_S} s "
+                f"({_iso(future_limit())}): a cut-off in the future would stop every later cycle; refused"
+            )
         if prev is not None and as_of <= prev.as_of:
             logger.info(
                 f"dv365 pipeline: nothing new: cycle {prev.tag} already covers the source up to "
@@ -435,6 +454,10 @@ class Pipeline:
                 logger.info(f"   removed {removed} part file(s) of an unfinished append ({run_id})")
             writer = DatasetWriter(self.data_url, mode="append", run_id=run_id)
         rows = {k: 0 for k in (*EVENT_KINDS, "requests")}
+        covered = dict(rows)  # source rows with ts <= as_of now: the next cycle finds late arrivals with it
+        older = dict(rows)  # source rows with ts <= the previous cut-off now
+        future = dict(rows)  # source rows later than now + tolerance: rejected, counted
+        limit = future_limit()
         users: set[int] = set()
         with writer:
             for b in range(src.meta.num_buckets):
@@ -442,6 +465,11 @@ class Pipeline:
                 for kind in rows:
                     t = src.read_bucket(kind, b)
                     ts = t.column("ts")
+                    tsn = ts.to_numpy()
+                    covered[kind] += int((tsn <= c.as_of).sum())
+                    future[kind] += int((tsn > limit).sum())
+                    if lo is not None:
+                        older[kind] += int((tsn <= lo).sum())
                     keep = pc.less_equal(ts, c.as_of)
                     if lo is not None:
                         keep = pc.and_(keep, pc.greater(ts, lo))
@@ -453,8 +481,36 @@ class Pipeline:
                 writer.add(**parts)
                 if b == 0:
                     writer.flush()
-        figures = {"rows": rows, "active_users": len(users), "window": [lo, c.as_of], "run_id": run_id}
+        late = self._late_rows(c, older) if lo is not None else {k: 0 for k in rows}
+        if late and any(late.values()):
+            logger.warning(
+                f"   {sum(late.values())} late row(s) {late}: dated at or before the previous cut-off "
+                f"{_iso(lo or 0)} but not in the source then; reported, not ingested (rebuild the pipeline's "
+                "dataset in a new workdir to include them)"
+            )
+        if any(future.values()):
+            logger.warning(
+                f"   {sum(future.values())} source row(s) {future} later than now + {FUTURE_TOLERANCE_S} s: rejected"
+            )
+        figures = {
+            "rows": rows,
+            "active_users": len(users),
+            "window": [lo, c.as_of],
+            "run_id": run_id,
+            "source_rows_covered": covered,
+            "late_rows": late,
+            "rejected_future_rows": future,
+        }
         return {**figures, **self._ingest_figures(c, run_id, already=False)}
+
+    def _late_rows(self, c: Cycle, older: dict[str, int]) -> dict[str, int] | None:
+        """Source rows at or before the previous cut-off that the previous cycle did not see (the source is an
+        append-only log: now minus what it counted then). ``None`` when the previous cycle did not count."""
+        prev = self._previous_done(c, "ingest") or {}
+        seen = prev.get("source_rows_covered")
+        if not isinstance(seen, dict):
+            return None
+        return {k: max(0, n - int(seen.get(k, 0))) for k, n in older.items()}
 
     def _ingest_figures(self, c: Cycle, run_id: str, already: bool) -> dict[str, Any]:
         from dv365.core.timeline import TimelineDataset
@@ -635,6 +691,8 @@ class Pipeline:
             "published_version": pub.get("version"),
             "figures": {
                 "new_rows": (steps["ingest"] or {}).get("rows"),
+                "late_rows": (steps["ingest"] or {}).get("late_rows"),
+                "rejected_future_rows": (steps["ingest"] or {}).get("rejected_future_rows"),
                 "eval_mean_ne": tr.get("eval_mean_ne"),
                 "eval_ne": tr.get("eval_ne"),
                 "users": exp.get("users"),
