@@ -149,18 +149,27 @@ class PipelineConfig:
         bad = sorted(set(retain) - {"models", "snapshots"})
         if bad:
             raise PipelineError(f"{where}: unknown retain key(s) {bad}; known: models, snapshots")
+
+        def integer(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise PipelineError(f"{where}: {key} = {value!r}: expected a whole number")
+            try:
+                return int(value)
+            except ValueError:
+                raise PipelineError(f"{where}: {key} = {value!r}: expected a whole number") from None
+
         cfg = cls(
             name=name,
             workdir=str(need("workdir")),
             source=str(need("source")),
             train_config=str(train["config"]),
-            train_steps=int(train.get("steps", 300)),
+            train_steps=integer("train.steps", train.get("steps", 300)),
             train_set=dict(train.get("set") or {}),
             export=export,
             store_url=store.get("url"),
-            store_keep=int(store.get("keep", 3)),
-            keep_models=int(retain.get("models", 2)),
-            keep_snapshots=int(retain.get("snapshots", 2)),
+            store_keep=integer("store.keep", store.get("keep", 3)),
+            keep_models=integer("retain.models", retain.get("models", 2)),
+            keep_snapshots=integer("retain.snapshots", retain.get("snapshots", 2)),
             path=where,
         )
         for key, v, lo in (
@@ -266,6 +275,78 @@ class Pipeline:
 
     def snapshot_dir(self, c: Cycle | int) -> Path:
         return self.work / "snapshots" / self.snapshot_id(c)
+
+    # -- checks ------------------------------------------------------------------------------------------
+    def check(self) -> list[str]:
+        """What can be checked without running a cycle; returns the problems (empty: all good), each naming its
+        key or path. ``run_cycle`` and ``dv365 pipeline schedule`` call it first; ``dv365 pipeline check`` alone.
+
+        Checked: the workdir is a folder or can be created; the source is a readable UniTi dataset; the train
+        config loads with ``train.set`` and the pipeline's own overrides; the store URL names a scheme whose
+        backend is installed (nothing is opened or created).
+        """
+        where = self.cfg.path
+        found = (self._check_workdir(), self._check_source(), self._check_train(), self._check_store())
+        return [f"{where}: {p}" for p in found if p]
+
+    def check_or_raise(self) -> None:
+        problems = self.check()
+        if problems:
+            raise PipelineError("the pipeline config has problems:\n  " + "\n  ".join(problems))
+
+    def _check_workdir(self) -> str:
+        w = self.work
+        if w.exists():
+            return "" if w.is_dir() else f"workdir {w}: exists and is not a folder"
+        parent = next((p for p in w.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return f"workdir {w}: cannot be created ({parent} is not a writable folder)"
+        return ""
+
+    def _check_source(self) -> str:
+        from dv365.core.timeline import TimelineDataset
+
+        try:
+            TimelineDataset(self.cfg.source)
+        except (Dv365Error, OSError, ValueError) as e:
+            return f"source {self.cfg.source}: not a readable UniTi dataset ({e})"
+        return ""
+
+    def _check_train(self) -> str:
+        from dv365.train.config import TrainConfig
+
+        try:
+            TrainConfig.load(self.cfg.train_config, self._train_overrides(self.work / "models" / "check", None))
+        except (Dv365Error, OSError, ValueError, TypeError) as e:
+            return f"train.config {self.cfg.train_config} with train.set {dict(self.cfg.train_set)}: {e}"
+        return ""
+
+    def _check_store(self) -> str:
+        import importlib
+        import sys
+        from urllib.parse import urlsplit
+
+        from dv365.core.plugins import load_plugin
+
+        url = self.cfg.store_url
+        if not url:
+            return ""
+        scheme = urlsplit(str(url)).scheme
+        if not scheme:
+            return f"store.url {url!r}: not a URL (lmdb:///path, redis://host:port/db, grpc://host:port)"
+        try:
+            opener = load_plugin("dv365.stores", "open_store", "publishing to a store needs dv365-store installed")
+        except Dv365Error as e:
+            return f"store.url {url}: {e}"
+        backends = getattr(sys.modules.get(getattr(opener, "__module__", "")), "BACKENDS", None)
+        if isinstance(backends, Mapping):
+            if scheme not in backends:
+                return f"store.url {url}: unknown store scheme {scheme!r}; installed: {sorted(backends)}"
+            try:
+                importlib.import_module(backends[scheme][0])
+            except ImportError as e:
+                return f"store.url {url}: the {scheme} backend is not installed ({e.name or e})"
+        return ""
 
     # -- cycles --------------------------------------------------------------------------------------
     def cycles(self) -> list[Cycle]:
@@ -391,6 +472,7 @@ class Pipeline:
 
     def run_cycle(self, as_of: int | None = None) -> dict[str, Any] | None:
         """Runs (or finishes) one cycle under the lock; returns its run record (``None``: no new data)."""
+        self.check_or_raise()
         with self.lock():
             c = self.next_cycle(as_of)
             if c is None:
@@ -529,15 +611,7 @@ class Pipeline:
         from dv365.train.trainer import Trainer
 
         prev_model = self._previous_done(c, "train")
-        overrides: dict[str, Any] = dict(self.cfg.train_set)
-        overrides.update(
-            {
-                "data.url": self.data_url,
-                "checkpoint.dir": str(self.model_dir(c)),
-                "run.steps": self.cfg.train_steps,
-                "checkpoint.warm_start": prev_model["model_dir"] if prev_model else None,
-            }
-        )
+        overrides = self._train_overrides(self.model_dir(c), prev_model["model_dir"] if prev_model else None)
         cfg = TrainConfig.load(self.cfg.train_config, overrides)
         trainer = Trainer(cfg, progress=self.progress)
         res = trainer.fit()
@@ -637,6 +711,19 @@ class Pipeline:
         return {"removed": removed, "kept_models": self.cfg.keep_models, "kept_snapshots": self.cfg.keep_snapshots}
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _train_overrides(self, model_dir: Path, warm_start: str | None) -> dict[str, Any]:
+        """``train.set`` with the pipeline's own keys on top (data, checkpoint folder, steps, warm start)."""
+        overrides: dict[str, Any] = dict(self.cfg.train_set)
+        overrides.update(
+            {
+                "data.url": self.data_url,
+                "checkpoint.dir": str(model_dir),
+                "run.steps": self.cfg.train_steps,
+                "checkpoint.warm_start": warm_start,
+            }
+        )
+        return overrides
+
     def _previous_done(self, c: Cycle, step: str) -> dict[str, Any] | None:
         if c.previous is None:
             return None
