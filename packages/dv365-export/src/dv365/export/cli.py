@@ -342,6 +342,16 @@ def register_pipeline(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     k.add_argument("--config", required=True, help="the pipeline config (YAML, see docs/pipeline.md)")
     k.set_defaults(func=_pipeline_check)
+    a = ps.add_parser(
+        "abort",
+        help="abandon the unfinished cycle so that the next run starts a fresh one",
+        description="Abandons the pipeline's unfinished cycle (e.g. one that keeps failing, or whose --as-of was "
+        "wrong): under the lock, removes what it made (its rows in the pipeline's dataset, its model and "
+        "snapshot folders, a half-published store version) and marks its folder abandoned.json; the next "
+        "`pipeline run` starts a new cycle with a new number. A cycle that has published is not abandoned.",
+    )
+    a.add_argument("--config", required=True, help="the pipeline config (YAML, see docs/pipeline.md)")
+    a.set_defaults(func=_pipeline_abort)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -418,6 +428,17 @@ def _pipeline_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_abort(args: argparse.Namespace) -> int:
+    from dv365.export.pipeline import Pipeline, PipelineConfig
+
+    info = Pipeline(PipelineConfig.load(args.config), progress=False).abort()
+    print(
+        f"dv365 pipeline abort: cycle {info['cycle']} abandoned (steps done: {', '.join(info['steps_done']) or 'none'}); "
+        f"removed: {', '.join(info['removed']) or 'nothing'}"
+    )
+    return 0
+
+
 def _pipeline_schedule(args: argparse.Namespace) -> int:
     from dv365.core.logs import log_to
     from dv365.export.pipeline import Pipeline, PipelineConfig, PipelineError
@@ -472,7 +493,7 @@ def _status(args: argparse.Namespace) -> int:
             )
     for c in st["cycles"][-5:]:
         print(
-            f"  cycle {c['cycle']}: as of {c['as_of_utc']}, {'complete' if c['complete'] else 'UNFINISHED'} "
+            f"  cycle {c['cycle']}: as of {c['as_of_utc']}, {'ABANDONED' if c.get('abandoned') else 'complete' if c['complete'] else 'UNFINISHED'} "
             f"(steps done: {', '.join(c['steps_done']) or 'none'})"
         )
     rec = st.get("last_cycle")

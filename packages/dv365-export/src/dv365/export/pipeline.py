@@ -244,6 +244,11 @@ class Cycle:
     def complete(self) -> bool:
         return (self.dir / "record.json").exists()
 
+    @property
+    def abandoned(self) -> bool:
+        """Given up by ``dv365 pipeline abort``: its outputs are removed, later cycles ignore it."""
+        return (self.dir / "abandoned.json").exists()
+
 
 class Pipeline:
     """One pipeline's state and steps (see the module docstring).
@@ -427,7 +432,8 @@ class Pipeline:
 
     def next_cycle(self, as_of: int | None) -> Cycle | None:
         """The unfinished cycle to finish, or a new one for ``as_of``; ``None`` when there is no new data."""
-        cycles = self.cycles()
+        every = self.cycles()
+        cycles = [x for x in every if not x.abandoned]
         if cycles and not cycles[-1].complete:
             c = cycles[-1]
             if as_of is not None and as_of != c.as_of:
@@ -451,7 +457,7 @@ class Pipeline:
                 f"{_iso(prev.as_of)} (as of {_iso(as_of)} asked)"
             )
             return None
-        n = prev.number + 1 if prev else 1
+        n = every[-1].number + 1 if every else 1  # an abandoned cycle's number (and snapshot id) is never reused
         d = self.work / "cycles" / f"c{n:04d}"
         c = Cycle(n, int(as_of), prev.number if prev else None, prev.as_of if prev else None, time.time(), d)
         _write_json(
@@ -469,6 +475,93 @@ class Pipeline:
             },
         )
         return c
+
+    def abort(self) -> dict[str, Any]:
+        """Abandons the unfinished cycle (``dv365 pipeline abort``), under the lock, so that the next run starts
+        a fresh one (with any ``--as-of``). What it made is removed: its rows in the pipeline's dataset (the
+        unfinished or committed append; the whole dataset for a first cycle), its model and snapshot folders,
+        a store version it half-published. Its cycle folder stays, marked by ``abandoned.json`` (what was
+        removed); its number is not reused. A cycle that has published is not abandoned: run it to finish."""
+        with self.lock():
+            live = [x for x in self.cycles() if not x.abandoned]
+            if not live or live[-1].complete:
+                raise PipelineError(f"{self.work}: no unfinished cycle to abort")
+            c = live[-1]
+            if c.done("publish") is not None:
+                raise PipelineError(
+                    f"cycle {c.tag} has published {self.snapshot_id(c)}: it is not abandoned; "
+                    "`dv365 pipeline run` finishes it"
+                )
+            removed = self._remove_ingest(c)
+            for p in (self.model_dir(c), self.snapshot_dir(c)):
+                if p.exists():
+                    shutil.rmtree(p)
+                    removed.append(str(p))
+            removed += self._remove_store_version(c)
+            info = {
+                "cycle": c.number,
+                "as_of": c.as_of,
+                "abandoned_at": _iso(time.time()),
+                "steps_done": [s for s in STEPS if c.marker(s).exists()],
+                "removed": removed,
+            }
+            _write_json(c.dir / "abandoned.json", info)
+            logger.info(f"dv365 pipeline: cycle {c.tag} abandoned; removed {removed or 'nothing'}")
+            return info
+
+    def _remove_ingest(self, c: Cycle) -> list[str]:
+        """Takes the cycle's rows out of the pipeline's dataset (its run's parts, and its append record)."""
+        from dv365.core.timeline import appended_runs, remove_run_parts
+
+        run_id = f"pipeline_{c.tag}"
+        data = Path(self.data_url)
+        if not data.exists():
+            return []
+        if c.previous is None:  # a first cycle made the whole dataset (the next first cycle rebuilds it)
+            shutil.rmtree(data)
+            return [self.data_url]
+        if not (data / "_dataset.json").exists():
+            raise PipelineError(f"{data}: the pipeline's dataset has no _dataset.json; remove the workdir to rebuild")
+        out: list[str] = []
+        if run_id in appended_runs(self.data_url):
+            self._uncommit_append(run_id)
+            out.append(f"{self.data_url} append {run_id}")
+        n = remove_run_parts(self.data_url, run_id)
+        if n:
+            out.append(f"{n} part file(s) of {run_id}")
+        return out
+
+    def _uncommit_append(self, run_id: str) -> None:
+        """Rewrites ``_dataset.json`` without the parts of the committed append ``run_id`` (stats recomputed)."""
+        from dv365.core.fsio import open_atomic
+        from dv365.core.timeline import TimelineDataset
+
+        meta = TimelineDataset(self.data_url).meta
+        if meta.parts is None:
+            raise PipelineError(f"{self.data_url}: an older dataset without a parts list: its append cannot be undone")
+        meta.parts = [p for p in meta.parts if not Path(p).name.startswith(f"part-{run_id}-")]
+        meta.extra["appends"] = [r for r in meta.extra.get("appends", []) if r != run_id]
+        ds = TimelineDataset(self.data_url, _meta=meta)
+        meta.stats.update(ds.stats_from_lengths(ds.compute_stats()))
+        fs, root = url_to_fs(self.data_url)
+        with open_atomic(fs, f"{root}/_dataset.json", "w") as f:
+            f.write(meta.to_json())
+
+    def _remove_store_version(self, c: Cycle) -> list[str]:
+        if not self.cfg.store_url:
+            return []
+        from dv365.core.plugins import open_store
+
+        sid = self.snapshot_id(c)
+        store = open_store(self.cfg.store_url, keep=self.cfg.store_keep)
+        try:
+            have = {v.version: v for v in store.versions()}
+            if sid in have and not have[sid].active:
+                store.delete_version(sid)
+                return [f"store version {sid}"]
+        finally:
+            store.close()
+        return []
 
     def run_cycle(self, as_of: int | None = None) -> dict[str, Any] | None:
         """Runs (or finishes) one cycle under the lock; returns its run record (``None``: no new data)."""
@@ -701,7 +794,7 @@ class Pipeline:
 
     def _step_retain(self, c: Cycle) -> dict[str, Any]:
         removed: list[str] = []
-        numbers = [x.number for x in self.cycles() if x.number <= c.number]
+        numbers = [x.number for x in self.cycles() if x.number <= c.number and not x.abandoned]
         for keep, path_of in ((self.cfg.keep_models, self.model_dir), (self.cfg.keep_snapshots, self.snapshot_dir)):
             for n in numbers[:-keep]:
                 p = path_of(n)
@@ -800,6 +893,7 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
             "cycle": c.number,
             "as_of_utc": _iso(c.as_of),
             "complete": c.complete,
+            "abandoned": c.abandoned,
             "steps_done": [s for s in STEPS if c.marker(s).exists()],
         }
         for c in cycles
