@@ -40,7 +40,7 @@ def make(tmp_path: Path) -> tuple[Pipeline, str, int]:
     src = str(tmp_path / "src")
     write_synth_dataset(SYNTH, src, progress=False, num_buckets=2)
     cfg = PipelineConfig.from_dict(
-        {"name": "t", "workdir": str(tmp_path / "work"), "source": src, "train": {"config": "x.yaml"}}
+        {"name": "t", "workdir": str(tmp_path / "work"), "source": src, "train": {"config": "synth-quick"}}
     )
     ds = TimelineDataset(src)
     newest = max(int(ds.read_bucket("explicit", b).column("ts").to_numpy().max(initial=0)) for b in range(2))
