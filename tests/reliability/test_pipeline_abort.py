@@ -26,7 +26,7 @@ TRAIN = {
         "tower": {"dim": 8, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
         "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]},
     },
-    "run": {"steps": 2, "batch_size": 16, "device": "cpu", "threads": 1, "progress": False},
+    "run": {"steps": 2, "batch_size": 2, "device": "cpu", "threads": 1, "progress": False},
 }
 SYNTH = SynthConfig(
     users=4,
@@ -131,3 +131,16 @@ def test_committed_append_of_an_abandoned_cycle_is_taken_out(
     assert data.meta.stats["events"] == events_upto(src, newest - DAY)
     ts = np.concatenate([data.read_bucket("explicit", b).column("ts").to_numpy() for b in (0, 1)])
     assert int((ts > newest - DAY).sum()) == 0  # nothing of the abandoned cut-off is left
+
+
+def test_cycle_killed_after_a_training_checkpoint_is_aborted_with_its_model(tmp_path: Path) -> None:
+    _p, _src, newest = setup(tmp_path)
+    run = ("pipeline", "run", "--config", "pipeline.yaml", "--no-progress")
+    killed = dv365(tmp_path, *run, "--as-of", str(newest - DAY), kill_at="train.checkpoint")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    model = tmp_path / "work/models/c0001"
+    assert model.exists() and (tmp_path / "work/cycles/c0001/ingest.json").exists()
+    r = dv365(tmp_path, "pipeline", "abort", "--config", "pipeline.yaml")
+    assert r.returncode == 0 and "steps done: ingest" in r.stdout, r.stderr
+    assert not model.exists() and not (tmp_path / "work/data").exists()
+    assert str(model) in r.stdout or "work/models/c0001" in r.stdout
