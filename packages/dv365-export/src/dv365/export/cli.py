@@ -307,7 +307,7 @@ def register_pipeline(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         description=PIPELINE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ps = p.add_subparsers(dest="pipeline_command", metavar="<run|schedule>")
+    ps = p.add_subparsers(dest="pipeline_command", metavar="<run|schedule|check|abort>")
     r = ps.add_parser(
         "run",
         help="run (or finish) one cycle",
@@ -332,6 +332,26 @@ def register_pipeline(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     s.add_argument("--every", required=True, help="period: a number with s, m, h or d (e.g. 6h)")
     s.add_argument("--max-cycles", type=int, default=0, help="stop after this many cycles (0: never)")
     s.set_defaults(func=_pipeline_schedule)
+    k = ps.add_parser(
+        "check",
+        help="validate a pipeline config without running anything",
+        description="Checks what can be checked without running a cycle (run and schedule do the same first): "
+        "the config's keys and numbers, that the workdir is a folder or can be created, that the source is a "
+        "readable UniTi dataset, that the train config loads with train.set, that the store URL names an "
+        "installed backend. Exits 0 when all is well, 1 with every problem listed.",
+    )
+    k.add_argument("--config", required=True, help="the pipeline config (YAML, see docs/pipeline.md)")
+    k.set_defaults(func=_pipeline_check)
+    a = ps.add_parser(
+        "abort",
+        help="abandon the unfinished cycle so that the next run starts a fresh one",
+        description="Abandons the pipeline's unfinished cycle (e.g. one that keeps failing, or whose --as-of was "
+        "wrong): under the lock, removes what it made (its rows in the pipeline's dataset, its model and "
+        "snapshot folders, a half-published store version) and marks its folder abandoned.json; the next "
+        "`pipeline run` starts a new cycle with a new number. A cycle that has published is not abandoned.",
+    )
+    a.add_argument("--config", required=True, help="the pipeline config (YAML, see docs/pipeline.md)")
+    a.set_defaults(func=_pipeline_abort)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -394,6 +414,31 @@ def _pipeline_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_check(args: argparse.Namespace) -> int:
+    from dv365.export.pipeline import Pipeline, PipelineConfig
+
+    p = Pipeline(PipelineConfig.load(args.config), progress=False)
+    problems = p.check()
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"dv365 pipeline check: {len(problems)} problem(s) in {args.config}", file=sys.stderr)
+        return 1
+    print(f"dv365 pipeline check: {args.config} ok (workdir, source, train config, store)")
+    return 0
+
+
+def _pipeline_abort(args: argparse.Namespace) -> int:
+    from dv365.export.pipeline import Pipeline, PipelineConfig
+
+    info = Pipeline(PipelineConfig.load(args.config), progress=False).abort()
+    print(
+        f"dv365 pipeline abort: cycle {info['cycle']} abandoned (steps done: {', '.join(info['steps_done']) or 'none'}); "
+        f"removed: {', '.join(info['removed']) or 'nothing'}"
+    )
+    return 0
+
+
 def _pipeline_schedule(args: argparse.Namespace) -> int:
     from dv365.core.logs import log_to
     from dv365.export.pipeline import Pipeline, PipelineConfig, PipelineError
@@ -401,6 +446,7 @@ def _pipeline_schedule(args: argparse.Namespace) -> int:
     log_to(sys.stdout)
     period = parse_period(args.every)
     p = Pipeline(PipelineConfig.load(args.config), progress=not args.no_progress)
+    p.check_or_raise()  # a broken config fails at once, not at every tick
     stop = {"now": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -447,7 +493,7 @@ def _status(args: argparse.Namespace) -> int:
             )
     for c in st["cycles"][-5:]:
         print(
-            f"  cycle {c['cycle']}: as of {c['as_of_utc']}, {'complete' if c['complete'] else 'UNFINISHED'} "
+            f"  cycle {c['cycle']}: as of {c['as_of_utc']}, {'ABANDONED' if c.get('abandoned') else 'complete' if c['complete'] else 'UNFINISHED'} "
             f"(steps done: {', '.join(c['steps_done']) or 'none'})"
         )
     rec = st.get("last_cycle")

@@ -50,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("ingest", "train", "export", "publish", "retain")
 RECORD_FORMAT = "dv365.pipeline.record/1"
+FUTURE_TOLERANCE_S = 86_400  # a cut-off or a source row later than now + this is refused (clock skew allowance)
+
+
+def future_limit(now: float | None = None) -> int:
+    """The latest timestamp a cycle accepts: now + :data:`FUTURE_TOLERANCE_S` (what the importers accept too)."""
+    return int(time.time() if now is None else now) + FUTURE_TOLERANCE_S
 
 
 class PipelineError(Dv365Error, RuntimeError):
@@ -143,18 +149,27 @@ class PipelineConfig:
         bad = sorted(set(retain) - {"models", "snapshots"})
         if bad:
             raise PipelineError(f"{where}: unknown retain key(s) {bad}; known: models, snapshots")
+
+        def integer(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise PipelineError(f"{where}: {key} = {value!r}: expected a whole number")
+            try:
+                return int(value)
+            except ValueError:
+                raise PipelineError(f"{where}: {key} = {value!r}: expected a whole number") from None
+
         cfg = cls(
             name=name,
             workdir=str(need("workdir")),
             source=str(need("source")),
             train_config=str(train["config"]),
-            train_steps=int(train.get("steps", 300)),
+            train_steps=integer("train.steps", train.get("steps", 300)),
             train_set=dict(train.get("set") or {}),
             export=export,
             store_url=store.get("url"),
-            store_keep=int(store.get("keep", 3)),
-            keep_models=int(retain.get("models", 2)),
-            keep_snapshots=int(retain.get("snapshots", 2)),
+            store_keep=integer("store.keep", store.get("keep", 3)),
+            keep_models=integer("retain.models", retain.get("models", 2)),
+            keep_snapshots=integer("retain.snapshots", retain.get("snapshots", 2)),
             path=where,
         )
         for key, v, lo in (
@@ -229,6 +244,11 @@ class Cycle:
     def complete(self) -> bool:
         return (self.dir / "record.json").exists()
 
+    @property
+    def abandoned(self) -> bool:
+        """Given up by ``dv365 pipeline abort``: its outputs are removed, later cycles ignore it."""
+        return (self.dir / "abandoned.json").exists()
+
 
 class Pipeline:
     """One pipeline's state and steps (see the module docstring).
@@ -260,6 +280,78 @@ class Pipeline:
 
     def snapshot_dir(self, c: Cycle | int) -> Path:
         return self.work / "snapshots" / self.snapshot_id(c)
+
+    # -- checks ------------------------------------------------------------------------------------------
+    def check(self) -> list[str]:
+        """What can be checked without running a cycle; returns the problems (empty: all good), each naming its
+        key or path. ``run_cycle`` and ``dv365 pipeline schedule`` call it first; ``dv365 pipeline check`` alone.
+
+        Checked: the workdir is a folder or can be created; the source is a readable UniTi dataset; the train
+        config loads with ``train.set`` and the pipeline's own overrides; the store URL names a scheme whose
+        backend is installed (nothing is opened or created).
+        """
+        where = self.cfg.path
+        found = (self._check_workdir(), self._check_source(), self._check_train(), self._check_store())
+        return [f"{where}: {p}" for p in found if p]
+
+    def check_or_raise(self) -> None:
+        problems = self.check()
+        if problems:
+            raise PipelineError("the pipeline config has problems:\n  " + "\n  ".join(problems))
+
+    def _check_workdir(self) -> str:
+        w = self.work
+        if w.exists():
+            return "" if w.is_dir() else f"workdir {w}: exists and is not a folder"
+        parent = next((p for p in w.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return f"workdir {w}: cannot be created ({parent} is not a writable folder)"
+        return ""
+
+    def _check_source(self) -> str:
+        from dv365.core.timeline import TimelineDataset
+
+        try:
+            TimelineDataset(self.cfg.source)
+        except (Dv365Error, OSError, ValueError) as e:
+            return f"source {self.cfg.source}: not a readable UniTi dataset ({e})"
+        return ""
+
+    def _check_train(self) -> str:
+        from dv365.train.config import TrainConfig
+
+        try:
+            TrainConfig.load(self.cfg.train_config, self._train_overrides(self.work / "models" / "check", None))
+        except (Dv365Error, OSError, ValueError, TypeError) as e:
+            return f"train.config {self.cfg.train_config} with train.set {dict(self.cfg.train_set)}: {e}"
+        return ""
+
+    def _check_store(self) -> str:
+        import importlib
+        import sys
+        from urllib.parse import urlsplit
+
+        from dv365.core.plugins import load_plugin
+
+        url = self.cfg.store_url
+        if not url:
+            return ""
+        scheme = urlsplit(str(url)).scheme
+        if not scheme:
+            return f"store.url {url!r}: not a URL (lmdb:///path, redis://host:port/db, grpc://host:port)"
+        try:
+            opener = load_plugin("dv365.stores", "open_store", "publishing to a store needs dv365-store installed")
+        except Dv365Error as e:
+            return f"store.url {url}: {e}"
+        backends = getattr(sys.modules.get(getattr(opener, "__module__", "")), "BACKENDS", None)
+        if isinstance(backends, Mapping):
+            if scheme not in backends:
+                return f"store.url {url}: unknown store scheme {scheme!r}; installed: {sorted(backends)}"
+            try:
+                importlib.import_module(backends[scheme][0])
+            except ImportError as e:
+                return f"store.url {url}: the {scheme} backend is not installed ({e.name or e})"
+        return ""
 
     # -- cycles --------------------------------------------------------------------------------------
     def cycles(self) -> list[Cycle]:
@@ -318,21 +410,30 @@ class Pipeline:
         from dv365.core.timeline import EVENT_KINDS, TimelineDataset
 
         src = TimelineDataset(self.cfg.source)
-        newest = None
+        limit = future_limit()
+        newest, future = None, 0
         for kind in (*EVENT_KINDS, "requests"):
             for b in range(src.meta.num_buckets):
                 for path in src.part_files(kind, b):  # only the ts column is read
                     with src.fs.open(path, "rb") as f:
                         t = pq.read_table(f, columns=["ts"]).column("ts").to_numpy()
+                    future += int((t > limit).sum())
+                    t = t[t <= limit]  # a row from the future never moves the cut-off
                     if len(t):
                         newest = int(t.max()) if newest is None else max(newest, int(t.max()))
+        if future:
+            logger.warning(
+                f"source {self.cfg.source}: {future} row(s) later than now + {FUTURE_TOLERANCE_S} s "
+                f"({_iso(limit)}) are ignored for the cut-off and rejected at ingest"
+            )
         if newest is None:
-            raise PipelineError(f"source {self.cfg.source}: the dataset has no events")
+            raise PipelineError(f"source {self.cfg.source}: the dataset has no events up to {_iso(limit)}")
         return newest
 
     def next_cycle(self, as_of: int | None) -> Cycle | None:
         """The unfinished cycle to finish, or a new one for ``as_of``; ``None`` when there is no new data."""
-        cycles = self.cycles()
+        every = self.cycles()
+        cycles = [x for x in every if not x.abandoned]
         if cycles and not cycles[-1].complete:
             c = cycles[-1]
             if as_of is not None and as_of != c.as_of:
@@ -345,13 +446,18 @@ class Pipeline:
         prev = cycles[-1] if cycles else None
         if as_of is None:
             as_of = self.source_newest_ts()
+        elif as_of > future_limit():
+            raise PipelineError(
+                f"--as-of {as_of} ({_iso(as_of)}) is later than now + {FUTURE_TOLERANCE_S} s "
+                f"({_iso(future_limit())}): a cut-off in the future would stop every later cycle; refused"
+            )
         if prev is not None and as_of <= prev.as_of:
             logger.info(
                 f"dv365 pipeline: nothing new: cycle {prev.tag} already covers the source up to "
                 f"{_iso(prev.as_of)} (as of {_iso(as_of)} asked)"
             )
             return None
-        n = prev.number + 1 if prev else 1
+        n = every[-1].number + 1 if every else 1  # an abandoned cycle's number (and snapshot id) is never reused
         d = self.work / "cycles" / f"c{n:04d}"
         c = Cycle(n, int(as_of), prev.number if prev else None, prev.as_of if prev else None, time.time(), d)
         _write_json(
@@ -370,8 +476,96 @@ class Pipeline:
         )
         return c
 
+    def abort(self) -> dict[str, Any]:
+        """Abandons the unfinished cycle (``dv365 pipeline abort``), under the lock, so that the next run starts
+        a fresh one (with any ``--as-of``). What it made is removed: its rows in the pipeline's dataset (the
+        unfinished or committed append; the whole dataset for a first cycle), its model and snapshot folders,
+        a store version it half-published. Its cycle folder stays, marked by ``abandoned.json`` (what was
+        removed); its number is not reused. A cycle that has published is not abandoned: run it to finish."""
+        with self.lock():
+            live = [x for x in self.cycles() if not x.abandoned]
+            if not live or live[-1].complete:
+                raise PipelineError(f"{self.work}: no unfinished cycle to abort")
+            c = live[-1]
+            if c.done("publish") is not None:
+                raise PipelineError(
+                    f"cycle {c.tag} has published {self.snapshot_id(c)}: it is not abandoned; "
+                    "`dv365 pipeline run` finishes it"
+                )
+            removed = self._remove_ingest(c)
+            for p in (self.model_dir(c), self.snapshot_dir(c)):
+                if p.exists():
+                    shutil.rmtree(p)
+                    removed.append(str(p))
+            removed += self._remove_store_version(c)
+            info = {
+                "cycle": c.number,
+                "as_of": c.as_of,
+                "abandoned_at": _iso(time.time()),
+                "steps_done": [s for s in STEPS if c.marker(s).exists()],
+                "removed": removed,
+            }
+            _write_json(c.dir / "abandoned.json", info)
+            logger.info(f"dv365 pipeline: cycle {c.tag} abandoned; removed {removed or 'nothing'}")
+            return info
+
+    def _remove_ingest(self, c: Cycle) -> list[str]:
+        """Takes the cycle's rows out of the pipeline's dataset (its run's parts, and its append record)."""
+        from dv365.core.timeline import appended_runs, remove_run_parts
+
+        run_id = f"pipeline_{c.tag}"
+        data = Path(self.data_url)
+        if not data.exists():
+            return []
+        if c.previous is None:  # a first cycle made the whole dataset (the next first cycle rebuilds it)
+            shutil.rmtree(data)
+            return [self.data_url]
+        if not (data / "_dataset.json").exists():
+            raise PipelineError(f"{data}: the pipeline's dataset has no _dataset.json; remove the workdir to rebuild")
+        out: list[str] = []
+        if run_id in appended_runs(self.data_url):
+            self._uncommit_append(run_id)
+            out.append(f"{self.data_url} append {run_id}")
+        n = remove_run_parts(self.data_url, run_id)
+        if n:
+            out.append(f"{n} part file(s) of {run_id}")
+        return out
+
+    def _uncommit_append(self, run_id: str) -> None:
+        """Rewrites ``_dataset.json`` without the parts of the committed append ``run_id`` (stats recomputed)."""
+        from dv365.core.fsio import open_atomic
+        from dv365.core.timeline import TimelineDataset
+
+        meta = TimelineDataset(self.data_url).meta
+        if meta.parts is None:
+            raise PipelineError(f"{self.data_url}: an older dataset without a parts list: its append cannot be undone")
+        meta.parts = [p for p in meta.parts if not Path(p).name.startswith(f"part-{run_id}-")]
+        meta.extra["appends"] = [r for r in meta.extra.get("appends", []) if r != run_id]
+        ds = TimelineDataset(self.data_url, _meta=meta)
+        meta.stats.update(ds.stats_from_lengths(ds.compute_stats()))
+        fs, root = url_to_fs(self.data_url)
+        with open_atomic(fs, f"{root}/_dataset.json", "w") as f:
+            f.write(meta.to_json())
+
+    def _remove_store_version(self, c: Cycle) -> list[str]:
+        if not self.cfg.store_url:
+            return []
+        from dv365.core.plugins import open_store
+
+        sid = self.snapshot_id(c)
+        store = open_store(self.cfg.store_url, keep=self.cfg.store_keep)
+        try:
+            have = {v.version: v for v in store.versions()}
+            if sid in have and not have[sid].active:
+                store.delete_version(sid)
+                return [f"store version {sid}"]
+        finally:
+            store.close()
+        return []
+
     def run_cycle(self, as_of: int | None = None) -> dict[str, Any] | None:
         """Runs (or finishes) one cycle under the lock; returns its run record (``None``: no new data)."""
+        self.check_or_raise()
         with self.lock():
             c = self.next_cycle(as_of)
             if c is None:
@@ -435,6 +629,10 @@ class Pipeline:
                 logger.info(f"   removed {removed} part file(s) of an unfinished append ({run_id})")
             writer = DatasetWriter(self.data_url, mode="append", run_id=run_id)
         rows = {k: 0 for k in (*EVENT_KINDS, "requests")}
+        covered = dict(rows)  # source rows with ts <= as_of now: the next cycle finds late arrivals with it
+        older = dict(rows)  # source rows with ts <= the previous cut-off now
+        future = dict(rows)  # source rows later than now + tolerance: rejected, counted
+        limit = future_limit()
         users: set[int] = set()
         with writer:
             for b in range(src.meta.num_buckets):
@@ -442,6 +640,11 @@ class Pipeline:
                 for kind in rows:
                     t = src.read_bucket(kind, b)
                     ts = t.column("ts")
+                    tsn = ts.to_numpy()
+                    covered[kind] += int((tsn <= c.as_of).sum())
+                    future[kind] += int((tsn > limit).sum())
+                    if lo is not None:
+                        older[kind] += int((tsn <= lo).sum())
                     keep = pc.less_equal(ts, c.as_of)
                     if lo is not None:
                         keep = pc.and_(keep, pc.greater(ts, lo))
@@ -453,8 +656,36 @@ class Pipeline:
                 writer.add(**parts)
                 if b == 0:
                     writer.flush()
-        figures = {"rows": rows, "active_users": len(users), "window": [lo, c.as_of], "run_id": run_id}
+        late = self._late_rows(c, older) if lo is not None else {k: 0 for k in rows}
+        if late and any(late.values()):
+            logger.warning(
+                f"   {sum(late.values())} late row(s) {late}: dated at or before the previous cut-off "
+                f"{_iso(lo or 0)} but not in the source then; reported, not ingested (rebuild the pipeline's "
+                "dataset in a new workdir to include them)"
+            )
+        if any(future.values()):
+            logger.warning(
+                f"   {sum(future.values())} source row(s) {future} later than now + {FUTURE_TOLERANCE_S} s: rejected"
+            )
+        figures = {
+            "rows": rows,
+            "active_users": len(users),
+            "window": [lo, c.as_of],
+            "run_id": run_id,
+            "source_rows_covered": covered,
+            "late_rows": late,
+            "rejected_future_rows": future,
+        }
         return {**figures, **self._ingest_figures(c, run_id, already=False)}
+
+    def _late_rows(self, c: Cycle, older: dict[str, int]) -> dict[str, int] | None:
+        """Source rows at or before the previous cut-off that the previous cycle did not see (the source is an
+        append-only log: now minus what it counted then). ``None`` when the previous cycle did not count."""
+        prev = self._previous_done(c, "ingest") or {}
+        seen = prev.get("source_rows_covered")
+        if not isinstance(seen, dict):
+            return None
+        return {k: max(0, n - int(seen.get(k, 0))) for k, n in older.items()}
 
     def _ingest_figures(self, c: Cycle, run_id: str, already: bool) -> dict[str, Any]:
         from dv365.core.timeline import TimelineDataset
@@ -473,15 +704,7 @@ class Pipeline:
         from dv365.train.trainer import Trainer
 
         prev_model = self._previous_done(c, "train")
-        overrides: dict[str, Any] = dict(self.cfg.train_set)
-        overrides.update(
-            {
-                "data.url": self.data_url,
-                "checkpoint.dir": str(self.model_dir(c)),
-                "run.steps": self.cfg.train_steps,
-                "checkpoint.warm_start": prev_model["model_dir"] if prev_model else None,
-            }
-        )
+        overrides = self._train_overrides(self.model_dir(c), prev_model["model_dir"] if prev_model else None)
         cfg = TrainConfig.load(self.cfg.train_config, overrides)
         trainer = Trainer(cfg, progress=self.progress)
         res = trainer.fit()
@@ -571,7 +794,7 @@ class Pipeline:
 
     def _step_retain(self, c: Cycle) -> dict[str, Any]:
         removed: list[str] = []
-        numbers = [x.number for x in self.cycles() if x.number <= c.number]
+        numbers = [x.number for x in self.cycles() if x.number <= c.number and not x.abandoned]
         for keep, path_of in ((self.cfg.keep_models, self.model_dir), (self.cfg.keep_snapshots, self.snapshot_dir)):
             for n in numbers[:-keep]:
                 p = path_of(n)
@@ -581,6 +804,19 @@ class Pipeline:
         return {"removed": removed, "kept_models": self.cfg.keep_models, "kept_snapshots": self.cfg.keep_snapshots}
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _train_overrides(self, model_dir: Path, warm_start: str | None) -> dict[str, Any]:
+        """``train.set`` with the pipeline's own keys on top (data, checkpoint folder, steps, warm start)."""
+        overrides: dict[str, Any] = dict(self.cfg.train_set)
+        overrides.update(
+            {
+                "data.url": self.data_url,
+                "checkpoint.dir": str(model_dir),
+                "run.steps": self.cfg.train_steps,
+                "checkpoint.warm_start": warm_start,
+            }
+        )
+        return overrides
+
     def _previous_done(self, c: Cycle, step: str) -> dict[str, Any] | None:
         if c.previous is None:
             return None
@@ -635,6 +871,8 @@ class Pipeline:
             "published_version": pub.get("version"),
             "figures": {
                 "new_rows": (steps["ingest"] or {}).get("rows"),
+                "late_rows": (steps["ingest"] or {}).get("late_rows"),
+                "rejected_future_rows": (steps["ingest"] or {}).get("rejected_future_rows"),
                 "eval_mean_ne": tr.get("eval_mean_ne"),
                 "eval_ne": tr.get("eval_ne"),
                 "users": exp.get("users"),
@@ -655,6 +893,7 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
             "cycle": c.number,
             "as_of_utc": _iso(c.as_of),
             "complete": c.complete,
+            "abandoned": c.abandoned,
             "steps_done": [s for s in STEPS if c.marker(s).exists()],
         }
         for c in cycles
