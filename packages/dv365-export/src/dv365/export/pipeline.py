@@ -67,7 +67,8 @@ class PipelineError(Dv365Error, RuntimeError):
 # ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PipelineConfig:
-    """A pipeline (YAML; every relative path is relative to the working directory).
+    """A pipeline (YAML; relative paths in a config file are relative to the file's folder, see
+    :meth:`relative_to`; :meth:`from_dict` leaves them as given).
 
     Keys::
 
@@ -112,7 +113,30 @@ class PipelineConfig:
     def load(cls, path: str | Path) -> PipelineConfig:
         from dv365.core.config import read_yaml_mapping
 
-        return cls.from_dict(read_yaml_mapping(path, PipelineError, "pipeline config"), str(path))
+        cfg = cls.from_dict(read_yaml_mapping(path, PipelineError, "pipeline config"), str(path))
+        return cfg.relative_to(Path(os.path.abspath(path)).parent)
+
+    def relative_to(self, base: Path) -> PipelineConfig:
+        """The config with its relative paths (workdir, source, train.config, an ``lmdb://`` store path) taken
+        relative to ``base`` (:meth:`load`: the config file's folder); absolute paths and URLs are unchanged.
+        ``train.config`` stays a shipped config's name (``movielens-quick``) unless it looks like a file
+        (a ``.yaml`` / ``.yml`` name, a folder in it) or names one that exists there."""
+        from dataclasses import replace
+
+        def local(p: str) -> str:
+            return p if "://" in p or Path(p).is_absolute() else str(base / p)
+
+        train = self.train_config
+        if "://" not in train and not Path(train).is_absolute():
+            looks_like_file = Path(train).suffix in (".yaml", ".yml") or "/" in train or os.sep in train
+            if looks_like_file or (base / train).is_file():
+                train = str(base / train)
+        store = self.store_url
+        if store and store.startswith("lmdb://") and not store[len("lmdb://") :].startswith("/"):
+            store = f"lmdb://{base / store[len('lmdb://') :]}"
+        return replace(
+            self, workdir=local(self.workdir), source=local(self.source), train_config=train, store_url=store
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "pipeline config") -> PipelineConfig:
