@@ -194,7 +194,7 @@ def run(
     log_to(sys.stdout)  # the pipeline's step lines go with the demo's own
 
     t0 = time.perf_counter()
-    root = Path(out)
+    root = Path(out).resolve()  # the pipeline configs it writes hold absolute paths
     root.mkdir(parents=True, exist_ok=True)
     src = Path(movielens) if movielens else default_data_dir() / "movielens-latest-small"
     durations: dict[str, float] = {}
