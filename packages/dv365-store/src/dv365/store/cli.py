@@ -17,12 +17,31 @@ STORE_HELP = (
 )
 
 
-def _tokens(env: str, path: str | None) -> frozenset[str]:
+def _tokens(env: str, path: str | None, flag: str) -> frozenset[str]:
+    """Tokens from ``$env`` (comma-separated) and the file ``path`` given with ``flag`` (one per line)."""
+    from dv365.store.errors import StoreError
+
     toks = {t.strip() for t in os.environ.get(env, "").split(",") if t.strip()}
     if path:
-        with open(path, encoding="utf-8") as f:
-            toks |= {line.strip() for line in f if line.strip() and not line.startswith("#")}
+        try:
+            with open(path, encoding="utf-8") as f:
+                toks |= {line.strip() for line in f if line.strip() and not line.startswith("#")}
+        except FileNotFoundError:
+            raise StoreError(f"dv365 serve: {flag} {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StoreError(f"dv365 serve: {flag} {path}: cannot read the token file: {e}") from None
     return frozenset(toks)
+
+
+def _port(text: str) -> int:
+    """argparse type of ``--port``: an integer 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port: use 0..65535 (0 = any free port)")
+    return port
 
 
 def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -43,7 +62,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help=STORE_HELP,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7365, help="port (0 = any free port; the bound one is printed)")
+    p.add_argument("--port", type=_port, default=7365, help="port (0 = any free port; the bound one is printed)")
     p.add_argument("--tls-cert", help="server certificate chain (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--reader-token-file", help="file of reader tokens (one per line)")
@@ -66,8 +85,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        reader_tokens=_tokens("DV365_STORE_READER_TOKENS", args.reader_token_file),
-        writer_tokens=_tokens("DV365_STORE_WRITER_TOKENS", args.writer_token_file),
+        reader_tokens=_tokens("DV365_STORE_READER_TOKENS", args.reader_token_file, "--reader-token-file"),
+        writer_tokens=_tokens("DV365_STORE_WRITER_TOKENS", args.writer_token_file, "--writer-token-file"),
         allow_anonymous=args.allow_anonymous,
         reflection=args.reflection,
         workers=args.workers,

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -82,6 +84,8 @@ class ServeConfig:
                 "dv365 serve: no tokens configured: give --reader-token-file/--writer-token-file (or "
                 "DV365_STORE_READER_TOKENS/DV365_STORE_WRITER_TOKENS), or --allow-anonymous for development"
             )
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise StoreError(f"dv365 serve: port {self.port!r} is not a TCP port: use 0..65535 (0 = any free port)")
         if any(len(t) < 16 for t in self.reader_tokens | self.writer_tokens):
             raise StoreError("dv365 serve: every token must be at least 16 characters")
 
@@ -244,7 +248,8 @@ class RunningServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dv365-serve"),
             interceptors=[TokenAuth(config.reader_tokens, config.writer_tokens, config.allow_anonymous)],
-            options=CHANNEL_OPTIONS,
+            # no SO_REUSEPORT: a second server on a port in use must fail, not split the clients with the first
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.workers * 8,
         )
         self.servicer = StoreServicer(store)
@@ -261,14 +266,18 @@ class RunningServer:
             )
             reflection.enable_server_reflection(names, self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert:
-            with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:  # type: ignore[arg-type]
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise StoreError(f"dv365 serve: cannot listen on {address}")
+        try:
+            if config.tls_cert:
+                with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:  # type: ignore[arg-type]
+                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+            self.port = 0
+        if not self.port or (config.port and self.port != config.port):
+            self.server.stop(None)
+            raise StoreError(f"dv365 serve: cannot listen on {address}: {_bind_problem(config.host, config.port)}")
         self.stopped = threading.Event()
 
     def start(self) -> RunningServer:
@@ -285,6 +294,20 @@ class RunningServer:
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
         self.store.close()
         self.stopped.set()
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on, found by binding a plain socket there (no SO_REUSEPORT)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} is in use (another process listens on it)"
+        return f"{e.strerror or e}"
+    return f"port {port} could not be bound" if port else "no port could be bound"
 
 
 def start_server(config: ServeConfig, store: EmbeddingStore | None = None) -> RunningServer:
