@@ -149,6 +149,14 @@ def _open(args: argparse.Namespace, **kw: Any) -> Any:
     return open_store(args.store, **kw)
 
 
+def _open_reader(args: argparse.Namespace) -> Any:
+    """A store opened for reading: an embedded one read-only, so a path that holds no store is refused
+    ("no dv365 store at PATH") instead of being created."""
+    from dv365.store.factory import scheme_of
+
+    return _open(args, mode="ro") if args.store and scheme_of(args.store) == "lmdb" else _open(args)
+
+
 def _publish(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -172,7 +180,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with _open_reader(args) as store:
         vs = store.versions()
     for v in vs:
         print(json.dumps(_version_row(v)))
@@ -202,7 +210,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with _open_reader(args) as store:
         r = store.get(args.user_ids)
     for i, uid in enumerate(args.user_ids):
         print(json.dumps({"user_id": uid, "present": bool(r.present[i]), "error": r.errors.get(i)}))

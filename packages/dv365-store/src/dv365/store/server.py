@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids
 from dv365.store.errors import StoreError
-from dv365.store.factory import open_store
+from dv365.store.factory import open_store, scheme_of
 from dv365.store.grpc_common import (
     CHANNEL_OPTIONS,
     ERROR_KEY,
@@ -311,13 +311,37 @@ def _bind_problem(host: str, port: int) -> str:
 
 
 def start_server(config: ServeConfig, store: EmbeddingStore | None = None) -> RunningServer:
-    """Opens the backend (unless given) and starts serving; returns at once."""
-    return RunningServer(config, store or open_store(config.backend)).start()
+    """Checks ``config``, opens the backend (unless given) and starts serving; returns at once. A store this
+    function opened is closed again when the server cannot start."""
+    config.check()
+    own = store is None
+    backend = open_store(config.backend) if store is None else store
+    try:
+        return RunningServer(config, backend).start()
+    except BaseException:
+        if own:
+            backend.close()
+        raise
+
+
+def open_served_store(url: str) -> EmbeddingStore:
+    """The backend ``dv365 serve`` serves: it must already hold a store. An embedded (``lmdb://``) directory
+    without one is refused (``create=0``) rather than served empty: a mistyped path would otherwise answer
+    every client "no active version"; create the store with ``dv365 store publish`` first."""
+    return open_store(url, create=False) if scheme_of(url) == "lmdb" else open_store(url)
 
 
 def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
-    """``dv365 serve``: runs until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code."""
-    running = start_server(config)
+    """``dv365 serve``: runs until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code. The
+    start-up checks (config, tokens, the backend holds a store, the port is free) run before anything is
+    served, and a failed one leaves nothing behind."""
+    config.check()
+    store = open_served_store(config.backend)
+    try:
+        running = start_server(config, store)
+    except BaseException:
+        store.close()
+        raise
     cause: list[str] = []
 
     def on_signal(signum: int, frame: Any) -> None:
