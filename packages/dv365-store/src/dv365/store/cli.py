@@ -72,6 +72,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (needs a reader token)")
     p.add_argument("--workers", type=int, default=16, help="request threads (default 16)")
+    p.add_argument(
+        "--snapshot-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory a remote Publish may read snapshots from (repeatable); none: remote publish is refused",
+    )
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM (default 10)")
     p.set_defaults(func=_serve)
 
@@ -91,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         reflection=args.reflection,
         workers=args.workers,
         grace_s=args.grace,
+        snapshot_roots=tuple(args.snapshot_root),
     )
     return serve_forever(cfg)
 
@@ -120,7 +128,11 @@ def register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--token", default=None, help="gRPC bearer token (default $DV365_STORE_TOKEN)")
     ss = p.add_subparsers(dest="store_command", metavar="<action>")
     pub = ss.add_parser("publish", help="load a snapshot folder, activate it, prune to --keep")
-    pub.add_argument("snapshot", help="snapshot folder/URL written by dv365 export (manifest.json inside)")
+    pub.add_argument(
+        "snapshot",
+        help="snapshot folder/URL written by dv365 export (manifest.json inside); for a grpc:// store, a folder "
+        "under one of the server's --snapshot-root directories (absolute, or relative to them)",
+    )
     pub.add_argument("--no-activate", action="store_true", help="load it but keep the current active version")
     pub.add_argument("--keep", type=int, default=None, help="versions to retain (default 3, or the URL's ?keep=)")
     pub.set_defaults(func=_publish)
@@ -161,12 +173,14 @@ def _publish(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dv365.core.snapshot import read_manifest
+    from dv365.store.factory import scheme_of
 
     kw = {"keep": args.keep} if args.keep is not None else {}
     with _open(args, **kw) as store:
+        remote = scheme_of(args.store) in ("grpc", "grpcs")  # the server reads the snapshot (under its roots)
         total = (
             read_manifest(args.snapshot).user_count
-            if "://" not in args.snapshot or args.snapshot.startswith("file")
+            if not remote and ("://" not in args.snapshot or args.snapshot.startswith("file"))
             else None
         )
         with tqdm(total=total, unit="user", desc="publish", disable=not sys.stderr.isatty()) as bar:

@@ -32,7 +32,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids
-from dv365.store.errors import StoreError
+from dv365.store.errors import PublishError, StoreError
 from dv365.store.factory import open_store, scheme_of
 from dv365.store.grpc_common import (
     CHANNEL_OPTIONS,
@@ -62,6 +62,9 @@ class ServeConfig:
         reflection: register gRPC server reflection.
         workers: request threads.
         grace_s: seconds in-flight calls get on shutdown.
+        snapshot_roots: directories a remote ``Publish`` may read snapshots from (the server resolves the
+            path it is sent, symlinks and ``..`` included, and refuses one outside them; a relative path is
+            taken under the roots). None: remote publish is refused.
     """
 
     backend: str
@@ -75,6 +78,7 @@ class ServeConfig:
     reflection: bool = False
     workers: int = 16
     grace_s: float = 10.0
+    snapshot_roots: tuple[str, ...] = ()
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -88,6 +92,9 @@ class ServeConfig:
             raise StoreError(f"dv365 serve: port {self.port!r} is not a TCP port: use 0..65535 (0 = any free port)")
         if any(len(t) < 16 for t in self.reader_tokens | self.writer_tokens):
             raise StoreError("dv365 serve: every token must be at least 16 characters")
+        for root in self.snapshot_roots:
+            if "://" in root or not os.path.isdir(root):
+                raise StoreError(f"dv365 serve: --snapshot-root {root}: not a directory")
 
 
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, msg: str) -> grpc.RpcMethodHandler:
@@ -147,12 +154,53 @@ class TokenAuth(grpc.ServerInterceptor):
 
 
 class StoreServicer(pb_grpc.EmbeddingStoreServicer):
-    """The EmbeddingStore service over one backend store."""
+    """The EmbeddingStore service over one backend store.
 
-    def __init__(self, store: EmbeddingStore) -> None:
+    Args:
+        store: the backend.
+        snapshot_roots: the directories ``Publish`` may read from (none: remote publish is refused).
+
+    Error messages sent to clients name neither the backend's URL/directory nor the snapshot roots' absolute
+    paths: they read ``<store>`` and ``<snapshot-root>``.
+    """
+
+    def __init__(self, store: EmbeddingStore, snapshot_roots: tuple[str, ...] = ()) -> None:
         self.store = store
+        self.roots = tuple(dict.fromkeys(os.path.realpath(r) for r in snapshot_roots))
+        secrets = {store.url: "<store>", str(getattr(store, "path", "") or ""): "<store>"}
+        for r in snapshot_roots:
+            secrets[os.path.abspath(r)] = secrets[os.path.realpath(r)] = "<snapshot-root>"
+        secrets.pop("", None)
+        self._secrets = sorted(secrets.items(), key=lambda kv: -len(kv[0]))  # longest first
         self.calls = 0
         self._count = threading.Lock()
+
+    def redact(self, message: str) -> str:
+        """``message`` without the server's paths (the backend's URL and directory, the snapshot roots)."""
+        for secret, placeholder in self._secrets:
+            message = message.replace(secret, placeholder)
+        return message
+
+    def snapshot_path(self, given: str) -> str:
+        """The local snapshot directory a remote ``Publish`` of ``given`` reads: under a snapshot root, after
+        symlinks and ``..`` are resolved; PublishError otherwise (naming what the client sent, not the server's
+        paths)."""
+        if not self.roots:
+            raise PublishError(
+                "this server takes no remote publish: no snapshot root is configured (start dv365 serve with "
+                "--snapshot-root DIR), or publish into its backend with `dv365 store publish`"
+            )
+        path = given[len("file://") :] if given.startswith("file://") else given
+        if not path or "://" in path:
+            raise PublishError(f"snapshot {given!r}: give a directory under a snapshot root of this server")
+        if os.path.isabs(path):
+            real = os.path.realpath(path)
+        else:  # under the first root that has it (or the first root)
+            joined = [os.path.join(r, path) for r in self.roots]
+            real = os.path.realpath(next((j for j in joined if os.path.lexists(j)), joined[0]))
+        if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.roots):
+            return real
+        raise PublishError(f"snapshot {given!r} is not under a snapshot root of this server: refused")
 
     def _counted(self) -> None:
         with self._count:
@@ -163,7 +211,11 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         try:
             return fn()
         except StoreError as e:
-            _abort(context, e)
+            self._abort(context, e)
+
+    def _abort(self, context: grpc.ServicerContext, e: StoreError) -> None:
+        context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
+        context.abort(status_of(e), self.redact(str(e)))
 
     def _ids(self, request: pb.GetRequest) -> np.ndarray:
         return as_user_ids(np.fromiter(request.user_ids, dtype=np.int64, count=len(request.user_ids)), self.store.url)
@@ -182,7 +234,7 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
                 yield _encode(raw, pos)
                 pos += len(raw.present)
         except StoreError as e:
-            _abort(context, e)
+            self._abort(context, e)
 
     def Versions(self, request: pb.VersionsRequest, context: grpc.ServicerContext) -> pb.VersionsResponse:
         return self._run(
@@ -191,7 +243,10 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
         return self._run(
-            context, lambda: version_to_pb(self.store.publish(request.snapshot_url, activate=not request.no_activate))
+            context,
+            lambda: version_to_pb(
+                self.store.publish(self.snapshot_path(request.snapshot_url), activate=not request.no_activate)
+            ),
         )
 
     def Activate(self, request: pb.ActivateRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
@@ -205,11 +260,6 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
         return self._run(context, lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
-
-
-def _abort(context: grpc.ServicerContext, e: StoreError) -> None:
-    context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
-    context.abort(status_of(e), str(e))
 
 
 def _encode(raw: RawLookup, offset: int) -> bytes:
@@ -252,7 +302,7 @@ class RunningServer:
             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.workers * 8,
         )
-        self.servicer = StoreServicer(store)
+        self.servicer = StoreServicer(store, config.snapshot_roots)
         self.server.add_registered_method_handlers(SERVICE, _method_handlers(self.servicer))
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
