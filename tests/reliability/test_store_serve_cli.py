@@ -35,6 +35,7 @@ def test_a_second_serve_on_a_port_in_use_exits_1(store_url: str) -> None:
         assert second.returncode == 1, (out, err)
         assert "listening" not in out
         assert f"port {port} is in use" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err  # one line, no grpc core log
         assert first.poll() is None  # the first one still serves
     finally:
         first.terminate()

@@ -316,6 +316,10 @@ class RunningServer:
             )
             reflection.enable_server_reflection(names, self.server)
         address = f"{config.host}:{config.port}"
+        problem = _bind_problem(config.host, config.port) if config.port else None
+        if problem is not None and "in use" in problem:  # before grpc tries (and logs its own lines)
+            self.server.stop(None)
+            raise StoreError(f"dv365 serve: cannot listen on {address}: {problem}")
         try:
             if config.tls_cert:
                 with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:  # type: ignore[arg-type]
@@ -327,7 +331,8 @@ class RunningServer:
             self.port = 0
         if not self.port or (config.port and self.port != config.port):
             self.server.stop(None)
-            raise StoreError(f"dv365 serve: cannot listen on {address}: {_bind_problem(config.host, config.port)}")
+            problem = _bind_problem(config.host, config.port)
+            raise StoreError(f"dv365 serve: cannot listen on {address}: {problem or 'grpc could not bind it'}")
         self.stopped = threading.Event()
 
     def start(self) -> RunningServer:
@@ -346,8 +351,9 @@ class RunningServer:
         self.stopped.set()
 
 
-def _bind_problem(host: str, port: int) -> str:
-    """Why ``host:port`` cannot be listened on, found by binding a plain socket there (no SO_REUSEPORT)."""
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, found by binding a plain socket there (no SO_REUSEPORT);
+    None when it can."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -357,7 +363,7 @@ def _bind_problem(host: str, port: int) -> str:
         if e.errno == errno.EADDRINUSE:
             return f"port {port} is in use (another process listens on it)"
         return f"{e.strerror or e}"
-    return f"port {port} could not be bound" if port else "no port could be bound"
+    return None
 
 
 def start_server(config: ServeConfig, store: EmbeddingStore | None = None) -> RunningServer:
