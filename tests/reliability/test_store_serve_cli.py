@@ -58,3 +58,16 @@ def test_missing_token_file_names_the_file_and_the_flag(store_url: str, tmp_path
     assert proc.returncode == 1, (out, err)
     assert "Traceback" not in err, err
     assert f"{flag} {missing}: no such file" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key"])
+def test_missing_tls_file_names_the_file_and_the_flag(store_url: str, tmp_path: Path, flag: str) -> None:
+    other = tmp_path / "exists.pem"
+    other.write_text("x")
+    missing = tmp_path / "no-such.pem"
+    files = {"--tls-cert": str(other), "--tls-key": str(other), flag: str(missing)}
+    args = [a for kv in files.items() for a in kv]
+    proc = _dv365("serve", "--backend", store_url, "--port", "0", "--allow-anonymous", *args)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert f"{flag} {missing}: no such file" in err, err

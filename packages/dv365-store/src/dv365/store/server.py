@@ -83,6 +83,9 @@ class ServeConfig:
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise StoreError("dv365 serve: --tls-cert and --tls-key go together")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path and not os.path.isfile(path):
+                raise StoreError(f"dv365 serve: {flag} {path}: no such file")
         if not (self.reader_tokens or self.writer_tokens or self.allow_anonymous):
             raise StoreError(
                 "dv365 serve: no tokens configured: give --reader-token-file/--writer-token-file (or "
