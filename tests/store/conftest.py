@@ -52,6 +52,7 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
             made[key] = path
         return made[key]
 
+    make.root = str(root)  # type: ignore[attr-defined]  # a gRPC server's --snapshot-root
     return make
 
 
@@ -258,7 +259,7 @@ def redis_harness(srv: RedisServer, prefix: str) -> Harness:
     return h
 
 
-def grpc_harness(root: Path, tls: dict[str, str]) -> Harness:
+def grpc_harness(root: Path, tls: dict[str, str], snapshot_root: str) -> Harness:
     from dv365.store.server import ServeConfig, start_server
 
     cfg = ServeConfig(
@@ -269,6 +270,7 @@ def grpc_harness(root: Path, tls: dict[str, str]) -> Harness:
         reader_tokens=frozenset({READER_TOKEN}),
         writer_tokens=frozenset({WRITER_TOKEN}),
         grace_s=2,
+        snapshot_roots=(snapshot_root,),
     )
     state = {"server": start_server(cfg)}
 
@@ -306,7 +308,7 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
     elif kind == "redis":
         h = redis_harness(request.getfixturevalue("redis_server"), f"t{os.getpid()}x{id(request)}")
     else:
-        h = grpc_harness(tmp_path, request.getfixturevalue("tls_files"))
+        h = grpc_harness(tmp_path, request.getfixturevalue("tls_files"), request.getfixturevalue("snapshots").root)
     yield h
     h.close_all()
     if kind == "grpc":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,7 +213,7 @@ def test_failed_publish_leaves_the_active_version_alone(harness: Harness, snapsh
 
     store = harness.writer()
     store.publish(snapshots("good", seed=1))
-    bad = tmp_path / "bad"
+    bad = Path(snapshots.root) / f"bad-{tmp_path.name}"  # under the gRPC server's --snapshot-root
     shutil.copytree(snapshots("bad", seed=2), bad)
     shard = sorted(bad.glob("shard-00001.parquet"))[0]
     blob = bytearray(shard.read_bytes())
@@ -223,7 +224,7 @@ def test_failed_publish_leaves_the_active_version_alone(harness: Harness, snapsh
     assert [(v.version, v.active) for v in store.versions()] == [("good", True)]
     assert store.get([1000]).snapshot_id == "good"
     with pytest.raises(PublishError, match="manifest"):
-        store.publish(str(tmp_path / "nowhere"))
+        store.publish(str(Path(snapshots.root) / "nowhere"))
 
 
 def test_bad_requests_are_clear_errors(harness: Harness, snapshots) -> None:  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ def test_bad_urls_and_options_are_clear(tmp_path) -> None:  # type: ignore[no-un
         open_store(f"lmdb://{tmp_path}/s?colour=red")
     with pytest.raises(StoreError, match="keep=0"):
         open_store(f"lmdb://{tmp_path}/s", keep=0)
-    with pytest.raises(StoreError, match="no dv365 store here"):
+    with pytest.raises(StoreError, match="no dv365 store at"):
         open_store(f"lmdb://{tmp_path}/missing?mode=ro")
     with pytest.raises(StoreError, match="expected grpc://host:port"):
         open_store("grpc://")

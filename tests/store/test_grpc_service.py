@@ -36,7 +36,12 @@ def _health(channel: grpc.Channel, service: str = "") -> int:
 def test_tls_is_enforced_and_health_needs_no_token(tmp_path: Path, tls_files, snapshots) -> None:  # type: ignore[no-untyped-def]
     srv = start_server(
         ServeConfig(
-            backend=f"lmdb://{tmp_path}/s", port=0, tls_cert=tls_files["cert"], tls_key=tls_files["key"], **TOKENS
+            backend=f"lmdb://{tmp_path}/s",
+            port=0,
+            tls_cert=tls_files["cert"],
+            tls_key=tls_files["key"],
+            snapshot_roots=(snapshots.root,),
+            **TOKENS,
         )
     )
     try:
@@ -98,7 +103,11 @@ def test_serve_needs_tokens_or_explicit_anonymous(tmp_path: Path) -> None:
 
 
 def test_grpc_in_front_of_redis(redis_server: RedisServer, snapshots) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server(ServeConfig(backend=redis_server.url("writer", "grpc-front"), port=0, **TOKENS))
+    srv = start_server(
+        ServeConfig(
+            backend=redis_server.url("writer", "grpc-front"), port=0, snapshot_roots=(snapshots.root,), **TOKENS
+        )
+    )
     try:
         c = open_store(f"grpc://127.0.0.1:{srv.port}", token=WRITER_TOKEN)
         c.publish(snapshots("v1", seed=1))
@@ -153,7 +162,7 @@ def test_client_falls_back_to_get_without_get_stream(tmp_path: Path, snapshots, 
 
     full = server._method_handlers
     monkeypatch.setattr(server, "_method_handlers", lambda s: {k: v for k, v in full(s).items() if k != "GetStream"})
-    srv = start_server(ServeConfig(backend=f"lmdb://{tmp_path}/s", port=0, **TOKENS))
+    srv = start_server(ServeConfig(backend=f"lmdb://{tmp_path}/s", port=0, snapshot_roots=(snapshots.root,), **TOKENS))
     try:
         c = open_store(f"grpc://127.0.0.1:{srv.port}", token=WRITER_TOKEN)
         c.publish(snapshots("v1", seed=1))
@@ -187,6 +196,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(tmp_path: Path, snapshots) -
             str(tok),
             "--grace",
             "30",
+            "--snapshot-root",
+            snapshots.root,
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -67,18 +67,19 @@ def test_damaged_row_file_is_an_error(tmp_path, snapshots) -> None:  # type: ign
 
 def test_stream_finishes_on_its_version_after_it_is_deleted(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
     root = str(tmp_path / "s")
-    with open_store(f"lmdb://{root}?keep=1") as w, open_store(f"lmdb://{root}?mode=ro") as r:
-        w.publish(snapshots("v1", fill=0x11))
-        pieces = r.lookup_chunks(USERS, 10 * 7656)  # type: ignore[attr-defined]  # 10 users per piece
-        first = next(pieces)
-        w.publish(snapshots("v2", fill=0x22))  # keep=1: v1 is deleted and its file unlinked
-        assert _files(root) == ["0000000002.rows"] and [v.version for v in w.versions()] == ["v2"]
-        rest = list(pieces)
-        assert {p.info.version for p in [first, *rest]} == {"v1"}
-        assert all(p.present.all() and (p.to_result().payload[..., CODES] == 0x11).all() for p in [first, *rest])
-        assert sum(len(p.present) for p in [first, *rest]) == len(USERS)
-        after = r.get([1000])
-        assert after.snapshot_id == "v2" and (after.payload[..., CODES] == 0x22).all()
+    with open_store(f"lmdb://{root}?keep=1") as w:
+        w.publish(snapshots("v1", fill=0x11))  # only a publish creates the store a reader opens
+        with open_store(f"lmdb://{root}?mode=ro") as r:
+            pieces = r.lookup_chunks(USERS, 10 * 7656)  # type: ignore[attr-defined]  # 10 users per piece
+            first = next(pieces)
+            w.publish(snapshots("v2", fill=0x22))  # keep=1: v1 is deleted and its file unlinked
+            assert _files(root) == ["0000000002.rows"] and [v.version for v in w.versions()] == ["v2"]
+            rest = list(pieces)
+            assert {p.info.version for p in [first, *rest]} == {"v1"}
+            assert all(p.present.all() and (p.to_result().payload[..., CODES] == 0x11).all() for p in [first, *rest])
+            assert sum(len(p.present) for p in [first, *rest]) == len(USERS)
+            after = r.get([1000])
+            assert after.snapshot_id == "v2" and (after.payload[..., CODES] == 0x22).all()
 
 
 def test_failed_publish_leaves_no_file(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]

@@ -397,9 +397,11 @@ def build_distant_provider(
 ) -> DistantHistoryProvider:
     """Trains (or reuses, cached under ``work_dir``) the upstream DV365 model on the data set's requests before
     each user's validation target (:func:`train_distant_upstream`), and returns its :class:`DistantEmbedder`
-    over every user's timelines (slicer ``auto``, ``run.threads`` of ``settings`` while the tower runs)."""
+    over every user's timelines (the numpy slicer, ``run.threads`` of ``settings`` while the tower runs).
+    Empty ``settings``: :data:`DEFAULT_SETTINGS`."""
     from dv365.export.encode import load_tower_model
 
+    settings = settings or DEFAULT_SETTINGS
     info = train_distant_upstream(dataset_url, val_target_ts, settings, work_dir, seed, device)
     ds = TimelineDataset(dataset_url)
     threads = int((_plain(settings).get("run") or {}).get("threads", 0))

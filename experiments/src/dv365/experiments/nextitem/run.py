@@ -46,12 +46,11 @@ def dataset_url(dataset: str, s: Settings, data_dir: Path, progress: bool) -> tu
 def build_provider(url: str, seqs: Sequences, s: Settings, work_dir: Path, device: str) -> DistantHistoryProvider:
     """The frozen DV365 provider (``nextitem.distant``, imported here only: the short-K+dv365 arms need it),
     trained on data strictly before each user's validation target."""
-    from dv365.experiments.nextitem.distant import DEFAULT_SETTINGS, build_distant_provider
+    from dv365.experiments.nextitem.distant import build_distant_provider
 
     val_ts = seqs.ts[seqs.target_pos("val")]
     val_target_ts = {int(u): int(t) for u, t in zip(seqs.user_ids, val_ts, strict=True)}
-    settings = dict(s.provider) or dict(DEFAULT_SETTINGS)  # an empty provider section: the shipped defaults
-    return build_distant_provider(url, val_target_ts, settings, work_dir, s.provider_seed, device)
+    return build_distant_provider(url, val_target_ts, dict(s.provider), work_dir, s.provider_seed, device)
 
 
 def facts(seqs: Sequences, s: Settings) -> dict[str, Any]:

@@ -177,10 +177,22 @@ class DV365Input(nn.Module):
         Args:
             payload: ``[B, N, row_bytes]`` uint8 rows in the :mod:`dv365.core.quantize` format.
             present: ``[B]`` bool, False for users the store does not have (None: all present).
-            age_s: ``[B]`` (or ``[]``) float seconds since the snapshot cut-off; required with ``use_age``.
+            age_s: ``[B]`` (or ``[]`` / ``[1]``) float seconds since the snapshot cut-off; required with
+                ``use_age``.
 
         Returns:
             :class:`DV365Features` ``(tokens [B, N, D], missing [B], side [B, S])``.
+
+        Bad input (docs/validation.md, "Import and storage"):
+
+        * ``present`` / ``age_s`` of another length than the payload's batch: :class:`AdapterError` naming
+          the argument and both lengths.
+        * a user whose de-quantized tokens are not all finite (a corrupted row: NaN/inf fp16 scale or bias)
+          is treated as missing: the learned default, ``missing`` True, age feature 0. :func:`batch_from_lookup`
+          already marks such users absent and logs how many.
+        * a NaN or infinite ``age_s``: :class:`AdapterError` (eager mode; the check reads the values, so on
+          CUDA it waits for them). A ``torch.export`` graph cannot raise: there a non-finite age gives
+          age feature 0.
         """
         if payload.dtype != torch.uint8:
             raise AdapterError(f"DV365Input: payload must be uint8 fused rows, got dtype {payload.dtype}")
@@ -192,16 +204,22 @@ class DV365Input(nn.Module):
         batch = payload.shape[0]
         if batch == 0:  # dv365.core's dequantize_rows cannot reshape zero rows (reported to dv365-core)
             tokens = self.default_embedding.new_zeros(0, self._rows, self.default_embedding.shape[1])
+            finite = torch.ones(0, dtype=torch.bool, device=payload.device)
         else:
             tokens = dequantize_rows(payload, self._bits).to(self.default_embedding.dtype)  # [B, N, D]
+        finite = torch.isfinite(tokens).flatten(1).all(dim=1)  # [B]; False: a corrupted scale/bias
         if self._standardize:
             tokens = (tokens - self.token_mean) / self.token_std
         if present is None:
             present_b = torch.ones(batch, dtype=torch.bool, device=payload.device)  # [B]
         else:
-            if present.dim() != 1:
-                raise AdapterError(f"DV365Input: present must be [B] bool, got shape {tuple(present.shape)}")
+            if present.dim() != 1 or present.shape[0] != batch:
+                raise AdapterError(
+                    f"DV365Input: present must be [B] bool with B = {batch} (the payload's users), "
+                    f"got shape {tuple(present.shape)}"
+                )
             present_b = present.to(device=payload.device, dtype=torch.bool)
+        present_b = present_b & finite  # non-finite tokens: treated as missing
         missing = ~present_b  # [B]
         tokens = torch.where(present_b[:, None, None], tokens, self.default_embedding.unsqueeze(0))  # [B, N, D]
         missing_f = missing.to(tokens.dtype).unsqueeze(1)  # [B, 1]
@@ -212,7 +230,18 @@ class DV365Input(nn.Module):
                 "DV365Input: age_s is required because DV365InputConfig.use_age is True "
                 "(pass LookupResult.age_s, or build the module with use_age=False)"
             )
-        age = age_s.to(device=payload.device, dtype=tokens.dtype).reshape(-1).expand(batch)  # [B]
+        age = age_s.to(device=payload.device, dtype=tokens.dtype).reshape(-1)
+        if age.shape[0] != batch and age.shape[0] != 1:  # batch first: equal symbols under torch.export
+            raise AdapterError(
+                f"DV365Input: age_s has {age.shape[0]} values but the payload has {batch} users "
+                f"(pass [B] or one value), shape {tuple(age_s.shape)}"
+            )
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(age).all()):
+            raise AdapterError(
+                f"DV365Input: age_s holds NaN or infinite values ({age[~torch.isfinite(age)][:3].tolist()}): "
+                "the age of a snapshot must be a finite number of seconds"
+            )
+        age = age.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).expand(batch)  # [B]
         age_feat = torch.log1p(age.clamp(min=0.0) / self._age_unit_s) * present_b.to(tokens.dtype)  # [B]
         return DV365Features(tokens, missing, torch.cat([missing_f, age_feat.unsqueeze(1)], dim=1))
 

@@ -52,9 +52,18 @@ def _to_device(t: torch.Tensor, device: Device) -> torch.Tensor:
     return t.to(dev)
 
 
+_RESULT_FIELDS = ("payload", "present", "snapshot_id", "age_s", "row_format", "errors")
+
+
 def _check_result(result: LookupResult, batch: int | None, expected_format: RowFormat | None) -> None:
+    """Raises :class:`AdapterError` unless ``result`` is a well-formed answer for ``batch`` users: a
+    LookupResult (not None), the expected row format and shapes, ``errors`` keyed by batch positions
+    ``0..B-1``, a finite ``age_s``."""
     import numpy as np
 
+    if result is None or not all(hasattr(result, f) for f in _RESULT_FIELDS):
+        got = "None" if result is None else type(result).__name__
+        raise AdapterError(f"the reader returned {got}, expected a LookupResult")
     fmt = result.row_format
     where = f"snapshot {result.snapshot_id!r}"
     if expected_format is not None and fmt != expected_format:
@@ -65,6 +74,18 @@ def _check_result(result: LookupResult, batch: int | None, expected_format: RowF
         raise AdapterError(f"{where}: payload is {payload.dtype} {payload.shape}, expected uint8 {want}")
     if present.shape != (want[0],):
         raise AdapterError(f"{where}: present has shape {present.shape}, expected ({want[0]},)")
+    for key in result.errors:
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < want[0]:
+            raise AdapterError(
+                f"{where}: errors has key {key!r}, expected a batch position 0..{want[0] - 1} "
+                f"(the batch has {want[0]} users)"
+            )
+    try:
+        age = float(result.age_s)
+    except (TypeError, ValueError):
+        raise AdapterError(f"{where}: age_s = {result.age_s!r} is not a number") from None
+    if not np.isfinite(age):
+        raise AdapterError(f"{where}: age_s = {age!r}: the snapshot's age must be a finite number of seconds")
 
 
 def batch_from_lookup(
@@ -74,7 +95,10 @@ def batch_from_lookup(
 ) -> DV365Batch:
     """Turns a store answer into :class:`DV365Batch` tensors on ``device``.
 
-    Users listed in ``result.errors`` (failed integrity checks) are treated as missing, and logged.
+    Users listed in ``result.errors`` (failed integrity checks) are treated as missing, and logged; so are
+    present users with a row whose fp16 scale or bias is NaN/inf (a corrupted row: its de-quantized values would
+    not be finite). A malformed answer raises :class:`~dv365.adapters.AdapterError`: None instead of a
+    LookupResult, ``errors`` keys outside ``0..B-1`` (negative included), a NaN/inf ``age_s``, wrong shapes.
 
     Args:
         result: a :class:`dv365.core.lookup.LookupResult`.
@@ -101,7 +125,19 @@ def batch_from_lookup(
             len(bad),
             "; ".join(f"#{i}: {result.errors[i]}" for i in bad[:5]),
         )
-    payload = torch.from_numpy(np.ascontiguousarray(result.payload, dtype=np.uint8))  # [B, N, row_bytes]
+    raw = np.ascontiguousarray(result.payload, dtype=np.uint8)  # [B, N, row_bytes]
+    sb = np.ascontiguousarray(raw[:, :, -4:]).view("<f2")  # [B, N, 2]: each row's fp16 scale and bias
+    corrupt = np.flatnonzero(present & ~np.isfinite(sb).all(axis=(1, 2)))
+    if corrupt.size:
+        present[corrupt] = False
+        logger.warning(
+            "snapshot %r: %d user(s) have a row with a NaN/inf scale or bias and are treated as missing: "
+            "batch positions %s",
+            result.snapshot_id,
+            corrupt.size,
+            corrupt[:5].tolist(),
+        )
+    payload = torch.from_numpy(raw)  # [B, N, row_bytes]
     age = torch.full((present.shape[0],), float(result.age_s), dtype=torch.float32)  # [B]
     return DV365Batch(
         _to_device(payload, device), _to_device(torch.from_numpy(present), device), _to_device(age, device)
@@ -145,7 +181,7 @@ def fetch_dv365(
         _check_result(result, ids.shape[0], expected_format)
         return batch_from_lookup(result, device, expected_format)
     unique, inverse = np.unique(ids, return_inverse=True)
-    result = reader.get(unique)
+    result = reader.get(unique)  # a duck-typed reader may return anything: checked before use
     _check_result(result, unique.shape[0], expected_format)
     inverse = inverse.reshape(-1)
     errors = {int(pos): msg for upos, msg in result.errors.items() for pos in np.flatnonzero(inverse == upos)}

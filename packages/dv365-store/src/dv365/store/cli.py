@@ -17,12 +17,31 @@ STORE_HELP = (
 )
 
 
-def _tokens(env: str, path: str | None) -> frozenset[str]:
+def _tokens(env: str, path: str | None, flag: str) -> frozenset[str]:
+    """Tokens from ``$env`` (comma-separated) and the file ``path`` given with ``flag`` (one per line)."""
+    from dv365.store.errors import StoreError
+
     toks = {t.strip() for t in os.environ.get(env, "").split(",") if t.strip()}
     if path:
-        with open(path, encoding="utf-8") as f:
-            toks |= {line.strip() for line in f if line.strip() and not line.startswith("#")}
+        try:
+            with open(path, encoding="utf-8") as f:
+                toks |= {line.strip() for line in f if line.strip() and not line.startswith("#")}
+        except FileNotFoundError:
+            raise StoreError(f"dv365 serve: {flag} {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StoreError(f"dv365 serve: {flag} {path}: cannot read the token file: {e}") from None
     return frozenset(toks)
+
+
+def _port(text: str) -> int:
+    """argparse type of ``--port``: an integer 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port: use 0..65535 (0 = any free port)")
+    return port
 
 
 def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -43,7 +62,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help=STORE_HELP,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7365, help="port (0 = any free port; the bound one is printed)")
+    p.add_argument("--port", type=_port, default=7365, help="port (0 = any free port; the bound one is printed)")
     p.add_argument("--tls-cert", help="server certificate chain (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--reader-token-file", help="file of reader tokens (one per line)")
@@ -53,6 +72,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (needs a reader token)")
     p.add_argument("--workers", type=int, default=16, help="request threads (default 16)")
+    p.add_argument(
+        "--snapshot-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory a remote Publish may read snapshots from (repeatable); none: remote publish is refused",
+    )
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM (default 10)")
     p.set_defaults(func=_serve)
 
@@ -66,12 +92,13 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        reader_tokens=_tokens("DV365_STORE_READER_TOKENS", args.reader_token_file),
-        writer_tokens=_tokens("DV365_STORE_WRITER_TOKENS", args.writer_token_file),
+        reader_tokens=_tokens("DV365_STORE_READER_TOKENS", args.reader_token_file, "--reader-token-file"),
+        writer_tokens=_tokens("DV365_STORE_WRITER_TOKENS", args.writer_token_file, "--writer-token-file"),
         allow_anonymous=args.allow_anonymous,
         reflection=args.reflection,
         workers=args.workers,
         grace_s=args.grace,
+        snapshot_roots=tuple(args.snapshot_root),
     )
     return serve_forever(cfg)
 
@@ -101,7 +128,11 @@ def register_store(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--token", default=None, help="gRPC bearer token (default $DV365_STORE_TOKEN)")
     ss = p.add_subparsers(dest="store_command", metavar="<action>")
     pub = ss.add_parser("publish", help="load a snapshot folder, activate it, prune to --keep")
-    pub.add_argument("snapshot", help="snapshot folder/URL written by dv365 export (manifest.json inside)")
+    pub.add_argument(
+        "snapshot",
+        help="snapshot folder/URL written by dv365 export (manifest.json inside); for a grpc:// store, a folder "
+        "under one of the server's --snapshot-root directories (absolute, or relative to them)",
+    )
     pub.add_argument("--no-activate", action="store_true", help="load it but keep the current active version")
     pub.add_argument("--keep", type=int, default=None, help="versions to retain (default 3, or the URL's ?keep=)")
     pub.set_defaults(func=_publish)
@@ -130,16 +161,26 @@ def _open(args: argparse.Namespace, **kw: Any) -> Any:
     return open_store(args.store, **kw)
 
 
+def _open_reader(args: argparse.Namespace) -> Any:
+    """A store opened for reading: an embedded one read-only, so a path that holds no store is refused
+    ("no dv365 store at PATH") instead of being created."""
+    from dv365.store.factory import scheme_of
+
+    return _open(args, mode="ro") if args.store and scheme_of(args.store) == "lmdb" else _open(args)
+
+
 def _publish(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dv365.core.snapshot import read_manifest
+    from dv365.store.factory import scheme_of
 
     kw = {"keep": args.keep} if args.keep is not None else {}
     with _open(args, **kw) as store:
+        remote = scheme_of(args.store) in ("grpc", "grpcs")  # the server reads the snapshot (under its roots)
         total = (
             read_manifest(args.snapshot).user_count
-            if "://" not in args.snapshot or args.snapshot.startswith("file")
+            if not remote and ("://" not in args.snapshot or args.snapshot.startswith("file"))
             else None
         )
         with tqdm(total=total, unit="user", desc="publish", disable=not sys.stderr.isatty()) as bar:
@@ -153,7 +194,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with _open_reader(args) as store:
         vs = store.versions()
     for v in vs:
         print(json.dumps(_version_row(v)))
@@ -183,7 +224,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with _open_reader(args) as store:
         r = store.get(args.user_ids)
     for i, uid in enumerate(args.user_ids):
         print(json.dumps({"user_id": uid, "present": bool(r.present[i]), "error": r.errors.get(i)}))

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,8 +32,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids
-from dv365.store.errors import StoreError
-from dv365.store.factory import open_store
+from dv365.store.errors import PublishError, StoreError
+from dv365.store.factory import open_store, scheme_of
 from dv365.store.grpc_common import (
     CHANNEL_OPTIONS,
     ERROR_KEY,
@@ -60,6 +62,9 @@ class ServeConfig:
         reflection: register gRPC server reflection.
         workers: request threads.
         grace_s: seconds in-flight calls get on shutdown.
+        snapshot_roots: directories a remote ``Publish`` may read snapshots from (the server resolves the
+            path it is sent, symlinks and ``..`` included, and refuses one outside them; a relative path is
+            taken under the roots). None: remote publish is refused.
     """
 
     backend: str
@@ -73,17 +78,26 @@ class ServeConfig:
     reflection: bool = False
     workers: int = 16
     grace_s: float = 10.0
+    snapshot_roots: tuple[str, ...] = ()
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise StoreError("dv365 serve: --tls-cert and --tls-key go together")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path and not os.path.isfile(path):
+                raise StoreError(f"dv365 serve: {flag} {path}: no such file")
         if not (self.reader_tokens or self.writer_tokens or self.allow_anonymous):
             raise StoreError(
                 "dv365 serve: no tokens configured: give --reader-token-file/--writer-token-file (or "
                 "DV365_STORE_READER_TOKENS/DV365_STORE_WRITER_TOKENS), or --allow-anonymous for development"
             )
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise StoreError(f"dv365 serve: port {self.port!r} is not a TCP port: use 0..65535 (0 = any free port)")
         if any(len(t) < 16 for t in self.reader_tokens | self.writer_tokens):
             raise StoreError("dv365 serve: every token must be at least 16 characters")
+        for root in self.snapshot_roots:
+            if "://" in root or not os.path.isdir(root):
+                raise StoreError(f"dv365 serve: --snapshot-root {root}: not a directory")
 
 
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, msg: str) -> grpc.RpcMethodHandler:
@@ -143,12 +157,53 @@ class TokenAuth(grpc.ServerInterceptor):
 
 
 class StoreServicer(pb_grpc.EmbeddingStoreServicer):
-    """The EmbeddingStore service over one backend store."""
+    """The EmbeddingStore service over one backend store.
 
-    def __init__(self, store: EmbeddingStore) -> None:
+    Args:
+        store: the backend.
+        snapshot_roots: the directories ``Publish`` may read from (none: remote publish is refused).
+
+    Error messages sent to clients name neither the backend's URL/directory nor the snapshot roots' absolute
+    paths: they read ``<store>`` and ``<snapshot-root>``.
+    """
+
+    def __init__(self, store: EmbeddingStore, snapshot_roots: tuple[str, ...] = ()) -> None:
         self.store = store
+        self.roots = tuple(dict.fromkeys(os.path.realpath(r) for r in snapshot_roots))
+        secrets = {store.url: "<store>", str(getattr(store, "path", "") or ""): "<store>"}
+        for r in snapshot_roots:
+            secrets[os.path.abspath(r)] = secrets[os.path.realpath(r)] = "<snapshot-root>"
+        secrets.pop("", None)
+        self._secrets = sorted(secrets.items(), key=lambda kv: -len(kv[0]))  # longest first
         self.calls = 0
         self._count = threading.Lock()
+
+    def redact(self, message: str) -> str:
+        """``message`` without the server's paths (the backend's URL and directory, the snapshot roots)."""
+        for secret, placeholder in self._secrets:
+            message = message.replace(secret, placeholder)
+        return message
+
+    def snapshot_path(self, given: str) -> str:
+        """The local snapshot directory a remote ``Publish`` of ``given`` reads: under a snapshot root, after
+        symlinks and ``..`` are resolved; PublishError otherwise (naming what the client sent, not the server's
+        paths)."""
+        if not self.roots:
+            raise PublishError(
+                "this server takes no remote publish: no snapshot root is configured (start dv365 serve with "
+                "--snapshot-root DIR), or publish into its backend with `dv365 store publish`"
+            )
+        path = given[len("file://") :] if given.startswith("file://") else given
+        if not path or "://" in path:
+            raise PublishError(f"snapshot {given!r}: give a directory under a snapshot root of this server")
+        if os.path.isabs(path):
+            real = os.path.realpath(path)
+        else:  # under the first root that has it (or the first root)
+            joined = [os.path.join(r, path) for r in self.roots]
+            real = os.path.realpath(next((j for j in joined if os.path.lexists(j)), joined[0]))
+        if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.roots):
+            return real
+        raise PublishError(f"snapshot {given!r} is not under a snapshot root of this server: refused")
 
     def _counted(self) -> None:
         with self._count:
@@ -159,7 +214,11 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         try:
             return fn()
         except StoreError as e:
-            _abort(context, e)
+            self._abort(context, e)
+
+    def _abort(self, context: grpc.ServicerContext, e: StoreError) -> None:
+        context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
+        context.abort(status_of(e), self.redact(str(e)))
 
     def _ids(self, request: pb.GetRequest) -> np.ndarray:
         return as_user_ids(np.fromiter(request.user_ids, dtype=np.int64, count=len(request.user_ids)), self.store.url)
@@ -178,7 +237,7 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
                 yield _encode(raw, pos)
                 pos += len(raw.present)
         except StoreError as e:
-            _abort(context, e)
+            self._abort(context, e)
 
     def Versions(self, request: pb.VersionsRequest, context: grpc.ServicerContext) -> pb.VersionsResponse:
         return self._run(
@@ -187,7 +246,10 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
         return self._run(
-            context, lambda: version_to_pb(self.store.publish(request.snapshot_url, activate=not request.no_activate))
+            context,
+            lambda: version_to_pb(
+                self.store.publish(self.snapshot_path(request.snapshot_url), activate=not request.no_activate)
+            ),
         )
 
     def Activate(self, request: pb.ActivateRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
@@ -201,11 +263,6 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
         return self._run(context, lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
-
-
-def _abort(context: grpc.ServicerContext, e: StoreError) -> None:
-    context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
-    context.abort(status_of(e), str(e))
 
 
 def _encode(raw: RawLookup, offset: int) -> bytes:
@@ -244,10 +301,11 @@ class RunningServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dv365-serve"),
             interceptors=[TokenAuth(config.reader_tokens, config.writer_tokens, config.allow_anonymous)],
-            options=CHANNEL_OPTIONS,
+            # no SO_REUSEPORT: a second server on a port in use must fail, not split the clients with the first
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.workers * 8,
         )
-        self.servicer = StoreServicer(store)
+        self.servicer = StoreServicer(store, config.snapshot_roots)
         self.server.add_registered_method_handlers(SERVICE, _method_handlers(self.servicer))
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -261,14 +319,23 @@ class RunningServer:
             )
             reflection.enable_server_reflection(names, self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert:
-            with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:  # type: ignore[arg-type]
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise StoreError(f"dv365 serve: cannot listen on {address}")
+        problem = _bind_problem(config.host, config.port) if config.port else None
+        if problem is not None and "in use" in problem:  # before grpc tries (and logs its own lines)
+            self.server.stop(None)
+            raise StoreError(f"dv365 serve: cannot listen on {address}: {problem}")
+        try:
+            if config.tls_cert:
+                with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:  # type: ignore[arg-type]
+                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+            self.port = 0
+        if not self.port or (config.port and self.port != config.port):
+            self.server.stop(None)
+            problem = _bind_problem(config.host, config.port)
+            raise StoreError(f"dv365 serve: cannot listen on {address}: {problem or 'grpc could not bind it'}")
         self.stopped = threading.Event()
 
     def start(self) -> RunningServer:
@@ -287,14 +354,53 @@ class RunningServer:
         self.stopped.set()
 
 
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, found by binding a plain socket there (no SO_REUSEPORT);
+    None when it can."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} is in use (another process listens on it)"
+        return f"{e.strerror or e}"
+    return None
+
+
 def start_server(config: ServeConfig, store: EmbeddingStore | None = None) -> RunningServer:
-    """Opens the backend (unless given) and starts serving; returns at once."""
-    return RunningServer(config, store or open_store(config.backend)).start()
+    """Checks ``config``, opens the backend (unless given) and starts serving; returns at once. A store this
+    function opened is closed again when the server cannot start."""
+    config.check()
+    own = store is None
+    backend = open_store(config.backend) if store is None else store
+    try:
+        return RunningServer(config, backend).start()
+    except BaseException:
+        if own:
+            backend.close()
+        raise
+
+
+def open_served_store(url: str) -> EmbeddingStore:
+    """The backend ``dv365 serve`` serves: it must already hold a store. An embedded (``lmdb://``) directory
+    without one is refused (``create=0``) rather than served empty: a mistyped path would otherwise answer
+    every client "no active version"; create the store with ``dv365 store publish`` first."""
+    return open_store(url, create=False) if scheme_of(url) == "lmdb" else open_store(url)
 
 
 def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
-    """``dv365 serve``: runs until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code."""
-    running = start_server(config)
+    """``dv365 serve``: runs until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code. The
+    start-up checks (config, tokens, the backend holds a store, the port is free) run before anything is
+    served, and a failed one leaves nothing behind."""
+    config.check()
+    store = open_served_store(config.backend)
+    try:
+        running = start_server(config, store)
+    except BaseException:
+        store.close()
+        raise
     cause: list[str] = []
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -215,7 +215,8 @@ class GrpcStore(EmbeddingStore):
         return list(self._call("prune", self.stub.Prune, pb.PruneRequest(keep=keep or 0), self.timeout).deleted)
 
     def publish(self, snapshot_url: str, *, activate: bool = True, progress: Progress | None = None) -> VersionInfo:
-        """Asks the server to publish ``snapshot_url`` (a path/URL the server can read); retention is the server's."""
+        """Asks the server to publish ``snapshot_url``: a directory under one of the server's ``--snapshot-root``
+        directories (absolute, or relative to the roots); retention is the server's."""
         return version_from_pb(
             self._call(
                 f"publish {snapshot_url}",

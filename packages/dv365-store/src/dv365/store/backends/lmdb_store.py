@@ -53,7 +53,13 @@ from dv365.store.api import (
     no_active,
 )
 from dv365.store.backends.rowfile import RowFile, RowFileWriter
-from dv365.store.errors import PublishError, StoreAuthError, StoreError, VersionNotFoundError
+from dv365.store.errors import (
+    NoActiveVersionError,
+    PublishError,
+    StoreAuthError,
+    StoreError,
+    VersionNotFoundError,
+)
 from dv365.store.records import assemble
 from dv365.store.urls import parse_bool, reject_unknown
 
@@ -86,7 +92,9 @@ class LmdbStore(EmbeddingStore):
     """The embedded default backend (``lmdb:///path``).
 
     Args:
-        path: the store directory (created unless ``mode="ro"``).
+        path: the store directory. Only :meth:`publish` creates a store there: opening a directory that
+            holds none creates nothing, and reads of it raise :class:`NoActiveVersionError` ("no dv365 store at
+            PATH"); ``versions()`` is empty.
         keep: versions retained after a publish.
         mode: ``"rw"`` (default) or ``"ro"``: a reader that cannot publish/activate/delete.
         map_size_gb: the map's maximum size (virtual; the file grows as needed). Every process opening the
@@ -95,8 +103,10 @@ class LmdbStore(EmbeddingStore):
         layout: how new versions store their users: ``"rows"`` (default: one memory-mapped row file per
             version, :mod:`~dv365.store.backends.rowfile`) or ``"records"`` (one LMDB value per user: for stores
             that dv365-store readers without row-file support must read). Versions of either layout are read.
+        create: False: refuse (StoreError "no dv365 store at PATH") a directory that holds no store, as
+            ``mode="ro"`` always does (``dv365 serve`` opens its backend so).
 
-    URL options: ``keep``, ``mode=ro`` (or ``readonly=1``), ``map_size_gb``, ``layout``, and ``prefault=1``
+    URL options: ``keep``, ``mode=ro`` (or ``readonly=1``), ``map_size_gb``, ``layout``, ``create=0``, and ``prefault=1``
     (call :meth:`prefault` when opening, and map each row file's pages when it is first read: for long-running
     readers on hosts whose RAM holds the files).
 
@@ -107,10 +117,17 @@ class LmdbStore(EmbeddingStore):
         store.get([1, 2, 3]).payload.shape       # (3, 58, 132)
     """
 
-    OPTIONS = {"keep", "mode", "map_size_gb", "readonly", "prefault", "layout"}
+    OPTIONS = {"keep", "mode", "map_size_gb", "readonly", "prefault", "layout", "create"}
 
     def __init__(
-        self, path: str, *, keep: int = DEFAULT_KEEP, mode: str = "rw", map_size_gb: float = 1024, layout: str = ROWS
+        self,
+        path: str,
+        *,
+        keep: int = DEFAULT_KEEP,
+        mode: str = "rw",
+        map_size_gb: float = 1024,
+        layout: str = ROWS,
+        create: bool = True,
     ) -> None:
         path = os.path.abspath(path)
         super().__init__(f"lmdb://{path}", keep)
@@ -122,15 +139,46 @@ class LmdbStore(EmbeddingStore):
         self._prefault = False
         self.path = path
         self.readonly = mode == "ro"
-        if self.readonly and not os.path.exists(os.path.join(path, "data.mdb")):
-            raise StoreError(
-                f"{self.url}: no dv365 store here (data.mdb not found); open it read-write once or publish"
-            )
-        self._shared = _open_env(path, self.readonly, int(map_size_gb * (1 << 30)), self.url)
-        self.env, self.meta, self.data = self._shared.env, self._shared.meta, self._shared.data
-        self._lock = self._shared.lock
+        self._map_size = int(map_size_gb * (1 << 30))
+        self._shared: _SharedEnv | None = None
         self._entries: dict[bytes, tuple[VersionInfo, int]] = {}
         self._closed = False
+        if self._exists():
+            self._attach()
+        elif self.readonly or not create:
+            raise StoreError(self._no_store())
+
+    # ---- the environment: opened when the directory holds a store; only publish creates one --------------
+    def _exists(self) -> bool:
+        return os.path.isfile(os.path.join(self.path, "data.mdb"))
+
+    def _no_store(self) -> str:
+        return f"{self.url}: no dv365 store at {self.path}; create one with `dv365 store publish`"
+
+    def _attach(self) -> _SharedEnv:
+        if self._shared is None:
+            self._shared = _open_env(self.path, self.readonly, self._map_size, self.url)
+        return self._shared
+
+    def _env(self) -> _SharedEnv:
+        """The open environment; a store that does not exist (yet) has no active version. Nothing is created."""
+        if self._shared is None:
+            if not self._exists():  # another process may have published since this client was opened
+                raise NoActiveVersionError(f"{self._no_store()} (no active version)")
+            self._attach()
+        return self._shared  # type: ignore[return-value]
+
+    @property
+    def env(self) -> lmdb.Environment:
+        return self._env().env
+
+    @property
+    def meta(self) -> Any:
+        return self._env().meta
+
+    @property
+    def data(self) -> Any:
+        return self._env().data
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> LmdbStore:
@@ -147,6 +195,7 @@ class LmdbStore(EmbeddingStore):
             mode=mode,
             map_size_gb=float(options.get("map_size_gb", 1024)),
             layout=str(options.get("layout", ROWS)),
+            create=parse_bool(options.get("create", True), "create", url),
         )
         if parse_bool(options.get("prefault", False), "prefault", url):
             store.prefault()
@@ -188,8 +237,9 @@ class LmdbStore(EmbeddingStore):
 
     def _row_file(self, ver: _Version) -> RowFile:
         """The version's mapped row file (process-wide cache); FileNotFoundError when it was just deleted."""
-        cache = self._shared.row_files
-        with self._shared.row_lock:
+        shared = self._env()
+        cache = shared.row_files
+        with shared.row_lock:
             rf = cache.get(ver.seq)
             if rf is not None:
                 cache.move_to_end(ver.seq)
@@ -200,7 +250,7 @@ class LmdbStore(EmbeddingStore):
         )
         if self._prefault:
             rf.populate()
-        with self._shared.row_lock:
+        with shared.row_lock:
             cache[ver.seq] = rf
             while len(cache) > _ROW_FILES_CACHED:
                 cache.popitem(last=False)  # unmapped once no answer in flight uses it
@@ -273,6 +323,8 @@ class LmdbStore(EmbeddingStore):
             yield self._entry(bytes(raw), key[len(_VPREFIX) :])
 
     def versions(self) -> list[VersionInfo]:
+        if self._shared is None and not self._exists():
+            return []  # no store (yet): nothing to list, and nothing is created
         with self.env.begin() as txn:
             active = txn.get(_ACTIVE, db=self.meta)
             out = [
@@ -319,8 +371,9 @@ class LmdbStore(EmbeddingStore):
         self._drop_row_file(seq)  # after the commit: readers that resolved the version keep the old inode
 
     def _drop_row_file(self, seq: int) -> None:
-        with self._shared.row_lock:
-            self._shared.row_files.pop(seq, None)
+        shared = self._env()
+        with shared.row_lock:
+            shared.row_files.pop(seq, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._row_path(seq))
 
@@ -328,7 +381,7 @@ class LmdbStore(EmbeddingStore):
     def publish(self, snapshot_url: str, *, activate: bool = True, progress: Progress | None = None) -> VersionInfo:
         self._writable(f"publish {snapshot_url}")
         os.makedirs(self.path, exist_ok=True)
-        with self._lock, open(os.path.join(self.path, "publish.lock"), "a+b") as lock:
+        with self._attach().lock, open(os.path.join(self.path, "publish.lock"), "a+b") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -426,7 +479,8 @@ class LmdbStore(EmbeddingStore):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _release_env(self.path)
+            if self._shared is not None:
+                _release_env(self.path)
 
 
 _MADV_POPULATE_READ = 22  # linux/mman.h, kernel >= 5.14

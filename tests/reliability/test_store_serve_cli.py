@@ -1,0 +1,73 @@
+"""``dv365 serve`` start-up checks, through the real command in a subprocess: a port another server listens
+on, a port out of range, a token file that is not there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..store.conftest import free_port
+
+
+def _dv365(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dv365.core.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_a_second_serve_on_a_port_in_use_exits_1(store_url: str) -> None:
+    port = str(free_port())
+    first = _dv365("serve", "--backend", store_url, "--port", port, "--allow-anonymous")
+    try:
+        line = first.stdout.readline()  # type: ignore[union-attr]
+        assert f"listening on 127.0.0.1:{port} " in line, line + first.stderr.read()  # type: ignore[union-attr]
+        second = _dv365("serve", "--backend", store_url, "--port", port, "--allow-anonymous")
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 1, (out, err)
+        assert "listening" not in out
+        assert f"port {port} is in use" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err  # one line, no grpc core log
+        assert first.poll() is None  # the first one still serves
+    finally:
+        first.terminate()
+        first.wait(30)
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536", "x"])
+def test_serve_port_out_of_range_is_a_usage_error(store_url: str, port: str) -> None:
+    proc = _dv365("serve", "--backend", store_url, "--port", port, "--allow-anonymous")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (out, err)
+    assert "argument --port" in err and "listening" not in out, err
+
+
+@pytest.mark.parametrize("flag", ["--reader-token-file", "--writer-token-file"])
+def test_missing_token_file_names_the_file_and_the_flag(store_url: str, tmp_path: Path, flag: str) -> None:
+    missing = tmp_path / "no-such-tokens"
+    proc = _dv365("serve", "--backend", store_url, "--port", "0", flag, str(missing))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (out, err)
+    assert "Traceback" not in err, err
+    assert f"{flag} {missing}: no such file" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--tls-cert", "--tls-key"])
+def test_missing_tls_file_names_the_file_and_the_flag(store_url: str, tmp_path: Path, flag: str) -> None:
+    other = tmp_path / "exists.pem"
+    other.write_text("x")
+    missing = tmp_path / "no-such.pem"
+    files = {"--tls-cert": str(other), "--tls-key": str(other), flag: str(missing)}
+    args = [a for kv in files.items() for a in kv]
+    proc = _dv365("serve", "--backend", store_url, "--port", "0", "--allow-anonymous", *args)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert f"{flag} {missing}: no such file" in err, err
