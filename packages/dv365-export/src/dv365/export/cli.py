@@ -469,7 +469,24 @@ def _pipeline_schedule(args: argparse.Namespace) -> int:
         next_at += period
         while not stop["now"] and time.time() < next_at:
             time.sleep(min(1.0, max(0.0, next_at - time.time())))
+    _exit_without_teardown(0)
     return 0
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Ends the scheduler process once its work is done and flushed, without interpreter teardown.
+
+    A scheduler has loaded native thread pools (torch, pyarrow) over its cycles; under load, tearing them down
+    at interpreter exit has aborted the process (``terminate called without an active exception``, exit -6)
+    after every cycle had finished, which a supervisor reads as a crash.
+    """
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _status(args: argparse.Namespace) -> int:
