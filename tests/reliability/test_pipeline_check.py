@@ -112,3 +112,12 @@ def test_cli_check_run_and_schedule_fail_with_the_key_named_and_no_traceback(tmp
     config(tmp_path, source, train__steps="lots")
     r = dv365(tmp_path, "pipeline", "run", "--config", "pipeline.yaml")
     assert r.returncode == 1 and "train.steps = 'lots'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_status_reports_a_mistyped_store_path_and_creates_nothing(tmp_path: Path, source: str) -> None:
+    from dv365.export.pipeline import status
+
+    cfg = config(tmp_path, source, store__url=f"lmdb://{tmp_path / 'stroe'}")  # a typo: no store there
+    st = status(PipelineConfig.from_dict(cfg, "p.yaml"))
+    assert isinstance(st["versions"], str) and "no dv365 store" in st["versions"]
+    assert not (tmp_path / "stroe").exists()

@@ -928,7 +928,9 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
         from dv365.core.plugins import open_store
 
         try:
-            store = open_store(cfg.store_url)
+            # an embedded store is opened read-only: a mistyped path is reported, never created
+            embedded = cfg.store_url.startswith("lmdb://") or "://" not in cfg.store_url
+            store = open_store(cfg.store_url, **({"mode": "ro"} if embedded else {}))
         except Dv365Error as e:
             out["versions"] = f"store not readable: {e}"
         else:
