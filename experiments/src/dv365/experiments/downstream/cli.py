@@ -1,6 +1,6 @@
-"""``dv365 eval ranking | retrieval | staleness | encoders | all``: the paper's downstream evidence (§3.5,
-Tables 3-4, App. B, App. C) on public data. Registered by :mod:`dv365.experiments.cli`, whose conventions
-they follow.
+"""``dv365 eval ranking | retrieval | staleness | encoders | diagnose | all``: the paper's downstream evidence
+(§3.5, Tables 3-4, App. B, App. C) on public data, and ``diagnose`` (why DV365 changes the ranker on returning
+users). Registered by :mod:`dv365.experiments.cli`, whose conventions they follow.
 
 Each experiment writes ``<out>/<experiment>-<dataset>[-quick].md`` + PNG + JSON and prints one JSON summary
 line last. ``all`` runs every experiment on every data set (default ``movielens,synth``), shares the prepared
