@@ -113,3 +113,26 @@ def test_unique_ids_agrees_with_torch_unique() -> None:
     ids, inv = unique_ids(v, 10)
     ref_ids, ref_inv = torch.unique(v, return_inverse=True)
     assert torch.equal(ids, ref_ids) and torch.equal(inv, ref_inv)
+
+
+def test_pooling_mode_is_module_state_and_auto_follows_the_context(sliced, kjt) -> None:
+    """``mode="auto"`` pools table-grouped where gradients can be recorded (training, eval under no_grad) and
+    per feature under inference_mode (the export), with the same numbers; callers never flip it."""
+    from dv365.train.errors import TrainConfigError
+
+    spec, tl, req = sliced
+    torch.manual_seed(0)
+    pooling = SlicedPooling(spec, D)
+    assert pooling.mode == "auto" and pooling.grouped
+    with torch.no_grad():
+        assert pooling.grouped
+        a = pooling(kjt)
+    with torch.inference_mode():
+        assert not pooling.grouped
+        b = pooling(kjt)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert pooling.set_mode("per_feature") is pooling and not pooling.grouped
+    pooling.grouped = True  # the older switch maps to a mode
+    assert pooling.mode == "grouped" and SlicedPooling(spec, D, grouped=False).mode == "per_feature"
+    with pytest.raises(TrainConfigError, match="pooling mode 'fast'"):
+        pooling.set_mode("fast")

@@ -4,7 +4,14 @@ Generates a SIMULATED long-history dataset (:mod:`dv365.core.synth`), trains a D
 ``N_out = 58``, ``D = 256`` FSA user tower for a few steps (kuairand spec, 201 sliced features, small hash
 tables), exports every user with ``dv365 export``'s job (fbgemm 4-bit), and reports:
 
-* ``users_per_s``: users / seconds of the export loop (read timelines, slice, tower, quantize, write shards);
+* ``users_per_s``: users / seconds of the export loop (read timelines, slice, tower, quantize, write shards),
+  with its reading and slicing in ``loader_workers`` processes ahead of the tower (one on a host with a second
+  core); the export runs in a fresh process whose peak RSS is reported, and its loader worker's peak RSS and
+  private memory (a forked worker's RSS counts the pages it shares with the export process);
+* ``tower_only_users_per_s``: in the same run, the same users' tower calls (pooling + FSA) on KJTs built
+  beforehand, with the threads the export gave its tower (``tower_threads``), and ``end_to_end_vs_tower_only``, the ratio of the two: how close the job is to its own limit;
+* ``<stage>_ms_per_user`` for read, slice, kjt, pool, fsa, quantize, write (the loader's stages summed over
+  its workers, so on 2 cores they may add up to more than the wall time per user);
   ``users_per_s_end_to_end`` also counts loading the checkpoint and scanning the dataset;
 * ``bytes_per_user`` (the manifest's: 58 x 132 = 7,656) and the shard files' bytes per user (with Parquet and
   crc32 overhead);
@@ -34,22 +41,24 @@ import torch
 PAPER_INPUT_BYTES = 200 * 256 * 4  # the paper's pooled input: 200 embeddings of 256 fp32
 
 
-def _train_config(url: str, ckpt: Path, steps: int, batch: int, seed: int) -> Any:
+def _train_config(url: str, ckpt: Path, steps: int, batch: int, seed: int, quick: bool = True) -> Any:
+    """Quick: 4,999-row tables; full: 20,011-row media / author tables, as ``dv365 bench dedup`` trains."""
     from dv365.train.config import TrainConfig
+
+    rows = 4999 if quick else 20011
 
     return TrainConfig.from_dict(
         {
             "data": {
                 "url": url,
                 "spec": "kuairand",
-                "hash_sizes": {"media": 4999, "author": 4999, "topic": 1009},
+                "hash_sizes": {"media": rows, "author": rows, "topic": 1009},
                 "eval_fraction": 0.1,
-                "slicer": "numpy",
             },
             "model": {
                 "kind": "fsa",
                 "tower": {"dim": 256, "n_out": 58},  # the paper's shape (default encoder sizes)
-                "backbone": {"embedding_dim": 32, "item_hash_size": 4999, "over_arch": [64, 32]},
+                "backbone": {"embedding_dim": 32, "item_hash_size": rows, "over_arch": [64, 32]},
             },
             "run": {
                 "steps": steps,
@@ -79,13 +88,62 @@ def _stats(err: np.ndarray, prefix: str) -> dict[str, float]:
     }
 
 
+def _export_in_child(cfg: Any, conn: Any) -> None:
+    """Runs one export in a fresh process and sends back its result and peak RSS (its own and its loader
+    workers'), so the figures are the export's alone, not the benchmark's data generation and training."""
+    import resource
+
+    from dv365.export.job import run_export
+
+    t = time.perf_counter()
+    res = run_export(cfg)
+    threads = torch.get_num_threads()  # run_export restores the caller's count: report what the tower used
+    from dv365.train.features import default_loader_workers, host_cores
+
+    w = default_loader_workers() if cfg.loader_workers is None else cfg.loader_workers
+    threads = cfg.threads or (max(1, host_cores() - w) if w > 0 else threads)
+    wall = time.perf_counter() - t
+    conn.send(
+        {
+            "users_per_s": res.users_per_s,
+            "seconds": res.seconds,
+            "wall_s": wall,
+            "users_encoded": res.users_encoded,
+            "stage_seconds": res.stage_seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loader_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "loader_private_mb": res.loader_private_mb,
+            "tower_threads": threads,
+        }
+    )
+    conn.close()
+
+
+def _run_export(cfg: Any) -> dict[str, Any]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_export_in_child, args=(cfg, send))
+    p.start()
+    send.close()
+    try:
+        out = recv.recv()
+    except EOFError as e:
+        p.join()
+        raise RuntimeError(f"the export process ended with exit code {p.exitcode} before reporting") from e
+    p.join()
+    return dict(out)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from dv365.core.quantize import dequantize_rows
     from dv365.core.synth import SynthConfig, write_synth_dataset
-    from dv365.core.timeline import TimelineDataset
+    from dv365.core.timeline import TimelineDataset, Timelines, take_rows
     from dv365.export.encode import UserEncoder, load_tower_model, quantize_fbgemm
-    from dv365.export.job import ExportConfig, run_export
+    from dv365.export.job import ExportConfig
     from dv365.export.plan import SnapshotIndex
+    from dv365.train.features import default_loader_workers
     from dv365.train.trainer import Trainer
 
     quick = bool(getattr(args, "quick", False))
@@ -93,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mean_events = min(args.mean_events, 2_000) if quick else args.mean_events
     steps, train_batch = (2, 8) if quick else (10, 16)
     batch_users = args.batch_users or (8 if quick else 32)
+    workers = default_loader_workers()
     with tempfile.TemporaryDirectory(prefix="dv365-bench-export-") as tmp:
         root = Path(tmp)
         t = time.perf_counter()
@@ -100,36 +159,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_synth_dataset(synth, str(root / "data"), progress=False, num_buckets=4)
         t_data = time.perf_counter() - t
         t = time.perf_counter()
-        Trainer(_train_config(str(root / "data"), root / "ckpt", steps, train_batch, args.seed)).fit()
+        Trainer(_train_config(str(root / "data"), root / "ckpt", steps, train_batch, args.seed, quick)).fit()
         t_train = time.perf_counter() - t
-        t = time.perf_counter()
-        res = run_export(
-            ExportConfig(
-                checkpoint=str(root / "ckpt"),
-                out=str(root / "snap"),
-                shard_users=64,
-                batch_users=batch_users,
-                progress=False,
-            )
+        cfg = ExportConfig(
+            checkpoint=str(root / "ckpt"),
+            out=str(root / "snap"),
+            shard_users=64,
+            batch_users=batch_users,
+            progress=False,
+            loader_workers=workers,
         )
+        t = time.perf_counter()
+        ex = _run_export(cfg)
         t_export = time.perf_counter() - t
-        m = res.manifest
-        assert m is not None
-        fmt = m.row_format
         idx = SnapshotIndex(str(root / "snap"))
+        m = idx.manifest
+        fmt = m.row_format
         payload = torch.from_numpy(idx.payload(idx.user_ids)).view(len(idx.user_ids), fmt.rows_per_user, fmt.row_bytes)
         x_hat = dequantize_rows(payload, fmt.bits)  # pure PyTorch
         fb = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(payload.reshape(-1, fmt.row_bytes), fmt.bits)
         bit_exact = bool(torch.equal(x_hat.reshape(-1, fmt.dim), fb))
-        # the tower's float outputs for the same users at the same cut (same batch size: the export's floats)
+        # the tower alone, in this run: the same users' KJTs built beforehand, then only pooling + FSA timed
         model = load_tower_model(str(root / "ckpt"), "cuda" if torch.cuda.is_available() else "cpu")
         ds = TimelineDataset(str(root / "data"))
-        x = UserEncoder(model, ds.vocab, fmt, batch_users).embed(ds.read_users(idx.user_ids), m.data_cutoff_ts)
+        enc = UserEncoder(model, ds.vocab, fmt, batch_users)
+        tl = ds.read_users(idx.user_ids)
+        lengths = tl.lengths()
+        x = enc.embed(tl, m.data_cutoff_ts)  # the tower's float outputs (same batch size: the export's floats)
+        kjts = []
+        for s0 in range(0, len(idx.user_ids), batch_users):
+            rows = np.arange(s0, min(s0 + batch_users, len(idx.user_ids)))
+            pad = np.concatenate([rows, np.full(batch_users - len(rows), rows[0])])
+            sub = Timelines(tl.user_ids[pad], take_rows(tl.explicit, pad), take_rows(tl.implicit, pad), tl.vocab)
+            kjts.append(enc.features.kjt(sub, m.data_cutoff_ts, model.device))
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(ex["tower_threads"])  # the tower alone with the threads the export gave it
+        enc.forward(kjts[0])  # warm-up
+        t = time.perf_counter()
+        for k in kjts:
+            enc.forward(k)
+        tower_users_per_s = len(idx.user_ids) / (time.perf_counter() - t)
+        torch.set_num_threads(threads_before)
         err4 = _rel_error(x, x_hat)
         err8 = _rel_error(x, dequantize_rows(quantize_fbgemm(x, 8), 8))
         shard_bytes = sum(s.bytes for s in m.shards)
-        lengths = ds.read_users(idx.user_ids).lengths()
     words = fmt.user_bytes / 8
+    n_enc = max(int(ex["users_encoded"]), 1)
+    stage_ms = {f"{k}_ms_per_user": round(1000 * v / n_enc, 3) for k, v in ex["stage_seconds"].items()}
     return {
         "simulated": True,
         "data": f"SIMULATED: {users} users, {float(lengths.mean()):,.0f} mean events (dv365.core.synth, seed {args.seed})",
@@ -137,11 +213,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(model.device),
         "threads": torch.get_num_threads(),
         "batch_users": batch_users,
+        "loader_workers": workers,
         "users": m.user_count,
         "shards": len(m.shards),
-        "users_per_s": round(res.users_per_s, 2),
-        "users_per_s_end_to_end": round(m.user_count / t_export, 2),
+        "users_per_s": round(ex["users_per_s"], 2),
+        "tower_only_users_per_s": round(tower_users_per_s, 2),
+        "end_to_end_vs_tower_only": round(ex["users_per_s"] / tower_users_per_s, 3),
+        **stage_ms,
+        "users_per_s_end_to_end": round(m.user_count / ex["wall_s"], 2),
         "export_s": round(t_export, 2),
+        "export_peak_rss_mb": round(ex["peak_rss_mb"], 1),
+        "loader_worker_peak_rss_mb": round(ex["loader_peak_rss_mb"], 1),
+        "loader_worker_private_mb": round(ex["loader_private_mb"], 1),
+        "tower_threads": ex["tower_threads"],
         "data_s": round(t_data, 2),
         "train_s": round(t_train, 2),
         "bits": fmt.bits,

@@ -282,7 +282,7 @@ class SlicedExamples(ExampleSource):
         super().__init__(cfg, tasks, spec, item_hash_size)
         from tqdm.auto import tqdm
 
-        assert self.slicer is not None and self.timelines is not None  # spec is required
+        assert self.features is not None and self.timelines is not None  # spec is required
         self.keys = list(spec.feature_names)
         R, N = len(self.requests), len(self.keys)
         self.lengths = np.zeros((R, N), np.int32)
@@ -294,7 +294,7 @@ class SlicedExamples(ExampleSource):
         for s in tqdm(range(0, R, chunk), desc="slice (once)", unit="chunk", disable=not progress, leave=False):
             rows = np.arange(s, min(s + chunk, R), dtype=np.int64)
             urow = np.searchsorted(self._users, req.user_id[rows])
-            sb = self.slicer.slice(
+            sb = self.features.slice(
                 Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab),
                 req.ts[rows],
             )

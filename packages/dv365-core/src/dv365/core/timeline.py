@@ -53,6 +53,8 @@ _DATASET_ENTRIES = ("_dataset.json", "_dataset.json.tmp", "explicit", "implicit"
 FORMAT = "dv365.uniti"
 FORMAT_VERSION = 1
 EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
+# string columns coded by the vocabulary (read dictionary-encoded for timelines)
+CATEGORICAL_COLUMNS: tuple[str, ...] = ("media_type", "surface", "action")
 
 
 def check_num_buckets(num_buckets: Any, where: str) -> int:
@@ -140,17 +142,25 @@ class EventTable:
         include users without events here (empty ranges); by default, the users present, ascending."""
         uid = table.column("user_id").to_numpy().astype(np.int64, copy=False)
         ts = table.column("ts").to_numpy().astype(np.int64, copy=False)
-        order = np.lexsort((ts, uid))
-        uid = uid[order]
+        du = np.diff(uid)
+        in_order = bool(np.all((du > 0) | ((du == 0) & (np.diff(ts) >= 0))))  # parts are written sorted
+        order = None if in_order else np.lexsort((ts, uid))
+        if order is not None:
+            uid = uid[order]
         if user_ids is None:
-            user_ids = np.unique(uid)
+            user_ids = np.unique(uid) if order is None else uid[np.r_[True, uid[1:] != uid[:-1]]] if len(uid) else uid
         user_ids = np.asarray(user_ids, dtype=np.int64)
         pos = np.searchsorted(uid, user_ids, side="left")
         end = np.searchsorted(uid, user_ids, side="right")
         counts = end - pos
         # gather rows per requested user in the requested order
-        idx = order[_ranges(pos, counts)]  # rows of the requested users, in request order (others left out)
-        t = table.take(pa.array(idx, type=pa.int64()))
+        idx = _ranges(pos, counts)  # rows of the requested users, in request order (others left out)
+        if order is not None:
+            idx = order[idx]
+        if len(idx) == table.num_rows and (len(idx) == 0 or (idx[0] == 0 and np.all(np.diff(idx) == 1))):
+            t = table  # already the requested rows in the requested order
+        else:
+            t = table.take(pa.array(idx, type=pa.int64()))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         topics = t.column("topic_ids").combine_chunks()
         if topics.null_count:
@@ -160,9 +170,7 @@ class EventTable:
         toff = toff - toff[0]
 
         def codes(name: str, vk: str) -> np.ndarray:
-            c = t.column(name)
-            vals = c.to_numpy(zero_copy_only=False)
-            return vocab.codes(vk, vals) if len(vals) else np.zeros(0, np.int16)
+            return arrow_codes(vocab, vk, t.column(name))
 
         def f32(name: str) -> np.ndarray:
             return t.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
@@ -680,8 +688,12 @@ class TimelineDataset:
             return []
         return sorted(p for p in self.fs.ls(d, detail=False) if p.endswith(".parquet"))
 
-    def read_bucket(self, kind: str, bucket: int, user_ids: np.ndarray | None = None) -> pa.Table:
-        """All rows of ``kind`` in one bucket (optionally only ``user_ids``), sorted by (user_id, ts)."""
+    def read_bucket(
+        self, kind: str, bucket: int, user_ids: np.ndarray | None = None, *, dictionary: bool = False
+    ) -> pa.Table:
+        """All rows of ``kind`` in one bucket (optionally only ``user_ids``), sorted by (user_id, ts).
+        ``dictionary``: the categorical string columns come back dictionary-encoded (as Parquet stores them),
+        which :meth:`EventTable.from_arrow` maps to codes without hashing the rows' strings."""
         files = self.part_files(kind, bucket)
         if not files:
             schema = schema_for(kind)
@@ -690,25 +702,41 @@ class TimelineDataset:
         if user_ids is not None:
             import pyarrow.compute as pc
 
-            filt = pc.field("user_id").isin(pa.array(np.asarray(user_ids, np.int64)))
+            ids = np.asarray(user_ids, np.int64)
+            if not len(ids):
+                return schema_for(kind).empty_table()
+            # the range lets Parquet skip row groups by their user_id statistics (parts are sorted by user)
+            u = pc.field("user_id")
+            filt = (u >= int(ids.min())) & (u <= int(ids.max())) & u.isin(pa.array(ids))
+        # events: only the UniTi columns (a part may carry more); requests keep every column (their labels)
+        columns = [f.name for f in schema_for(kind)] if kind in EVENT_KINDS else None
         tables = []
         for p in files:
             with self.fs.open(p, "rb") as f:
-                t = pq.read_table(f, filters=filt) if filt is not None else pq.read_table(f)
+                have = set(pq.read_schema(f).names)
+                f.seek(0)
+                cols = [c for c in columns if c in have] if columns is not None else None
+                dict_cols = [c for c in CATEGORICAL_COLUMNS if c in have] if dictionary else None
+                t = pq.read_table(f, columns=cols, filters=filt, read_dictionary=dict_cols)
             tables.append(t)
         t = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
         if len(tables) > 1:
             t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
         return t
 
-    def read_table(self, kind: str, user_ids: Sequence[int] | np.ndarray | None = None) -> pa.Table:
-        """Rows of ``kind`` (``explicit``/``implicit``/``requests``) for all users or the given ones."""
+    def read_table(
+        self, kind: str, user_ids: Sequence[int] | np.ndarray | None = None, *, dictionary: bool = False
+    ) -> pa.Table:
+        """Rows of ``kind`` (``explicit``/``implicit``/``requests``) for all users or the given ones
+        (``dictionary``: see :meth:`read_bucket`)."""
         if user_ids is None:
-            parts = [self.read_bucket(kind, b) for b in range(self.meta.num_buckets)]
+            parts = [self.read_bucket(kind, b, dictionary=dictionary) for b in range(self.meta.num_buckets)]
         else:
             ids = np.asarray(user_ids, dtype=np.int64)
             buckets = user_bucket(ids, self.meta.num_buckets)
-            parts = [self.read_bucket(kind, int(b), ids[buckets == b]) for b in np.unique(buckets)]
+            parts = [
+                self.read_bucket(kind, int(b), ids[buckets == b], dictionary=dictionary) for b in np.unique(buckets)
+            ]
         parts = [p for p in parts if p.num_rows] or [schema_for(kind).empty_table()]
         return pa.concat_tables(parts, promote_options="default")
 
@@ -728,8 +756,8 @@ class TimelineDataset:
     def read_users(self, user_ids: Sequence[int] | np.ndarray) -> Timelines:
         """Timelines of the given users, in the given order (users without events get empty rows)."""
         ids = np.asarray(user_ids, dtype=np.int64)
-        ex = self.read_table("explicit", ids)
-        im = self.read_table("implicit", ids)
+        ex = self.read_table("explicit", ids, dictionary=True)
+        im = self.read_table("implicit", ids, dictionary=True)
         return Timelines(
             ids,
             EventTable.from_arrow(ex, "explicit", self.vocab, ids),
@@ -740,8 +768,8 @@ class TimelineDataset:
     def iter_timelines(self, batch_users: int = 256) -> Iterator[Timelines]:
         """Every user's timelines, one bucket at a time, ``batch_users`` users per :class:`Timelines`."""
         for b in range(self.meta.num_buckets):
-            ex = self.read_bucket("explicit", b)
-            im = self.read_bucket("implicit", b)
+            ex = self.read_bucket("explicit", b, dictionary=True)
+            im = self.read_bucket("implicit", b, dictionary=True)
             ids = np.unique(
                 np.concatenate([ex.column("user_id").to_numpy(), im.column("user_id").to_numpy()]).astype(np.int64)
             )
@@ -812,6 +840,61 @@ def remove_dataset(url: str) -> bool:
         if e != "_dataset.json":
             fs.rm(posixpath.join(root, e), recursive=True)
     return bool(entries)
+
+
+def arrow_codes(vocab: Vocabulary, kind: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """:meth:`Vocabulary.codes` of a string column, through Arrow's dictionary encoding: the vocabulary sees each
+    distinct value once, and the rows get their codes by a gather (no sort or unique over the rows' strings).
+    A column read dictionary-encoded from Parquet (``read_dictionary``) is not even hashed. A null reads as the
+    string ``"None"`` (an unknown media type / surface -> ``other``; an unknown action raises), as
+    :meth:`Vocabulary.codes` of ``to_numpy`` values does."""
+    import pyarrow.compute as pc
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out = []
+    for col in chunks:
+        if len(col) == 0:
+            continue
+        if not pa.types.is_dictionary(col.type):
+            col = pc.dictionary_encode(col)
+        words = [str(v) for v in col.dictionary.to_pylist()]
+        if col.null_count:
+            words.append("None")
+        mapped = vocab.codes(kind, np.asarray(words, dtype=object)) if words else np.zeros(0, np.int16)
+        idx = col.indices
+        if col.null_count:
+            idx = idx.fill_null(len(words) - 1)
+        out.append(mapped[idx.to_numpy(zero_copy_only=False).astype(np.intp, copy=False)])
+    return np.concatenate(out) if out else np.zeros(0, np.int16)
+
+
+def concat_timelines(parts: Sequence[Timelines]) -> Timelines:
+    """Row-wise concatenation of :class:`Timelines` sharing one vocabulary (CSR arrays joined, no copy
+    through Arrow)."""
+    if len(parts) == 1:
+        return parts[0]
+    tables = []
+    for kind in EVENT_KINDS:
+        ts = [getattr(p, kind) for p in parts]
+        ev = np.cumsum([0] + [t.num_events for t in ts])
+        tp = np.cumsum([0] + [int(t.topic_offsets[-1]) for t in ts])
+        out = EventTable(
+            kind,
+            np.concatenate([t.user_ids for t in ts]),
+            np.concatenate([ts[0].offsets[:1]] + [t.offsets[1:] + ev[i] for i, t in enumerate(ts)]),
+            np.concatenate([t.ts for t in ts]),
+            np.concatenate([t.media_id for t in ts]),
+            np.concatenate([t.author_id for t in ts]),
+            np.concatenate([ts[0].topic_offsets[:1]] + [t.topic_offsets[1:] + tp[i] for i, t in enumerate(ts)]),
+            np.concatenate([t.topic_values for t in ts]),
+            np.concatenate([t.media_type for t in ts]),
+            np.concatenate([t.surface for t in ts]),
+        )
+        for name in ("action", "value", "video_duration", "dwell_time"):
+            vs = [getattr(t, name) for t in ts]
+            setattr(out, name, None if vs[0] is None else np.concatenate(vs))
+        tables.append(out)
+    return Timelines(np.concatenate([p.user_ids for p in parts]), tables[0], tables[1], parts[0].vocab)
 
 
 def take_rows(t: EventTable, rows: np.ndarray) -> EventTable:

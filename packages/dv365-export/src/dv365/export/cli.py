@@ -104,7 +104,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument("--shard-users", type=int, default=1024, help="users per shard, the unit of resume (default 1024)")
     r.add_argument("--batch-users", type=int, default=64, help="users per tower call (default 64)")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's default)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads of the tower (default 0: the cores left after --loader-workers, at least 1)",
+    )
+    r.add_argument(
+        "--slicer",
+        choices=("auto", "numba", "numpy"),
+        default="auto",
+        help="slicer backend (default auto: numba when installed; every backend gives the same bytes)",
+    )
+    r.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="processes that read and slice users ahead of the tower (default: 1 when the host has a second "
+        "core, else 0 = inline); each holds one tower batch of users at a time",
+    )
     inc = r.add_argument_group("incremental refresh")
     inc.add_argument("--previous", metavar="SNAPSHOT", help="a complete earlier snapshot of the same model to refresh")
     inc.add_argument(
@@ -188,6 +206,8 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         threads=args.threads,
+        slicer=args.slicer,
+        loader_workers=args.loader_workers,
     )
     log_to(sys.stderr)
     res = run_export(cfg)

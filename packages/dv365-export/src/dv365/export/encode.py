@@ -20,15 +20,17 @@ number of rows may round differently).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from dv365.core.quantize import FP16_MAX, RowFormat, quantize_rows
-from dv365.core.slicing import Slicer, SliceSpec
+from dv365.core.slicing import SliceSpec
 from dv365.core.timeline import Timelines, take_rows
 from dv365.core.vocab import Vocabulary
 from dv365.export.errors import ExportError
@@ -146,9 +148,8 @@ def load_tower_model(checkpoint: str | Path, device: str | torch.device = "cpu")
     path = Path(ckpt["path"])
     dev = torch.device(device)
     tower = load_user_tower(path, dev)  # CheckpointError for a baseline model (no tower)
-    # inference: torchrec's per-feature EBC forward (the same pooling as training's table-grouped path, which
-    # wins with gradients but not without them: `dv365 bench tower`, ~2.5x the pooled users/s at D = 256)
-    tower.pooling.grouped = False
+    # the tower's pooling mode stays "auto": under torch.inference_mode (UserEncoder) it takes torchrec's
+    # per-feature EBC forward, the faster one without gradients (`dv365 bench tower`)
     spec = load_spec(cfg.data)
     version = f"{path.parent.name or path.stem}@step{int(ckpt['step'])}:{file_sha256(path)[:12]}"
     return TowerModel(tower, spec, version, str(path), int(ckpt["step"]), cfg.data.url, dev)
@@ -157,14 +158,19 @@ def load_tower_model(checkpoint: str | Path, device: str | torch.device = "cpu")
 class UserEncoder:
     """Timelines -> quantized user embeddings ``[U, user_bytes]`` uint8 (and the floats, for measurements).
 
+    The slicing and the KJT come from dv365-train's one data path (:class:`dv365.train.features.UserFeatures`);
+    :meth:`forward` runs one fixed-size tower batch and times its pooling and summarization
+    (:attr:`seconds`).
+
     Args:
         model: the tower and its slice spec.
         vocab: the vocabulary of the dataset being exported.
         fmt: the row format (``dim`` and ``rows_per_user`` must match the tower).
         batch_users: users per tower call (every call is padded to exactly this many).
         quantizer: ``"fbgemm"`` (default) or ``"torch"``.
-        backend: the slicer backend: ``numpy`` (default: the reference, whose bytes the export tests hold) or
-            ``auto`` / ``numba``.
+        backend: the slicer backend: ``auto`` (default: numba when it imports), ``numba`` or ``numpy`` (the
+            reference). The bags are put in one canonical order (ascending ids), so every backend gives the
+            same bytes (tested).
 
     Example::
 
@@ -180,8 +186,10 @@ class UserEncoder:
         fmt: RowFormat,
         batch_users: int = 64,
         quantizer: str = "fbgemm",
-        backend: str = "numpy",
+        backend: str = "auto",
     ) -> None:
+        from dv365.train.features import UserFeatures
+
         if (fmt.dim, fmt.rows_per_user) != (model.dim, model.out_tokens):
             raise ExportError(
                 f"row format {fmt.rows_per_user} x {fmt.dim} does not match the tower's output "
@@ -192,33 +200,48 @@ class UserEncoder:
         if quantizer not in QUANTIZERS:
             raise ExportError(f"--quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         self.model, self.fmt, self.batch_users, self.quantizer = model, fmt, batch_users, quantizer
-        self.slicer = Slicer(model.spec, vocab, backend=backend)
+        self.features = UserFeatures(model.spec, vocab, backend=backend, canonical=True)
+        self.slicer = self.features.slicer
+        self.seconds = {"pool": 0.0, "fsa": 0.0, "quantize": 0.0}  # summed over calls (CPU clock; see forward)
+
+    def forward(self, kjt: Any) -> torch.Tensor:
+        """The tower on one batch's KJT (on the model's device) -> ``[B, N_out, D]`` float32 on the CPU.
+        Pooling and summarization are timed separately (on CUDA without a sync: the split is approximate)."""
+        from dv365.train.dedup import expand, strip_inverse
+
+        tower = self.model.tower
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            unique, inverse = strip_inverse(kjt)
+            pooled = tower.pooling(unique)
+            t1 = time.perf_counter()
+            y = expand(tower.arch(pooled), inverse).float().cpu()
+            t2 = time.perf_counter()
+        self.seconds["pool"] += t1 - t0
+        self.seconds["fsa"] += t2 - t1
+        return y
 
     def embed(
         self, timelines: Timelines, cutoff_ts: int | np.ndarray, on_batch: Callable[[int], object] | None = None
     ) -> torch.Tensor:
         """Float tower outputs ``[U, N_out, D]`` (CPU) of every user of ``timelines`` at ``cutoff_ts`` (one time
         for all, or one per user); ``on_batch(n)`` is called after each batch of ``n`` users (progress)."""
-        from dv365.core.kjt import to_kjt
-
         U, B = len(timelines), self.batch_users
         cuts = np.broadcast_to(np.asarray(cutoff_ts, dtype=np.int64), (U,))
         out = torch.empty(U, self.fmt.rows_per_user, self.fmt.dim, dtype=torch.float32)
-        with torch.inference_mode():
-            for s in range(0, U, B):
-                rows = np.arange(s, min(s + B, U))
-                padded = np.concatenate([rows, np.full(B - len(rows), rows[0])])  # fixed batch size
-                batch = Timelines(
-                    timelines.user_ids[padded],
-                    take_rows(timelines.explicit, padded),
-                    take_rows(timelines.implicit, padded),
-                    timelines.vocab,
-                )
-                sliced = self.slicer.slice(batch, np.ascontiguousarray(cuts[padded]))
-                y = self.model.tower(to_kjt(sliced, self.model.device))  # [B, N_out, D]
-                out[s : s + len(rows)] = y[: len(rows)].float().cpu()
-                if on_batch is not None:
-                    on_batch(len(rows))
+        for s in range(0, U, B):
+            rows = np.arange(s, min(s + B, U))
+            padded = np.concatenate([rows, np.full(B - len(rows), rows[0])])  # fixed batch size
+            batch = Timelines(
+                timelines.user_ids[padded],
+                take_rows(timelines.explicit, padded),
+                take_rows(timelines.implicit, padded),
+                timelines.vocab,
+            )
+            y = self.forward(self.features.kjt(batch, np.ascontiguousarray(cuts[padded]), self.model.device))
+            out[s : s + len(rows)] = y[: len(rows)]
+            if on_batch is not None:
+                on_batch(len(rows))
         return out
 
     def quantize(self, emb: torch.Tensor, user_ids: np.ndarray) -> np.ndarray:
@@ -233,8 +256,11 @@ class UserEncoder:
                 f"the fp16 range ({flat[i][~torch.isfinite(flat[i])][:3].tolist()}...); "
                 "the checkpoint may be broken"
             )
+        t0 = time.perf_counter()
         q = quantize(emb, self.fmt.bits, self.quantizer)  # [U, N_out, row_bytes]
-        return np.ascontiguousarray(q.numpy().reshape(len(emb), self.fmt.user_bytes))
+        out = np.ascontiguousarray(q.numpy().reshape(len(emb), self.fmt.user_bytes))
+        self.seconds["quantize"] += time.perf_counter() - t0
+        return out
 
     def encode(
         self, timelines: Timelines, cutoff_ts: int, on_batch: Callable[[int], object] | None = None

@@ -37,7 +37,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
 import torch
 
 from dv365.core.fsio import open_atomic, url_to_fs, write_json_atomic
@@ -50,7 +49,7 @@ from dv365.core.snapshot import (
     read_manifest,
     write_shard,
 )
-from dv365.core.timeline import EventTable, TimelineDataset, Timelines, take_rows
+from dv365.core.timeline import TimelineDataset
 from dv365.export.__about__ import __version__
 from dv365.export.encode import QUANTIZERS, TowerModel, UserEncoder, load_tower_model, resolve_device
 from dv365.export.errors import ExportError
@@ -99,7 +98,11 @@ class ExportConfig:
         merge: write the manifest when every shard is done (any worker may; ``False``: leave it to ``merge``).
         overwrite: replace whatever dv365 export wrote in ``out`` (a finished or unfinished other snapshot).
         progress: show a tqdm bar (users/s, ETA).
-        threads: torch CPU threads (0: torch's default).
+        threads: torch CPU threads of the tower (0: the host's cores less the loader workers, at least 1; with
+            no loader worker, torch's default).
+        slicer: the slicer backend, ``auto`` (numba when it imports), ``numba`` or ``numpy`` (the reference).
+        loader_workers: processes that read and slice tower batches ahead of the tower (``None``: one when the
+            host has a second core, else none; ``0``: inline). Each holds one batch of users at a time.
     """
 
     checkpoint: str
@@ -122,6 +125,8 @@ class ExportConfig:
     overwrite: bool = False
     progress: bool = True
     threads: int = 0
+    slicer: str = "auto"
+    loader_workers: int | None = None
 
 
 @dataclass
@@ -141,6 +146,10 @@ class ExportResult:
     seconds: float
     already_complete: bool = False
     counts: dict[str, int] = field(default_factory=dict)  # whole-snapshot encoded / carried / new
+    # seconds per stage of this call's encoding: read, slice, kjt (the loader's, workers' time included),
+    # pool, fsa, quantize, write
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    loader_private_mb: float = 0.0  # the largest private memory a loader worker (or this process, inline) had
 
     @property
     def users_per_s(self) -> float:
@@ -418,15 +427,6 @@ class _Job:
             return None
         return dict(rec)
 
-    def _bucket_timelines(self, bucket: int, users: np.ndarray) -> Timelines:
-        tables = {k: self.ds.read_bucket(k, bucket, users) for k in ("explicit", "implicit")}
-        return Timelines(
-            users,
-            EventTable.from_arrow(tables["explicit"], "explicit", self.ds.vocab, users),
-            EventTable.from_arrow(tables["implicit"], "implicit", self.ds.vocab, users),
-            self.ds.vocab,
-        )
-
     def write_shard(self, shard: PlannedShard, encoded: np.ndarray) -> dict[str, Any]:
         """Writes one shard from its encoded users' payload ``[shard.encoded, user_bytes]`` and the previous
         snapshot's bytes of its carried users, then its done record."""
@@ -456,34 +456,15 @@ class _Job:
             groups.append(cur)
         return groups
 
-    def _group_timelines(
-        self, group: list[PlannedShard], todo: list[PlannedShard], cache: dict[int, Timelines]
-    ) -> Timelines:
-        """Timelines of the group's encoded users (in group order). Each bucket is read once per run: all of
-        this run's users of that bucket; buckets the group does not touch are dropped from ``cache``."""
-        buckets = sorted({s.bucket for s in group if s.encoded})
-        for b in list(cache):
-            if b not in buckets:
-                del cache[b]
-        parts = []
-        for b in buckets:
-            if b not in cache:
-                users = np.sort(np.concatenate([s.users[s.encode] for s in todo if s.bucket == b]))
-                cache[b] = self._bucket_timelines(b, users)
-            tl = cache[b]
-            ids = np.concatenate([s.users[s.encode] for s in group if s.bucket == b])
-            rows = np.searchsorted(tl.user_ids, ids)
-            parts.append(Timelines(ids, take_rows(tl.explicit, rows), take_rows(tl.implicit, rows), tl.vocab))
-        if len(parts) == 1:
-            return parts[0]
-        vocab = self.ds.vocab
-        return Timelines.from_arrow(  # several buckets: concatenated through Arrow (lossless)
-            pa.concat_tables([p.explicit.to_arrow(vocab) for p in parts]),
-            pa.concat_tables([p.implicit.to_arrow(vocab) for p in parts]),
-            vocab,
-            np.concatenate([p.user_ids for p in parts]),
-            validate=False,
-        )
+    def _tower_batches(self, groups: list[list[PlannedShard]]) -> list[np.ndarray]:
+        """Each group's encoded users (in group order) cut into tower batches of ``batch_users``: a group ends
+        with at most one short (padded) batch, as the group's encode call always made."""
+        out = []
+        B = self.cfg.batch_users
+        for group in groups:
+            users = np.concatenate([s.users[s.encode] for s in group] + [np.zeros(0, np.int64)])
+            out.extend(users[i : i + B] for i in range(0, len(users), B))
+        return out
 
     def run(self) -> ExportResult:
         t0 = time.perf_counter()
@@ -513,8 +494,12 @@ class _Job:
         users_todo = sum(len(s.users) for s in todo)
         if resumed:
             logger.info(f"dv365 export: resuming {self.snapshot_id}: {resumed} of {len(mine)} shards already done")
-        encoder = UserEncoder(self.model, self.ds.vocab, self.fmt, self.cfg.batch_users, self.cfg.quantizer)
+        encoder = UserEncoder(
+            self.model, self.ds.vocab, self.fmt, self.cfg.batch_users, self.cfg.quantizer, backend=self.cfg.slicer
+        )
         from tqdm.auto import tqdm
+
+        from dv365.train.features import StageSeconds, default_loader_workers, tower_batches
 
         tag = f" [worker {self.rank}/{self.world}]" if self.world > 1 else ""
         bar = tqdm(
@@ -528,14 +513,35 @@ class _Job:
         )
         written = encoded = 0
         t_work = time.perf_counter()
+        groups = self._groups(todo)
+        workers = default_loader_workers() if self.cfg.loader_workers is None else self.cfg.loader_workers
+        data_seconds = StageSeconds()
+        write_s, loader_mb = 0.0, 0.0
+        batches = tower_batches(
+            self.ds.url,
+            encoder.features,
+            self._tower_batches(groups),
+            cutoff_ts=self.as_of,
+            batch_users=self.cfg.batch_users,
+            workers=workers,
+            device=self.model.device,
+        )
         try:
-            cache: dict[int, Timelines] = {}
-            for group in self._groups(todo):
-                payload = np.zeros((0, self.fmt.user_bytes), np.uint8)
-                if any(s.encoded for s in group):
-                    tl = self._group_timelines(group, todo, cache)
-                    assert np.array_equal(tl.user_ids, np.concatenate([s.users[s.encode] for s in group]))
-                    payload = encoder.encode(tl, self.as_of, on_batch=bar.update)
+            for group in groups:
+                need = sum(s.encoded for s in group)
+                floats = torch.empty(need, self.fmt.rows_per_user, self.fmt.dim, dtype=torch.float32)
+                ids = np.concatenate([s.users[s.encode] for s in group] + [np.zeros(0, np.int64)])
+                got = 0
+                while got < need:
+                    tb = next(batches)
+                    assert np.array_equal(tb.user_ids, ids[got : got + tb.n])
+                    data_seconds.add(tb.seconds)
+                    loader_mb = max(loader_mb, tb.private_mb)
+                    floats[got : got + tb.n] = encoder.forward(tb.kjt)[: tb.n]
+                    got += tb.n
+                    bar.update(tb.n)
+                payload = encoder.quantize(floats, ids) if need else np.zeros((0, self.fmt.user_bytes), np.uint8)
+                t_w = time.perf_counter()
                 start = 0
                 for s in group:
                     self.write_shard(s, payload[start : start + s.encoded])
@@ -543,8 +549,11 @@ class _Job:
                     written += len(s.users)
                     encoded += s.encoded
                     bar.update(s.carried)
+                write_s += time.perf_counter() - t_w
         finally:
             bar.close()
+            batches.close()  # type: ignore[attr-defined]  # stops the loader's workers
+        stage_seconds = {**data_seconds.as_dict(), **encoder.seconds, "write": write_s}
         seconds = time.perf_counter() - t_work
         manifest = merge_snapshot(self.cfg.out, missing_ok=True) if self.cfg.merge else None
         return ExportResult(
@@ -560,6 +569,8 @@ class _Job:
             users_encoded=encoded,
             seconds=seconds,
             counts=_counts(manifest.extra) if manifest else {},
+            stage_seconds=stage_seconds,
+            loader_private_mb=loader_mb,
         )
 
 
@@ -585,13 +596,19 @@ def run_export(cfg: ExportConfig) -> ExportResult:
         res = run_export(ExportConfig(checkpoint="out/train/synth-fsa", out="out/export/synth-1"))
         res.manifest.user_count, res.users_per_s
     """
+    from dv365.train.features import default_loader_workers, host_cores
+
     threads_before = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads
+    if threads <= 0:  # the cores the loader workers leave to the tower
+        workers = default_loader_workers() if cfg.loader_workers is None else cfg.loader_workers
+        threads = max(1, host_cores() - max(workers, 0)) if workers > 0 else 0
+    if threads > 0:
+        torch.set_num_threads(threads)
     try:
         return _Job(cfg).run()
     finally:
-        if cfg.threads > 0:
+        if threads > 0:
             torch.set_num_threads(threads_before)
 
 

@@ -106,6 +106,8 @@ class PipelineConfig:
         "min_new_events",
         "quantizer",
         "threads",
+        "slicer",
+        "loader_workers",
         "full_refresh_every",
     )
 

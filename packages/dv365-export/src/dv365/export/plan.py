@@ -45,21 +45,30 @@ class UserActivity:
 
 
 def scan_activity(ds: TimelineDataset, cut: int, since: int | None = None) -> UserActivity:
-    """Reads only ``user_id`` and ``ts`` of every part file and counts each user's visible / new events."""
-    ids, ts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    """Reads only ``user_id`` and ``ts`` of every part file, one record batch at a time, and counts each user's
+    visible / new events. Memory grows with the number of users, not with the number of events."""
+    users_parts, vis_parts, new_parts = [], [], []
     for kind in EVENT_KINDS:
         for b in range(ds.meta.num_buckets):
             for path in ds.part_files(kind, b):
                 with ds.fs.open(path, "rb") as f:
-                    t = pq.read_table(f, columns=["user_id", "ts"])
-                ids.append(t.column("user_id").to_numpy().astype(np.int64, copy=False))
-                ts.append(t.column("ts").to_numpy().astype(np.int64, copy=False))
-    uid, t = np.concatenate(ids), np.concatenate(ts)
-    keep = t <= cut
-    uid, t = uid[keep], t[keep]
-    users, inv, visible = np.unique(uid, return_inverse=True, return_counts=True)
-    new = visible if since is None else np.bincount(inv[t > since], minlength=len(users))
-    return UserActivity(users.astype(np.int64), visible.astype(np.int64), np.asarray(new, np.int64))
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=1 << 20, columns=["user_id", "ts"]):
+                        uid = batch.column(0).to_numpy().astype(np.int64, copy=False)
+                        t = batch.column(1).to_numpy().astype(np.int64, copy=False)
+                        keep = t <= cut
+                        uid, t = uid[keep], t[keep]
+                        u, inv, vis = np.unique(uid, return_inverse=True, return_counts=True)
+                        users_parts.append(u)
+                        vis_parts.append(vis)
+                        new_parts.append(vis if since is None else np.bincount(inv[t > since], minlength=len(u)))
+    if not users_parts:
+        z = np.zeros(0, np.int64)
+        return UserActivity(z, z, z)
+    uid = np.concatenate(users_parts)
+    users, inv = np.unique(uid, return_inverse=True)
+    visible = np.bincount(inv, weights=np.concatenate(vis_parts), minlength=len(users))
+    new = np.bincount(inv, weights=np.concatenate(new_parts), minlength=len(users))
+    return UserActivity(users.astype(np.int64), visible.astype(np.int64), new.astype(np.int64))
 
 
 @dataclass(frozen=True)

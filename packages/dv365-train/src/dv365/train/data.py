@@ -41,6 +41,7 @@ from dv365.train.backbone import ITEM_FEATURES, SHARED_ITEM_FEATURES, SMALL_ITEM
 from dv365.train.config import DataConfig
 from dv365.train.dedup import dedup_rows, grouped_permutation, slice_keys, with_inverse
 from dv365.train.errors import TrainConfigError
+from dv365.train.features import UserFeatures
 from dv365.train.losses import MultiTaskLoss, TaskSpec
 
 NUM_DENSE = 6
@@ -315,10 +316,11 @@ class ExampleSource:
         self.cfg = cfg
         self.spec = spec
         self.slicer: Slicer | None = None
-        if spec is not None:  # the backend is passed only when chosen (older cores have no such argument)
-            kw = {} if cfg.slicer == "auto" else {"backend": cfg.slicer}
-            self.slicer = Slicer(spec, self.dataset.vocab, **kw)
-            self._max_rows = max(t.hash_size for t in spec.tables.values())
+        self.features: UserFeatures | None = None
+        if spec is not None:  # the one data path (dv365.train.features) slices and checks
+            self.features = UserFeatures(spec, self.dataset.vocab, backend=cfg.slicer)
+            self.slicer = self.features.slicer
+            self._max_rows = self.features.max_rows
         # the target's ids hashed like the history too (share_item_tables), when there is a history
         self.history_rows = {t.id_type: t.hash_size for t in spec.tables.values()} if spec is not None else None
         self.timelines: Timelines | None = None
@@ -342,7 +344,7 @@ class ExampleSource:
         rows = np.asarray(rows, np.int64)
         req = self.requests
         user_kjt = None
-        if self.slicer is not None and self.timelines is not None and self.spec is not None:
+        if self.features is not None and self.timelines is not None and self.spec is not None:
             tl = self.timelines
             urow = np.searchsorted(self._users, req.user_id[rows])
             ts = req.ts[rows]
@@ -354,14 +356,7 @@ class ExampleSource:
             batch_tl = Timelines(
                 tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab
             )
-            sliced = self.slicer.slice(batch_tl, ts)
-            if len(sliced.values) and (sliced.values.min() < 0 or sliced.values.max() >= self._max_rows):
-                raise DatasetError(
-                    f"the slicer ({getattr(self.slicer, 'backend', 'default')} backend) produced ids outside "
-                    f"[0, {self._max_rows}) for users {np.unique(req.user_id[rows])[:5].tolist()}...: "
-                    "a slicer bug; try data.slicer: numpy"
-                )
-            user_kjt = sliced.to_kjt()
+            user_kjt = self.features.kjt(batch_tl, ts)
             if inverse is not None:
                 user_kjt = with_inverse(user_kjt, torch.from_numpy(inverse))
         return Batch(

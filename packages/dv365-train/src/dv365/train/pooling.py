@@ -6,21 +6,25 @@ with SUM pooling over the shared tables of ``embedding_bag_configs(spec, D)`` co
 The EBC returns features grouped by table; :class:`SlicedPooling` reorders them to the spec's feature order,
 which is the token order the user tower sees (and the exported embedding keeps).
 
-Two forward paths give the same numbers (tested):
+Two forward paths give the same numbers (tested); which one runs is the module's own state, its pooling
+``mode`` (as generative-recommenders keeps its kernel choice on the module), never flipped by callers:
 
-* ``grouped=True`` (default): per *table*, over all the features sharing it (the KJT is permuted so each
+* ``mode="auto"`` (default): ``grouped`` while gradients can be recorded (training, and evaluation under
+  ``torch.no_grad``), ``per_feature`` under ``torch.inference_mode`` (dv365-export, serving-side inference),
+  where it is faster;
+* ``mode="grouped"``: per *table*, over all the features sharing it (the KJT is permuted so each
   table's features are contiguous): the batch's unique ids are read once (:func:`unique_ids` +
   ``F.embedding``), then one ``embedding_bag`` pools every bag of those features from the ``[U, D]``
   rows. With ~200 features in ~18 tables that is ~11x fewer calls, and each table's (sparse) gradient
   has one row per *unique id of the batch* instead of one per lookup (a 64-request batch of synth users
   with ~4K events made 1.24M lookups into tables whose distinct rows are bounded by the 7,583-item
   catalog) -- what fbgemm's TBE does for sharded tables, in plain PyTorch.
-* ``grouped=False``: torchrec's ``EmbeddingBagCollection.forward`` (one call per feature), the reference,
+* ``mode="per_feature"``: torchrec's ``EmbeddingBagCollection.forward`` (one call per feature), the reference,
   and the path a torchrec sharding plan (DMP) replaces with its sharded EBC: once ``self.ebc`` is sharded
-  (:mod:`~dv365.train.distributed`), this path is taken whatever ``grouped`` says. It is also the faster one
+  (:mod:`~dv365.train.distributed`), this path is taken whatever the mode says. It is also the faster one
   without gradients (inference): the grouped path's unique-id pass and CSR product pay off in the backward
   only. ``dv365 bench tower`` (D = 256, 200K-row tables, 1 thread): pooling 168-187 users/s here vs 61-77
-  grouped; dv365-export's tower loader sets ``grouped = False``.
+  grouped, hence ``auto``.
 
 A KJT with ``inverse_indices`` (RecD dedup, :mod:`~dv365.train.dedup`) is pooled on its unique rows and
 expanded to the batch rows at the end.
@@ -47,6 +51,8 @@ from dv365.core.kjt import embedding_bag_configs
 from dv365.core.slicing import SliceSpec
 from dv365.train.errors import TrainConfigError
 
+POOLING_MODES = ("auto", "grouped", "per_feature")
+
 
 class SlicedPooling(nn.Module):
     """Weighted ``EmbeddingBagCollection`` over the sliced KJT, output ``[B, N, D]`` in spec feature order.
@@ -55,7 +61,8 @@ class SlicedPooling(nn.Module):
         spec: the slice spec (``N = len(spec.features)`` features in its shared tables).
         dim: ``D``, the embedding dim of every table.
         device: where the tables are allocated (``"meta"`` for a sharded plan later).
-        grouped: one lookup per table (default) or torchrec's per-feature EBC forward (see the module doc).
+        mode: ``"auto"`` (default), ``"grouped"`` or ``"per_feature"`` (see the module doc); ``set_mode`` changes it.
+        grouped: the older switch: ``True`` is ``mode="grouped"``, ``False`` ``mode="per_feature"``.
 
     Example::
 
@@ -65,7 +72,12 @@ class SlicedPooling(nn.Module):
     """
 
     def __init__(
-        self, spec: SliceSpec, dim: int, device: torch.device | str | None = None, grouped: bool = True
+        self,
+        spec: SliceSpec,
+        dim: int,
+        device: torch.device | str | None = None,
+        grouped: bool | None = None,
+        mode: str = "auto",
     ) -> None:
         super().__init__()
         self.feature_names: list[str] = spec.feature_names
@@ -77,13 +89,32 @@ class SlicedPooling(nn.Module):
         ebc_order = {name: i for i, name in enumerate(n for t in tables for n in t.feature_names)}
         perm = torch.tensor([ebc_order[name] for name in self.feature_names], dtype=torch.long)
         self.register_buffer("perm", perm, persistent=False)  # EBC (table-grouped) position of each token
-        self.grouped = grouped
+        self.mode = "auto"
+        self.set_mode(mode if grouped is None else ("grouped" if grouped else "per_feature"))
         self._ebc_features = [list(t.feature_names) for t in tables]
         self._kjt_keys: list[str] | None = None
         self._kjt_perm: list[int] = []
         self._out_keys: list[str] | None = None
         self._out_perm = perm
         self.id_types = {t.name: t.id_type for t in spec.tables.values()}
+
+    def set_mode(self, mode: str) -> SlicedPooling:
+        """Sets the pooling ``mode`` (``auto``, ``grouped`` or ``per_feature``); returns ``self``."""
+        if mode not in POOLING_MODES:
+            raise TrainConfigError(f"pooling mode {mode!r}: use one of {POOLING_MODES}")
+        self.mode = mode
+        return self
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the next forward takes the table-grouped path (the mode, resolved for the current context)."""
+        if self.mode == "auto":
+            return not torch.is_inference_mode_enabled()
+        return self.mode == "grouped"
+
+    @grouped.setter
+    def grouped(self, value: bool) -> None:  # the older switch
+        self.set_mode("grouped" if value else "per_feature")
 
     def forward(self, kjt: Any) -> torch.Tensor:
         from dv365.train.dedup import expand, strip_inverse
