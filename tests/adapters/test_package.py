@@ -130,6 +130,7 @@ def test_sources_never_import_forbidden_packages() -> None:
                 "collections",
                 "logging",
                 "math",
+                "warnings",
                 "numpy",
                 "torch",
                 "dv365",

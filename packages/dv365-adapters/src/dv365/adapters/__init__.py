@@ -20,15 +20,17 @@ from dv365.adapters.gatenet import EmbeddingGate, GateNet, GateNetConfig, Hidden
 from dv365.adapters.hstu_prefix import (
     HSTUPrefix,
     JaggedPrefixOutput,
+    first_event_timestamps,
     offsets_from_lengths,
     prepend_jagged,
     prepend_jagged_reference,
 )
-from dv365.adapters.projection import LinearProjection
+from dv365.adapters.projection import Affine, LinearProjection
 
 __all__ = [
     "__version__",
     "AdapterError",
+    "Affine",
     "DV365Batch",
     "DV365Features",
     "DV365Input",
@@ -42,6 +44,7 @@ __all__ = [
     "LinearProjection",
     "batch_from_lookup",
     "fetch_dv365",
+    "first_event_timestamps",
     "offsets_from_lengths",
     "prepend_jagged",
     "prepend_jagged_reference",
