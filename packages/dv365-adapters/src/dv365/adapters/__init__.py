@@ -5,7 +5,8 @@
 * :class:`LinearProjection` — DLRM rankers: 58 tokens -> K tokens of the model's embedding dim.
 * :class:`HSTUPrefix` / :func:`prepend_jagged` — HSTU: K tokens in front of every user's jagged sequence, and
   the same tokens in generative-recommenders' contextual-feature layout (``dv365.adapters.gr`` plugs them into
-  GR itself when it is installed; it is not imported here).
+  GR's ``HSTUTransducer`` and ``dv365.adapters.gr_dlrm`` into its dlrm_v3 ranker when GR is installed; neither is
+  imported here).
 * :class:`GateNet` (:class:`EmbeddingGate`, :class:`HiddenGate`) — retrieval user towers.
 * :func:`fetch_dv365` / :func:`batch_from_lookup` — a batch's tensors from any dv365-store reader.
 
