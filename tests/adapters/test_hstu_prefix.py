@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from dv365.adapters import (
     AdapterError,
     HSTUPrefix,
+    first_event_timestamps,
     offsets_from_lengths,
     prepend_jagged,
     prepend_jagged_reference,
@@ -37,7 +38,11 @@ def test_ragged_batch_by_hand() -> None:
     assert torch.equal(v[0:2], prefix[0]) and torch.equal(v[2:4], values[0:2])
     assert torch.equal(v[4:6], prefix[1])  # the empty user: its prefix only
     assert torch.equal(v[6:8], prefix[2]) and torch.equal(v[8:11], values[2:5])
-    assert t.tolist() == [1000, 1000, 1000, 1007, 0, 0, 3000, 3000, 3000, 3007, 3014]
+    assert t.tolist() == [0, 0, 1000, 1007, 0, 0, 0, 0, 3000, 3007, 3014]  # prefix time 0, as GR's contextual tokens
+    first = first_event_timestamps(offsets_from_lengths(lengths), ts)
+    assert first.tolist() == [1000, 0, 3000]
+    t_first = prepend_jagged(prefix, values, offsets_from_lengths(lengths), ts, first)[3]
+    assert t_first.tolist() == [1000, 1000, 1000, 1007, 0, 0, 3000, 3000, 3000, 3007, 3014]
 
 
 @settings(max_examples=150, deadline=None)
@@ -76,7 +81,7 @@ def test_gradients_flow_to_values_prefix_and_projection() -> None:
     values, lengths, ts = _batch([3, 0, 1, 4], dim=16)
     values.requires_grad_(True)
     tokens = torch.randn(4, 58, 256, requires_grad=True)
-    module = HSTUPrefix(hstu_dim=16, num_tokens=2)
+    module = HSTUPrefix(embedding_dim=16, num_tokens=2)
     out = module(tokens, values, ts, lengths=lengths)
     weights = torch.randn_like(out.values)
     (out.values * weights).sum().backward()
@@ -92,7 +97,7 @@ def test_gradients_flow_to_values_prefix_and_projection() -> None:
 
 def test_module_outputs_and_gr_contextual_layout() -> None:
     values, lengths, ts = _batch([2, 0, 3], dim=16)
-    module = HSTUPrefix(hstu_dim=16, num_tokens=4, name="dv")
+    module = HSTUPrefix(embedding_dim=16, num_tokens=4, name="dv")
     tokens = torch.randn(3, 58, 256)
     out = module(tokens, values, ts, lengths=lengths)
     by_offsets = module(tokens, values, ts, offsets=offsets_from_lengths(lengths))
@@ -111,9 +116,38 @@ def test_module_outputs_and_gr_contextual_layout() -> None:
     assert torch.equal(payloads["dv"].reshape(3, 4, 16), projected)
 
 
+def test_prefix_time_modes_and_payloads_only_path() -> None:
+    values, lengths, ts = _batch([2, 0, 3], dim=16)
+    tokens = torch.randn(3, 58, 256)
+    zero = HSTUPrefix(embedding_dim=16, num_tokens=2)
+    first = HSTUPrefix(embedding_dim=16, num_tokens=2, prefix_time="first_event")
+    first.load_state_dict(zero.state_dict())
+    out_zero, out_first = zero(tokens, values, ts, lengths=lengths), first(tokens, values, ts, lengths=lengths)
+    assert out_zero.timestamps.tolist() == [0, 0, 1000, 1007, 0, 0, 0, 0, 3000, 3007, 3014]
+    assert out_first.timestamps.tolist() == [1000, 1000, 1000, 1007, 0, 0, 3000, 3000, 3000, 3007, 3014]
+    assert torch.equal(out_zero.values, out_first.values)
+    # the payloads-only path equals the payloads of the full prepend, without running it
+    only = zero.contextual_payloads(tokens)
+    full = zero.seq_payloads(out_zero)
+    assert set(only) == {"dv365", "dv365_offsets"} and all(torch.equal(only[k], full[k]) for k in full)
+    with pytest.raises(AdapterError, match="prefix_time"):
+        HSTUPrefix(embedding_dim=16, prefix_time="cutoff")
+
+
+def test_hstu_dim_is_a_deprecated_alias_of_embedding_dim() -> None:
+    with pytest.warns(DeprecationWarning, match="embedding_dim"):
+        old = HSTUPrefix(hstu_dim=16, num_tokens=2)
+    assert old.embedding_dim == 16 and old.projection.embedding_dim == 16
+    assert HSTUPrefix(16, 2).embedding_dim == 16  # positional use is unchanged
+    with pytest.raises(AdapterError, match="not both"):
+        HSTUPrefix(embedding_dim=16, hstu_dim=16)
+    with pytest.raises(AdapterError, match="embedding_dim"):
+        HSTUPrefix()
+
+
 def test_bad_inputs() -> None:
     values, lengths, ts = _batch([2, 1])
-    module = HSTUPrefix(hstu_dim=8, num_tokens=2)
+    module = HSTUPrefix(embedding_dim=8, num_tokens=2)
     tokens = torch.randn(2, 58, 256)
     with pytest.raises(AdapterError, match="lengths"):
         module(tokens, values, ts)
@@ -132,7 +166,7 @@ def test_bad_inputs() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu() -> None:
     values, lengths, ts = _batch([3, 0, 2], dim=16)
-    module = HSTUPrefix(hstu_dim=16, num_tokens=2)
+    module = HSTUPrefix(embedding_dim=16, num_tokens=2)
     tokens = torch.randn(3, 58, 256)
     ref = module(tokens, values, ts, lengths=lengths)
     out = module.to("cuda")(tokens.cuda(), values.cuda(), ts.cuda(), lengths=lengths.cuda())

@@ -32,6 +32,14 @@ def test_readme_has_an_example_per_adoption_style() -> None:
     assert "6135bc3" in text and "set_hammer_kernel" in text
 
 
+def test_docs_run_the_three_gr_paths() -> None:
+    """docs/adapters.md shows GR's HSTUTransducer, its DlrmHSTU ranker and the raw jagged prefix as code that
+    :func:`test_code_block_runs` executes."""
+    docs = [code for name, code in _blocks() if name.startswith("adapters.md")]
+    for call in ("HSTUTransducer(", "DV365DlrmHSTU(", "DLRMv3KuaiRandDataset(", "HSTUPrefix(", "contextual_payloads("):
+        assert any(call in code for code in docs), call
+
+
 @pytest.mark.parametrize(("name", "code"), _blocks(), ids=[n for n, _ in _blocks()])
 def test_code_block_runs(name: str, code: str) -> None:
     first = code.splitlines()[0] if code else ""

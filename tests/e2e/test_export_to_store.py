@@ -13,9 +13,9 @@ from dv365.core.cli import main
 from dv365.core.quantize import dequantize_rows
 from dv365.core.snapshot import read_manifest
 from dv365.core.synth import SynthConfig, write_synth_dataset
+from dv365.examples.gr_kuairand import tiny_tower_config
 from dv365.export.plan import SnapshotIndex
 from dv365.store import open_store
-from dv365.train.config import TrainConfig
 from dv365.train.trainer import Trainer
 
 
@@ -37,23 +37,7 @@ def _tiny_tower(tmp: Path) -> tuple[str, str]:
         progress=False,
         num_buckets=2,
     )
-    cfg = TrainConfig.from_dict(
-        {
-            "data": {
-                "url": str(data),
-                "spec": "kuairand",
-                "hash_sizes": {"media": 499, "author": 499, "topic": 97},
-                "slicer": "numpy",
-            },
-            "model": {
-                "kind": "fsa",
-                "tower": {"dim": 16, "encoder": {"num_heads": 2, "head_dim": 8, "num_layers": 1}},
-                "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]},
-            },
-            "run": {"steps": 2, "batch_size": 16, "device": "cpu", "progress": False},
-            "checkpoint": {"dir": str(tmp / "ckpt"), "every": 2},
-        }
-    )
+    cfg = tiny_tower_config(str(data), str(tmp / "ckpt"))
     Trainer(cfg).fit()
     return str(data), str(tmp / "ckpt")
 

@@ -171,7 +171,11 @@ class DownstreamRanker(nn.Module):
         self.dv_input = _dv365_input(cfg) if use_dv else None
         self.dense = nn.Sequential(nn.Linear(NUM_DENSE + (2 if use_dv else 0), E), nn.ReLU())
         self.projection = LinearProjection(cfg.proj_tokens, E, cfg.row_format) if cfg.dv365 == "linear" else None
-        self.prefix = HSTUPrefix(E, cfg.proj_tokens, cfg.row_format) if cfg.dv365 == "hstu_prefix" else None
+        self.prefix = (
+            HSTUPrefix(E, cfg.proj_tokens, cfg.row_format, prefix_time="first_event")
+            if cfg.dv365 == "hstu_prefix"
+            else None
+        )
         n_fields = 5 + 1 + 1 + (cfg.proj_tokens if self.projection is not None else 0)
         self.raw = cfg.raw_tokens if cfg.dv365 == "no_projection" else ""
         if self.raw and self.raw not in NO_PROJECTION_MODES:

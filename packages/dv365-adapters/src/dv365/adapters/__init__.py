@@ -5,7 +5,8 @@
 * :class:`LinearProjection` — DLRM rankers: 58 tokens -> K tokens of the model's embedding dim.
 * :class:`HSTUPrefix` / :func:`prepend_jagged` — HSTU: K tokens in front of every user's jagged sequence, and
   the same tokens in generative-recommenders' contextual-feature layout (``dv365.adapters.gr`` plugs them into
-  GR itself when it is installed; it is not imported here).
+  GR's ``HSTUTransducer`` and ``dv365.adapters.gr_dlrm`` into its dlrm_v3 ranker when GR is installed; neither is
+  imported here).
 * :class:`GateNet` (:class:`EmbeddingGate`, :class:`HiddenGate`) — retrieval user towers.
 * :func:`fetch_dv365` / :func:`batch_from_lookup` — a batch's tensors from any dv365-store reader.
 
@@ -20,15 +21,17 @@ from dv365.adapters.gatenet import EmbeddingGate, GateNet, GateNetConfig, Hidden
 from dv365.adapters.hstu_prefix import (
     HSTUPrefix,
     JaggedPrefixOutput,
+    first_event_timestamps,
     offsets_from_lengths,
     prepend_jagged,
     prepend_jagged_reference,
 )
-from dv365.adapters.projection import LinearProjection
+from dv365.adapters.projection import Affine, LinearProjection
 
 __all__ = [
     "__version__",
     "AdapterError",
+    "Affine",
     "DV365Batch",
     "DV365Features",
     "DV365Input",
@@ -42,6 +45,7 @@ __all__ = [
     "LinearProjection",
     "batch_from_lookup",
     "fetch_dv365",
+    "first_event_timestamps",
     "offsets_from_lengths",
     "prepend_jagged",
     "prepend_jagged_reference",

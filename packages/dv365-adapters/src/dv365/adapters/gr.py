@@ -17,6 +17,8 @@ The positional encoder and the STU layers are told about them through ``contextu
 (``DV365Input(...).tokens``, ``[B, 58, 256]``) in ``seq_payloads[name]``; it projects them to K tokens of
 ``input_embedding_dim`` (:class:`~dv365.adapters.LinearProjection`), writes them in the contextual layout and
 runs GR's own ``ContextualPreprocessor``, returning exactly what GR's HSTU (``HSTUTransducer``) consumes.
+For GR's dlrm_v3 ranking model (``DlrmHSTU``) use :mod:`dv365.adapters.gr_dlrm`, which also fetches the
+embeddings from a store.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where GR is abse
     ) from exc
 
 from dv365.adapters.errors import AdapterError
+from dv365.adapters.hstu_prefix import contextual_layout
 from dv365.adapters.projection import LinearProjection
 from dv365.core.quantize import RowFormat
 
@@ -45,17 +48,21 @@ __all__ = ["GRContextConfig", "DV365ContextualPreprocessor", "contextual_seq_len
 
 @dataclass(frozen=True)
 class GRContextConfig:
-    """How DV365 tokens enter a GR model.
+    """How DV365 tokens enter a GR model through its ``ContextualPreprocessor``.
 
     Args:
         input_embedding_dim: GR's ``input_embedding_dim`` (``hstu_embedding_table_dim``: the dim of
-            ``seq_embeddings`` and of every contextual feature).
+            ``seq_embeddings`` and of every contextual feature; the DV365 projection's output dim).
         hidden_dim: the ContextualPreprocessor's content-MLP hidden dim.
         output_embedding_dim: the HSTU dim (``hstu_transducer_embedding_dim``).
         num_tokens: K, DV365 tokens per user after projection.
         name: the contextual-feature name (the key in ``seq_payloads``).
         other_contextual: ``((name, max_len), ...)`` the model's other contextual features, kept in front of
             the DV365 tokens in this order.
+        min_uih_length: GR's ``contextual_feature_to_min_uih_length`` for DV365: users whose sequence (history
+            plus targets) is shorter get zero DV365 inputs (0: every user gets them; GR's default for a feature
+            it is not told about).
+        other_min_uih_length: ``((name, min_len), ...)`` the same for the other contextual features.
         row_format: shape of the DV365 tokens (default 58 × 256).
         is_inference: GR's inference flag (must match the ``HSTUTransducer``'s).
     """
@@ -66,8 +73,23 @@ class GRContextConfig:
     num_tokens: int = 8
     name: str = "dv365"
     other_contextual: tuple[tuple[str, int], ...] = ()
+    min_uih_length: int = 0
+    other_min_uih_length: tuple[tuple[str, int], ...] = ()
     row_format: RowFormat = field(default_factory=RowFormat)
     is_inference: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("input_embedding_dim", "hidden_dim", "output_embedding_dim", "num_tokens"):
+            if getattr(self, key) <= 0:
+                raise AdapterError(f"GRContextConfig.{key} must be positive, got {getattr(self, key)!r}")
+        if self.min_uih_length < 0:
+            raise AdapterError(f"GRContextConfig.min_uih_length must be >= 0, got {self.min_uih_length!r}")
+        unknown = sorted({n for n, _ in self.other_min_uih_length} - {n for n, _ in self.other_contextual})
+        if unknown:
+            raise AdapterError(
+                f"GRContextConfig.other_min_uih_length names {unknown}, which are not in other_contextual="
+                f"{self.other_contextual!r}"
+            )
 
     def contextual_feature_to_max_length(self) -> dict[str, int]:
         """GR's ``contextual_feature_to_max_length``: the other features, then ``{name: K}``."""
@@ -80,19 +102,58 @@ class GRContextConfig:
         out[self.name] = self.num_tokens
         return out
 
+    def contextual_feature_to_min_uih_length(self) -> dict[str, int]:
+        """GR's ``contextual_feature_to_min_uih_length``: the other features', then DV365's (when > 0)."""
+        out = dict(self.other_min_uih_length)
+        if self.min_uih_length > 0:
+            out[self.name] = self.min_uih_length
+        return out
+
 
 def contextual_seq_len(config: GRContextConfig) -> int:
     """Tokens GR puts in front of each sequence: the ``contextual_seq_len`` of GR's ``HSTUPositionalEncoder``."""
     return sum(config.contextual_feature_to_max_length().values())
 
 
+def _check_inner(config: GRContextConfig, inner: ContextualPreprocessor) -> None:
+    """Raises :class:`AdapterError` naming the field where ``inner`` (a GR ``ContextualPreprocessor``) and
+    ``config`` disagree: caught here rather than as GR's "Sizes of tensors must match" at the first batch."""
+    where = "DV365ContextualPreprocessor: the inner ContextualPreprocessor"
+    max_len = dict(getattr(inner, "_contextual_feature_to_max_length", {}))
+    if max_len.get(config.name) != config.num_tokens:
+        raise AdapterError(
+            f"{where}'s contextual_feature_to_max_length={max_len!r} lacks {{{config.name!r}: {config.num_tokens}}} "
+            "(GRContextConfig.name: GRContextConfig.num_tokens)"
+        )
+    for key in ("input_embedding_dim", "output_embedding_dim"):
+        got = getattr(inner, f"_{key}", None)
+        if got != getattr(config, key):
+            raise AdapterError(
+                f"{where} has {key}={got!r} but GRContextConfig.{key}={getattr(config, key)!r}"
+                + (" (the DV365 projection's output dim)" if key == "input_embedding_dim" else " (the HSTU dim)")
+            )
+    min_len = dict(getattr(inner, "_contextual_feature_to_min_uih_length", {}))
+    if min_len.get(config.name, 0) != config.min_uih_length:
+        raise AdapterError(
+            f"{where}'s contextual_feature_to_min_uih_length={min_len!r} gives {config.name!r} "
+            f"{min_len.get(config.name, 0)} but GRContextConfig.min_uih_length={config.min_uih_length}"
+        )
+
+
 class DV365ContextualPreprocessor(InputPreprocessor):  # type: ignore[misc]  # GR is untyped for mypy
     """GR ``InputPreprocessor`` that feeds DV365 tokens through GR's ``ContextualPreprocessor``.
+
+    The projection's initialisation survives ``HSTUTransducer(...)``, which re-initialises every ``nn.Linear``
+    outside its STU stack with ``xavier_normal_``: the projection's maps are
+    :class:`~dv365.adapters.projection.Affine` modules, which that loop does not touch (GR's own
+    ``ContextualPreprocessor`` layers get GR's xavier init, as in any GR model).
 
     Args:
         config: a :class:`GRContextConfig`.
         inner: an already-built GR ``ContextualPreprocessor`` whose ``contextual_feature_to_max_length``
-            includes ``{config.name: config.num_tokens}`` (None: build a plain one from ``config``).
+            includes ``{config.name: config.num_tokens}`` and whose dims and DV365 min-UIH length are the
+            config's (checked here: :class:`~dv365.adapters.AdapterError` names the field); None: build one from
+            ``config``.
 
     Example::
 
@@ -111,8 +172,6 @@ class DV365ContextualPreprocessor(InputPreprocessor):  # type: ignore[misc]  # G
     def __init__(self, config: GRContextConfig, inner: ContextualPreprocessor | None = None) -> None:
         super().__init__(is_inference=config.is_inference)
         self._name: str = config.name
-        self._num_tokens: int = config.num_tokens
-        self._dim: int = config.input_embedding_dim
         self.projection = LinearProjection(config.num_tokens, config.input_embedding_dim, config.row_format)
         self.inner: ContextualPreprocessor = (
             inner
@@ -122,23 +181,16 @@ class DV365ContextualPreprocessor(InputPreprocessor):  # type: ignore[misc]  # G
                 hidden_dim=config.hidden_dim,
                 output_embedding_dim=config.output_embedding_dim,
                 contextual_feature_to_max_length=config.contextual_feature_to_max_length(),
-                contextual_feature_to_min_uih_length={},
+                contextual_feature_to_min_uih_length=config.contextual_feature_to_min_uih_length(),
                 is_inference=config.is_inference,
             )
         )
-        got = dict(getattr(self.inner, "_contextual_feature_to_max_length", {}))
-        if got.get(config.name) != config.num_tokens:
-            raise AdapterError(
-                f"DV365ContextualPreprocessor: the inner ContextualPreprocessor's contextual_feature_"
-                f"to_max_length={got!r} lacks {{{config.name!r}: {config.num_tokens}}}"
-            )
+        _check_inner(config, self.inner)
 
     def dv365_payloads(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[B, N, 256]`` DV365 tokens -> ``{name: [B·K, D_in], name + "_offsets": [B+1]}`` (GR's layout)."""
-        projected = self.projection(tokens)  # [B, K, D_in]
-        batch = projected.shape[0]
-        offsets = self._num_tokens * torch.arange(batch + 1, device=projected.device, dtype=torch.long)  # [B+1]
-        return {self._name: projected.reshape(batch * self._num_tokens, self._dim), self._name + "_offsets": offsets}
+        values, offsets = contextual_layout(self.projection(tokens))  # [B·K, D_in], [B+1]
+        return {self._name: values, self._name + "_offsets": offsets}
 
     def forward(  # GR's InputPreprocessor signature, unchanged
         self,

@@ -8,12 +8,12 @@ generative-recommenders' contextual-feature layout, so a GR model can take them 
 ``seq_payloads[name + "_offsets"]``: ``[B+1]`` = ``0, K, 2K, …``). Use one path or the other, not both.
 Nothing here imports generative-recommenders.
 
-Timestamps of the prefix tokens: HSTU's relative-time bias needs a timestamp for every token. By default a
-user's prefix tokens get the user's *first* event timestamp, so each sequence stays non-decreasing and the
-prefix reads as "what was known before this history started" (0 for a user with no events). Pass
-``prefix_timestamps`` (``[B]`` or ``[]``) to choose yourself; the snapshot's data cut-off
-(``request_time - age_s``) is the semantically exact choice when the model's time encoding tolerates a token
-that is later than some of the events after it. (GR's ContextualPreprocessor gives contextual tokens 0.)
+Timestamps of the prefix tokens: HSTU's relative-time bias needs a timestamp for every token. By default the
+prefix tokens get timestamp 0, as generative-recommenders' ``ContextualPreprocessor`` gives its contextual
+tokens, so a model trained on this path and one trained on GR's contextual path see the same times.
+``HSTUPrefix(prefix_time="first_event")`` gives them each user's first event timestamp instead (each sequence
+stays non-decreasing; 0 for a user with no events), and ``prefix_timestamps`` (``[B]`` or ``[]``) sets them
+yourself, e.g. to the snapshot's data cut-off (``request_time - age_s``).
 
 :func:`prepend_jagged` is the vectorised op (one scatter, no Python loop over users, export-friendly);
 :func:`prepend_jagged_reference` is the plain per-user loop it is tested against.
@@ -21,6 +21,7 @@ that is later than some of the events after it. (GR's ContextualPreprocessor giv
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -97,8 +98,8 @@ def prepend_jagged(
         values: ``[ΣL, D]`` jagged rows, user-major.
         offsets: ``[B+1]`` integer offsets of ``values`` (users may be empty).
         timestamps: ``[ΣL]`` per-row timestamps.
-        prefix_timestamps: ``[B]`` or ``[]`` timestamps for the prefix tokens; None: each user's first event
-            timestamp (0 for an empty user).
+        prefix_timestamps: ``[B]`` or ``[]`` timestamps for the prefix tokens; None: 0 (generative-recommenders'
+            contextual-token time; :func:`first_event_timestamps` gives each user's first event time).
 
     Returns:
         ``[values [ΣL + B·K, D], lengths [B], offsets [B+1], timestamps [ΣL + B·K]]``; lengths/offsets in the
@@ -134,9 +135,7 @@ def prepend_jagged(
     out_values = torch.zeros_like(src).index_copy(0, dst, src)  # [ΣL + B·K, D]
 
     if prefix_timestamps is None:
-        padded = torch.cat([timestamps, timestamps.new_zeros(1)])  # [ΣL + 1]: an empty last user reads the pad
-        first = padded[offs[:-1]]  # [B]
-        pts = torch.where(lengths > 0, first, torch.zeros_like(first))  # [B]
+        pts = timestamps.new_zeros(batch)  # [B]
     else:
         pts = prefix_timestamps.to(device=device, dtype=timestamps.dtype).reshape(-1).expand(batch)  # [B]
     ts_src = torch.cat([pts.unsqueeze(1).expand(batch, k).reshape(-1), timestamps])  # [B·K + ΣL]
@@ -145,6 +144,19 @@ def prepend_jagged(
     new_lengths = lengths + k  # [B]
     new_offsets = offs + k * torch.arange(batch + 1, device=device, dtype=torch.long)  # [B+1]
     return [out_values, new_lengths.to(offsets.dtype), new_offsets.to(offsets.dtype), out_ts]
+
+
+def first_event_timestamps(offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+    """``[B]`` each user's first event timestamp (0 for a user with no events): a ``prefix_timestamps`` choice.
+
+    Example::
+
+        first_event_timestamps(torch.tensor([0, 2, 2, 5]), torch.tensor([10, 11, 20, 21, 22]))  # [10, 0, 20]
+    """
+    offs = offsets.to(device=timestamps.device, dtype=torch.long)  # [B+1]
+    padded = torch.cat([timestamps, timestamps.new_zeros(1)])  # [ΣL + 1]: an empty last user reads the pad
+    first = padded[offs[:-1]]  # [B]
+    return torch.where(offs[1:] > offs[:-1], first, torch.zeros_like(first))
 
 
 def prepend_jagged_reference(
@@ -163,8 +175,6 @@ def prepend_jagged_reference(
         seg_v, seg_t = values[offs[b] : offs[b + 1]], timestamps[offs[b] : offs[b + 1]]
         if prefix_timestamps is not None:
             pts = prefix_timestamps.reshape(-1).expand(batch)[b].to(timestamps.dtype)
-        elif seg_t.numel() > 0:
-            pts = seg_t[0]
         else:
             pts = torch.zeros((), dtype=timestamps.dtype)
         out_v += [prefix[b].to(values.dtype), seg_v]
@@ -174,19 +184,38 @@ def prepend_jagged_reference(
     return [torch.cat(out_v), len_t, offsets_from_lengths(len_t), torch.cat(out_t)]
 
 
-class HSTUPrefix(nn.Module):
-    """Projects DV365 tokens to the HSTU dim and prepends them to each user's jagged HSTU input.
-
-    Args:
-        hstu_dim: D, the dim of the HSTU input embeddings.
-        num_tokens: K, prefix tokens per user (a :class:`~dv365.adapters.LinearProjection` maps N -> K).
-        row_format: shape of the DV365 tokens (default 58 × 256).
-        name: the contextual-feature name used by :meth:`seq_payloads` (``seq_payloads[name]``,
-            ``seq_payloads[name + "_offsets"]``); GR's ``contextual_feature_to_max_length`` needs ``{name: K}``.
+def contextual_layout(prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, K, D]`` tokens -> GR's contextual-feature layout: ``([B·K, D] values, [B+1] offsets 0, K, …, B·K)``.
 
     Example::
 
-        prefix = HSTUPrefix(hstu_dim=64, num_tokens=4)
+        values, offsets = contextual_layout(torch.randn(3, 4, 8))   # [12, 8], [0, 4, 8, 12]
+    """
+    batch, k = prefix.shape[0], prefix.shape[1]
+    offsets = k * torch.arange(batch + 1, device=prefix.device, dtype=torch.long)  # [B+1]
+    return prefix.reshape(batch * k, prefix.shape[2]), offsets
+
+
+PREFIX_TIMES = ("zero", "first_event")
+
+
+class HSTUPrefix(nn.Module):
+    """Projects DV365 tokens to the model's input embedding dim and prepends them to each user's jagged HSTU input.
+
+    Args:
+        embedding_dim: D, the dim of the jagged input embeddings the tokens are prepended to (GR's
+            ``input_embedding_dim`` = ``hstu_embedding_table_dim``, not the HSTU/transducer dim).
+        num_tokens: K, prefix tokens per user (a :class:`~dv365.adapters.LinearProjection` maps N -> K).
+        row_format: shape of the DV365 tokens (default 58 × 256).
+        name: the contextual-feature name of :meth:`contextual_payloads` (``seq_payloads[name]``,
+            ``seq_payloads[name + "_offsets"]``).
+        prefix_time: timestamps of the prefix tokens when ``forward`` gets no ``prefix_timestamps``:
+            ``"zero"`` (GR's contextual tokens; default) or ``"first_event"`` (each user's first event).
+        hstu_dim: deprecated name of ``embedding_dim`` (it always meant the input embedding dim).
+
+    Example::
+
+        prefix = HSTUPrefix(embedding_dim=64, num_tokens=4)
         tokens = torch.randn(3, 58, 256)                 # [B, N, 256] from DV365Input
         values = torch.randn(5, 64)                      # [ΣL, D] events of 3 users, lengths 2, 0, 3
         lengths = torch.tensor([2, 0, 3])                # [B]
@@ -195,21 +224,43 @@ class HSTUPrefix(nn.Module):
         out.values.shape        # [ΣL + B·K, D] = [17, 64]
         out.lengths             # [6, 4, 7]
         out.offsets             # [0, 6, 10, 17]
-        out.timestamps[:4]      # [10, 10, 10, 10]: user 0's first event time
-        payloads = prefix.seq_payloads(out)  # {"dv365": [B·K, D], "dv365_offsets": [B+1]} for GR
+        out.timestamps[:4]      # [0, 0, 0, 0]: GR's contextual-token time
+        payloads = prefix.contextual_payloads(tokens)  # GR only: {"dv365": [B·K, D], "dv365_offsets": [B+1]}
     """
 
     def __init__(
         self,
-        hstu_dim: int,
+        embedding_dim: int | None = None,
         num_tokens: int = 8,
         row_format: RowFormat | None = None,
         name: str = "dv365",
+        prefix_time: str = "zero",
+        *,
+        hstu_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.projection = LinearProjection(num_tokens, hstu_dim, row_format)
+        if hstu_dim is not None:
+            if embedding_dim is not None:
+                raise AdapterError(
+                    f"HSTUPrefix: pass embedding_dim={embedding_dim!r} or its deprecated name hstu_dim={hstu_dim!r}, "
+                    "not both"
+                )
+            warnings.warn(
+                "HSTUPrefix(hstu_dim=...) is deprecated: the argument is the input embedding dim (GR's "
+                "input_embedding_dim), so it is now called embedding_dim",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            embedding_dim = hstu_dim
+        if embedding_dim is None:
+            raise AdapterError("HSTUPrefix: embedding_dim (the dim of the jagged input embeddings) is required")
+        if prefix_time not in PREFIX_TIMES:
+            raise AdapterError(f"HSTUPrefix: prefix_time={prefix_time!r} is not one of {PREFIX_TIMES}")
+        self.projection = LinearProjection(num_tokens, embedding_dim, row_format)
         self.name: str = name
         self.num_tokens: int = num_tokens
+        self.embedding_dim: int = embedding_dim
+        self.first_event_time: bool = prefix_time == "first_event"
 
     def forward(
         self,
@@ -227,7 +278,7 @@ class HSTUPrefix(nn.Module):
             timestamps: ``[ΣL]``.
             lengths: ``[B]`` events per user (give this or ``offsets``).
             offsets: ``[B+1]`` (give this or ``lengths``).
-            prefix_timestamps: ``[B]`` or ``[]``: timestamps of the prefix tokens (default: first event's).
+            prefix_timestamps: ``[B]`` or ``[]``: timestamps of the prefix tokens (default: per ``prefix_time``).
 
         Returns:
             :class:`JaggedPrefixOutput`.
@@ -240,14 +291,30 @@ class HSTUPrefix(nn.Module):
             if lengths is not None:
                 raise AdapterError("HSTUPrefix: pass lengths [B] or offsets [B+1], not both")
             offs = offsets
+        if prefix_timestamps is None and self.first_event_time:
+            prefix_timestamps = first_event_timestamps(offs, timestamps)  # [B]
         prefix = self.projection(tokens)  # [B, K, D]
         out = prepend_jagged(prefix, values, offs, timestamps, prefix_timestamps)
-        batch = prefix.shape[0]
-        ctx_values = prefix.reshape(batch * self.num_tokens, prefix.shape[2]).to(values.dtype)  # [B·K, D]
-        ctx_offsets = self.num_tokens * torch.arange(batch + 1, device=values.device, dtype=torch.long)  # [B+1]
-        return JaggedPrefixOutput(out[0], out[1], out[2], out[3], ctx_values, ctx_offsets)
+        ctx_values, ctx_offsets = contextual_layout(prefix)
+        return JaggedPrefixOutput(out[0], out[1], out[2], out[3], ctx_values.to(values.dtype), ctx_offsets)
+
+    @torch.jit.export
+    def contextual_payloads(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Only what a GR model's ``seq_payloads`` needs: ``{name: [B·K, D], name + "_offsets": [B+1]}``.
+
+        Runs the projection alone (no prepend): for models that put the tokens in front themselves (GR's
+        ``ContextualPreprocessor`` with ``contextual_feature_to_max_length`` holding ``{name: K}``).
+
+        Args:
+            tokens: ``[B, N, D_in]`` DV365 tokens.
+        """
+        values, offsets = contextual_layout(self.projection(tokens))
+        return {self.name: values, self.name + "_offsets": offsets}
 
     @torch.jit.export
     def seq_payloads(self, out: JaggedPrefixOutput) -> dict[str, torch.Tensor]:
-        """``{name: [B·K, D], name + "_offsets": [B+1]}``: merge into a GR model's ``seq_payloads``."""
+        """The payloads of an already prefixed batch: ``{name: [B·K, D], name + "_offsets": [B+1]}``.
+
+        Without a prefixed batch in hand use :meth:`contextual_payloads`, which skips the prepend.
+        """
         return {self.name: out.contextual_values, self.name + "_offsets": out.contextual_offsets}

@@ -4,6 +4,12 @@ The 58 DV365 tokens of dim 256 become K tokens of the ranker's embedding dim D: 
 axis (``[N] -> [K]``, shared by every dim, like the FSA's token-wise layers) followed by a linear map along the
 dim axis (``[256] -> [D]``). The result is ``[B, K, D]``, ready to concatenate with the ranker's other pooled
 sparse embeddings (``[B, F, D]`` in torchrec's DLRM) before the interaction arch.
+
+The two maps are :class:`Affine` modules, not ``nn.Linear``: generative-recommenders' ``HSTUTransducer``
+re-initialises every ``nn.Linear`` it holds outside its STU stack with ``xavier_normal_`` when it is built,
+which would silently replace the projection's own (or the user's) initialisation when the projection sits in
+its input preprocessor (:mod:`dv365.adapters.gr`). ``Affine`` has the same parameters, state-dict keys and
+default initialisation as ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,39 @@ from torch import nn
 
 from dv365.adapters.errors import AdapterError
 from dv365.core.quantize import RowFormat
+
+
+class Affine(nn.Module):
+    """``y = x W^T + b``: ``nn.Linear``'s parameters and default initialisation, but not an ``nn.Linear``.
+
+    Frameworks that re-initialise every ``nn.Linear`` of a model they are handed (GR's ``HSTUTransducer``)
+    leave it alone, so the initialisation its owner chose is kept.
+
+    Args:
+        in_features: input dim.
+        out_features: output dim.
+        bias: learn an additive bias.
+
+    Example::
+
+        layer = Affine(256, 64)
+        layer(torch.randn(8, 256)).shape          # [8, 64]
+        layer.weight.shape, layer.bias.shape      # [64, 256], [64]
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        init = nn.Linear(in_features, out_features, bias=bias)  # torch's default init, then its parameters
+        self.in_features: int = in_features
+        self.out_features: int = out_features
+        self.weight = init.weight  # [out, in]
+        self.bias = init.bias  # [out] or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class LinearProjection(nn.Module):
@@ -53,8 +92,8 @@ class LinearProjection(nn.Module):
         self.embedding_dim: int = embedding_dim
         self.in_tokens: int = fmt.rows_per_user
         self.in_dim: int = fmt.dim
-        self.token_mix = nn.Linear(fmt.rows_per_user, num_tokens, bias=False)  # [K, N]
-        self.dim_proj = nn.Linear(fmt.dim, embedding_dim, bias=bias)  # [D, D_in]
+        self.token_mix = Affine(fmt.rows_per_user, num_tokens, bias=False)  # [K, N]
+        self.dim_proj = Affine(fmt.dim, embedding_dim, bias=bias)  # [D, D_in]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """
