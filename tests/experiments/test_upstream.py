@@ -191,6 +191,10 @@ def test_slice_cache_matches_the_slicer(tiny_config: Path, tmp_path: Path) -> No
             assert torch.allclose(wa[s:e][ia], wb[s:e][ib])
     assert torch.equal(a.labels, b.labels) and torch.equal(a.dense, b.dense)
     assert cached.history_events[rows].min() >= 0
+    # one stored copy per distinct slice: requests sharing a slot get the very same bags
+    assert 0 < cached.distinct_slices <= len(cached.requests) and len(cached.slot) == len(cached.requests)
+    assert cached.lengths.shape[0] == cached.distinct_slices
+    assert len(cached.values) == int(cached.lengths.sum())
 
 
 def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) -> None:

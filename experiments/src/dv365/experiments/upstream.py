@@ -254,8 +254,9 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 class SlicedExamples(ExampleSource):
     """An :class:`~dv365.train.data.ExampleSource` whose requests are sliced once, up front.
 
-    The bags of every request are stored request-major (``int32`` ids, ``float32`` weights); a batch is
-    gathered from them into the same weighted KJT the slicer would give (tested against
+    The bags are stored once per *distinct* slice (requests of a user with the same kept events in every
+    window share them: :func:`~dv365.train.dedup.slice_keys`), slot-major (``int32`` ids, ``float32`` weights);
+    a batch is gathered from them into the same weighted KJT the slicer would give (tested against
     :meth:`ExampleSource.collate`). ``with_user_features = False`` (the baseline) skips the user KJT.
 
     Args:
@@ -283,17 +284,25 @@ class SlicedExamples(ExampleSource):
         from tqdm.auto import tqdm
 
         assert self.features is not None and self.timelines is not None  # spec is required
+        from dv365.train.dedup import dedup_rows, slice_keys
+
         self.keys = list(spec.feature_names)
         R, N = len(self.requests), len(self.keys)
-        self.lengths = np.zeros((R, N), np.int32)
-        self.history_events = np.zeros(R, np.int64)  # raw (pre-dedup) count over all bags: 0 = empty history
-        vals: list[np.ndarray] = []
-        wts: list[np.ndarray] = []
         req = self.requests
         tl = self.timelines
-        for s in tqdm(range(0, R, chunk), desc="slice (once)", unit="chunk", disable=not progress, leave=False):
-            rows = np.arange(s, min(s + chunk, R), dtype=np.int64)
-            urow = np.searchsorted(self._users, req.user_id[rows])
+        # requests whose slices are identical (same user, same kept events in every window: RecD's key) share
+        # one stored copy of their bags: memory grows with distinct slices, not with requests
+        all_urow = np.searchsorted(self._users, req.user_id)
+        first, self.slot = dedup_rows(slice_keys(tl, all_urow, req.ts, spec)) if R else (np.zeros(0, np.int64),) * 2
+        S = len(first)
+        self.lengths = np.zeros((S, N), np.int32)
+        slot_events = np.zeros(S, np.int64)
+        vals: list[np.ndarray] = []
+        wts: list[np.ndarray] = []
+        for s in tqdm(range(0, S, chunk), desc="slice (once)", unit="chunk", disable=not progress, leave=False):
+            slots = np.arange(s, min(s + chunk, S), dtype=np.int64)
+            rows = first[slots]
+            urow = all_urow[rows]
             sb = self.features.slice(
                 Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab),
                 req.ts[rows],
@@ -301,27 +310,33 @@ class SlicedExamples(ExampleSource):
             B = len(rows)
             L = sb.lengths.reshape(N, B).astype(np.int64)  # key-major
             starts = (np.cumsum(L.ravel()) - L.ravel()).reshape(N, B)
-            idx = _ranges(starts.T.ravel(), L.T.ravel())  # request-major order
+            idx = _ranges(starts.T.ravel(), L.T.ravel())  # slot-major order
             vals.append(sb.values[idx].astype(np.int32))
             wts.append(sb.weights[idx].astype(np.float32))
-            self.lengths[rows] = L.T
-            self.history_events[rows] = sb.raw_counts.reshape(N, B).sum(axis=0)
+            self.lengths[slots] = L.T
+            slot_events[slots] = sb.raw_counts.reshape(N, B).sum(axis=0)
+        self.history_events = slot_events[self.slot]  # raw (pre-dedup) count over all bags: 0 = empty history
+        self.distinct_slices = S
         self.values = np.concatenate(vals) if vals else np.zeros(0, np.int32)
         self.weights = np.concatenate(wts) if wts else np.zeros(0, np.float32)
-        per_req = self.lengths.sum(axis=1, dtype=np.int64)
-        self.req_start = np.cumsum(per_req) - per_req  # [R]
-        self.within = np.cumsum(self.lengths, axis=1, dtype=np.int64) - self.lengths  # [R, N]
+        per_slot = self.lengths.sum(axis=1, dtype=np.int64)
+        self.slot_start = np.cumsum(per_slot) - per_slot  # [S]
+        self.within = np.cumsum(self.lengths, axis=1, dtype=np.int64) - self.lengths  # [S, N]
         if len(self.values) and (self.values.min() < 0 or self.values.max() >= self._max_rows):
             raise DatasetError(f"the slicer produced ids outside [0, {self._max_rows}); try data.slicer: numpy")
         self.with_user_features = True
         self.timelines = None  # the cache replaces them
 
     def user_kjt(self, rows: np.ndarray) -> Any:
+        """The user KJT of requests ``rows``."""
+        return self.slots_kjt(self.slot[np.asarray(rows, np.int64)])
+
+    def slots_kjt(self, slots: np.ndarray) -> Any:
+        """The user KJT of stored distinct slices ``slots``."""
         from torchrec import KeyedJaggedTensor
 
-        rows = np.asarray(rows, np.int64)
-        L = self.lengths[rows].T.astype(np.int64)  # [N, B] key-major
-        starts = self.req_start[rows][None, :] + self.within[rows].T  # [N, B]
+        L = self.lengths[slots].T.astype(np.int64)  # [N, B] key-major
+        starts = self.slot_start[slots][None, :] + self.within[slots].T  # [N, B]
         idx = _ranges(starts.ravel(), L.ravel())
         lpk = L.sum(axis=1)
         return KeyedJaggedTensor(
@@ -329,7 +344,7 @@ class SlicedExamples(ExampleSource):
             values=torch.from_numpy(self.values[idx].astype(np.int64)),
             weights=torch.from_numpy(self.weights[idx]),
             lengths=torch.from_numpy(L.ravel().astype(np.int32)),
-            stride=len(rows),
+            stride=len(slots),
             length_per_key=[int(x) for x in lpk],
             offset_per_key=[0, *np.cumsum(lpk).tolist()],
         )
@@ -510,19 +525,23 @@ def _run_cfg(settings: UpstreamSettings, url: str, kind: str, seed: int, threads
 
 
 class _TokenTable:
-    """Frozen tower outputs of every request, ``[R, N_out, D]``, looked up by row for the backbone."""
+    """Frozen tower outputs of every distinct slice, ``[S, N_out, D]``, looked up by request row
+    (:meth:`rows`) for the backbone."""
 
     def __init__(self, tower: torch.nn.Module, ex: SlicedExamples, bs: int, device: torch.device) -> None:
         tower.eval()
-        R = len(ex.requests)
+        S = ex.distinct_slices
         ex.with_user_features = True
         out = []
         with torch.no_grad():
-            for s in range(0, R, bs):
-                rows = np.arange(s, min(s + bs, R))
-                out.append(tower(ex.user_kjt(rows).to(device)).cpu())
-        self.tokens = torch.cat(out)  # [R, N_out, D]
+            for s in range(0, S, bs):
+                out.append(tower(ex.slots_kjt(np.arange(s, min(s + bs, S))).to(device)).cpu())
+        self.tokens = torch.cat(out)  # [S, N_out, D]
+        self.slot = torch.from_numpy(np.asarray(ex.slot, np.int64))  # [R]: request row -> slice
         self.shape = (int(self.tokens.shape[1]), int(self.tokens.shape[2]))
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.tokens[self.slot[rows]]
 
 
 def train_one(
@@ -563,10 +582,10 @@ def train_one(
         view = _Rows(ex, splits.train, False)
         backbone = MultiTaskDLRM(cfg.model.backbone, NUM_DENSE, tasks, tokens.shape if tokens else None).to(device)
         backbone.init_head_bias(_head_bias(ex, splits.train, tasks))
-        table = tokens.tokens if tokens is not None else None
+        table = tokens
 
         def forward(b: Batch) -> torch.Tensor:
-            tok = table[b.rows].to(device) if table is not None else None  # type: ignore[attr-defined]
+            tok = table.rows(b.rows).to(device) if table is not None else None  # type: ignore[attr-defined]
             return backbone(b.item_kjt, b.dense, tok)
 
         net: torch.nn.Module = backbone
@@ -719,6 +738,7 @@ def data_facts(ex: SlicedExamples, splits: Splits) -> dict[str, Any]:
         "events": int(st.get("events", 0)),
         "mean_events_per_user": float(st.get("mean_events", 0.0)),
         "requests": len(ex.requests),
+        "distinct_user_slices": int(ex.distinct_slices),  # what the slice cache stores (RecD's dedup)
         "train": len(splits.train),
         "val": len(splits.val),
         "test": len(splits.test),
