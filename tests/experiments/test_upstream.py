@@ -3,6 +3,7 @@ and the slice cache against the trainer's own collate."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -207,6 +208,21 @@ def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) 
     assert [(r.kind, r.seed) for r in parallel.results] == [(r.kind, r.seed) for r in serial.results]
     for a, b in zip(serial.results, parallel.results):
         assert (a.best_step, a.best_val, a.test) == (b.best_step, b.best_val, b.test)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+def test_slicer_backend_does_not_change_results(tiny_config: Path, tmp_path: Path) -> None:
+    """The slice cache is canonical (one id order inside dedup'd bags): numba's bags are numpy's bit for bit, so
+    every model trains and evaluates to the very same numbers."""
+    from dv365.experiments.upstream import run_upstream
+
+    kw = dict(quick=True, seeds=1, config=tiny_config, data_dir=tmp_path / "data", progress=False)
+    runs = {
+        b: run_upstream("synth", overrides={"train.data.slicer": b}, variants=["fsa"], **kw)  # type: ignore[arg-type]
+        for b in ("numpy", "numba")
+    }
+    for a, b in zip(runs["numpy"].results, runs["numba"].results):
+        assert (a.kind, a.seed, a.best_step, a.best_val, a.test) == (b.kind, b.seed, b.best_step, b.best_val, b.test)
 
 
 def test_checks_pair_token_and_dim_wise_by_seed() -> None:

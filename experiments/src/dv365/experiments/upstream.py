@@ -280,7 +280,8 @@ class SlicedExamples(ExampleSource):
         chunk: int = 512,
         progress: bool = False,
     ) -> None:
-        super().__init__(cfg, tasks, spec, item_hash_size)
+        # canonical bags: the numba slicer's cache is bit-identical to the numpy reference's (same results)
+        super().__init__(cfg, tasks, spec, item_hash_size, canonical=True)
         from tqdm.auto import tqdm
 
         assert self.features is not None and self.timelines is not None  # spec is required

@@ -285,6 +285,8 @@ class ExampleSource:
         tasks: label columns (output order); empty: :func:`infer_tasks`.
         spec: the slice spec, or ``None`` when no user tower is trained (the baseline: no slicing at all).
         item_hash_size: rows of the item media / author tables.
+        canonical: one order inside dedup'd bags (:class:`~dv365.train.features.UserFeatures`): the batches,
+            and so the results, are bit-identical whatever the slicer backend.
 
     Example::
 
@@ -293,7 +295,14 @@ class ExampleSource:
         len(src.train_rows), len(src.eval_rows)
     """
 
-    def __init__(self, cfg: DataConfig, tasks: Sequence[TaskSpec], spec: SliceSpec | None, item_hash_size: int) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tasks: Sequence[TaskSpec],
+        spec: SliceSpec | None,
+        item_hash_size: int,
+        canonical: bool = False,
+    ) -> None:
         if not cfg.url:
             raise TrainConfigError(
                 "data.url is not set: name a UniTi dataset with requests (dv365 synth / dv365 import)"
@@ -318,7 +327,7 @@ class ExampleSource:
         self.slicer: Slicer | None = None
         self.features: UserFeatures | None = None
         if spec is not None:  # the one data path (dv365.train.features) slices and checks
-            self.features = UserFeatures(spec, self.dataset.vocab, backend=cfg.slicer)
+            self.features = UserFeatures(spec, self.dataset.vocab, backend=cfg.slicer, canonical=canonical)
             self.slicer = self.features.slicer
             self._max_rows = self.features.max_rows
         # the target's ids hashed like the history too (share_item_tables), when there is a history
