@@ -11,7 +11,8 @@ tables), exports every user with ``dv365 export``'s job (fbgemm 4-bit), and repo
 * ``tower_only_users_per_s``: in the same run, the same users' tower calls (pooling + FSA) on KJTs built
   beforehand, with the threads the export gave its tower (``tower_threads``), and ``end_to_end_vs_tower_only``, the ratio of the two: how close the job is to its own limit;
 * ``<stage>_ms_per_user`` for read, slice, kjt, pool, fsa, quantize, write (the loader's stages summed over
-  its workers, so on 2 cores they may add up to more than the wall time per user);
+  its workers, so on 2 cores they may add up to more than the wall time per user), and ``wait``: the time the
+  tower's process waited for the loader (the first batch's included);
   ``users_per_s_end_to_end`` also counts loading the checkpoint and scanning the dataset;
 * ``bytes_per_user`` (the manifest's: 58 x 132 = 7,656) and the shard files' bytes per user (with Parquet and
   crc32 overhead);

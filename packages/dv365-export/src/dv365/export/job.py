@@ -147,7 +147,7 @@ class ExportResult:
     already_complete: bool = False
     counts: dict[str, int] = field(default_factory=dict)  # whole-snapshot encoded / carried / new
     # seconds per stage of this call's encoding: read, slice, kjt (the loader's, workers' time included),
-    # pool, fsa, quantize, write
+    # pool, fsa, quantize, write, and wait (the tower's process waiting for the loader)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     loader_private_mb: float = 0.0  # the largest private memory a loader worker (or this process, inline) had
 
@@ -516,7 +516,7 @@ class _Job:
         groups = self._groups(todo)
         workers = default_loader_workers() if self.cfg.loader_workers is None else self.cfg.loader_workers
         data_seconds = StageSeconds()
-        write_s, loader_mb = 0.0, 0.0
+        write_s, loader_mb, wait_s = 0.0, 0.0, 0.0
         batches = tower_batches(
             self.ds.url,
             encoder.features,
@@ -533,7 +533,9 @@ class _Job:
                 ids = np.concatenate([s.users[s.encode] for s in group] + [np.zeros(0, np.int64)])
                 got = 0
                 while got < need:
+                    t_wait = time.perf_counter()
                     tb = next(batches)
+                    wait_s += time.perf_counter() - t_wait
                     assert np.array_equal(tb.user_ids, ids[got : got + tb.n])
                     data_seconds.add(tb.seconds)
                     loader_mb = max(loader_mb, tb.private_mb)
@@ -553,7 +555,8 @@ class _Job:
         finally:
             bar.close()
             batches.close()  # type: ignore[attr-defined]  # stops the loader's workers
-        stage_seconds = {**data_seconds.as_dict(), **encoder.seconds, "write": write_s}
+        # wait: time the tower's process spent waiting for the loader (inline: the read + slice + KJT time)
+        stage_seconds = {**data_seconds.as_dict(), **encoder.seconds, "write": write_s, "wait": wait_s}
         seconds = time.perf_counter() - t_work
         manifest = merge_snapshot(self.cfg.out, missing_ok=True) if self.cfg.merge else None
         return ExportResult(
