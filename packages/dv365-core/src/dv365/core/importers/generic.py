@@ -31,13 +31,14 @@ import yaml
 
 from dv365.core.errors import DatasetError, TimelineError
 from dv365.core.importers.common import (
+    Block,
     ImportSummary,
     MappingError,
-    Part,
     block_origin,
     iter_csv,
     open_input,
     read_bytes,
+    repeated_rows,
     require_columns,
     write_parts,
 )
@@ -392,9 +393,10 @@ def import_generic(
     src = source or f"generic:{name}"
     counts = {"rows": 0}
 
-    def parts() -> Iterator[Part]:
+    def parts() -> Iterator[Block]:
         for batch in iter_table_file(str(path), cm.source_columns):
-            yield kind, cm.to_uniti(batch), block_origin(name, counts["rows"])
+            origin = block_origin(name, counts["rows"])
+            yield Block({kind: cm.to_uniti(batch)}, {kind: origin}, duplicates={kind: repeated_rows(batch)})
             counts["rows"] += batch.num_rows
         if not counts["rows"]:
             raise DatasetError(f"{path}: no rows")

@@ -9,7 +9,8 @@ Each log row (an impression) becomes:
 * one *implicit* event: ``ts = time_ms // 1000``, ``dwell_time = play_time_ms / 1000``,
   ``video_duration = duration_ms / 1000`` (the catalog's duration where the log has none or 0),
   ``surface`` from ``tab`` (:data:`DEFAULT_TAB_SURFACES`);
-* one *explicit* event per positive flag (:data:`FLAG_ACTIONS`), at the same ``ts``;
+* one *explicit* event per positive flag (:data:`FLAG_ACTIONS`), at the same ``ts``; it exists only with its
+  impression (an impression that validation drops, or a log row repeating an earlier one, takes it along);
 * one training request with labels (:data:`LABELS`): clicks, likes, ... and the watch time in seconds.
 
 Media attributes come from the catalog (``video_features_basic*.csv``): ``author_id``, ``topic_ids`` =
@@ -37,6 +38,7 @@ from dv365.core.importers.common import (
     block_origin,
     gather_topics,
     iter_csv,
+    repeated_rows,
     write_parts,
 )
 from dv365.core.validation import ValidationPolicy
@@ -152,15 +154,16 @@ def _durations(t: pa.Table, rows: np.ndarray, j: _Join) -> pa.Array:
     return pa.array(dur.astype(np.float32), pa.float32(), mask=np.isnan(dur))
 
 
-def _flag_events(media: Mapping[str, pa.Array], t: pa.Table) -> pa.Table:
-    """One explicit event per positive flag of each row, with the row's media fields."""
+def _flag_events(media: Mapping[str, pa.Array], t: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """One explicit event per positive flag of each row, with the row's media fields; and the log row of each."""
     hits = [np.flatnonzero(_f64(t, col) > 0) for col in FLAG_ACTIONS]
     idx = np.concatenate(hits).astype(np.int64)
     actions = np.repeat(np.array(list(FLAG_ACTIONS.values()), dtype=object), [len(h) for h in hits])
     events = pa.table(dict(media)).take(pa.array(idx))
-    return events.append_column("action", pa.array(actions, pa.string())).append_column(
+    events = events.append_column("action", pa.array(actions, pa.string())).append_column(
         "value", pa.nulls(len(idx), pa.float32())
     )
+    return events, idx
 
 
 def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table) -> pa.Table:
@@ -176,7 +179,8 @@ def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table) ->
 def _log_block(t: pa.Table, origin: str, j: _Join) -> tuple[Block, np.ndarray]:
     """One block of log rows -> implicit events, flag events, requests; plus the video ids not in the catalog.
 
-    An impression that validation drops (e.g. NaN dwell) takes its request with it."""
+    An impression that validation drops (e.g. NaN dwell), or that repeats an earlier log row of the block,
+    takes its request and its flag events with it."""
     media, rows = _media(t, j)
     duration = _durations(t, rows, j)
     play = _f64(t, "play_time_ms") / 1000.0
@@ -187,10 +191,13 @@ def _log_block(t: pa.Table, origin: str, j: _Join) -> tuple[Block, np.ndarray]:
             "dwell_time": pa.array(play.astype(np.float32), pa.float32(), mask=np.isnan(play)),
         }
     )
+    flags, flag_rows = _flag_events(media, t)
     block = Block(
-        {"implicit": implicit, "explicit": _flag_events(media, t), "requests": _requests(media, duration, t)},
+        {"implicit": implicit, "explicit": flags, "requests": _requests(media, duration, t)},
         {"implicit": origin, "explicit": f"{origin} (flag events)", "requests": f"{origin} (requests)"},
         requests_of="implicit",  # validated first: its records are the log rows, so errors point at them
+        explicit_of=flag_rows,
+        duplicates={"implicit": repeated_rows(t)},
     )
     vids = media["media_id"].fill_null(-1).to_numpy(zero_copy_only=False)
     return block, vids[(rows < 0) & (vids >= 0)]
