@@ -330,7 +330,8 @@ def write_parts(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`, with the policy's
-    ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set; ``simulated`` marks a dataset that a
+    ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set, and
+    ``labels_required`` (a request without a label is rejected); ``simulated`` marks a dataset that a
     simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
 
     ``overwrite`` replaces a dataset at ``out_url`` when the new one is complete (until then, and if the import
@@ -340,6 +341,7 @@ def write_parts(
     """
     if policy.ts_range is None:
         policy = replace(policy, ts_range=plausible_ts_range())
+    policy = replace(policy, labels_required=True)  # training refuses null labels: reject them here, named
     w = DatasetWriter(
         str(out_url),
         num_buckets=num_buckets,

@@ -104,11 +104,12 @@ class _Join:
     catalog: Catalog
     media_types: np.ndarray  # [I+1] object: media type of each catalog row; the last one for "not in catalog"
     tabs: Mapping[int, str]
+    max_watch_s: float  # label_watch_time is clamped like the impression's dwell time (policy.max_dwell_s)
 
     @classmethod
-    def build(cls, catalog: Catalog, tabs: Mapping[int, str]) -> _Join:
+    def build(cls, catalog: Catalog, tabs: Mapping[int, str], max_watch_s: float) -> _Join:
         types = [VIDEO_TYPES.get(str(v), "other") for v in catalog.video_type] + ["other"]
-        return cls(catalog, np.array(types, dtype=object), dict(tabs))
+        return cls(catalog, np.array(types, dtype=object), dict(tabs), float(max_watch_s))
 
     def take(self, values: np.ndarray, rows: np.ndarray, fill: float) -> np.ndarray:
         """``values[rows]`` of a catalog column, ``fill`` where the row is -1."""
@@ -166,12 +167,13 @@ def _flag_events(media: Mapping[str, pa.Array], t: pa.Table) -> tuple[pa.Table, 
     return events, idx
 
 
-def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table) -> pa.Table:
-    """One request per log row: the impression's media fields plus the :data:`LABELS`."""
+def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table, max_watch_s: float) -> pa.Table:
+    """One request per log row: the impression's media fields plus the :data:`LABELS` (a flag > 0 is 1.0, else
+    0.0; an empty flag is a null label, which validation rejects; the watch time is capped at ``max_watch_s``)."""
     cols = {**media, "video_duration": duration}
     for label, col in LABELS.items():
         x = _f64(t, col)
-        val = x / 1000.0 if col == "play_time_ms" else (x > 0).astype(np.float64)
+        val = np.minimum(x / 1000.0, max_watch_s) if col == "play_time_ms" else (x > 0).astype(np.float64)
         cols[label] = pa.array(val.astype(np.float32), pa.float32(), mask=np.isnan(x))
     return pa.table(cols)
 
@@ -193,7 +195,7 @@ def _log_block(t: pa.Table, origin: str, j: _Join) -> tuple[Block, np.ndarray]:
     )
     flags, flag_rows = _flag_events(media, t)
     block = Block(
-        {"implicit": implicit, "explicit": flags, "requests": _requests(media, duration, t)},
+        {"implicit": implicit, "explicit": flags, "requests": _requests(media, duration, t, j.max_watch_s)},
         {"implicit": origin, "explicit": f"{origin} (flag events)", "requests": f"{origin} (requests)"},
         requests_of="implicit",  # validated first: its records are the log rows, so errors point at them
         explicit_of=flag_rows,
@@ -245,7 +247,7 @@ def import_kuairand(
     bad = sorted({v for v in tabs.values() if v not in DEFAULT_SURFACES})
     if bad:
         raise MappingError(f"tab_surfaces: unknown surface(s) {', '.join(bad)}; valid: {', '.join(DEFAULT_SURFACES)}")
-    join = _Join.build(cat, tabs)
+    join = _Join.build(cat, tabs, policy.max_dwell_s)
     counts = {"log_rows": 0, "rows_not_in_catalog": 0}
     missing: set[int] = set()
 
