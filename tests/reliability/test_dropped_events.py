@@ -56,6 +56,8 @@ def _assert_every_request_has_its_event(url: str, kind: str, label: str) -> pa.T
         ((2, 2, 7.0, 1_600_001_004), 7.0, "out_of_range"),
         ((2, 2, 0.0, 1_600_001_004), 0.0, "out_of_range"),
         ((2, 2, -1.0, 1_600_001_004), -1.0, "out_of_range"),
+        ((2, 2, 400.0, 1_600_001_004), 400.0, "out_of_range"),  # the examples
+        ((2, 2, -3.0, 1_600_001_004), -3.0, "out_of_range"),
     ],
 )
 def test_movielens_bad_rating_is_named_and_takes_its_request(
