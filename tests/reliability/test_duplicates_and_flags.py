@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from dv365.core.catalog import default_data_dir
-from dv365.core.errors import TimelineError
+from dv365.core.errors import DatasetError, TimelineError
 from dv365.core.importers import import_generic, import_kuairand, import_movielens
 from dv365.core.importers.common import repeated_rows
 from dv365.core.timeline import DatasetWriter, TimelineDataset
@@ -163,3 +163,9 @@ def test_writer_checks_explicit_of(tmp_path: Path) -> None:
             explicit_of=np.array([0]),
         )
     assert TimelineDataset(str(tmp_path / "ds")).read_table("explicit").num_rows == 1
+
+
+def test_kuairand_log_given_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"log_fixture\.csv: given more than once"):
+        import_kuairand([str(LOG), str(LOG)], str(tmp_path / "out"), catalog=CATALOG)
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from dv365.core.catalog import Catalog, load_kuairand_catalog
+from dv365.core.errors import DatasetError
 from dv365.core.importers.common import (
     Block,
     ImportSummary,
@@ -232,7 +233,8 @@ def import_kuairand(
         overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Raises:
-        DatasetError: a missing file, a missing log column (named, with the file), an unparsable value.
+        DatasetError: a missing file, a missing log column (named, with the file), an unparsable value, a file
+            given twice.
         MappingError: ``tab_surfaces`` names a surface outside the vocabulary.
         TimelineError: a record the writer's validation rejects (names file, record, user, field, value).
 
@@ -242,6 +244,9 @@ def import_kuairand(
         s.log_rows, s.implicit_events, s.rows_not_in_catalog
     """
     files = [str(log_files)] if isinstance(log_files, (str, os.PathLike)) else [str(f) for f in log_files]
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise DatasetError(f"{', '.join(twice)}: given more than once (its rows would be imported twice)")
     cat = catalog if isinstance(catalog, Catalog) else load_kuairand_catalog(catalog)
     tabs = dict(DEFAULT_TAB_SURFACES if tab_surfaces is None else tab_surfaces)
     bad = sorted({v for v in tabs.values() if v not in DEFAULT_SURFACES})
