@@ -493,7 +493,7 @@ def test_generic_mapping_errors(tmp_path: Path) -> None:
 
 def test_generic_bad_value_names_field_and_user(tmp_path: Path) -> None:
     f = tmp_path / "views.csv"
-    f.write_text("uid,time,item,dwell\n1,100,5,2.5\n2,101,5,abc\n")
+    f.write_text("uid,time,item,dwell\n1,1600000100,5,2.5\n2,1600000101,5,abc\n")
     with pytest.raises(TimelineError) as e:
         import_generic(
             str(f),
@@ -526,7 +526,7 @@ def test_cli_generic_with_mapping_file(tmp_path: Path, capsys: pytest.CaptureFix
     from dv365.core.cli import main
 
     f = tmp_path / "likes.csv"
-    f.write_text("uid,time,item\n1,1000,5\n2,2000,6\n")
+    f.write_text("uid,time,item\n1,1600000001000,5\n2,1600000002000,6\n")
     m = tmp_path / "map.yaml"
     m.write_text("kind: explicit\nmap: {user_id: uid, ts: time}\nconst: {action: like}\ntime_unit: ms\n")
     out = tmp_path / "ds"
@@ -548,8 +548,8 @@ def test_cli_generic_with_mapping_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert rc == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("imported generic:likes.csv")
     assert [(r["user_id"], r["ts"], r["surface"]) for r in _rows(str(out), "explicit")] == [
-        (1, 1, "feed"),
-        (2, 2, "feed"),
+        (1, 1_600_000_001, "feed"),
+        (2, 1_600_000_002, "feed"),
     ]
     assert (
         main(["import", "generic", str(f), "--out", str(tmp_path / "y"), "--kind", "explicit", "--map", "user_id"]) == 1

@@ -33,7 +33,7 @@ def _movielens(d: Path, ratings: list[tuple[object, ...]]) -> Path:
     return d
 
 
-GOOD = [(1, 1, 4.0, 1000), (1, 2, 0.5, 1001), (2, 1, 5.0, 1002), (3, 2, 2.5, 1003)]
+GOOD = [(1, 1, 4.0, 1_600_001_000), (1, 2, 0.5, 1_600_001_001), (2, 1, 5.0, 1_600_001_002), (3, 2, 2.5, 1_600_001_003)]
 
 
 def _keys(t: pa.Table) -> list[tuple[int, int, int]]:
@@ -51,11 +51,13 @@ def _assert_every_request_has_its_event(url: str, kind: str, label: str) -> pa.T
 @pytest.mark.parametrize(
     "bad, field_value, reason",
     [
-        ((2, 2, "", 1004), None, "missing"),
-        ((2, 2, "nan", 1004), None, "missing"),  # the CSV reader reads "nan" as empty
-        ((2, 2, 7.0, 1004), 7.0, "out_of_range"),
-        ((2, 2, 0.0, 1004), 0.0, "out_of_range"),
-        ((2, 2, -1.0, 1004), -1.0, "out_of_range"),
+        ((2, 2, "", 1_600_001_004), None, "missing"),
+        ((2, 2, "nan", 1_600_001_004), None, "missing"),  # the CSV reader reads "nan" as empty
+        ((2, 2, 7.0, 1_600_001_004), 7.0, "out_of_range"),
+        ((2, 2, 0.0, 1_600_001_004), 0.0, "out_of_range"),
+        ((2, 2, -1.0, 1_600_001_004), -1.0, "out_of_range"),
+        ((2, 2, 400.0, 1_600_001_004), 400.0, "out_of_range"),  # the examples
+        ((2, 2, -3.0, 1_600_001_004), -3.0, "out_of_range"),
     ],
 )
 def test_movielens_bad_rating_is_named_and_takes_its_request(

@@ -23,14 +23,16 @@ def _csv(path: Path, header: str, rows: list[str]) -> Path:
 
 
 def test_big_ids_stay_distinct_and_exact(tmp_path: Path) -> None:
-    f = _csv(tmp_path / "ev.csv", "uid,time,item", [f"{BIG},100,1", f"{BIG - 1},100,1", "7,100,1"])
+    f = _csv(tmp_path / "ev.csv", "uid,time,item", [f"{BIG},1600000100,1", f"{BIG - 1},1600000100,1", "7,1600000100,1"])
     s = import_generic(f, str(tmp_path / "ds"), kind="explicit", mapping=MAP, constants=CONST)
     assert s.users == 3
     assert TimelineDataset(str(tmp_path / "ds")).user_ids().tolist() == [7, BIG - 1, BIG]
 
 
 def test_a_non_integer_id_is_named_and_does_not_merge_users(tmp_path: Path) -> None:
-    f = _csv(tmp_path / "ev.csv", "uid,time,item", [f"{BIG},100,1", f"{BIG - 1},100,1", "5.0,100,1"])
+    f = _csv(
+        tmp_path / "ev.csv", "uid,time,item", [f"{BIG},1600000100,1", f"{BIG - 1},1600000100,1", "5.0,1600000100,1"]
+    )
     with pytest.raises(TimelineError) as e:
         import_generic(f, str(tmp_path / "ds"), kind="explicit", mapping=MAP, constants=CONST)
     assert (e.value.record, e.value.field, e.value.value, e.value.reason) == (2, "user_id", "5.0", "not_an_integer")
@@ -43,7 +45,7 @@ def test_a_non_integer_id_is_named_and_does_not_merge_users(tmp_path: Path) -> N
 
 
 def test_big_media_ids_exact_beside_a_bad_one(tmp_path: Path) -> None:
-    f = _csv(tmp_path / "ev.csv", "uid,time,item", [f"1,100,{BIG}", f"1,101,{BIG - 1}", "1,102,x"])
+    f = _csv(tmp_path / "ev.csv", "uid,time,item", [f"1,1600000100,{BIG}", f"1,1600000101,{BIG - 1}", "1,1600000102,x"])
     import_generic(
         f, str(tmp_path / "ds"), kind="explicit", mapping=MAP, constants=CONST, policy=ValidationPolicy(on_error="drop")
     )
@@ -102,12 +104,35 @@ def test_float_id_column_beyond_2_53_is_rejected_not_merged(tmp_path: Path) -> N
 
     f = tmp_path / "ev.parquet"
     ids = [float(2**53), float(2**53 + 2), 7.0]  # 2**53 + 2 is a float; as ids they may stand for merged users
-    pq.write_table(pa.table({"uid": ids, "time": [100, 101, 102], "item": [1, 1, 1]}), f)
+    pq.write_table(pa.table({"uid": ids, "time": [1_600_000_100, 1_600_000_101, 1_600_000_102], "item": [1, 1, 1]}), f)
     with pytest.raises(TimelineError) as e:
         import_generic(f, str(tmp_path / "ds"), kind="explicit", mapping=MAP, constants=CONST)
     assert (e.value.record, e.value.field, e.value.reason) == (1, "user_id", "not_an_integer")
     assert "source column 'uid'" in str(e.value)
     ok = tmp_path / "ok.parquet"
-    pq.write_table(pa.table({"uid": [5.0, 7.0], "time": [100, 101], "item": [1, 1]}), ok)
+    pq.write_table(pa.table({"uid": [5.0, 7.0], "time": [1_600_000_100, 1_600_000_101], "item": [1, 1]}), ok)
     s = import_generic(ok, str(tmp_path / "ok"), kind="explicit", mapping=MAP, constants=CONST)
     assert s.users == 2
+
+
+def test_value_range_rejects_ratings_off_the_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dv365.core.cli import main
+    from dv365.core.importers.common import MappingError
+
+    f = _csv(tmp_path / "r.csv", "uid,time,item,stars", ["1,1600000100,1,4", "2,1600000101,1,400", "3,1600000102,1,-3"])
+    mapping = {**MAP, "value": "stars"}
+    with pytest.raises(TimelineError) as e:
+        import_generic(f, str(tmp_path / "a"), kind="explicit", mapping=mapping, constants=CONST, value_range=(1, 5))
+    assert str(e.value) == "r.csv, record 1, user 2: field 'value' = 400.0: out_of_range (source column 'stars')"
+    s = import_generic(f, str(tmp_path / "b"), kind="explicit", mapping=mapping, constants=CONST)
+    assert s.explicit_events == 3  # no scale given: any number
+    with pytest.raises(MappingError, match="value_range .* needs explicit events with a value column"):
+        import_generic(f, str(tmp_path / "c"), kind="explicit", mapping=MAP, constants=CONST, value_range=(1, 5))
+    args = ["import", "generic", str(f), "--kind", "explicit", "--const", "action=like", "--on-error", "drop"]
+    args += [f"--map={k}={v}" for k, v in mapping.items()]
+    assert main([*args, "--out", str(tmp_path / "d"), "--value-range", "1,5"]) == 0
+    assert "dropped value:out_of_range: 2" in capsys.readouterr().out
+    assert TimelineDataset(str(tmp_path / "d")).read_table("explicit").column("value").to_pylist() == [4.0]
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "e"), "--value-range", "5,1"])
+    assert "--value-range: expected LO,HI with LO <= HI" in capsys.readouterr().err

@@ -74,13 +74,15 @@ def test_cli_overwrite_with_bad_input_keeps_the_old_dataset(tmp_path: Path, caps
     bad.mkdir()
     (bad / "movies.csv").write_text("movieId,title,genres\n1,A (1990),Drama\n")
     with (bad / "ratings.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([["userId", "movieId", "rating", "timestamp"], [1, 1, 4.0, 1000], [2, 1, 9.0, 1001]])
+        csv.writer(f).writerows(
+            [["userId", "movieId", "rating", "timestamp"], [1, 1, 4.0, 1600001000], [2, 1, 9.0, 1600001001]]
+        )
     assert main(["import", "movielens", str(bad), "--out", out, "--overwrite"]) == 1
     assert "field 'value' = 9.0: out_of_range" in capsys.readouterr().err
     assert _state(out) == before
     assert main(["import", "movielens", str(tmp_path / "missing"), "--out", out, "--overwrite"]) == 1
     assert _state(out) == before
-    (bad / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1000\n")
+    (bad / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1600001000\n")
     assert main(["import", "movielens", str(bad), "--out", out, "--overwrite"]) == 0
     assert _state(out) == ([1], 1)
 

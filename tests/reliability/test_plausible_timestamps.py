@@ -1,5 +1,6 @@
-"""Import-time plausibility of timestamps (item 7): 0 and beyond now + 1 day are rejected, and
-milliseconds given as seconds are named as such ("milliseconds?")."""
+"""Import-time plausibility of timestamps (item 7): before 1990-01-01 (0, a line cut inside its time) and
+beyond now + 1 day (int64 max, microseconds) are rejected, and milliseconds given as seconds are named as
+such ("milliseconds?")."""
 
 from __future__ import annotations
 
@@ -33,9 +34,13 @@ def _ml(d: Path, ratings: list[tuple[object, ...]]) -> Path:
 @pytest.mark.parametrize(
     "ts, reason, text",
     [
-        (0, "implausible_timestamp", "plausible: 1 to"),
+        (0, "implausible_timestamp", "plausible: 631152000 (1990-01-01) to"),
+        (1107, "implausible_timestamp", "plausible: 631152000 (1990-01-01) to"),  # a line cut inside its time
+        (631_151_999, "implausible_timestamp", "plausible: 631152000 (1990-01-01) to"),
         (int(time.time()) + 2 * 86_400, "implausible_timestamp", "(now + 1 day)"),
         (1_700_000_000_123, "milliseconds", "milliseconds?"),
+        (1_700_000_000_123_456, "implausible_timestamp", "(now + 1 day)"),  # microseconds: not "milliseconds?"
+        (2**63 - 1, "implausible_timestamp", "(now + 1 day)"),
     ],
 )
 def test_movielens_implausible_timestamp_is_named(tmp_path: Path, ts: int, reason: str, text: str) -> None:
@@ -74,5 +79,16 @@ def test_bounds_are_opt_in_outside_the_importers(tmp_path: Path) -> None:
         w.add(explicit=t)
     with pytest.raises(TimelineError, match="implausible_timestamp"):
         validate_table(t, "explicit", Vocabulary(), ValidationPolicy(ts_range=plausible_ts_range()))
-    lo, hi = plausible_ts_range(now=1_000_000)
-    assert (lo, hi) == (1, 1_086_400)
+    assert plausible_ts_range(now=1_700_000_000) == (631_152_000, 1_700_086_400)
+    assert plausible_ts_range(now=1_000_000, earliest=1) == (1, 1_086_400)
+
+
+def test_movielens_line_cut_inside_its_time_is_rejected(tmp_path: Path) -> None:
+    d = _ml(tmp_path / "ml", [(7, 1, 2.0, 1107136000)])
+    with (d / "ratings.csv").open("a") as f:
+        f.write("7,1,2.0,1107")  # the last line cut inside its time (no line end)
+    with pytest.raises(TimelineError, match=r"ratings.csv, record 1, user 7: field 'ts' = 1107: implausible_timestamp"):
+        import_movielens(d, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "_dataset.json").exists()
+    s = import_movielens(d, str(tmp_path / "drop"), policy=ValidationPolicy(on_error="drop"))
+    assert s.explicit_events == 1 and "dropped ts:implausible_timestamp: 1" in s.validation

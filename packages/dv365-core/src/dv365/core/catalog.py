@@ -8,7 +8,10 @@ from it and the KuaiRand log importer joins logs with it.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +23,59 @@ from dv365.core.errors import DatasetError
 KUAIRAND_VIDEO_FILE = "video_features_basic_pure.csv"
 
 
-def default_data_dir() -> Path:
-    """The shipped data folder: ``$DV365_DATA_DIR``, else the first ``shared/data`` found next to or
-    above the current directory (the project layout puts it beside the repository)."""
-    env = os.environ.get("DV365_DATA_DIR")
+DATA_DIR_ENV = "DV365_DATA_DIR"
+_HOW_TO_PASS = (
+    f"set {DATA_DIR_ENV} to the shipped data folder (the one holding kuairand-pure-catalog/ and "
+    "movielens-latest-small/), or pass the data explicitly: --catalog DIR (dv365 import kuairand, dv365 synth; the "
+    "folder holding video_features_basic_pure.csv) or the MovieLens folder's path"
+)
+
+
+def installed_location() -> Path:
+    """The folder of the installed ``dv365.core`` package (``importlib.resources``; an editable install's is
+    inside the repository, so the shipped data beside the repository is found from it)."""
+    return Path(str(resources.files("dv365.core")))
+
+
+def find_data_dir(env: str | None, starts: Sequence[Path]) -> Path:
+    """The shipped data folder: ``env`` (the value of ``$DV365_DATA_DIR``) if given, which must be a folder;
+    else the first ``shared/data`` holding a ``README.md`` next to or above one of ``starts``, in order, then
+    ``<sys.prefix>/share/dv365/data``.
+
+    Raises:
+        DatasetError: ``env`` is not a folder, or no data folder is found; the message names
+            ``DV365_DATA_DIR`` and ``--catalog``.
+    """
     if env:
-        return Path(env)
-    here = Path.cwd().resolve()
-    for d in [here, *here.parents]:
-        for cand in (d / "shared" / "data", d.parent / "shared" / "data"):
-            if (cand / "README.md").exists():
-                return cand
-    raise DatasetError("shipped data folder not found: set DV365_DATA_DIR or pass the path explicitly")
+        p = Path(env).expanduser()
+        if not p.is_dir():
+            raise DatasetError(f"{DATA_DIR_ENV}={env}: not a folder; {_HOW_TO_PASS}")
+        return p
+    for start in starts:
+        for d in [start, *start.parents]:
+            for cand in (d / "shared" / "data", d.parent / "shared" / "data"):
+                if (cand / "README.md").is_file():
+                    return cand
+    prefix = Path(sys.prefix) / "share" / "dv365" / "data"
+    if (prefix / "README.md").is_file():
+        return prefix
+    looked = ", ".join(str(s) for s in starts)
+    raise DatasetError(
+        f"shipped data folder not found ({DATA_DIR_ENV} is not set; no shared/data next to or above {looked}, "
+        f"none in {prefix}): {_HOW_TO_PASS}"
+    )
+
+
+def default_data_dir() -> Path:
+    """The shipped data folder: ``$DV365_DATA_DIR``, else the first ``shared/data`` found next to or above the
+    current directory, then next to or above the installed location of ``dv365.core`` (the project layout puts
+    it beside the repository), then ``<sys.prefix>/share/dv365/data`` (:func:`find_data_dir`).
+
+    Raises:
+        DatasetError: not found, or ``$DV365_DATA_DIR`` is not a folder; the message says how to pass the data
+            (``DV365_DATA_DIR``, ``--catalog``).
+    """
+    return find_data_dir(os.environ.get(DATA_DIR_ENV), [Path.cwd().resolve(), installed_location().resolve()])
 
 
 @dataclass(frozen=True)
@@ -76,7 +120,9 @@ def load_kuairand_catalog(path: str | os.PathLike[str] | None = None) -> Catalog
     folder = Path(path) if path is not None else default_data_dir() / "kuairand-pure-catalog"
     f = folder / KUAIRAND_VIDEO_FILE if folder.is_dir() else folder
     if not f.exists():
-        raise DatasetError(f"KuaiRand catalog not found: {f}")
+        raise DatasetError(
+            f"KuaiRand catalog not found: {f} (pass --catalog DIR, the folder holding {KUAIRAND_VIDEO_FILE})"
+        )
     t = pacsv.read_csv(
         f, convert_options=pacsv.ConvertOptions(column_types={"tag": pa.string(), "video_type": pa.string()})
     )

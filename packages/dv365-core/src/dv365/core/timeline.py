@@ -431,6 +431,7 @@ class DatasetWriter:
         self.policy = policy
         self.flush_rows = flush_rows
         self.report: dict[str, ValidationReport] = {k: ValidationReport() for k in ("explicit", "implicit", "requests")}
+        self.duplicates: dict[str, int] = {}  # valid records dropped as repeats of an earlier input row, by kind
         self._buf: dict[tuple[str, int], list[pa.Table]] = {}
         self._buf_rows = 0
         self._run = run_id or uuid.uuid4().hex[:8]
@@ -518,6 +519,8 @@ class DatasetWriter:
         *,
         source: str | Mapping[str, str] | None = None,
         requests_of: str | None = None,
+        explicit_of: np.ndarray | None = None,
+        duplicates: Mapping[str, np.ndarray] | None = None,
         policy: ValidationPolicy | None = None,
     ) -> None:
         """Validates and buffers tables of events (any order, any users).
@@ -528,6 +531,13 @@ class DatasetWriter:
             requests_of: ``"explicit"`` or ``"implicit"``: request row ``i`` was made from row ``i`` of that
                 table (same length), so a record validation drops there takes its request with it (counted in
                 the requests report as ``<kind>_event:dropped``); that table is validated first.
+            explicit_of: with ``requests_of="implicit"``: explicit row ``j`` was made from implicit row
+                ``explicit_of[j]`` (e.g. a like flag of an impression), so it goes when that row goes (counted in
+                the explicit report as ``implicit_event:dropped``).
+            duplicates: ``{kind: [n] bool}``: rows of that table that repeat an earlier input row. They are
+                validated like the others (so record numbers stay those of the input); those validation keeps
+                are then dropped, counted in :attr:`duplicates` and in the report as ``row:duplicate``, and take
+                their requests / explicit rows along.
             policy: this call's validation policy (default: the writer's; its ``on_error`` should match).
         """
         policy = policy or self.policy
@@ -540,12 +550,18 @@ class DatasetWriter:
             if (ev.num_rows if ev is not None else 0) != (rq.num_rows if rq is not None else 0):
                 raise ValueError(f"requests_of={requests_of!r}: the {requests_of} and requests tables differ in length")
             order = [requests_of] + [k for k in order if k != requests_of]
+        if explicit_of is not None and (
+            requests_of != "implicit" or explicit is None or len(explicit_of) != len(explicit)
+        ):
+            raise ValueError("explicit_of needs requests_of='implicit' and one implicit row per explicit row")
         for kind in order:
             t = tables[kind]
             if t is None or t.num_rows == 0:
                 continue
             if kind == "requests" and requests_of is not None:
-                t = self._drop_orphans(t, requests_of)
+                t = self._drop_orphans(t, requests_of, "requests", None)
+            if kind == "explicit" and explicit_of is not None:
+                t = self._drop_orphans(t, "implicit", "explicit", np.asarray(explicit_of, dtype=np.int64))
             name = source.get(kind, kind) if isinstance(source, Mapping) else (source or kind)
             clean, kept = validate_rows(
                 t,
@@ -555,22 +571,33 @@ class DatasetWriter:
                 source=name,
                 report=self.report[kind],
             )
+            repeats = (duplicates or {}).get(kind)
+            if repeats is not None:
+                repeats = np.asarray(repeats, dtype=bool) & kept
+                if repeats.any():
+                    clean = clean.filter(pa.array(~repeats[kept]))
+                    kept = kept & ~repeats
+                    n, rep = int(repeats.sum()), self.report[kind]
+                    self.duplicates[kind] = self.duplicates.get(kind, 0) + n
+                    rep.records_out -= n
+                    rep.dropped["row:duplicate"] = rep.dropped.get("row:duplicate", 0) + n
             if kind == requests_of:
                 self._kept_events = kept
             self._buffer(kind, clean)
         if self._buf_rows >= self.flush_rows:
             self.flush()
 
-    def _drop_orphans(self, requests: pa.Table, events_kind: str) -> pa.Table:
-        """The requests whose event row was kept by the last validation of ``events_kind`` (the rest counted)."""
-        kept = self._kept_events
+    def _drop_orphans(self, rows: pa.Table, events_kind: str, kind: str, source_rows: np.ndarray | None) -> pa.Table:
+        """The ``kind`` rows whose event row (``source_rows``, default: the same row) was kept by the last
+        validation of ``events_kind``; the rest are counted in the ``kind`` report."""
+        kept = self._kept_events if source_rows is None else self._kept_events[source_rows]
         dropped = int((~kept).sum())
         if not dropped:
-            return requests
-        self.report["requests"].merge(
+            return rows
+        self.report[kind].merge(
             ValidationReport(records_in=dropped, records_out=0, dropped={f"{events_kind}_event:dropped": dropped})
         )
-        return requests.filter(pa.array(kept))
+        return rows.filter(pa.array(kept))
 
     def _buffer(self, kind: str, clean: pa.Table) -> None:
         buckets = user_bucket(clean.column("user_id").to_numpy(), self.meta.num_buckets)

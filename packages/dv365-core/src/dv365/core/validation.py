@@ -70,6 +70,7 @@ MAX_ID = np.iinfo(np.int64).max
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MS_THRESHOLD = 100_000_000_000  # 1e11 s is the year 5138; 1e11 ms is 1973: above it, seconds are milliseconds
 DAY_S = 86_400
+EARLIEST_TS = 631_152_000  # 1990-01-01 00:00 UTC: the earliest time the importers accept
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _MAX_EXAMPLES = 10
 
@@ -85,11 +86,14 @@ class ValidationPolicy:
         max_duration_s: video durations above this are clamped to it (default 24 h).
         max_topics: topic ids beyond this many per event are dropped (first ones kept).
         max_events: a timeline longer than this is rejected (default 10M; the paper's max is 70K).
-        ts_range: ``(lo, hi)``: plausible timestamps (unix s; the importers use ``(1, now + 1 day)``). Outside is
+        ts_range: ``(lo, hi)``: plausible timestamps (unix s; the importers use ``(1990-01-01, now + 1 day)``,
+            :func:`plausible_ts_range`). Outside is
             rejected: ``implausible_timestamp``, or ``milliseconds`` for a value above :data:`MS_THRESHOLD`
             (a time in milliseconds given as seconds). ``None``: no check.
         value_range: ``(lo, hi)``: the explicit ``value`` is required and must lie in ``[lo, hi]`` (a rating
             scale; missing -> ``missing``, NaN -> ``nan``, outside -> ``out_of_range``). ``None``: optional, any.
+        labels_required: every ``label_*`` of a request must hold a number: missing -> ``missing``, NaN ->
+            ``nan`` (rejected) instead of a null label (training refuses null labels; the importers set it).
     """
 
     on_error: Literal["raise", "drop"] = "raise"
@@ -100,6 +104,7 @@ class ValidationPolicy:
     max_events: int = 10_000_000
     ts_range: tuple[int, int] | None = None
     value_range: tuple[float, float] | None = None
+    labels_required: bool = False
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "drop"):
@@ -336,8 +341,9 @@ class _Checker:
         with np.errstate(over="ignore"):  # huge negatives are rejected anyway
             self.out[name] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=None if required else nulls)
 
-    def floats(self, name: str) -> None:
-        """``value`` / ``label_*``: optional float32; NaN -> null (clamped); infinite or beyond float32 rejected."""
+    def floats(self, name: str, required: bool = False) -> None:
+        """``value`` / ``label_*``: float32; infinite or beyond float32 rejected; missing and NaN: null (NaN
+        counted as clamped), or, if ``required``, rejected (``missing`` / ``nan``)."""
         vals_raw, nulls, raw = self.column(name)
         vals, notnum = _float_column(vals_raw, nulls)
         self.add(name, notnum, "not_a_number", raw)
@@ -346,7 +352,11 @@ class _Checker:
             self.add(name, np.isinf(vals), "infinite", raw)
             self.add(name, np.isfinite(vals) & (np.abs(vals) > FLOAT32_MAX), "out_of_range", raw)
             vals = np.where(np.abs(vals) <= FLOAT32_MAX, vals, 0.0)
-        self.clamp(f"{name}:null", nan)
+        if required:
+            self.add(name, nulls, "missing", raw)
+            self.add(name, nan, "nan", raw)
+        else:
+            self.clamp(f"{name}:null", nan)
         self.out[name] = pa.array(vals.astype(np.float32), type=pa.float32(), mask=nulls | notnum | nan)
 
     def in_range(self, name: str, lo: float, hi: float) -> None:
@@ -477,7 +487,7 @@ def validate_rows(
         if policy.value_range is not None:
             chk.in_range("value", float(policy.value_range[0]), float(policy.value_range[1]))
     for name in labels:
-        chk.floats(name)
+        chk.floats(name, required=policy.labels_required)
 
     bad, firsts = chk.first_failures()
     if policy.on_error == "raise" and bad.any():
@@ -491,19 +501,27 @@ def validate_rows(
     return result, ~bad
 
 
-def plausible_ts_range(now: float | None = None) -> tuple[int, int]:
-    """The timestamps an importer accepts (unix s): after the epoch's first second, at most a day from now."""
-    return 1, int(time.time() if now is None else now) + DAY_S
+def plausible_ts_range(now: float | None = None, earliest: int | None = None) -> tuple[int, int]:
+    """The timestamps an importer accepts (unix s): from ``earliest`` (default :data:`EARLIEST_TS`, 1990-01-01:
+    before any web interaction log; a line cut inside its time, ``…,1107`` for ``…,1107…``, falls before it)
+    to a day from now."""
+    return EARLIEST_TS if earliest is None else int(earliest), int(time.time() if now is None else now) + DAY_S
 
 
 def _plausible_ts(chk: _Checker, ts: np.ndarray, ok: np.ndarray, bounds: tuple[int, int]) -> None:
-    """Rejects timestamps outside ``bounds``; those above :data:`MS_THRESHOLD` as (probably) milliseconds."""
+    """Rejects timestamps outside ``bounds``; those above :data:`MS_THRESHOLD` that are plausible as
+    milliseconds as ``milliseconds`` (a time in milliseconds given as seconds), the others (``2**63 - 1``, a
+    time in microseconds) as ``implausible_timestamp``."""
     lo, hi = int(bounds[0]), int(bounds[1])
-    ms = ok & (ts > max(hi, MS_THRESHOLD))
+    ms = ok & (ts > max(hi, MS_THRESHOLD)) & (ts // 1000 <= hi)
     chk.add("ts", ms, "milliseconds", chk.raw.get("ts"))
     chk.add("ts", ok & ~ms & ((ts < lo) | (ts > hi)), "implausible_timestamp", chk.raw.get("ts"))
     chk.details["ts:milliseconds"] = "milliseconds? a time in seconds above 1e11 is after the year 5000"
-    chk.details["ts:implausible_timestamp"] = f"plausible: {lo} to {hi} (now + 1 day)"
+    chk.details["ts:implausible_timestamp"] = f"plausible: {lo} ({_utc(lo)}) to {hi} (now + 1 day)"
+
+
+def _utc(ts: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts)) if 0 <= ts < 253402300800 else str(ts)
 
 
 def _topics(col: pa.Array | None, chk: _Checker, max_topics: int) -> pa.Array:

@@ -8,6 +8,7 @@ are imported inside the handlers so ``dv365 --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,6 +112,18 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
     return n
+
+
+def _value_range(text: str) -> tuple[float, float]:
+    """An argparse type: ``LO,HI`` with finite LO <= HI."""
+    lo, sep, hi = text.partition(",")
+    try:
+        pair = (float(lo), float(hi)) if sep else None
+    except ValueError:
+        pair = None
+    if pair is None or not all(math.isfinite(v) for v in pair) or pair[0] > pair[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with LO <= HI, e.g. 1,5; got {text!r}")
+    return pair
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -240,6 +253,14 @@ def _add_generic(isub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="SEP",
         help="separator of topic ids given as one string, e.g. '|' (default: ',')",
     )
+    p.add_argument(
+        "--value-range",
+        type=_value_range,
+        default=None,
+        metavar="LO,HI",
+        help="explicit events: the value (e.g. a rating) is required and must lie in [LO, HI], e.g. 1,5; a value "
+        "outside is a bad record (default: any number, or none)",
+    )
     _add_common(p)
     p.set_defaults(func=_run_generic)
 
@@ -350,6 +371,7 @@ def _run_generic(args: argparse.Namespace) -> int:
         time_unit=pick("time_unit", "s"),
         duration_unit=pick("duration_unit", "s"),
         list_sep=pick("list_sep", ","),
+        value_range=args.value_range,
         num_buckets=args.buckets,
         policy=_policy(args),
         source=args.source,

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from dv365.core.catalog import Catalog
@@ -41,19 +42,34 @@ class Block:
         requests_of: request row ``i`` was made from row ``i`` of this kind's table: a record that validation
             drops there takes its request with it (never a request without its event).
         value_range: the explicit ``value`` must lie in it (see :class:`ValidationPolicy`), e.g. a rating scale.
+        explicit_of: with ``requests_of="implicit"``: the implicit row each explicit row was made from (KuaiRand's
+            flag events of an impression): it goes when its impression goes.
+        duplicates: ``{kind: [n] bool}``: rows of that table made from an input row that repeats an earlier one
+            of the block (:func:`repeated_rows`); the writer drops them after validation and counts them.
     """
 
     tables: Mapping[str, pa.Table]
     origins: Mapping[str, str]
     requests_of: str | None = None
     value_range: tuple[float, float] | None = None
+    explicit_of: np.ndarray | None = None
+    duplicates: Mapping[str, np.ndarray] | None = None
 
 
 class MappingError(Dv365Error, ValueError):
     """A column mapping is unusable (unknown UniTi field, missing required field, bad unit...)."""
 
 
-_BASE_FIELDS = ("source", "url", "users", "explicit_events", "implicit_events", "requests", "validation")
+_BASE_FIELDS = (
+    "source",
+    "url",
+    "users",
+    "explicit_events",
+    "implicit_events",
+    "requests",
+    "duplicate_rows",
+    "validation",
+)
 
 
 @dataclass
@@ -67,6 +83,8 @@ class ImportSummary:
         explicit_events: explicit events written (after validation).
         implicit_events: implicit events written (after validation).
         requests: request rows written (after validation).
+        duplicate_rows: input rows dropped because they repeat an earlier row exactly (every column the importer
+            reads; see docs/importers.md), with the events and requests made from them.
         validation: the writer's validation summary, one clause per table kind.
 
     Example::
@@ -82,6 +100,7 @@ class ImportSummary:
     explicit_events: int = 0
     implicit_events: int = 0
     requests: int = 0
+    duplicate_rows: int = 0
     validation: str = ""
 
     @property
@@ -103,6 +122,7 @@ class ImportSummary:
         parts = [f"{self.users:,} users"] + [f"{v:,} {k.replace('_', ' ')}" for k, v in self.counts().items()]
         parts.append(f"{self.events:,} events ({self.explicit_events:,} explicit, {self.implicit_events:,} implicit)")
         parts.append(f"{self.requests:,} requests")
+        parts.append(f"{self.duplicate_rows:,} duplicate rows dropped")
         return f"imported {self.source} -> {self.url}: {', '.join(parts)}; validation: {self.validation or 'n/a'}"
 
 
@@ -264,6 +284,27 @@ def block_origin(name: str, first_row: int) -> str:
     return name if first_row == 0 else f"{name} [rows {first_row:,}+]"
 
 
+def repeated_rows(t: pa.Table) -> np.ndarray:
+    """``[n] bool``: rows equal in every column to an earlier row of ``t`` (nulls equal nulls, NaN equals NaN);
+    the first of each group of equal rows is not marked. List columns are compared by their elements."""
+    n = t.num_rows
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    keys: dict[str, pa.Array] = {}
+    for i, col in enumerate(t.columns):
+        arr = col.combine_chunks()
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            arr = pc.binary_join(arr.cast(pa.list_(pa.string())), ",")
+        keys[f"k{i}"] = arr
+    keys["row"] = pa.array(np.arange(n, dtype=np.int64))
+    first = pa.table(keys).group_by([k for k in keys if k != "row"], use_threads=False).aggregate([("row", "min")])
+    out = np.ones(n, dtype=bool)
+    out[first.column("row_min").to_numpy()] = False
+    return out
+
+
 def gather_topics(catalog: Catalog, rows: np.ndarray) -> pa.ListArray:
     """Topic-id lists of catalog ``rows`` (as from :meth:`Catalog.index_of`); row -1 gives an empty list."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -289,7 +330,8 @@ def write_parts(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`, with the policy's
-    ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set; ``simulated`` marks a dataset that a
+    ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set, and
+    ``labels_required`` (a request without a label is rejected); ``simulated`` marks a dataset that a
     simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
 
     ``overwrite`` replaces a dataset at ``out_url`` when the new one is complete (until then, and if the import
@@ -299,6 +341,7 @@ def write_parts(
     """
     if policy.ts_range is None:
         policy = replace(policy, ts_range=plausible_ts_range())
+    policy = replace(policy, labels_required=True)  # training refuses null labels: reject them here, named
     w = DatasetWriter(
         str(out_url),
         num_buckets=num_buckets,
@@ -311,7 +354,14 @@ def write_parts(
     for item in parts:
         if isinstance(item, Block):
             block_policy = policy if item.value_range is None else replace(policy, value_range=item.value_range)
-            w.add(**item.tables, source=item.origins, requests_of=item.requests_of, policy=block_policy)
+            w.add(
+                **item.tables,
+                source=item.origins,
+                requests_of=item.requests_of,
+                explicit_of=item.explicit_of,
+                duplicates=item.duplicates,
+                policy=block_policy,
+            )
             continue
         kind, table, origin = item
         w.add(**{kind: table}, source=origin)
@@ -323,5 +373,6 @@ def write_parts(
         "explicit_events": int(stats.get("explicit_events", 0)),
         "implicit_events": int(stats.get("implicit_events", 0)),
         "requests": w.report["requests"].records_out,
+        "duplicate_rows": sum(w.duplicates.values()),
         "validation": "; ".join(f"{k} {v}" for k, v in stats.get("validation", {}).items()),
     }

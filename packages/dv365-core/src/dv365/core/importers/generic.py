@@ -31,13 +31,14 @@ import yaml
 
 from dv365.core.errors import DatasetError, TimelineError
 from dv365.core.importers.common import (
+    Block,
     ImportSummary,
     MappingError,
-    Part,
     block_origin,
     iter_csv,
     open_input,
     read_bytes,
+    repeated_rows,
     require_columns,
     write_parts,
 )
@@ -357,6 +358,7 @@ def import_generic(
     constants: Mapping[str, Any] | None = None,
     list_sep: str = ",",
     duration_unit: str = "s",
+    value_range: tuple[float, float] | None = None,
     num_buckets: int = 16,
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
@@ -375,6 +377,8 @@ def import_generic(
         constants: ``{uniti_field: value}`` for fields without a column (e.g. ``{"action": "like"}``).
         list_sep: separator of topic ids given as one string.
         duration_unit: unit of ``dwell_time``/``video_duration`` (``s`` or ``ms``).
+        value_range: ``(lo, hi)``: explicit events only: the ``value`` is required and must lie in ``[lo, hi]``
+            (a rating scale, e.g. ``(1, 5)``: a rating 400 or -3 is rejected, named); default: any number or none.
         num_buckets: user hash buckets of the dataset.
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"generic:<file name>"``).
@@ -388,13 +392,24 @@ def import_generic(
                        constants={"action": "like", "surface": "feed"}, time_unit="ms")
     """
     cm = ColumnMapping(kind, dict(mapping), dict(constants or {}), time_unit, duration_unit, list_sep)
+    if value_range is not None:
+        if kind != "explicit" or "value" not in cm.columns:
+            raise MappingError(
+                "value_range (--value-range) needs explicit events with a value column (--map value=COLUMN)"
+            )
+        lo, hi = (float(v) for v in value_range)
+        if not lo <= hi:
+            raise MappingError(f"value_range (--value-range) must be LO,HI with LO <= HI, got {lo:g},{hi:g}")
+        value_range = (lo, hi)
     name = posixpath.basename(str(path).rstrip("/"))
     src = source or f"generic:{name}"
     counts = {"rows": 0}
 
-    def parts() -> Iterator[Part]:
+    def parts() -> Iterator[Block]:
         for batch in iter_table_file(str(path), cm.source_columns):
-            yield kind, cm.to_uniti(batch), block_origin(name, counts["rows"])
+            origin = block_origin(name, counts["rows"])
+            table = cm.to_uniti(batch)
+            yield Block({kind: table}, {kind: origin}, value_range=value_range, duplicates={kind: repeated_rows(batch)})
             counts["rows"] += batch.num_rows
         if not counts["rows"]:
             raise DatasetError(f"{path}: no rows")
@@ -408,6 +423,7 @@ def import_generic(
         "constants": {k: _jsonable(v) for k, v in cm.constants.items()},
         "time_unit": time_unit,
         "duration_unit": duration_unit,
+        "value_range": list(value_range) if value_range else None,
     }
     try:
         base = write_parts(

@@ -9,7 +9,8 @@ Each log row (an impression) becomes:
 * one *implicit* event: ``ts = time_ms // 1000``, ``dwell_time = play_time_ms / 1000``,
   ``video_duration = duration_ms / 1000`` (the catalog's duration where the log has none or 0),
   ``surface`` from ``tab`` (:data:`DEFAULT_TAB_SURFACES`);
-* one *explicit* event per positive flag (:data:`FLAG_ACTIONS`), at the same ``ts``;
+* one *explicit* event per positive flag (:data:`FLAG_ACTIONS`), at the same ``ts``; it exists only with its
+  impression (an impression that validation drops, or a log row repeating an earlier one, takes it along);
 * one training request with labels (:data:`LABELS`): clicks, likes, ... and the watch time in seconds.
 
 Media attributes come from the catalog (``video_features_basic*.csv``): ``author_id``, ``topic_ids`` =
@@ -30,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from dv365.core.catalog import Catalog, load_kuairand_catalog
+from dv365.core.errors import DatasetError
 from dv365.core.importers.common import (
     Block,
     ImportSummary,
@@ -37,6 +39,7 @@ from dv365.core.importers.common import (
     block_origin,
     gather_topics,
     iter_csv,
+    repeated_rows,
     write_parts,
 )
 from dv365.core.validation import ValidationPolicy
@@ -102,11 +105,12 @@ class _Join:
     catalog: Catalog
     media_types: np.ndarray  # [I+1] object: media type of each catalog row; the last one for "not in catalog"
     tabs: Mapping[int, str]
+    max_watch_s: float  # label_watch_time is clamped like the impression's dwell time (policy.max_dwell_s)
 
     @classmethod
-    def build(cls, catalog: Catalog, tabs: Mapping[int, str]) -> _Join:
+    def build(cls, catalog: Catalog, tabs: Mapping[int, str], max_watch_s: float) -> _Join:
         types = [VIDEO_TYPES.get(str(v), "other") for v in catalog.video_type] + ["other"]
-        return cls(catalog, np.array(types, dtype=object), dict(tabs))
+        return cls(catalog, np.array(types, dtype=object), dict(tabs), float(max_watch_s))
 
     def take(self, values: np.ndarray, rows: np.ndarray, fill: float) -> np.ndarray:
         """``values[rows]`` of a catalog column, ``fill`` where the row is -1."""
@@ -152,23 +156,25 @@ def _durations(t: pa.Table, rows: np.ndarray, j: _Join) -> pa.Array:
     return pa.array(dur.astype(np.float32), pa.float32(), mask=np.isnan(dur))
 
 
-def _flag_events(media: Mapping[str, pa.Array], t: pa.Table) -> pa.Table:
-    """One explicit event per positive flag of each row, with the row's media fields."""
+def _flag_events(media: Mapping[str, pa.Array], t: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """One explicit event per positive flag of each row, with the row's media fields; and the log row of each."""
     hits = [np.flatnonzero(_f64(t, col) > 0) for col in FLAG_ACTIONS]
     idx = np.concatenate(hits).astype(np.int64)
     actions = np.repeat(np.array(list(FLAG_ACTIONS.values()), dtype=object), [len(h) for h in hits])
     events = pa.table(dict(media)).take(pa.array(idx))
-    return events.append_column("action", pa.array(actions, pa.string())).append_column(
+    events = events.append_column("action", pa.array(actions, pa.string())).append_column(
         "value", pa.nulls(len(idx), pa.float32())
     )
+    return events, idx
 
 
-def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table) -> pa.Table:
-    """One request per log row: the impression's media fields plus the :data:`LABELS`."""
+def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table, max_watch_s: float) -> pa.Table:
+    """One request per log row: the impression's media fields plus the :data:`LABELS` (a flag > 0 is 1.0, else
+    0.0; an empty flag is a null label, which validation rejects; the watch time is capped at ``max_watch_s``)."""
     cols = {**media, "video_duration": duration}
     for label, col in LABELS.items():
         x = _f64(t, col)
-        val = x / 1000.0 if col == "play_time_ms" else (x > 0).astype(np.float64)
+        val = np.minimum(x / 1000.0, max_watch_s) if col == "play_time_ms" else (x > 0).astype(np.float64)
         cols[label] = pa.array(val.astype(np.float32), pa.float32(), mask=np.isnan(x))
     return pa.table(cols)
 
@@ -176,7 +182,8 @@ def _requests(media: Mapping[str, pa.Array], duration: pa.Array, t: pa.Table) ->
 def _log_block(t: pa.Table, origin: str, j: _Join) -> tuple[Block, np.ndarray]:
     """One block of log rows -> implicit events, flag events, requests; plus the video ids not in the catalog.
 
-    An impression that validation drops (e.g. NaN dwell) takes its request with it."""
+    An impression that validation drops (e.g. NaN dwell), or that repeats an earlier log row of the block,
+    takes its request and its flag events with it."""
     media, rows = _media(t, j)
     duration = _durations(t, rows, j)
     play = _f64(t, "play_time_ms") / 1000.0
@@ -187,10 +194,13 @@ def _log_block(t: pa.Table, origin: str, j: _Join) -> tuple[Block, np.ndarray]:
             "dwell_time": pa.array(play.astype(np.float32), pa.float32(), mask=np.isnan(play)),
         }
     )
+    flags, flag_rows = _flag_events(media, t)
     block = Block(
-        {"implicit": implicit, "explicit": _flag_events(media, t), "requests": _requests(media, duration, t)},
+        {"implicit": implicit, "explicit": flags, "requests": _requests(media, duration, t, j.max_watch_s)},
         {"implicit": origin, "explicit": f"{origin} (flag events)", "requests": f"{origin} (requests)"},
         requests_of="implicit",  # validated first: its records are the log rows, so errors point at them
+        explicit_of=flag_rows,
+        duplicates={"implicit": repeated_rows(t)},
     )
     vids = media["media_id"].fill_null(-1).to_numpy(zero_copy_only=False)
     return block, vids[(rows < 0) & (vids >= 0)]
@@ -223,7 +233,8 @@ def import_kuairand(
         overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Raises:
-        DatasetError: a missing file, a missing log column (named, with the file), an unparsable value.
+        DatasetError: a missing file, a missing log column (named, with the file), an unparsable value, a file
+            given twice.
         MappingError: ``tab_surfaces`` names a surface outside the vocabulary.
         TimelineError: a record the writer's validation rejects (names file, record, user, field, value).
 
@@ -233,12 +244,15 @@ def import_kuairand(
         s.log_rows, s.implicit_events, s.rows_not_in_catalog
     """
     files = [str(log_files)] if isinstance(log_files, (str, os.PathLike)) else [str(f) for f in log_files]
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise DatasetError(f"{', '.join(twice)}: given more than once (its rows would be imported twice)")
     cat = catalog if isinstance(catalog, Catalog) else load_kuairand_catalog(catalog)
     tabs = dict(DEFAULT_TAB_SURFACES if tab_surfaces is None else tab_surfaces)
     bad = sorted({v for v in tabs.values() if v not in DEFAULT_SURFACES})
     if bad:
         raise MappingError(f"tab_surfaces: unknown surface(s) {', '.join(bad)}; valid: {', '.join(DEFAULT_SURFACES)}")
-    join = _Join.build(cat, tabs)
+    join = _Join.build(cat, tabs, policy.max_dwell_s)
     counts = {"log_rows": 0, "rows_not_in_catalog": 0}
     missing: set[int] = set()
 

@@ -30,12 +30,12 @@ from dv365.core.errors import DatasetError
 from dv365.core.importers.common import (
     Block,
     ImportSummary,
-    Part,
     block_origin,
     gather_topics,
     iter_csv,
     join_url,
     read_bytes,
+    repeated_rows,
     url_exists,
     write_parts,
 )
@@ -279,14 +279,15 @@ def _ratings(src: str, layout: str) -> Iterator[tuple[pa.Table, str]]:
 
 
 def _tags(src: str, layout: str) -> Iterator[tuple[pa.Table, str]]:
-    """Tag blocks with columns (user_id, media_id, ts), with their origin; only the modern layout has tags."""
+    """Tag blocks with columns (user_id, media_id, tag, ts), with their origin; only the modern layout has tags."""
     url = join_url(src, "tags.csv")
     if layout != "latest" or not url_exists(url):
         return
-    cols = ["userId", "movieId", "timestamp"]
+    cols = ["userId", "movieId", "tag", "timestamp"]
+    types = {c: pa.string() if c == "tag" else pa.int64() for c in cols}
     start = 0
-    for t in iter_csv(url, cols, column_types={c: pa.int64() for c in cols}, allow_empty=True):  # optional file
-        yield t.rename_columns(["user_id", "media_id", "ts"]), block_origin("tags.csv", start)
+    for t in iter_csv(url, cols, column_types=types, allow_empty=True):  # optional file
+        yield t.select(cols).rename_columns(["user_id", "media_id", "tag", "ts"]), block_origin("tags.csv", start)
         start += t.num_rows
 
 
@@ -342,18 +343,17 @@ def _rating_block(t: pa.Table, name: str, movies: Catalog, unknown: set[int]) ->
         {"explicit": name, "requests": f"{name} (requests)"},
         requests_of="explicit",
         value_range=RATING_SCALE,
+        duplicates={"explicit": repeated_rows(t)},
     )
 
 
-def _tag_part(t: pa.Table, origin: str, movies: Catalog, unknown: set[int]) -> Part:
-    """One block of tag applications -> explicit ``tag`` events (no value)."""
+def _tag_block(t: pa.Table, origin: str, movies: Catalog, unknown: set[int]) -> Block:
+    """One block of tag applications -> explicit ``tag`` events (no value); a row repeating an earlier one
+    (same user, movie, tag text and time) is a duplicate."""
     n = t.num_rows
     media = _media_columns(t, movies, unknown)
-    return (
-        "explicit",
-        pa.table({**media, "action": pa.repeat(pa.scalar("tag"), n), "value": pa.nulls(n, pa.float32())}),
-        origin,
-    )
+    events = pa.table({**media, "action": pa.repeat(pa.scalar("tag"), n), "value": pa.nulls(n, pa.float32())})
+    return Block({"explicit": events}, {"explicit": origin}, duplicates={"explicit": repeated_rows(t)})
 
 
 def import_movielens(
@@ -406,14 +406,14 @@ def import_movielens(
     counts = {"ratings": 0, "tags": 0}
     unknown: set[int] = set()
 
-    def parts() -> Iterator[Part | Block]:
+    def parts() -> Iterator[Block]:
         for t, name in _ratings(src, layout):
             counts["ratings"] += t.num_rows
             yield _rating_block(t, name, movies, unknown)
         logger.info(f"{join_url(src, LAYOUT_FILES[layout][0])}: {counts['ratings']:,} ratings")
         for t, origin in _tags(src, layout):
             counts["tags"] += t.num_rows
-            yield _tag_part(t, origin, movies, unknown)
+            yield _tag_block(t, origin, movies, unknown)
         if counts["tags"]:
             logger.info(f"{join_url(src, 'tags.csv')}: {counts['tags']:,} tag applications")
 
