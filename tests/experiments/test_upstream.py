@@ -196,6 +196,13 @@ def test_slice_cache_matches_the_slicer(tiny_config: Path, tmp_path: Path) -> No
     assert 0 < cached.distinct_slices <= len(cached.requests) and len(cached.slot) == len(cached.requests)
     assert cached.lengths.shape[0] == cached.distinct_slices
     assert len(cached.values) == int(cached.lengths.sum())
+    # over the cache limit the batches are sliced when read: the very same KJTs, and no cache in memory
+    lazy = SlicedExamples(cfg.data, cfg.tasks, spec, 1009, chunk=7, cache_mb=1e-9)
+    assert cached.cached and not lazy.cached and len(lazy.values) == 0 and lazy.cache_mb_estimate > 0
+    assert np.array_equal(lazy.history_events, cached.history_events)
+    kl = lazy.collate(rows).user_kjt
+    for get in ("values", "weights", "lengths"):
+        assert torch.equal(getattr(kl, get)(), getattr(ka, get)()), get
 
 
 def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) -> None:
@@ -213,7 +220,7 @@ def test_parallel_jobs_give_the_same_results(tiny_config: Path, tmp_path: Path) 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
 def test_slicer_backend_does_not_change_results(tiny_config: Path, tmp_path: Path) -> None:
     """The slice cache is canonical (one id order inside dedup'd bags): numba's bags are numpy's bit for bit, so
-    every model trains and evaluates to the very same numbers."""
+    every model trains and evaluates to the very same numbers, cached or sliced per batch."""
     from dv365.experiments.upstream import run_upstream
 
     kw = dict(quick=True, seeds=1, config=tiny_config, data_dir=tmp_path / "data", progress=False)
@@ -221,8 +228,20 @@ def test_slicer_backend_does_not_change_results(tiny_config: Path, tmp_path: Pat
         b: run_upstream("synth", overrides={"train.data.slicer": b}, variants=["fsa"], **kw)  # type: ignore[arg-type]
         for b in ("numpy", "numba")
     }
-    for a, b in zip(runs["numpy"].results, runs["numba"].results):
-        assert (a.kind, a.seed, a.best_step, a.best_val, a.test) == (b.kind, b.seed, b.best_step, b.best_val, b.test)
+    # and slicing per batch (over the cache limit) instead of once gives them too
+    runs["lazy"] = run_upstream(
+        "synth", overrides={"train.data.slicer": "numba", "slice_cache_mb": 1e-9}, variants=["fsa"], **kw
+    )  # type: ignore[arg-type]
+    assert "sliced per batch" in runs["lazy"].facts["slice_cache"]
+    for other in ("numba", "lazy"):
+        for a, b in zip(runs["numpy"].results, runs[other].results):
+            assert (a.kind, a.seed, a.best_step, a.best_val, a.test) == (
+                b.kind,
+                b.seed,
+                b.best_step,
+                b.best_val,
+                b.test,
+            )
 
 
 def test_checks_pair_token_and_dim_wise_by_seed() -> None:

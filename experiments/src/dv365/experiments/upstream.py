@@ -120,6 +120,8 @@ class UpstreamSettings:
         select_by: early-stopping criterion on the validation split: ``all_tasks`` (mean of NE and
             MSE / Var(label) over every task) or ``binary_ne`` (mean NE of the binary tasks).
         synth: generator sizes (synth dataset only).
+        slice_cache_mb: the largest slice cache built up front (MB; beyond it batches are sliced as they are
+            read, with the same results; <= 0: always cache).
     """
 
     train: Mapping[str, Any]
@@ -132,6 +134,7 @@ class UpstreamSettings:
     backbone_steps: int = 0
     select_by: str = "all_tasks"
     synth: SynthData = SynthData()
+    slice_cache_mb: float = 2048
 
     @classmethod
     def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> UpstreamSettings:
@@ -263,6 +266,10 @@ class SlicedExamples(ExampleSource):
         cfg, tasks, spec, item_hash_size: as :class:`~dv365.train.data.ExampleSource` (``spec`` required).
         chunk: requests sliced per slicer call.
         progress: a tqdm bar over the slicing pass.
+        cache_mb: the largest slice cache to build (MB, estimated from a sample of slices; <= 0: no limit).
+            Beyond it (long histories x many requests: 300 users x 10K events x 200 requests would take ~18 GB)
+            the timelines are kept and each batch is sliced when it is read, to the same canonical bags, so
+            the results are the same and memory stays at the timelines' size.
 
     Example::
 
@@ -279,6 +286,7 @@ class SlicedExamples(ExampleSource):
         item_hash_size: int,
         chunk: int = 512,
         progress: bool = False,
+        cache_mb: float = 2048,
     ) -> None:
         # canonical bags: the numba slicer's cache is bit-identical to the numpy reference's (same results)
         super().__init__(cfg, tasks, spec, item_hash_size, canonical=True)
@@ -296,45 +304,68 @@ class SlicedExamples(ExampleSource):
         all_urow = np.searchsorted(self._users, req.user_id)
         first, self.slot = dedup_rows(slice_keys(tl, all_urow, req.ts, spec)) if R else (np.zeros(0, np.int64),) * 2
         S = len(first)
-        self.lengths = np.zeros((S, N), np.int32)
-        slot_events = np.zeros(S, np.int64)
-        vals: list[np.ndarray] = []
-        wts: list[np.ndarray] = []
-        for s in tqdm(range(0, S, chunk), desc="slice (once)", unit="chunk", disable=not progress, leave=False):
-            slots = np.arange(s, min(s + chunk, S), dtype=np.int64)
+        self.distinct_slices = S
+        self._first, self._all_urow = first, all_urow
+
+        def slice_slots(slots: np.ndarray) -> Any:
             rows = first[slots]
             urow = all_urow[rows]
-            sb = self.features.slice(
+            return self.features.slice(  # type: ignore[union-attr]
                 Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab),
                 req.ts[rows],
             )
-            B = len(rows)
+
+        # the cache's size, estimated from a spread sample of slices: over cache_mb, slices are made per batch
+        sample = np.unique(np.linspace(0, S - 1, min(S, 32)).astype(np.int64)) if S else np.zeros(0, np.int64)
+        per_slot = len(slice_slots(sample).values) / max(len(sample), 1) if len(sample) else 0.0
+        self.cache_mb_estimate = per_slot * S * 8 / 2**20  # int32 id + float32 weight per value
+        self.cached = cache_mb <= 0 or self.cache_mb_estimate <= cache_mb
+        self.lengths = np.zeros((S if self.cached else 0, N), np.int32)
+        slot_events = np.zeros(S, np.int64)
+        vals: list[np.ndarray] = []
+        wts: list[np.ndarray] = []
+        desc = "slice (once)" if self.cached else "count histories"
+        for s in tqdm(range(0, S, chunk), desc=desc, unit="chunk", disable=not progress, leave=False):
+            slots = np.arange(s, min(s + chunk, S), dtype=np.int64)
+            sb = slice_slots(slots)
+            B = len(slots)
+            slot_events[slots] = sb.raw_counts.reshape(N, B).sum(axis=0)
+            if not self.cached:
+                continue
             L = sb.lengths.reshape(N, B).astype(np.int64)  # key-major
             starts = (np.cumsum(L.ravel()) - L.ravel()).reshape(N, B)
             idx = _ranges(starts.T.ravel(), L.T.ravel())  # slot-major order
             vals.append(sb.values[idx].astype(np.int32))
             wts.append(sb.weights[idx].astype(np.float32))
             self.lengths[slots] = L.T
-            slot_events[slots] = sb.raw_counts.reshape(N, B).sum(axis=0)
         self.history_events = slot_events[self.slot]  # raw (pre-dedup) count over all bags: 0 = empty history
-        self.distinct_slices = S
         self.values = np.concatenate(vals) if vals else np.zeros(0, np.int32)
         self.weights = np.concatenate(wts) if wts else np.zeros(0, np.float32)
-        per_slot = self.lengths.sum(axis=1, dtype=np.int64)
-        self.slot_start = np.cumsum(per_slot) - per_slot  # [S]
+        per_slot_len = self.lengths.sum(axis=1, dtype=np.int64)
+        self.slot_start = np.cumsum(per_slot_len) - per_slot_len  # [S]
         self.within = np.cumsum(self.lengths, axis=1, dtype=np.int64) - self.lengths  # [S, N]
         if len(self.values) and (self.values.min() < 0 or self.values.max() >= self._max_rows):
             raise DatasetError(f"the slicer produced ids outside [0, {self._max_rows}); try data.slicer: numpy")
         self.with_user_features = True
-        self.timelines = None  # the cache replaces them
+        if self.cached:
+            self.timelines = None  # the cache replaces them
 
     def user_kjt(self, rows: np.ndarray) -> Any:
         """The user KJT of requests ``rows``."""
         return self.slots_kjt(self.slot[np.asarray(rows, np.int64)])
 
     def slots_kjt(self, slots: np.ndarray) -> Any:
-        """The user KJT of stored distinct slices ``slots``."""
+        """The user KJT of distinct slices ``slots`` (from the cache, or sliced now when it was not built)."""
         from torchrec import KeyedJaggedTensor
+
+        slots = np.asarray(slots, np.int64)
+        if not self.cached:  # the same canonical bags the cache would hold, made for this batch
+            tl = self.timelines
+            assert tl is not None and self.features is not None
+            rows = self._first[slots]
+            urow = self._all_urow[rows]
+            batch = Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab)
+            return self.features.kjt(batch, self.requests.ts[rows])
 
         L = self.lengths[slots].T.astype(np.int64)  # [N, B] key-major
         starts = self.slot_start[slots][None, :] + self.within[slots].T  # [N, B]
@@ -740,6 +771,8 @@ def data_facts(ex: SlicedExamples, splits: Splits) -> dict[str, Any]:
         "mean_events_per_user": float(st.get("mean_events", 0.0)),
         "requests": len(ex.requests),
         "distinct_user_slices": int(ex.distinct_slices),  # what the slice cache stores (RecD's dedup)
+        "slice_cache": f"{ex.cache_mb_estimate:,.0f} MB est., "
+        + ("built" if ex.cached else "over the limit: sliced per batch"),
         "train": len(splits.train),
         "val": len(splits.val),
         "test": len(splits.test),
@@ -825,7 +858,14 @@ def run_upstream(
         torch.set_num_threads(threads)
     spec = load_spec(cfg.data)
     ts = time.perf_counter()
-    ex = SlicedExamples(cfg.data, cfg.tasks, spec, cfg.model.backbone.item_hash_size, progress=progress)
+    ex = SlicedExamples(
+        cfg.data,
+        cfg.tasks,
+        spec,
+        cfg.model.backbone.item_hash_size,
+        progress=progress,
+        cache_mb=settings.slice_cache_mb,
+    )
     splits = Splits.of(ex, settings.val_fraction)
     facts = data_facts(ex, splits)
     facts["slice_seconds"] = round(time.perf_counter() - ts, 1)
