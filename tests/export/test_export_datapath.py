@@ -118,3 +118,16 @@ def test_a_dataset_error_from_a_worker_keeps_its_type(checkpoint: str, synth_url
     users = ds.user_ids()
     with pytest.raises(DatasetError, match="outside"):
         list(tower_batches(synth_url, feats, [users[:4], users[4:8]], cutoff_ts=2**40, batch_users=4, workers=1))
+
+
+def test_slicing_in_chunks_gives_the_same_batch(checkpoint: str, synth_url: str, last_ts: int) -> None:
+    model = load_tower_model(checkpoint)
+    ds = TimelineDataset(synth_url)
+    feats = UserFeatures(model.spec, ds.vocab, canonical=True)
+    users = ds.user_ids()[:13]
+    tl = ds.read_users(users)
+    cuts = last_ts - np.arange(13) * DAY
+    whole, parts = feats.slice(tl, cuts), feats.slice(tl, cuts, chunk=4)
+    assert parts.batch_size == whole.batch_size == 13 and parts.keys == whole.keys
+    for name in ("values", "weights", "lengths", "raw_counts", "request_ts", "user_ids"):
+        assert np.array_equal(getattr(parts, name), getattr(whole, name)), name

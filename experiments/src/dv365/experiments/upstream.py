@@ -360,12 +360,13 @@ class SlicedExamples(ExampleSource):
 
         slots = np.asarray(slots, np.int64)
         if not self.cached:  # the same canonical bags the cache would hold, made for this batch
+            chunk_rows = 128  # the slicer's working memory follows 128 rows, not an evaluation batch of 1,024
             tl = self.timelines
             assert tl is not None and self.features is not None
             rows = self._first[slots]
             urow = self._all_urow[rows]
             batch = Timelines(tl.user_ids[urow], take_rows(tl.explicit, urow), take_rows(tl.implicit, urow), tl.vocab)
-            return self.features.kjt(batch, self.requests.ts[rows])
+            return self.features.kjt(batch, self.requests.ts[rows], chunk=chunk_rows)
 
         L = self.lengths[slots].T.astype(np.int64)  # [N, B] key-major
         starts = self.slot_start[slots][None, :] + self.within[slots].T  # [N, B]

@@ -94,9 +94,24 @@ class UserFeatures:
     def backend(self) -> str:
         return self.slicer.backend
 
-    def slice(self, timelines: Timelines, cutoffs: int | np.ndarray) -> SlicedBatch:
-        """Bags of every feature for every row of ``timelines`` at its cut-off (one for all, or one per row)."""
+    def slice(self, timelines: Timelines, cutoffs: int | np.ndarray, chunk: int = 0) -> SlicedBatch:
+        """Bags of every feature for every row of ``timelines`` at its cut-off (one for all, or one per row).
+
+        ``chunk > 0`` slices ``chunk`` rows at a time and joins the results (the same batch): the slicer's and
+        the canonical sort's working memory then follow the chunk, not the batch."""
         cuts = np.ascontiguousarray(np.broadcast_to(np.asarray(cutoffs, np.int64), (len(timelines),)))
+        if 0 < chunk < len(timelines):
+            parts = []
+            for s in range(0, len(timelines), chunk):
+                rows = np.arange(s, min(s + chunk, len(timelines)))
+                sub = Timelines(
+                    timelines.user_ids[rows],
+                    take_rows(timelines.explicit, rows),
+                    take_rows(timelines.implicit, rows),
+                    timelines.vocab,
+                )
+                parts.append(self.slice(sub, cuts[rows]))
+            return join_batches(parts)
         sliced = self.slicer.slice(timelines, cuts)
         v = sliced.values
         if len(v) and (v.min() < 0 or v.max() >= self.max_rows):
@@ -108,11 +123,41 @@ class UserFeatures:
             canonical_order(sliced, self._dedup)
         return sliced
 
-    def kjt(self, timelines: Timelines, cutoffs: int | np.ndarray, device: torch.device | str | None = None) -> Any:
+    def kjt(
+        self,
+        timelines: Timelines,
+        cutoffs: int | np.ndarray,
+        device: torch.device | str | None = None,
+        chunk: int = 0,
+    ) -> Any:
         """The weighted ``KeyedJaggedTensor`` of :meth:`slice` (on ``device`` when given)."""
         from dv365.core.kjt import to_kjt
 
-        return to_kjt(self.slice(timelines, cutoffs), device)
+        return to_kjt(self.slice(timelines, cutoffs, chunk), device)
+
+
+def join_batches(parts: Sequence[SlicedBatch]) -> SlicedBatch:
+    """Row-wise concatenation of sliced batches of the same keys, in KJT key-major layout (feature ``k``'s bags
+    of every part, part after part)."""
+    if len(parts) == 1:
+        return parts[0]
+    N = len(parts[0].keys)
+    lens = [p.lengths.reshape(N, p.batch_size) for p in parts]
+    per_key = [L.sum(axis=1) for L in lens]  # [N] values of each key in each part
+    starts = [np.concatenate([[0], np.cumsum(k)[:-1]]) for k in per_key]
+    order = [(i, int(starts[i][k]), int(per_key[i][k])) for k in range(N) for i in range(len(parts))]
+    values = np.concatenate([parts[i].values[a : a + n] for i, a, n in order])
+    weights = np.concatenate([parts[i].weights[a : a + n] for i, a, n in order])
+    return SlicedBatch(
+        keys=list(parts[0].keys),
+        batch_size=sum(p.batch_size for p in parts),
+        values=values,
+        weights=weights,
+        lengths=np.concatenate(lens, axis=1).reshape(-1),
+        raw_counts=np.concatenate([p.raw_counts.reshape(N, p.batch_size) for p in parts], axis=1).reshape(-1),
+        request_ts=np.concatenate([p.request_ts for p in parts]),
+        user_ids=np.concatenate([p.user_ids for p in parts]),
+    )
 
 
 def read_timelines(dataset: TimelineDataset, user_ids: Sequence[int] | np.ndarray) -> Timelines:
