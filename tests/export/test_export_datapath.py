@@ -131,3 +131,20 @@ def test_slicing_in_chunks_gives_the_same_batch(checkpoint: str, synth_url: str,
     assert parts.batch_size == whole.batch_size == 13 and parts.keys == whole.keys
     for name in ("values", "weights", "lengths", "raw_counts", "request_ts", "user_ids"):
         assert np.array_equal(getattr(parts, name), getattr(whole, name)), name
+
+
+def _stream_in_daemon(args: tuple[str, str, int]) -> int:
+    checkpoint, url, cut = args
+    model = load_tower_model(checkpoint)
+    ds = TimelineDataset(url)
+    users = ds.user_ids()
+    feats = UserFeatures(model.spec, ds.vocab)
+    return sum(b.n for b in tower_batches(url, feats, [users[:4], users[4:7]], cutoff_ts=cut, batch_users=4, workers=1))
+
+
+def test_a_pool_worker_streams_inline(checkpoint: str, synth_url: str, last_ts: int) -> None:
+    """A daemonic process may not start the loader's workers: the batches are made inline there."""
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.map(_stream_in_daemon, [(checkpoint, synth_url, last_ts)]) == [7]

@@ -283,6 +283,9 @@ def tower_batches(
 
     Args:
         cutoff_ts: one data cut-off for every user, or one array per batch (a cut-off per user).
+
+    In a daemonic process (a ``multiprocessing.Pool`` worker), which may not start processes, the batches are
+    made inline.
     """
     for i, b in enumerate(batches):
         if not 0 < len(b) <= batch_users:
@@ -294,6 +297,10 @@ def tower_batches(
         if len(cuts) != len(batches) or any(len(c) != len(b) for c, b in zip(cuts, batches)):
             raise ValueError("cutoff_ts: one array of cut-offs per batch, one per user, is needed")
     source = _BatchSource(url, features, batches, cuts, batch_users)
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:  # a daemonic process (a Pool worker) may not have children
+        workers = 0
     if workers <= 0 or len(batches) <= 1:
         for i in range(len(source)):
             yield _as_batch(source[i], batch_users, device)
