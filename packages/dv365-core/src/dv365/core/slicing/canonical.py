@@ -42,17 +42,17 @@ try:  # numba is optional (dv365-core[fast])
     import numba
 
     @numba.njit(cache=True, nogil=True)
-    def _radix_order(keys: np.ndarray, bits: int) -> np.ndarray:
-        """Stable LSD radix sort of ``keys`` (< 2**bits) in passes of at most 14-bit digits: the permutation.
-        Keys travel with their positions (sequential reads, bucketed writes)."""
+    def _radix_order(keys: np.ndarray, bits: int, perm: np.ndarray) -> np.ndarray:
+        """Stable LSD radix sort of ``keys`` (< 2**bits) in passes of at most 14-bit digits, starting from the
+        permutation ``perm`` (``arange``): the sorted permutation. Keys travel with their positions (sequential
+        reads, bucketed writes); ``keys`` and ``perm`` are reused as buffers."""
         n = len(keys)
         passes = max((bits + 13) // 14, 1)
         width = (bits + passes - 1) // passes
         mask = (1 << width) - 1
-        perm = np.arange(n)
-        k_in = keys.copy()
-        k_out = np.empty(n, np.int64)
-        p_out = np.empty(n, np.int64)
+        k_in = keys
+        k_out = np.empty_like(keys)
+        p_out = np.empty_like(perm)
         count = np.empty(mask + 2, np.int64)
         for q in range(passes):
             shift = q * width
@@ -72,22 +72,24 @@ try:  # numba is optional (dv365-core[fast])
         return perm
 
     @numba.njit(cache=True, nogil=True)
-    def _bag_keys(values: np.ndarray, lengths: np.ndarray, sort_bag: np.ndarray, vbits: int) -> np.ndarray:
-        keys = np.empty(len(values), np.int64)
+    def _bag_keys(values: np.ndarray, lengths: np.ndarray, sort_bag: np.ndarray, vbits: int, keys: np.ndarray) -> None:
         o = 0
         for j in range(len(lengths)):
             hi = j << vbits
             for i in range(o, o + lengths[j]):
                 keys[i] = hi | values[i] if sort_bag[j] else hi  # non-dedup bags keep their (time) order
             o += lengths[j]
-        return keys
 
     def _sort_bags_numba(values: np.ndarray, weights: np.ndarray, lengths: np.ndarray, sort_bag: np.ndarray) -> None:
-        if not len(values):
+        n = len(values)
+        if not n:
             return
         vbits = max(int(values.max()).bit_length(), 1)
-        keys = _bag_keys(values, lengths, sort_bag, vbits)
-        perm = _radix_order(keys, vbits + max(len(lengths).bit_length(), 1))
+        bits = vbits + max(len(lengths).bit_length(), 1)
+        narrow = bits <= 32 and n < 2**31  # 32-bit keys and positions: half the memory traffic
+        keys = np.empty(n, np.uint32 if narrow else np.int64)
+        _bag_keys(values, lengths, sort_bag, vbits, keys)
+        perm = _radix_order(keys, bits, np.arange(n, dtype=np.int32 if narrow else np.int64))
         values[:] = values[perm]
         weights[:] = weights[perm]
 
