@@ -120,8 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--loader-workers",
         type=int,
         default=None,
-        help="processes that read and slice users ahead of the tower (default: 1 when the host has a second "
-        "core, else 0 = inline); each holds one tower batch of users at a time",
+        help="processes that read and slice users ahead of the tower (default: half the cores, 1 on 2 cores, "
+        "0 = inline on 1 core); each holds one tower batch of users at a time",
     )
     inc = r.add_argument_group("incremental refresh")
     inc.add_argument("--previous", metavar="SNAPSHOT", help="a complete earlier snapshot of the same model to refresh")

@@ -101,8 +101,8 @@ class ExportConfig:
         threads: torch CPU threads of the tower (0: the host's cores less the loader workers, at least 1; with
             no loader worker, torch's default).
         slicer: the slicer backend, ``auto`` (numba when it imports), ``numba`` or ``numpy`` (the reference).
-        loader_workers: processes that read and slice tower batches ahead of the tower (``None``: one when the
-            host has a second core, else none; ``0``: inline). Each holds one batch of users at a time.
+        loader_workers: processes that read and slice tower batches ahead of the tower (``None``: half the
+            host's cores, one on 2 cores, none on one core; ``0``: inline). Each holds one batch of users at a time.
     """
 
     checkpoint: str

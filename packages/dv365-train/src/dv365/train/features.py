@@ -342,8 +342,9 @@ def host_cores() -> int:
 
 
 def default_loader_workers() -> int:
-    """Reader/slicer processes beside the tower: one when the host has a second core, else none."""
-    return 1 if host_cores() > 1 else 0
+    """Reader/slicer processes beside the tower: half the host's cores (one on 2 cores), none on one core."""
+    cores = host_cores()
+    return max(1, cores // 2) if cores > 1 else 0
 
 
 def _worker_init(_: int) -> None:
