@@ -148,3 +148,12 @@ def test_a_pool_worker_streams_inline(checkpoint: str, synth_url: str, last_ts: 
 
     with mp.get_context("fork").Pool(1) as pool:
         assert pool.map(_stream_in_daemon, [(checkpoint, synth_url, last_ts)]) == [7]
+
+
+def test_bad_loader_settings_are_named(checkpoint: str, tmp_path: Path) -> None:
+    from dv365.export.errors import ExportError
+
+    for kw, msg in (({"loader_workers": -1}, "--loader-workers must be 0"), ({"slicer": "fast"}, "--slicer must be")):
+        with pytest.raises(ExportError, match=msg):
+            run_export(ExportConfig(checkpoint=checkpoint, out=str(tmp_path / "x"), progress=False, **kw))  # type: ignore[arg-type]
+        assert not (tmp_path / "x").exists()

@@ -210,6 +210,10 @@ class _Job:
             raise ExportError(f"--quantizer must be one of {QUANTIZERS}, got {cfg.quantizer!r}")
         if cfg.refresh not in REFRESH_POLICIES:
             raise ExportError(f"--refresh must be one of {REFRESH_POLICIES}, got {cfg.refresh!r}")
+        if cfg.slicer not in ("auto", "numba", "numpy"):
+            raise ExportError(f"--slicer must be auto, numba or numpy, got {cfg.slicer!r}")
+        if cfg.loader_workers is not None and cfg.loader_workers < 0:
+            raise ExportError(f"--loader-workers must be 0 (inline) or more, got {cfg.loader_workers}")
         self.rank, self.world = _worker_from_env(cfg)
         if self.world > 1 and cfg.overwrite:
             raise ExportError(
