@@ -73,6 +73,7 @@ class RedisStore(EmbeddingStore):
     """
 
     OPTIONS = {"keep", "prefix", "persist", "socket_timeout", "bgsave_timeout", "password", "username"}
+    INT_OPTIONS: tuple[str, ...] = ("keep",)
 
     def __init__(
         self,
@@ -94,21 +95,27 @@ class RedisStore(EmbeddingStore):
         self.prefix, self.persist, self.bgsave_timeout = prefix, persist, float(bgsave_timeout)
         self.url = f"{self.url}?prefix={prefix}" if "?" not in self.url else self.url
         extra = {k: v for k, v in (("username", username), ("password", password)) if v is not None}
-        # a server that just restarted answers LOADING until its dump is read: wait for it (up to ~30 s)
-        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), 25, supported_errors=(rx.BusyLoadingError,))
-        self.r = redis.Redis.from_url(
-            url,
-            socket_timeout=float(socket_timeout),
-            socket_connect_timeout=5.0,
-            retry=retry,
-            retry_on_error=[rx.BusyLoadingError],
-            **extra,
-        )
-        self._active_key = f"{prefix}:active"
-        self._versions_key = f"{prefix}:versions"
+        self._active_key, self._versions_key = self._meta_keys(prefix)
         self._seen: str | None = None  # last active version seen by this client
         self._publishing = False
         self._infos: dict[bytes, VersionInfo] = {}
+        self.r = self._connect(url, float(socket_timeout), extra)
+
+    @staticmethod
+    def _meta_keys(prefix: str) -> tuple[str, str]:
+        """The keys of the active pointer and of the version records."""
+        return f"{prefix}:active", f"{prefix}:versions"
+
+    def _connect(self, url: str, socket_timeout: float, extra: dict[str, Any]) -> Any:
+        """The client that holds the active pointer and the version records (here: the one server)."""
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=5.0,
+            retry=loading_retry(),
+            retry_on_error=[rx.BusyLoadingError],
+            **extra,
+        )
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
@@ -117,7 +124,10 @@ class RedisStore(EmbeddingStore):
         for k in ("socket_timeout", "bgsave_timeout"):
             if k in options:
                 kw[k] = float(options[k])
-        return cls(url, keep=int(options.get("keep", DEFAULT_KEEP)), **kw)
+        for k in cls.INT_OPTIONS:
+            if k in options:
+                kw[k] = int(options[k])
+        return cls(url, **kw)
 
     def _key_prefix(self, version: str) -> bytes:
         return f"{self.prefix}:v:{version}:".encode()
@@ -249,16 +259,12 @@ class RedisStore(EmbeddingStore):
                         break
                     except rx.WatchError:
                         continue
-            pattern = self._key_prefix(version) + b"*"
-            batch: list[bytes] = []
-            for key in self.r.scan_iter(match=pattern, count=DELETE_BATCH):
-                batch.append(key)
-                if len(batch) >= DELETE_BATCH:
-                    self.r.unlink(*batch)
-                    batch = []
-            if batch:
-                self.r.unlink(*batch)
+            self._delete_data(version)
             self.r.hdel(self._versions_key, version)
+
+    def _delete_data(self, version: str) -> None:
+        """Unlinks the records of ``version`` (already marked ``deleting``, so no reader accepts them)."""
+        unlink_matching(self.r, self._key_prefix(version))
 
     # ---- publish -----------------------------------------------------------------------------------
     def _begin_version(self, info: VersionInfo) -> None:
@@ -291,45 +297,75 @@ class RedisStore(EmbeddingStore):
         if self.persist == "none":
             return
         with self._errors("persist (BGSAVE)"):
-            if self.persist == "auto":
-                try:
-                    cfg = self.r.config_get("append*")
-                    if cfg.get("appendonly") == "yes" and cfg.get("appendfsync") == "always":
-                        return
-                except rx.ResponseError:  # CONFIG not allowed for this user: fall back to BGSAVE
-                    pass
-            self._bgsave()
-
-    def _bgsave(self) -> None:
-        deadline = time.monotonic() + self.bgsave_timeout
-        while True:  # a save already running may have started before our writes: wait for it, then start ours
-            p = self.r.info("persistence")
-            if not p.get("rdb_bgsave_in_progress"):
-                before = int(p.get("rdb_saves", 0))
-                try:
-                    self.r.bgsave()
-                    break
-                except rx.ResponseError as e:
-                    if "in progress" not in str(e):
-                        raise
-            if time.monotonic() > deadline:
-                raise StoreError(f"{self.url}: could not start a BGSAVE within {self.bgsave_timeout:.0f} s")
-            time.sleep(0.05)
-        while True:
-            p = self.r.info("persistence")
-            if not p.get("rdb_bgsave_in_progress") and int(p.get("rdb_saves", before + 1)) > before:
-                break
-            if time.monotonic() > deadline:
-                raise StoreError(f"{self.url}: BGSAVE did not finish within {self.bgsave_timeout:.0f} s")
-            time.sleep(0.02)
-        if p.get("rdb_last_bgsave_status") != "ok":
-            raise StoreError(
-                f"{self.url}: BGSAVE failed (rdb_last_bgsave_status={p.get('rdb_last_bgsave_status')}): "
-                "the publish is not durable; check the server's dir and disk"
-            )
+            persist_server(self.r, self.url, self.persist, self.bgsave_timeout)
 
     def close(self) -> None:
         self.r.close()
+
+
+def loading_retry() -> Retry:
+    """A server that just restarted answers LOADING until its dump is read: wait for it (up to ~30 s)."""
+    return Retry(ExponentialBackoff(cap=2.0, base=0.05), 25, supported_errors=(rx.BusyLoadingError,))
+
+
+def unlink_matching(r: Any, prefix: bytes) -> None:
+    """Unlinks every key of server ``r`` that is ``prefix`` followed by a user id (SCAN + UNLINK in batches;
+    the id check keeps version ``a`` from taking the keys of a version ``a:b``)."""
+    batch: list[bytes] = []
+    for key in r.scan_iter(match=prefix + b"*", count=DELETE_BATCH):
+        if _UID_RE.fullmatch(key[len(prefix) :]):
+            batch.append(key)
+        if len(batch) >= DELETE_BATCH:
+            r.unlink(*batch)
+            batch = []
+    if batch:
+        r.unlink(*batch)
+
+
+_UID_RE = re.compile(rb"-?[0-9]+")
+
+
+def persist_server(r: Any, url: str, persist: str, timeout: float) -> None:
+    """Makes server ``r`` durable: nothing to do when it runs ``appendonly yes`` + ``appendfsync always`` (and
+    ``persist`` is ``auto``), else a BGSAVE that is waited for."""
+    if persist == "auto":
+        try:
+            cfg = r.config_get("append*")
+            if cfg.get("appendonly") == "yes" and cfg.get("appendfsync") == "always":
+                return
+        except rx.ResponseError:  # CONFIG not allowed for this user: fall back to BGSAVE
+            pass
+    bgsave(r, url, timeout)
+
+
+def bgsave(r: Any, url: str, timeout: float) -> None:
+    """Runs a BGSAVE on server ``r`` that starts after the caller's writes and waits for it to succeed."""
+    deadline = time.monotonic() + timeout
+    while True:  # a save already running may have started before our writes: wait for it, then start ours
+        p = r.info("persistence")
+        if not p.get("rdb_bgsave_in_progress"):
+            before = int(p.get("rdb_saves", 0))
+            try:
+                r.bgsave()
+                break
+            except rx.ResponseError as e:
+                if "in progress" not in str(e):
+                    raise
+        if time.monotonic() > deadline:
+            raise StoreError(f"{url}: could not start a BGSAVE within {timeout:.0f} s")
+        time.sleep(0.05)
+    while True:
+        p = r.info("persistence")
+        if not p.get("rdb_bgsave_in_progress") and int(p.get("rdb_saves", before + 1)) > before:
+            break
+        if time.monotonic() > deadline:
+            raise StoreError(f"{url}: BGSAVE did not finish within {timeout:.0f} s")
+        time.sleep(0.02)
+    if p.get("rdb_last_bgsave_status") != "ok":
+        raise StoreError(
+            f"{url}: BGSAVE failed (rdb_last_bgsave_status={p.get('rdb_last_bgsave_status')}): "
+            "the publish is not durable; check the server's dir and disk"
+        )
 
 
 def _redact(url: str) -> str:
