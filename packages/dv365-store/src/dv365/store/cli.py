@@ -80,6 +80,12 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="directory a remote Publish may read snapshots from (repeatable); none: remote publish is refused",
     )
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM (default 10)")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus /metrics on --host at this port (0 = any free port; needs prometheus-client)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -99,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         grace_s=args.grace,
         snapshot_roots=tuple(args.snapshot_root),
+        metrics_port=args.metrics_port,
     )
     return serve_forever(cfg)
 

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids
+from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids, count_answer
 from dv365.store.errors import PublishError, StoreError
 from dv365.store.factory import open_store, scheme_of
 from dv365.store.grpc_common import (
@@ -45,6 +45,7 @@ from dv365.store.grpc_common import (
     version_from_pb,  # noqa: F401  (re-exported for symmetry)
     version_to_pb,
 )
+from dv365.store.metrics import ActiveVersion, StoreMetrics, prometheus_registry
 from dv365.store.proto import store_pb2 as pb
 from dv365.store.proto import store_pb2_grpc as pb_grpc
 
@@ -62,6 +63,8 @@ class ServeConfig:
         reflection: register gRPC server reflection.
         workers: request threads.
         grace_s: seconds in-flight calls get on shutdown.
+        metrics_port: serve Prometheus ``/metrics`` (prometheus-client) on ``host:metrics_port`` (0 = any free
+            port; None = no endpoint); see :mod:`dv365.store.metrics`.
         snapshot_roots: directories a remote ``Publish`` may read snapshots from (the server resolves the
             path it is sent, symlinks and ``..`` included, and refuses one outside them; a relative path is
             taken under the roots). None: remote publish is refused.
@@ -79,6 +82,7 @@ class ServeConfig:
     workers: int = 16
     grace_s: float = 10.0
     snapshot_roots: tuple[str, ...] = ()
+    metrics_port: int | None = None
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -177,6 +181,7 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._secrets = sorted(secrets.items(), key=lambda kv: -len(kv[0]))  # longest first
         self.calls = 0
         self._count = threading.Lock()
+        self.metrics = StoreMetrics()  # by gRPC method; exposed by --metrics-port
 
     def redact(self, message: str) -> str:
         """``message`` without the server's paths (the backend's URL and directory, the snapshot roots)."""
@@ -209,12 +214,30 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         with self._count:
             self.calls += 1
 
-    def _run(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+    def _run(self, context: grpc.ServicerContext, method: str, fn: Callable[[], Any]) -> Any:
         self._counted()
+        t0 = time.perf_counter()
         try:
-            return fn()
+            out = fn()
         except StoreError as e:
+            self.metrics.observe(method, time.perf_counter() - t0, error=True)
             self._abort(context, e)
+        else:
+            self.metrics.observe(method, time.perf_counter() - t0)
+            return out
+
+    def _read(self, context: grpc.ServicerContext, method: str, ids: Callable[[], np.ndarray]) -> RawLookup:
+        """The backend's answer for a read method, counted (latency, users, missing, checksum failures)."""
+        self._counted()
+        t0 = time.perf_counter()
+        try:
+            raw = self.store.lookup(ids())
+        except StoreError as e:
+            self.metrics.observe(method, time.perf_counter() - t0, error=True)
+            self._abort(context, e)
+            raise  # abort raises; this keeps the type checker informed
+        count_answer(self.metrics, method, raw, time.perf_counter() - t0)
+        return raw
 
     def _abort(self, context: grpc.ServicerContext, e: StoreError) -> None:
         context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
@@ -225,44 +248,57 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> bytes:
         """Returns the serialized GetResponse (see grpc_common.encode_get_response: one copy of the payload)."""
-        return self._run(context, lambda: _encode(self.store.lookup(self._ids(request)), 0))  # type: ignore[no-any-return]
+        return _encode(self._read(context, "Get", lambda: self._ids(request)), 0)
 
     def GetStream(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Yields serialized GetResponse pieces of ~STREAM_CHUNK_BYTES; the backend reads the next piece (from the
         same snapshot) while grpc sends the one before."""
         self._counted()
+        t0 = time.perf_counter()
+        users = missing = failed = 0
         try:
             pos = 0
             for raw in self.store.lookup_chunks(self._ids(request), STREAM_CHUNK_BYTES):
                 yield _encode(raw, pos)
                 pos += len(raw.present)
+                users, failed = users + len(raw.present), failed + len(raw.errors)
+                missing += len(raw.present) - int(raw.present.sum()) - len(raw.errors)
+                self.metrics.answered_from(raw.info.version, raw.info.data_cutoff_ts, raw.info.published_at)
         except StoreError as e:
+            self.metrics.observe("GetStream", time.perf_counter() - t0, error=True)
             self._abort(context, e)
+        self.metrics.observe("GetStream", time.perf_counter() - t0, users, missing, failed)
+
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.GetUserResponse:
+        """One user: the backend's single-user read, no batch framing; the VersionInfo only when the client
+        does not hold it yet."""
+        return _user_response(self._read(context, "GetUser", lambda: _one(request.user_id)), request)
 
     def Versions(self, request: pb.VersionsRequest, context: grpc.ServicerContext) -> pb.VersionsResponse:
         return self._run(
-            context, lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()])
+            context, "Versions", lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()])
         )
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
         return self._run(
             context,
+            "Publish",
             lambda: version_to_pb(
                 self.store.publish(self.snapshot_path(request.snapshot_url), activate=not request.no_activate)
             ),
         )
 
     def Activate(self, request: pb.ActivateRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
-        return self._run(context, lambda: version_to_pb(self.store.activate(request.version)))
+        return self._run(context, "Activate", lambda: version_to_pb(self.store.activate(request.version)))
 
     def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
-        return self._run(context, lambda: version_to_pb(self.store.rollback()))
+        return self._run(context, "Rollback", lambda: version_to_pb(self.store.rollback()))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.Empty:
-        return self._run(context, lambda: (self.store.delete_version(request.version), pb.Empty())[1])
+        return self._run(context, "Delete", lambda: (self.store.delete_version(request.version), pb.Empty())[1])
 
     def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
-        return self._run(context, lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
+        return self._run(context, "Prune", lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
 
 
 def _encode(raw: RawLookup, offset: int) -> bytes:
@@ -276,6 +312,22 @@ def _encode(raw: RawLookup, offset: int) -> bytes:
         memoryview(raw.checksums.astype("<u8").view(np.uint8)),
         small,
     )
+
+
+def _one(user_id: int) -> np.ndarray:
+    return np.array([user_id], dtype=np.int64)
+
+
+def _user_response(raw: RawLookup, request: pb.GetUserRequest) -> pb.GetUserResponse:
+    info = raw.info
+    resp = pb.GetUserResponse(version=info.version, published_at=info.published_at, error=raw.errors.get(0, ""))
+    if raw.present[0]:
+        resp.present = True
+        resp.payload = raw.payload[0].tobytes()
+        resp.checksum = int(raw.checksums[0])
+    if request.known_version != info.version:
+        resp.info.CopyFrom(version_to_pb(info))
+    return resp
 
 
 def _method_handlers(servicer: StoreServicer) -> dict[str, grpc.RpcMethodHandler]:
@@ -339,10 +391,40 @@ class RunningServer:
         self.stopped = threading.Event()
 
     def start(self) -> RunningServer:
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
+        if self.config.metrics_port is not None:
+            self._start_metrics(self.config.metrics_port)
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def _start_metrics(self, port: int) -> None:
+        try:
+            from prometheus_client import start_http_server
+        except ImportError as e:
+            raise StoreError(
+                "dv365 serve: --metrics-port needs prometheus-client: pip install 'dv365-store[metrics]'"
+            ) from e
+        try:
+            http, _thread = start_http_server(port, addr=self.config.host, registry=self._registry())
+        except OSError as e:
+            self.server.stop(None)
+            raise StoreError(f"dv365 serve: cannot serve /metrics on {self.config.host}:{port}: {e}") from e
+        self._metrics_http, self.metrics_port = http, int(http.server_port)
+
+    def _registry(self) -> Any:
+        store = self.store
+
+        def active() -> ActiveVersion | None:
+            try:
+                v = store.active()
+            except StoreError:
+                return None
+            return None if v is None else ActiveVersion(v.version, v.data_cutoff_ts, v.published_at)
+
+        return prometheus_registry(self.servicer.metrics, active)
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish (``grace`` s), close the backend."""
@@ -350,6 +432,9 @@ class RunningServer:
             return
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self.store.close()
         self.stopped.set()
 
@@ -417,7 +502,8 @@ def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
         else f"{len(config.reader_tokens)} reader / {len(config.writer_tokens)} writer tokens"
     )
     print(
-        f"dv365 serve: listening on {config.host}:{running.port} ({tls}, {auth}, pid {os.getpid()}), backend "
+        f"dv365 serve: listening on {config.host}:{running.port} ({tls}, {auth}, pid {os.getpid()}"
+        f"{f', /metrics on port {running.metrics_port}' if running.metrics_port else ''}), backend "
         f"{running.store.url}, active version {active.version if active else None!r}",
         file=out,
         flush=True,
