@@ -12,8 +12,8 @@ one hash slot and a multi-key command within a bucket never fails with CROSSSLOT
     {P:b}:live:<version>    bucket b's marker of a ready version (value: its publication time)
     {P:b}:v:<version>:<uid> one record per user: payload || xxh3-64 (see dv365.store.records)
 
-A ``get`` is one pipelined round per node: for every bucket of the batch one ``MGET {P:b}:active
-{P:b}:live:<v> <records of v in b>``, the buckets of a node sent together on one connection, all nodes written
+A ``get`` is one pipelined round per node: for every bucket of the batch one ``MGET <records of v in b>
+{P:b}:active {P:b}:live:<v>``, the buckets of a node sent together on one connection, all nodes written
 before any is read (``v`` = the version this client last saw active). ``MGET`` is atomic, so a bucket whose
 marker is present answered from ``v`` while ``v`` was whole: a delete removes every marker before any record.
 When every bucket's copy names ``v`` the batch is answered; when a copy names another version (a switch in
@@ -254,8 +254,9 @@ class RedisClusterStore(RedisStore):
         cmds: dict[int, list[tuple[Any, ...]]] = {}
         for b, uids in groups.items():
             p = self._key_prefix(version, b)
+            # the records first, the bucket's pointer copy and marker last (see RedisStore.lookup)
             cmds[b] = [
-                ("MGET", f"{self._tag(b)}:active".encode(), self._marker(b, version), *[p + b"%d" % u for u in uids])
+                ("MGET", *[p + b"%d" % u for u in uids], f"{self._tag(b)}:active".encode(), self._marker(b, version))
             ]
         replies = self._round(cmds)
         nonce = None
@@ -263,13 +264,13 @@ class RedisClusterStore(RedisStore):
         values: list[Any] = []
         for b in groups:
             reply = replies[b][0]
-            copy, marker = reply[0], reply[1]
+            copy, marker = reply[-2], reply[-1]
             if marker is None or (nonce is not None and marker != nonce):
                 self._seen = None  # v is being deleted (or was never ready): read the active pointer again
                 return None
             nonce = marker
             copies_agree &= copy == v
-            values.extend(reply[2:])
+            values.extend(reply[:-2])
         if not copies_agree:  # a switch in flight: the pointer decides
             active = self._active_now()
             if active != version:
