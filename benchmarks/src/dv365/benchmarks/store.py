@@ -303,7 +303,7 @@ def _start_redis_cluster(root: str) -> tuple[list[subprocess.Popen[bytes]], list
     return procs, ports
 
 
-def _start_grpc(backend: str, root: str) -> tuple[subprocess.Popen[str], int]:
+def _start_grpc(backend: str, root: str, workers: int = 1) -> tuple[subprocess.Popen[str], int]:
     tok = os.path.join(root, "reader.tokens")
     with open(tok, "w") as f:
         f.write(TOKEN + "\n")
@@ -319,8 +319,10 @@ def _start_grpc(backend: str, root: str) -> tuple[subprocess.Popen[str], int]:
             "0",
             "--reader-token-file",
             tok,
-            "--workers",
+            "--threads",
             "16",
+            "--workers",
+            str(workers),
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -71,7 +71,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "--allow-anonymous", action="store_true", help="no tokens needed (everyone is a writer): development only"
     )
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (needs a reader token)")
-    p.add_argument("--workers", type=int, default=16, help="request threads (default 16)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT, one grpcio server each; default 1)",
+    )
+    p.add_argument("--threads", type=int, default=16, help="request threads per process (default 16)")
     p.add_argument(
         "--snapshot-root",
         action="append",
@@ -103,6 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
         allow_anonymous=args.allow_anonymous,
         reflection=args.reflection,
         workers=args.workers,
+        threads=args.threads,
         grace_s=args.grace,
         snapshot_roots=tuple(args.snapshot_root),
         metrics_port=args.metrics_port,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import os
@@ -24,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -61,7 +62,11 @@ class ServeConfig:
         reader_tokens / writer_tokens: accepted bearer tokens (writers may also read).
         allow_anonymous: serve without tokens (everyone is a writer; development only).
         reflection: register gRPC server reflection.
-        workers: request threads.
+        threads: request threads per process.
+        workers: server processes sharing the port (``--workers``; the grpc multiprocessing pattern: the parent
+            checks the port is free, holds it with ``SO_REUSEPORT`` and starts one grpcio server per process on
+            it; a *different* server is still refused, its plain bind finds the port in use).
+        shared_port: set by the parent for its worker processes (bind with ``SO_REUSEPORT``); not for users.
         grace_s: seconds in-flight calls get on shutdown.
         metrics_port: serve Prometheus ``/metrics`` (prometheus-client) on ``host:metrics_port`` (0 = any free
             port; None = no endpoint); see :mod:`dv365.store.metrics`.
@@ -79,7 +84,9 @@ class ServeConfig:
     writer_tokens: frozenset[str] = field(default_factory=frozenset)
     allow_anonymous: bool = False
     reflection: bool = False
-    workers: int = 16
+    threads: int = 16
+    workers: int = 1
+    shared_port: bool = False
     grace_s: float = 10.0
     snapshot_roots: tuple[str, ...] = ()
     metrics_port: int | None = None
@@ -97,6 +104,10 @@ class ServeConfig:
             )
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise StoreError(f"dv365 serve: port {self.port!r} is not a TCP port: use 0..65535 (0 = any free port)")
+        if not 1 <= self.workers <= 64 or not 1 <= self.threads <= 1024:
+            raise StoreError(
+                f"dv365 serve: --workers {self.workers} / --threads {self.threads}: use 1..64 processes, 1..1024 threads"
+            )
         if any(len(t) < 16 for t in self.reader_tokens | self.writer_tokens):
             raise StoreError("dv365 serve: every token must be at least 16 characters")
         for root in self.snapshot_roots:
@@ -351,11 +362,12 @@ class RunningServer:
         config.check()
         self.config, self.store = config, store
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dv365-serve"),
+            futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="dv365-serve"),
             interceptors=[TokenAuth(config.reader_tokens, config.writer_tokens, config.allow_anonymous)],
             # no SO_REUSEPORT: a second server on a port in use must fail, not split the clients with the first
-            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=config.workers * 8,
+            # (the worker processes of one `--workers N` serve share theirs; their parent checked it was free)
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", int(config.shared_port))],
+            maximum_concurrent_rpcs=config.threads * 8,
         )
         self.servicer = StoreServicer(store, config.snapshot_roots)
         self.server.add_registered_method_handlers(SERVICE, _method_handlers(self.servicer))
@@ -371,7 +383,7 @@ class RunningServer:
             )
             reflection.enable_server_reflection(names, self.server)
         address = f"{config.host}:{config.port}"
-        problem = _bind_problem(config.host, config.port) if config.port else None
+        problem = _bind_problem(config.host, config.port) if config.port and not config.shared_port else None
         if problem is not None and "in use" in problem:  # before grpc tries (and logs its own lines)
             self.server.stop(None)
             raise StoreError(f"dv365 serve: cannot listen on {address}: {problem}")
@@ -478,8 +490,10 @@ def open_served_store(url: str) -> EmbeddingStore:
 def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
     """``dv365 serve``: runs until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code. The
     start-up checks (config, tokens, the backend holds a store, the port is free) run before anything is
-    served, and a failed one leaves nothing behind."""
+    served, and a failed one leaves nothing behind. ``config.workers > 1``: :func:`serve_workers`."""
     config.check()
+    if config.workers > 1:
+        return serve_workers(config, out)
     store = open_served_store(config.backend)
     try:
         running = start_server(config, store)
@@ -518,3 +532,105 @@ def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
         flush=True,
     )
     return 0
+
+
+@contextlib.contextmanager
+def _reserve_port(host: str, port: int) -> Iterator[int]:
+    """Holds ``host:port`` (0: a free one) with ``SO_REUSEPORT`` while the worker processes bind it too (grpc's
+    multiprocessing example); yields the port. Bound, never listening: it takes no connections."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+def _worker(config: ServeConfig, index: int, ready: Any) -> None:
+    """One worker process of :func:`serve_workers`: a grpcio server on the shared port until SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and forwards SIGTERM
+    try:
+        running = start_server(config, open_served_store(config.backend))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which exits 1 with it
+        ready.put((index, 0, None, str(e)))
+        return
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=running.stop, daemon=True).start())
+    ready.put((index, os.getpid(), running.metrics_port, None))
+    while not running.stopped.wait(0.5):
+        pass
+
+
+def serve_workers(config: ServeConfig, out: Any = sys.stdout) -> int:
+    """``dv365 serve --workers N``: N processes, each one grpcio server (own backend client, own threads) on one
+    port the kernel balances connections over (``SO_REUSEPORT``). The port must be free first: the same check
+    as one server, so a different server on a port in use is refused. With ``--metrics-port P`` worker ``i``
+    serves its ``/metrics`` on ``P + i``. SIGTERM/SIGINT: every worker drains (``grace``), then exit 0."""
+    import multiprocessing as mp
+
+    with open_served_store(config.backend) as probe:  # the backend holds a store: refuse before starting anything
+        backend_url = probe.url  # without credentials
+    problem = _bind_problem(config.host, config.port) if config.port else None
+    if problem is not None:
+        raise StoreError(f"dv365 serve: cannot listen on {config.host}:{config.port}: {problem}")
+    ctx = mp.get_context("spawn")  # no grpc state crosses a fork
+    ready = ctx.Queue()
+    with _reserve_port(config.host, config.port) as port:
+        procs = []
+        for i in range(config.workers):
+            mport = None if config.metrics_port is None else (config.metrics_port + i if config.metrics_port else 0)
+            cfg = replace(config, port=port, shared_port=True, metrics_port=mport, workers=1)
+            procs.append(ctx.Process(target=_worker, args=(cfg, i, ready), name=f"dv365-serve-{i}", daemon=True))
+        for p in procs:
+            p.start()
+        started: dict[int, tuple[int, int | None]] = {}
+        failure = None
+        try:
+            while len(started) < len(procs) and failure is None:
+                index, pid, mport, failure = ready.get(timeout=120)
+                started[index] = (pid, mport)
+        except Exception as e:  # noqa: BLE001 - a worker died before reporting
+            failure = f"a worker did not start: {type(e).__name__}: {e}"
+        if failure is not None:
+            _stop_workers(procs, 0)
+            raise StoreError(f"dv365 serve: {failure}")
+        cause: list[str] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            cause.append(signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        pids = ", ".join(str(started[i][0]) for i in sorted(started))
+        metrics = [started[i][1] for i in sorted(started) if started[i][1]]
+        print(
+            f"dv365 serve: listening on {config.host}:{port} ({'TLS' if config.tls_cert else 'plaintext'}, "
+            f"{config.workers} worker processes, pids {pids}"
+            f"{f', /metrics on ports {metrics}' if metrics else ''}), backend {backend_url}",
+            file=out,
+            flush=True,
+        )
+        t0 = time.time()
+        while not cause and all(p.is_alive() for p in procs):
+            time.sleep(0.2)
+        codes = _stop_workers(procs, config.grace_s)
+    print(
+        f"dv365 serve: stopped on {cause[0] if cause else 'a worker exit'} after {time.time() - t0:.0f} s "
+        f"({config.workers} workers, exit codes {codes})",
+        file=out,
+        flush=True,
+    )
+    return 0 if cause and all(c == 0 for c in codes) else 1
+
+
+def _stop_workers(procs: list[Any], grace: float) -> list[int | None]:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()  # SIGTERM: the worker drains its calls in flight
+    for p in procs:
+        p.join(grace + 15)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    return [p.exitcode for p in procs]
