@@ -1,20 +1,24 @@
 """``dv365 bench store`` (load test) and ``dv365 bench store-kv`` (the embedded-KV choice: LMDB vs SQLite).
 
 store: publishes a SIMULATED snapshot of ``--users`` users (default 1M; ``--quick``: 20K) into the embedded
-LMDB store, a throwaway redis-server and a ``dv365 serve`` process (gRPC over that LMDB store, reader token,
-plaintext on 127.0.0.1; the LMDB readers open it with ``?prefault=1``), then runs batch gets of
+LMDB store, a throwaway redis-server, a throwaway 3-master Redis Cluster and ``dv365 serve`` processes (gRPC over
+that LMDB store, reader token, plaintext on 127.0.0.1, one with 1 worker process (``grpc``) and one with
+``--workers 2`` (``grpc-2w``); the LMDB readers open it with ``?prefault=1``), then runs gets of
 ``--batch-users`` (default 1,000) random users with 1 and 16 concurrent client *processes* for each backend,
-raw redis-py ``MGET`` of the same keys as the Redis reference, and ``grpc-raw``: a bare grpcio unary call
-answering the same number of bytes (the transport floor of gRPC; both ends use the service's channel options,
-``grpc_common.CHANNEL_OPTIONS``, so the floor moves with them).
+beside references: raw redis-py ``MGET`` of the same keys (``redis-mget``) and ``grpc-raw``, a bare grpcio
+unary call answering the same number of bytes (the transport floor of gRPC; both ends use the service's
+channel options, ``grpc_common.CHANNEL_OPTIONS``, so the floor moves with them).
+Single-user mode, ``--batch-users 1`` (the online path: gRPC ``GetUser``): the references are raw redis-py
+``GET`` of the same 7.7 KB values on the Redis server (``redis-get``) and on the cluster
+(``redis-cluster-get``, redis-py's cluster client), and ``grpc-raw`` returning one user's bytes.
 Reported per backend and concurrency: p50/p99 latency (ms), gets/s, users/s and errors (exceptions, integrity
 errors or missing users: must be 0), the 1-minute load average when the run started and the share of CPU time
 the hypervisor stole during it (``steal_pct``, Linux). Each client first does untimed warm-up gets, and before
 the first run the kernel writes back the snapshot (``os.sync``), so no background writeback overlaps the timed
 gets. Environment knobs: ``DV365_BENCH_DIR`` (work dir, default a temp dir that is removed; a kept dir's
 snapshot is reused by the next run with the same users, seed and row format), ``DV365_BENCH_SECONDS``
-(measured seconds per run), ``DV365_BENCH_STORE_BACKENDS`` (comma list of embedded, redis, grpc, redis-mget,
-grpc-raw), ``DV365_BENCH_CLIENTS`` (e.g. ``1,16``), ``DV365_BENCH_TRACE`` (a folder: each client writes its
+(measured seconds per run), ``DV365_BENCH_STORE_BACKENDS`` (comma list of embedded, redis, redis-cluster, grpc,
+grpc-2w, redis-mget, redis-get, redis-cluster-get, grpc-raw), ``DV365_BENCH_CLIENTS`` (e.g. ``1,16``), ``DV365_BENCH_TRACE`` (a folder: each client writes its
 per-get latencies there, in order, as JSON).
 """
 
@@ -45,14 +49,24 @@ ALL_BACKENDS = (
     "redis",
     "redis-cluster",
     "grpc",
+    "grpc-2w",
     "redis-mget",
     "redis-get",
     "redis-cluster-get",
     "grpc-raw",
 )
 #: the default backends of a batch run, and of a single-user run (``--batch-users 1``: raw GET references)
-BATCH_BACKENDS = ("embedded", "redis", "redis-cluster", "grpc", "redis-mget", "grpc-raw")
-USER_BACKENDS = ("embedded", "redis", "redis-cluster", "grpc", "redis-get", "redis-cluster-get", "grpc-raw")
+BATCH_BACKENDS = ("embedded", "redis", "redis-cluster", "grpc", "grpc-2w", "redis-mget", "grpc-raw")
+USER_BACKENDS = (
+    "embedded",
+    "redis",
+    "redis-cluster",
+    "grpc",
+    "grpc-2w",  # dv365 serve --workers 2
+    "redis-get",
+    "redis-cluster-get",
+    "grpc-raw",
+)
 CLUSTER_MASTERS = 3
 RAW_METHOD = "/dv365.bench.Raw/Get"
 WARMUP_GETS, WARMUP_S = 20, 0.5  # untimed gets of each client before the timed run
@@ -107,7 +121,7 @@ def _make_get(kind: str, url: str) -> Callable[[np.ndarray], int]:
             return sum(client.get(name(version, u)) is None for u in ids.tolist())
 
         return raw_get
-    store = open_store(url, **({"token": TOKEN} if kind == "grpc" else {}))
+    store = open_store(url, **({"token": TOKEN} if kind.startswith("grpc") else {}))
 
     def get(ids: np.ndarray) -> int:
         res = store.get(ids)
@@ -438,10 +452,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             phase: list[subprocess.Popen[Any]] = []
             if {"grpc", "grpc-raw"} & set(backends):
                 _say("starting the gRPC servers (dv365 serve over the store; the bare grpcio floor)")
-            if "grpc" in backends:
-                gproc, gport = _start_grpc(read_url, root)
-                phase.append(gproc)
-                urls["grpc"] = f"grpc://127.0.0.1:{gport}"
+            for kind, workers in (("grpc", 1), ("grpc-2w", 2)):
+                if kind in backends:
+                    gproc, gport = _start_grpc(read_url, root, workers)
+                    phase.append(gproc)
+                    urls[kind] = f"grpc://127.0.0.1:{gport}"
             if "grpc-raw" in backends:
                 raw = subprocess.Popen(
                     [sys.executable, "-m", "dv365.benchmarks.store", "--raw-grpc-server"],
@@ -452,7 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 line = raw.stdout.readline() if raw.stdout else ""
                 urls["grpc-raw"] = line.strip().rsplit(" ", 1)[-1]
             procs.extend(phase)
-            measure(["embedded", "grpc", "grpc-raw"], urls)
+            measure(["embedded", "grpc", "grpc-2w", "grpc-raw"], urls)
             _stop(phase)
         # phase 2: Redis (its own memory; the LMDB pages may be evicted meanwhile) and raw MGET/GET of the same
         # keys; phase 3: a Redis Cluster and raw cluster GETs. Each server is stopped after its phase (memory).
@@ -592,12 +607,21 @@ def _targets(runs: dict[str, dict[str, Any]], clients: list[int], batch: int = 1
             t["grpc_over_raw_grpcio_p99"] = round(g["p99_ms"] / raw["p99_ms"], 2)
             t["grpc_p50_le_1.3x_raw_grpcio"] = g["p50_ms"] <= 1.3 * raw["p50_ms"]
             t["grpc_p99_le_1.5x_raw_grpcio"] = g["p99_ms"] <= 1.5 * raw["p99_ms"]
+    _workers_scaling(t, runs, clients)
     for c in clients:
         r, m = runs.get(f"redis_c{c}"), runs.get(f"redis-mget_c{c}")
         if r and m and m["gets_per_s"]:
             t[f"redis_over_mget_throughput_c{c}"] = round(r["gets_per_s"] / m["gets_per_s"], 2)
             t[f"redis_ge_50pct_mget_c{c}"] = r["gets_per_s"] >= 0.5 * m["gets_per_s"]
     return t
+
+
+def _workers_scaling(t: dict[str, Any], runs: dict[str, dict[str, Any]], clients: list[int]) -> None:
+    """users/s of ``dv365 serve --workers 2`` over one worker, per concurrency."""
+    for c in clients:
+        one, two = runs.get(f"grpc_c{c}"), runs.get(f"grpc-2w_c{c}")
+        if one and two and one["users_per_s"]:
+            t[f"grpc_2_workers_over_1_users_per_s_c{c}"] = round(two["users_per_s"] / one["users_per_s"], 2)
 
 
 def _user_targets(runs: dict[str, dict[str, Any]], clients: list[int]) -> dict[str, Any]:
@@ -608,6 +632,7 @@ def _user_targets(runs: dict[str, dict[str, Any]], clients: list[int]) -> dict[s
     if emb and emb["p99_ms"] is not None:
         t["embedded_p99_ms"] = emb["p99_ms"]
         t["embedded_p99_le_0.2ms"] = emb["p99_ms"] <= 0.2
+    _workers_scaling(t, runs, clients)
     for c in clients:
         g, raw = runs.get(f"grpc_c{c}"), runs.get(f"grpc-raw_c{c}")
         if g and raw and raw["p99_ms"]:
