@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 STORE_HELP = (
-    "store URL: lmdb:///path (embedded), redis://[user:pass@]host:port/db, grpc[s]://host:port; "
+    "store URL: lmdb:///path (embedded), redis://[user:pass@]host:port/db, "
+    "redis+cluster://[user:pass@]host:port[,host:port...], grpc[s]://host:port; "
     "default $DV365_STORE_URL"
 )
 

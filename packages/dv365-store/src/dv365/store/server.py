@@ -1,8 +1,11 @@
 """``dv365 serve``: a gRPC service in front of any store backend.
 
 * batched ``Get`` (payloads + checksums, so the client checks what crossed the wire) and ``GetStream`` (the same
-  answer in ~1 MB pieces, read and sent in a pipeline; the package's client uses it), ``Versions``, and the
-  writer methods ``Publish``/``Activate``/``Rollback``/``Delete``/``Prune``;
+  answer in ~1 MB pieces, read and sent in a pipeline; the package's client uses it), the unary one-user
+  ``GetUser`` (the online path), ``Versions``, and the writer methods
+  ``Publish``/``Activate``/``Rollback``/``Delete``/``Prune``;
+* ``--workers N``: N processes, one grpcio server each, on one port (:func:`serve_workers`);
+* ``--metrics-port``: Prometheus ``/metrics`` (:mod:`dv365.store.metrics`);
 * bearer tokens (``authorization: Bearer <token>``) with separate reader and writer sets: a reader token cannot
   publish (PERMISSION_DENIED), no/unknown token is UNAUTHENTICATED; the standard health service
   (``grpc.health.v1``) needs no token; reflection is opt-in and needs a reader token;
