@@ -53,3 +53,19 @@ def test_cluster_urls_name_what_is_wrong() -> None:
         open_store("redis+cluster://127.0.0.1:7000?buckets=0")
     with pytest.raises(StoreError, match="unknown option"):
         open_store("redis+cluster://127.0.0.1:7000?bucket=3")
+
+
+def test_an_open_client_reads_on_after_the_cluster_restarts(redis_cluster, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """Every node killed (-9) and restarted under an open reader: its next get reconnects, re-learns the slot
+    map and answers from the published version (which the publish saved on every primary)."""
+    writer = open_store(redis_cluster.url("writer", "restart"))
+    writer.publish(snapshots("r1", fill=1))
+    reader = open_store(redis_cluster.url("reader", "restart"))
+    before = reader.get(USERS[:40])
+    redis_cluster.restart()
+    after = reader.get(USERS[:40])
+    assert after.snapshot_id == "r1" and after.present.all()
+    np.testing.assert_array_equal(after.payload, before.payload)
+    assert reader.get([int(USERS[3])]).present.all()
+    for s in (writer, reader):
+        s.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -214,10 +215,12 @@ class RedisClusterStore(RedisStore):
             for attempt in range(READ_ATTEMPTS):
                 try:
                     got = self._read(ids)
-                except _TOPOLOGY_ERRORS:
+                except (*_TOPOLOGY_ERRORS, rx.ConnectionError, rx.TimeoutError):
                     if attempt == READ_ATTEMPTS - 1:
                         raise
-                    self._refresh()  # a slot moved or a primary failed over: re-learn the slot map
+                    # a slot moved, a primary failed over or restarted: re-learn the slot map, reconnect
+                    time.sleep(min(0.05 * 2**attempt, 1.0))
+                    self._refresh()
                     continue
                 if got is not None:
                     return got

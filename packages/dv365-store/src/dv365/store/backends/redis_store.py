@@ -171,8 +171,8 @@ class RedisStore(EmbeddingStore):
                 pre = self._key_prefix(info.version)
                 # the pointer last: with a small value before a large one the reply is measurably slower to
                 # arrive (~50 us on loopback, Redis 7.0)
-                values = self.r.mget([*[pre + b"%d" % u for u in ids.tolist()], self._active_key])
-                active = values.pop()
+                values = self._fast_mget([*[pre + b"%d" % u for u in ids.tolist()], self._active_key.encode()])
+                active = values.pop() if values is not None else None
                 if active is not None and active.decode() == info.version:
                     payload, present, checksums, errors = assemble(
                         iter(values), ids, info.row_format, f"{self.url} version {info.version!r}"
@@ -208,6 +208,22 @@ class RedisStore(EmbeddingStore):
                 )
                 return RawLookup(payload, present, checksums, errors, info)
         raise StoreError(f"{self.url}: the active version kept changing during 8 read attempts")
+
+    def _fast_mget(self, keys: list[bytes]) -> list[Any] | None:
+        """``MGET keys`` written and read on a pooled connection directly (redis-py's command path costs more
+        per call than the whole one-user read otherwise); None on any failure: the caller takes the regular
+        path, which has redis-py's reconnects and retries and reports the error properly."""
+        pool = self.r.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_command("MGET", *keys), check_health=False)
+            reply = conn.read_response()
+        except Exception:  # noqa: BLE001 - stale connection, LOADING, NOPERM...: the regular path decides
+            conn.disconnect()
+            return None
+        finally:
+            pool.release(conn)
+        return reply if isinstance(reply, list) else None
 
     # ---- versions ----------------------------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
