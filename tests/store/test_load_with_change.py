@@ -31,8 +31,10 @@ def test_single_user_load_while_versions_change(harness: Harness, snapshots) -> 
     def client(k: int) -> None:
         rng = np.random.default_rng(k)
         store = readers[k]
+        after = 0  # gets started once both switches were done: every client reads the last version too
         try:
-            while done[k] < REQUESTS or not published.is_set():
+            while done[k] < REQUESTS or after < 3:
+                after += published.is_set()
                 uid = int(rng.choice(USERS))
                 r = store.get([uid])
                 done[k] += 1
