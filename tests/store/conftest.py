@@ -65,10 +65,7 @@ class RedisServer:
         self.root, self.port = root, free_port()
         (root / "redis.conf").write_text(
             f'port {self.port}\nbind 127.0.0.1\ndir {root}\ndbfilename dump.rdb\nsave ""\nappendonly no\n'
-            "protected-mode yes\nuser default off\n"
-            f"user writer on >{REDIS_PASS['writer']} ~* &* +@all\n"
-            f"user reader on >{REDIS_PASS['reader']} ~* resetchannels -@all +@read +@connection +multi +exec "
-            "+discard +ping +info\n"
+            f"protected-mode yes\n{ACL_USERS}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -101,6 +98,145 @@ class RedisServer:
     def url(self, user: str | None, prefix: str) -> str:
         cred = f"{user}:{REDIS_PASS[user]}@" if user else ""
         return f"redis://{cred}127.0.0.1:{self.port}/0?prefix={prefix}"
+
+
+ACL_USERS = (
+    "user default off\n"
+    f"user writer on >{REDIS_PASS['writer']} ~* &* +@all\n"
+    f"user reader on >{REDIS_PASS['reader']} ~* resetchannels -@all +@read +@connection +multi +exec "
+    "+discard +ping +info"
+)
+# what redis-py's cluster client runs to learn the topology
+CLUSTER_READER_ACL = " +cluster|slots +cluster|shards +cluster|nodes +command"
+
+
+class RedisCluster:
+    """A real Redis Cluster: ``masters`` redis-server processes in cluster mode on free 127.0.0.1 ports (each in
+    its own tmp dir, with the same ACL users as :class:`RedisServer`), joined by ``redis-cli --cluster create``.
+    ``kill()``/``start()`` kill -9 and restart every node (their nodes.conf brings the cluster back)."""
+
+    def __init__(self, root: Path, masters: int = 3) -> None:
+        self.root = root
+        self.ports = [cluster_port() for _ in range(masters)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for port in self.ports:
+            d = root / str(port)
+            d.mkdir()
+            (d / "redis.conf").write_text(
+                f'port {port}\nbind 127.0.0.1\ndir {d}\ndbfilename dump.rdb\nsave ""\nappendonly no\n'
+                "cluster-enabled yes\ncluster-config-file nodes.conf\ncluster-node-timeout 2000\n"
+                f"protected-mode yes\n{ACL_USERS}{CLUSTER_READER_ACL}\n"
+            )
+        self.start()
+        try:
+            self._create()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _create(self) -> None:
+        cli = shutil.which("redis-cli") or "redis-cli"
+        out = subprocess.run(
+            [cli, "--user", "writer", "--pass", REDIS_PASS["writer"], "--no-auth-warning", "--cluster", "create"]
+            + [f"127.0.0.1:{p}" for p in self.ports]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+        self.wait_ok()
+
+    def start(self) -> None:
+        for port in self.ports:
+            d = self.root / str(port)
+            self.procs.append(
+                subprocess.Popen(
+                    [REDIS or "redis-server", str(d / "redis.conf")],
+                    stdout=open(d / "redis.log", "ab"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        try:
+            for port in self.ports:
+                _wait_port(port, self.root / str(port) / "redis.log")
+        except BaseException:
+            self.kill()
+            raise
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every node reports ``cluster_state:ok`` (all slots served)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            r = redis.Redis(port=port, username="writer", password=REDIS_PASS["writer"])
+            try:
+                while b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cluster node {port} did not reach cluster_state:ok")
+                    time.sleep(0.1)
+            except redis.exceptions.BusyLoadingError:
+                time.sleep(0.1)
+            finally:
+                r.close()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        self.procs = []
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+        self.wait_ok()
+
+    def url(self, user: str | None, prefix: str) -> str:
+        cred = f"{user}:{REDIS_PASS[user]}@" if user else ""
+        nodes = ",".join(f"127.0.0.1:{p}" for p in self.ports[:2])  # the client discovers the third
+        return f"redis+cluster://{cred}{nodes}?prefix={prefix}"
+
+
+def cluster_port() -> int:
+    """A free port p <= 55535 whose cluster-bus port p + 10000 is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _wait_port(port: int, log: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"redis-server on {port} did not start: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster for the session (killed at the end)."""
+    if REDIS is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server/redis-cli are not installed (apt-get install redis-server); CI installs them")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.kill()
 
 
 @pytest.fixture(scope="session")
@@ -230,17 +366,30 @@ def flip_lmdb(store: Any, version: str, uid: int) -> None:
         txn.put(key, bytes(value), db=store.data)
 
 
+def _redis_like_harness(
+    kind: str, url: Callable[[str | None], str], corrupt: Callable[[str, int], None], restart: Callable[[], None]
+) -> Harness:
+    """A harness over a Redis server or cluster: ``url(user)`` opens it as ``writer``, ``reader`` or nobody."""
+    h = Harness(
+        kind,
+        writer=lambda: open_store(url("writer") + "&keep=2"),
+        reader=lambda: open_store(url("reader")),
+        anonymous=lambda: open_store(url(None)),
+        corrupt=corrupt,
+        restart=restart,
+    )
+
+    def restart_all() -> None:
+        h.close_all()
+        restart()
+
+    h.writer, h.reader, h.anonymous = _tracked(h, h.writer), _tracked(h, h.reader), _tracked(h, h.anonymous)  # type: ignore[arg-type]
+    h.restart = restart_all
+    return h
+
+
 def redis_harness(srv: RedisServer, prefix: str) -> Harness:
     import redis
-
-    h = Harness(
-        "redis",
-        writer=lambda: open_store(srv.url("writer", prefix) + "&keep=2"),
-        reader=lambda: open_store(srv.url("reader", prefix)),
-        anonymous=lambda: open_store(srv.url(None, prefix)),
-        corrupt=lambda v, u: None,
-        restart=lambda: None,
-    )
 
     def corrupt(version: str, uid: int) -> None:
         r = redis.Redis(port=srv.port, username="writer", password=REDIS_PASS["writer"])
@@ -250,13 +399,24 @@ def redis_harness(srv: RedisServer, prefix: str) -> Harness:
         r.close()
 
     def restart() -> None:
-        h.close_all()
         srv.kill()
         srv.start()
 
-    h.writer, h.reader, h.anonymous = _tracked(h, h.writer), _tracked(h, h.reader), _tracked(h, h.anonymous)  # type: ignore[arg-type]
-    h.corrupt, h.restart = corrupt, restart
-    return h
+    return _redis_like_harness("redis", lambda user: srv.url(user, prefix), corrupt, restart)
+
+
+def redis_cluster_harness(cluster: RedisCluster, prefix: str) -> Harness:
+    def corrupt(version: str, uid: int) -> None:
+        from dv365.store.backends.redis_cluster_store import RedisClusterStore
+
+        store = open_store(cluster.url("writer", prefix))
+        assert isinstance(store, RedisClusterStore)
+        key = store.record_key(version, uid)
+        b = store.rc.getrange(key, 100, 100)
+        store.rc.setrange(key, 100, bytes([b[0] ^ 0x01]))
+        store.close()
+
+    return _redis_like_harness("redis-cluster", lambda user: cluster.url(user, prefix), corrupt, cluster.restart)
 
 
 def grpc_harness(root: Path, tls: dict[str, str], snapshot_root: str) -> Harness:
@@ -299,7 +459,7 @@ def grpc_harness(root: Path, tls: dict[str, str], snapshot_root: str) -> Harness
     return h
 
 
-@pytest.fixture(params=["lmdb", "redis", "grpc"])
+@pytest.fixture(params=["lmdb", "redis", "redis-cluster", "grpc"])
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     """The backend under test (the contract suite is parametrised by it)."""
     kind = request.param
@@ -307,6 +467,8 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         h = lmdb_harness(tmp_path)
     elif kind == "redis":
         h = redis_harness(request.getfixturevalue("redis_server"), f"t{os.getpid()}x{id(request)}")
+    elif kind == "redis-cluster":
+        h = redis_cluster_harness(request.getfixturevalue("redis_cluster"), f"t{os.getpid()}x{id(request)}")
     else:
         h = grpc_harness(tmp_path, request.getfixturevalue("tls_files"), request.getfixturevalue("snapshots").root)
     yield h

@@ -36,12 +36,29 @@ def test_bench_store_smoke(monkeypatch, capsys) -> None:  # type: ignore[no-unty
     assert main(["bench", "store", "--quick", "--users", "3000", "--batch-users", "200", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["benchmark"] == "store" and res["users"] == 3000 and res["total_errors"] == 0
-    kinds = {"embedded", "grpc", "grpc-raw"} | ({"redis", "redis-mget"} if "redis_skipped" not in res else set())
+    kinds = {"embedded", "grpc", "grpc-2w", "grpc-raw", "redis", "redis-mget", "redis-cluster"}
     assert {k.rsplit("_c", 1)[0] for k in res["runs"]} == kinds
     for r in res["runs"].values():
         assert r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
     assert "embedded_p99_le_5ms" in res["targets"] and "grpc_p99_le_2x_embedded" in res["targets"]
     assert "grpc_over_raw_grpcio_p50" in res["targets"]
+
+
+def test_bench_store_single_user_smoke(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--batch-users 1: every backend and the raw references (redis-py GET on Redis and on a Redis Cluster, a bare
+    grpcio unary call), 0 errors, and the single-user targets computed."""
+    monkeypatch.setenv("DV365_BENCH_SECONDS", "0.3")
+    monkeypatch.setenv("DV365_BENCH_CLIENTS", "1,2")
+    assert main(["bench", "store", "--quick", "--users", "2000", "--batch-users", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["mode"] == "single-user" and res["total_errors"] == 0
+    kinds = {"embedded", "grpc", "grpc-2w", "grpc-raw", "redis", "redis-get", "redis-cluster", "redis-cluster-get"}
+    assert {k.rsplit("_c", 1)[0] for k in res["runs"]} == kinds
+    for r in res["runs"].values():
+        assert r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0 and r["users_per_s"] > 0
+    t = res["targets"]
+    assert {"embedded_p99_le_0.2ms", "grpc_p99_le_1.5x_raw_grpcio_c2", "redis_ge_70pct_raw_get_c2"} <= set(t)
+    assert t["redis-cluster_over_raw_get_throughput_c2"] > 0 and t["grpc_2_workers_over_1_users_per_s_c2"] > 0
 
 
 def test_bench_kv_choice_smoke(capsys) -> None:  # type: ignore[no-untyped-def]

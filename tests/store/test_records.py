@@ -68,6 +68,23 @@ def test_assemble_matches_the_reference(cases, seed) -> None:  # type: ignore[no
         assert verify_payloads(payload, ids, checksums, present).tolist() == [k]
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(-(2**63), 2**63 - 1), st.sampled_from(["ok", "missing", "flip", "short"]), st.integers(0, 2**32 - 1))
+def test_single_user_path_matches_the_batch_loop(uid, kind, seed) -> None:  # type: ignore[no-untyped-def]
+    """assemble() of one user takes its own short path: same answer as that user inside a batch."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([uid, uid ^ 1], dtype=np.int64)
+    recs = encode_records(ids, rng.integers(0, 256, (2, FMT.user_bytes), dtype=np.uint8))
+    value: bytes | None = {"ok": recs[0], "missing": None, "flip": bytes([recs[0][0] ^ 1]) + recs[0][1:]}.get(
+        kind, recs[0][:-1]
+    )
+    one = assemble(iter([value]), ids[:1], FMT, "test")
+    batch = assemble(iter([value, recs[1]]), ids, FMT, "test")
+    for a, b in zip(one[:3], batch[:3]):
+        np.testing.assert_array_equal(a, b[:1])
+    assert one[3] == {k: v for k, v in batch[3].items() if k == 0}
+
+
 def test_record_layout() -> None:
     rec = encode_records(np.array([5]), np.arange(FMT.user_bytes, dtype=np.uint8)[None])[0]
     assert len(rec) == FMT.user_bytes + CHECKSUM_BYTES

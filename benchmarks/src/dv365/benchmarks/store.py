@@ -1,20 +1,24 @@
 """``dv365 bench store`` (load test) and ``dv365 bench store-kv`` (the embedded-KV choice: LMDB vs SQLite).
 
 store: publishes a SIMULATED snapshot of ``--users`` users (default 1M; ``--quick``: 20K) into the embedded
-LMDB store, a throwaway redis-server and a ``dv365 serve`` process (gRPC over that LMDB store, reader token,
-plaintext on 127.0.0.1; the LMDB readers open it with ``?prefault=1``), then runs batch gets of
+LMDB store, a throwaway redis-server, a throwaway 3-master Redis Cluster and ``dv365 serve`` processes (gRPC over
+that LMDB store, reader token, plaintext on 127.0.0.1, one with 1 worker process (``grpc``) and one with
+``--workers 2`` (``grpc-2w``); the LMDB readers open it with ``?prefault=1``), then runs gets of
 ``--batch-users`` (default 1,000) random users with 1 and 16 concurrent client *processes* for each backend,
-raw redis-py ``MGET`` of the same keys as the Redis reference, and ``grpc-raw``: a bare grpcio unary call
-answering the same number of bytes (the transport floor of gRPC; both ends use the service's channel options,
-``grpc_common.CHANNEL_OPTIONS``, so the floor moves with them).
+beside references: raw redis-py ``MGET`` of the same keys (``redis-mget``) and ``grpc-raw``, a bare grpcio
+unary call answering the same number of bytes (the transport floor of gRPC; both ends use the service's
+channel options, ``grpc_common.CHANNEL_OPTIONS``, so the floor moves with them).
+Single-user mode, ``--batch-users 1`` (the online path: gRPC ``GetUser``): the references are raw redis-py
+``GET`` of the same 7.7 KB values on the Redis server (``redis-get``) and on the cluster
+(``redis-cluster-get``, redis-py's cluster client), and ``grpc-raw`` returning one user's bytes.
 Reported per backend and concurrency: p50/p99 latency (ms), gets/s, users/s and errors (exceptions, integrity
 errors or missing users: must be 0), the 1-minute load average when the run started and the share of CPU time
 the hypervisor stole during it (``steal_pct``, Linux). Each client first does untimed warm-up gets, and before
 the first run the kernel writes back the snapshot (``os.sync``), so no background writeback overlaps the timed
 gets. Environment knobs: ``DV365_BENCH_DIR`` (work dir, default a temp dir that is removed; a kept dir's
 snapshot is reused by the next run with the same users, seed and row format), ``DV365_BENCH_SECONDS``
-(measured seconds per run), ``DV365_BENCH_STORE_BACKENDS`` (comma list of embedded, redis, grpc, redis-mget,
-grpc-raw), ``DV365_BENCH_CLIENTS`` (e.g. ``1,16``), ``DV365_BENCH_TRACE`` (a folder: each client writes its
+(measured seconds per run), ``DV365_BENCH_STORE_BACKENDS`` (comma list of embedded, redis, redis-cluster, grpc,
+grpc-2w, redis-mget, redis-get, redis-cluster-get, grpc-raw), ``DV365_BENCH_CLIENTS`` (e.g. ``1,16``), ``DV365_BENCH_TRACE`` (a folder: each client writes its
 per-get latencies there, in order, as JSON).
 """
 
@@ -40,7 +44,30 @@ import numpy as np
 from dv365.core.quantize import RowFormat
 
 TOKEN = "bench-reader-token-0123456789"
-ALL_BACKENDS = ("embedded", "redis", "grpc", "redis-mget", "grpc-raw")
+ALL_BACKENDS = (
+    "embedded",
+    "redis",
+    "redis-cluster",
+    "grpc",
+    "grpc-2w",
+    "redis-mget",
+    "redis-get",
+    "redis-cluster-get",
+    "grpc-raw",
+)
+#: the default backends of a batch run, and of a single-user run (``--batch-users 1``: raw GET references)
+BATCH_BACKENDS = ("embedded", "redis", "redis-cluster", "grpc", "grpc-2w", "redis-mget", "grpc-raw")
+USER_BACKENDS = (
+    "embedded",
+    "redis",
+    "redis-cluster",
+    "grpc",
+    "grpc-2w",  # dv365 serve --workers 2
+    "redis-get",
+    "redis-cluster-get",
+    "grpc-raw",
+)
+CLUSTER_MASTERS = 3
 RAW_METHOD = "/dv365.bench.Raw/Get"
 WARMUP_GETS, WARMUP_S = 20, 0.5  # untimed gets of each client before the timed run
 
@@ -84,7 +111,17 @@ def _make_get(kind: str, url: str) -> Callable[[np.ndarray], int]:
         return mget
     from dv365.store.factory import open_store
 
-    store = open_store(url, **({"token": TOKEN} if kind == "grpc" else {}))
+    if kind in ("redis-get", "redis-cluster-get"):  # raw redis-py GET of the same keys (the store names them)
+        store = open_store(url)
+        client: Any = getattr(store, "rc", None) or store.r  # type: ignore[attr-defined]
+        name = store.record_key  # type: ignore[attr-defined]
+        version = store.versions()[-1].version
+
+        def raw_get(ids: np.ndarray) -> int:
+            return sum(client.get(name(version, u)) is None for u in ids.tolist())
+
+        return raw_get
+    store = open_store(url, **({"token": TOKEN} if kind.startswith("grpc") else {}))
 
     def get(ids: np.ndarray) -> int:
         res = store.get(ids)
@@ -223,6 +260,11 @@ def _start_redis(root: str) -> tuple[subprocess.Popen[bytes], int]:
         ],
         stdout=subprocess.DEVNULL,
     )
+    _wait_redis(port)
+    return proc, port
+
+
+def _wait_redis(port: int) -> None:
     import redis
 
     r = redis.Redis(port=port)
@@ -233,10 +275,49 @@ def _start_redis(root: str) -> tuple[subprocess.Popen[bytes], int]:
         except redis.exceptions.ConnectionError:
             time.sleep(0.05)
     r.close()
-    return proc, port
 
 
-def _start_grpc(backend: str, root: str) -> tuple[subprocess.Popen[str], int]:
+def _start_redis_cluster(root: str) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """CLUSTER_MASTERS redis-server processes in cluster mode on 127.0.0.1 (no persistence), joined with
+    ``redis-cli --cluster create``."""
+    exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if exe is None or cli is None:
+        raise FileNotFoundError("redis-server/redis-cli")
+    ports: list[int] = []
+    while len(ports) < CLUSTER_MASTERS:
+        p = _free_port()
+        if p <= 55535 and p not in ports:  # the cluster bus listens on port + 10000
+            ports.append(p)
+    procs = []
+    for p in ports:
+        d = os.path.join(root, f"cluster-{p}")
+        os.makedirs(d, exist_ok=True)
+        procs.append(
+            subprocess.Popen(
+                [exe, "--port", str(p), "--bind", "127.0.0.1", "--dir", d, "--save", "", "--appendonly", "no"]
+                + ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+    for p in ports:
+        _wait_redis(p)
+    subprocess.run(
+        [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-yes"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    import redis
+
+    for p in ports:
+        r = redis.Redis(port=p)
+        while b"cluster_state:ok" not in r.execute_command("CLUSTER", "INFO"):
+            time.sleep(0.1)
+        r.close()
+    return procs, ports
+
+
+def _start_grpc(backend: str, root: str, workers: int = 1) -> tuple[subprocess.Popen[str], int]:
     tok = os.path.join(root, "reader.tokens")
     with open(tok, "w") as f:
         f.write(TOKEN + "\n")
@@ -252,8 +333,10 @@ def _start_grpc(backend: str, root: str) -> tuple[subprocess.Popen[str], int]:
             "0",
             "--reader-token-file",
             tok,
-            "--workers",
+            "--threads",
             "16",
+            "--workers",
+            str(workers),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -298,7 +381,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     users = args.users or (20_000 if args.quick else 1_000_000)
     batch = args.batch_users or 1000
     seconds = float(os.environ.get("DV365_BENCH_SECONDS", 1.5 if args.quick else 6))
-    backends = [b for b in _env_list("DV365_BENCH_STORE_BACKENDS", ",".join(ALL_BACKENDS)) if b in ALL_BACKENDS]
+    default = USER_BACKENDS if batch == 1 else BATCH_BACKENDS
+    backends = [b for b in _env_list("DV365_BENCH_STORE_BACKENDS", ",".join(default)) if b in ALL_BACKENDS]
     clients = [int(c) for c in _env_list("DV365_BENCH_CLIENTS", "1,16")]
     keep_dir = "DV365_BENCH_DIR" in os.environ
     root = os.environ.get("DV365_BENCH_DIR") or tempfile.mkdtemp(prefix="dv365-bench-store-")
@@ -308,6 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "users": users,
         "batch_users": batch,
         "seconds_per_run": seconds,
+        "mode": "single-user" if batch == 1 else "batch",
         "bytes_per_user": fmt.user_bytes,
         "snapshot_gb": round(users * fmt.user_bytes / 1e9, 2),
         "simulated": True,
@@ -367,10 +452,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             phase: list[subprocess.Popen[Any]] = []
             if {"grpc", "grpc-raw"} & set(backends):
                 _say("starting the gRPC servers (dv365 serve over the store; the bare grpcio floor)")
-            if "grpc" in backends:
-                gproc, gport = _start_grpc(read_url, root)
-                phase.append(gproc)
-                urls["grpc"] = f"grpc://127.0.0.1:{gport}"
+            for kind, workers in (("grpc", 1), ("grpc-2w", 2)):
+                if kind in backends:
+                    gproc, gport = _start_grpc(read_url, root, workers)
+                    phase.append(gproc)
+                    urls[kind] = f"grpc://127.0.0.1:{gport}"
             if "grpc-raw" in backends:
                 raw = subprocess.Popen(
                     [sys.executable, "-m", "dv365.benchmarks.store", "--raw-grpc-server"],
@@ -381,29 +467,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 line = raw.stdout.readline() if raw.stdout else ""
                 urls["grpc-raw"] = line.strip().rsplit(" ", 1)[-1]
             procs.extend(phase)
-            measure(["embedded", "grpc", "grpc-raw"], urls)
+            measure(["embedded", "grpc", "grpc-2w", "grpc-raw"], urls)
             _stop(phase)
-        # phase 2: Redis (its own memory; the LMDB pages may be evicted meanwhile) and raw MGET of the same keys
-        if {"redis", "redis-mget"} & set(backends):
+        # phase 2: Redis (its own memory; the LMDB pages may be evicted meanwhile) and raw MGET/GET of the same
+        # keys; phase 3: a Redis Cluster and raw cluster GETs. Each server is stopped after its phase (memory).
+        for kinds, start in (
+            (["redis", "redis-mget", "redis-get"], _start_redis),
+            (["redis-cluster", "redis-cluster-get"], _start_redis_cluster),
+        ):
+            if not set(kinds) & set(backends):
+                continue
             try:
-                rproc, rport = _start_redis(root)
+                phase_procs, port = start(root)  # type: ignore[operator]
             except FileNotFoundError:
-                result["redis_skipped"] = "redis-server not installed"
+                result[f"{kinds[0]}_skipped"] = "redis-server/redis-cli not installed"
+                continue
+            phase = phase_procs if isinstance(phase_procs, list) else [phase_procs]
+            procs.extend(phase)
+            if kinds[0] == "redis":
+                rurl = f"redis://127.0.0.1:{port}/0?prefix=bench"
             else:
-                procs.append(rproc)
-                rurl = f"redis://127.0.0.1:{rport}/0"
-                _say(f"publishing into {rurl} (throwaway redis-server)")
-                with open_store(rurl + "?prefix=bench&persist=none") as s:
-                    t = time.perf_counter()
-                    s.publish(snap)
-                    result["publish_redis_s"] = round(time.perf_counter() - t, 1)
-                _say(f"published in {result['publish_redis_s']} s")
-                _settle()
-                _drop_cache(snap)
-                measure(["redis", "redis-mget"], {"redis": rurl + "?prefix=bench", "redis-mget": rurl + "#bench"})
+                rurl = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in port) + "?prefix=bench"
+            _say(f"publishing into {rurl} (throwaway servers)")
+            with open_store(rurl + "&persist=none") as s:
+                t = time.perf_counter()
+                s.publish(snap)
+                result[f"publish_{kinds[0]}_s"] = round(time.perf_counter() - t, 1)
+            _say(f"published in {result[f'publish_{kinds[0]}_s']} s")
+            _settle()
+            _drop_cache(snap)
+            urls = {k: rurl for k in kinds}
+            urls["redis-mget"] = rurl.split("?")[0] + "#bench"
+            measure(kinds, urls)
+            _stop(phase)
         result["runs"] = runs
         result["total_errors"] = sum(r["errors"] for r in runs.values())
-        result["targets"] = _targets(runs, clients)
+        result["targets"] = _targets(runs, clients, batch)
     finally:
         _stop(procs)
         if not keep_dir:
@@ -490,7 +589,9 @@ def _mem_available_gb() -> float | None:
     return None
 
 
-def _targets(runs: dict[str, dict[str, Any]], clients: list[int]) -> dict[str, Any]:
+def _targets(runs: dict[str, dict[str, Any]], clients: list[int], batch: int = 1000) -> dict[str, Any]:
+    if batch == 1:
+        return _user_targets(runs, clients)
     t: dict[str, Any] = {}
     emb, g = runs.get("embedded_c1"), runs.get("grpc_c1")
     if emb and emb["p99_ms"] is not None:
@@ -503,11 +604,45 @@ def _targets(runs: dict[str, dict[str, Any]], clients: list[int]) -> dict[str, A
         if g and raw and raw["p99_ms"]:
             t["grpc_raw_floor_p50_ms"] = raw["p50_ms"]
             t["grpc_over_raw_grpcio_p50"] = round(g["p50_ms"] / raw["p50_ms"], 2)
+            t["grpc_over_raw_grpcio_p99"] = round(g["p99_ms"] / raw["p99_ms"], 2)
+            t["grpc_p50_le_1.3x_raw_grpcio"] = g["p50_ms"] <= 1.3 * raw["p50_ms"]
+            t["grpc_p99_le_1.5x_raw_grpcio"] = g["p99_ms"] <= 1.5 * raw["p99_ms"]
+    _workers_scaling(t, runs, clients)
     for c in clients:
         r, m = runs.get(f"redis_c{c}"), runs.get(f"redis-mget_c{c}")
         if r and m and m["gets_per_s"]:
             t[f"redis_over_mget_throughput_c{c}"] = round(r["gets_per_s"] / m["gets_per_s"], 2)
             t[f"redis_ge_50pct_mget_c{c}"] = r["gets_per_s"] >= 0.5 * m["gets_per_s"]
+    return t
+
+
+def _workers_scaling(t: dict[str, Any], runs: dict[str, dict[str, Any]], clients: list[int]) -> None:
+    """users/s of ``dv365 serve --workers 2`` over one worker, per concurrency."""
+    for c in clients:
+        one, two = runs.get(f"grpc_c{c}"), runs.get(f"grpc-2w_c{c}")
+        if one and two and one["users_per_s"]:
+            t[f"grpc_2_workers_over_1_users_per_s_c{c}"] = round(two["users_per_s"] / one["users_per_s"], 2)
+
+
+def _user_targets(runs: dict[str, dict[str, Any]], clients: list[int]) -> dict[str, Any]:
+    """The single-user targets: embedded p99 <= 0.2 ms, gRPC p99 <= 1.5x the bare grpcio unary call, Redis and
+    Redis Cluster >= 70 % of raw redis-py GET throughput (per concurrency)."""
+    t: dict[str, Any] = {}
+    emb = runs.get("embedded_c1")
+    if emb and emb["p99_ms"] is not None:
+        t["embedded_p99_ms"] = emb["p99_ms"]
+        t["embedded_p99_le_0.2ms"] = emb["p99_ms"] <= 0.2
+    _workers_scaling(t, runs, clients)
+    for c in clients:
+        g, raw = runs.get(f"grpc_c{c}"), runs.get(f"grpc-raw_c{c}")
+        if g and raw and raw["p99_ms"]:
+            t[f"grpc_over_raw_grpcio_p99_c{c}"] = round(g["p99_ms"] / raw["p99_ms"], 2)
+            t[f"grpc_p99_le_1.5x_raw_grpcio_c{c}"] = g["p99_ms"] <= 1.5 * raw["p99_ms"]
+        for store, ref in (("redis", "redis-get"), ("redis-cluster", "redis-cluster-get")):
+            r, m = runs.get(f"{store}_c{c}"), runs.get(f"{ref}_c{c}")
+            if r and m and m["gets_per_s"]:
+                t[f"{store}_over_raw_get_throughput_c{c}"] = round(r["gets_per_s"] / m["gets_per_s"], 2)
+                t[f"{store}_ge_70pct_raw_get_c{c}"] = r["gets_per_s"] >= 0.7 * m["gets_per_s"]
     return t
 
 

@@ -3,7 +3,7 @@
 One client interface for every backend, chosen by URL and imported only when selected::
 
     from dv365.store import open_store
-    store = open_store("lmdb:///srv/dv365")        # embedded (default), or redis://…, grpc[s]://…
+    store = open_store("lmdb:///srv/dv365")        # embedded (default), or redis://…, redis+cluster://…, grpc[s]://…
     store.publish("/data/snapshots/2026-11-22T06")  # verify, load, activate atomically, keep the last 3
     r = store.get([42, 7])                          # LookupResult: int4 payload [2, 58, 132], present, snapshot_id, age_s
     x = store.get_float([42, 7]).embeddings         # de-quantized [2, 58, 256] float32

@@ -30,6 +30,7 @@ from dv365.store.errors import (
     StoreError,
     VersionNotFoundError,
 )
+from dv365.store.metrics import StoreMetrics
 from dv365.store.records import encode_records
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
@@ -140,6 +141,16 @@ class RawLookup:
         )
 
 
+def count_answer(metrics: StoreMetrics, method: str, raw: RawLookup, seconds: float) -> None:
+    """Counts one answered call: its users, the missing ones, those whose stored value failed its checksum."""
+    failed = len(raw.errors)
+    users = len(raw.present)
+    missing = (users - int(raw.present[0]) if users == 1 else users - int(raw.present.sum())) - failed
+    metrics.observe(method, seconds, users, missing, failed)
+    info = raw.info
+    metrics.answered_from(info.version, info.data_cutoff_ts, info.published_at)
+
+
 def as_user_ids(user_ids: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
     """Validates a batch of user ids: 1-D, integral, at most :data:`MAX_BATCH`."""
     arr = np.asarray(user_ids)
@@ -189,12 +200,20 @@ class EmbeddingStore(abc.ABC):
             raise StoreError(f"{url}: keep={keep}: at least the active version must be kept")
         self.url = url
         self.keep = int(keep)
+        self.metrics = StoreMetrics()  # what this client asked and got (see dv365.store.metrics)
 
     # ---- reads -------------------------------------------------------------------------------------
     def get(self, user_ids: Sequence[int] | np.ndarray) -> LookupResult:
         """Batched lookup from the active version; unknown users are ``present == False``; a stored value
         that fails its checksum is ``present == False`` with a message in ``errors`` (never garbage)."""
-        return self.lookup(as_user_ids(user_ids, self.url)).to_result()
+        t0 = time.perf_counter()
+        try:
+            raw = self.lookup(as_user_ids(user_ids, self.url))
+        except StoreError:
+            self.metrics.observe("get", time.perf_counter() - t0, error=True)
+            raise
+        count_answer(self.metrics, "get", raw, time.perf_counter() - t0)
+        return raw.to_result()
 
     def get_float(self, user_ids: Sequence[int] | np.ndarray) -> FloatLookupResult:
         """Like :meth:`get`, de-quantized to float32 ``[B, rows_per_user, dim]`` (zero rows for missing users)."""

@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 STORE_HELP = (
-    "store URL: lmdb:///path (embedded), redis://[user:pass@]host:port/db, grpc[s]://host:port; "
+    "store URL: lmdb:///path (embedded), redis://[user:pass@]host:port/db, "
+    "redis+cluster://[user:pass@]host:port[,host:port...], grpc[s]://host:port; "
     "default $DV365_STORE_URL"
 )
 
@@ -71,7 +72,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         "--allow-anonymous", action="store_true", help="no tokens needed (everyone is a writer): development only"
     )
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (needs a reader token)")
-    p.add_argument("--workers", type=int, default=16, help="request threads (default 16)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT, one grpcio server each; default 1)",
+    )
+    p.add_argument("--threads", type=int, default=16, help="request threads per process (default 16)")
     p.add_argument(
         "--snapshot-root",
         action="append",
@@ -80,6 +87,12 @@ def register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="directory a remote Publish may read snapshots from (repeatable); none: remote publish is refused",
     )
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM (default 10)")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus /metrics on --host at this port (0 = any free port; needs prometheus-client)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -97,8 +110,10 @@ def _serve(args: argparse.Namespace) -> int:
         allow_anonymous=args.allow_anonymous,
         reflection=args.reflection,
         workers=args.workers,
+        threads=args.threads,
         grace_s=args.grace,
         snapshot_roots=tuple(args.snapshot_root),
+        metrics_port=args.metrics_port,
     )
     return serve_forever(cfg)
 

@@ -1,10 +1,11 @@
 """``open_store(url)``: the backend is chosen by the URL's scheme and imported only then.
 
-=====================================  ==================================================================
-``lmdb:///srv/dv365`` (or a bare path)  embedded LMDB store in that directory (no server)
-``redis://[user:pass@]host:port/db``    Redis (``rediss://`` for TLS)
-``grpc://host:port``                    a ``dv365 serve`` service (``grpcs://`` for TLS)
-=====================================  ==================================================================
+==========================================  ==================================================================
+``lmdb:///srv/dv365`` (or a bare path)       embedded LMDB store in that directory (no server)
+``redis://[user:pass@]host:port/db``         Redis (``rediss://`` for TLS)
+``redis+cluster://host:port[,host:port]``    Redis Cluster (``rediss+cluster://`` for TLS)
+``grpc://host:port``                         a ``dv365 serve`` service (``grpcs://`` for TLS)
+==========================================  ==================================================================
 
 Query parameters are backend options (``?keep=5``, ``lmdb:///srv/dv365?mode=ro``, ``redis://…?prefix=dv365``,
 ``grpcs://…?ca=/etc/dv365/ca.pem``); keyword arguments of :func:`open_store` override them.
@@ -26,6 +27,8 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "lmdb": ("dv365.store.backends.lmdb_store", "LmdbStore", "lmdb"),
     "redis": ("dv365.store.backends.redis_store", "RedisStore", "redis"),
     "rediss": ("dv365.store.backends.redis_store", "RedisStore", "redis"),
+    "redis+cluster": ("dv365.store.backends.redis_cluster_store", "RedisClusterStore", "redis"),
+    "rediss+cluster": ("dv365.store.backends.redis_cluster_store", "RedisClusterStore", "redis"),
     "grpc": ("dv365.store.backends.grpc_client", "GrpcStore", "grpc"),
     "grpcs": ("dv365.store.backends.grpc_client", "GrpcStore", "grpc"),
 }

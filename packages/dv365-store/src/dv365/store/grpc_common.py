@@ -11,7 +11,7 @@ from dv365.store.proto import store_pb2 as pb
 
 SERVICE = "dv365.store.v1.EmbeddingStore"
 WRITER_METHODS = frozenset({"Publish", "Activate", "Rollback", "Delete", "Prune"})
-READER_METHODS = frozenset({"Get", "GetStream", "Versions"})
+READER_METHODS = frozenset({"Get", "GetStream", "GetUser", "Versions"})
 MAX_MESSAGE = 128 << 20  # a 10,000-user answer is 77 MB
 # GetStream's piece size: ~1 MB (136 users of 7.6 KB; a 1,000-user answer in 8 pieces). Measured (docs/store.md):
 # a bare grpcio stream of 7.7 MB in 8 pieces arrives ~2x sooner than one message, in 64 pieces no sooner; GetStream

@@ -1,8 +1,11 @@
 """``dv365 serve``: a gRPC service in front of any store backend.
 
 * batched ``Get`` (payloads + checksums, so the client checks what crossed the wire) and ``GetStream`` (the same
-  answer in ~1 MB pieces, read and sent in a pipeline; the package's client uses it), ``Versions``, and the
-  writer methods ``Publish``/``Activate``/``Rollback``/``Delete``/``Prune``;
+  answer in ~1 MB pieces, read and sent in a pipeline; the package's client uses it), the unary one-user
+  ``GetUser`` (the online path), ``Versions``, and the writer methods
+  ``Publish``/``Activate``/``Rollback``/``Delete``/``Prune``;
+* ``--workers N``: N processes, one grpcio server each, on one port (:func:`serve_workers`);
+* ``--metrics-port``: Prometheus ``/metrics`` (:mod:`dv365.store.metrics`);
 * bearer tokens (``authorization: Bearer <token>``) with separate reader and writer sets: a reader token cannot
   publish (PERMISSION_DENIED), no/unknown token is UNAUTHENTICATED; the standard health service
   (``grpc.health.v1``) needs no token; reflection is opt-in and needs a reader token;
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import os
@@ -24,14 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids
+from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids, count_answer
 from dv365.store.errors import PublishError, StoreError
 from dv365.store.factory import open_store, scheme_of
 from dv365.store.grpc_common import (
@@ -45,6 +49,7 @@ from dv365.store.grpc_common import (
     version_from_pb,  # noqa: F401  (re-exported for symmetry)
     version_to_pb,
 )
+from dv365.store.metrics import ActiveVersion, StoreMetrics, prometheus_registry
 from dv365.store.proto import store_pb2 as pb
 from dv365.store.proto import store_pb2_grpc as pb_grpc
 
@@ -60,8 +65,14 @@ class ServeConfig:
         reader_tokens / writer_tokens: accepted bearer tokens (writers may also read).
         allow_anonymous: serve without tokens (everyone is a writer; development only).
         reflection: register gRPC server reflection.
-        workers: request threads.
+        threads: request threads per process.
+        workers: server processes sharing the port (``--workers``; the grpc multiprocessing pattern: the parent
+            checks the port is free, holds it with ``SO_REUSEPORT`` and starts one grpcio server per process on
+            it; a *different* server is still refused, its plain bind finds the port in use).
+        shared_port: set by the parent for its worker processes (bind with ``SO_REUSEPORT``); not for users.
         grace_s: seconds in-flight calls get on shutdown.
+        metrics_port: serve Prometheus ``/metrics`` (prometheus-client) on ``host:metrics_port`` (0 = any free
+            port; None = no endpoint); see :mod:`dv365.store.metrics`.
         snapshot_roots: directories a remote ``Publish`` may read snapshots from (the server resolves the
             path it is sent, symlinks and ``..`` included, and refuses one outside them; a relative path is
             taken under the roots). None: remote publish is refused.
@@ -76,9 +87,12 @@ class ServeConfig:
     writer_tokens: frozenset[str] = field(default_factory=frozenset)
     allow_anonymous: bool = False
     reflection: bool = False
-    workers: int = 16
+    threads: int = 16
+    workers: int = 1
+    shared_port: bool = False
     grace_s: float = 10.0
     snapshot_roots: tuple[str, ...] = ()
+    metrics_port: int | None = None
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -93,6 +107,10 @@ class ServeConfig:
             )
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise StoreError(f"dv365 serve: port {self.port!r} is not a TCP port: use 0..65535 (0 = any free port)")
+        if not 1 <= self.workers <= 64 or not 1 <= self.threads <= 1024:
+            raise StoreError(
+                f"dv365 serve: --workers {self.workers} / --threads {self.threads}: use 1..64 processes, 1..1024 threads"
+            )
         if any(len(t) < 16 for t in self.reader_tokens | self.writer_tokens):
             raise StoreError("dv365 serve: every token must be at least 16 characters")
         for root in self.snapshot_roots:
@@ -177,6 +195,7 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         self._secrets = sorted(secrets.items(), key=lambda kv: -len(kv[0]))  # longest first
         self.calls = 0
         self._count = threading.Lock()
+        self.metrics = StoreMetrics()  # by gRPC method; exposed by --metrics-port
 
     def redact(self, message: str) -> str:
         """``message`` without the server's paths (the backend's URL and directory, the snapshot roots)."""
@@ -209,12 +228,30 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         with self._count:
             self.calls += 1
 
-    def _run(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+    def _run(self, context: grpc.ServicerContext, method: str, fn: Callable[[], Any]) -> Any:
         self._counted()
+        t0 = time.perf_counter()
         try:
-            return fn()
+            out = fn()
         except StoreError as e:
+            self.metrics.observe(method, time.perf_counter() - t0, error=True)
             self._abort(context, e)
+        else:
+            self.metrics.observe(method, time.perf_counter() - t0)
+            return out
+
+    def _read(self, context: grpc.ServicerContext, method: str, ids: Callable[[], np.ndarray]) -> RawLookup:
+        """The backend's answer for a read method, counted (latency, users, missing, checksum failures)."""
+        self._counted()
+        t0 = time.perf_counter()
+        try:
+            raw = self.store.lookup(ids())
+        except StoreError as e:
+            self.metrics.observe(method, time.perf_counter() - t0, error=True)
+            self._abort(context, e)
+            raise  # abort raises; this keeps the type checker informed
+        count_answer(self.metrics, method, raw, time.perf_counter() - t0)
+        return raw
 
     def _abort(self, context: grpc.ServicerContext, e: StoreError) -> None:
         context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))
@@ -225,44 +262,57 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> bytes:
         """Returns the serialized GetResponse (see grpc_common.encode_get_response: one copy of the payload)."""
-        return self._run(context, lambda: _encode(self.store.lookup(self._ids(request)), 0))  # type: ignore[no-any-return]
+        return _encode(self._read(context, "Get", lambda: self._ids(request)), 0)
 
     def GetStream(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Yields serialized GetResponse pieces of ~STREAM_CHUNK_BYTES; the backend reads the next piece (from the
         same snapshot) while grpc sends the one before."""
         self._counted()
+        t0 = time.perf_counter()
+        users = missing = failed = 0
         try:
             pos = 0
             for raw in self.store.lookup_chunks(self._ids(request), STREAM_CHUNK_BYTES):
                 yield _encode(raw, pos)
                 pos += len(raw.present)
+                users, failed = users + len(raw.present), failed + len(raw.errors)
+                missing += len(raw.present) - int(raw.present.sum()) - len(raw.errors)
+                self.metrics.answered_from(raw.info.version, raw.info.data_cutoff_ts, raw.info.published_at)
         except StoreError as e:
+            self.metrics.observe("GetStream", time.perf_counter() - t0, error=True)
             self._abort(context, e)
+        self.metrics.observe("GetStream", time.perf_counter() - t0, users, missing, failed)
+
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.GetUserResponse:
+        """One user: the backend's single-user read, no batch framing; the VersionInfo only when the client
+        does not hold it yet."""
+        return _user_response(self._read(context, "GetUser", lambda: _one(request.user_id)), request)
 
     def Versions(self, request: pb.VersionsRequest, context: grpc.ServicerContext) -> pb.VersionsResponse:
         return self._run(
-            context, lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()])
+            context, "Versions", lambda: pb.VersionsResponse(versions=[version_to_pb(v) for v in self.store.versions()])
         )
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
         return self._run(
             context,
+            "Publish",
             lambda: version_to_pb(
                 self.store.publish(self.snapshot_path(request.snapshot_url), activate=not request.no_activate)
             ),
         )
 
     def Activate(self, request: pb.ActivateRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
-        return self._run(context, lambda: version_to_pb(self.store.activate(request.version)))
+        return self._run(context, "Activate", lambda: version_to_pb(self.store.activate(request.version)))
 
     def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.VersionInfo:
-        return self._run(context, lambda: version_to_pb(self.store.rollback()))
+        return self._run(context, "Rollback", lambda: version_to_pb(self.store.rollback()))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.Empty:
-        return self._run(context, lambda: (self.store.delete_version(request.version), pb.Empty())[1])
+        return self._run(context, "Delete", lambda: (self.store.delete_version(request.version), pb.Empty())[1])
 
     def Prune(self, request: pb.PruneRequest, context: grpc.ServicerContext) -> pb.PruneResponse:
-        return self._run(context, lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
+        return self._run(context, "Prune", lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
 
 
 def _encode(raw: RawLookup, offset: int) -> bytes:
@@ -276,6 +326,22 @@ def _encode(raw: RawLookup, offset: int) -> bytes:
         memoryview(raw.checksums.astype("<u8").view(np.uint8)),
         small,
     )
+
+
+def _one(user_id: int) -> np.ndarray:
+    return np.array([user_id], dtype=np.int64)
+
+
+def _user_response(raw: RawLookup, request: pb.GetUserRequest) -> pb.GetUserResponse:
+    info = raw.info
+    resp = pb.GetUserResponse(version=info.version, published_at=info.published_at, error=raw.errors.get(0, ""))
+    if raw.present[0]:
+        resp.present = True
+        resp.payload = raw.payload[0].tobytes()
+        resp.checksum = int(raw.checksums[0])
+    if request.known_version != info.version:
+        resp.info.CopyFrom(version_to_pb(info))
+    return resp
 
 
 def _method_handlers(servicer: StoreServicer) -> dict[str, grpc.RpcMethodHandler]:
@@ -299,11 +365,12 @@ class RunningServer:
         config.check()
         self.config, self.store = config, store
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="dv365-serve"),
+            futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="dv365-serve"),
             interceptors=[TokenAuth(config.reader_tokens, config.writer_tokens, config.allow_anonymous)],
             # no SO_REUSEPORT: a second server on a port in use must fail, not split the clients with the first
-            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=config.workers * 8,
+            # (the worker processes of one `--workers N` serve share theirs; their parent checked it was free)
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", int(config.shared_port))],
+            maximum_concurrent_rpcs=config.threads * 8,
         )
         self.servicer = StoreServicer(store, config.snapshot_roots)
         self.server.add_registered_method_handlers(SERVICE, _method_handlers(self.servicer))
@@ -319,7 +386,7 @@ class RunningServer:
             )
             reflection.enable_server_reflection(names, self.server)
         address = f"{config.host}:{config.port}"
-        problem = _bind_problem(config.host, config.port) if config.port else None
+        problem = _bind_problem(config.host, config.port) if config.port and not config.shared_port else None
         if problem is not None and "in use" in problem:  # before grpc tries (and logs its own lines)
             self.server.stop(None)
             raise StoreError(f"dv365 serve: cannot listen on {address}: {problem}")
@@ -339,10 +406,40 @@ class RunningServer:
         self.stopped = threading.Event()
 
     def start(self) -> RunningServer:
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
+        if self.config.metrics_port is not None:
+            self._start_metrics(self.config.metrics_port)
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def _start_metrics(self, port: int) -> None:
+        try:
+            from prometheus_client import start_http_server
+        except ImportError as e:
+            raise StoreError(
+                "dv365 serve: --metrics-port needs prometheus-client: pip install 'dv365-store[metrics]'"
+            ) from e
+        try:
+            http, _thread = start_http_server(port, addr=self.config.host, registry=self._registry())
+        except OSError as e:
+            self.server.stop(None)
+            raise StoreError(f"dv365 serve: cannot serve /metrics on {self.config.host}:{port}: {e}") from e
+        self._metrics_http, self.metrics_port = http, int(http.server_port)
+
+    def _registry(self) -> Any:
+        store = self.store
+
+        def active() -> ActiveVersion | None:
+            try:
+                v = store.active()
+            except StoreError:
+                return None
+            return None if v is None else ActiveVersion(v.version, v.data_cutoff_ts, v.published_at)
+
+        return prometheus_registry(self.servicer.metrics, active)
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish (``grace`` s), close the backend."""
@@ -350,6 +447,9 @@ class RunningServer:
             return
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self.store.close()
         self.stopped.set()
 
@@ -393,8 +493,10 @@ def open_served_store(url: str) -> EmbeddingStore:
 def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
     """``dv365 serve``: runs until SIGTERM/SIGINT, then shuts down gracefully; returns the exit code. The
     start-up checks (config, tokens, the backend holds a store, the port is free) run before anything is
-    served, and a failed one leaves nothing behind."""
+    served, and a failed one leaves nothing behind. ``config.workers > 1``: :func:`serve_workers`."""
     config.check()
+    if config.workers > 1:
+        return serve_workers(config, out)
     store = open_served_store(config.backend)
     try:
         running = start_server(config, store)
@@ -417,7 +519,8 @@ def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
         else f"{len(config.reader_tokens)} reader / {len(config.writer_tokens)} writer tokens"
     )
     print(
-        f"dv365 serve: listening on {config.host}:{running.port} ({tls}, {auth}, pid {os.getpid()}), backend "
+        f"dv365 serve: listening on {config.host}:{running.port} ({tls}, {auth}, pid {os.getpid()}"
+        f"{f', /metrics on port {running.metrics_port}' if running.metrics_port else ''}), backend "
         f"{running.store.url}, active version {active.version if active else None!r}",
         file=out,
         flush=True,
@@ -432,3 +535,105 @@ def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
         flush=True,
     )
     return 0
+
+
+@contextlib.contextmanager
+def _reserve_port(host: str, port: int) -> Iterator[int]:
+    """Holds ``host:port`` (0: a free one) with ``SO_REUSEPORT`` while the worker processes bind it too (grpc's
+    multiprocessing example); yields the port. Bound, never listening: it takes no connections."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+def _worker(config: ServeConfig, index: int, ready: Any) -> None:
+    """One worker process of :func:`serve_workers`: a grpcio server on the shared port until SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and forwards SIGTERM
+    try:
+        running = start_server(config, open_served_store(config.backend))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which exits 1 with it
+        ready.put((index, 0, None, str(e)))
+        return
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=running.stop, daemon=True).start())
+    ready.put((index, os.getpid(), running.metrics_port, None))
+    while not running.stopped.wait(0.5):
+        pass
+
+
+def serve_workers(config: ServeConfig, out: Any = sys.stdout) -> int:
+    """``dv365 serve --workers N``: N processes, each one grpcio server (own backend client, own threads) on one
+    port the kernel balances connections over (``SO_REUSEPORT``). The port must be free first: the same check
+    as one server, so a different server on a port in use is refused. With ``--metrics-port P`` worker ``i``
+    serves its ``/metrics`` on ``P + i``. SIGTERM/SIGINT: every worker drains (``grace``), then exit 0."""
+    import multiprocessing as mp
+
+    with open_served_store(config.backend) as probe:  # the backend holds a store: refuse before starting anything
+        backend_url = probe.url  # without credentials
+    problem = _bind_problem(config.host, config.port) if config.port else None
+    if problem is not None:
+        raise StoreError(f"dv365 serve: cannot listen on {config.host}:{config.port}: {problem}")
+    ctx = mp.get_context("spawn")  # no grpc state crosses a fork
+    ready = ctx.Queue()
+    with _reserve_port(config.host, config.port) as port:
+        procs = []
+        for i in range(config.workers):
+            mport = None if config.metrics_port is None else (config.metrics_port + i if config.metrics_port else 0)
+            cfg = replace(config, port=port, shared_port=True, metrics_port=mport, workers=1)
+            procs.append(ctx.Process(target=_worker, args=(cfg, i, ready), name=f"dv365-serve-{i}", daemon=True))
+        for p in procs:
+            p.start()
+        started: dict[int, tuple[int, int | None]] = {}
+        failure = None
+        try:
+            while len(started) < len(procs) and failure is None:
+                index, pid, mport, failure = ready.get(timeout=120)
+                started[index] = (pid, mport)
+        except Exception as e:  # noqa: BLE001 - a worker died before reporting
+            failure = f"a worker did not start: {type(e).__name__}: {e}"
+        if failure is not None:
+            _stop_workers(procs, 0)
+            raise StoreError(f"dv365 serve: {failure}")
+        cause: list[str] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            cause.append(signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        pids = ", ".join(str(started[i][0]) for i in sorted(started))
+        metrics = [started[i][1] for i in sorted(started) if started[i][1]]
+        print(
+            f"dv365 serve: listening on {config.host}:{port} ({'TLS' if config.tls_cert else 'plaintext'}, "
+            f"{config.workers} worker processes, pids {pids}"
+            f"{f', /metrics on ports {metrics}' if metrics else ''}), backend {backend_url}",
+            file=out,
+            flush=True,
+        )
+        t0 = time.time()
+        while not cause and all(p.is_alive() for p in procs):
+            time.sleep(0.2)
+        codes = _stop_workers(procs, config.grace_s)
+    print(
+        f"dv365 serve: stopped on {cause[0] if cause else 'a worker exit'} after {time.time() - t0:.0f} s "
+        f"({config.workers} workers, exit codes {codes})",
+        file=out,
+        flush=True,
+    )
+    return 0 if cause and all(c == 0 for c in codes) else 1
+
+
+def _stop_workers(procs: list[Any], grace: float) -> list[int | None]:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()  # SIGTERM: the worker drains its calls in flight
+    for p in procs:
+        p.join(grace + 15)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    return [p.exitcode for p in procs]

@@ -2,7 +2,8 @@
 
 The token is sent as ``authorization: Bearer <token>``; give it as ``token=`` (or ``token_file=``), or set
 ``DV365_STORE_TOKEN``. Every payload row is checked against the checksum the service sent with it. Batches
-are read through the streaming ``GetStream`` (unary ``Get`` with a server that lacks it).
+are read through the streaming ``GetStream`` (unary ``Get`` with a server that lacks it); a single user through
+the unary ``GetUser`` (the online path), which sends the version's record only when it changed.
 Publishing sends the snapshot URL: the *server* reads the snapshot, so it must be a path or URL it can reach.
 """
 
@@ -28,7 +29,7 @@ from dv365.store.grpc_common import (
 )
 from dv365.store.proto import store_pb2 as pb
 from dv365.store.proto import store_pb2_grpc as pb_grpc
-from dv365.store.records import verify_payloads
+from dv365.store.records import checksum, verify_payloads
 from dv365.store.urls import reject_unknown
 
 
@@ -83,7 +84,14 @@ class GrpcStore(EmbeddingStore):
         self._get_stream = self.channel.unary_stream(
             f"/{SERVICE}/GetStream", request_serializer=pb.GetRequest.SerializeToString, response_deserializer=None
         )
+        self._get_user = self.channel.unary_unary(
+            f"/{SERVICE}/GetUser",
+            request_serializer=pb.GetUserRequest.SerializeToString,
+            response_deserializer=pb.GetUserResponse.FromString,
+        )
         self._stream = True
+        self._user_rpc = True
+        self._known: VersionInfo | None = None  # the VersionInfo of the last version GetUser answered from
         token = token if token is not None else os.environ.get("DV365_STORE_TOKEN")
         self._md = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = float(timeout)
@@ -128,6 +136,10 @@ class GrpcStore(EmbeddingStore):
     def lookup(self, ids: np.ndarray) -> RawLookup:
         """Reads through GetStream (pieces are copied and checked while the next ones arrive); falls back to the
         unary Get for good when the server has no GetStream (an older ``dv365 serve``)."""
+        if len(ids) == 1 and self._user_rpc:
+            one = self._lookup_user(int(ids[0]))
+            if one is not None:
+                return one
         what = f"get {len(ids)} users"
         request = pb.GetRequest(user_ids=ids.tolist())
         if self._stream:
@@ -141,6 +153,42 @@ class GrpcStore(EmbeddingStore):
             finally:
                 call.cancel()  # a no-op once the stream has ended; stops it when a piece was malformed
         return self._assemble(ids, [self._call(what, self._get_raw, request, self.timeout)])
+
+    def _lookup_user(self, uid: int) -> RawLookup | None:
+        """One user through the unary GetUser (None: the server lacks it, use Get from now on). The VersionInfo
+        crosses the wire only when the version changed since the last answer."""
+        known = self._known
+        request = pb.GetUserRequest(user_id=uid, known_version=known.version if known else "")
+        try:
+            resp = self._get_user(request, metadata=self._md, timeout=self.timeout)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                self._user_rpc = False
+                return None
+            raise self._error(f"get user {uid}", e) from None
+        if resp.HasField("info"):
+            known = self._known = version_from_pb(resp.info)
+        if known is None or known.version != resp.version or known.published_at != resp.published_at:
+            raise StoreError(
+                f"{self.url}: malformed answer for user {uid}: version {resp.version!r} without its record"
+            )
+        n = known.row_format.user_bytes
+        payload = np.zeros((1, n), dtype=np.uint8)
+        present = np.zeros(1, dtype=bool)
+        checksums = np.zeros(1, dtype=np.uint64)
+        errors = {0: resp.error} if resp.error else {}
+        if resp.present:
+            if len(resp.payload) != n:
+                raise StoreError(f"{self.url}: malformed answer for user {uid}: {len(resp.payload)} bytes, not {n}")
+            if checksum(resp.payload, uid) != resp.checksum:
+                errors[0] = (
+                    f"{self.url} version {known.version!r}: user {uid}: payload fails its checksum after transfer"
+                )
+            else:
+                payload[0] = np.frombuffer(resp.payload, dtype=np.uint8)
+                present[0] = True
+                checksums[0] = resp.checksum
+        return RawLookup(payload, present, checksums, errors, known)
 
     def _assemble(self, ids: np.ndarray, pieces: Iterable[bytes]) -> RawLookup:
         """Copies serialized GetResponse pieces (consecutive users of ``ids``, one version) into one answer and

@@ -67,6 +67,32 @@ class GetResponse(_message.Message):
     errors: _containers.ScalarMap[int, str]
     def __init__(self, payload: _Optional[bytes] = ..., present: _Optional[bytes] = ..., checksums: _Optional[bytes] = ..., version: _Optional[_Union[VersionInfo, _Mapping]] = ..., errors: _Optional[_Mapping[int, str]] = ...) -> None: ...
 
+class GetUserRequest(_message.Message):
+    __slots__ = ("user_id", "known_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    known_version: str
+    def __init__(self, user_id: _Optional[int] = ..., known_version: _Optional[str] = ...) -> None: ...
+
+class GetUserResponse(_message.Message):
+    __slots__ = ("payload", "present", "checksum", "version", "published_at", "info", "error")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    present: bool
+    checksum: int
+    version: str
+    published_at: float
+    info: VersionInfo
+    error: str
+    def __init__(self, payload: _Optional[bytes] = ..., present: _Optional[bool] = ..., checksum: _Optional[int] = ..., version: _Optional[str] = ..., published_at: _Optional[float] = ..., info: _Optional[_Union[VersionInfo, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
 class VersionsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -44,6 +44,11 @@ class EmbeddingStoreStub:
                 request_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.SerializeToString,
                 response_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/dv365.store.v1.EmbeddingStore/GetUser',
+                request_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetUserResponse.FromString,
+                _registered_method=True)
         self.Versions = channel.unary_unary(
                 '/dv365.store.v1.EmbeddingStore/Versions',
                 request_serializer=dv365_dot_store_dot_proto_dot_store__pb2.VersionsRequest.SerializeToString,
@@ -91,6 +96,13 @@ class EmbeddingStoreServicer:
         (an empty batch: one empty piece). Every piece carries the version (all pieces come from the same one);
         `errors` keys are positions in the whole batch. The server reads the next piece while the previous one is
         on the wire and the client checks it, so a large batch arrives sooner than through Get.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """One user, unary: what an online request needs, without the batch framing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +157,11 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.GetStream,
                     request_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.FromString,
                     response_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=dv365_dot_store_dot_proto_dot_store__pb2.GetUserRequest.FromString,
+                    response_serializer=dv365_dot_store_dot_proto_dot_store__pb2.GetUserResponse.SerializeToString,
             ),
             'Versions': grpc.unary_unary_rpc_method_handler(
                     servicer.Versions,
@@ -231,6 +248,33 @@ class EmbeddingStore:
             '/dv365.store.v1.EmbeddingStore/GetStream',
             dv365_dot_store_dot_proto_dot_store__pb2.GetRequest.SerializeToString,
             dv365_dot_store_dot_proto_dot_store__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dv365.store.v1.EmbeddingStore/GetUser',
+            dv365_dot_store_dot_proto_dot_store__pb2.GetUserRequest.SerializeToString,
+            dv365_dot_store_dot_proto_dot_store__pb2.GetUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
