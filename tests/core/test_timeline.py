@@ -490,3 +490,20 @@ def test_overwrite_and_remove_dataset(make_events: MakeEvents, tmp_path: Any) ->
     with pytest.raises(DatasetError, match="not part of a dv365 dataset"):
         remove_dataset(url)
     assert (tmp_path / "ds" / "keep.txt").exists()
+
+
+def test_row_groups_are_chosen_by_user_id_statistics(tmp_path) -> None:
+    """read_bucket reads only the row groups whose user_id range brackets a requested user."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dv365.core.timeline import _row_groups_for
+
+    uid = np.repeat(np.arange(0, 100, 2), 10)  # users 0, 2, ..., 98, 10 rows each: 10 users per group of 100
+    pq.write_table(pa.table({"user_id": uid, "ts": np.arange(len(uid))}), tmp_path / "p.parquet", row_group_size=100)
+    meta = pq.ParquetFile(tmp_path / "p.parquet").metadata
+    assert meta.num_row_groups == 5
+    assert _row_groups_for(meta, np.array([3])) == [0]  # inside group 0's range: statistics cannot rule it out
+    assert _row_groups_for(meta, np.array([4, 58])) == [0, 2]
+    assert _row_groups_for(meta, np.array([98, 0, 41])) == [0, 4]
+    assert _row_groups_for(meta, np.array([-5, 1000, 19])) == []  # 19 lies between groups 0 (..18) and 1 (20..)

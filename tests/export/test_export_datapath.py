@@ -27,7 +27,7 @@ def _export(checkpoint: str, out: Path, as_of: int, **kw: object) -> SnapshotInd
     cfg = dict(shard_users=8, batch_users=8, progress=False, device="cpu", as_of=as_of)
     cfg.update(kw)
     res = run_export(ExportConfig(checkpoint=checkpoint, out=str(out), **cfg))  # type: ignore[arg-type]
-    assert set(res.stage_seconds) == {*STAGES, "pool", "fsa", "quantize", "write", "wait"}
+    assert set(res.stage_seconds) == {*STAGES, "pool", "fsa", "quantize", "write", "wait", "warm_up"}
     assert all(v >= 0 for v in res.stage_seconds.values()) and res.stage_seconds["slice"] > 0
     return SnapshotIndex(str(out))
 

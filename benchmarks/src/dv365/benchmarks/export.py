@@ -12,7 +12,8 @@ tables), exports every user with ``dv365 export``'s job (fbgemm 4-bit), and repo
   beforehand, with the threads the export gave its tower (``tower_threads``), and ``end_to_end_vs_tower_only``, the ratio of the two: how close the job is to its own limit;
 * ``<stage>_ms_per_user`` for read, slice, kjt, pool, fsa, quantize, write (the loader's stages summed over
   its workers, so on 2 cores they may add up to more than the wall time per user), and ``wait``: the time the
-  tower's process waited for the loader (the first batch's included);
+  tower's process waited for the loader (the first batch's included); ``warm_up_s``: loading the slicer's
+  compiled kernels before the loop (the loader's workers inherit them);
   ``users_per_s_end_to_end`` also counts loading the checkpoint and scanning the dataset;
 * ``bytes_per_user`` (the manifest's: 58 x 132 = 7,656) and the shard files' bytes per user (with Parquet and
   crc32 overhead);
@@ -206,7 +207,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shard_bytes = sum(s.bytes for s in m.shards)
     words = fmt.user_bytes / 8
     n_enc = max(int(ex["users_encoded"]), 1)
-    stage_ms = {f"{k}_ms_per_user": round(1000 * v / n_enc, 3) for k, v in ex["stage_seconds"].items()}
+    stage_ms = {
+        f"{k}_ms_per_user": round(1000 * v / n_enc, 3) for k, v in ex["stage_seconds"].items() if k != "warm_up"
+    }
+    stage_ms["warm_up_s"] = round(ex["stage_seconds"].get("warm_up", 0.0), 3)
     return {
         "simulated": True,
         "data": f"SIMULATED: {users} users, {float(lengths.mean()):,.0f} mean events (dv365.core.synth, seed {args.seed})",

@@ -725,27 +725,38 @@ class TimelineDataset:
         if not files:
             schema = schema_for(kind)
             return schema.empty_table()
-        filt = None
+        ids = None
         if user_ids is not None:
-            import pyarrow.compute as pc
-
             ids = np.asarray(user_ids, np.int64)
             if not len(ids):
                 return schema_for(kind).empty_table()
-            # the range lets Parquet skip row groups by their user_id statistics (parts are sorted by user)
-            u = pc.field("user_id")
-            filt = (u >= int(ids.min())) & (u <= int(ids.max())) & u.isin(pa.array(ids))
         # events: only the UniTi columns (a part may carry more); requests keep every column (their labels)
         columns = [f.name for f in schema_for(kind)] if kind in EVENT_KINDS else None
         tables = []
         for p in files:
             with self.fs.open(p, "rb") as f:
-                have = set(pq.read_schema(f).names)
-                f.seek(0)
+                pf = pq.ParquetFile(f)
+                have = set(pf.schema_arrow.names)
                 cols = [c for c in columns if c in have] if columns is not None else None
                 dict_cols = [c for c in CATEGORICAL_COLUMNS if c in have] if dictionary else None
-                t = pq.read_table(f, columns=cols, filters=filt, read_dictionary=dict_cols)
-            tables.append(t)
+                if dict_cols:
+                    pf = pq.ParquetFile(f, read_dictionary=dict_cols)
+                groups = _row_groups_for(pf.metadata, ids) if ids is not None else None
+                if groups is None:
+                    t = pf.read(columns=cols)
+                elif groups:
+                    t = pf.read_row_groups(groups, columns=cols)
+                else:
+                    t = None
+            if t is not None and ids is not None:
+                uid = t.column("user_id").to_numpy()
+                keep = np.isin(uid, ids)
+                if not keep.all():
+                    t = t.filter(pa.array(keep))
+            if t is not None:
+                tables.append(t)
+        if not tables:
+            return schema_for(kind).empty_table()
         t = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
         if len(tables) > 1:
             t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
@@ -867,6 +878,24 @@ def remove_dataset(url: str) -> bool:
         if e != "_dataset.json":
             fs.rm(posixpath.join(root, e), recursive=True)
     return bool(entries)
+
+
+def _row_groups_for(meta: Any, ids: np.ndarray) -> list[int]:
+    """Row groups of a Parquet file that may hold rows of ``ids``: those whose ``user_id`` min/max statistics
+    overlap the ids' range and bracket at least one of them (every group when statistics are missing)."""
+    col = meta.schema.to_arrow_schema().get_field_index("user_id")
+    srt = np.sort(ids)
+    out = []
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max:
+            out.append(g)
+            continue
+        lo, hi = int(st.min), int(st.max)
+        i = int(np.searchsorted(srt, lo, side="left"))
+        if i < len(srt) and srt[i] <= hi:  # some requested id lies in [lo, hi]
+            out.append(g)
+    return out
 
 
 def arrow_codes(vocab: Vocabulary, kind: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -147,7 +147,8 @@ class ExportResult:
     already_complete: bool = False
     counts: dict[str, int] = field(default_factory=dict)  # whole-snapshot encoded / carried / new
     # seconds per stage of this call's encoding: read, slice, kjt (the loader's, workers' time included),
-    # pool, fsa, quantize, write, and wait (the tower's process waiting for the loader)
+    # pool, fsa, quantize, write, wait (the tower's process waiting for the loader), and warm_up (the slicer's
+    # kernels loaded before the loop; not in ``seconds``)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     loader_private_mb: float = 0.0  # the largest private memory a loader worker (or this process, inline) had
 
@@ -516,6 +517,8 @@ class _Job:
             dynamic_ncols=True,
         )
         written = encoded = 0
+        # the slicer's kernels loaded here, before the loader forks its workers (they inherit them)
+        warm_s = encoder.features.warm_up() if todo else 0.0
         t_work = time.perf_counter()
         groups = self._groups(todo)
         workers = default_loader_workers() if self.cfg.loader_workers is None else self.cfg.loader_workers
@@ -560,7 +563,13 @@ class _Job:
             bar.close()
             batches.close()  # type: ignore[attr-defined]  # stops the loader's workers
         # wait: time the tower's process spent waiting for the loader (inline: the read + slice + KJT time)
-        stage_seconds = {**data_seconds.as_dict(), **encoder.seconds, "write": write_s, "wait": wait_s}
+        stage_seconds = {
+            **data_seconds.as_dict(),
+            **encoder.seconds,
+            "write": write_s,
+            "wait": wait_s,
+            "warm_up": warm_s,
+        }
         seconds = time.perf_counter() - t_work
         manifest = merge_snapshot(self.cfg.out, missing_ok=True) if self.cfg.merge else None
         return ExportResult(

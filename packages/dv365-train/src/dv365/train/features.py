@@ -123,6 +123,37 @@ class UserFeatures:
             canonical_order(sliced, self._dedup)
         return sliced
 
+    def warm_up(self) -> float:
+        """Slices a tiny made-up timeline once, so the slicer's (and the canonical sort's) compiled kernels are
+        loaded in this process -- and in the loader workers it forks later -- before the first real batch.
+        Returns the seconds it took (numba's compile or cache load; ~0 for numpy)."""
+        import pyarrow as pa
+
+        t0 = time.perf_counter()
+        ts0 = 1_600_000_000
+        common = {
+            "user_id": pa.array([1, 1], pa.int64()),
+            "ts": pa.array([ts0, ts0 + 60], pa.int64()),
+            "media_id": pa.array([11, 12], pa.int64()),
+            "author_id": pa.array([5, None], pa.int64()),
+            "topic_ids": pa.array([[1, 2], []], pa.list_(pa.int64())),
+            "media_type": pa.array([self.vocab.media_types[-1]] * 2, pa.string()),
+            "surface": pa.array([self.vocab.surfaces[-1]] * 2, pa.string()),
+        }
+        explicit = pa.table(
+            {**common, "action": pa.array([self.vocab.actions[0]] * 2), "value": pa.array([1.0, None], pa.float32())}
+        )
+        implicit = pa.table(
+            {
+                **common,
+                "video_duration": pa.array([30.0, None], pa.float32()),
+                "dwell_time": pa.array([12.0, 3.0], pa.float32()),
+            }
+        )
+        tl = Timelines.from_arrow(explicit, implicit, self.vocab, [1, 2], validate=False)
+        self.slice(tl, ts0 + 30 * 86_400)
+        return time.perf_counter() - t0
+
     def kjt(
         self,
         timelines: Timelines,
