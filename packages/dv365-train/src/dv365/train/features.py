@@ -336,8 +336,14 @@ def tower_batches(
         for i in range(len(source)):
             yield _as_batch(source[i], batch_users, device)
         return
+    import multiprocessing as mp
+
+    # fork where the platform has it, whatever this process's default start method (a process started with
+    # "spawn" would otherwise spawn its workers too: seconds of imports each, before the first batch)
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
     loader = torch.utils.data.DataLoader(
         source,
+        multiprocessing_context=ctx,
         batch_size=None,
         shuffle=False,
         num_workers=min(workers, len(batches)),
