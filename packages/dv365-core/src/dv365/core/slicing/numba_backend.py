@@ -119,6 +119,18 @@ def _fallback_cache_dir() -> bool:
     return True
 
 
+@_inline
+def _nn(x: int) -> int:
+    """``x`` for an index base known to be >= 0, in a form LLVM can see is >= 0.
+
+    numba wraps negative indices (``a[i]`` reads ``a[i + len]`` when ``i < 0``): a compare-and-select per
+    access, which also keeps LLVM from vectorising a loop over ``a[base + p]``. With ``base = _nn(base)``
+    the sum is provably non-negative and the select (and the scalar loop) disappears; the value is the
+    same (callers only pass non-negative bases).
+    """
+    return max(x, 0)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Per-row factorisation of hashed ids into dense local codes
 # ------------------------------------------------------------------------------------------------------
@@ -206,6 +218,7 @@ def _uncode(nu: int, direct: bool, cmap: np.ndarray, keys: np.ndarray, slots: np
 @_inline
 def _hash_flat(ids: np.ndarray, lo: int, hi: int, hs: int, hid: np.ndarray) -> None:
     """``hid[p] = ids[lo + p] % hs``, -1 for invalid (negative) ids such as unknown authors."""
+    lo = _nn(lo)
     for p in range(hi - lo):
         x = ids[lo + p]
         hid[p] = -1 if x < 0 else (x if x < hs else x % hs)
@@ -242,6 +255,7 @@ def _same_as_first(n: int, mcode: np.ndarray, first: np.ndarray, arr: np.ndarray
     """Whether every event p of the row has ``arr[off + p]`` equal to that of the first event of its media
     code (author ids, packed topic lists): then author / topic bags can be derived from media bags."""
     ok = True
+    off = _nn(off)
     for p in range(n):
         m = mcode[p]
         if m < 0:
@@ -255,6 +269,7 @@ def _pack_topics(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, 
     """``tkey[p]``: the hashed topic list of event ``lo + p`` packed as ``kt`` fields of ``bits`` bits
     (hashed id + 1; 0 = none or invalid). Returns the layout ``bits * 64 + kt``, or -1 when the lists do
     not fit in 63 bits (then no derivation)."""
+    lo = _nn(lo)
     kt = 1
     for i in range(lo, hi):
         kt = max(kt, toff[i + 1] - toff[i])
@@ -421,24 +436,29 @@ def _topic_codes(
 # ------------------------------------------------------------------------------------------------------
 @_jit
 def _bins_le(n: int, thr: np.ndarray, j: int, m: int, x: np.ndarray, out: np.ndarray, o: int) -> None:
-    """``out[j, o + p]`` = #thresholds ``thr[j, :m]`` with ``thr <= x[p]`` (NaN reaches none)."""
+    """``out[j, o + p]`` = #thresholds ``thr[j, :m]`` with ``thr <= x[p]`` (NaN reaches none).
+    One vectorised pass over the events per threshold."""
+    row = out[_nn(j)]
+    o = _nn(o)
     for p in range(n):
-        xp = x[p]
-        k = 0
-        for t in range(m):
-            k += thr[j, t] <= xp
-        out[j, o + p] = k
+        row[o + p] = 0
+    for t in range(m):
+        th = thr[j, t]
+        for p in range(n):
+            row[o + p] += th <= x[p]
 
 
 @_jit
 def _bins_lt(n: int, thr: np.ndarray, j: int, m: int, x: np.ndarray, out: np.ndarray, o: int) -> None:
     """As :func:`_bins_le` with ``thr < x[p]`` (the strict ``score > s0``)."""
+    row = out[_nn(j)]
+    o = _nn(o)
     for p in range(n):
-        xp = x[p]
-        k = 0
-        for t in range(m):
-            k += thr[j, t] < xp
-        out[j, o + p] = k
+        row[o + p] = 0
+    for t in range(m):
+        th = thr[j, t]
+        for p in range(n):
+            row[o + p] += th < x[p]
 
 
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
@@ -565,6 +585,7 @@ def _event_bins(
     md, J, K = d_thr.shape[1], betas.size, gammas.size
     if md == 0 and J == 0 and K == 0:
         return
+    lo = _nn(lo)
     dbits = dur.view(np.int32)
     ms = s_thr.shape[1]
     if J > 0 or K > 0:  # once per item of the row (the j / k loops outermost: no tiny inner loops)
@@ -588,7 +609,7 @@ def _event_bins(
                     m_lg[k, m] = math.log1p(gammas[k] * d)
     for b0 in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - b0)
-        o = b0 - lo
+        o = _nn(b0 - lo)
         for p in range(n):
             xs[p] = dwell[b0 + p]
         if md > 0:
@@ -619,14 +640,17 @@ def _event_bins(
         if K == 0:
             continue
         _log1p_fast(xs, n, tmp[0], tmp[1], tmp[2], vs)
+        sk = tmp[0]
         for k in range(K):
-            near = 0
             for p in range(n):
                 s = vs[p] / lgw[k, p]
-                s = s if s - s == 0.0 else math.nan
-                tmp[0, p] = s
-                for t in range(ms):
-                    near += abs(s - s_thr[k, t]) <= _EXACT_TOL * abs(s_thr[k, t]) + 1e-300
+                sk[p] = s if s - s == 0.0 else math.nan
+            near = 0
+            for t in range(ms):  # one vectorised pass per threshold
+                th = s_thr[k, t]
+                tol = _EXACT_TOL * abs(th) + 1e-300
+                for p in range(n):
+                    near += abs(sk[p] - th) <= tol
             if near > 0:  # rare: the exact numpy score decides near a threshold
                 for p in range(n):
                     s = tmp[0, p]
@@ -661,6 +685,7 @@ def _word_mask(
 ) -> None:
     """``emask[p]`` = bits of groups ``64w .. 64w + 63`` passed by event ``lo + p`` (from the LUTs and bins)."""
     n = hi - lo
+    lo = _nn(lo)
     if act_m.shape[0] > 0:
         for p in range(n):
             emask[p] = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w] & act_m[act[lo + p], w]
@@ -880,6 +905,7 @@ def _emit(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Writes one bag: ids ``uniq[touched]``, weights ``count / occurrences`` or ``sum(s) / sum(s)``."""
     vals, wts = _grow(vals, wts, used, nt)
+    used = _nn(used)
     nocc = 0
     if weighted:
         tot = 0.0
@@ -1545,15 +1571,24 @@ def assemble(
     weights = np.empty(total, np.float32)
     o = 0
     for k in range(N):
-        src_v = vals0 if seg_src[k] == 0 else vals1
-        src_w = wts0 if seg_src[k] == 0 else wts1
         for b in range(B):
-            s = seg_start[k, b]
-            for t in range(seg_len[k, b]):
-                values[o + t] = src_v[s + t]
-                weights[o + t] = src_w[s + t]
-            o += seg_len[k, b]
+            n = seg_len[k, b]
+            if seg_src[k] == 0:
+                _copy_bag(vals0, wts0, seg_start[k, b], values, weights, o, n)
+            else:
+                _copy_bag(vals1, wts1, seg_start[k, b], values, weights, o, n)
+            o += n
     return values, weights
+
+
+@_inline
+def _copy_bag(sv: np.ndarray, sw: np.ndarray, s: int, dv: np.ndarray, dw: np.ndarray, o: int, n: int) -> None:
+    """``dv[o:o + n] = sv[s:s + n]`` and the same for weights, as vectorised loops (see :func:`_nn`)."""
+    s, o = _nn(s), _nn(o)
+    for t in range(n):
+        dv[o + t] = sv[s + t]
+    for t in range(n):
+        dw[o + t] = sw[s + t]
 
 
 # ------------------------------------------------------------------------------------------------------
