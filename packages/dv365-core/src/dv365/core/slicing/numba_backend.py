@@ -251,16 +251,19 @@ def _hash_csr(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, eof
 
 
 @_inline
-def _same_as_first(n: int, mcode: np.ndarray, first: np.ndarray, arr: np.ndarray, off: int) -> bool:
+def _same_as_first(
+    n: int, mcode: np.ndarray, nu: int, first: np.ndarray, arr: np.ndarray, off: int, ref: np.ndarray
+) -> bool:
     """Whether every event p of the row has ``arr[off + p]`` equal to that of the first event of its media
-    code (author ids, packed topic lists): then author / topic bags can be derived from media bags."""
-    ok = True
+    code (author ids, packed topic lists): then author / topic bags can be derived from media bags.
+    ``ref[m]`` gets the value of media code m's first event (``nu`` codes); one branch-free pass."""
     off = _nn(off)
+    for m in range(nu):
+        ref[m] = arr[off + first[m]]
+    ok = True
     for p in range(n):
         m = mcode[p]
-        if m < 0:
-            return False
-        ok &= arr[off + p] == arr[off + first[m]]
+        ok &= (m >= 0) & (arr[off + p] == ref[max(m, 0)])
     return ok
 
 
@@ -270,6 +273,10 @@ def _pack_topics(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, 
     (hashed id + 1; 0 = none or invalid). Returns the layout ``bits * 64 + kt``, or -1 when the lists do
     not fit in 63 bits (then no derivation)."""
     lo = _nn(lo)
+    if tval.size == 0:  # no topics at all
+        for p in range(hi - lo):
+            tkey[p] = 0
+        return 21 * 64 + 3
     kt = 1
     for i in range(lo, hi):
         kt = max(kt, toff[i + 1] - toff[i])
@@ -277,7 +284,7 @@ def _pack_topics(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, 
     for e in range(toff[lo], toff[hi]):
         mn = min(mn, tval[e])
         mx = max(mx, tval[e])
-    last = max(tval.size - 1, 0)
+    last = tval.size - 1
     if kt <= 3 and mn >= 0 and mx < hs and hs < (1 << 20):  # common case: unrolled, no modulo
         for p in range(hi - lo):
             a = toff[lo + p]
@@ -357,9 +364,9 @@ def _author_codes(
     """Author codes of the row: per media code (``amap``, returns True) when every event of an item has
     the item's author, else per event (``cev[AUTHOR]``)."""
     n = hi - lo
-    if may_derive and _same_as_first(n, cev[MEDIA], first, author, lo):
+    if may_derive and _same_as_first(n, cev[MEDIA], nu_m, first, author, lo, fdummy):
         for m in range(nu_m):
-            x = author[lo + first[m]]
+            x = fdummy[m]  # the author of media code m (before _codes_of reuses fdummy)
             hid[m] = -1 if x < 0 else (x if x < hs else x % hs)
         nus[AUTHOR] = _codes_of(hid, nu_m, direct, cmap, keys, kval, slots, uniq, amap, fdummy)
         for m in range(nu_m):
@@ -408,9 +415,9 @@ def _topic_codes(
     CSR ``teoff`` / ``tcodes``."""
     n = hi - lo
     layout = _pack_topics(toff, tval, lo, hi, hs, tkey) if may_derive else -1
-    if layout >= 0 and _same_as_first(n, mcode, first, tkey, np.int64(0)):
+    if layout >= 0 and _same_as_first(n, mcode, nu_m, first, tkey, np.int64(0), fdummy):
         for m in range(nu_m):
-            sig_hid[m] = tkey[first[m]]
+            sig_hid[m] = fdummy[m]  # the packed topic list of media code m
         no_map = np.empty(0, np.int32)  # signatures: always the open-addressing table ("direct and False",
         ns = _codes_of(sig_hid, nu_m, direct and False, no_map, skeys, skval, sslots, sig_key, smap, fdummy)
         # not a literal False, so that _codes_of is compiled once)
@@ -559,7 +566,6 @@ def _event_bins(
     nu_m: int,
     first: np.ndarray,
     m_dur: np.ndarray,
-    mslot: np.ndarray,
     m_pow: np.ndarray,
     m_lg: np.ndarray,
     xs: np.ndarray,
@@ -588,25 +594,16 @@ def _event_bins(
     lo = _nn(lo)
     dbits = dur.view(np.int32)
     ms = s_thr.shape[1]
-    if J > 0 or K > 0:  # once per item of the row (the j / k loops outermost: no tiny inner loops)
+    if J > 0 or K > 0:  # once per item of the row: one pass, each value read right after its look-up
         nan_slot = dcache.shape[0] - 1  # the last row holds NaNs (non-videos)
         for m in range(nu_m):
             i = lo + first[m]
             m_dur[m] = dbits[i]
-            mslot[m] = _duration_slot(dur[i], dbits[i], betas, gammas, dcache) if dur[i] > 0 else nan_slot
-        for j in range(J):
-            for m in range(nu_m):
-                m_pow[j, m] = dcache[mslot[m], 1 + j]
-        for k in range(K):
-            for m in range(nu_m):
-                m_lg[k, m] = dcache[mslot[m], 1 + J + k]
-        for m in range(nu_m):  # a later item of the row may have evicted an earlier one's slot
-            d = np.float64(dur[lo + first[m]])
-            if mslot[m] != nan_slot and dcache[mslot[m], 0] != d:
-                for j in range(J):
-                    m_pow[j, m] = d ** betas[j]
-                for k in range(K):
-                    m_lg[k, m] = math.log1p(gammas[k] * d)
+            slot = _duration_slot(dur[i], dbits[i], betas, gammas, dcache) if dur[i] > 0 else nan_slot
+            for j in range(J):
+                m_pow[j, m] = dcache[slot, 1 + j]
+            for k in range(K):
+                m_lg[k, m] = dcache[slot, 1 + J + k]
     for b0 in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - b0)
         o = _nn(b0 - lo)
@@ -1338,16 +1335,15 @@ def slice_source(
     sslots = np.empty(n_max, np.int64)
     scnt = np.zeros(n_max + 1, np.int32)
     sacc = np.zeros(n_max + 1, np.float64)
-    stouched = np.empty(n_max + 1, np.int32)
+    stouched = np.empty(n_max + 1, np.uint32)  # codes (>= 0): unsigned, so indexing by them needs no wraparound
     # counts per code, plus sink slots for unknown authors / topic-list padding
     cnt = np.zeros((3, e_max + 1), np.int32)
     acc = np.zeros((3, e_max + 1), np.float64)
-    touched = np.empty((3, e_max + 1), np.int32)
+    touched = np.empty((3, e_max + 1), np.uint32)
     emask = np.empty(n_max, np.uint64)
     K = gammas.size
     score = np.zeros((max(K, 1), n_max), np.float64)
     m_dur = np.empty(n_max, np.int32)  # per media code: duration bits, duration**beta, log1p(gamma * duration)
-    mslot = np.empty(n_max, np.int64)
     m_pow = np.empty((betas.size, n_max), np.float64)
     m_lg = np.empty((K, n_max), np.float64)
     xs = np.empty(BLOCK, np.float64)
@@ -1358,7 +1354,7 @@ def slice_source(
     dbins = np.empty((1, n_max), np.int32)
     rbins = np.empty((betas.size, n_max), np.int32)
     sbins = np.empty((K, n_max), np.int32)
-    P = np.empty(n_max, np.int64)
+    P = np.empty(n_max, np.uint32)  # event positions in the row
     cuts = np.empty(L + 1, np.int64)
     wstart = np.empty(L, np.int64)
     fr = np.empty((3, L), np.int64)
@@ -1461,7 +1457,6 @@ def slice_source(
             nu_m,
             first,
             m_dur,
-            mslot,
             m_pow,
             m_lg,
             xs,
