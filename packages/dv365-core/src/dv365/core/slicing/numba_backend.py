@@ -419,8 +419,12 @@ def _topic_codes(
         for m in range(nu_m):
             sig_hid[m] = fdummy[m]  # the packed topic list of media code m
         no_map = np.empty(0, np.int32)  # signatures: always the open-addressing table ("direct and False",
-        ns = _codes_of(sig_hid, nu_m, direct and False, no_map, skeys, skval, sslots, sig_key, smap, fdummy)
-        # not a literal False, so that _codes_of is compiled once)
+        # not a literal False, so that _codes_of is compiled once), its first ``cap`` slots: sized by the
+        # row's items (load <= 1/2), so that the probes stay in cache
+        cap = 1
+        while cap < 2 * nu_m + 2:
+            cap *= 2
+        ns = _codes_of(sig_hid, nu_m, direct and False, no_map, skeys[:cap], skval[:cap], sslots, sig_key, smap, fdummy)
         for s_ in range(ns):
             skeys[sslots[s_]] = -1
         bits, kt = layout // 64, layout % 64
@@ -596,10 +600,20 @@ def _event_bins(
     ms = s_thr.shape[1]
     if J > 0 or K > 0:  # once per item of the row: one pass, each value read right after its look-up
         nan_slot = dcache.shape[0] - 1  # the last row holds NaNs (non-videos)
+        smask = dcache.shape[0] - 2
         for m in range(nu_m):
             i = lo + first[m]
             m_dur[m] = dbits[i]
-            slot = _duration_slot(dur[i], dbits[i], betas, gammas, dcache) if dur[i] > 0 else nan_slot
+            slot = nan_slot
+            if dur[i] > 0:  # _duration_slot written out: as an inlined call this loop ran at half the speed
+                d = np.float64(dur[i])
+                slot = np.int64((np.uint64(dbits[i]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & smask
+                if dcache[slot, 0] != d:
+                    dcache[slot, 0] = d
+                    for j in range(J):
+                        dcache[slot, 1 + j] = d ** betas[j]
+                    for k in range(K):
+                        dcache[slot, 1 + J + k] = math.log1p(gammas[k] * d)
             for j in range(J):
                 m_pow[j, m] = dcache[slot, 1 + j]
             for k in range(K):
@@ -683,19 +697,34 @@ def _word_mask(
     """``emask[p]`` = bits of groups ``64w .. 64w + 63`` passed by event ``lo + p`` (from the LUTs and bins)."""
     n = hi - lo
     lo = _nn(lo)
-    if act_m.shape[0] > 0:
+    w = _nn(w)
+    has_a, has_d, J, K = act_m.shape[0] > 0, d_m.shape[1] > 1, r_m.shape[0], s_m.shape[0]
+    if J <= 1 and K <= 1:  # the common case (at most one beta and one gamma): one pass, one store per event
+        for p in range(n):
+            e = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w]
+            if has_a:
+                e &= act_m[act[lo + p], w]
+            if has_d:
+                e &= d_m[0, dbins[0, p], w]
+            if J == 1:
+                e &= r_m[0, rbins[0, p], w]
+            if K == 1:
+                e &= s_m[0, sbins[0, p], w]
+            emask[p] = e
+        return
+    if has_a:
         for p in range(n):
             emask[p] = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w] & act_m[act[lo + p], w]
     else:
         for p in range(n):
             emask[p] = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w]
-    if d_m.shape[1] > 1:  # some dwell band (else one all-pass bin)
+    if has_d:  # some dwell band (else one all-pass bin)
         for p in range(n):
             emask[p] &= d_m[0, dbins[0, p], w]
-    for j in range(r_m.shape[0]):
+    for j in range(J):
         for p in range(n):
             emask[p] &= r_m[j, rbins[j, p], w]
-    for k in range(s_m.shape[0]):
+    for k in range(K):
         for p in range(n):
             emask[p] &= s_m[k, sbins[k, p], w]
 
@@ -816,7 +845,7 @@ def _derive(
     nt = 0
     for t in range(nt_m):
         m = mt[t]
-        c = xmap[m]
+        c = np.uint32(xmap[m])  # codes are >= 0: unsigned indices (no wraparound select)
         v = cnt[c]
         touched[nt] = c
         nt += (v == 0) & (c != sink)  # the sink (unknown author) never enters the bag
@@ -852,12 +881,12 @@ def _derive2(
     for t in range(nt_m):
         m = mt[t]
         cm = mcnt[m]
-        a = amap[m]
+        a = np.uint32(amap[m])  # codes are >= 0: unsigned indices (no wraparound select)
         v = acnt[a]
         atouched[na] = a
         na += (v == 0) & (a != a_sink)
         acnt[a] = v + cm
-        g = smap[m]
+        g = np.uint32(smap[m])
         v2 = scnt[g]
         stouched[ns] = g
         ns += v2 == 0
