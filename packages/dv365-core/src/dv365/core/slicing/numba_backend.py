@@ -519,16 +519,28 @@ def _duration_slot(dd: float, bits: int, betas: np.ndarray, gammas: np.ndarray, 
     a video's duration: a direct-mapped cache hashed by the duration's bits, kept across batches
     (durations repeat, as items do); a miss computes the terms exactly as numpy would. The last row is
     reserved (NaNs, for non-videos)."""
-    J, K = betas.size, gammas.size
     d = np.float64(dd)
-    slot = np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & (dcache.shape[0] - 2)
+    slot = _dslot(bits, dcache.shape[0] - 2)
     if dcache[slot, 0] != d:
-        dcache[slot, 0] = d
-        for j in range(J):
-            dcache[slot, 1 + j] = d ** betas[j]
-        for k in range(K):
-            dcache[slot, 1 + J + k] = math.log1p(gammas[k] * d)
+        _fill_duration(dcache, slot, d, betas, gammas)
     return slot
+
+
+@_inline
+def _dslot(bits: int, mask: int) -> int:
+    """The duration cache slot of a duration's float32 bits (``mask`` = slots - 1)."""
+    return np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask
+
+
+@_jit
+def _fill_duration(dcache: np.ndarray, slot: int, d: float, betas: np.ndarray, gammas: np.ndarray) -> None:
+    """A duration cache miss: ``dcache[slot] = (d, d**beta_j..., log1p(gamma_k * d)...)``, as numpy computes them."""
+    J = betas.size
+    dcache[slot, 0] = d
+    for j in range(J):
+        dcache[slot, 1 + j] = d ** betas[j]
+    for k in range(gammas.size):
+        dcache[slot, 1 + J + k] = math.log1p(gammas[k] * d)
 
 
 @_inline
@@ -607,13 +619,9 @@ def _event_bins(
             slot = nan_slot
             if dur[i] > 0:  # _duration_slot written out: as an inlined call this loop ran at half the speed
                 d = np.float64(dur[i])
-                slot = np.int64((np.uint64(dbits[i]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & smask
+                slot = _dslot(dbits[i], smask)
                 if dcache[slot, 0] != d:
-                    dcache[slot, 0] = d
-                    for j in range(J):
-                        dcache[slot, 1 + j] = d ** betas[j]
-                    for k in range(K):
-                        dcache[slot, 1 + J + k] = math.log1p(gammas[k] * d)
+                    _fill_duration(dcache, slot, d, betas, gammas)
             for j in range(J):
                 m_pow[j, m] = dcache[slot, 1 + j]
             for k in range(K):
