@@ -380,11 +380,12 @@ def _assert_same_bags(a: SlicedBatch, b: SlicedBatch) -> None:
     np.testing.assert_allclose(sums[a.lengths > 0], 1.0, rtol=1e-5)
 
 
-def _random_timelines(seed: int, users: int = 300) -> tuple[Timelines, np.ndarray]:
+def _random_timelines(seed: int, users: int = 300, topics: bool = True) -> tuple[Timelines, np.ndarray]:
     """Users with empty / explicit-only / implicit-only timelines; items whose author and topics are item
     attributes (most users) or drawn per event; unknown authors, events without topics, non-videos (NaN
     duration), zero durations and dwell, dwell / watch-ratio / debiased-score values exactly on band edges,
-    events exactly on the 24 h gap and on window starts, and long histories that hit a small cap."""
+    events exactly on the 24 h gap and on window starts, and long histories that hit a small cap.
+    ``topics=False``: no event has a topic (an empty topic-id column)."""
     rng = np.random.default_rng(seed)
     r = np.full(users, 40 * DAY, np.int64)
     tables = []
@@ -409,7 +410,7 @@ def _random_timelines(seed: int, users: int = 300) -> tuple[Timelines, np.ndarra
         per_event = rng.random(users)[uid] < 0.2  # these users' events draw author / topics per event
         author = np.where(per_event, rng.integers(0, 50, n), media % 37)
         author = np.where((media % 11 == 0) | (per_event & (rng.random(n) < 0.1)), -1, author)
-        ntop = np.where(per_event, rng.integers(0, 4, n), media % 4)
+        ntop = np.where(per_event, rng.integers(0, 4, n), media % 4) * topics
         toff = np.concatenate([[0], np.cumsum(ntop)]).astype(np.int32)
         first = np.repeat(media, ntop) * 7 + (np.arange(toff[-1]) - np.repeat(toff[:-1], ntop)) * 13
         tv = np.where(np.repeat(per_event, ntop), rng.integers(0, 60, toff[-1]), first % 60)
@@ -443,8 +444,15 @@ def _variants() -> list[SliceSpec]:
     # media and author with one hash size (as dv365-train's configs set them): each id type must still get
     # its own direct-mapped code table (a shared one mixed media and author codes: out-of-range ids)
     same = {k: {**v, "hash_size": 20011 if k in ("media", "author") else 1009} for k, v in kuai.raw["id_types"].items()}
+    # two watch-ratio exponents and two debiased gammas: several ratio / score bins per event
+    fams = [f for f in kuai.raw["families"] if f["name"] in ("ratio", "debiased")]
+    more = [
+        {**fams[0], "name": "ratio2", "beta": 0.5},
+        {**fams[1], "name": "deb2", "slices": {"g05": {"debiased": {"gamma": 0.5, "s0": 0.7}}}},
+    ]
     return [
         kuai,
+        SliceSpec.from_dict({**kuai.raw, "families": kuai.raw["families"] + more}),
         SliceSpec.from_dict({**kuai.raw, "cap": 300, "id_types": huge}),
         SliceSpec.load_default("movielens"),
         SliceSpec.from_dict(SMALL_SPEC),
@@ -467,6 +475,17 @@ def test_numba_backend_matches_numpy_backend(seed: int) -> None:
         assert isinstance(fast._impl, NumbaSlicer)
         fast._impl.derive = False  # every author / topic bag counted from its occurrences
         _assert_same_bags(expect, fast.slice(tl, r))
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
+def test_numba_backend_matches_numpy_without_any_topic() -> None:
+    """A batch whose topic column is empty (no event has a topic): the topic-list packing reads nothing."""
+    tl, r = _random_timelines(2, users=60, topics=False)
+    assert tl.implicit.topic_values.size == tl.explicit.topic_values.size == 0
+    for spec in (SliceSpec.load_default("kuairand"), SliceSpec.from_dict(SMALL_SPEC)):
+        _assert_same_bags(
+            Slicer(spec, tl.vocab, backend="numpy").slice(tl, r), Slicer(spec, tl.vocab, backend="numba").slice(tl, r)
+        )
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")

@@ -119,6 +119,18 @@ def _fallback_cache_dir() -> bool:
     return True
 
 
+@_inline
+def _nn(x: int) -> int:
+    """``x`` for an index base known to be >= 0, in a form LLVM can see is >= 0.
+
+    numba wraps negative indices (``a[i]`` reads ``a[i + len]`` when ``i < 0``): a compare-and-select per
+    access, which also keeps LLVM from vectorising a loop over ``a[base + p]``. With ``base = _nn(base)``
+    the sum is provably non-negative and the select (and the scalar loop) disappears; the value is the
+    same (callers only pass non-negative bases).
+    """
+    return max(x, 0)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Per-row factorisation of hashed ids into dense local codes
 # ------------------------------------------------------------------------------------------------------
@@ -206,6 +218,7 @@ def _uncode(nu: int, direct: bool, cmap: np.ndarray, keys: np.ndarray, slots: np
 @_inline
 def _hash_flat(ids: np.ndarray, lo: int, hi: int, hs: int, hid: np.ndarray) -> None:
     """``hid[p] = ids[lo + p] % hs``, -1 for invalid (negative) ids such as unknown authors."""
+    lo = _nn(lo)
     for p in range(hi - lo):
         x = ids[lo + p]
         hid[p] = -1 if x < 0 else (x if x < hs else x % hs)
@@ -238,15 +251,19 @@ def _hash_csr(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, eof
 
 
 @_inline
-def _same_as_first(n: int, mcode: np.ndarray, first: np.ndarray, arr: np.ndarray, off: int) -> bool:
+def _same_as_first(
+    n: int, mcode: np.ndarray, nu: int, first: np.ndarray, arr: np.ndarray, off: int, ref: np.ndarray
+) -> bool:
     """Whether every event p of the row has ``arr[off + p]`` equal to that of the first event of its media
-    code (author ids, packed topic lists): then author / topic bags can be derived from media bags."""
+    code (author ids, packed topic lists): then author / topic bags can be derived from media bags.
+    ``ref[m]`` gets the value of media code m's first event (``nu`` codes); one branch-free pass."""
+    off = _nn(off)
+    for m in range(nu):
+        ref[m] = arr[off + first[m]]
     ok = True
     for p in range(n):
         m = mcode[p]
-        if m < 0:
-            return False
-        ok &= arr[off + p] == arr[off + first[m]]
+        ok &= (m >= 0) & (arr[off + p] == ref[max(m, 0)])
     return ok
 
 
@@ -255,6 +272,11 @@ def _pack_topics(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, 
     """``tkey[p]``: the hashed topic list of event ``lo + p`` packed as ``kt`` fields of ``bits`` bits
     (hashed id + 1; 0 = none or invalid). Returns the layout ``bits * 64 + kt``, or -1 when the lists do
     not fit in 63 bits (then no derivation)."""
+    lo = _nn(lo)
+    if tval.size == 0:  # no topics at all
+        for p in range(hi - lo):
+            tkey[p] = 0
+        return 21 * 64 + 3
     kt = 1
     for i in range(lo, hi):
         kt = max(kt, toff[i + 1] - toff[i])
@@ -262,7 +284,7 @@ def _pack_topics(toff: np.ndarray, tval: np.ndarray, lo: int, hi: int, hs: int, 
     for e in range(toff[lo], toff[hi]):
         mn = min(mn, tval[e])
         mx = max(mx, tval[e])
-    last = max(tval.size - 1, 0)
+    last = tval.size - 1
     if kt <= 3 and mn >= 0 and mx < hs and hs < (1 << 20):  # common case: unrolled, no modulo
         for p in range(hi - lo):
             a = toff[lo + p]
@@ -342,9 +364,9 @@ def _author_codes(
     """Author codes of the row: per media code (``amap``, returns True) when every event of an item has
     the item's author, else per event (``cev[AUTHOR]``)."""
     n = hi - lo
-    if may_derive and _same_as_first(n, cev[MEDIA], first, author, lo):
+    if may_derive and _same_as_first(n, cev[MEDIA], nu_m, first, author, lo, fdummy):
         for m in range(nu_m):
-            x = author[lo + first[m]]
+            x = fdummy[m]  # the author of media code m (before _codes_of reuses fdummy)
             hid[m] = -1 if x < 0 else (x if x < hs else x % hs)
         nus[AUTHOR] = _codes_of(hid, nu_m, direct, cmap, keys, kval, slots, uniq, amap, fdummy)
         for m in range(nu_m):
@@ -393,12 +415,16 @@ def _topic_codes(
     CSR ``teoff`` / ``tcodes``."""
     n = hi - lo
     layout = _pack_topics(toff, tval, lo, hi, hs, tkey) if may_derive else -1
-    if layout >= 0 and _same_as_first(n, mcode, first, tkey, np.int64(0)):
+    if layout >= 0 and _same_as_first(n, mcode, nu_m, first, tkey, np.int64(0), fdummy):
         for m in range(nu_m):
-            sig_hid[m] = tkey[first[m]]
+            sig_hid[m] = fdummy[m]  # the packed topic list of media code m
         no_map = np.empty(0, np.int32)  # signatures: always the open-addressing table ("direct and False",
-        ns = _codes_of(sig_hid, nu_m, direct and False, no_map, skeys, skval, sslots, sig_key, smap, fdummy)
-        # not a literal False, so that _codes_of is compiled once)
+        # not a literal False, so that _codes_of is compiled once), its first ``cap`` slots: sized by the
+        # row's items (load <= 1/2), so that the probes stay in cache
+        cap = 1
+        while cap < 2 * nu_m + 2:
+            cap *= 2
+        ns = _codes_of(sig_hid, nu_m, direct and False, no_map, skeys[:cap], skval[:cap], sslots, sig_key, smap, fdummy)
         for s_ in range(ns):
             skeys[sslots[s_]] = -1
         bits, kt = layout // 64, layout % 64
@@ -421,24 +447,29 @@ def _topic_codes(
 # ------------------------------------------------------------------------------------------------------
 @_jit
 def _bins_le(n: int, thr: np.ndarray, j: int, m: int, x: np.ndarray, out: np.ndarray, o: int) -> None:
-    """``out[j, o + p]`` = #thresholds ``thr[j, :m]`` with ``thr <= x[p]`` (NaN reaches none)."""
+    """``out[j, o + p]`` = #thresholds ``thr[j, :m]`` with ``thr <= x[p]`` (NaN reaches none).
+    One vectorised pass over the events per threshold."""
+    row = out[_nn(j)]
+    o = _nn(o)
     for p in range(n):
-        xp = x[p]
-        k = 0
-        for t in range(m):
-            k += thr[j, t] <= xp
-        out[j, o + p] = k
+        row[o + p] = 0
+    for t in range(m):
+        th = thr[j, t]
+        for p in range(n):
+            row[o + p] += th <= x[p]
 
 
 @_jit
 def _bins_lt(n: int, thr: np.ndarray, j: int, m: int, x: np.ndarray, out: np.ndarray, o: int) -> None:
     """As :func:`_bins_le` with ``thr < x[p]`` (the strict ``score > s0``)."""
+    row = out[_nn(j)]
+    o = _nn(o)
     for p in range(n):
-        xp = x[p]
-        k = 0
-        for t in range(m):
-            k += thr[j, t] < xp
-        out[j, o + p] = k
+        row[o + p] = 0
+    for t in range(m):
+        th = thr[j, t]
+        for p in range(n):
+            row[o + p] += th < x[p]
 
 
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
@@ -488,16 +519,28 @@ def _duration_slot(dd: float, bits: int, betas: np.ndarray, gammas: np.ndarray, 
     a video's duration: a direct-mapped cache hashed by the duration's bits, kept across batches
     (durations repeat, as items do); a miss computes the terms exactly as numpy would. The last row is
     reserved (NaNs, for non-videos)."""
-    J, K = betas.size, gammas.size
     d = np.float64(dd)
-    slot = np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & (dcache.shape[0] - 2)
+    slot = _dslot(bits, dcache.shape[0] - 2)
     if dcache[slot, 0] != d:
-        dcache[slot, 0] = d
-        for j in range(J):
-            dcache[slot, 1 + j] = d ** betas[j]
-        for k in range(K):
-            dcache[slot, 1 + J + k] = math.log1p(gammas[k] * d)
+        _fill_duration(dcache, slot, d, betas, gammas)
     return slot
+
+
+@_inline
+def _dslot(bits: int, mask: int) -> int:
+    """The duration cache slot of a duration's float32 bits (``mask`` = slots - 1)."""
+    return np.int64((np.uint64(bits) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & mask
+
+
+@_jit
+def _fill_duration(dcache: np.ndarray, slot: int, d: float, betas: np.ndarray, gammas: np.ndarray) -> None:
+    """A duration cache miss: ``dcache[slot] = (d, d**beta_j..., log1p(gamma_k * d)...)``, as numpy computes them."""
+    J = betas.size
+    dcache[slot, 0] = d
+    for j in range(J):
+        dcache[slot, 1 + j] = d ** betas[j]
+    for k in range(gammas.size):
+        dcache[slot, 1 + J + k] = math.log1p(gammas[k] * d)
 
 
 @_inline
@@ -539,7 +582,6 @@ def _event_bins(
     nu_m: int,
     first: np.ndarray,
     m_dur: np.ndarray,
-    mslot: np.ndarray,
     m_pow: np.ndarray,
     m_lg: np.ndarray,
     xs: np.ndarray,
@@ -565,30 +607,28 @@ def _event_bins(
     md, J, K = d_thr.shape[1], betas.size, gammas.size
     if md == 0 and J == 0 and K == 0:
         return
+    lo = _nn(lo)
     dbits = dur.view(np.int32)
     ms = s_thr.shape[1]
-    if J > 0 or K > 0:  # once per item of the row (the j / k loops outermost: no tiny inner loops)
+    if J > 0 or K > 0:  # once per item of the row: one pass, each value read right after its look-up
         nan_slot = dcache.shape[0] - 1  # the last row holds NaNs (non-videos)
+        smask = dcache.shape[0] - 2
         for m in range(nu_m):
             i = lo + first[m]
             m_dur[m] = dbits[i]
-            mslot[m] = _duration_slot(dur[i], dbits[i], betas, gammas, dcache) if dur[i] > 0 else nan_slot
-        for j in range(J):
-            for m in range(nu_m):
-                m_pow[j, m] = dcache[mslot[m], 1 + j]
-        for k in range(K):
-            for m in range(nu_m):
-                m_lg[k, m] = dcache[mslot[m], 1 + J + k]
-        for m in range(nu_m):  # a later item of the row may have evicted an earlier one's slot
-            d = np.float64(dur[lo + first[m]])
-            if mslot[m] != nan_slot and dcache[mslot[m], 0] != d:
-                for j in range(J):
-                    m_pow[j, m] = d ** betas[j]
-                for k in range(K):
-                    m_lg[k, m] = math.log1p(gammas[k] * d)
+            slot = nan_slot
+            if dur[i] > 0:  # _duration_slot written out: as an inlined call this loop ran at half the speed
+                d = np.float64(dur[i])
+                slot = _dslot(dbits[i], smask)
+                if dcache[slot, 0] != d:
+                    _fill_duration(dcache, slot, d, betas, gammas)
+            for j in range(J):
+                m_pow[j, m] = dcache[slot, 1 + j]
+            for k in range(K):
+                m_lg[k, m] = dcache[slot, 1 + J + k]
     for b0 in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - b0)
-        o = b0 - lo
+        o = _nn(b0 - lo)
         for p in range(n):
             xs[p] = dwell[b0 + p]
         if md > 0:
@@ -619,14 +659,17 @@ def _event_bins(
         if K == 0:
             continue
         _log1p_fast(xs, n, tmp[0], tmp[1], tmp[2], vs)
+        sk = tmp[0]
         for k in range(K):
-            near = 0
             for p in range(n):
                 s = vs[p] / lgw[k, p]
-                s = s if s - s == 0.0 else math.nan
-                tmp[0, p] = s
-                for t in range(ms):
-                    near += abs(s - s_thr[k, t]) <= _EXACT_TOL * abs(s_thr[k, t]) + 1e-300
+                sk[p] = s if s - s == 0.0 else math.nan
+            near = 0
+            for t in range(ms):  # one vectorised pass per threshold
+                th = s_thr[k, t]
+                tol = _EXACT_TOL * abs(th) + 1e-300
+                for p in range(n):
+                    near += abs(sk[p] - th) <= tol
             if near > 0:  # rare: the exact numpy score decides near a threshold
                 for p in range(n):
                     s = tmp[0, p]
@@ -661,19 +704,35 @@ def _word_mask(
 ) -> None:
     """``emask[p]`` = bits of groups ``64w .. 64w + 63`` passed by event ``lo + p`` (from the LUTs and bins)."""
     n = hi - lo
-    if act_m.shape[0] > 0:
+    lo = _nn(lo)
+    w = _nn(w)
+    has_a, has_d, J, K = act_m.shape[0] > 0, d_m.shape[1] > 1, r_m.shape[0], s_m.shape[0]
+    if J <= 1 and K <= 1:  # the common case (at most one beta and one gamma): one pass, one store per event
+        for p in range(n):
+            e = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w]
+            if has_a:
+                e &= act_m[act[lo + p], w]
+            if has_d:
+                e &= d_m[0, dbins[0, p], w]
+            if J == 1:
+                e &= r_m[0, rbins[0, p], w]
+            if K == 1:
+                e &= s_m[0, sbins[0, p], w]
+            emask[p] = e
+        return
+    if has_a:
         for p in range(n):
             emask[p] = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w] & act_m[act[lo + p], w]
     else:
         for p in range(n):
             emask[p] = mt_m[mtype[lo + p], w] & sf_m[surf[lo + p], w]
-    if d_m.shape[1] > 1:  # some dwell band (else one all-pass bin)
+    if has_d:  # some dwell band (else one all-pass bin)
         for p in range(n):
             emask[p] &= d_m[0, dbins[0, p], w]
-    for j in range(r_m.shape[0]):
+    for j in range(J):
         for p in range(n):
             emask[p] &= r_m[j, rbins[j, p], w]
-    for k in range(s_m.shape[0]):
+    for k in range(K):
         for p in range(n):
             emask[p] &= s_m[k, sbins[k, p], w]
 
@@ -794,7 +853,7 @@ def _derive(
     nt = 0
     for t in range(nt_m):
         m = mt[t]
-        c = xmap[m]
+        c = np.uint32(xmap[m])  # codes are >= 0: unsigned indices (no wraparound select)
         v = cnt[c]
         touched[nt] = c
         nt += (v == 0) & (c != sink)  # the sink (unknown author) never enters the bag
@@ -830,12 +889,12 @@ def _derive2(
     for t in range(nt_m):
         m = mt[t]
         cm = mcnt[m]
-        a = amap[m]
+        a = np.uint32(amap[m])  # codes are >= 0: unsigned indices (no wraparound select)
         v = acnt[a]
         atouched[na] = a
         na += (v == 0) & (a != a_sink)
         acnt[a] = v + cm
-        g = smap[m]
+        g = np.uint32(smap[m])
         v2 = scnt[g]
         stouched[ns] = g
         ns += v2 == 0
@@ -880,6 +939,7 @@ def _emit(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Writes one bag: ids ``uniq[touched]``, weights ``count / occurrences`` or ``sum(s) / sum(s)``."""
     vals, wts = _grow(vals, wts, used, nt)
+    used = _nn(used)
     nocc = 0
     if weighted:
         tot = 0.0
@@ -1312,16 +1372,15 @@ def slice_source(
     sslots = np.empty(n_max, np.int64)
     scnt = np.zeros(n_max + 1, np.int32)
     sacc = np.zeros(n_max + 1, np.float64)
-    stouched = np.empty(n_max + 1, np.int32)
+    stouched = np.empty(n_max + 1, np.uint32)  # codes (>= 0): unsigned, so indexing by them needs no wraparound
     # counts per code, plus sink slots for unknown authors / topic-list padding
     cnt = np.zeros((3, e_max + 1), np.int32)
     acc = np.zeros((3, e_max + 1), np.float64)
-    touched = np.empty((3, e_max + 1), np.int32)
+    touched = np.empty((3, e_max + 1), np.uint32)
     emask = np.empty(n_max, np.uint64)
     K = gammas.size
     score = np.zeros((max(K, 1), n_max), np.float64)
     m_dur = np.empty(n_max, np.int32)  # per media code: duration bits, duration**beta, log1p(gamma * duration)
-    mslot = np.empty(n_max, np.int64)
     m_pow = np.empty((betas.size, n_max), np.float64)
     m_lg = np.empty((K, n_max), np.float64)
     xs = np.empty(BLOCK, np.float64)
@@ -1332,7 +1391,7 @@ def slice_source(
     dbins = np.empty((1, n_max), np.int32)
     rbins = np.empty((betas.size, n_max), np.int32)
     sbins = np.empty((K, n_max), np.int32)
-    P = np.empty(n_max, np.int64)
+    P = np.empty(n_max, np.uint32)  # event positions in the row
     cuts = np.empty(L + 1, np.int64)
     wstart = np.empty(L, np.int64)
     fr = np.empty((3, L), np.int64)
@@ -1435,7 +1494,6 @@ def slice_source(
             nu_m,
             first,
             m_dur,
-            mslot,
             m_pow,
             m_lg,
             xs,
@@ -1545,15 +1603,24 @@ def assemble(
     weights = np.empty(total, np.float32)
     o = 0
     for k in range(N):
-        src_v = vals0 if seg_src[k] == 0 else vals1
-        src_w = wts0 if seg_src[k] == 0 else wts1
         for b in range(B):
-            s = seg_start[k, b]
-            for t in range(seg_len[k, b]):
-                values[o + t] = src_v[s + t]
-                weights[o + t] = src_w[s + t]
-            o += seg_len[k, b]
+            n = seg_len[k, b]
+            if seg_src[k] == 0:
+                _copy_bag(vals0, wts0, seg_start[k, b], values, weights, o, n)
+            else:
+                _copy_bag(vals1, wts1, seg_start[k, b], values, weights, o, n)
+            o += n
     return values, weights
+
+
+@_inline
+def _copy_bag(sv: np.ndarray, sw: np.ndarray, s: int, dv: np.ndarray, dw: np.ndarray, o: int, n: int) -> None:
+    """``dv[o:o + n] = sv[s:s + n]`` and the same for weights, as vectorised loops (see :func:`_nn`)."""
+    s, o = _nn(s), _nn(o)
+    for t in range(n):
+        dv[o + t] = sv[s + t]
+    for t in range(n):
+        dw[o + t] = sw[s + t]
 
 
 # ------------------------------------------------------------------------------------------------------
