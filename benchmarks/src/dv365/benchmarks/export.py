@@ -112,13 +112,27 @@ def _export_in_child(cfg: Any, conn: Any) -> None:
             "wall_s": wall,
             "users_encoded": res.users_encoded,
             "stage_seconds": res.stage_seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # VmHWM: this process image's own peak (ru_maxrss would start from the benchmark's RSS at the spawn:
+            # Linux keeps the forked copy's high-water mark across exec)
+            "peak_rss_mb": _vm_hwm_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "loader_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "loader_private_mb": res.loader_private_mb,
             "tower_threads": threads,
         }
     )
     conn.close()
+
+
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process image (``VmHWM`` of /proc/self/status) in MB; 0.0 where it is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def _run_export(cfg: Any) -> dict[str, Any]:
