@@ -29,6 +29,8 @@ def _export(checkpoint: str, out: Path, as_of: int, **kw: object) -> SnapshotInd
     res = run_export(ExportConfig(checkpoint=checkpoint, out=str(out), **cfg))  # type: ignore[arg-type]
     assert set(res.stage_seconds) == {*STAGES, "pool", "fsa", "quantize", "write", "wait", "warm_up"}
     assert all(v >= 0 for v in res.stage_seconds.values()) and res.stage_seconds["slice"] > 0
+    assert res.first_batch is not None and 0 < res.first_batch[0] <= res.seconds and res.first_batch[1] > 0
+    assert res.users_per_s_steady >= 0
     return SnapshotIndex(str(out))
 
 

@@ -10,6 +10,8 @@ tables), exports every user with ``dv365 export``'s job (fbgemm 4-bit), and repo
   private memory (a forked worker's RSS counts the pages it shares with the export process);
 * ``tower_only_users_per_s``: in the same run, the same users' tower calls (pooling + FSA) on KJTs built
   beforehand, with the threads the export gave its tower (``tower_threads``), and ``end_to_end_vs_tower_only``, the ratio of the two: how close the job is to its own limit;
+* ``users_per_s_steady`` / ``steady_vs_tower_only``: the same after the first tower batch arrived (the
+  loader's fill, ``first_batch_s``, excluded): the rate of an export over many users;
 * ``<stage>_ms_per_user`` for read, slice, kjt, pool, fsa, quantize, write (the loader's stages summed over
   its workers, so on 2 cores they may add up to more than the wall time per user), and ``wait``: the time the
   tower's process waited for the loader (the first batch's included); ``warm_up_s``: loading the slicer's
@@ -108,6 +110,8 @@ def _export_in_child(cfg: Any, conn: Any) -> None:
     conn.send(
         {
             "users_per_s": res.users_per_s,
+            "users_per_s_steady": res.users_per_s_steady,
+            "first_batch_s": res.first_batch[0] if res.first_batch else 0.0,
             "seconds": res.seconds,
             "wall_s": wall,
             "users_encoded": res.users_encoded,
@@ -238,6 +242,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "users_per_s": round(ex["users_per_s"], 2),
         "tower_only_users_per_s": round(tower_users_per_s, 2),
         "end_to_end_vs_tower_only": round(ex["users_per_s"] / tower_users_per_s, 3),
+        "users_per_s_steady": round(ex["users_per_s_steady"], 2),
+        "steady_vs_tower_only": round(ex["users_per_s_steady"] / tower_users_per_s, 3),
+        "first_batch_s": round(ex["first_batch_s"], 3),
         **stage_ms,
         "users_per_s_end_to_end": round(m.user_count / ex["wall_s"], 2),
         "export_s": round(t_export, 2),

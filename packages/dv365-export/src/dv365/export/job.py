@@ -151,6 +151,17 @@ class ExportResult:
     # kernels loaded before the loop; not in ``seconds``)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     loader_private_mb: float = 0.0  # the largest private memory a loader worker (or this process, inline) had
+    first_batch: tuple[float, int] | None = None  # (seconds until the first tower batch arrived, its users)
+
+    @property
+    def users_per_s_steady(self) -> float:
+        """Encoded users/s after the first tower batch arrived (the loader's fill excluded): the rate an export
+        over many users runs at."""
+        if self.first_batch is None:
+            return 0.0
+        s, n = self.first_batch
+        rest = self.seconds - s
+        return (self.users_encoded - n) / rest if rest > 0 and self.users_encoded > n else 0.0
 
     @property
     def users_per_s(self) -> float:
@@ -524,6 +535,7 @@ class _Job:
         workers = default_loader_workers() if self.cfg.loader_workers is None else self.cfg.loader_workers
         data_seconds = StageSeconds()
         write_s, loader_mb, wait_s = 0.0, 0.0, 0.0
+        first_batch: tuple[float, int] | None = None
         batches = tower_batches(
             self.ds.url,
             encoder.features,
@@ -543,6 +555,8 @@ class _Job:
                     t_wait = time.perf_counter()
                     tb = next(batches)
                     wait_s += time.perf_counter() - t_wait
+                    if first_batch is None:  # the loader's fill: its first batch, before any overlap
+                        first_batch = (time.perf_counter() - t_work, tb.n)
                     assert np.array_equal(tb.user_ids, ids[got : got + tb.n])
                     data_seconds.add(tb.seconds)
                     loader_mb = max(loader_mb, tb.private_mb)
@@ -587,6 +601,7 @@ class _Job:
             counts=_counts(manifest.extra) if manifest else {},
             stage_seconds=stage_seconds,
             loader_private_mb=loader_mb,
+            first_batch=first_batch,
         )
 
 
