@@ -92,3 +92,25 @@ def test_movielens_line_cut_inside_its_time_is_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "_dataset.json").exists()
     s = import_movielens(d, str(tmp_path / "drop"), policy=ValidationPolicy(on_error="drop"))
     assert s.explicit_events == 1 and "dropped ts:implausible_timestamp: 1" in s.validation
+
+
+def test_earliest_flag_admits_an_older_log(tmp_path: Path) -> None:
+    """`dv365 import ... --earliest YYYY-MM-DD` moves the lower bound for logs that really start before 1990;
+    a bad date is a usage error naming the flag."""
+    import subprocess
+    import sys
+
+    src = _ml(tmp_path / "ml", [(1, 1, 4.0, 500_000_000), (1, 1, 3.0, 600_000_000)])  # 1985 and 1989
+    dv365 = str(Path(sys.executable).with_name("dv365"))
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [dv365, "import", "movielens", str(src), "--out", str(tmp_path / "out"), "--overwrite", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    refused = run()
+    assert refused.returncode != 0 and "implausible_timestamp" in refused.stderr + refused.stdout
+    ok = run("--earliest", "1980-01-01")
+    assert ok.returncode == 0, ok.stderr
+    assert TimelineDataset(str(tmp_path / "out")).meta.stats["events"] == 2
+    bad = run("--earliest", "1980-13-01")
+    assert bad.returncode == 2 and "--earliest '1980-13-01': not a date YYYY-MM-DD" in bad.stderr

@@ -147,6 +147,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="bad record: stop with an error naming it (raise, default) or drop and count it (drop)",
     )
     p.add_argument(
+        "--earliest",
+        type=_date_ts,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="the earliest event time accepted (UTC; default 1990-01-01: an older time is refused as implausible, "
+        "e.g. a line cut inside its timestamp); for logs that really start earlier",
+    )
+    p.add_argument(
         "--source",
         default=None,
         metavar="TAG",
@@ -277,9 +285,22 @@ def _show_progress() -> None:
 
 def _policy(args: argparse.Namespace) -> Any:
     """The validation policy of the run."""
-    from dv365.core.validation import ValidationPolicy
+    from dv365.core.validation import ValidationPolicy, plausible_ts_range
 
-    return ValidationPolicy(on_error=args.on_error)
+    earliest = getattr(args, "earliest", None)
+    ts_range = plausible_ts_range(earliest=earliest) if earliest is not None else None
+    return ValidationPolicy(on_error=args.on_error, ts_range=ts_range)
+
+
+def _date_ts(text: str) -> int:
+    """``YYYY-MM-DD`` (UTC) -> unix seconds, for ``--earliest``."""
+    from datetime import datetime, timezone
+
+    try:
+        d = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--earliest {text!r}: not a date YYYY-MM-DD") from e
+    return int(d.timestamp())
 
 
 def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
