@@ -5,8 +5,8 @@ Generates a SIMULATED long-history dataset (:mod:`dv365.core.synth`), trains a D
 tables), exports every user with ``dv365 export``'s job (fbgemm 4-bit), and reports:
 
 * ``users_per_s``: users / seconds of the export loop (read timelines, slice, tower, quantize, write shards),
-  with its reading and slicing in ``loader_workers`` processes ahead of the tower (one on a host with a second
-  core); the export runs in a fresh process whose peak RSS is reported, and its loader worker's peak RSS and
+  with its reading and slicing in ``loader_workers`` processes ahead of the tower (the export's default: half
+  the cores, one on 2); the export runs in a fresh process whose peak RSS is reported, and its loader worker's peak RSS and
   private memory (a forked worker's RSS counts the pages it shares with the export process);
 * ``tower_only_users_per_s``: in the same run, the same users' tower calls (pooling + FSA) on KJTs built
   beforehand, with the threads the export gave its tower (``tower_threads``), and ``end_to_end_vs_tower_only``, the ratio of the two: how close the job is to its own limit;
@@ -101,11 +101,6 @@ def _export_in_child(cfg: Any, conn: Any) -> None:
 
     t = time.perf_counter()
     res = run_export(cfg)
-    threads = torch.get_num_threads()  # run_export restores the caller's count: report what the tower used
-    from dv365.train.features import default_loader_workers, host_cores
-
-    w = default_loader_workers() if cfg.loader_workers is None else cfg.loader_workers
-    threads = cfg.threads or (max(1, host_cores() - w) if w > 0 else threads)
     wall = time.perf_counter() - t
     conn.send(
         {
@@ -121,7 +116,8 @@ def _export_in_child(cfg: Any, conn: Any) -> None:
             "peak_rss_mb": _vm_hwm_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "loader_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             "loader_private_mb": res.loader_private_mb,
-            "tower_threads": threads,
+            "tower_threads": res.tower_threads,
+            "loader_workers": res.loader_workers,
         }
     )
     conn.close()
@@ -163,7 +159,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dv365.export.encode import UserEncoder, load_tower_model, quantize_fbgemm
     from dv365.export.job import ExportConfig
     from dv365.export.plan import SnapshotIndex
-    from dv365.train.features import default_loader_workers
     from dv365.train.trainer import Trainer
 
     quick = bool(getattr(args, "quick", False))
@@ -171,7 +166,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mean_events = min(args.mean_events, 2_000) if quick else args.mean_events
     steps, train_batch = (2, 8) if quick else (10, 16)
     batch_users = args.batch_users or (8 if quick else 32)
-    workers = default_loader_workers()
     with tempfile.TemporaryDirectory(prefix="dv365-bench-export-") as tmp:
         root = Path(tmp)
         t = time.perf_counter()
@@ -187,7 +181,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shard_users=64,
             batch_users=batch_users,
             progress=False,
-            loader_workers=workers,
         )
         t = time.perf_counter()
         ex = _run_export(cfg)
@@ -236,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(model.device),
         "threads": torch.get_num_threads(),
         "batch_users": batch_users,
-        "loader_workers": workers,
+        "loader_workers": ex["loader_workers"],
         "users": m.user_count,
         "shards": len(m.shards),
         "users_per_s": round(ex["users_per_s"], 2),

@@ -739,8 +739,8 @@ class TimelineDataset:
                 have = set(pf.schema_arrow.names)
                 cols = [c for c in columns if c in have] if columns is not None else None
                 dict_cols = [c for c in CATEGORICAL_COLUMNS if c in have] if dictionary else None
-                if dict_cols:
-                    pf = pq.ParquetFile(f, read_dictionary=dict_cols)
+                if dict_cols:  # the same footer, read once
+                    pf = pq.ParquetFile(f, read_dictionary=dict_cols, metadata=pf.metadata)
                 groups = _row_groups_for(pf.metadata, ids) if ids is not None else None
                 if groups is None:
                     t = pf.read(columns=cols)

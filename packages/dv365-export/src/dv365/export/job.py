@@ -152,6 +152,8 @@ class ExportResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     loader_private_mb: float = 0.0  # the largest private memory a loader worker (or this process, inline) had
     first_batch: tuple[float, int] | None = None  # (seconds until the first tower batch arrived, its users)
+    loader_workers: int = 0  # reader/slicer processes this call used (0: inline)
+    tower_threads: int = 0  # torch threads the tower ran with
 
     @property
     def users_per_s_steady(self) -> float:
@@ -214,8 +216,8 @@ def _worker_from_env(cfg: ExportConfig) -> tuple[int, int]:
 
 
 class _Job:
-    def __init__(self, cfg: ExportConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ExportConfig, loader_workers: int = 0) -> None:
+        self.cfg, self.loader_workers = cfg, loader_workers
         if cfg.bits not in (4, 8):
             raise ExportError(f"--bits must be 4 or 8, got {cfg.bits}")
         if cfg.quantizer not in QUANTIZERS:
@@ -515,7 +517,7 @@ class _Job:
         )
         from tqdm.auto import tqdm
 
-        from dv365.train.features import StageSeconds, default_loader_workers, tower_batches
+        from dv365.train.features import StageSeconds, tower_batches
 
         tag = f" [worker {self.rank}/{self.world}]" if self.world > 1 else ""
         bar = tqdm(
@@ -532,7 +534,6 @@ class _Job:
         warm_s = encoder.features.warm_up() if todo else 0.0
         t_work = time.perf_counter()
         groups = self._groups(todo)
-        workers = default_loader_workers() if self.cfg.loader_workers is None else self.cfg.loader_workers
         data_seconds = StageSeconds()
         write_s, loader_mb, wait_s = 0.0, 0.0, 0.0
         first_batch: tuple[float, int] | None = None
@@ -542,7 +543,7 @@ class _Job:
             self._tower_batches(groups),
             cutoff_ts=self.as_of,
             batch_users=self.cfg.batch_users,
-            workers=workers,
+            workers=self.loader_workers,
             device=self.model.device,
         )
         try:
@@ -629,15 +630,17 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     """
     from dv365.train.features import default_loader_workers, host_cores
 
-    threads_before = torch.get_num_threads()
+    workers = default_loader_workers() if cfg.loader_workers is None else cfg.loader_workers
     threads = cfg.threads
-    if threads <= 0:  # the cores the loader workers leave to the tower
-        workers = default_loader_workers() if cfg.loader_workers is None else cfg.loader_workers
-        threads = max(1, host_cores() - max(workers, 0)) if workers > 0 else 0
+    if threads <= 0 and workers > 0:  # the cores the loader workers leave to the tower
+        threads = max(1, host_cores() - workers)
+    threads_before = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        return _Job(cfg).run()
+        res = _Job(cfg, workers).run()
+        res.loader_workers, res.tower_threads = max(workers, 0), torch.get_num_threads()
+        return res
     finally:
         if threads > 0:
             torch.set_num_threads(threads_before)

@@ -329,7 +329,6 @@ class ExampleSource:
         if spec is not None:  # the one data path (dv365.train.features) slices and checks
             self.features = UserFeatures(spec, self.dataset.vocab, backend=cfg.slicer, canonical=canonical)
             self.slicer = self.features.slicer
-            self._max_rows = self.features.max_rows
         # the target's ids hashed like the history too (share_item_tables), when there is a history
         self.history_rows = {t.id_type: t.hash_size for t in spec.tables.values()} if spec is not None else None
         self.timelines: Timelines | None = None

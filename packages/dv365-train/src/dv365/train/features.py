@@ -7,8 +7,8 @@ the same backend, check the slicer's output the same way and build the same KJT:
 * :class:`UserFeatures` owns the slicer (``backend="auto"``: the numba kernels when numba imports, else the
   numpy reference) and turns ``(timelines, cut-offs)`` into a checked :class:`~dv365.core.slicing.SlicedBatch`
   or a weighted ``KeyedJaggedTensor``.
-* :func:`read_timelines` reads given users' timelines from a dataset, bucket by bucket, only the columns the
-  slicer needs, and only the row groups that can hold those users.
+* :meth:`TimelineDataset.read_users <dv365.core.timeline.TimelineDataset.read_users>` reads given users'
+  timelines, bucket by bucket, only the columns the slicer needs, and only the row groups that can hold them.
 * :func:`tower_batches` is the streaming side used by the export: fixed-size tower batches of users are read
   and sliced in worker processes (a torch ``DataLoader``; ``workers=0`` runs them inline) ahead of the tower,
   a bounded number at a time (``prefetch``), so the tower's core does not wait for Parquet or the slicer and
@@ -191,12 +191,6 @@ def join_batches(parts: Sequence[SlicedBatch]) -> SlicedBatch:
     )
 
 
-def read_timelines(dataset: TimelineDataset, user_ids: Sequence[int] | np.ndarray) -> Timelines:
-    """Timelines of ``user_ids`` (in that order) from ``dataset``: each bucket read once, only the slicer's
-    columns, only the row groups whose user-id range can hold them (Parquet statistics)."""
-    return dataset.read_users(user_ids)
-
-
 @dataclass
 class TowerBatch:
     """One tower call's input: ``kjt`` has exactly ``batch_users`` rows, the first ``n`` are ``user_ids``
@@ -245,7 +239,7 @@ class _BatchSource(torch.utils.data.Dataset):  # type: ignore[type-arg]
         ids = np.asarray(self.batches[i], np.int64)
         n, B = len(ids), self.batch_users
         t0 = time.perf_counter()
-        tl = read_timelines(self._ds, ids)
+        tl = self._ds.read_users(ids)  # each bucket once, the UniTi columns, the row groups that hold them
         if n < B:  # fixed batch size: pad by repeating the first user
             pad = np.concatenate([np.arange(n), np.zeros(B - n, np.int64)])
             tl = Timelines(tl.user_ids[pad], take_rows(tl.explicit, pad), take_rows(tl.implicit, pad), tl.vocab)
@@ -327,17 +321,15 @@ def tower_batches(
         cuts = [np.asarray(c, np.int64) for c in cutoff_ts]
         if len(cuts) != len(batches) or any(len(c) != len(b) for c, b in zip(cuts, batches)):
             raise ValueError("cutoff_ts: one array of cut-offs per batch, one per user, is needed")
-    source = _BatchSource(url, features, batches, cuts, batch_users)
-    import multiprocessing
+    import multiprocessing as mp
 
-    if multiprocessing.current_process().daemon:  # a daemonic process (a Pool worker) may not have children
+    source = _BatchSource(url, features, batches, cuts, batch_users)
+    if mp.current_process().daemon:  # a daemonic process (a Pool worker) may not have children
         workers = 0
     if workers <= 0 or len(batches) <= 1:
         for i in range(len(source)):
             yield _as_batch(source[i], batch_users, device)
         return
-    import multiprocessing as mp
-
     # fork where the platform has it, whatever this process's default start method (a process started with
     # "spawn" would otherwise spawn its workers too: seconds of imports each, before the first batch)
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
