@@ -17,17 +17,11 @@ from dv365.core.synth import SynthConfig, write_synth_dataset
 from dv365.core.timeline import TimelineDataset, appended_runs
 from dv365.export.pipeline import Pipeline, PipelineConfig, PipelineError
 
+from .conftest import tiny_train
+
 DAY = 86_400
 KILL_AT = Path(__file__).parents[1] / "pipeline" / "kill_at.py"
-TRAIN = {
-    "data": {"spec": "kuairand", "hash_sizes": {"media": 499, "author": 499, "topic": 97}},
-    "model": {
-        "kind": "fsa",
-        "tower": {"dim": 8, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
-        "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]},
-    },
-    "run": {"steps": 2, "batch_size": 2, "device": "cpu", "threads": 1, "progress": False},
-}
+TRAIN = tiny_train(batch_size=2)
 SYNTH = SynthConfig(
     users=4,
     mean_events=150,
@@ -39,13 +33,6 @@ SYNTH = SynthConfig(
     min_history_days=5,
     seed=2,
 )
-
-
-@pytest.fixture()
-def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
-    for step in ("train", "export", "publish", "retain"):
-        monkeypatch.setattr(Pipeline, f"_step_{step}", lambda self, c: {})
-    monkeypatch.setattr(Pipeline, "_describe", staticmethod(lambda step, out: ""))
 
 
 def setup(root: Path) -> tuple[Pipeline, str, int]:

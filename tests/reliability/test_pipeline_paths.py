@@ -15,15 +15,9 @@ from dv365.core.synth import SynthConfig, write_synth_dataset
 from dv365.core.timeline import TimelineDataset
 from dv365.export.pipeline import Pipeline, PipelineConfig
 
-TRAIN = {
-    "data": {"spec": "kuairand", "hash_sizes": {"media": 499, "author": 499, "topic": 97}},
-    "model": {
-        "kind": "fsa",
-        "tower": {"dim": 8, "encoder": {"num_heads": 2, "head_dim": 8, "ff_mult": 2, "num_layers": 1}},
-        "backbone": {"embedding_dim": 8, "item_hash_size": 499, "over_arch": [16]},
-    },
-    "run": {"steps": 2, "batch_size": 16, "device": "cpu", "threads": 1, "progress": False},
-}
+from .conftest import tiny_train
+
+TRAIN = tiny_train()
 SYNTH = SynthConfig(
     users=3,
     mean_events=120,

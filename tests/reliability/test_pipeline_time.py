@@ -29,13 +29,6 @@ SYNTH = SynthConfig(
 YEAR_5138 = 99_999_999_999  # 5138-11-16
 
 
-@pytest.fixture()
-def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
-    for step in ("train", "export", "publish", "retain"):
-        monkeypatch.setattr(Pipeline, f"_step_{step}", lambda self, c: {})
-    monkeypatch.setattr(Pipeline, "_describe", staticmethod(lambda step, out: ""))
-
-
 def make(tmp_path: Path) -> tuple[Pipeline, str, int]:
     src = str(tmp_path / "src")
     write_synth_dataset(SYNTH, src, progress=False, num_buckets=2)
