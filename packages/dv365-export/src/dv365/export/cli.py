@@ -461,6 +461,7 @@ def _pipeline_abort(args: argparse.Namespace) -> int:
 
 def _pipeline_schedule(args: argparse.Namespace) -> int:
     from dv365.core.logs import log_to
+    from dv365.core.process import exit_without_teardown
     from dv365.export.pipeline import Pipeline, PipelineConfig, PipelineError
 
     log_to(sys.stdout)
@@ -489,24 +490,9 @@ def _pipeline_schedule(args: argparse.Namespace) -> int:
         next_at += period
         while not stop["now"] and time.time() < next_at:
             time.sleep(min(1.0, max(0.0, next_at - time.time())))
-    _exit_without_teardown(0)
-    return 0
-
-
-def _exit_without_teardown(code: int) -> None:
-    """Ends the scheduler process once its work is done and flushed, without interpreter teardown.
-
-    A scheduler has loaded native thread pools (torch, pyarrow) over its cycles; under load, tearing them down
-    at interpreter exit has aborted the process (``terminate called without an active exception``, exit -6)
-    after every cycle had finished, which a supervisor reads as a crash.
-    """
-    import logging
-    import os
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # under load, tearing down the native thread pools loaded over the cycles has aborted the finished
+    # scheduler (exit -6), which a supervisor reads as a crash
+    exit_without_teardown(0)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 Every rank runs ``dv365 train`` with the same arguments (the parser is :func:`dv365.train.cli.register`'s);
 the :class:`~dv365.train.trainer.Trainer` joins the process group. Rank 0 prints; the other ranks run without
 progress bars and with stdout discarded. An error is reported on stderr with the rank and the exit status is 1,
-so torchrun sees the failure; the process group is destroyed on the way out.
+so torchrun sees the failure; the process group is destroyed on the way out, and a rank run as the worker
+ends without interpreter teardown (see :func:`dv365.core.process.exit_without_teardown`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 
 import torch.distributed as dist
 
+from dv365.core.process import exit_without_teardown
 from dv365.train.cli import register
 
 
@@ -42,4 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # gloo's threads and the process group outlive destroy_process_group() while torchrec still holds it; a
+    # finished rank tearing them down at interpreter exit has aborted (exit -6) and torchrun then killed rank 0
+    exit_without_teardown(main())
