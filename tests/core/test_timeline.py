@@ -507,3 +507,41 @@ def test_row_groups_are_chosen_by_user_id_statistics(tmp_path) -> None:
     assert _row_groups_for(meta, np.array([4, 58])) == [0, 2]
     assert _row_groups_for(meta, np.array([98, 0, 41])) == [0, 2, 4]
     assert _row_groups_for(meta, np.array([-5, 1000, 19])) == []  # 19 lies between groups 0 (..18) and 1 (20..)
+
+
+def test_read_users_over_many_row_groups_and_appended_parts_equals_the_sorted_read(
+    make_events: MakeEvents, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_users reads only the row groups that may hold its users and leaves the picking and ordering to
+    EventTable.from_arrow (other users' rows included, parts unsorted): with 3-row groups and three appends
+    (a user's older events arriving later), every subset of users, in any order, reads exactly what the sorted,
+    filtered read of the same users gives."""
+    import dv365.core.timeline as timeline
+
+    monkeypatch.setattr(timeline, "EVENT_ROW_GROUP_ROWS", 3)
+    url = str(tmp_path / "ds")
+    for i in range(3):
+        ev = sample_events(make_events, seed=i, users=9)
+        with DatasetWriter(url, num_buckets=2, mode="create" if i == 0 else "append") as w:
+            w.add(explicit=ev["explicit"], implicit=ev["implicit"])
+    ds = TimelineDataset(url)
+    f = part_files(ds, "explicit")[0]
+    assert pq.ParquetFile(f).metadata.num_row_groups > 2  # the reads really pick among row groups
+    rnd = random.Random(0)
+    users = ds.user_ids().tolist()
+    for _ in range(6):
+        ids = np.array(rnd.sample(users + [99_999], rnd.randint(1, len(users))), np.int64)
+        got = ds.read_users(ids)
+        ex = ds.read_table("explicit", ids, dictionary=True)  # sorted per bucket, only these users
+        im = ds.read_table("implicit", ids, dictionary=True)
+        want = Timelines(
+            ids,
+            EventTable.from_arrow(ex, "explicit", ds.vocab, ids),
+            EventTable.from_arrow(im, "implicit", ds.vocab, ids),
+            ds.vocab,
+        )
+        assert got.user_ids.tolist() == ids.tolist()
+        for row in range(len(ids)):
+            assert user_rows(got, row) == user_rows(want, row)
+            for t in (got.explicit, got.implicit):
+                assert (np.diff(t.ts[t.user_slice(row)]) >= 0).all()

@@ -27,7 +27,10 @@ tables), exports every user with ``dv365 export``'s job (fbgemm 4-bit), and repo
 * whether core's pure-PyTorch de-quantizer decodes the snapshot bit-exactly like fbgemm's.
 
 ``--quick``: 24 users, at most 2,000 mean events, 2 training steps of 8 requests, tower batches of 8 (< 60 s on
-2 CPU cores). Default: 128 users, ``--mean-events`` (40K, the paper's mean), 10 steps of 16, tower batches of 32.
+2 CPU cores). Default: 512 users, ``--mean-events`` (40K, the paper's mean), 10 steps of 16, tower batches of 32:
+16 batches, 16 per loader worker on 2 cores. A worker's first one or two batches run at about half its steady
+rate (its heap and Arrow's buffers fill, page by page), which at 128 users (4 batches per worker) weighs on the
+whole run as it does not on an export over many users; ``--users 128`` shows it.
 ``--batch-users`` sets the export's tower batch.
 """
 
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dv365.train.trainer import Trainer
 
     quick = bool(getattr(args, "quick", False))
-    users = args.users or (24 if quick else 128)
+    users = args.users or (24 if quick else 512)
     mean_events = min(args.mean_events, 2_000) if quick else args.mean_events
     steps, train_batch = (2, 8) if quick else (10, 16)
     batch_users = args.batch_users or (8 if quick else 32)
