@@ -200,7 +200,7 @@ def _bench_config(url: str, quick: bool, batch: int, rows_per_user: int, dedup: 
                 "spec": "kuairand",
                 "hash_sizes": {"media": 20011, "author": 20011, "topic": 1009},
                 "eval_fraction": 0.0,
-                "slicer": "numpy",
+                "slicer": "auto",  # the training default: numba when installed
                 "dedup": dedup,
                 "group_by_user": rows_per_user,
             },
@@ -227,6 +227,7 @@ def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from dv365.core.slicing import resolve_backend
     from dv365.train.trainer import Trainer
 
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -269,7 +270,7 @@ def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": batch,
         "steps_timed": steps,
         "threads": threads,
-        "slicer": "numpy",
+        "slicer": resolve_backend("auto"),
         "model": f"fsa, kuairand spec (201 features), D = {16 if quick else 64}",
         **result,
         "speedup": result["qps_dedup"] / result["qps_no_dedup"],
