@@ -49,7 +49,7 @@ from dv365.core.validation import (
 from dv365.core.vocab import Vocabulary
 
 # what a dataset folder may hold (the .tmp file: a _dataset.json write that was interrupted)
-_DATASET_ENTRIES = ("_dataset.json", "_dataset.json.tmp", "explicit", "implicit", "requests")
+_DATASET_ENTRIES = ("_dataset.json", "_dataset.json.tmp", "explicit", "implicit", "requests", "ids")
 FORMAT = "dv365.uniti"
 FORMAT_VERSION = 1
 EVENT_KINDS: tuple[str, str] = ("explicit", "implicit")
@@ -59,6 +59,8 @@ CATEGORICAL_COLUMNS: tuple[str, ...] = ("media_type", "surface", "action")
 # user_id statistics, so a group spanning fewer users means fewer other users' rows read: at the 40K-events
 # profile, 256K-row groups read 1.9x the rows a 32-user batch needs, 64K-row groups 1.27x (and 2 ms/user less).
 EVENT_ROW_GROUP_ROWS = 65_536
+# id types that can be stored dense (``DatasetWriter(dense_ids=...)``) and the column holding each
+ID_COLUMNS: dict[str, str] = {"media": "media_id", "author": "author_id", "topic": "topic_ids"}
 
 
 def check_num_buckets(num_buckets: Any, where: str) -> int:
@@ -310,12 +312,16 @@ class DatasetMeta:
     format: str = FORMAT
     version: int = FORMAT_VERSION
     parts: list[str] | None = None  # committed part files, relative to the root; None: glob (older datasets)
+    # dense ids: id type -> the Parquet file (relative to the root) listing the raw id of each dense id
+    id_maps: dict[str, str] | None = None
 
     def to_json(self) -> str:
         parts = {} if self.parts is None else {"parts": sorted(self.parts)}
+        maps = {} if self.id_maps is None else {"id_maps": dict(sorted(self.id_maps.items()))}
         return json.dumps(
             {
                 **parts,
+                **maps,
                 "format": self.format,
                 "version": self.version,
                 "num_buckets": self.num_buckets,
@@ -349,9 +355,15 @@ class DatasetMeta:
             raise DatasetError(f"{where}: _dataset.json 'parts' must be a list of part file paths")
         if "num_buckets" in d:
             check_num_buckets(d["num_buckets"], f"{where}: _dataset.json")
+        maps = d.get("id_maps")
+        if maps is not None and not (
+            isinstance(maps, dict) and all(k in ID_COLUMNS and isinstance(v, str) for k, v in maps.items())
+        ):
+            raise DatasetError(f"{where}: _dataset.json 'id_maps' must map id types {sorted(ID_COLUMNS)} to files")
         try:
             return cls(
                 parts=parts,
+                id_maps=maps,
                 num_buckets=int(d["num_buckets"]),
                 vocab=Vocabulary.from_dict(d["vocab"]),
                 source=d.get("source", ""),
@@ -401,6 +413,7 @@ class DatasetWriter:
         mode: str = "create",
         extra: dict[str, Any] | None = None,
         run_id: str | None = None,
+        dense_ids: bool | Sequence[str] = False,
     ) -> None:
         if run_id is not None and not (run_id and all(c.isalnum() or c in "_." for c in run_id)):
             raise ValueError(f"run_id must be letters, digits, '_' or '.', got {run_id!r}")
@@ -454,6 +467,38 @@ class DatasetWriter:
         self._written: list[str] = []  # part files of this writer, relative to the root
         self._kept_events = np.zeros(0, dtype=bool)  # rows kept by the last validation of a requests_of table
         self._closed = False
+        self._old_maps = dict(self.meta.id_maps or {}) if self._append else {}
+        self._maps = self._open_id_maps(dense_ids)  # id type -> raw ids by dense id (grown by add)
+
+    def _open_id_maps(self, dense_ids: bool | Sequence[str]) -> dict[str, np.ndarray]:
+        """The id maps this writer grows: an append continues the dataset's own (``dense_ids`` must then be left
+        out or name the same types); a new dataset gets empty maps of the requested types."""
+        want: tuple[str, ...] = tuple(ID_COLUMNS) if dense_ids is True else tuple(dense_ids or ())
+        bad = [t for t in want if t not in ID_COLUMNS]
+        if bad:
+            raise ValueError(f"dense_ids: unknown id types {bad}; choose among {sorted(ID_COLUMNS)} (or True for all)")
+        if self._append:
+            have = sorted(self._old_maps)
+            if want and sorted(set(want)) != have:
+                raise DatasetError(
+                    f"{self.url}: dense_ids={sorted(set(want))} but this dataset stores "
+                    f"{have or 'raw ids'}: an append keeps the dataset's own choice (leave dense_ids out)"
+                )
+            return {
+                t: read_id_map(self.fs, posixpath.join(self.root, rel), self.url) for t, rel in self._old_maps.items()
+            }
+        return {t: np.zeros(0, np.int64) for t in dict.fromkeys(want)}
+
+    def _densify(self, t: pa.Table) -> pa.Table:
+        """``t`` with its raw ids replaced by dense ones (ids seen first get new ids at the end of their map)."""
+        for id_type, raw in self._maps.items():
+            name = ID_COLUMNS[id_type]
+            if name not in t.column_names:
+                continue
+            i = t.schema.get_field_index(name)
+            col, self._maps[id_type] = dense_column(t.column(i), raw)
+            t = t.set_column(i, t.schema.field(i), col)
+        return t
 
     def _committed_now(self, meta: DatasetMeta) -> list[str]:
         """The part files a dataset without a ``parts`` list holds now (relative paths): what it committed."""
@@ -594,6 +639,8 @@ class DatasetWriter:
                     rep.dropped["row:duplicate"] = rep.dropped.get("row:duplicate", 0) + n
             if kind == requests_of:
                 self._kept_events = kept
+            if self._maps:
+                clean = self._densify(clean)
             self._buffer(kind, clean)
         if self._buf_rows >= self.flush_rows:
             self.flush()
@@ -655,12 +702,32 @@ class DatasetWriter:
             runs = [r for r in self.meta.extra.get("appends", []) if r != self._run]
             self.meta.extra["appends"] = runs + [self._run]
         self.fs.makedirs(self.root, exist_ok=True)
+        if self._maps:  # new files (this run's name), made visible with _dataset.json below
+            self.meta.id_maps = {}
+            for id_type, raw in self._maps.items():
+                rel = f"ids/{id_type}-{self._file_run}.parquet"
+                self.fs.makedirs(posixpath.join(self.root, "ids"), exist_ok=True)
+                with open_atomic(self.fs, posixpath.join(self.root, rel)) as f:
+                    pq.write_table(pa.table({"raw_id": pa.array(raw, pa.int64())}), f, compression="zstd")
+                self.meta.id_maps[id_type] = rel
         with open_atomic(self.fs, posixpath.join(self.root, "_dataset.json"), "w") as f:
             f.write(self.meta.to_json())
         if self._replaces:
             self._remove_unlisted()
+        self._remove_old_id_maps()
         self._closed = True
         return self.meta
+
+    def _remove_old_id_maps(self) -> None:
+        """After a commit: deletes the id map files ``_dataset.json`` no longer lists (an append's predecessors,
+        an overwritten dataset's)."""
+        d = posixpath.join(self.root, "ids")
+        if not self.fs.exists(d):
+            return
+        listed = set((self.meta.id_maps or {}).values())
+        for p in self.fs.ls(d, detail=False):
+            if posixpath.relpath(p, self.root) not in listed:
+                self.fs.rm(p)
 
 
 def remove_run_parts(url: str, run_id: str) -> int:
@@ -709,6 +776,22 @@ class TimelineDataset:
         self.meta = _meta
         self.vocab = _meta.vocab
         self._parts_by_dir: dict[str, list[str]] | None = None
+
+    # --- dense ids -----------------------------------------------------------------------------------
+    @property
+    def dense_id_types(self) -> tuple[str, ...]:
+        """The id types (``media``, ``author``, ``topic``) this dataset stores as dense ids (written with
+        ``DatasetWriter(dense_ids=...)`` / an importer's ``--dense-ids``); empty: raw ids."""
+        return tuple(sorted(self.meta.id_maps or {}))
+
+    def id_map(self, id_type: str) -> np.ndarray:
+        """``raw[i]``: the raw id stored as dense id ``i`` (``id_type`` among :attr:`dense_id_types`)."""
+        maps = self.meta.id_maps or {}
+        if id_type not in maps:
+            raise DatasetError(
+                f"{self.url}: no dense {id_type!r} ids here (dense: {sorted(maps) or 'none, the ids are raw'})"
+            )
+        return read_id_map(self.fs, posixpath.join(self.root, maps[id_type]), self.url)
 
     # --- raw tables ----------------------------------------------------------------------------------
     def part_files(self, kind: str, bucket: int) -> list[str]:
@@ -904,6 +987,40 @@ def remove_dataset(url: str) -> bool:
         if e != "_dataset.json":
             fs.rm(posixpath.join(root, e), recursive=True)
     return bool(entries)
+
+
+def dense_column(column: pa.ChunkedArray | pa.Array, raw: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    """``column`` (int64 ids, or lists of them) with each raw id replaced by its position in ``raw``, and ``raw``
+    grown by the ids it did not hold yet, in order of first appearance (so earlier ids keep their dense ids).
+    Nulls stay null (an unknown author, a missing topic list)."""
+    import pyarrow.compute as pc
+
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    listed = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    flat = col.flatten() if listed else col
+    known = pa.array(raw, pa.int64())
+    pos = pc.index_in(flat, value_set=known)
+    new_mask = pc.and_(pc.is_null(pos), pc.is_valid(flat))
+    if pc.any(new_mask).as_py():
+        new = pc.unique(pc.filter(flat, new_mask)).to_numpy(zero_copy_only=False).astype(np.int64)
+        raw = np.concatenate([raw, new])
+        pos = pc.index_in(flat, value_set=pa.array(raw, pa.int64()))
+    pos = pos.cast(pa.int64())
+    if not listed:
+        return pos, raw
+    offsets = col.offsets
+    offsets = pc.subtract(offsets, offsets[0])
+    return pa.ListArray.from_arrays(offsets, pos, mask=col.is_null() if col.null_count else None), raw
+
+
+def read_id_map(fs: Any, path: str, where: str) -> np.ndarray:
+    """The raw ids of an id map file, by dense id."""
+    try:
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f, columns=["raw_id"])
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise DatasetError(f"{where}: the id map {path} cannot be read: {type(e).__name__}: {e}") from e
+    return t.column("raw_id").to_numpy().astype(np.int64, copy=False)
 
 
 def _row_groups_for(meta: Any, ids: np.ndarray) -> list[int]:

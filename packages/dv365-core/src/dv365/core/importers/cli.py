@@ -166,6 +166,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="the input was written by a simulator: mark the dataset SIMULATED (every report on it says so)",
     )
     p.add_argument(
+        "--dense-ids",
+        action="store_true",
+        help="store media, author and topic ids as dense table rows 0..N-1 (in order of first appearance), so "
+        "tables sized by the catalog have no hash collisions; the raw ids are kept in the dataset (ids/, "
+        "TimelineDataset.id_map) and appends extend the same maps (Python: dense_ids=[types] picks some)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a dv365 dataset already at --out once the new one is complete (a failed import leaves it "
@@ -337,6 +344,7 @@ def _run_movielens(args: argparse.Namespace) -> int:
             source=args.source,
             simulated=args.simulated,
             overwrite=args.overwrite,
+            dense_ids=args.dense_ids,
         )
     )
 
@@ -363,6 +371,7 @@ def _run_kuairand(args: argparse.Namespace) -> int:
             source=args.source,
             simulated=args.simulated,
             overwrite=args.overwrite,
+            dense_ids=args.dense_ids,
         )
     )
 
@@ -398,5 +407,6 @@ def _run_generic(args: argparse.Namespace) -> int:
         source=args.source,
         simulated=args.simulated,
         overwrite=args.overwrite,
+        dense_ids=args.dense_ids,
     )
     return _finish(summary)

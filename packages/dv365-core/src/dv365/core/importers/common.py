@@ -328,6 +328,7 @@ def write_parts(
     policy: ValidationPolicy,
     simulated: bool = False,
     overwrite: bool = False,
+    dense_ids: bool | Sequence[str] = False,
 ) -> dict[str, Any]:
     """Feeds ``(kind, table, origin)`` parts and :class:`Block` s to a :class:`DatasetWriter`, with the policy's
     ``ts_range`` set to the plausible timestamps (:func:`plausible_ts_range`) unless it is set, and
@@ -335,7 +336,8 @@ def write_parts(
     simulator wrote (the importers' ``--simulated``), so every report on it says SIMULATED.
 
     ``overwrite`` replaces a dataset at ``out_url`` when the new one is complete (until then, and if the import
-    fails, the old one stays as it was).
+    fails, the old one stays as it was). ``dense_ids`` (``True`` or id types among media / author / topic): store
+    those ids as dense table rows, the raw ids kept in the dataset's id maps (:class:`DatasetWriter`).
 
     Returns the base fields of an :class:`ImportSummary` (users, events written, validation summary).
     """
@@ -350,6 +352,7 @@ def write_parts(
         policy=policy,
         extra=dict(extra),
         mode="overwrite" if overwrite else "create",
+        dense_ids=dense_ids,
     )
     for item in parts:
         if isinstance(item, Block):

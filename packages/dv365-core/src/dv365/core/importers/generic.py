@@ -363,6 +363,7 @@ def import_generic(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    dense_ids: bool | Sequence[str] = False,
     overwrite: bool = False,
 ) -> GenericSummary:
     """Imports one CSV/TSV/Parquet file of events of one kind, columns mapped to UniTi fields.
@@ -383,6 +384,8 @@ def import_generic(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"generic:<file name>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        dense_ids: store these id types (``True``: media, author and topic) as dense table rows, raw ids kept in
+            the dataset's id maps (:meth:`TimelineDataset.id_map`).
         overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Example::
@@ -434,6 +437,7 @@ def import_generic(
             num_buckets=num_buckets,
             policy=policy,
             simulated=simulated,
+            dense_ids=dense_ids,
             overwrite=overwrite,
         )
     except TimelineError as e:

@@ -216,6 +216,7 @@ def import_kuairand(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    dense_ids: bool | Sequence[str] = False,
     overwrite: bool = False,
 ) -> KuaiRandSummary:
     """Imports KuaiRand log CSVs into one UniTi dataset (implicit + explicit events, requests).
@@ -230,6 +231,8 @@ def import_kuairand(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"kuairand:<file names>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        dense_ids: store these id types (``True``: media, author and topic) as dense table rows, raw ids kept in
+            the dataset's id maps (:meth:`TimelineDataset.id_map`).
         overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Raises:
@@ -285,6 +288,7 @@ def import_kuairand(
         num_buckets=num_buckets,
         policy=policy,
         simulated=simulated,
+        dense_ids=dense_ids,
         overwrite=overwrite,
     )
     return KuaiRandSummary(

@@ -365,6 +365,7 @@ def import_movielens(
     policy: ValidationPolicy = ValidationPolicy(),
     source: str | None = None,
     simulated: bool = False,
+    dense_ids: bool | Sequence[str] = False,
     overwrite: bool = False,
 ) -> MovieLensSummary:
     """Imports a MovieLens folder into a UniTi dataset (explicit events + rating requests).
@@ -378,6 +379,8 @@ def import_movielens(
         policy: validation policy (``on_error="drop"`` drops bad records and counts them).
         source: the dataset's source tag (default ``"movielens:<folder name>"``).
         simulated: mark the dataset SIMULATED (a simulator wrote the input): reports on it say so.
+        dense_ids: store these id types (``True``: media, author and topic) as dense table rows, raw ids kept in
+            the dataset's id maps (:meth:`TimelineDataset.id_map`).
         overwrite: replace a dataset at ``out_url``; the old one stays until the new one is complete.
 
     Returns:
@@ -425,6 +428,8 @@ def import_movielens(
         "topic_ids": "index into extra.genres",
         "labels": LABELS,
     }
+    if dense_ids is True or "topic" in (dense_ids or ()):
+        extra["topic_ids"] = "dense topic id; its raw id (TimelineDataset.id_map('topic')) indexes extra.genres"
     base = write_parts(
         out_url,
         parts(),
@@ -433,6 +438,7 @@ def import_movielens(
         num_buckets=num_buckets,
         policy=policy,
         simulated=simulated,
+        dense_ids=dense_ids,
         overwrite=overwrite,
     )
     return MovieLensSummary(
