@@ -131,3 +131,33 @@ def test_sample_per_user_keeps_at_most_n_rows_of_each_user_in_order() -> None:
     assert {u: got.count(u) for u in set(got)} == {1: 2, 2: 2, 3: 1}
     assert s.column("ts").to_pylist() == sorted(s.column("ts").to_pylist())  # original order kept
     assert s.equals(sample_per_user(t, 2, 0)) and sample_per_user(t, 9, 0).equals(t)
+
+
+def test_small_tables_for_a_dense_dataset_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A dataset imported with --dense-ids knows how many rows each id type needs; training with a smaller
+    table warns (ids would share rows), with the key to set; a table big enough says nothing."""
+    import logging
+
+    from dv365.core.cli import main
+    from dv365.core.timeline import TimelineDataset
+    from dv365.train.data import _warn_small_dense_tables
+
+    out = str(tmp_path / "ml")
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "movielens-100k"
+    assert main(["import", "movielens", str(fixture), "--out", out, "--dense-ids"]) == 0
+    ds = TimelineDataset(out)
+    n = len(ds.id_map("media"))
+    log = logging.getLogger("dv365.train.data")
+    log.addHandler(caplog.handler)  # the import command routed dv365's loggers to its own output
+    try:
+        with caplog.at_level(logging.WARNING, logger="dv365.train.data"):
+            _warn_small_dense_tables(
+                ds, load_spec(DataConfig(url=out, spec="movielens", hash_sizes={"media": n - 1})), out
+            )
+            assert f"{n:,} dense media ids but the media table has {n - 1:,} rows" in caplog.text
+            assert f"data.hash_sizes.media >= {n:,}" in caplog.text
+            caplog.clear()
+            _warn_small_dense_tables(ds, load_spec(DataConfig(url=out, spec="movielens", hash_sizes={"media": n})), out)
+            assert caplog.text == ""
+    finally:
+        log.removeHandler(caplog.handler)

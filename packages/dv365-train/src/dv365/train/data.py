@@ -24,6 +24,7 @@ sliced once; ``data.group_by_user`` keeps a user's consecutive requests together
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from dv365.train.losses import MultiTaskLoss, TaskSpec
 
 NUM_DENSE = 6
 DENSE_FEATURES = ("log1p_video_duration", "is_video", "hour_sin", "hour_cos", "weekday_sin", "weekday_cos")
+
+logger = logging.getLogger(__name__)
 
 
 def load_spec(cfg: DataConfig) -> SliceSpec:
@@ -328,6 +331,7 @@ class ExampleSource:
         self.features: UserFeatures | None = None
         if spec is not None:  # the one data path (dv365.train.features) slices and checks
             self.features = UserFeatures(spec, self.dataset.vocab, backend=cfg.slicer, canonical=canonical)
+            _warn_small_dense_tables(self.dataset, spec, cfg.url)
             self.slicer = self.features.slicer
         # the target's ids hashed like the history too (share_item_tables), when there is a history
         self.history_rows = {t.id_type: t.hash_size for t in spec.tables.values()} if spec is not None else None
@@ -453,3 +457,18 @@ class TrainBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+def _warn_small_dense_tables(ds: TimelineDataset, spec: SliceSpec, url: str) -> None:
+    """A dataset with dense ids (``--dense-ids``) names how many rows each id type needs: a table with fewer
+    rows wraps ids (``id % hash_size``), i.e. collides, which the dense ids were written to avoid."""
+    rows = {t.id_type: t.hash_size for t in spec.tables.values()}
+    for id_type in ds.dense_id_types:
+        if id_type not in rows:
+            continue
+        n, size = len(ds.id_map(id_type)), rows[id_type]
+        if size < n:
+            logger.warning(
+                f"{url}: {n:,} dense {id_type} ids but the {id_type} table has {size:,} rows: ids from "
+                f"{size:,} on share rows (set data.hash_sizes.{id_type} >= {n:,} for none)"
+            )
