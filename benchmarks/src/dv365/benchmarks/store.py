@@ -356,8 +356,9 @@ def _raw_grpc_server() -> int:
 
     import grpc
 
-    from dv365.store.grpc_common import CHANNEL_OPTIONS
+    from dv365.store.grpc_common import CHANNEL_OPTIONS, retain_freed_memory
 
+    retain_freed_memory()  # the allocator settings of a dv365 serve process, as its channel options
     per_user = RowFormat().user_bytes + 9
     blob = np.random.default_rng(0).integers(0, 256, 10_000 * per_user, dtype=np.uint8).tobytes()
 
