@@ -122,3 +122,21 @@ def test_row_views_are_the_rows_in_place(tmp_path, snapshots) -> None:  # type: 
         rec.publish(snapshots("v1", seed=2))
         v = rec.lookup_rows(ids)  # type: ignore[attr-defined]
         assert v.verified and v.present.tolist() == want.present.tolist()
+
+
+def test_one_user_reads_match_batch_reads(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """The row file's one-user path (the online get) answers exactly what a batch read answers for that user:
+    every stored user, unknown ones (below, between and above the ids), a corrupted row (error, zeros)."""
+    root = str(tmp_path / "s")
+    with open_store(f"lmdb://{root}") as s:
+        s.publish(snapshots("v1", seed=4))
+        flip_lmdb(s, "v1", 1100)
+        ids = np.r_[USERS, [-5, 999, 1300, 2**40]]
+        batch = s.get(np.r_[ids, ids[:1]])  # B > 1: the batch path
+        for k, uid in enumerate(ids.tolist()):
+            one = s.get([uid])
+            assert one.present[0] == batch.present[k] and one.errors.keys() == ({0} if k in batch.errors else set())
+            np.testing.assert_array_equal(one.payload[0], batch.payload[k])
+            if k in batch.errors:
+                assert one.errors[0] == batch.errors[k] and "user 1100" in one.errors[0]
+        assert int(batch.present.sum()) == len(USERS) and batch.errors.keys() == {100}

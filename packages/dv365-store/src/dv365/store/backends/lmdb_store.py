@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -78,6 +79,11 @@ class _Version:
     info: VersionInfo
     seq: int
     layout: str | None  # ROWS, or None for the records layout (per-user LMDB values)
+
+    @functools.cached_property
+    def active_info(self) -> VersionInfo:
+        """``info`` marked active (what a read answers with; built once per cached record, not per read)."""
+        return replace(self.info, active=True)
 
 
 def record_keys(seq: int, ids: np.ndarray) -> list[bytes]:
@@ -271,7 +277,7 @@ class LmdbStore(EmbeddingStore):
                 if raw is None:
                     raise StoreError(f"{self.url}: active version {name.decode()!r} has no version record")
                 ver = self._entry(bytes(raw), name)
-                yield txn, replace(ver.info, active=True), ver
+                yield txn, ver.active_info, ver
         except lmdb.Error as e:
             raise StoreError(f"{self.url}: read failed: {e}") from e
 
