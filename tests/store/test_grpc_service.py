@@ -1,16 +1,17 @@
 """gRPC service specifics: TLS is enforced, health needs no token and flips on shutdown, reflection is opt-in,
 SIGTERM drains in-flight calls and exits 0, any backend can sit behind the service, GetStream's pieces make
-the unary Get's answer (and the client falls back to Get on a server without GetStream)."""
+the unary Get's answer (the client reads batches through Get only), the client's zero-copy batch answer holds
+the embedded store's arrays, and a row corrupted in the store or in transfer is an error naming its user."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,7 +23,7 @@ from dv365.store import StoreError, StoreUnavailableError, open_store
 from dv365.store.proto import store_pb2 as pb
 from dv365.store.server import ServeConfig, start_server
 
-from .conftest import READER_TOKEN, USERS, WRITER_TOKEN, RedisServer, flip_lmdb
+from .conftest import FMT, READER_TOKEN, USERS, WRITER_TOKEN, RedisServer, flip_lmdb
 
 TOKENS = {"reader_tokens": frozenset({READER_TOKEN}), "writer_tokens": frozenset({WRITER_TOKEN})}
 
@@ -128,36 +129,58 @@ def _assert_same(a: LookupResult, b: LookupResult) -> None:
     assert a.snapshot_id == b.snapshot_id and a.errors.keys() == b.errors.keys()
 
 
-def test_get_stream_pieces_match_get(tmp_path: Path, snapshots) -> None:  # type: ignore[no-untyped-def]
-    """GetStream (~1 MB pieces: 136 users of 7.6 KB) gives the unary Get's answer: same rows in request order,
-    an integrity error keyed by its position in the whole batch, one version."""
+def _decode(ids: np.ndarray, data: bytes) -> tuple[np.ndarray, np.ndarray, dict[int, str], str]:
+    """payload [B, user_bytes], present, errors and version of one serialized GetResponse (read as any client)."""
+    resp = pb.GetResponse.FromString(data)
+    pay = np.frombuffer(resp.payload, np.uint8).reshape(len(resp.present), -1)
+    return pay, np.frombuffer(resp.present, bool), dict(resp.errors), resp.version.version
+
+
+@contextlib.contextmanager
+def _served(tmp_path: Path, snapshots, corrupt: int | None = None) -> Iterator[tuple[Any, Any, Any]]:  # type: ignore[no-untyped-def]
+    """An LMDB store holding v1 (seed 1; user ``corrupt``'s stored row flipped), a server over it and a reader
+    client: yields (store, server, client)."""
     url = f"lmdb://{tmp_path}/s"
-    local = open_store(url)
+    local = open_store(url + "?keep=3")
     local.publish(snapshots("v1", seed=1))
-    flip_lmdb(local, "v1", 1290)
+    if corrupt is not None:
+        flip_lmdb(local, "v1", corrupt)
     srv = start_server(ServeConfig(backend=url, port=0, **TOKENS))
+    c = open_store(f"grpc://127.0.0.1:{srv.port}", token=READER_TOKEN)
     try:
-        c = open_store(f"grpc://127.0.0.1:{srv.port}", token=READER_TOKEN)
-        ids = np.r_[np.random.default_rng(3).permutation(USERS), [7, -1]]
-        pos = int(np.flatnonzero(ids == 1290)[0])
-        streamed = c.get(ids)
-        assert c._stream  # type: ignore[attr-defined]
-        assert streamed.errors.keys() == {pos} and "user 1290" in streamed.errors[pos]
-        assert int(streamed.present.sum()) == len(USERS) - 1 and not streamed.payload[pos].any()
-        _assert_same(streamed, local.get(ids))
-        c._stream = False  # type: ignore[attr-defined]
-        _assert_same(streamed, c.get(ids))
-        pieces = list(c._get_stream(pb.GetRequest(user_ids=ids.tolist()), metadata=c._md))  # type: ignore[attr-defined]
-        assert len(pieces) == 3
-        assert c.get([]).payload.shape == (0, 58, 132)
-        c.close()
+        yield local, srv, c
     finally:
+        c.close()
         srv.stop(0)
         local.close()
 
 
-def test_client_falls_back_to_get_without_get_stream(tmp_path: Path, snapshots, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A server from before GetStream answers UNIMPLEMENTED: the client uses the unary Get from then on."""
+def test_get_stream_pieces_match_get(tmp_path: Path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """GetStream (~1 MB pieces: 136 users of 7.6 KB; served for clients that use it, the package's client reads
+    batches through Get) gives the unary Get's answer: same rows in request order, an integrity error keyed by
+    its position in the whole batch, one version."""
+    with _served(tmp_path, snapshots, corrupt=1290) as (local, srv, c):
+        ids = np.r_[np.random.default_rng(3).permutation(USERS), [7, -1]]
+        pos = int(np.flatnonzero(ids == 1290)[0])
+        got = c.get(ids)
+        assert got.errors.keys() == {pos} and "user 1290" in got.errors[pos]
+        assert int(got.present.sum()) == len(USERS) - 1 and not got.payload[pos].any()
+        _assert_same(got, local.get(ids))
+        stream = c.channel.unary_stream(  # type: ignore[attr-defined]
+            "/dv365.store.v1.EmbeddingStore/GetStream",
+            request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        pieces = [_decode(ids, p) for p in stream(pb.GetRequest(user_ids=ids.tolist()), metadata=c._md)]  # type: ignore[attr-defined]
+        assert len(pieces) == 3 and {p[3] for p in pieces} == {"v1"}
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), got.payload.reshape(len(ids), -1))
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), got.present)
+        assert {k for p in pieces for k in p[2]} == {pos}
+        assert c.get([]).payload.shape == (0, 58, 132)
+
+
+def test_client_needs_only_get(tmp_path: Path, snapshots, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A server without GetStream (UNIMPLEMENTED) serves the package's client: batches go through Get."""
     import dv365.store.server as server
 
     full = server._method_handlers
@@ -167,64 +190,103 @@ def test_client_falls_back_to_get_without_get_stream(tmp_path: Path, snapshots, 
         c = open_store(f"grpc://127.0.0.1:{srv.port}", token=WRITER_TOKEN)
         c.publish(snapshots("v1", seed=1))
         r = c.get(USERS)
-        assert r.present.all() and not c._stream  # type: ignore[attr-defined]
+        assert r.present.all()
         assert c.get([1000, 5]).present.tolist() == [True, False]
         c.close()
     finally:
         srv.stop(0)
 
 
-def test_sigterm_drains_in_flight_calls_and_exits_0(tmp_path: Path, snapshots) -> None:  # type: ignore[no-untyped-def]
-    tok = tmp_path / "writers"
-    tok.write_text(WRITER_TOKEN + "\n")
-    url = f"lmdb://{tmp_path}/s"
-    s = open_store(url)
-    s.publish(snapshots("v1", seed=1))
-    s.close()
-    big = snapshots("big", seed=5, users=__import__("numpy").arange(20_000, 32_000), shard_users=1000)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dv365.core.cli",
-            "serve",
-            "--backend",
-            url,
-            "--port",
-            "0",
-            "--writer-token-file",
-            str(tok),
-            "--grace",
-            "30",
-            "--snapshot-root",
-            snapshots.root,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert "listening on 127.0.0.1:" in line and "active version 'v1'" in line, line
-        port = int(line.split("listening on 127.0.0.1:")[1].split(" ")[0])
-        c = open_store(f"grpc://127.0.0.1:{port}", token=WRITER_TOKEN)
-        assert c.get([1000]).present.all()
-        result: dict[str, object] = {}
-        t = threading.Thread(target=lambda: result.update(v=c.publish(big), done=time.monotonic()))  # slow call
-        t.start()
-        time.sleep(0.2)
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        t.join(60)
-        assert getattr(result.get("v"), "version", None) == "big"  # it completed despite SIGTERM
-        assert result["done"] > signalled  # type: ignore[operator]  (it really was in flight)
-        assert proc.wait(60) == 0
-        out = proc.stdout.read()  # type: ignore[union-attr]
-        assert "stopped on SIGTERM" in out
-        c.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    s = open_store(url)  # the restarted store has what the drained call published
-    assert s.active().version == "big" and s.get([20_500]).present.all()  # type: ignore[union-attr]
-    s.close()
+def test_zero_copy_answer_matches_the_embedded_store(tmp_path: Path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """The client's batch answer is a read-only view of the received message (no copy) holding the embedded
+    store's arrays: same rows, presence, errors, version, for row-file and records-layout versions, repeated and
+    unknown users included; an answer without any corrupted row leaves it a view, present stays writable."""
+    with _served(tmp_path, snapshots) as (local, srv, c):
+        rng = np.random.default_rng(5)
+        ids = np.r_[rng.choice(USERS, 500), [7, -1, 1000, 1000, 2**62]]
+        r = c.get(ids)
+        assert not r.payload.flags.writeable and not r.payload.flags.owndata and r.present.flags.writeable
+        assert r.payload.shape == (len(ids), 58, 132) and int(r.present.sum()) == 502 and not r.errors
+        _assert_same(r, local.get(ids))
+        f = c.get_float(ids[:4])  # de-quantizes from a copy: the view is never written
+        np.testing.assert_array_equal(f.embeddings.numpy(), local.get_float(ids[:4]).embeddings.numpy())
+        with open_store(f"lmdb://{tmp_path}/r?layout=records") as rec:  # records layout: the verified path
+            rec.publish(snapshots("v1", seed=1))
+        srv2 = start_server(ServeConfig(backend=f"lmdb://{tmp_path}/r", port=0, **TOKENS))
+        try:
+            c2 = open_store(f"grpc://127.0.0.1:{srv2.port}", token=READER_TOKEN)
+            _assert_same(c2.get(ids), r)
+            c2.close()
+        finally:
+            srv2.stop(0)
+
+
+def test_corrupted_rows_are_errors_whoever_checks(tmp_path: Path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """A row corrupted in the store: the package's client (the server leaves the check to it,
+    ``client_verifies``) and a client that does not check (the server checks, as before) both get it as an
+    error naming the user, not present, zero bytes; the other rows are intact."""
+    with _served(tmp_path, snapshots, corrupt=1005) as (local, srv, c):
+        ids = np.array([1003, 1005, 9, 1299])
+        r = c.get(ids)
+        assert r.present.tolist() == [True, False, False, True] and r.errors.keys() == {1}
+        assert "user 1005" in r.errors[1] and "'v1'" in r.errors[1] and "checksum" in r.errors[1]
+        assert not r.payload[1].any() and r.payload.flags.writeable  # zeroed in a copy
+        _assert_same(r, local.get(ids))
+        before = srv.servicer.metrics.snapshot()["methods"]["Get"]["checksum_failures"]
+        data = c._get_raw(pb.GetRequest(user_ids=ids.tolist()), metadata=c._md)  # type: ignore[attr-defined]
+        pay, present, errors, version = _decode(ids, data)  # a client that does not check: the server did
+        assert present.tolist() == [True, False, False, True] and errors.keys() == {1} and "user 1005" in errors[1]
+        assert not pay[1].any() and version == "v1"
+        np.testing.assert_array_equal(pay, r.payload.reshape(len(ids), -1))
+        assert srv.servicer.metrics.snapshot()["methods"]["Get"]["checksum_failures"] == before + 1
+
+
+def test_answer_corrupted_in_transfer_is_an_error_naming_the_user(tmp_path: Path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """A real grpcio server between client and service flips one payload byte of every Get answer: the client
+    reports that user (error naming it, not present, zero row) and returns the others intact; a truncated
+    answer is a StoreError, never a short array."""
+    from concurrent import futures
+
+    from dv365.store.grpc_common import payload_offset
+
+    ids = np.array([1003, 1005, 9, 1299])
+    n = FMT.user_bytes
+    mode = {"damage": "flip"}
+    with _served(tmp_path, snapshots) as (local, srv, direct):
+        upstream = direct.channel.unary_unary(  # type: ignore[attr-defined]
+            "/dv365.store.v1.EmbeddingStore/Get", request_serializer=None, response_deserializer=None
+        )
+
+        def relay(request: bytes, context: grpc.ServicerContext) -> bytes:
+            data = bytearray(upstream(request, metadata=direct._md))  # type: ignore[attr-defined]
+            if mode["damage"] == "flip":
+                data[payload_offset(len(ids) * n) + 3 * n + 77] ^= 0x40  # user 1299's row (position 3)
+                return bytes(data)
+            return bytes(data[: len(data) // 2])
+
+        proxy = grpc.server(futures.ThreadPoolExecutor(2))
+        handler = grpc.unary_unary_rpc_method_handler(relay, request_deserializer=None, response_serializer=None)
+        proxy.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("dv365.store.v1.EmbeddingStore", {"Get": handler}),)
+        )
+        port = proxy.add_insecure_port("127.0.0.1:0")
+        proxy.start()
+        try:
+            c = open_store(f"grpc://127.0.0.1:{port}", token=READER_TOKEN)
+            r = c.get(ids)
+            assert r.present.tolist() == [True, True, False, False] and r.errors.keys() == {3}
+            assert "user 1299" in r.errors[3] and "checksum" in r.errors[3] and not r.payload[3].any()
+            np.testing.assert_array_equal(r.payload[:3], local.get(ids).payload[:3])
+            mode["damage"] = "truncate"
+            with pytest.raises(StoreError, match="malformed answer for 4 users"):
+                c.get(ids)
+            c.close()
+        finally:
+            proxy.stop(0)
+
+
+def test_serving_processes_retain_freed_memory() -> None:
+    """dv365 serve's malloc settings apply in a fresh process (glibc: mallopt accepts both parameters)."""
+    code = "from dv365.store.grpc_common import retain_freed_memory as r; print(r())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    assert out.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False")

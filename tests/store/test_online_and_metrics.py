@@ -49,16 +49,16 @@ def test_grpc_single_user_path_and_metrics_scrape(tmp_path: Path, snapshots) -> 
         two = reader.get([1003])
         assert two.snapshot_id == "u2" and (two.payload[..., :128] == 2).all() and two.row_format == one.row_format
         m = srv.servicer.metrics.snapshot()["methods"]
-        assert m["GetUser"]["requests"] == 4 and "Get" not in m  # single users never took the batch path
+        assert m["GetUser"]["requests"] == 4 and m["Get"]["requests"] == 1  # single users never took the batch path
         assert (m["GetUser"]["users"], m["GetUser"]["missing"], m["GetUser"]["checksum_failures"]) == (4, 1, 1)
-        assert m["GetStream"]["users"] == 3 and m["GetStream"]["missing"] == 1
+        assert m["Get"]["users"] == 3 and m["Get"]["missing"] == 1
         with pytest.raises(Exception, match="needs a writer token"):
             reader.activate("u1")
         scraped = _scrape(srv.metrics_port)
         assert scraped['dv365_store_requests_total{method="GetUser"}'] == 4
         assert scraped['dv365_store_users_missing_total{method="GetUser"}'] == 1
         assert scraped['dv365_store_checksum_failures_total{method="GetUser"}'] == 1
-        assert scraped['dv365_store_users_requested_total{method="GetStream"}'] == 3
+        assert scraped['dv365_store_users_requested_total{method="Get"}'] == 3
         assert scraped['dv365_store_request_seconds_count{method="GetUser"}'] == 4
         assert scraped['dv365_store_request_seconds_bucket{le="+Inf",method="GetUser"}'] == 4
         assert scraped['dv365_store_requests_total{method="Publish"}'] == 2

@@ -94,3 +94,49 @@ def test_failed_publish_leaves_no_file(tmp_path, snapshots) -> None:  # type: ig
         s.publish(snapshots("v2"))
         assert _files(root) == ["0000000001.rows", "0000000003.rows"]
         assert s.get([1000]).snapshot_id == "v2"
+
+
+def test_row_views_are_the_rows_in_place(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """lookup_rows (what dv365 serve copies into its Get answer): one view per user into the row file, in
+    request order, zero rows for unknown users; unchecked, so a corrupted row comes back as stored and fails
+    verify_payloads on the joined copy, where lookup() reports it."""
+    from dv365.store.records import verify_payloads
+
+    root = str(tmp_path / "s")
+    ids = np.array([1003, 5, 1299, 1003, 1000, -7])
+    with open_store(f"lmdb://{root}") as s:
+        s.publish(snapshots("v1", seed=2))
+        want = s.get(ids)
+        v = s.lookup_rows(ids)  # type: ignore[attr-defined]
+        assert not v.verified and v.info.version == "v1" and len(v.rows) == len(ids) and not v.errors
+        joined = np.frombuffer(b"".join(v.rows), np.uint8).reshape(len(ids), FMT.user_bytes)
+        np.testing.assert_array_equal(joined, want.payload.reshape(len(ids), -1))
+        assert v.present.tolist() == want.present.tolist() and v.checksums[~v.present].tolist() == [0, 0]
+        assert not verify_payloads(joined, ids, v.checksums, v.present).size
+        flip_lmdb(s, "v1", 1299)
+        v = s.lookup_rows(ids)  # type: ignore[attr-defined]
+        joined = np.frombuffer(b"".join(v.rows), np.uint8).reshape(len(ids), FMT.user_bytes)
+        assert v.present[2] and verify_payloads(joined, ids, v.checksums, v.present).tolist() == [2]
+        assert s.get(ids).errors.keys() == {2}
+    with open_store(f"lmdb://{tmp_path}/r?layout=records") as rec:  # records layout: lookup()'s checked answer
+        rec.publish(snapshots("v1", seed=2))
+        v = rec.lookup_rows(ids)  # type: ignore[attr-defined]
+        assert v.verified and v.present.tolist() == want.present.tolist()
+
+
+def test_one_user_reads_match_batch_reads(tmp_path, snapshots) -> None:  # type: ignore[no-untyped-def]
+    """The row file's one-user path (the online get) answers exactly what a batch read answers for that user:
+    every stored user, unknown ones (below, between and above the ids), a corrupted row (error, zeros)."""
+    root = str(tmp_path / "s")
+    with open_store(f"lmdb://{root}") as s:
+        s.publish(snapshots("v1", seed=4))
+        flip_lmdb(s, "v1", 1100)
+        ids = np.r_[USERS, [-5, 999, 1300, 2**40]]
+        batch = s.get(np.r_[ids, ids[:1]])  # B > 1: the batch path
+        for k, uid in enumerate(ids.tolist()):
+            one = s.get([uid])
+            assert one.present[0] == batch.present[k] and one.errors.keys() == ({0} if k in batch.errors else set())
+            np.testing.assert_array_equal(one.payload[0], batch.payload[k])
+            if k in batch.errors:
+                assert one.errors[0] == batch.errors[k] and "user 1100" in one.errors[0]
+        assert int(batch.present.sum()) == len(USERS) and batch.errors.keys() == {100}

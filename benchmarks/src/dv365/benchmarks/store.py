@@ -7,7 +7,8 @@ that LMDB store, reader token, plaintext on 127.0.0.1, one with 1 worker process
 ``--batch-users`` (default 1,000) random users with 1 and 16 concurrent client *processes* for each backend,
 beside references: raw redis-py ``MGET`` of the same keys (``redis-mget``) and ``grpc-raw``, a bare grpcio
 unary call answering the same number of bytes (the transport floor of gRPC; both ends use the service's
-channel options, ``grpc_common.CHANNEL_OPTIONS``, so the floor moves with them).
+channel options, ``grpc_common.CHANNEL_OPTIONS``, and its server the serving processes' malloc settings,
+``grpc_common.retain_freed_memory``, so the floor moves with them).
 Single-user mode, ``--batch-users 1`` (the online path: gRPC ``GetUser``): the references are raw redis-py
 ``GET`` of the same 7.7 KB values on the Redis server (``redis-get``) and on the cluster
 (``redis-cluster-get``, redis-py's cluster client), and ``grpc-raw`` returning one user's bytes.
@@ -356,8 +357,9 @@ def _raw_grpc_server() -> int:
 
     import grpc
 
-    from dv365.store.grpc_common import CHANNEL_OPTIONS
+    from dv365.store.grpc_common import CHANNEL_OPTIONS, retain_freed_memory
 
+    retain_freed_memory()  # the allocator settings of a dv365 serve process, as its channel options
     per_user = RowFormat().user_bytes + 9
     blob = np.random.default_rng(0).integers(0, 256, 10_000 * per_user, dtype=np.uint8).tobytes()
 

@@ -126,6 +126,8 @@ def batch_from_lookup(
             "; ".join(f"#{i}: {result.errors[i]}" for i in bad[:5]),
         )
     raw = np.ascontiguousarray(result.payload, dtype=np.uint8)  # [B, N, row_bytes]
+    if not raw.flags.writeable:  # a zero-copy answer (the gRPC client's): torch wants a writable array
+        raw = raw.copy()
     sb = np.ascontiguousarray(raw[:, :, -4:]).view("<f2")  # [B, N, 2]: each row's fp16 scale and bias
     corrupt = np.flatnonzero(present & ~np.isfinite(sb).all(axis=(1, 2)))
     if corrupt.size:

@@ -21,7 +21,8 @@ class LookupResult:
 
     Attributes:
         payload: ``[B, rows_per_user, row_bytes]`` uint8 in the :mod:`dv365.core.quantize` format; rows of
-            missing users are zero.
+            missing users are zero. It may be read-only (the gRPC store client answers with a view of the
+            received message, without copying it): copy it before writing into it.
         present: ``[B]`` bool, False where the store has no embedding for the user (or it failed its check).
         snapshot_id: the snapshot every row of this batch comes from (one version per batch).
         age_s: seconds between the snapshot's data cut-off and the time of the lookup.

@@ -141,7 +141,26 @@ class RawLookup:
         )
 
 
-def count_answer(metrics: StoreMetrics, method: str, raw: RawLookup, seconds: float) -> None:
+@dataclass(frozen=True)
+class RowViews:
+    """A backend's answer as its rows *in place* (what ``dv365 serve`` copies once into its ``Get`` answer).
+
+    ``rows`` is a sequence of buffers whose concatenation is the ``[B, user_bytes]`` payload in request order
+    (zero bytes where a user is not returned): one row view per user into the backend's memory (a row file's
+    map), or a single buffer of the whole payload. ``verified``: whether every present row was already checked
+    against its checksum; when False the caller must check its copy (:func:`dv365.store.records.verify_payloads`)
+    before anything is answered from it.
+    """
+
+    rows: Sequence[Any]
+    present: np.ndarray  # [B] bool
+    checksums: np.ndarray  # [B] uint64, the stored xxh3 of each present payload (0 elsewhere)
+    errors: dict[int, str]
+    info: VersionInfo
+    verified: bool
+
+
+def count_answer(metrics: StoreMetrics, method: str, raw: RawLookup | RowViews, seconds: float) -> None:
     """Counts one answered call: its users, the missing ones, those whose stored value failed its checksum."""
     failed = len(raw.errors)
     users = len(raw.present)
@@ -222,13 +241,22 @@ class EmbeddingStore(abc.ABC):
         from dv365.core.quantize import dequantize_rows
 
         r = self.get(user_ids)
-        x = dequantize_rows(torch.from_numpy(r.payload), bits=r.row_format.bits)
+        # a gRPC answer's payload is a read-only view of the received message; torch wants a writable array
+        q = r.payload if r.payload.flags.writeable else r.payload.copy()
+        x = dequantize_rows(torch.from_numpy(q), bits=r.row_format.bits)
         x[~torch.from_numpy(r.present)] = 0.0
         return FloatLookupResult(x, r.present, r.snapshot_id, r.age_s, r.errors)
 
     @abc.abstractmethod
     def lookup(self, ids: np.ndarray) -> RawLookup:
         """Reads validated int64 ids from one version (the active one at the time of the read)."""
+
+    def lookup_rows(self, ids: np.ndarray) -> RowViews:
+        """The answer of :meth:`lookup` as :class:`RowViews` (what ``dv365 serve``'s ``Get`` sends). This default
+        is one :meth:`lookup` (verified, one buffer); a backend whose rows can be viewed in place overrides it
+        (LMDB row files: the server then copies each row once, straight into its answer)."""
+        raw = self.lookup(ids)
+        return RowViews((raw.payload,), raw.present, raw.checksums, raw.errors, raw.info, verified=True)
 
     def lookup_chunks(self, ids: np.ndarray, chunk_bytes: int) -> Iterator[RawLookup]:
         """The answer of :meth:`lookup` as consecutive pieces of about ``chunk_bytes`` of payload (at least one

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 
 from dv365.core.quantize import RowFormat
@@ -32,6 +35,37 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.lookahead_bytes", FLOW_CONTROL_WINDOW),
 ]
 ERROR_KEY = "dv365-error"  # trailing metadata: the StoreError subclass name
+
+# glibc malloc settings of a serving process (retain_freed_memory). A 1,000-user answer is a 7.7 MB message that
+# grpcio copies once more into its own buffer; with glibc's defaults the two are freed at the end of the call and,
+# depending on a few bytes of message size against the threshold glibc derived from earlier frees, the heap is
+# trimmed (madvise DONTNEED) and the next answer faults every page in again: ~3,700 page faults and ~8 ms of
+# server CPU per 1,000-user answer on the 2-vCPU dev VM (docs/store.md, "Measured", issue 21 zero-copy round).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+RETAINED_HEAP_BYTES = 64 << 20  # freed memory each malloc arena keeps instead of returning it to the kernel
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's own upper bound for its dynamic threshold; larger blocks are mmapped
+
+
+def retain_freed_memory() -> bool:
+    """Makes this process's glibc malloc keep freed memory for reuse (``mallopt``: trim threshold 64 MiB per
+    arena, mmap threshold fixed at 32 MiB), so that answer-sized buffers are not returned to the kernel and
+    faulted in again on every call. Called by the ``dv365 serve`` processes (and the benchmark's bare grpcio
+    floor server, so that both run with the same allocator settings), not by the client library. False where
+    it does not apply (not glibc)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES)
+    )
+
 
 _CODES: list[tuple[type[E.StoreError], grpc.StatusCode]] = [
     (E.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -109,10 +143,23 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def encode_get_response(payload: memoryview, present: memoryview, checksums: memoryview, small: bytes) -> bytes:
-    """A serialized GetResponse: fields 1-3 from buffers (one copy), then ``small`` (fields 4-5, serialized)."""
-    parts: list[bytes | memoryview] = []
-    for tag, buf in ((0x0A, payload), (0x12, present), (0x1A, checksums)):
+def payload_offset(payload_bytes: int) -> int:
+    """Where the payload starts in :func:`encode_get_response`'s message (after field 1's tag and length)."""
+    return 1 + len(_varint(payload_bytes)) if payload_bytes else 0
+
+
+def encode_get_response(
+    payload: Sequence[Any], payload_bytes: int, present: memoryview, checksums: memoryview, small: bytes
+) -> bytes:
+    """A serialized GetResponse in one ``b"".join``: field 1 from ``payload`` (buffers whose concatenation is the
+    payload, ``payload_bytes`` in all: one buffer, or one view per row straight from the store: each byte is
+    copied once), fields 2-3 from buffers, then ``small`` (fields 4-5, serialized). The payload starts at
+    :func:`payload_offset` (``payload_bytes``)."""
+    parts: list[Any] = []
+    if payload_bytes:
+        parts.append(b"\x0a" + _varint(payload_bytes))
+        parts.extend(payload)
+    for tag, buf in ((0x12, present), (0x1A, checksums)):
         if buf.nbytes:
             parts += [bytes([tag]) + _varint(buf.nbytes), buf]
     parts.append(small)
@@ -140,6 +187,8 @@ def decode_get_response(data: bytes) -> tuple[memoryview, memoryview, memoryview
             end = i + 4
         else:
             raise ValueError(f"unexpected wire type {wire} in GetResponse")
+        if end > n:
+            raise ValueError(f"field {field} runs past the end of the message ({end} > {n} bytes): truncated")
         if field in big and wire == 2:
             big[field] = mv[i:end]
         else:

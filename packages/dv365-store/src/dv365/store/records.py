@@ -145,12 +145,17 @@ def _assemble_one(
     mv = v if type(v) is memoryview else memoryview(v)
     stored = int.from_bytes(mv[n:], "little")
     if _xxh3(mv[:n], seed=uid & _U64) != stored:
-        errors[0] = f"{where}: user {uid}: stored value fails its checksum: corrupted, not returned"
+        errors[0] = corrupted_message(where, uid)
         return payload, present, checksums, errors
     payload[0] = np.frombuffer(mv, dtype=np.uint8, count=n)
     present[0] = True
     checksums[0] = stored
     return payload, present, checksums, errors
+
+
+def corrupted_message(where: str, user_id: int) -> str:
+    """The error of a user whose stored value fails its checksum."""
+    return f"{where}: user {user_id}: stored value fails its checksum: corrupted, not returned"
 
 
 def drop_corrupted(
@@ -165,7 +170,7 @@ def drop_corrupted(
     """Reports the users at positions ``bad`` as corrupted (``errors``) and clears them: not present, zero
     payload and checksum, as for every user not returned (in place)."""
     for k in bad.tolist():
-        errors[k] = f"{where}: user {int(user_ids[k])}: stored value fails its checksum: corrupted, not returned"
+        errors[k] = corrupted_message(where, int(user_ids[k]))
     if len(bad):
         present[bad] = False
     if not present.all():

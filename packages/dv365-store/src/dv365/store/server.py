@@ -1,9 +1,11 @@
 """``dv365 serve``: a gRPC service in front of any store backend.
 
-* batched ``Get`` (payloads + checksums, so the client checks what crossed the wire) and ``GetStream`` (the same
-  answer in ~1 MB pieces, read and sent in a pipeline; the package's client uses it), the unary one-user
-  ``GetUser`` (the online path), ``Versions``, and the writer methods
+* batched ``Get`` (payloads + checksums, so the client checks what crossed the wire; the package's client uses
+  it: each stored row is copied once, straight into the answer, and hashed once, on the client) and
+  ``GetStream`` (the same answer in ~1 MB pieces, read and sent in a pipeline; for clients that use it), the
+  unary one-user ``GetUser`` (the online path), ``Versions``, and the writer methods
   ``Publish``/``Activate``/``Rollback``/``Delete``/``Prune``;
+* the serving processes keep freed memory for reuse (:func:`~dv365.store.grpc_common.retain_freed_memory`);
 * ``--workers N``: N processes, one grpcio server each, on one port (:func:`serve_workers`);
 * ``--metrics-port``: Prometheus ``/metrics`` (:mod:`dv365.store.metrics`);
 * bearer tokens (``authorization: Bearer <token>``) with separate reader and writer sets: a reader token cannot
@@ -35,7 +37,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dv365.store.api import EmbeddingStore, RawLookup, as_user_ids, count_answer
+from dv365.store.api import EmbeddingStore, RawLookup, RowViews, VersionInfo, as_user_ids, count_answer
 from dv365.store.errors import PublishError, StoreError
 from dv365.store.factory import open_store, scheme_of
 from dv365.store.grpc_common import (
@@ -45,6 +47,8 @@ from dv365.store.grpc_common import (
     STREAM_CHUNK_BYTES,
     WRITER_METHODS,
     encode_get_response,
+    payload_offset,
+    retain_freed_memory,
     status_of,
     version_from_pb,  # noqa: F401  (re-exported for symmetry)
     version_to_pb,
@@ -52,6 +56,7 @@ from dv365.store.grpc_common import (
 from dv365.store.metrics import ActiveVersion, StoreMetrics, prometheus_registry
 from dv365.store.proto import store_pb2 as pb
 from dv365.store.proto import store_pb2_grpc as pb_grpc
+from dv365.store.records import drop_corrupted, verify_payloads
 
 
 @dataclass(frozen=True)
@@ -261,8 +266,23 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         return as_user_ids(np.fromiter(request.user_ids, dtype=np.int64, count=len(request.user_ids)), self.store.url)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> bytes:
-        """Returns the serialized GetResponse (see grpc_common.encode_get_response: one copy of the payload)."""
-        return _encode(self._read(context, "Get", lambda: self._ids(request)), 0)
+        """Returns the serialized GetResponse. The backend's rows are copied once, straight into the message
+        (row views of an LMDB row file: no gathered array in between). They are checked against their stored
+        checksums in that copy (a row that fails is sent as zeros, not present, with its error), unless the
+        request says the client checks them itself (``client_verifies``: the package's client, which checks
+        every row it receives): then each row is hashed once, end to end, on the client (:func:`_encode_rows`)."""
+        self._counted()
+        t0 = time.perf_counter()
+        try:
+            ids = self._ids(request)
+            views = self.store.lookup_rows(ids)
+        except StoreError as e:
+            self.metrics.observe("Get", time.perf_counter() - t0, error=True)
+            self._abort(context, e)
+            raise  # abort raises; this keeps the type checker informed
+        data, views = _encode_rows(views, ids, self.store.url, check=not request.client_verifies)
+        count_answer(self.metrics, "Get", views, time.perf_counter() - t0)
+        return data
 
     def GetStream(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Yields serialized GetResponse pieces of ~STREAM_CHUNK_BYTES; the backend reads the next piece (from the
@@ -315,17 +335,57 @@ class StoreServicer(pb_grpc.EmbeddingStoreServicer):
         return self._run(context, "Prune", lambda: pb.PruneResponse(deleted=self.store.prune(request.keep or None)))
 
 
+def _small(info: VersionInfo, errors: dict[int, str], offset: int) -> bytes:
+    """GetResponse's small fields (version, errors keyed from ``offset``), serialized."""
+    return pb.GetResponse(
+        version=version_to_pb(info), errors={offset + int(k): v for k, v in errors.items()}
+    ).SerializeToString()
+
+
 def _encode(raw: RawLookup, offset: int) -> bytes:
     """A serialized GetResponse of ``raw`` (``offset``: the batch position of its first user, for error keys)."""
-    small = pb.GetResponse(
-        version=version_to_pb(raw.info), errors={offset + int(k): v for k, v in raw.errors.items()}
-    ).SerializeToString()
+    payload = memoryview(np.ascontiguousarray(raw.payload).reshape(-1))
     return encode_get_response(
-        memoryview(np.ascontiguousarray(raw.payload).reshape(-1)),
+        (payload,),
+        payload.nbytes,
         memoryview(np.ascontiguousarray(raw.present).view(np.uint8)),
         memoryview(raw.checksums.astype("<u8").view(np.uint8)),
-        small,
+        _small(raw.info, raw.errors, offset),
     )
+
+
+def _encode_rows(views: RowViews, ids: np.ndarray, url: str, check: bool = True) -> tuple[bytes, RowViews]:
+    """The serialized GetResponse of ``views``, and the answer it holds. Unverified rows (``views.verified``
+    False) are checked in the message, i.e. in the one copy of them that is sent, unless ``check`` is False (the
+    client checks them: they go out with their stored checksums as read). A row that fails its checksum makes
+    the message be built again with zeros in its place, the user not present and its error (rare)."""
+    B, n = len(views.present), views.info.row_format.user_bytes
+
+    def encode(v: RowViews) -> bytes:
+        return encode_get_response(
+            v.rows,
+            B * n,
+            memoryview(np.ascontiguousarray(v.present).view(np.uint8)),
+            memoryview(v.checksums.astype("<u8").view(np.uint8)),
+            _small(v.info, v.errors, 0),
+        )
+
+    data = encode(views)
+    if views.verified or not check or not B:
+        return data, views
+    payload = np.frombuffer(data, np.uint8, B * n, payload_offset(B * n)).reshape(B, n)
+    bad = verify_payloads(payload, ids, views.checksums, views.present)
+    if not len(bad):
+        return data, views
+    present, stored, errors = views.present.copy(), views.checksums.copy(), dict(views.errors)
+    drop_corrupted(
+        np.empty((B, 0), np.uint8), present, stored, ids, bad, f"{url} version {views.info.version!r}", errors
+    )
+    rows, zero = list(views.rows), bytes(n)
+    for i in bad.tolist():
+        rows[i] = zero
+    views = RowViews(rows, present, stored, errors, views.info, verified=True)
+    return encode(views), views
 
 
 def _one(user_id: int) -> np.ndarray:
@@ -497,6 +557,7 @@ def serve_forever(config: ServeConfig, out: Any = sys.stdout) -> int:
     config.check()
     if config.workers > 1:
         return serve_workers(config, out)
+    retain_freed_memory()
     store = open_served_store(config.backend)
     try:
         running = start_server(config, store)
@@ -554,6 +615,7 @@ def _reserve_port(host: str, port: int) -> Iterator[int]:
 def _worker(config: ServeConfig, index: int, ready: Any) -> None:
     """One worker process of :func:`serve_workers`: a grpcio server on the shared port until SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and forwards SIGTERM
+    retain_freed_memory()
     try:
         running = start_server(config, open_served_store(config.backend))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which exits 1 with it

@@ -2,15 +2,17 @@
 
 The token is sent as ``authorization: Bearer <token>``; give it as ``token=`` (or ``token_file=``), or set
 ``DV365_STORE_TOKEN``. Every payload row is checked against the checksum the service sent with it. Batches
-are read through the streaming ``GetStream`` (unary ``Get`` with a server that lacks it); a single user through
-the unary ``GetUser`` (the online path), which sends the version's record only when it changed.
+are read through the unary ``Get``: the answer's payload is viewed in place (a read-only array over the received
+message, no copy) and each row is hashed once, here, against its stored checksum (the server skips its own check
+for this client: ``GetRequest.client_verifies``). A single user goes through the unary ``GetUser`` (the online
+path), which sends the version's record only when it changed.
 Publishing sends the snapshot URL: the *server* reads the snapshot, so it must be a path or URL it can reach.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -76,20 +78,15 @@ class GrpcStore(EmbeddingStore):
         else:
             self.channel = grpc.insecure_channel(target, options)
         self.stub = pb_grpc.EmbeddingStoreStub(self.channel)
-        # Get/GetStream without the generated deserializer: the big fields are read in place
-        # (grpc_common.decode_get_response)
+        # Get without the generated deserializer: the big fields are read in place (grpc_common.decode_get_response)
         self._get_raw = self.channel.unary_unary(
             f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString, response_deserializer=None
-        )
-        self._get_stream = self.channel.unary_stream(
-            f"/{SERVICE}/GetStream", request_serializer=pb.GetRequest.SerializeToString, response_deserializer=None
         )
         self._get_user = self.channel.unary_unary(
             f"/{SERVICE}/GetUser",
             request_serializer=pb.GetUserRequest.SerializeToString,
             response_deserializer=pb.GetUserResponse.FromString,
         )
-        self._stream = True
         self._user_rpc = True
         self._known: VersionInfo | None = None  # the VersionInfo of the last version GetUser answered from
         token = token if token is not None else os.environ.get("DV365_STORE_TOKEN")
@@ -134,25 +131,15 @@ class GrpcStore(EmbeddingStore):
 
     # ---- reads -------------------------------------------------------------------------------------
     def lookup(self, ids: np.ndarray) -> RawLookup:
-        """Reads through GetStream (pieces are copied and checked while the next ones arrive); falls back to the
-        unary Get for good when the server has no GetStream (an older ``dv365 serve``)."""
+        """One user: the unary GetUser (falls back to Get for good on a server without it). A batch: the unary
+        Get, asking the server to leave the checksum check to this client (``client_verifies``), which views the
+        answer's payload in place and checks every row of it once (:meth:`_answer`)."""
         if len(ids) == 1 and self._user_rpc:
             one = self._lookup_user(int(ids[0]))
             if one is not None:
                 return one
-        what = f"get {len(ids)} users"
-        request = pb.GetRequest(user_ids=ids.tolist())
-        if self._stream:
-            call = self._get_stream(request, metadata=self._md, timeout=self.timeout)
-            try:
-                return self._assemble(ids, call)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
-                    raise self._error(what, e) from None
-                self._stream = False
-            finally:
-                call.cancel()  # a no-op once the stream has ended; stops it when a piece was malformed
-        return self._assemble(ids, [self._call(what, self._get_raw, request, self.timeout)])
+        request = pb.GetRequest(user_ids=ids.tolist(), client_verifies=True)
+        return self._answer(ids, self._call(f"get {len(ids)} users", self._get_raw, request, self.timeout))
 
     def _lookup_user(self, uid: int) -> RawLookup | None:
         """One user through the unary GetUser (None: the server lacks it, use Get from now on). The VersionInfo
@@ -190,57 +177,42 @@ class GrpcStore(EmbeddingStore):
                 checksums[0] = resp.checksum
         return RawLookup(payload, present, checksums, errors, known)
 
-    def _assemble(self, ids: np.ndarray, pieces: Iterable[bytes]) -> RawLookup:
-        """Copies serialized GetResponse pieces (consecutive users of ``ids``, one version) into one answer and
-        checks every payload row against its checksum."""
+    def _answer(self, ids: np.ndarray, data: bytes) -> RawLookup:
+        """The answer in one serialized GetResponse, without copying its payload: ``payload`` is a read-only
+        ``[B, user_bytes]`` view of ``data`` (np.frombuffer), every present row checked against the checksum the
+        server sent (the stored one: this check covers the store and the wire). A row that fails is reported in
+        ``errors`` naming its user, not present, and zeroed in a copy of the payload (the only case that copies
+        it). A message that does not hold ``len(ids)`` users of its version's format raises StoreError."""
         B = len(ids)
-        out: RawLookup | None = None
-        errors: dict[int, str] = {}
-        pos = 0
-        for data in pieces:
-            try:
-                pay, pres, sums, resp = decode_get_response(data)
-            except (ValueError, IndexError, DecodeError) as e:
-                raise StoreError(f"{self.url}: malformed answer for {B} users: {e}") from e
-            if out is None:
-                info = version_from_pb(resp.version)
-                out = RawLookup(
-                    np.empty((B, info.row_format.user_bytes), dtype=np.uint8),
-                    np.zeros(B, dtype=bool),
-                    np.zeros(B, dtype=np.uint64),
-                    errors,
-                    info,
+        try:
+            pay, pres, sums, resp = decode_get_response(data)
+            if not resp.HasField("version"):
+                raise ValueError("no version")
+            info = version_from_pb(resp.version)
+        except (ValueError, IndexError, DecodeError) as e:
+            raise StoreError(f"{self.url}: malformed answer for {B} users: {e}") from e
+        n = info.row_format.user_bytes
+        if pres.nbytes != B or pay.nbytes != B * n or sums.nbytes != 8 * B or not info.version:
+            raise StoreError(
+                f"{self.url}: malformed answer for {B} users from version {info.version!r}: {pres.nbytes} "
+                f"presence flags, {pay.nbytes} payload bytes ({B} x {n} expected), {sums.nbytes // 8} checksums"
+            )
+        payload = np.frombuffer(pay, dtype=np.uint8).reshape(B, n)
+        present = np.frombuffer(pres, dtype=np.uint8) != 0
+        checksums = np.frombuffer(sums, dtype="<u8").astype(np.uint64)
+        errors = {int(i): msg for i, msg in resp.errors.items()}
+        bad = verify_payloads(payload, ids, checksums, present)
+        if len(bad):
+            payload = payload.copy()
+            for i in bad.tolist():
+                errors[i] = (
+                    f"{self.url} version {info.version!r}: user {int(ids[i])}: payload fails its checksum "
+                    "(corrupted in the store or in transfer): not returned"
                 )
-            n, k = out.payload.shape[1], pres.nbytes
-            if (
-                resp.version.version != out.info.version
-                or pos + k > B
-                or pay.nbytes != k * n
-                or sums.nbytes != 8 * k
-                or (k == 0 and B)
-            ):
-                raise StoreError(
-                    f"{self.url}: malformed answer for {B} users from version {out.info.version!r} "
-                    f"(a piece of {k} users at position {pos}, version {resp.version.version!r})"
-                )
-            end = pos + k
-            out.payload[pos:end] = np.frombuffer(pay, dtype=np.uint8).reshape(k, n)
-            out.present[pos:end] = np.frombuffer(pres, dtype=bool)
-            out.checksums[pos:end] = np.frombuffer(sums, dtype="<u8")
-            errors.update((int(i), msg) for i, msg in resp.errors.items())
-            for i in verify_payloads(
-                out.payload[pos:end], ids[pos:end], out.checksums[pos:end], out.present[pos:end]
-            ).tolist():
-                errors[pos + i] = (
-                    f"{self.url} version {out.info.version!r}: user {int(ids[pos + i])}: payload fails "
-                    "its checksum after transfer"
-                )
-                out.present[pos + i] = False
-                out.payload[pos + i] = 0
-            pos = end
-        if out is None or pos != B:
-            raise StoreError(f"{self.url}: incomplete answer: {pos} of {B} users")
-        return out
+            present[bad] = False
+            payload[bad] = 0
+            checksums[bad] = 0
+        return RawLookup(payload, present, checksums, errors, info)
 
     # ---- versions ----------------------------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:

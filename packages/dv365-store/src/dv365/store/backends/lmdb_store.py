@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -47,6 +48,7 @@ from dv365.store.api import (
     EmbeddingStore,
     Progress,
     RawLookup,
+    RowViews,
     VersionInfo,
     check_version_name,
     chunk_users,
@@ -77,6 +79,11 @@ class _Version:
     info: VersionInfo
     seq: int
     layout: str | None  # ROWS, or None for the records layout (per-user LMDB values)
+
+    @functools.cached_property
+    def active_info(self) -> VersionInfo:
+        """``info`` marked active (what a read answers with; built once per cached record, not per read)."""
+        return replace(self.info, active=True)
 
 
 def record_keys(seq: int, ids: np.ndarray) -> list[bytes]:
@@ -270,7 +277,7 @@ class LmdbStore(EmbeddingStore):
                 if raw is None:
                     raise StoreError(f"{self.url}: active version {name.decode()!r} has no version record")
                 ver = self._entry(bytes(raw), name)
-                yield txn, replace(ver.info, active=True), ver
+                yield txn, ver.active_info, ver
         except lmdb.Error as e:
             raise StoreError(f"{self.url}: read failed: {e}") from e
 
@@ -283,30 +290,41 @@ class LmdbStore(EmbeddingStore):
         return RawLookup(payload, present, checksums, errors, info)
 
     @contextlib.contextmanager
-    def _reader(self) -> Iterator[tuple[VersionInfo, Callable[[np.ndarray], RawLookup]]]:
-        """The active version and a reader of it: every call is answered from that one version."""
+    def _reader(self) -> Iterator[tuple[VersionInfo, Callable[[np.ndarray], RawLookup], RowFile | None]]:
+        """The active version, a reader of it (every call is answered from that one version) and its row file
+        (None for a version of the records layout)."""
         for _ in range(3):
             with self._snapshot() as (txn, info, ver):
                 if ver.layout != ROWS:
-                    yield info, lambda ids: self._read_records(txn, info, ver.seq, ids)
+                    yield info, lambda ids: self._read_records(txn, info, ver.seq, ids), None
                     return
                 try:
                     rf = self._row_file(ver)
                 except FileNotFoundError:
                     continue  # deleted after this snapshot was taken: resolve the active version again
-            yield info, lambda ids, rf=rf: RawLookup(*rf.lookup(ids), info)  # an immutable file: no transaction needed
+            # an immutable file: no transaction needed
+            yield info, lambda ids, rf=rf: RawLookup(*rf.lookup(ids), info), rf
             return
         raise StoreError(
             f"{self.url}: the row file of the active version {info.version!r} is missing ({self._row_path(ver.seq)})"
         )
 
     def lookup(self, ids: np.ndarray) -> RawLookup:
-        with self._reader() as (_, read):
+        with self._reader() as (_, read, _rf):
             return read(ids)
+
+    def lookup_rows(self, ids: np.ndarray) -> RowViews:
+        """Row views into the active version's row file (unverified: ``dv365 serve`` checks its copy); a
+        version of the records layout is read as :meth:`lookup` (its LMDB views end with the transaction)."""
+        with self._reader() as (info, read, rf):
+            if rf is None:
+                raw = read(ids)
+                return RowViews((raw.payload,), raw.present, raw.checksums, raw.errors, raw.info, verified=True)
+            return RowViews(*rf.views(ids), info, verified=False)
 
     def lookup_chunks(self, ids: np.ndarray, chunk_bytes: int) -> Iterator[RawLookup]:
         """Reads piece by piece from one version: every piece comes from the same snapshot."""
-        with self._reader() as (info, read):
+        with self._reader() as (info, read, _rf):
             step = chunk_users(chunk_bytes, info.row_format)
             for s in range(0, max(len(ids), 1), step):
                 yield read(ids[s : s + step])

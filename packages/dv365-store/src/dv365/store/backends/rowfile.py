@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from dv365.store.errors import PublishError, StoreError
-from dv365.store.records import CHECKSUM_BYTES, drop_corrupted, verify_payloads
+from dv365.store.records import CHECKSUM_BYTES, checksum, corrupted_message, drop_corrupted, verify_payloads
 
 MAGIC = b"DV365ROWS\0"
 FORMAT = 1
@@ -171,6 +171,8 @@ class RowFile:
         self.slots = np.frombuffer(buf, np.int64, users, o_slots)
         self.sums = np.frombuffer(buf, "<u8", users, o_sums)
         self.payload = np.frombuffer(buf, np.uint8, users * user_bytes, o_payload).reshape(users, user_bytes)
+        self._view, self._payload_offset = buf, o_payload  # for views(): row slices of the map
+        self._zero = bytes(user_bytes)  # the row of an absent user
 
     def populate(self) -> bool:
         """Maps every page now (``MADV_POPULATE_READ``, Linux >= 5.14); False where the platform cannot."""
@@ -180,22 +182,31 @@ class RowFile:
         except (AttributeError, OSError, ValueError):
             return False
 
-    def lookup(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-        """``payload [B, n]`` (zero rows where not returned), ``present [B]``, stored ``checksums [B]`` and
-        ``errors`` {position: message} for users whose stored row fails its checksum."""
-        q = np.ascontiguousarray(user_ids, dtype=np.int64)
+    def _locate(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``present [B]``, ``slot [B]`` (each user's row; 0 where the index entry is damaged) and the mask of
+        damaged index entries (an out-of-range slot: reported per user, never read) of int64 ids ``q``."""
         B, U = len(q), self.users
-        if U == 0:
-            return np.zeros((B, self.n), np.uint8), np.zeros(B, bool), np.zeros(B, np.uint64), {}
         order = np.argsort(q)  # sorted needles: numpy's binary search starts from the previous bound
         pos = np.empty(B, dtype=np.intp)
         pos[order] = np.searchsorted(self.ids, q[order])  # 0.20 vs 0.33 ms for 1,000 of 1M ids
         np.minimum(pos, U - 1, out=pos)
         present = self.ids[pos] == q
         slot = self.slots[pos]
-        bad_slot = (slot < 0) | (slot >= U)  # a damaged index: reported per user below, never read
+        bad_slot = (slot < 0) | (slot >= U)
         if bad_slot.any():
             slot = np.where(bad_slot, 0, slot)
+        return present, slot, bad_slot
+
+    def lookup(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """``payload [B, n]`` (zero rows where not returned), ``present [B]``, stored ``checksums [B]`` and
+        ``errors`` {position: message} for users whose stored row fails its checksum."""
+        q = np.ascontiguousarray(user_ids, dtype=np.int64)
+        B = len(q)
+        if self.users == 0:
+            return np.zeros((B, self.n), np.uint8), np.zeros(B, bool), np.zeros(B, np.uint64), {}
+        if B == 1:
+            return self._lookup_one(int(q[0]))
+        present, slot, bad_slot = self._locate(q)
         # mode='clip' skips numpy's per-index bounds check: every slot is in range here (checked above);
         # 1,000 rows at 1M users: p50 1.41 -> 1.23 ms (docs/store.md, "Measured", E)
         payload = np.take(self.payload, slot, axis=0, mode="clip")
@@ -204,6 +215,50 @@ class RowFile:
         bad = np.union1d(np.flatnonzero(present & bad_slot), verify_payloads(payload, q, stored, present & ~bad_slot))
         drop_corrupted(payload, present, stored, q, bad, self.where, errors)
         return payload, present, stored, errors
+
+    def _lookup_one(self, uid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+        """:meth:`lookup` of one user (the online path): the same checks on scalars, no batch machinery."""
+        n = self.n
+        payload, present, stored = np.zeros((1, n), np.uint8), np.zeros(1, bool), np.zeros(1, np.uint64)
+        i = int(np.searchsorted(self.ids, uid))
+        if i >= self.users or int(self.ids[i]) != uid:
+            return payload, present, stored, {}
+        slot = int(self.slots[i])
+        if not 0 <= slot < self.users:  # a damaged index entry: reported, never read
+            return payload, present, stored, {0: corrupted_message(self.where, uid)}
+        start = self._payload_offset + slot * n
+        row, stored_sum = self._view[start : start + n], int(self.sums[slot])
+        if checksum(row, uid) != stored_sum:
+            return payload, present, stored, {0: corrupted_message(self.where, uid)}
+        payload[0] = np.frombuffer(row, np.uint8)
+        present[0], stored[0] = True, stored_sum
+        return payload, present, stored, {}
+
+    def views(self, user_ids: np.ndarray) -> tuple[list[Any], np.ndarray, np.ndarray, dict[int, str]]:
+        """The rows of ``user_ids`` *in place*: ``rows`` (B buffers of ``n`` bytes: read-only views into the
+        map, a shared zero row where a user is absent), ``present [B]``, the stored ``checksums [B]`` (0 where
+        absent) and ``errors`` for users whose index entry is damaged (absent too). The payloads are *not*
+        checked against their checksums here: the caller copies the rows once (``dv365 serve`` joins them into
+        its answer) and checks that copy (:func:`~dv365.store.records.verify_payloads`), instead of gathering
+        them into an array, checking it, and copying them again."""
+        q = np.ascontiguousarray(user_ids, dtype=np.int64)
+        B, n = len(q), self.n
+        if self.users == 0 or B == 0:
+            return [self._zero] * B, np.zeros(B, bool), np.zeros(B, np.uint64), {}
+        present, slot, bad_slot = self._locate(q)
+        stored = self.sums[slot].astype(np.uint64)
+        errors: dict[int, str] = {}
+        # reports the damaged entries, clears `present` and `stored` of them and of the absent users
+        drop_corrupted(
+            np.empty((B, 0), np.uint8), present, stored, q, np.flatnonzero(present & bad_slot), self.where, errors
+        )
+        mv, start = self._view, self._payload_offset
+        rows: list[Any] = [mv[o : o + n] for o in (slot * n + start).tolist()]
+        if not present.all():
+            zero = self._zero
+            for i in np.flatnonzero(~present).tolist():
+                rows[i] = zero
+        return rows, present, stored, errors
 
 
 def locate(rf: Any, uid: int) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64v365/store/proto/store.proto\x12\x0e\x64v365.store.v1\"=\n\tRowFormat\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x15\n\rrows_per_user\x18\x03 \x01(\r\"\xe8\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x61ta_cutoff_ts\x18\x03 \x01(\x03\x12\x12\n\nuser_count\x18\x04 \x01(\x04\x12-\n\nrow_format\x18\x05 \x01(\x0b\x32\x19.dv365.store.v1.RowFormat\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\x12\x11\n\tsimulated\x18\n \x01(\x08\"\x1e\n\nGetRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\"\xd8\x01\n\x0bGetResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07present\x18\x02 \x01(\x0c\x12\x11\n\tchecksums\x18\x03 \x01(\x0c\x12,\n\x07version\x18\x04 \x01(\x0b\x32\x1b.dv365.store.v1.VersionInfo\x12\x37\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\'.dv365.store.v1.GetResponse.ErrorsEntry\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x15\n\rknown_version\x18\x02 \x01(\t\"\xa6\x01\n\x0fGetUserResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0cpublished_at\x18\x05 \x01(\x01\x12)\n\x04info\x18\x06 \x01(\x0b\x32\x1b.dv365.store.v1.VersionInfo\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x11\n\x0fVersionsRequest\"A\n\x10VersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.dv365.store.v1.VersionInfo\";\n\x0ePublishRequest\x12\x14\n\x0csnapshot_url\x18\x01 \x01(\t\x12\x13\n\x0bno_activate\x18\x02 \x01(\x08\"\"\n\x0f\x41\x63tivateRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\" \n\rDeleteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x1c\n\x0cPruneRequest\x12\x0c\n\x04keep\x18\x01 \x01(\r\" \n\rPruneResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\"\x07\n\x05\x45mpty2\x95\x05\n\x0e\x45mbeddingStore\x12>\n\x03Get\x12\x1a.dv365.store.v1.GetRequest\x1a\x1b.dv365.store.v1.GetResponse\x12\x46\n\tGetStream\x12\x1a.dv365.store.v1.GetRequest\x1a\x1b.dv365.store.v1.GetResponse0\x01\x12J\n\x07GetUser\x12\x1e.dv365.store.v1.GetUserRequest\x1a\x1f.dv365.store.v1.GetUserResponse\x12M\n\x08Versions\x12\x1f.dv365.store.v1.VersionsRequest\x1a .dv365.store.v1.VersionsResponse\x12\x46\n\x07Publish\x12\x1e.dv365.store.v1.PublishRequest\x1a\x1b.dv365.store.v1.VersionInfo\x12H\n\x08\x41\x63tivate\x12\x1f.dv365.store.v1.ActivateRequest\x1a\x1b.dv365.store.v1.VersionInfo\x12H\n\x08Rollback\x12\x1f.dv365.store.v1.RollbackRequest\x1a\x1b.dv365.store.v1.VersionInfo\x12>\n\x06\x44\x65lete\x12\x1d.dv365.store.v1.DeleteRequest\x1a\x15.dv365.store.v1.Empty\x12\x44\n\x05Prune\x12\x1c.dv365.store.v1.PruneRequest\x1a\x1d.dv365.store.v1.PruneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64v365/store/proto/store.proto\x12\x0e\x64v365.store.v1\"=\n\tRowFormat\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x15\n\rrows_per_user\x18\x03 \x01(\r\"\xe8\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x61ta_cutoff_ts\x18\x03 \x01(\x03\x12\x12\n\nuser_count\x18\x04 \x01(\x04\x12-\n\nrow_format\x18\x05 \x01(\x0b\x32\x19.dv365.store.v1.RowFormat\x12\x14\n\x0cpublished_at\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\x12\x11\n\tsimulated\x18\n \x01(\x08\"7\n\nGetRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\x12\x17\n\x0f\x63lient_verifies\x18\x02 \x01(\x08\"\xd8\x01\n\x0bGetResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07present\x18\x02 \x01(\x0c\x12\x11\n\tchecksums\x18\x03 \x01(\x0c\x12,\n\x07version\x18\x04 \x01(\x0b\x32\x1b.dv365.store.v1.VersionInfo\x12\x37\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\'.dv365.store.v1.GetResponse.ErrorsEntry\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x15\n\rknown_version\x18\x02 \x01(\t\"\xa6\x01\n\x0fGetUserResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x14\n\x0cpublished_at\x18\x05 \x01(\x01\x12)\n\x04info\x18\x06 \x01(\x0b\x32\x1b.dv365.store.v1.VersionInfo\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x11\n\x0fVersionsRequest\"A\n\x10VersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.dv365.store.v1.VersionInfo\";\n\x0ePublishRequest\x12\x14\n\x0csnapshot_url\x18\x01 \x01(\t\x12\x13\n\x0bno_activate\x18\x02 \x01(\x08\"\"\n\x0f\x41\x63tivateRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\" \n\rDeleteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x1c\n\x0cPruneRequest\x12\x0c\n\x04keep\x18\x01 \x01(\r\" \n\rPruneResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\"\x07\n\x05\x45mpty2\x95\x05\n\x0e\x45mbeddingStore\x12>\n\x03Get\x12\x1a.dv365.store.v1.GetRequest\x1a\x1b.dv365.store.v1.GetResponse\x12\x46\n\tGetStream\x12\x1a.dv365.store.v1.GetRequest\x1a\x1b.dv365.store.v1.GetResponse0\x01\x12J\n\x07GetUser\x12\x1e.dv365.store.v1.GetUserRequest\x1a\x1f.dv365.store.v1.GetUserResponse\x12M\n\x08Versions\x12\x1f.dv365.store.v1.VersionsRequest\x1a .dv365.store.v1.VersionsResponse\x12\x46\n\x07Publish\x12\x1e.dv365.store.v1.PublishRequest\x1a\x1b.dv365.store.v1.VersionInfo\x12H\n\x08\x41\x63tivate\x12\x1f.dv365.store.v1.ActivateRequest\x1a\x1b.dv365.store.v1.VersionInfo\x12H\n\x08Rollback\x12\x1f.dv365.store.v1.RollbackRequest\x1a\x1b.dv365.store.v1.VersionInfo\x12>\n\x06\x44\x65lete\x12\x1d.dv365.store.v1.DeleteRequest\x1a\x15.dv365.store.v1.Empty\x12\x44\n\x05Prune\x12\x1c.dv365.store.v1.PruneRequest\x1a\x1d.dv365.store.v1.PruneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONINFO']._serialized_start=113
   _globals['_VERSIONINFO']._serialized_end=345
   _globals['_GETREQUEST']._serialized_start=347
-  _globals['_GETREQUEST']._serialized_end=377
-  _globals['_GETRESPONSE']._serialized_start=380
-  _globals['_GETRESPONSE']._serialized_end=596
-  _globals['_GETRESPONSE_ERRORSENTRY']._serialized_start=551
-  _globals['_GETRESPONSE_ERRORSENTRY']._serialized_end=596
-  _globals['_GETUSERREQUEST']._serialized_start=598
-  _globals['_GETUSERREQUEST']._serialized_end=654
-  _globals['_GETUSERRESPONSE']._serialized_start=657
-  _globals['_GETUSERRESPONSE']._serialized_end=823
-  _globals['_VERSIONSREQUEST']._serialized_start=825
-  _globals['_VERSIONSREQUEST']._serialized_end=842
-  _globals['_VERSIONSRESPONSE']._serialized_start=844
-  _globals['_VERSIONSRESPONSE']._serialized_end=909
-  _globals['_PUBLISHREQUEST']._serialized_start=911
-  _globals['_PUBLISHREQUEST']._serialized_end=970
-  _globals['_ACTIVATEREQUEST']._serialized_start=972
-  _globals['_ACTIVATEREQUEST']._serialized_end=1006
-  _globals['_ROLLBACKREQUEST']._serialized_start=1008
-  _globals['_ROLLBACKREQUEST']._serialized_end=1025
-  _globals['_DELETEREQUEST']._serialized_start=1027
-  _globals['_DELETEREQUEST']._serialized_end=1059
-  _globals['_PRUNEREQUEST']._serialized_start=1061
-  _globals['_PRUNEREQUEST']._serialized_end=1089
-  _globals['_PRUNERESPONSE']._serialized_start=1091
-  _globals['_PRUNERESPONSE']._serialized_end=1123
-  _globals['_EMPTY']._serialized_start=1125
-  _globals['_EMPTY']._serialized_end=1132
-  _globals['_EMBEDDINGSTORE']._serialized_start=1135
-  _globals['_EMBEDDINGSTORE']._serialized_end=1796
+  _globals['_GETREQUEST']._serialized_end=402
+  _globals['_GETRESPONSE']._serialized_start=405
+  _globals['_GETRESPONSE']._serialized_end=621
+  _globals['_GETRESPONSE_ERRORSENTRY']._serialized_start=576
+  _globals['_GETRESPONSE_ERRORSENTRY']._serialized_end=621
+  _globals['_GETUSERREQUEST']._serialized_start=623
+  _globals['_GETUSERREQUEST']._serialized_end=679
+  _globals['_GETUSERRESPONSE']._serialized_start=682
+  _globals['_GETUSERRESPONSE']._serialized_end=848
+  _globals['_VERSIONSREQUEST']._serialized_start=850
+  _globals['_VERSIONSREQUEST']._serialized_end=867
+  _globals['_VERSIONSRESPONSE']._serialized_start=869
+  _globals['_VERSIONSRESPONSE']._serialized_end=934
+  _globals['_PUBLISHREQUEST']._serialized_start=936
+  _globals['_PUBLISHREQUEST']._serialized_end=995
+  _globals['_ACTIVATEREQUEST']._serialized_start=997
+  _globals['_ACTIVATEREQUEST']._serialized_end=1031
+  _globals['_ROLLBACKREQUEST']._serialized_start=1033
+  _globals['_ROLLBACKREQUEST']._serialized_end=1050
+  _globals['_DELETEREQUEST']._serialized_start=1052
+  _globals['_DELETEREQUEST']._serialized_end=1084
+  _globals['_PRUNEREQUEST']._serialized_start=1086
+  _globals['_PRUNEREQUEST']._serialized_end=1114
+  _globals['_PRUNERESPONSE']._serialized_start=1116
+  _globals['_PRUNERESPONSE']._serialized_end=1148
+  _globals['_EMPTY']._serialized_start=1150
+  _globals['_EMPTY']._serialized_end=1157
+  _globals['_EMBEDDINGSTORE']._serialized_start=1160
+  _globals['_EMBEDDINGSTORE']._serialized_end=1821
 # @@protoc_insertion_point(module_scope)

@@ -41,10 +41,12 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., model_version: _Optional[str] = ..., data_cutoff_ts: _Optional[int] = ..., user_count: _Optional[int] = ..., row_format: _Optional[_Union[RowFormat, _Mapping]] = ..., published_at: _Optional[float] = ..., source: _Optional[str] = ..., state: _Optional[str] = ..., active: _Optional[bool] = ..., simulated: _Optional[bool] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("user_ids",)
+    __slots__ = ("user_ids", "client_verifies")
     USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERIFIES_FIELD_NUMBER: _ClassVar[int]
     user_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, user_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    client_verifies: bool
+    def __init__(self, user_ids: _Optional[_Iterable[int]] = ..., client_verifies: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("payload", "present", "checksums", "version", "errors")
