@@ -31,24 +31,25 @@ def exit_without_teardown(code: int) -> NoReturn:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_heap_memory(max_block_mb: int = 512) -> bool:
+def keep_heap_memory(max_block_mb: int = 512, trim_threshold_mb: int | None = None) -> bool:
     """Makes glibc's malloc keep freed memory for reuse instead of returning it to the OS, for a process that
-    allocates and frees the same large arrays batch after batch (a loader worker slicing 32 users: ~100 MB of
-    numpy arrays per batch). By default every array above the dynamic mmap threshold is mapped fresh, so each
-    batch page-faults its buffers in again: measured on a worker's first batches, slicing ran at 11 ms/user
-    against 4 ms/user once the heap held them. Blocks up to ``max_block_mb`` come from the heap, and the heap is
-    not trimmed below that either; the process's peak RSS stays what one batch needs. Returns False where
-    there is no glibc (the call is then a no-op)."""
+    allocates and frees the same large arrays again and again (a loader worker slicing 32 users: ~100 MB of
+    numpy arrays per batch; a ``dv365 serve`` process answering 7.7 MB batches). By default every array above
+    the dynamic mmap threshold is mapped fresh (or the heap trimmed), so each batch page-faults its buffers in
+    again: measured on a loader worker's first batches, slicing ran at 11 ms/user against 4 ms/user once the
+    heap held them. Blocks up to ``max_block_mb`` come from the heap, and the heap is not trimmed below
+    ``trim_threshold_mb`` (default: the same); the peak RSS stays what one batch needs. Returns False where there
+    is no glibc (the call is then a no-op)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or not name:
+    if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    limit = int(max_block_mb) << 20
-    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim = max_block_mb if trim_threshold_mb is None else trim_threshold_mb
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(max_block_mb) << 20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim) << 20)
+    )

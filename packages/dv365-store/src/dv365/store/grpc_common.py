@@ -41,30 +41,19 @@ ERROR_KEY = "dv365-error"  # trailing metadata: the StoreError subclass name
 # depending on a few bytes of message size against the threshold glibc derived from earlier frees, the heap is
 # trimmed (madvise DONTNEED) and the next answer faults every page in again: ~3,700 page faults and ~8 ms of
 # server CPU per 1,000-user answer on the 2-vCPU dev VM (docs/store.md, "Measured", issue 21 zero-copy round).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-RETAINED_HEAP_BYTES = 64 << 20  # freed memory each malloc arena keeps instead of returning it to the kernel
-MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's own upper bound for its dynamic threshold; larger blocks are mmapped
+RETAINED_HEAP_MB = 64  # freed memory each malloc arena keeps instead of returning it to the kernel
+MMAP_THRESHOLD_MB = 32  # glibc's own upper bound for its dynamic threshold; larger blocks are mmapped
 
 
 def retain_freed_memory() -> bool:
-    """Makes this process's glibc malloc keep freed memory for reuse (``mallopt``: trim threshold 64 MiB per
-    arena, mmap threshold fixed at 32 MiB), so that answer-sized buffers are not returned to the kernel and
-    faulted in again on every call. Called by the ``dv365 serve`` processes (and the benchmark's bare grpcio
-    floor server, so that both run with the same allocator settings), not by the client library. False where
-    it does not apply (not glibc)."""
-    import ctypes
-    import sys
+    """Makes this process's glibc malloc keep freed memory for reuse (trim threshold 64 MiB per arena, mmap
+    threshold fixed at 32 MiB; :func:`dv365.core.process.keep_heap_memory`), so that answer-sized buffers are
+    not returned to the kernel and faulted in again on every call. Called by the ``dv365 serve`` processes (and
+    the benchmark's bare grpcio floor server, so that both run with the same allocator settings), not by the
+    client library. False where it does not apply (not glibc)."""
+    from dv365.core.process import keep_heap_memory
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES)
-    )
+    return keep_heap_memory(MMAP_THRESHOLD_MB, RETAINED_HEAP_MB)
 
 
 _CODES: list[tuple[type[E.StoreError], grpc.StatusCode]] = [
