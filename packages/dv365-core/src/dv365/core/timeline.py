@@ -177,9 +177,7 @@ class EventTable:
         tvals = topics.flatten().to_numpy().astype(np.int64, copy=False)  # flatten: from offsets[0] on
         toff = toff - toff[0]
         if idx is not None:
-            tstart, tend = toff[idx], toff[idx + 1]
-            tvals = tvals[_ranges(tstart, tend - tstart)]
-            toff = np.concatenate([[0], np.cumsum(tend - tstart)]).astype(np.int64)
+            toff, tvals = _take_lists(toff, tvals, idx)
 
         def codes(name: str, vk: str) -> np.ndarray:
             return rows(arrow_codes(vocab, vk, table.column(name)))
@@ -467,27 +465,22 @@ class DatasetWriter:
         self._written: list[str] = []  # part files of this writer, relative to the root
         self._kept_events = np.zeros(0, dtype=bool)  # rows kept by the last validation of a requests_of table
         self._closed = False
-        self._old_maps = dict(self.meta.id_maps or {}) if self._append else {}
         self._maps = self._open_id_maps(dense_ids)  # id type -> raw ids by dense id (grown by add)
 
     def _open_id_maps(self, dense_ids: bool | Sequence[str]) -> dict[str, np.ndarray]:
         """The id maps this writer grows: an append continues the dataset's own (``dense_ids`` must then be left
         out or name the same types); a new dataset gets empty maps of the requested types."""
-        want: tuple[str, ...] = tuple(ID_COLUMNS) if dense_ids is True else tuple(dense_ids or ())
-        bad = [t for t in want if t not in ID_COLUMNS]
-        if bad:
-            raise ValueError(f"dense_ids: unknown id types {bad}; choose among {sorted(ID_COLUMNS)} (or True for all)")
+        want = dense_id_types(dense_ids)
         if self._append:
-            have = sorted(self._old_maps)
+            old = self.meta.id_maps or {}
+            have = sorted(old)
             if want and sorted(set(want)) != have:
                 raise DatasetError(
                     f"{self.url}: dense_ids={sorted(set(want))} but this dataset stores "
                     f"{have or 'raw ids'}: an append keeps the dataset's own choice (leave dense_ids out)"
                 )
-            return {
-                t: read_id_map(self.fs, posixpath.join(self.root, rel), self.url) for t, rel in self._old_maps.items()
-            }
-        return {t: np.zeros(0, np.int64) for t in dict.fromkeys(want)}
+            return {t: read_id_map(self.fs, posixpath.join(self.root, rel), self.url) for t, rel in old.items()}
+        return {t: np.zeros(0, np.int64) for t in want}
 
     def _densify(self, t: pa.Table) -> pa.Table:
         """``t`` with its raw ids replaced by dense ones (ids seen first get new ids at the end of their map)."""
@@ -704,9 +697,9 @@ class DatasetWriter:
         self.fs.makedirs(self.root, exist_ok=True)
         if self._maps:  # new files (this run's name), made visible with _dataset.json below
             self.meta.id_maps = {}
+            self.fs.makedirs(posixpath.join(self.root, "ids"), exist_ok=True)
             for id_type, raw in self._maps.items():
                 rel = f"ids/{id_type}-{self._file_run}.parquet"
-                self.fs.makedirs(posixpath.join(self.root, "ids"), exist_ok=True)
                 with open_atomic(self.fs, posixpath.join(self.root, rel)) as f:
                     pq.write_table(pa.table({"raw_id": pa.array(raw, pa.int64())}), f, compression="zstd")
                 self.meta.id_maps[id_type] = rel
@@ -989,6 +982,15 @@ def remove_dataset(url: str) -> bool:
     return bool(entries)
 
 
+def dense_id_types(dense_ids: bool | Sequence[str]) -> tuple[str, ...]:
+    """The id types a ``dense_ids`` argument names (``True``: every one of :data:`ID_COLUMNS`), checked, each once."""
+    want = tuple(dict.fromkeys(ID_COLUMNS if dense_ids is True else (dense_ids or ())))
+    bad = [t for t in want if t not in ID_COLUMNS]
+    if bad:
+        raise ValueError(f"dense_ids: unknown id types {bad}; choose among {sorted(ID_COLUMNS)} (or True for all)")
+    return want
+
+
 def dense_column(column: pa.ChunkedArray | pa.Array, raw: np.ndarray) -> tuple[pa.Array, np.ndarray]:
     """``column`` (int64 ids, or lists of them) with each raw id replaced by its position in ``raw``, and ``raw``
     grown by the ids it did not hold yet, in order of first appearance (so earlier ids keep their dense ids).
@@ -1101,8 +1103,7 @@ def take_rows(t: EventTable, rows: np.ndarray) -> EventTable:
     starts, ends = t.offsets[rows], t.offsets[rows + 1]
     counts = ends - starts
     idx = _ranges(starts, counts)
-    tstart, tend = t.topic_offsets[idx], t.topic_offsets[idx + 1]
-    tidx = _ranges(tstart, tend - tstart)
+    topic_offsets, topic_values = _take_lists(t.topic_offsets, t.topic_values, idx)
     out = EventTable(
         t.kind,
         t.user_ids[rows],
@@ -1110,8 +1111,8 @@ def take_rows(t: EventTable, rows: np.ndarray) -> EventTable:
         t.ts[idx],
         t.media_id[idx],
         t.author_id[idx],
-        np.concatenate([[0], np.cumsum(tend - tstart)]).astype(np.int64),
-        t.topic_values[tidx],
+        topic_offsets,
+        topic_values,
         t.media_type[idx],
         t.surface[idx],
     )
@@ -1119,6 +1120,12 @@ def take_rows(t: EventTable, rows: np.ndarray) -> EventTable:
         v = getattr(t, name)
         setattr(out, name, None if v is None else v[idx])
     return out
+
+
+def _take_lists(offsets: np.ndarray, values: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``idx`` of a CSR list column (``offsets`` from 0, ``values``): its new offsets and values."""
+    start, end = offsets[idx], offsets[idx + 1]
+    return np.concatenate([[0], np.cumsum(end - start)]).astype(np.int64), values[_ranges(start, end - start)]
 
 
 def _int64(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -159,6 +159,11 @@ class RowViews:
     info: VersionInfo
     verified: bool
 
+    @classmethod
+    def of(cls, raw: RawLookup) -> RowViews:
+        """A checked :class:`RawLookup` as one buffer of the whole payload."""
+        return cls((raw.payload,), raw.present, raw.checksums, raw.errors, raw.info, verified=True)
+
 
 def count_answer(metrics: StoreMetrics, method: str, raw: RawLookup | RowViews, seconds: float) -> None:
     """Counts one answered call: its users, the missing ones, those whose stored value failed its checksum."""
@@ -255,8 +260,7 @@ class EmbeddingStore(abc.ABC):
         """The answer of :meth:`lookup` as :class:`RowViews` (what ``dv365 serve``'s ``Get`` sends). This default
         is one :meth:`lookup` (verified, one buffer); a backend whose rows can be viewed in place overrides it
         (LMDB row files: the server then copies each row once, straight into its answer)."""
-        raw = self.lookup(ids)
-        return RowViews((raw.payload,), raw.present, raw.checksums, raw.errors, raw.info, verified=True)
+        return RowViews.of(self.lookup(ids))
 
     def lookup_chunks(self, ids: np.ndarray, chunk_bytes: int) -> Iterator[RawLookup]:
         """The answer of :meth:`lookup` as consecutive pieces of about ``chunk_bytes`` of payload (at least one

@@ -39,6 +39,7 @@ from dv365.core.importers.common import (
     url_exists,
     write_parts,
 )
+from dv365.core.timeline import dense_id_types
 from dv365.core.validation import ValidationPolicy
 
 NO_GENRE = "(no genres listed)"
@@ -428,7 +429,7 @@ def import_movielens(
         "topic_ids": "index into extra.genres",
         "labels": LABELS,
     }
-    if dense_ids is True or "topic" in (dense_ids or ()):
+    if "topic" in dense_id_types(dense_ids):
         extra["topic_ids"] = "dense topic id; its raw id (TimelineDataset.id_map('topic')) indexes extra.genres"
     base = write_parts(
         out_url,

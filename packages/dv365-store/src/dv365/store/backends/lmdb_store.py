@@ -318,8 +318,7 @@ class LmdbStore(EmbeddingStore):
         version of the records layout is read as :meth:`lookup` (its LMDB views end with the transaction)."""
         with self._reader() as (info, read, rf):
             if rf is None:
-                raw = read(ids)
-                return RowViews((raw.payload,), raw.present, raw.checksums, raw.errors, raw.info, verified=True)
+                return RowViews.of(read(ids))
             return RowViews(*rf.views(ids), info, verified=False)
 
     def lookup_chunks(self, ids: np.ndarray, chunk_bytes: int) -> Iterator[RawLookup]:
