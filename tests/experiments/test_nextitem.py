@@ -18,7 +18,8 @@ from dv365.core.cli import main
 from dv365.experiments.nextitem.arms import DistantHistoryProvider, ModelConfig, NextItemModel
 from dv365.experiments.nextitem.data import Sequences, gather
 from dv365.experiments.nextitem.encoders import EncoderConfig
-from dv365.experiments.nextitem.report import recovered_fraction, summarize
+from dv365.experiments.nextitem.report import recovered_fraction, report_stem, summarize
+from dv365.experiments.nextitem.run import config_profile
 from dv365.experiments.nextitem.settings import Settings, default_config, load_settings
 from dv365.experiments.nextitem.train import ArmData, mean_metrics, per_user_metrics, ranks_of
 
@@ -210,6 +211,27 @@ def test_quick_and_full_configs_load() -> None:
     m = load_settings("movielens-medium")
     assert (m.model, m.train.negatives, m.train.lr) == (f.model, f.train.negatives, f.train.lr)
     assert tuple(m.encoders) == ("sasrec", "hstu") and tuple(m.short) == (20,) and m.train.patience > 0
+    assert m.seeds >= 3 and m.train.val_every > 0 and m.train.full_epochs >= m.train.epochs
+
+
+def test_report_name_follows_a_shipped_config(tmp_path: Path) -> None:
+    """``--config movielens-medium`` writes nextitem-movielens-medium.*, beside (not over) the default and quick
+    reports; a config given as a file path keeps the default name."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("seeds: 1\n")
+    cases = [
+        (None, False, "nextitem-movielens"),
+        (None, True, "nextitem-movielens-quick"),
+        ("movielens-medium", False, "nextitem-movielens-medium"),
+        ("movielens-quick", False, "nextitem-movielens-quick"),
+        ("movielens-quick", True, "nextitem-movielens-quick"),
+        ("movielens", False, "nextitem-movielens"),
+        (str(cfg), True, "nextitem-movielens-quick"),
+    ]
+    for config, quick, stem in cases:
+        res = {"dataset": "movielens", "quick": quick, "profile": config_profile(config, "movielens")}
+        assert report_stem(res) == stem, (config, quick)
+    assert report_stem({"dataset": "movielens", "quick": False}) == "nextitem-movielens"  # older JSON
 
 
 TINY = {

@@ -77,7 +77,11 @@ def add_common_arguments(
         "--data-dir", default="out/eval/data", help="where data sets are created and reused (default out/eval/data)"
     )
     p.add_argument(
-        "--config", default=None, help="experiment config YAML (default: the shipped one for the data set and --quick)"
+        "--config",
+        default=None,
+        metavar="NAME|PATH",
+        help="experiment config: a YAML path or the name of a shipped one, e.g. `--config movielens-medium` for "
+        "nextitem (default: the shipped one for the data set and --quick)",
     )
     p.add_argument(
         "--set",
@@ -223,7 +227,11 @@ R = (short-K+dv365 - short-K) / (full - short-K), verdicts counted beyond noise 
 
 Data sets: movielens = REAL MovieLens ml-latest-small ratings; synth = SIMULATED (dv365 synth); or the PATH of
 any UniTi folder (e.g. MovieLens-1M: `dv365 import movielens <ml-1m folder> --out <folder>`, docs/nextitem.md).
-Output: <out>/nextitem-<dataset>[-quick].md / .png / .json; the last stdout line is a JSON summary."""
+Configs (--config NAME): movielens-quick (= --quick: SASRec, short training, a pipeline check),
+movielens-medium (SASRec + HSTU, K = 20, 3 seeds, training length chosen on validation; about an hour on one
+CPU core), movielens (the published settings: 101 epochs, K = 10 / 20 / 50; a GPU job), synth.
+Output: <out>/nextitem-<dataset>[-quick][-<profile>].md / .png / .json (profile: the rest of a shipped config's
+name, e.g. nextitem-movielens-medium); the last stdout line is a JSON summary."""
 
 
 def register_nextitem(esub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -109,11 +109,20 @@ def summarize(res: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def report_stem(res: Mapping[str, Any]) -> str:
+    """``nextitem-<dataset>[-quick][-<profile>]``: the profile is the rest of a shipped config's name given with
+    ``--config`` (``movielens-medium`` -> ``nextitem-movielens-medium``), so runs of different shipped configs do
+    not overwrite each other's report; a config given as a file path adds nothing."""
+    stem = f"nextitem-{res['dataset']}{'-quick' if res['quick'] else ''}"
+    profile = res.get("profile") or ""
+    return stem if profile in ("", "quick" if res["quick"] else "") else f"{stem}-{profile}"
+
+
 def write_report(res: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """``<out>/nextitem-<dataset>[-quick].md / .png / .json``; returns their paths."""
+    """``<out>/<report_stem(res)>.md / .png / .json``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"nextitem-{res['dataset']}{'-quick' if res['quick'] else ''}"
+    stem = report_stem(res)
     md, png, js = out / f"{stem}.md", out / f"{stem}.png", out / f"{stem}.json"
     summary = summarize(res)
     res["summary"] = summary
@@ -220,6 +229,19 @@ def markdown(res: Mapping[str, Any], summary: Mapping[str, Any], png: str | None
                         f"{_stat(rr['HR@10'], 2) if rr else ''} | {_stat(rr['NDCG@10'], 2) if rr else ''} |"
                     )
                 L.append("")
+        L.append("Training length per seed (model selection on validation HR@10: the best step's state is kept):\n")
+        L.append("| arm | best step | steps run / cap | validation HR@10 | seconds |")
+        L.append("|---|---|---|---|---|")
+        for n in block["arms"]["all"]:
+            runs = res["encoders"][enc]["arms"][n].get("runs", [])
+            if runs:
+                best = ", ".join(str(r["best_step"]) for r in runs)
+                ran = ", ".join(
+                    f"{r['steps']}/{r['max_steps']}" if r.get("max_steps") else str(r["steps"]) for r in runs
+                )
+                val = _ms(res["encoders"][enc]["arms"][n]["val"]["HR@10"])
+                L.append(f"| {n} | {best} | {ran} | {val} | {sum(r['seconds'] for r in runs):.0f} |")
+        L.append("")
         L.append("Serving cost per user (batch 1, forward of the encoder and fusion; scoring excluded):\n")
         L.append("| arm | ms / user | peak KiB of tensors | input KiB |")
         L.append("|---|---|---|---|")

@@ -122,6 +122,7 @@ class _Runner:
             "ranks": ranks,
             "best_step": fr.best_step,
             "steps": fr.steps,
+            "max_steps": fr.max_steps,
             "seconds": round(fr.seconds, 2),
             "curve": fr.curve,
         }
@@ -219,6 +220,7 @@ def run_nextitem(
         "dataset": name,
         "url": url,
         "quick": quick,
+        "profile": config_profile(config, name),
         "simulated": simulated,
         "label": "SIMULATED" if simulated else "REAL",
         "seeds": seed_list,
@@ -246,6 +248,14 @@ def run_nextitem(
         "seconds": time.perf_counter() - t_start,
         "command": command,
     }
+
+
+def config_profile(config: str | None, dataset: str) -> str | None:
+    """The profile of a shipped config given by name (``--config movielens-medium`` on ``movielens`` ->
+    ``medium``; ``--config synth`` on ``movielens`` -> ``synth``); None for the default config or a file path."""
+    if not config or Path(config).exists() or Path(config).suffix in (".yaml", ".yml") or "/" in config:
+        return None
+    return None if config == dataset else config.removeprefix(f"{dataset}-")
 
 
 def stored_bytes(tokens: int, dim: int) -> int | None:

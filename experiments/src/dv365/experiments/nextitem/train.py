@@ -216,6 +216,7 @@ class FitResult:
     steps: int
     seconds: float
     curve: list[tuple[int, float]]
+    max_steps: int = 0  # the cap (epochs × steps per epoch); ``steps`` < ``max_steps``: stopped early
 
 
 def fit(model: NextItemModel, data: ArmData, fs: FitSettings, seed: int, progress: bool = False) -> FitResult:
@@ -252,7 +253,7 @@ def fit(model: NextItemModel, data: ArmData, fs: FitSettings, seed: int, progres
         break
     bar.close()
     model.load_state_dict(best[2])
-    return FitResult(best[0], best[1], step, time.perf_counter() - t0, curve)
+    return FitResult(best[0], best[1], step, time.perf_counter() - t0, curve, steps)
 
 
 def _bar(total: int, progress: bool) -> Any:
