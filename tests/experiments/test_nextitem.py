@@ -16,12 +16,12 @@ import yaml
 
 from dv365.core.cli import main
 from dv365.experiments.nextitem.arms import DistantHistoryProvider, ModelConfig, NextItemModel
-from dv365.experiments.nextitem.data import Sequences, gather
+from dv365.experiments.nextitem.data import NextItemError, Sequences, gather
 from dv365.experiments.nextitem.encoders import EncoderConfig
-from dv365.experiments.nextitem.report import recovered_fraction, report_stem, summarize
+from dv365.experiments.nextitem.report import recovered_fraction, report_stem, summarize, user_interval
 from dv365.experiments.nextitem.run import config_profile
 from dv365.experiments.nextitem.settings import Settings, default_config, load_settings
-from dv365.experiments.nextitem.train import ArmData, mean_metrics, per_user_metrics, ranks_of
+from dv365.experiments.nextitem.train import ArmData, mean_metrics, per_user_metrics, ranks_of, sampled_softmax_loss
 
 
 class FakeProvider:
@@ -201,6 +201,48 @@ def test_recovered_fraction_on_made_up_numbers() -> None:
     assert s["verdicts"]["short-20+mean beats short-20 (HR@10)"] is False  # +0.0067 ± 0.0058: noise
 
 
+def test_user_interval_decides_when_seeds_agree_on_a_few_users() -> None:
+    """Three seeds that agree (seed rule: beyond noise) but owe it to 2 of 300 test users: the paired bootstrap
+    over users contains 0 and the verdict is no; the same per-user gain on 150 users is beyond noise by both."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2000, (3, 300))  # ranks of short-20 per seed and user; a rank < 10 is a hit
+    few = base.copy()
+    few[:, :2] = 0  # two users become hits on every seed
+    many = base.copy()
+    many[:, :150] = 0
+    lengths = np.full(300, 100)
+
+    def res(extra_ranks: np.ndarray) -> dict:
+        arms = {}
+        for name, ranks in (("full", extra_ranks), ("short-20", base), ("short-20+dv365", extra_ranks)):
+            per_seed = [mean_metrics(r) for r in ranks]
+            test = {m: [p[m] for p in per_seed] for m in ("HR@10", "NDCG@10")}
+            arms[name] = {
+                "test": {"all": test, "long20": test},
+                "runs": [{"test_ranks": r.tolist()} for r in ranks],
+            }
+        return {
+            "short": [20],
+            "long_margin": 20,
+            "user_lengths": lengths.tolist(),
+            "encoders": {"sasrec": {"arms": arms}},
+        }
+
+    s = summarize(res(few))["sasrec/K=20"]
+    d = s["deltas"]["all"]["short-20+dv365"]["HR@10"]
+    assert d["noise"] is False and d["mean"] > 0  # the seeds agree exactly
+    assert d["users"]["users"] == 300 and d["users"]["low"] <= 0 < d["users"]["high"]
+    assert s["verdicts"]["short-20+dv365 beats short-20 (HR@10)"] is False
+    assert "users" in s["deltas"]["long"]["short-20+dv365"]["HR@10"]  # the long subset from user_lengths
+    s = summarize(res(many))["sasrec/K=20"]
+    assert s["deltas"]["all"]["short-20+dv365"]["HR@10"]["users"]["low"] > 0
+    assert s["verdicts"]["short-20+dv365 beats short-20 (HR@10)"] is True
+    a, b = rng.random((3, 50)), rng.random((3, 50))
+    u = user_interval(a, b)
+    assert u == user_interval(a, b) and u["low"] < u["mean"] < u["high"]  # a fixed bootstrap seed
+    assert u["mean"] == pytest.approx(float((a - b).mean()), abs=1e-5)
+
+
 def test_quick_and_full_configs_load() -> None:
     q = load_settings(default_config("movielens", True))
     f = load_settings(default_config("movielens", False))
@@ -274,7 +316,14 @@ def test_cli_end_to_end_with_fake_provider(
     assert md.name == "nextitem-synth-quick.md" and Path(last["report"]["json"]).exists()
     text = md.read_text()
     assert "SIMULATED" in text and "R HR@10" in text and "beyond noise" in text and "ms / user" in text
+    assert "95 % over users" in text and "paired-bootstrap interval over test users" in text
+    assert (
+        "users_95" in json.dumps(last["sasrec/K=4"]["deltas"])
+        and "std" in last["sasrec/K=4"]["R"]["short-4+dv365"]["HR@10"]
+    )
     res = json.loads(Path(last["report"]["json"]).read_text())
+    runs = res["encoders"]["sasrec"]["arms"]["short-4"]["runs"]
+    assert len(runs[0]["test_ranks"]) == res["facts"]["users"] == len(res["user_lengths"])
     assert res["label"] == "SIMULATED" and res["encoders"]["hstu"]["fusion"]["4/dv365"]["chosen"] in (
         "prefix",
         "linear",
@@ -309,3 +358,35 @@ def test_dataset_path_without_uniti_data_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(NextItemError, match="no _dataset.json"):
         dataset_url(str(tmp_path), load_settings(default_config("movielens", True)), tmp_path, False)
+
+
+def test_grouped_negatives_score_the_shared_draw_per_position() -> None:
+    """``negatives_group`` G: positions 0..G-1 share the first draw, G..2G-1 the second... (the last group
+    padded); the loss equals the per-position formula on those ids, the positive is masked where drawn, and
+    over many draws the mean loss matches the per-position sampler's (same distribution per position)."""
+    torch.manual_seed(0)
+    items = torch.nn.functional.normalize(torch.randn(12, 6), dim=-1)
+    items[0] = 0.0
+    h = torch.nn.functional.normalize(torch.randn(11, 6), dim=-1)
+    targets = torch.randint(1, 12, (11,))
+    for group in (4, 16):
+        got = sampled_softmax_loss(items, h, targets, 9, 0.5, torch.Generator().manual_seed(3), group)
+        draw = torch.randint(1, 12, (-(-11 // group), 9), generator=torch.Generator().manual_seed(3))
+        neg = draw.repeat_interleave(group, dim=0)[:11]
+        logits = torch.cat([(h * items[targets]).sum(-1, keepdim=True), (items[neg] * h[:, None]).sum(-1)], 1)
+        logits[:, 1:] = logits[:, 1:].masked_fill(neg == targets[:, None], -5e4 * 0.5)
+        want = torch.nn.functional.cross_entropy(logits / 0.5, torch.zeros(11, dtype=torch.long), reduction="sum")
+        assert (neg == targets[:, None]).any()  # the mask is exercised
+        torch.testing.assert_close(got, want)
+    means = {
+        g: np.mean(
+            [
+                float(sampled_softmax_loss(items, h, targets, 9, 0.5, torch.Generator().manual_seed(s), g))
+                for s in range(300)
+            ]
+        )
+        for g in (1, 4)
+    }
+    assert abs(means[4] - means[1]) < 0.03 * means[1], means
+    with pytest.raises(NextItemError, match="negatives_group"):
+        load_settings("movielens-quick", {"train.negatives_group": 0})

@@ -207,7 +207,10 @@ def run_nextitem(
             arms[aname] = {
                 "test": runner.test_metrics(runs),
                 "val": {m: [r["val"][m] for r in runs] for m in runs[0]["val"]},
-                "runs": [{kk: v for kk, v in r.items() if kk != "ranks"} for r in runs],
+                "runs": [
+                    {**{kk: v for kk, v in r.items() if kk != "ranks"}, "test_ranks": np.asarray(r["ranks"]).tolist()}
+                    for r in runs
+                ],
                 "cost": serving_cost(model0, data, s.cost_users),
             }
         encoders[enc] = {
@@ -229,6 +232,7 @@ def run_nextitem(
         "max_len": s.sequence.max_len,
         "long_margin": s.long_margin,
         "facts": facts(seqs, s),
+        "user_lengths": seqs.lengths.tolist(),  # per test user, in the order of ``test_ranks`` (long subsets)
         "model": to_plain(s.model),
         "train": to_plain(s.train),
         "provider": {
@@ -282,6 +286,19 @@ def summary_line(res: dict[str, Any]) -> dict[str, Any]:
         out[key] = {
             "HR@10": {n: st["HR@10"]["mean"] for n, st in block["arms"]["all"].items()},
             "R_HR@10": {a: r["HR@10"]["mean"] for a, r in block["R"].get("all", {}).items()},
+            "R": {
+                a: {mt: {x: r[mt].get(x) for x in ("mean", "std", "n", "undefined_seeds")} for mt in r}
+                for a, r in block["R"].get("all", {}).items()
+            },
+            "deltas": {
+                a: {mt: {"mean": v["mean"], "std": v["std"], "users_95": _interval(v)} for mt, v in d.items()}
+                for a, d in block["deltas"].get("all", {}).items()
+            },
             "verdicts": block["verdicts"],
         }
     return out
+
+
+def _interval(d: dict[str, Any]) -> list[float] | None:
+    u = d.get("users")
+    return [u["low"], u["high"]] if u else None

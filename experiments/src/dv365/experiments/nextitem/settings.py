@@ -101,6 +101,11 @@ class Settings:
             raise NextItemError(f"train.full_epochs = {self.train.full_epochs}: must be >= 0 (0: train.epochs)")
         if self.train.epochs < 1 or self.train.val_every < 1 or self.train.batch_size < 1:
             raise NextItemError(f"train = {self.train}: epochs, val_every and batch_size must be >= 1")
+        if self.train.negatives_group < 1 or self.train.negatives < 1:
+            raise NextItemError(
+                f"train.negatives = {self.train.negatives}, train.negatives_group = {self.train.negatives_group}: "
+                "both must be >= 1 (negatives_group 1: every position draws its own negatives)"
+            )
 
 
 def default_config(dataset: str, quick: bool) -> Path:

@@ -2,7 +2,9 @@
 
 * Loss: sampled softmax, every valid position predicts its next item against ``negatives`` item ids drawn
   uniformly from the whole catalogue for that position (GR's ``local`` sampler; a negative equal to the
-  positive is masked, as GR does), L2-normalised vectors, dot product / temperature.
+  positive is masked, as GR does), L2-normalised vectors, dot product / temperature. With
+  ``negatives_group`` > 1, that many consecutive positions share one draw (same distribution per position,
+  ~13x less loss time on a CPU: :func:`sampled_softmax_loss`).
 * Optimiser: AdamW; early stopping / model selection on validation HR@10, evaluated every ``val_every``
   steps (and at the end); the best state is restored.
 * Evaluation: exhaustive ranking over every item (seen items included); rank = number of items scored
@@ -147,6 +149,7 @@ class FitSettings:
     patience: int = 0  # validations without improvement before stopping (0: never)
     eval_batch_size: int = 512
     loss_chunk: int = 4096  # positions per sampled-softmax chunk (memory only; same gradients)
+    negatives_group: int = 1  # positions sharing one draw of negatives (1: GR's per-position sampler)
 
 
 def sampled_softmax_loss(
@@ -156,18 +159,34 @@ def sampled_softmax_loss(
     negatives: int,
     temperature: float,
     gen: torch.Generator,
+    group: int = 1,
 ) -> torch.Tensor:
     """Sum over positions of the sampled-softmax loss.
 
     ``items [N+1, d]`` L2-normalised item table (row 0 = padding, never sampled), ``h [P, d]`` normalised user
     vectors, ``targets [P]``; ``negatives`` ids per position, uniform over 1..N; a negative equal to the
-    positive is masked out."""
-    neg = torch.randint(1, items.shape[0], (len(targets), negatives), generator=gen, device=items.device)  # [P, R]
+    positive is masked out.
+
+    ``group`` consecutive positions share one draw of ``negatives`` ids (1: every position its own, GR's
+    ``local`` sampler exactly). Each position still scores ``negatives`` ids drawn uniformly and independently
+    of its target, so its expected loss and gradient are the same; only the draws of neighbouring positions
+    are no longer independent. Sharing turns ``P`` matrix-vector products over a gathered ``[P, R, d]``
+    tensor (memory-bound: ~0.29 s per 4,096 positions on one CPU core) into ``P / group`` small matrix
+    products over ``[P / group, R, d]`` (16: ~0.02 s)."""
+    p, lo, hi = len(targets), 1, items.shape[0]
     pos_l = (h * F.embedding(targets, items)).sum(-1, keepdim=True)  # [P, 1]
-    neg_l = torch.bmm(F.embedding(neg, items), h[:, :, None])[:, :, 0]  # [P, R]
+    if group <= 1:
+        neg = torch.randint(lo, hi, (p, negatives), generator=gen, device=items.device)  # [P, R]
+        neg_l = torch.bmm(F.embedding(neg, items), h[:, :, None])[:, :, 0]  # [P, R]
+    else:
+        g = -(-p // group)
+        draw = torch.randint(lo, hi, (g, negatives), generator=gen, device=items.device)  # [G, R]
+        hp = F.pad(h, (0, 0, 0, g * group - p)).view(g, group, -1)  # [G, group, d]
+        neg_l = torch.bmm(hp, F.embedding(draw, items).transpose(1, 2)).reshape(g * group, negatives)[:p]
+        neg = draw.repeat_interleave(group, dim=0)[:p]  # [P, R]
     neg_l = neg_l.masked_fill(neg == targets[:, None], -5e4 * temperature)
     logits = torch.cat([pos_l, neg_l], dim=1) / temperature  # [P, 1 + R]
-    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=logits.device), reduction="sum")
+    return F.cross_entropy(logits, torch.zeros(p, dtype=torch.long, device=logits.device), reduction="sum")
 
 
 def train_step(
@@ -187,7 +206,8 @@ def train_step(
     for s in range(0, len(targets), fs.loss_chunk):
         items = model.item_vectors()  # [N+1, d], normalised once per chunk
         sl = slice(s, s + fs.loss_chunk)
-        loss = sampled_softmax_loss(items, hd[sl], targets[sl], fs.negatives, fs.temperature, gen) / n
+        loss = sampled_softmax_loss(items, hd[sl], targets[sl], fs.negatives, fs.temperature, gen, fs.negatives_group)
+        loss = loss / n
         loss.backward()
         total += float(loss.detach())
     if len(targets):
