@@ -247,12 +247,14 @@ def test_quick_and_full_configs_load() -> None:
     q = load_settings(default_config("movielens", True))
     f = load_settings(default_config("movielens", False))
     assert isinstance(q, Settings) and q.seeds == 3 and tuple(q.short) == (20,)
+    assert tuple(q.encoders) == ("sasrec", "hstu") and q.train.patience > 0  # both encoders, length on validation
     assert tuple(f.short) == (10, 20, 50) and f.train.epochs == 101 and f.train.negatives == 128
+    assert f.train.negatives_group == 1  # the published per-position sampler
     assert load_settings(default_config("synth", True)).dataset == "synth"
     # the medium run: the published model settings, both encoders, its length chosen on validation
     m = load_settings("movielens-medium")
     assert (m.model, m.train.negatives, m.train.lr) == (f.model, f.train.negatives, f.train.lr)
-    assert tuple(m.encoders) == ("sasrec", "hstu") and tuple(m.short) == (20,) and m.train.patience > 0
+    assert tuple(m.encoders) == ("sasrec", "hstu") and tuple(m.short) == (10, 20) and m.train.patience > 0
     assert m.seeds >= 3 and m.train.val_every > 0 and m.train.full_epochs >= m.train.epochs
 
 

@@ -83,7 +83,9 @@ def test_upstream_cli_writes_report_and_json_line(
     for variant in last["delta_ne_pct"].values():
         assert set(variant) == {"like", "long_view", "watch_time"}
         for v in variant.values():
-            assert set(v) == {"mean", "std"} and isinstance(v["mean"], float)
+            assert set(v) == {"mean", "std", "users_95"} and isinstance(v["mean"], float)
+            low, high = v["users_95"]  # the 95 % interval over the test users holds the seed-averaged delta
+            assert low <= v["mean"] + 1e-3 and v["mean"] - 1e-3 <= high
     assert {"all_variants_beat_baseline", "token_wise_beats_dim_wise"} <= set(last["checks"])
     md = out / "upstream-synth-quick.md"
     assert Path(last["report"]["markdown"]) == md and md.exists()
@@ -95,6 +97,8 @@ def test_upstream_cli_writes_report_and_json_line(
     assert f"at most 4 steps ({passes:.2f} passes over the training split;" in text
     assert len(full["runs"]) == 2 * 3  # (baseline + 2 variants) x 2 seeds
     assert full["facts"]["users"] == 12
+    assert all(len(r["test_users"]["ids"]) > 1 for r in full["runs"])  # per-user sums kept for the interval
+    assert "95 % interval of the seed-averaged delta when the test users are resampled" in text
     for r in full["runs"]:  # per-task validation metrics of the kept step; the criterion covers every task
         assert set(r["val"]) == {"like", "long_view", "watch_time"}
         nl = [r["val"]["like"]["ne"], r["val"]["long_view"]["ne"], r["val"]["watch_time"]["nmse"]]
@@ -287,3 +291,36 @@ def test_verdicts_count_only_deltas_beyond_noise() -> None:
     pair = ck["token_minus_dim_paired"]["mlp_t-mlp_d"]
     assert pair["mean"] < 0 and pair["noise"]
     assert ck["token_vs_dim"] == {"mlp_t<mlp_d": False} and not ck["token_wise_beats_dim_wise"]
+
+
+def test_verdicts_need_the_interval_over_users() -> None:
+    """Two seeds agree that the variant is better (seed rule: beyond noise), but the gain comes from 2 of 100
+    test users: the 95 % interval over users reaches above 0, so "beats the baseline" is no; the same gain
+    spread over every user is yes. The report's JSON rows keep the per-user sums."""
+    import numpy as np
+
+    from dv365.experiments.upstream import RunResult, checks, deltas
+    from dv365.train.metrics import GroupSums
+
+    rng = np.random.default_rng(0)
+    users = 100
+    count = np.full(users, 10.0)
+    label = rng.binomial(10, 0.3, users).astype(np.float64)[:, None]
+    base_loss = np.full((users, 1), 6.0) + rng.random((users, 1))
+
+    def run(kind: str, seed: int, loss: np.ndarray) -> RunResult:
+        gs = GroupSums(np.arange(users), count, loss, label, label, (True,))
+        ne = float(gs.metric(np.ones((1, users)))[0, 0])
+        m = {"like": {"ne": ne}}
+        return RunResult(kind, seed, 1, ne, m, m, 1.0, test_users=gs, test_returning_users=gs)
+
+    few = base_loss.copy()
+    few[:2] -= 5.0  # two users much better
+    spread = base_loss - 0.05  # every user a little better
+    for variant, expect in ((few, False), (spread, True)):
+        runs = [run("baseline", s, base_loss + 0.01 * s) for s in (0, 1)]
+        runs += [run("mlp_d", s, variant + 0.01 * s + 0.001 * s) for s in (0, 1)]
+        d = deltas(runs, "test")["mlp_d"]["like"]
+        assert d["mean"] < 0 and not d["noise"]  # the seed rule alone says "better"
+        assert (d["users"]["high"] < 0) is expect and d["users"]["groups"] == users
+        assert checks({"mlp_d": {"like": d}})["beats_baseline"]["mlp_d"] is expect

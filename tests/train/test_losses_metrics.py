@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from dv365.train.errors import TrainConfigError
 from dv365.train.losses import MultiTaskLoss, TaskSpec, bce
-from dv365.train.metrics import MultiTaskMeter, binary_entropy, normalized_entropy
+from dv365.train.metrics import (
+    GroupSums,
+    MultiTaskMeter,
+    binary_entropy,
+    bootstrap_delta_pct,
+    normalized_entropy,
+)
 
 
 def logit(p: float) -> float:
@@ -77,6 +84,60 @@ def test_meter_streams_batches_and_uses_the_evaluated_base_rate() -> None:
     assert res["watch_time"]["label_var"] == pytest.approx(y.var(unbiased=False).item(), rel=1e-9)
     assert res["watch_time"]["nmse"] == pytest.approx(expect_mse / y.var(unbiased=False).item(), rel=1e-9)
     assert meter.mean_normalized_loss() == pytest.approx((res["like"]["ne"] + res["watch_time"]["nmse"]) / 2)
+
+
+def test_group_sums_recompute_the_metrics_under_any_user_weights() -> None:
+    """Per-user sums: weights of ones give compute()'s NE / MSE; weights (2, 0, 1) give the metrics of the rows
+    of user 7 twice and user 9 once; the bootstrap interval of a clearly better model is below 0 and a model
+    equal to the baseline gets an interval around 0."""
+    tasks = [TaskSpec("label_like"), TaskSpec("label_watch_time", "regression", transform="log1p")]
+    torch.manual_seed(0)
+    out = torch.randn(12, 2)
+    labels = torch.stack([(torch.rand(12) < 0.4).float(), torch.rand(12) * 60], dim=1)
+    labels[:2, 0] = torch.tensor([1.0, 0.0])
+    users = np.array([7, 8, 9, 7, 8, 9, 7, 8, 9, 7, 8, 9])
+    meter = MultiTaskMeter(tasks)
+    meter.update(out[:5], labels[:5], users[:5])
+    meter.update(out[5:], labels[5:], users[5:])
+    res, gs = meter.compute(), meter.group_sums()
+    assert gs is not None and list(gs.ids) == [7, 8, 9] and list(gs.count) == [4, 4, 4]
+    plain = gs.metric(np.ones((1, 3)))[0]
+    assert plain[0] == pytest.approx(res["like"]["ne"], rel=1e-9)
+    assert plain[1] == pytest.approx(res["watch_time"]["mse"], rel=1e-9)
+    keep = np.isin(users, [7, 9])
+    rows = np.concatenate([np.flatnonzero(users == 7)] * 2 + [np.flatnonzero(users == 9)])
+    ref = MultiTaskMeter(tasks)
+    ref.update(out[rows], labels[rows])
+    want = ref.compute()
+    got = gs.metric(np.array([[2.0, 0.0, 1.0]]))[0]
+    assert keep.sum() == 8 and got[0] == pytest.approx(want["like"]["ne"], rel=1e-9)
+    assert got[1] == pytest.approx(want["watch_time"]["mse"], rel=1e-9)
+    assert MultiTaskMeter(tasks).group_sums() is None
+    with pytest.raises(ValueError, match="groups"):
+        meter.update(out[:2], labels[:2], users[:3])
+
+    rng = np.random.default_rng(0)
+    n = 400
+    u = np.repeat(np.arange(100), 4)
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    base_logit = torch.zeros(n, 1) + math.log(0.3 / 0.7)
+    good_logit = torch.from_numpy(np.where(y > 0, 1.0, -2.0).astype(np.float32))[:, None]
+
+    def sums(logits: torch.Tensor) -> GroupSums:
+        m = MultiTaskMeter([TaskSpec("label_like")])
+        m.update(logits, torch.from_numpy(y)[:, None], u)
+        gs = m.group_sums()
+        assert gs is not None
+        return gs
+
+    better = bootstrap_delta_pct([sums(good_logit)] * 2, [sums(base_logit)] * 2, resamples=500)
+    assert better[0]["high"] < 0 and better[0]["groups"] == 100
+    same = bootstrap_delta_pct([sums(base_logit)], [sums(base_logit)], resamples=200)
+    assert same[0]["low"] == pytest.approx(0.0, abs=1e-9) and same[0]["high"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="different users"):
+        other = sums(base_logit)
+        other.ids = other.ids + 1
+        bootstrap_delta_pct([sums(base_logit)], [other])
 
 
 def test_normalized_loss_is_one_for_the_mean_predictor() -> None:

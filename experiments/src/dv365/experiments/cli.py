@@ -227,9 +227,9 @@ R = (short-K+dv365 - short-K) / (full - short-K), verdicts counted beyond noise 
 
 Data sets: movielens = REAL MovieLens ml-latest-small ratings; synth = SIMULATED (dv365 synth); or the PATH of
 any UniTi folder (e.g. MovieLens-1M: `dv365 import movielens <ml-1m folder> --out <folder>`, docs/nextitem.md).
-Configs (--config NAME): movielens-quick (= --quick: SASRec, short training, a pipeline check),
-movielens-medium (SASRec + HSTU, K = 20, 3 seeds, training length chosen on validation; about an hour on one
-CPU core), movielens (the published settings: 101 epochs, K = 10 / 20 / 50; a GPU job), synth.
+Configs (--config NAME): movielens-quick (= --quick: SASRec + HSTU, K = 20, 3 seeds, training length chosen on
+validation; <= 15 min on 2 CPU cores), movielens-medium (the same with K = 10 / 20 and a longer patience; ~20 min),
+movielens (the published settings: 101 epochs, K = 10 / 20 / 50, 3 fusion modes; a GPU job), synth.
 Output: <out>/nextitem-<dataset>[-quick][-<profile>].md / .png / .json (profile: the rest of a shipped config's
 name, e.g. nextitem-movielens-medium); the last stdout line is a JSON summary."""
 

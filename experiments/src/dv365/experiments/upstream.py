@@ -62,7 +62,14 @@ from dv365.train.data import NUM_DENSE, Batch, ExampleSource, dense_features, he
 from dv365.train.errors import TrainConfigError
 from dv365.train.fsa import canonical_kind
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter, mean_ne, mean_normalized_loss, seed_stats
+from dv365.train.metrics import (
+    GroupSums,
+    MultiTaskMeter,
+    bootstrap_delta_pct,
+    mean_ne,
+    mean_normalized_loss,
+    seed_stats,
+)
 from dv365.train.model import BASELINE, build_model
 from dv365.train.trainer import build_optimizers, optimizer_step, seed_everything
 
@@ -444,16 +451,33 @@ class RunResult:
     seconds: float
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     val: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task metrics of the kept step on validation
+    test_users: GroupSums | None = None  # per-user sums of the test evaluation (the bootstrap over users)
+    test_returning_users: GroupSums | None = None
 
 
 def _evaluate(
-    forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch], tasks: Sequence[TaskSpec]
+    forward: Callable[[Batch], torch.Tensor],
+    batches: Iterator[Batch],
+    tasks: Sequence[TaskSpec],
+    users: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
+    return _evaluate_by_user(forward, batches, tasks, users)[0]
+
+
+def _evaluate_by_user(
+    forward: Callable[[Batch], torch.Tensor],
+    batches: Iterator[Batch],
+    tasks: Sequence[TaskSpec],
+    users: np.ndarray | None,
+) -> tuple[dict[str, dict[str, Any]], GroupSums | None]:
+    """Per-task metrics and, with ``users`` (the user id of every example row), their per-user sums."""
     meter = MultiTaskMeter(tasks)
     with torch.no_grad():
         for b in batches:
-            meter.update(forward(b), b.labels)
-    return meter.compute()
+            rows = getattr(b, "rows", None)
+            groups = users[rows.cpu().numpy()] if users is not None and rows is not None else None
+            meter.update(forward(b), b.labels, groups)
+    return meter.compute(), meter.group_sums()
 
 
 # early-stopping criteria (lower is better): UpstreamSettings.select_by
@@ -634,13 +658,18 @@ def train_one(
     fit = _Fit(cfg, net, forward, view, tasks, device, settings.select_by)
     best_step, best_ne, curve = fit.run(steps, splits.val, settings.val_every, progress, f"{kind} s{seed}")
     val = _evaluate(forward, _batches(view, splits.val, bs_eval, device), tasks)
-    test = _evaluate(forward, _batches(view, splits.test, bs_eval, device), tasks)
+    users = ex.requests.user_id
+    test, test_users = _evaluate_by_user(forward, _batches(view, splits.test, bs_eval, device), tasks, users)
     ret = splits.test_returning
+    ret_users: GroupSums | None = None
     if len(ret) == len(splits.test):  # every test request has a history (synth): the same rows, same numbers
-        test_ret = copy.deepcopy(test)
+        test_ret, ret_users = copy.deepcopy(test), test_users
+    elif len(ret):
+        test_ret, ret_users = _evaluate_by_user(forward, _batches(view, ret, bs_eval, device), tasks, users)
     else:
-        test_ret = _evaluate(forward, _batches(view, ret, bs_eval, device), tasks) if len(ret) else {}
-    return RunResult(kind, seed, best_step, best_ne, test, test_ret, time.perf_counter() - t0, curve, val)
+        test_ret = {}
+    seconds = time.perf_counter() - t0
+    return RunResult(kind, seed, best_step, best_ne, test, test_ret, seconds, curve, val, test_users, ret_users)
 
 
 def _head_bias(ex: SlicedExamples, rows: np.ndarray, tasks: Sequence[TaskSpec]) -> list[float]:
@@ -656,18 +685,25 @@ def metric_of(metrics: Mapping[str, Any]) -> tuple[str, float]:
 
 
 def deltas(results: Sequence[RunResult], subset: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{variant: {task: {mean, std, n, values, noise}}}``: NE (MSE) delta % vs the baseline of the same seed.
+    """``{variant: {task: {mean, std, n, values, noise[, users]}}}``: NE (MSE) delta % vs the baseline of the
+    same seed.
 
     ``noise`` is true when ``|mean| < 2 std / sqrt(n)`` (the paired seed-wise deltas do not separate from 0).
+    ``users`` (where every run kept its per-user sums): the 95 % bootstrap interval of the seed-averaged delta
+    when the test users are resampled (:func:`dv365.train.metrics.bootstrap_delta_pct`): every seed is scored
+    on the same users, so the seed rule alone cannot see how much another draw of users would move it.
     """
-    base = {r.seed: getattr(r, subset) for r in results if r.kind == BASELINE}
+    base_runs = {r.seed: r for r in results if r.kind == BASELINE}
+    base = {s: getattr(r, subset) for s, r in base_runs.items()}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for kind in dict.fromkeys(r.kind for r in results if r.kind != BASELINE):
         per_task: dict[str, list[float]] = {}
+        paired: list[tuple[RunResult, RunResult]] = []
         for r in results:
             m = getattr(r, subset)
             if r.kind != kind or r.seed not in base or not m:
                 continue
+            paired.append((r, base_runs[r.seed]))
             for task, v in m.items():
                 _, x = metric_of(v)
                 _, b = metric_of(base[r.seed][task])
@@ -676,7 +712,20 @@ def deltas(results: Sequence[RunResult], subset: str) -> dict[str, dict[str, dic
         out[kind] = {}
         for task, vals in per_task.items():
             out[kind][task] = seed_stats(vals)
+        sums = [(getattr(v, f"{subset}_users"), getattr(b, f"{subset}_users")) for v, b in paired]
+        if sums and all(a is not None and b is not None for a, b in sums):
+            intervals = bootstrap_delta_pct([a for a, _ in sums], [b for _, b in sums])  # type: ignore[misc]
+            names = list(getattr(paired[0][0], subset))
+            for task, iv in zip(names, intervals, strict=True):
+                if task in out[kind]:
+                    out[kind][task]["users"] = iv
     return out
+
+
+def better(v: Mapping[str, Any]) -> bool:
+    """A delta below 0 beyond noise: by the seed rule and, where computed, with its interval over users below 0."""
+    users = v.get("users")
+    return v.get("mean") is not None and v["mean"] < 0 and not v["noise"] and (users is None or users["high"] < 0)
 
 
 def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -687,10 +736,7 @@ def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
       is negative and beyond noise (MLP_t vs MLP_d, T-L_t vs T-L_d, for the pairs that were run with the
       same seeds); ``mean_delta_pct`` gives the means for reading, not for the verdicts.
     """
-    beat = {
-        k: all(v["mean"] is not None and v["mean"] < 0 and not v["noise"] for v in tasks.values())
-        for k, tasks in d.items()
-    }
+    beat = {k: all(better(v) for v in tasks.values()) for k, tasks in d.items()}
     avg = {k: float(np.mean([v["mean"] for v in tasks.values()])) for k, tasks in d.items() if tasks}
 
     def per_seed(k: str) -> np.ndarray:  # mean delta over tasks of each seed (same seed order in every variant)
@@ -744,19 +790,26 @@ class UpstreamReport:
             "simulated": self.simulated,
             "seeds": sorted({r.seed for r in self.results}),
             "protocol": self.settings.protocol,
-            "delta_ne_pct": {
-                k: {t: {"mean": v["mean"], "std": v["std"]} for t, v in tasks.items()} for k, tasks in all_d.items()
-            },
+            "delta_ne_pct": _summary_deltas(all_d),
             "checks": checks(all_d),
         }
         if self.facts.get("test_empty_history_share", 0) > 0:
             ret = deltas(self.results, "test_returning")
-            out["delta_ne_pct_returning"] = {
-                k: {t: {"mean": v["mean"], "std": v["std"]} for t, v in tasks.items()} for k, tasks in ret.items()
-            }
+            out["delta_ne_pct_returning"] = _summary_deltas(ret)
             out["checks_returning"] = checks(ret)
         out["seconds"] = round(self.seconds, 1)
         return out
+
+
+def _summary_deltas(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    return {
+        k: {
+            t: {"mean": v["mean"], "std": v["std"]}
+            | ({"users_95": [v["users"]["low"], v["users"]["high"]]} if "users" in v else {})
+            for t, v in tasks.items()
+        }
+        for k, tasks in d.items()
+    }
 
 
 def data_facts(ex: SlicedExamples, splits: Splits) -> dict[str, Any]:
@@ -920,7 +973,11 @@ def run_upstream(
 def _fmt(v: Mapping[str, Any]) -> str:
     std = v.get("std")
     s = f"{v['mean']:+.2f}" + (f" ± {std:.2f}" if std is not None else "")
-    return f"{s} ~" if v.get("noise") else f"**{s}**" if v["mean"] < 0 else s
+    u = v.get("users")
+    if u is not None:
+        s += f" [{u['low']:+.2f}, {u['high']:+.2f}]"
+    within = v.get("noise") or (u is not None and not (u["high"] < 0 or u["low"] > 0))
+    return f"{s} ~" if within else f"**{s}**" if v["mean"] < 0 else s
 
 
 def _table(d: Mapping[str, Mapping[str, Mapping[str, Any]]], tasks: Sequence[TaskSpec], variants: Sequence[str]) -> str:
@@ -1025,9 +1082,11 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
         "Paper Table 2 on this data: NE delta % of each user tower variant (Table 1) against the baseline "
         "without DV365 timelines, per task (MSE delta % for regression tasks), mean ± std over "
         f"{len(seeds)} seed(s) {seeds}, each variant compared with the baseline of the same seed. "
-        "Negative = better. **Bold**: better than the baseline beyond noise; `~`: within noise "
-        "(|mean| < 2·std/√n over the seeds, or a single seed); a plain positive value is worse than the "
-        "baseline beyond noise.\n"
+        "Negative = better. [low, high]: the 95 % interval of the seed-averaged delta when the test users are "
+        "resampled (2,000 bootstrap draws; every seed scores the same users, so the seed spread alone cannot "
+        "show how much another draw of users would move it). **Bold**: better than the baseline beyond noise, "
+        "i.e. |mean| > 2·std/√n over the seeds and the interval below 0; `~`: within noise (either check fails, "
+        "or a single seed); a plain positive value is worse than the baseline beyond noise.\n"
     )
     L.append("## Results: all test requests\n")
     L.append(_table(deltas(rep.results, "test"), tasks, variants) + "\n")
@@ -1133,6 +1192,12 @@ def write_report(rep: UpstreamReport, out_dir: str | Path) -> dict[str, str]:
                 "seconds": round(x.seconds, 1),
                 "val_curve": x.val_curve,
                 "val": x.val,
+                **({"test_users": x.test_users.to_json()} if x.test_users is not None else {}),
+                **(
+                    {"test_returning_users": x.test_returning_users.to_json()}
+                    if x.test_returning_users is not None and x.test_returning_users is not x.test_users
+                    else {}
+                ),
             }
             for x in rep.results
         ],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,8 +61,11 @@ class MultiTaskMeter:
         self.label_sum = torch.zeros(K, dtype=torch.float64)  # sum of (transformed) labels
         self.label_sq_sum = torch.zeros(K, dtype=torch.float64)  # sum of squared (transformed) labels
         self.count = 0
+        self._groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (group, loss, label) per grouped update
 
-    def update(self, outputs: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, outputs: torch.Tensor, labels: torch.Tensor, groups: np.ndarray | None = None) -> None:
+        """Adds a batch; with ``groups`` (``[B]``, e.g. the user of each example) the per-example sums are also
+        kept per group for :meth:`group_sums`."""
         out, lab = outputs.detach().double().cpu(), labels.detach().double().cpu()
         y = self._loss.targets(lab)  # [B, K]
         per_ex = torch.where(
@@ -71,6 +75,30 @@ class MultiTaskMeter:
         self.label_sum += y.sum(0)
         self.label_sq_sum += y.pow(2).sum(0)
         self.count += out.shape[0]
+        if groups is not None:
+            g = np.asarray(groups).reshape(-1)
+            if len(g) != out.shape[0]:
+                raise ValueError(f"groups: {len(g)} values for a batch of {out.shape[0]} examples")
+            self._groups.append((g, per_ex.numpy(), y.numpy()))
+
+    def group_sums(self) -> GroupSums | None:
+        """The per-group sums of every grouped :meth:`update` (None if no update had groups)."""
+        if not self._groups:
+            return None
+        g = np.concatenate([x[0] for x in self._groups])
+        loss = np.concatenate([x[1] for x in self._groups])
+        y = np.concatenate([x[2] for x in self._groups])
+        ids, inv = np.unique(g, return_inverse=True)
+        out = GroupSums(
+            ids,
+            np.bincount(inv, minlength=len(ids)).astype(np.float64),
+            *(
+                np.stack([np.bincount(inv, weights=a[:, k], minlength=len(ids)) for k in range(a.shape[1])], 1)
+                for a in (loss, y, y * y)
+            ),
+            tuple(t.kind == "binary" for t in self.tasks),
+        )
+        return out
 
     def compute(self) -> dict[str, dict[str, Any]]:
         res: dict[str, dict[str, Any]] = {}
@@ -105,6 +133,80 @@ class MultiTaskMeter:
     def mean_normalized_loss(self) -> float:
         """:func:`mean_normalized_loss` of :meth:`compute`."""
         return mean_normalized_loss(self.compute())
+
+
+@dataclass
+class GroupSums:
+    """Per-group sufficient statistics of one evaluation (:meth:`MultiTaskMeter.group_sums`): enough to recompute
+    each task's NE (binary) or MSE (regression) over any reweighting of the groups, e.g. a bootstrap over users.
+
+    ``ids [G]``, ``count [G]``; ``loss``, ``label``, ``label_sq`` ``[G, K]`` sums of the per-example BCE /
+    squared error, of the (transformed) label and of its square; ``binary [K]``.
+    """
+
+    ids: np.ndarray
+    count: np.ndarray
+    loss: np.ndarray
+    label: np.ndarray
+    label_sq: np.ndarray
+    binary: tuple[bool, ...]
+
+    def metric(self, weights: np.ndarray) -> np.ndarray:
+        """``[R, K]`` NE (binary tasks) / MSE (regression) under ``weights [R, G]`` (each row: how many times each
+        group is counted; a row of ones gives the plain metric). NaN where a binary task's base rate is 0 or 1."""
+        w = np.asarray(weights, np.float64)
+        n = np.maximum(w @ self.count, 1e-12)[:, None]
+        mean_loss = (w @ self.loss) / n
+        p = np.clip((w @ self.label) / n, 0.0, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = -(np.where(p > 0, p * np.log(p), 0.0) + np.where(p < 1, (1 - p) * np.log(1 - p), 0.0))
+            ne = np.where(h > 0, mean_loss / h, np.nan)
+        return np.where(np.asarray(self.binary)[None, :], ne, mean_loss)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ids": self.ids.tolist(),
+            "count": self.count.tolist(),
+            "loss": self.loss.tolist(),
+            "label": self.label.tolist(),
+            "label_sq": self.label_sq.tolist(),
+            "binary": list(self.binary),
+        }
+
+
+def bootstrap_delta_pct(
+    variant: Sequence[GroupSums],
+    baseline: Sequence[GroupSums],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[dict[str, Any]]:
+    """Per task: the ``level`` interval of the seed-averaged NE (MSE) delta % of ``variant`` vs ``baseline`` when
+    the groups (users) are resampled with replacement. ``variant[i]`` and ``baseline[i]`` are the same seed's
+    runs on the same evaluation rows; every resample draws one set of users and applies it to every seed.
+
+    Returns ``[{"low", "high", "groups"}]`` per task (NaN bounds where a resample leaves a task undefined)."""
+    if not variant or len(variant) != len(baseline):
+        raise ValueError(f"bootstrap_delta_pct: {len(variant)} variant runs for {len(baseline)} baseline runs")
+    ids = variant[0].ids
+    for gs in (*variant, *baseline):
+        if not np.array_equal(gs.ids, ids):
+            raise ValueError("bootstrap_delta_pct: the runs were evaluated on different users")
+    rng = np.random.default_rng(seed)
+    g = len(ids)
+    deltas = []
+    for s in range(0, resamples, 500):  # bounded memory: 500 x G weights at a time
+        r = min(500, resamples - s)
+        w = rng.multinomial(g, np.full(g, 1.0 / g), size=r).astype(np.float64)
+        per_seed = [100.0 * (v.metric(w) / b.metric(w) - 1.0) for v, b in zip(variant, baseline, strict=True)]
+        deltas.append(np.mean(per_seed, axis=0))  # [r, K]
+    d = np.concatenate(deltas)
+    out = []
+    for k in range(d.shape[1]):
+        col = d[:, k][np.isfinite(d[:, k])]
+        lo, hi = np.quantile(col, [(1 - level) / 2, (1 + level) / 2]) if len(col) else (math.nan, math.nan)
+        out.append({"low": round(float(lo), 4), "high": round(float(hi), 4), "groups": int(g)})
+    return out
 
 
 def mean_ne(metrics: Mapping[str, Mapping[str, Any]]) -> float:
