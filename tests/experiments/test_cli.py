@@ -71,7 +71,9 @@ def test_all_summary_structure(run_all: tuple[dict, Path]) -> None:
     rk = e["ranking"]["delta_ne_pct"]
     assert set(rk) == {"no_projection", "linear", "hstu_prefix"}
     for v in rk["linear"].values():
-        assert set(v) == {"mean", "std", "noise"} and v["std"] is not None  # 2 seeds -> a std
+        assert set(v) == {"mean", "std", "noise", "users_95"} and v["std"] is not None  # 2 seeds -> a std
+        low, high = v["users_95"]  # the 95 % interval over the test users (bootstrap of the seed-averaged delta)
+        assert low <= high and (v["noise"] or high < 0 or low > 0)  # "beyond noise" needs it on one side of 0
     rt = e["retrieval"]["delta_hr_pct"]
     assert set(rt) == {"linear", "gatenet"} and "next_item@1" in rt["gatenet"] and "like@10" in rt["gatenet"]
     st = e["staleness"]
@@ -89,9 +91,12 @@ def test_reports_written(run_all: tuple[dict, Path]) -> None:
         assert (out / f"{exp}-synth-quick.png").exists()
         assert json.loads((out / f"{exp}-synth-quick.json").read_text())
     assert (out / "all-quick.md").exists()
-    assert re.search(
-        r"at most 4 steps \(\d+\.\d\d passes over the training split\)", (out / "ranking-synth-quick.md").read_text()
-    )
+    ranking = (out / "ranking-synth-quick.md").read_text()
+    assert re.search(r"at most 4 steps \(\d+\.\d\d passes over the training split\)", ranking)
+    assert "interval of the seed-averaged delta when the test users are resampled" in ranking
+    assert re.search(r"\[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", ranking)  # intervals in the tables
+    runs = json.loads((out / "ranking-synth-quick.json").read_text())["runs"]
+    assert all(r["test_users"] and len(r["test_users"]["ids"]) > 1 for r in runs)
 
 
 def test_bad_setting_exits_1(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -131,9 +132,12 @@ def test_group_sums_recompute_the_metrics_under_any_user_weights() -> None:
         return gs
 
     better = bootstrap_delta_pct([sums(good_logit)] * 2, [sums(base_logit)] * 2, resamples=500)
-    assert better[0]["high"] < 0 and better[0]["groups"] == 100
-    same = bootstrap_delta_pct([sums(base_logit)], [sums(base_logit)], resamples=200)
-    assert same[0]["low"] == pytest.approx(0.0, abs=1e-9) and same[0]["high"] == pytest.approx(0.0, abs=1e-9)
+    assert better["tasks"][0]["high"] < 0 and better["tasks"][0]["groups"] == 100
+    assert better["mean"] == better["tasks"][0]  # one task: the mean over tasks is that task
+    same = bootstrap_delta_pct([sums(base_logit)], [sums(base_logit)], resamples=200)["tasks"][0]
+    assert same["low"] == pytest.approx(0.0, abs=1e-9) and same["high"] == pytest.approx(0.0, abs=1e-9)
+    back = GroupSums.from_json(json.loads(json.dumps(sums(good_logit).to_json())))
+    assert np.array_equal(back.metric(np.ones((1, 100))), sums(good_logit).metric(np.ones((1, 100))))
     with pytest.raises(ValueError, match="different users"):
         other = sums(base_logit)
         other.ids = other.ids + 1

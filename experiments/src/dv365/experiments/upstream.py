@@ -714,7 +714,7 @@ def deltas(results: Sequence[RunResult], subset: str) -> dict[str, dict[str, dic
             out[kind][task] = seed_stats(vals)
         sums = [(getattr(v, f"{subset}_users"), getattr(b, f"{subset}_users")) for v, b in paired]
         if sums and all(a is not None and b is not None for a, b in sums):
-            intervals = bootstrap_delta_pct([a for a, _ in sums], [b for _, b in sums])  # type: ignore[misc]
+            intervals = bootstrap_delta_pct([a for a, _ in sums], [b for _, b in sums])["tasks"]  # type: ignore[misc]
             names = list(getattr(paired[0][0], subset))
             for task, iv in zip(names, intervals, strict=True):
                 if task in out[kind]:

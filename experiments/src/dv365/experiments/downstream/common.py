@@ -14,7 +14,7 @@ from dv365.experiments.downstream.context import Context
 from dv365.experiments.downstream.hstu import HSTUConfig
 from dv365.experiments.downstream.models import DownstreamConfig, DownstreamRanker, head_bias
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import MultiTaskMeter, mean_normalized_loss, seed_stats
+from dv365.train.metrics import GroupSums, MultiTaskMeter, bootstrap_delta_pct, mean_normalized_loss, seed_stats
 
 SIM_BANNER = (
     "> **SIMULATED data.** Users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
@@ -112,11 +112,20 @@ def predict_ranker(model: torch.nn.Module, ctx: Context, rows: np.ndarray, sched
 def ranker_metrics(
     ctx: Context, rows: np.ndarray, outputs: torch.Tensor, tasks: Sequence[TaskSpec]
 ) -> dict[str, dict[str, Any]]:
+    return ranker_metrics_by_user(ctx, rows, outputs, tasks, by_user=False)[0]
+
+
+def ranker_metrics_by_user(
+    ctx: Context, rows: np.ndarray, outputs: torch.Tensor, tasks: Sequence[TaskSpec], by_user: bool = True
+) -> tuple[dict[str, dict[str, Any]], GroupSums | None]:
+    """Per-task metrics of ``rows`` and (``by_user``) their per-user sums (:class:`GroupSums`): what the bootstrap
+    interval over test users recomputes the metrics from."""
     if not len(rows):
-        return {}
+        return {}, None
     meter = MultiTaskMeter(tasks)
-    meter.update(outputs, torch.from_numpy(np.ascontiguousarray(ctx.req.labels[rows])))
-    return meter.compute()
+    groups = ctx.req.user_id[rows] if by_user else None
+    meter.update(outputs, torch.from_numpy(np.ascontiguousarray(ctx.req.labels[rows])), groups)
+    return meter.compute(), meter.group_sums()
 
 
 def evaluate_ranker(
@@ -153,11 +162,20 @@ class RankerFit:
 
     def evaluate_subsets(self, rows: np.ndarray, subsets: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
         """Metrics on ``rows`` (key ``all``) and on each boolean mask over ``rows``, from one forward pass."""
+        return self.evaluate_subsets_by_user(rows, subsets, by_user=False)[0]
+
+    def evaluate_subsets_by_user(
+        self, rows: np.ndarray, subsets: Mapping[str, np.ndarray], by_user: bool = True
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, GroupSums | None]]:
+        """:meth:`evaluate_subsets` and, per subset, the per-user sums of the evaluation."""
         out = predict_ranker(self.model, self.ctx, rows, self.schedule)
-        res = {"all": ranker_metrics(self.ctx, rows, out, self.ctx.tasks)}
+        res, sums = {}, {}
+        res["all"], sums["all"] = ranker_metrics_by_user(self.ctx, rows, out, self.ctx.tasks, by_user)
         for name, m in subsets.items():
-            res[name] = ranker_metrics(self.ctx, rows[m], out[torch.from_numpy(m)], self.ctx.tasks)
-        return res
+            res[name], sums[name] = ranker_metrics_by_user(
+                self.ctx, rows[m], out[torch.from_numpy(m)], self.ctx.tasks, by_user
+            )
+        return res, sums
 
     def fit(
         self, train_rows: np.ndarray, val_rows: np.ndarray, steps: int, val_every: int
@@ -184,15 +202,50 @@ paired_stats = seed_stats  # mean, std, noise over seed-paired deltas (dv365.tra
 
 
 def fmt_stat(v: Mapping[str, Any], unit: str = "") -> str:
+    """``mean ± std`` over seeds, ``[low, high]`` over test users where computed (``users``), and ``~`` (within
+    noise) or bold (:func:`beyond_noise`)."""
     if v.get("mean") is None:  # retrieval: too few control hits for a relative delta (h = the fewest of a seed)
         return f"n/a ({v['min_control_hits']})" if "min_control_hits" in v else "n/a"
     s = f"{v['mean']:+.3f}{unit}" + (f" ± {v['std']:.3f}" if v.get("std") is not None else "")
-    return f"{s} ~" if v.get("noise") else f"**{s}**"
+    u = v.get("users")
+    if u is not None:
+        s += f" [{u['low']:+.2f}, {u['high']:+.2f}]"
+    return f"**{s}**" if beyond_noise(v) else f"{s} ~"
+
+
+def beyond_noise(v: Mapping[str, Any]) -> bool:
+    """A seed-paired delta beyond noise: |mean| > 2·std/√n and, where the interval over test users was computed
+    (``users``), that interval on the same side of 0."""
+    if v.get("mean") is None or v.get("noise", True):
+        return False
+    u = v.get("users")
+    return u is None or u["high"] < 0 or u["low"] > 0
+
+
+def user_intervals(
+    runs: Sequence[Mapping[str, Any]], subset: str, kind: str, baseline: str, tasks: Sequence[str]
+) -> dict[str, dict[str, Any]] | None:
+    """The 95 % intervals over test users of ``kind``'s delta % vs ``baseline`` (same seeds), per task and for
+    ``_mean_over_tasks``, from the runs' ``<subset>_users`` sums; None where a run did not keep them."""
+    key = f"{subset}_users"
+    base = {r["seed"]: r for r in runs if r["kind"] == baseline}
+    pairs = [(r, base[r["seed"]]) for r in runs if r["kind"] == kind and r["seed"] in base]
+    if not pairs or any(not a.get(key) or not b.get(key) for a, b in pairs):
+        return None
+    iv = bootstrap_delta_pct(
+        [GroupSums.from_json(a[key]) for a, _ in pairs], [GroupSums.from_json(b[key]) for _, b in pairs]
+    )
+    return {**dict(zip(tasks, iv["tasks"], strict=True)), "_mean_over_tasks": iv["mean"]}
 
 
 NOISE_NOTE = (
     "Mean ± std over seeds of the seed-paired deltas; **bold** = beyond noise, `~` = within noise "
     "(|mean| ≤ 2·std/√n, or a single seed)."
+)
+USERS_NOTE = (
+    "[low, high] = the 95 % interval of the seed-averaged delta when the test users are resampled (2,000 "
+    "bootstrap draws; every seed scores the same users, so the spread over seeds cannot show how much another "
+    "draw of users would move it); beyond noise needs both |mean| > 2·std/√n and this interval on one side of 0."
 )
 
 

@@ -19,14 +19,17 @@ import numpy as np
 
 from dv365.experiments.downstream.common import (
     NOISE_NOTE,
+    USERS_NOTE,
     RankerFit,
     banner,
+    beyond_noise,
     data_lines,
     finish_report,
     fmt_stat,
     paired_stats,
     plot_bars,
     report_paths,
+    user_intervals,
 )
 from dv365.experiments.downstream.context import Context
 from dv365.train.metrics import mean_ne
@@ -55,7 +58,7 @@ def run_ranking(ctx: Context, seeds: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             fit = RankerFit(ctx, "none" if kind == BASELINE else kind, seed, rows["train"])
             best_step, best_val, curve = fit.fit(rows["train"], val, d.steps, d.val_every)
-            ev = fit.evaluate_subsets(test_rows, {"returning": is_ret})  # one forward pass for both
+            ev, sums = fit.evaluate_subsets_by_user(test_rows, {"returning": is_ret})  # one forward pass for both
             test, test_ret = ev["all"], ev["returning"]
             runs.append(
                 {
@@ -67,6 +70,8 @@ def run_ranking(ctx: Context, seeds: int) -> dict[str, Any]:
                     "test_returning": test_ret,
                     "seconds": round(time.perf_counter() - t0, 1),
                     "val_curve": curve,
+                    "test_users": sums["all"].to_json() if sums["all"] is not None else None,
+                    "test_returning_users": sums["returning"].to_json() if sums["returning"] is not None else None,
                 }
             )
             logger.info(
@@ -91,6 +96,11 @@ def deltas(runs: list[dict[str, Any]], subset: str) -> dict[str, dict[str, dict[
         out[kind] = {t: paired_stats(v) for t, v in per.items()}
         avg = [float(np.mean([per[t][i] for t in per])) for i in range(min((len(v) for v in per.values()), default=0))]
         out[kind]["_mean_over_tasks"] = paired_stats(avg)
+        first = next((r[subset] for r in runs if r["kind"] == kind and r[subset]), {})
+        iv = user_intervals(runs, subset, kind, BASELINE, list(first))
+        for t, u in (iv or {}).items():
+            if t in out[kind] and out[kind][t].get("mean") is not None:
+                out[kind][t]["users"] = u
     return out
 
 
@@ -101,7 +111,7 @@ def summarize(ctx: Context, runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["delta_ne_pct_returning"] = deltas(runs, "test_returning")
     # a verdict counts only deltas beyond noise: a negative mean within noise is not a gain
     out["all_negative"] = {
-        k: all((v["mean"] or 0) < 0 and not v["noise"] for t, v in ts.items() if t != "_mean_over_tasks")
+        k: all((v["mean"] or 0) < 0 and beyond_noise(v) for t, v in ts.items() if t != "_mean_over_tasks")
         for k, ts in d_all.items()
     }
     return out
@@ -112,7 +122,11 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
 
     def c(d: dict[str, Any]) -> dict[str, Any]:
         return {
-            k: {t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]} for t, v in ts.items()}
+            k: {
+                t: {"mean": v["mean"], "std": v["std"], "noise": not beyond_noise(v)}
+                | ({"users_95": [v["users"]["low"], v["users"]["high"]]} if "users" in v else {})
+                for t, v in ts.items()
+            }
             for k, ts in d.items()
         }
 
@@ -157,7 +171,11 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
         "with the target item, trained **with and without DV365** embeddings: `no_projection` (the de-quantized "
         f"rows themselves, {_RAW[ctx.settings.downstream.no_projection]}), `linear` (dv365-adapters `LinearProjection` tokens in the dot "
         "interaction), `hstu_prefix` (`HSTUPrefix`: tokens prepended to the HSTU sequence). NE delta % per task "
-        "vs the control of the same seed (MSE delta % for the regression task); negative = better. " + NOISE_NOTE + "\n"
+        "vs the control of the same seed (MSE delta % for the regression task); negative = better. "
+        + NOISE_NOTE
+        + " "
+        + USERS_NOTE
+        + "\n"
     )
     L.append("## All test requests\n")
     L.append(_table(res["delta_ne_pct"], tasks, kinds) + "\n")

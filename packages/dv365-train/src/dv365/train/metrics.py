@@ -10,6 +10,7 @@ NE is undefined (NaN) when the evaluated data has no positives or no negatives; 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +164,23 @@ class GroupSums:
             ne = np.where(h > 0, mean_loss / h, np.nan)
         return np.where(np.asarray(self.binary)[None, :], ne, mean_loss)
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GroupSums:
+        """The inverse of :meth:`to_json` (a report's JSON rows)."""
+        k = len(d["binary"])
+
+        def arr(key: str) -> np.ndarray:
+            return np.asarray(d[key], np.float64).reshape(-1, k)
+
+        return cls(
+            np.asarray(d["ids"]),
+            np.asarray(d["count"], np.float64),
+            arr("loss"),
+            arr("label"),
+            arr("label_sq"),
+            tuple(bool(b) for b in d["binary"]),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ids": self.ids.tolist(),
@@ -180,12 +198,14 @@ def bootstrap_delta_pct(
     resamples: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-) -> list[dict[str, Any]]:
-    """Per task: the ``level`` interval of the seed-averaged NE (MSE) delta % of ``variant`` vs ``baseline`` when
-    the groups (users) are resampled with replacement. ``variant[i]`` and ``baseline[i]`` are the same seed's
-    runs on the same evaluation rows; every resample draws one set of users and applies it to every seed.
+) -> dict[str, Any]:
+    """The ``level`` interval of the seed-averaged NE (MSE) delta % of ``variant`` vs ``baseline`` when the groups
+    (users) are resampled with replacement, per task and for the mean over tasks. ``variant[i]`` and
+    ``baseline[i]`` are the same seed's runs on the same evaluation rows; every resample draws one set of users
+    and applies it to every seed.
 
-    Returns ``[{"low", "high", "groups"}]`` per task (NaN bounds where a resample leaves a task undefined)."""
+    Returns ``{"tasks": [{"low", "high", "groups"}] (task order), "mean": {"low", "high", "groups"}}`` (NaN
+    bounds where every resample leaves a task undefined; the mean is over the tasks defined in a resample)."""
     if not variant or len(variant) != len(baseline):
         raise ValueError(f"bootstrap_delta_pct: {len(variant)} variant runs for {len(baseline)} baseline runs")
     ids = variant[0].ids
@@ -201,12 +221,16 @@ def bootstrap_delta_pct(
         per_seed = [100.0 * (v.metric(w) / b.metric(w) - 1.0) for v, b in zip(variant, baseline, strict=True)]
         deltas.append(np.mean(per_seed, axis=0))  # [r, K]
     d = np.concatenate(deltas)
-    out = []
-    for k in range(d.shape[1]):
-        col = d[:, k][np.isfinite(d[:, k])]
+
+    def interval(col: np.ndarray) -> dict[str, Any]:
+        col = col[np.isfinite(col)]
         lo, hi = np.quantile(col, [(1 - level) / 2, (1 + level) / 2]) if len(col) else (math.nan, math.nan)
-        out.append({"low": round(float(lo), 4), "high": round(float(hi), 4), "groups": int(g)})
-    return out
+        return {"low": round(float(lo), 4), "high": round(float(hi), 4), "groups": int(g)}
+
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where every task is undefined: NaN mean
+        mean = np.nanmean(d, axis=1)
+    return {"tasks": [interval(d[:, k]) for k in range(d.shape[1])], "mean": interval(mean)}
 
 
 def mean_ne(metrics: Mapping[str, Mapping[str, Any]]) -> float:
