@@ -53,3 +53,36 @@ def test_retrieval_deltas_zero_control_hits_is_not_reported() -> None:
     d = deltas(runs, "test")["gatenet"]
     assert d["next_item@1"]["mean"] is None and d["next_item@1"]["min_control_hits"] == 0
     assert abs(d["next_item@10"]["mean"] - 20.0) < 1e-9
+
+
+def test_retrieval_interval_over_users_decides_a_gain_a_few_users_make() -> None:
+    """+25 % HR@10 in every seed (seed rule: beyond noise), but the extra hits come from 2 of 50 users: the 95 %
+    interval over users reaches 0 or below, so the cell is within noise; the same gain spread over every
+    user stays beyond noise. The per-user hits recompute the run's HR exactly."""
+    from dv365.experiments.downstream.common import beyond_noise, fmt_stat
+    from dv365.experiments.downstream.retrieval import KS, hr_intervals
+
+    users = 50
+    assert KS == (1, 10)
+
+    def run(kind: str, seed: int, hits10: list[int]) -> dict:
+        count = [20] * users
+        per = {"ids": list(range(users)), "count": count, "hits": [[h // 4, h] for h in hits10]}
+        tot = sum(count)
+        m = {"next_item": {"hr@1": sum(h // 4 for h in hits10) / tot, "hr@10": sum(hits10) / tot, "count": tot}}
+        return {"kind": kind, "seed": seed, "test": m, "test_users": {"next_item": per}}
+
+    base = [4] * users  # 200 hits
+    few = [4] * users
+    few[0] = few[1] = 4 + 25  # +50 hits from two users
+    spread = [5] * users  # +50 hits from everyone
+    for variant, expect in ((few, False), (spread, True)):
+        runs = [run("baseline", s, base) for s in range(3)] + [run("linear", s, variant) for s in range(3)]
+        cell = deltas(runs, "test")["linear"]["next_item@10"]
+        assert cell["mean"] == 25.0 and not cell["noise"]  # every seed +25 %: the seed rule says beyond noise
+        assert (cell["users"]["low"] > 0) is expect and cell["users"]["groups"] == users
+        assert beyond_noise(cell) is expect and fmt_stat(cell).endswith("~") is not expect
+    iv = hr_intervals(
+        [run("linear", 0, spread)["test_users"]["next_item"]], [run("baseline", 0, base)["test_users"]["next_item"]]
+    )
+    assert iv is not None and iv[1]["low"] <= 25.0 <= iv[1]["high"]

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from dv365.experiments.downstream.common import (
     NOISE_NOTE,
+    USERS_NOTE,
     banner,
+    beyond_noise,
     data_lines,
     epochs,
     finish_report,
@@ -39,6 +41,7 @@ from dv365.experiments.downstream.common import (
 )
 from dv365.experiments.downstream.context import Context
 from dv365.experiments.downstream.models import TwoTower
+from dv365.train.metrics import bootstrap_interval
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +138,22 @@ class RetrievalFit:
     def evaluate(self, rows: np.ndarray, bs: int = 512, subsets: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """HR@1 / HR@10 per task over the whole corpus; with ``subsets`` (boolean masks over ``rows``):
         ``{"all": ..., name: ...}`` from the same forward pass."""
+        return self.evaluate_by_user(rows, bs, subsets)[0]
+
+    def evaluate_by_user(
+        self, rows: np.ndarray, bs: int = 512, subsets: dict[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`evaluate` and, per subset and task, the per-user request counts and hits at each K
+        (``{g: {task: {"ids", "count", "hits": [[per K] per user]}}}``): what the interval over test users
+        resamples."""
         self.model.eval()
         masks = {"all": np.ones(len(rows), bool), **(subsets or {})}
         hits = {g: {n: np.zeros(len(KS)) for n in self.names} for g in masks}
         counts = {g: {n: 0 for n in self.names} for g in masks}
+        seen: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {
+            g: {n: [] for n in self.names} for g in masks
+        }
+        users = self.ctx.req.user_id
         with torch.no_grad():
             V = self._items(np.arange(len(self.corpus)))  # [C, d]
             for s in range(0, len(rows), bs):
@@ -156,6 +171,7 @@ class RetrievalFit:
                         sel = m[s : s + bs][p.numpy()]
                         hits[g][n] += np.array([(rank[sel] < k).sum() for k in KS])
                         counts[g][n] += int(sel.sum())
+                        seen[g][n].append((users[r[p.numpy()][sel]], rank[sel]))
         res = {
             g: {
                 n: {
@@ -167,7 +183,9 @@ class RetrievalFit:
             }
             for g in masks
         }
-        return res if subsets is not None else res["all"]
+        return (res if subsets is not None else res["all"]), {
+            g: {n: _per_user(v) for n, v in per.items()} for g, per in seen.items()
+        }
 
     def fit(self, train: np.ndarray, val: np.ndarray, steps: int, val_every: int) -> tuple[int, float]:
         s = self.ctx.settings.retrieval
@@ -187,6 +205,33 @@ class RetrievalFit:
         return best[0], best[1]
 
 
+def _per_user(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Per-user request count and hits at each K of one task's evaluated requests (``(user ids, ranks)`` parts)."""
+    u = np.concatenate([x[0] for x in parts]) if parts else np.zeros(0, np.int64)
+    rank = np.concatenate([x[1] for x in parts]) if parts else np.zeros(0, np.int64)
+    ids, inv = np.unique(u, return_inverse=True)
+    hits = np.stack([np.bincount(inv, weights=(rank < k), minlength=len(ids)) for k in KS], 1)
+    return {"ids": ids.tolist(), "count": np.bincount(inv, minlength=len(ids)).tolist(), "hits": hits.tolist()}
+
+
+def hr_intervals(variant: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per K: the 95 % interval of the seed-averaged relative HR delta % (variant vs baseline, same seeds) when the
+    task's test users are resampled (:func:`dv365.train.metrics.bootstrap_interval`); None if the runs saw
+    different users or none."""
+    ids = variant[0]["ids"]
+    if not ids or any(x["ids"] != ids for x in (*variant, *baseline)):
+        return None
+    hv = [np.asarray(x["hits"], np.float64) for x in variant]  # [U, len(KS)] per seed
+    hb = [np.asarray(x["hits"], np.float64) for x in baseline]
+
+    def stat(w: np.ndarray) -> np.ndarray:  # [R, len(KS)]: the request counts cancel in the ratio
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.mean([100.0 * ((w @ v) / (w @ b) - 1.0) for v, b in zip(hv, hb, strict=True)], 0)
+
+    lo, hi = bootstrap_interval(len(ids), stat)
+    return [{"low": round(float(a), 3), "high": round(float(b), 3), "groups": len(ids)} for a, b in zip(lo, hi)]
+
+
 def run_retrieval(ctx: Context, seeds: int) -> dict[str, Any]:
     s = ctx.settings.retrieval
     names = task_names(ctx)
@@ -203,7 +248,7 @@ def run_retrieval(ctx: Context, seeds: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             fit = RetrievalFit(ctx, "none" if kind == BASELINE else kind, seed, names, corpus)
             best_step, best_val = fit.fit(rows["train"], val, s.steps, s.val_every)
-            ev = fit.evaluate(test_rows, subsets={"returning": is_ret})  # one forward pass for both
+            ev, per_user = fit.evaluate_by_user(test_rows, subsets={"returning": is_ret})  # one forward pass for both
             test = ev["all"]
             runs.append(
                 {
@@ -213,6 +258,8 @@ def run_retrieval(ctx: Context, seeds: int) -> dict[str, Any]:
                     "best_val_hr10": round(best_val, 5),
                     "test": test,
                     "test_returning": ev["returning"] if is_ret.any() else {},
+                    "test_users": per_user["all"],
+                    "test_returning_users": per_user["returning"] if is_ret.any() else {},
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
             )
@@ -251,7 +298,8 @@ def deltas(
     ``min_hits`` hits in *every* seed; otherwise its mean is ``None`` (``n/a`` in the report, with
     ``min_control_hits`` saying how many the worst seed had) and the absolute HR columns are what to read.
     """
-    base = {r["seed"]: r[subset] for r in runs if r["kind"] == BASELINE}
+    base_runs = {r["seed"]: r for r in runs if r["kind"] == BASELINE}
+    base = {s: r[subset] for s, r in base_runs.items()}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for kind in dict.fromkeys(r["kind"] for r in runs if r["kind"] != BASELINE):
         per: dict[str, list[float]] = {}
@@ -273,6 +321,16 @@ def deltas(
             if fewest[t] < min_hits:
                 st |= {"mean": None, "std": None, "noise": True}
             out[kind][t] = st
+        # the interval over test users, per task and K (runs written before they kept per-user hits: none)
+        key = f"{subset}_users"
+        pairs = [(r, base_runs[r["seed"]]) for r in runs if r["kind"] == kind and r["seed"] in base_runs]
+        if pairs and all(a.get(key) and b.get(key) for a, b in pairs):
+            for n in pairs[0][0][key]:
+                iv = hr_intervals([a[key][n] for a, _ in pairs], [b[key][n] for _, b in pairs])
+                for i, k in enumerate(KS):
+                    cell = out[kind].get(f"{n}@{k}")
+                    if iv is not None and cell is not None and cell.get("mean") is not None:
+                        cell["users"] = iv[i]
     return out
 
 
@@ -285,8 +343,9 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
     def c(d: dict[str, Any]) -> dict[str, Any]:
         return {
             k: {
-                t: {"mean": v["mean"], "std": v["std"], "noise": v["noise"]}
+                t: {"mean": v["mean"], "std": v["std"], "noise": not beyond_noise(v)}
                 | ({"min_control_hits": v["min_control_hits"]} if "min_control_hits" in v else {})
+                | ({"users_95": [v["users"]["low"], v["users"]["high"]]} if "users" in v else {})
                 for t, v in ts.items()
             }
             for k, ts in d.items()
@@ -324,6 +383,8 @@ def write_report(ctx: Context, res: dict[str, Any], out_dir: Path, quick: bool, 
         f"({res['corpus']:,} items); `next_item` = every request's item (the HSTU paper's MovieLens protocol, on "
         "a time split). Relative HR delta % vs the control of the same seed, positive = better. "
         + NOISE_NOTE
+        + " "
+        + USERS_NOTE
         + f" A relative delta is a ratio of hit counts: it is shown only where the control has at least "
         f"{MIN_CONTROL_HITS} hits in every seed, otherwise `n/a (h)` with h = the fewest control hits of a seed; "
         "read the HR columns there.\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +192,30 @@ class GroupSums:
         }
 
 
+def bootstrap_interval(
+    groups: int,
+    stat: Callable[[np.ndarray], np.ndarray],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``level`` percentile interval of ``stat`` when ``groups`` groups (users) are resampled with
+    replacement: ``stat(weights [R, G]) -> [R, ...]`` (each row of weights counts how often each group is
+    drawn). Returns ``(low, high)`` of shape ``[...]``; NaN draws are left out (NaN where every draw is NaN).
+    Fixed ``seed``: the same inputs give the same interval."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for s in range(0, resamples, 500):  # bounded memory: 500 x G weights at a time
+        r = min(500, resamples - s)
+        w = rng.multinomial(groups, np.full(groups, 1.0 / groups), size=r).astype(np.float64)
+        draws.append(np.asarray(stat(w), np.float64))
+    d = np.concatenate(draws)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: NaN bounds
+        lo, hi = np.nanquantile(d, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return lo, hi
+
+
 def bootstrap_delta_pct(
     variant: Sequence[GroupSums],
     baseline: Sequence[GroupSums],
@@ -202,7 +226,7 @@ def bootstrap_delta_pct(
     """The ``level`` interval of the seed-averaged NE (MSE) delta % of ``variant`` vs ``baseline`` when the groups
     (users) are resampled with replacement, per task and for the mean over tasks. ``variant[i]`` and
     ``baseline[i]`` are the same seed's runs on the same evaluation rows; every resample draws one set of users
-    and applies it to every seed.
+    and applies it to every seed (:func:`bootstrap_interval`).
 
     Returns ``{"tasks": [{"low", "high", "groups"}] (task order), "mean": {"low", "high", "groups"}}`` (NaN
     bounds where every resample leaves a task undefined; the mean is over the tasks defined in a resample)."""
@@ -212,25 +236,16 @@ def bootstrap_delta_pct(
     for gs in (*variant, *baseline):
         if not np.array_equal(gs.ids, ids):
             raise ValueError("bootstrap_delta_pct: the runs were evaluated on different users")
-    rng = np.random.default_rng(seed)
-    g = len(ids)
-    deltas = []
-    for s in range(0, resamples, 500):  # bounded memory: 500 x G weights at a time
-        r = min(500, resamples - s)
-        w = rng.multinomial(g, np.full(g, 1.0 / g), size=r).astype(np.float64)
-        per_seed = [100.0 * (v.metric(w) / b.metric(w) - 1.0) for v, b in zip(variant, baseline, strict=True)]
-        deltas.append(np.mean(per_seed, axis=0))  # [r, K]
-    d = np.concatenate(deltas)
 
-    def interval(col: np.ndarray) -> dict[str, Any]:
-        col = col[np.isfinite(col)]
-        lo, hi = np.quantile(col, [(1 - level) / 2, (1 + level) / 2]) if len(col) else (math.nan, math.nan)
-        return {"low": round(float(lo), 4), "high": round(float(hi), 4), "groups": int(g)}
+    def stat(w: np.ndarray) -> np.ndarray:  # [R, K + 1]: per task, then the mean over tasks
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # every task undefined in a draw: NaN mean
+            d = np.mean([100.0 * (v.metric(w) / b.metric(w) - 1.0) for v, b in zip(variant, baseline, strict=True)], 0)
+            return np.concatenate([d, np.nanmean(d, axis=1, keepdims=True)], axis=1)
 
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where every task is undefined: NaN mean
-        mean = np.nanmean(d, axis=1)
-    return {"tasks": [interval(d[:, k]) for k in range(d.shape[1])], "mean": interval(mean)}
+    lo, hi = bootstrap_interval(len(ids), stat, resamples, seed, level)
+    iv = [{"low": round(float(a), 4), "high": round(float(b), 4), "groups": len(ids)} for a, b in zip(lo, hi)]
+    return {"tasks": iv[:-1], "mean": iv[-1]}
 
 
 def mean_ne(metrics: Mapping[str, Mapping[str, Any]]) -> float:
