@@ -33,7 +33,7 @@ import numpy as np
 
 from dv365.experiments.downstream.common import plot_bars
 from dv365.experiments.nextitem.train import per_user_metrics
-from dv365.train.metrics import seed_stats
+from dv365.train.metrics import bootstrap_interval, seed_stats
 
 HEADLINE = ("HR@10", "NDCG@10")
 
@@ -85,18 +85,13 @@ def per_user(runs: Sequence[Mapping[str, Any]], metric: str, mask: np.ndarray | 
 def user_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict[str, Any]:
     """Paired bootstrap over users of ``mean(a - b)``: ``a``, ``b`` ``[S, U]`` per-user metrics of two arms on the
     same seeds; each user's difference is averaged over the seeds, users are resampled with replacement
-    (:data:`BOOTSTRAP` times, a fixed seed) and the ``level`` percentile interval of the mean is returned with
-    the number of users."""
+    (:data:`BOOTSTRAP` times, a fixed seed: :func:`dv365.train.metrics.bootstrap_interval`) and the ``level``
+    percentile interval of the mean is returned with the number of users."""
     diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean(0)
     n = len(diff)
     if n == 0:
         return {"mean": None, "low": math.nan, "high": math.nan, "users": 0}
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = np.empty(BOOTSTRAP)
-    for s in range(0, BOOTSTRAP, 250):  # bounded memory: 250 x U indices at a time
-        idx = rng.integers(0, n, (min(250, BOOTSTRAP - s), n))
-        means[s : s + len(idx)] = diff[idx].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = bootstrap_interval(n, lambda w: (w @ diff) / n, BOOTSTRAP, BOOTSTRAP_SEED, level)
     return {"mean": round(float(diff.mean()), 5), "low": round(float(lo), 5), "high": round(float(hi), 5), "users": n}
 
 
