@@ -65,10 +65,12 @@ from dv365.train.losses import MultiTaskLoss, TaskSpec
 from dv365.train.metrics import (
     GroupSums,
     MultiTaskMeter,
+    beyond_noise,
     bootstrap_delta_pct,
     mean_ne,
     mean_normalized_loss,
     seed_stats,
+    users_95,
 )
 from dv365.train.model import BASELINE, build_model
 from dv365.train.trainer import build_optimizers, optimizer_step, seed_everything
@@ -456,12 +458,9 @@ class RunResult:
 
 
 def _evaluate(
-    forward: Callable[[Batch], torch.Tensor],
-    batches: Iterator[Batch],
-    tasks: Sequence[TaskSpec],
-    users: np.ndarray | None = None,
+    forward: Callable[[Batch], torch.Tensor], batches: Iterator[Batch], tasks: Sequence[TaskSpec]
 ) -> dict[str, dict[str, Any]]:
-    return _evaluate_by_user(forward, batches, tasks, users)[0]
+    return _evaluate_by_user(forward, batches, tasks, None)[0]
 
 
 def _evaluate_by_user(
@@ -724,8 +723,7 @@ def deltas(results: Sequence[RunResult], subset: str) -> dict[str, dict[str, dic
 
 def better(v: Mapping[str, Any]) -> bool:
     """A delta below 0 beyond noise: by the seed rule and, where computed, with its interval over users below 0."""
-    users = v.get("users")
-    return v.get("mean") is not None and v["mean"] < 0 and not v["noise"] and (users is None or users["high"] < 0)
+    return v.get("mean") is not None and v["mean"] < 0 and beyond_noise(v)
 
 
 def checks(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -804,8 +802,7 @@ class UpstreamReport:
 def _summary_deltas(d: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
     return {
         k: {
-            t: {"mean": v["mean"], "std": v["std"]}
-            | ({"users_95": [v["users"]["low"], v["users"]["high"]]} if "users" in v else {})
+            t: {"mean": v["mean"], "std": v["std"]} | ({"users_95": users_95(v)} if "users" in v else {})
             for t, v in tasks.items()
         }
         for k, tasks in d.items()
@@ -976,8 +973,9 @@ def _fmt(v: Mapping[str, Any]) -> str:
     u = v.get("users")
     if u is not None:
         s += f" [{u['low']:+.2f}, {u['high']:+.2f}]"
-    within = v.get("noise") or (u is not None and not (u["high"] < 0 or u["low"] > 0))
-    return f"{s} ~" if within else f"**{s}**" if v["mean"] < 0 else s
+    if not beyond_noise(v):
+        return f"{s} ~"
+    return f"**{s}**" if v["mean"] < 0 else s
 
 
 def _table(d: Mapping[str, Mapping[str, Mapping[str, Any]]], tasks: Sequence[TaskSpec], variants: Sequence[str]) -> str:

@@ -14,7 +14,14 @@ from dv365.experiments.downstream.context import Context
 from dv365.experiments.downstream.hstu import HSTUConfig
 from dv365.experiments.downstream.models import DownstreamConfig, DownstreamRanker, head_bias
 from dv365.train.losses import MultiTaskLoss, TaskSpec
-from dv365.train.metrics import GroupSums, MultiTaskMeter, bootstrap_delta_pct, mean_normalized_loss, seed_stats
+from dv365.train.metrics import (
+    GroupSums,
+    MultiTaskMeter,
+    beyond_noise,
+    bootstrap_delta_pct,
+    mean_normalized_loss,
+    seed_stats,
+)
 
 SIM_BANNER = (
     "> **SIMULATED data.** Users, requests and labels come from `dv365 synth` (docs/synth.md), whose "
@@ -211,15 +218,6 @@ def fmt_stat(v: Mapping[str, Any], unit: str = "") -> str:
     if u is not None:
         s += f" [{u['low']:+.2f}, {u['high']:+.2f}]"
     return f"**{s}**" if beyond_noise(v) else f"{s} ~"
-
-
-def beyond_noise(v: Mapping[str, Any]) -> bool:
-    """A seed-paired delta beyond noise: |mean| > 2·std/√n and, where the interval over test users was computed
-    (``users``), that interval on the same side of 0."""
-    if v.get("mean") is None or v.get("noise", True):
-        return False
-    u = v.get("users")
-    return u is None or u["high"] < 0 or u["low"] > 0
 
 
 def user_intervals(

@@ -22,7 +22,6 @@ from dv365.experiments.downstream.common import (
     USERS_NOTE,
     RankerFit,
     banner,
-    beyond_noise,
     data_lines,
     finish_report,
     fmt_stat,
@@ -32,7 +31,7 @@ from dv365.experiments.downstream.common import (
     user_intervals,
 )
 from dv365.experiments.downstream.context import Context
-from dv365.train.metrics import mean_ne
+from dv365.train.metrics import beyond_noise, mean_ne, users_95
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
         return {
             k: {
                 t: {"mean": v["mean"], "std": v["std"], "noise": not beyond_noise(v)}
-                | ({"users_95": [v["users"]["low"], v["users"]["high"]]} if "users" in v else {})
+                | ({"users_95": users_95(v)} if "users" in v else {})
                 for t, v in ts.items()
             }
             for k, ts in d.items()

@@ -27,7 +27,6 @@ from dv365.experiments.downstream.common import (
     NOISE_NOTE,
     USERS_NOTE,
     banner,
-    beyond_noise,
     data_lines,
     epochs,
     finish_report,
@@ -41,7 +40,7 @@ from dv365.experiments.downstream.common import (
 )
 from dv365.experiments.downstream.context import Context
 from dv365.experiments.downstream.models import TwoTower
-from dv365.train.metrics import bootstrap_interval
+from dv365.train.metrics import beyond_noise, bootstrap_interval, users_95
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +137,14 @@ class RetrievalFit:
     def evaluate(self, rows: np.ndarray, bs: int = 512, subsets: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """HR@1 / HR@10 per task over the whole corpus; with ``subsets`` (boolean masks over ``rows``):
         ``{"all": ..., name: ...}`` from the same forward pass."""
-        return self.evaluate_by_user(rows, bs, subsets)[0]
+        return self.evaluate_by_user(rows, bs, subsets, by_user=False)[0]
 
     def evaluate_by_user(
-        self, rows: np.ndarray, bs: int = 512, subsets: dict[str, np.ndarray] | None = None
+        self, rows: np.ndarray, bs: int = 512, subsets: dict[str, np.ndarray] | None = None, by_user: bool = True
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """:meth:`evaluate` and, per subset and task, the per-user request counts and hits at each K
+        """:meth:`evaluate` and (``by_user``) per subset and task the per-user request counts and hits at each K
         (``{g: {task: {"ids", "count", "hits": [[per K] per user]}}}``): what the interval over test users
-        resamples."""
+        resamples. The validation during training does not collect them."""
         self.model.eval()
         masks = {"all": np.ones(len(rows), bool), **(subsets or {})}
         hits = {g: {n: np.zeros(len(KS)) for n in self.names} for g in masks}
@@ -171,7 +170,8 @@ class RetrievalFit:
                         sel = m[s : s + bs][p.numpy()]
                         hits[g][n] += np.array([(rank[sel] < k).sum() for k in KS])
                         counts[g][n] += int(sel.sum())
-                        seen[g][n].append((users[r[p.numpy()][sel]], rank[sel]))
+                        if by_user:
+                            seen[g][n].append((users[r[p.numpy()][sel]], rank[sel]))
         res = {
             g: {
                 n: {
@@ -183,9 +183,8 @@ class RetrievalFit:
             }
             for g in masks
         }
-        return (res if subsets is not None else res["all"]), {
-            g: {n: _per_user(v) for n, v in per.items()} for g, per in seen.items()
-        }
+        per_user = {g: {n: _per_user(v) for n, v in per.items()} for g, per in seen.items()} if by_user else {}
+        return (res if subsets is not None else res["all"]), per_user
 
     def fit(self, train: np.ndarray, val: np.ndarray, steps: int, val_every: int) -> tuple[int, float]:
         s = self.ctx.settings.retrieval
@@ -345,7 +344,7 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
             k: {
                 t: {"mean": v["mean"], "std": v["std"], "noise": not beyond_noise(v)}
                 | ({"min_control_hits": v["min_control_hits"]} if "min_control_hits" in v else {})
-                | ({"users_95": [v["users"]["low"], v["users"]["high"]]} if "users" in v else {})
+                | ({"users_95": users_95(v)} if "users" in v else {})
                 for t, v in ts.items()
             }
             for k, ts in d.items()

@@ -33,7 +33,7 @@ import numpy as np
 
 from dv365.experiments.downstream.common import plot_bars
 from dv365.experiments.nextitem.train import per_user_metrics
-from dv365.train.metrics import bootstrap_interval, seed_stats
+from dv365.train.metrics import beyond_noise, bootstrap_interval, seed_stats
 
 HEADLINE = ("HR@10", "NDCG@10")
 
@@ -66,8 +66,7 @@ def paired_delta(
 def beyond(d: Mapping[str, Any]) -> bool:
     """A positive difference beyond noise: by the seed rule and, where the per-user ranks were kept, with a
     bootstrap interval over users above 0."""
-    users = d.get("users")
-    return d.get("mean") is not None and d["mean"] > 0 and not d["noise"] and (users is None or users["low"] > 0)
+    return d.get("mean") is not None and d["mean"] > 0 and beyond_noise(d)
 
 
 BOOTSTRAP = 2000  # resamples of the test users

@@ -25,6 +25,7 @@ from dv365.experiments.nextitem.train import (
     mean_metrics,
     serving_cost,
 )
+from dv365.train.metrics import users_95
 
 logger = logging.getLogger(__name__)
 
@@ -291,14 +292,9 @@ def summary_line(res: dict[str, Any]) -> dict[str, Any]:
                 for a, r in block["R"].get("all", {}).items()
             },
             "deltas": {
-                a: {mt: {"mean": v["mean"], "std": v["std"], "users_95": _interval(v)} for mt, v in d.items()}
+                a: {mt: {"mean": v["mean"], "std": v["std"], "users_95": users_95(v)} for mt, v in d.items()}
                 for a, d in block["deltas"].get("all", {}).items()
             },
             "verdicts": block["verdicts"],
         }
     return out
-
-
-def _interval(d: dict[str, Any]) -> list[float] | None:
-    u = d.get("users")
-    return [u["low"], u["high"]] if u else None

@@ -90,7 +90,7 @@ class MultiTaskMeter:
         loss = np.concatenate([x[1] for x in self._groups])
         y = np.concatenate([x[2] for x in self._groups])
         ids, inv = np.unique(g, return_inverse=True)
-        out = GroupSums(
+        return GroupSums(
             ids,
             np.bincount(inv, minlength=len(ids)).astype(np.float64),
             *(
@@ -99,7 +99,6 @@ class MultiTaskMeter:
             ),
             tuple(t.kind == "binary" for t in self.tasks),
         )
-        return out
 
     def compute(self) -> dict[str, dict[str, Any]]:
         res: dict[str, dict[str, Any]] = {}
@@ -288,3 +287,19 @@ def seed_stats(values: Sequence[float]) -> dict[str, Any]:
         "values": [round(float(v), 4) for v in a],
         "noise": noise,
     }
+
+
+def beyond_noise(v: Mapping[str, Any]) -> bool:
+    """A seed-paired delta (:func:`seed_stats`, optionally with ``users``: its interval over test users from
+    :func:`bootstrap_interval`) beyond noise: |mean| > 2·std/√n and, where the interval was computed, the
+    interval on one side of 0. The sign is the caller's to check."""
+    if v.get("mean") is None or v.get("noise", True):
+        return False
+    u = v.get("users")
+    return u is None or u["high"] < 0 or u["low"] > 0
+
+
+def users_95(v: Mapping[str, Any]) -> list[float] | None:
+    """``[low, high]`` of a delta's interval over test users, for a JSON summary line (None if not computed)."""
+    u = v.get("users")
+    return [u["low"], u["high"]] if u else None
